@@ -1,0 +1,1 @@
+"""The freezer: captures a warmed sandbox into a signed, chunked checkpoint."""

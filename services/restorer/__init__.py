@@ -1,0 +1,1 @@
+"""The restorer: owns one host's sandboxes; prefetches, restores, falls back to cold boot, releases."""

@@ -1,0 +1,92 @@
+"""Every NATS subject, stream and KV bucket name snapscale uses, built in one place.
+
+A namespace other than "snapscale" prefixes all of them, so tests (and tenants) stay apart.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class Verb(StrEnum):
+    RESTORE = "restore"
+    RELEASE = "release"
+    PREFETCH = "prefetch"
+    FREEZE = "freeze"
+
+
+class Bucket(StrEnum):
+    DEPLOYMENTS = "deployments"
+    CHECKPOINTS = "checkpoints"
+    REPLICAS = "replicas"
+    HOSTS = "hosts"
+    LEASES = "leases"
+
+
+def check_token(kind: str, value: str) -> str:
+    """A deployment, host or replica id must be one subject token (no dots, spaces or wildcards)."""
+    if not _TOKEN.match(value):
+        raise ValueError(f"{kind} {value!r} must match [A-Za-z0-9_-]+ (it becomes a NATS subject token)")
+    return value
+
+
+@dataclass(frozen=True)
+class Subjects:
+    root: str = "snapscale"
+
+    def __post_init__(self) -> None:
+        check_token("namespace", self.root)
+
+    # --- subjects -------------------------------------------------------------
+    def traffic(self, deployment: str) -> str:
+        return f"{self.root}.traffic.{check_token('deployment', deployment)}"
+
+    def traffic_all(self) -> str:
+        return f"{self.root}.traffic.*"
+
+    def cmd(self, verb: Verb, host: str) -> str:
+        return f"{self.root}.cmd.{verb.value}.{check_token('host', host)}"
+
+    def cmd_all(self) -> str:
+        return f"{self.root}.cmd.>"
+
+    def evt_replica(self, deployment: str) -> str:
+        return f"{self.root}.evt.replica.{check_token('deployment', deployment)}"
+
+    def evt_replica_all(self) -> str:
+        return f"{self.root}.evt.replica.*"
+
+    def evt_checkpoint(self, deployment: str) -> str:
+        return f"{self.root}.evt.checkpoint.{check_token('deployment', deployment)}"
+
+    def evt_checkpoint_all(self) -> str:
+        return f"{self.root}.evt.checkpoint.*"
+
+    def evt_host(self, host: str) -> str:
+        return f"{self.root}.evt.host.{check_token('host', host)}"
+
+    def evt_host_all(self) -> str:
+        return f"{self.root}.evt.host.*"
+
+    # --- JetStream streams and KV buckets ---------------------------------------
+    @property
+    def _prefix(self) -> str:
+        return "" if self.root == "snapscale" else f"{self.root}_"
+
+    @property
+    def cmd_stream(self) -> str:
+        return f"{self.root.upper()}_CMD"
+
+    @property
+    def evt_stream(self) -> str:
+        return f"{self.root.upper()}_EVT"
+
+    def bucket(self, b: Bucket) -> str:
+        return f"{self._prefix}{b.value}"
+
+    def durable(self, service: str, verb: Verb, host: str) -> str:
+        return f"{service}-{verb.value}-{check_token('host', host)}"

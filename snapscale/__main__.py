@@ -1,0 +1,5 @@
+import sys
+
+from snapscale.cli import main
+
+sys.exit(main())

@@ -1,0 +1,163 @@
+"""Fixtures on real servers: a JetStream nats-server, moto's S3 server, the CRIU wrapper.
+
+Each test gets its own NATS namespace, S3 prefix and temp dirs. In CI (SNAPSCALE_REQUIRE_CRIU=1)
+a test marked `criu` that would skip fails instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from snapscale.shared import bus
+from snapscale.shared.criu import CriuBinary, find_criu
+from snapscale.shared.errors import ConfigError
+from snapscale.shared.settings import Settings, StoreSettings
+
+VENV_BIN = Path(sys.executable).parent
+REQUIRE_CRIU = os.environ.get("SNAPSCALE_REQUIRE_CRIU") == "1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if REQUIRE_CRIU and report.skipped and item.get_closest_marker("criu") is not None:
+        report.outcome = "failed"
+        report.longrepr = f"CRIU test skipped in CI (SNAPSCALE_REQUIRE_CRIU=1): {report.longrepr}"
+
+
+@dataclass(frozen=True)
+class NatsServer:
+    url: str
+    port: int
+    store_dir: Path
+    proc: subprocess.Popen[bytes]
+
+
+def start_nats(tmp: Path) -> NatsServer:
+    exe = VENV_BIN / "nats-server"
+    if not exe.exists():
+        found = shutil.which("nats-server")
+        if not found:
+            raise RuntimeError("nats-server not found: run `make setup`")
+        exe = Path(found)
+    port = free_port()
+    store = tmp / "js"
+    proc = subprocess.Popen(
+        [str(exe), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+        stdout=subprocess.DEVNULL,
+        stderr=open(tmp / "nats.log", "wb"),  # noqa: SIM115 - the server outlives this function
+    )
+    wait_port(port)
+    return NatsServer(url=f"nats://127.0.0.1:{port}", port=port, store_dir=store, proc=proc)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    srv = start_nats(tmp_path_factory.mktemp("nats"))
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(10)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    endpoint_url: str
+    bucket: str
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    from moto.server import ThreadedMotoServer
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    import boto3
+
+    bucket = "snapscale-test"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    yield S3Server(endpoint_url=endpoint, bucket=bucket)
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def settings(nats_server: NatsServer, namespace: str, tmp_path: Path) -> Settings:
+    """Settings for one test: its own namespace, a local store, cache and state dirs."""
+    return Settings(
+        nats_url=nats_server.url,
+        namespace=namespace,
+        store=StoreSettings(url=f"file://{tmp_path}/store"),
+        signing_key=b"test-signing-key",
+        cache_dir=tmp_path / "cache",
+        state_dir=tmp_path / "state",
+        host_id="host-a",
+    )
+
+
+@pytest.fixture
+def s3_settings(settings: Settings, s3_server: S3Server, namespace: str) -> Settings:
+    """Like `settings`, with the chunk store on moto's S3 server under a per-test prefix."""
+    from dataclasses import replace
+
+    store = StoreSettings(url=f"s3://{s3_server.bucket}/{namespace}", endpoint_url=s3_server.endpoint_url)
+    return replace(settings, store=store)
+
+
+@pytest.fixture
+async def the_bus(settings: Settings) -> AsyncIterator[bus.Bus]:
+    b = await bus.open_bus(settings, "test")
+    yield b
+    await b.close()
+
+
+@pytest.fixture(scope="session")
+def criu() -> CriuBinary:
+    """The CRIU wrapper, checked with `criu check`; needs root."""
+    if os.geteuid() != 0:
+        pytest.skip("CRIU needs root")
+    try:
+        b = find_criu(os.environ.get("SNAPSCALE_CRIU"))
+    except ConfigError as e:
+        pytest.skip(str(e))
+    chk = subprocess.run([b.path, "check"], capture_output=True, text=True, check=False)
+    if "Looks good" not in chk.stdout + chk.stderr:
+        pytest.skip(f"criu check fails here: {chk.stdout} {chk.stderr}")
+    return b
