@@ -123,6 +123,9 @@ class FreezeCommand:
     replica: str
     issued_at: float
     keep_running: bool = True
+    # False (auto-freeze, scaler): freeze once per deployment + compat key across hosts, skipping
+    # when the catalog has one or another host claimed it. True (operator verb): always freeze.
+    force: bool = False
 
 
 Command = RestoreCommand | ReleaseCommand | PrefetchCommand | FreezeCommand
@@ -164,6 +167,7 @@ class CheckpointEvent:
     reason: str = ""
     sizes: dict[str, int] = field(default_factory=dict)  # total, unique, new, zero
     timings_s: dict[str, float] = field(default_factory=dict)
+    skipped: bool = False  # ok and nothing frozen: the key already has a checkpoint or a claimant
 
 
 @dataclass(frozen=True)
