@@ -222,7 +222,7 @@ async def handle_one(m: Msg, cls: type[M], handler: Handler[M]) -> None:
         await m.term()
         return
     if not m._ackd:
-        await m.ack()
+        await m.ack_sync()  # the outcome is recorded only once the server has the ack
 
 
 async def subscribe_core(

@@ -1,0 +1,92 @@
+"""Settings come from the environment once, with clear errors for bad values; specs parse strictly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapscale.shared.errors import ConfigError
+from snapscale.shared.settings import Settings
+from snapscale.shared.spec import DeploymentSpec, load_toml
+from snapscale.shared.subjects import Bucket, Subjects, Verb
+
+
+def test_from_env_reads_everything() -> None:
+    s = Settings.from_env(
+        {
+            "SNAPSCALE_NATS_URL": "nats://n:4222",
+            "SNAPSCALE_STORE": "s3://bkt/some/prefix",
+            "AWS_ENDPOINT_URL": "http://127.0.0.1:9000",
+            "SNAPSCALE_SIGNING_KEY": "k",
+            "SNAPSCALE_CACHE_DIR": "/tmp/c",
+            "SNAPSCALE_HOST_ID": "gpu-7",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+        }
+    )
+    assert s.nats_url == "nats://n:4222"
+    assert (s.store.scheme, s.store.bucket, s.store.prefix) == ("s3", "bkt", "some/prefix")
+    assert s.store.endpoint_url == "http://127.0.0.1:9000"
+    assert s.signing_key == b"k"
+    assert s.cache_dir == Path("/tmp/c")
+    assert s.host_id == "gpu-7"
+    assert s.otlp_endpoint == "http://127.0.0.1:4318"
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"SNAPSCALE_STORE": "ftp://x"}, "file:///path or s3://"),
+        ({"SNAPSCALE_STORE": "s3:///nobucket"}, "needs a bucket"),
+        ({"SNAPSCALE_STORE": "file://relative"}, "absolute path"),
+        ({"SNAPSCALE_CACHE_BYTES": "lots"}, "not an integer"),
+    ],
+)
+def test_bad_env_is_a_config_error(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        Settings.from_env(env)
+
+
+def test_signing_key_required_when_used() -> None:
+    with pytest.raises(ConfigError, match="SNAPSCALE_SIGNING_KEY"):
+        Settings.from_env({}).require_signing_key()
+
+
+def test_subjects_match_design() -> None:
+    s = Subjects()
+    assert s.traffic("llm") == "snapscale.traffic.llm"
+    assert s.cmd(Verb.RESTORE, "h1") == "snapscale.cmd.restore.h1"
+    assert s.evt_replica("llm") == "snapscale.evt.replica.llm"
+    assert s.evt_checkpoint("llm") == "snapscale.evt.checkpoint.llm"
+    assert s.evt_host("h1") == "snapscale.evt.host.h1"
+    assert s.bucket(Bucket.CHECKPOINTS) == "checkpoints"
+    assert Subjects("t1").bucket(Bucket.CHECKPOINTS) == "t1_checkpoints"
+    with pytest.raises(ValueError, match="subject token"):
+        s.traffic("a.b")
+
+
+def test_spec_from_toml(tmp_path: Path) -> None:
+    p = tmp_path / "spec.toml"
+    p.write_text(
+        '[deployment]\nname = "llm"\ncommand = ["python", "-m", "server"]\ngpus = 1\n'
+        '[deployment.scaling]\nstable_window_s = 30.0\nmax_replicas = 4\n'
+    )
+    d = load_toml(p)
+    assert d.name == "llm" and d.gpus == 1
+    assert d.scaling.stable_window_s == 30.0 and d.scaling.max_replicas == 4
+    assert DeploymentSpec.from_json(d.to_json()) == d
+
+
+def test_spec_hash_ignores_scaling_knobs() -> None:
+    a = DeploymentSpec(name="d", command=["x"])
+    b = DeploymentSpec.from_json(a.to_json().replace(b'"max_replicas":10', b'"max_replicas":3'))
+    c = DeploymentSpec(name="d", command=["y"])
+    assert b.scaling.max_replicas == 3
+    assert a.spec_hash() == b.spec_hash() != c.spec_hash()
+
+
+def test_bad_spec_names_the_field(tmp_path: Path) -> None:
+    p = tmp_path / "spec.toml"
+    p.write_text('name = "llm"\ncommand = ["x"]\ngpus = "two"\n')
+    with pytest.raises(ConfigError, match=r"spec\.gpus"):
+        load_toml(p)
