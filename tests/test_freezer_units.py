@@ -1,0 +1,166 @@
+"""The freezer's pure decisions, checkpoint ids, crash-safe ledger, and auto-freeze claims on a
+real nats-server (two claimants race; one wins)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from snapscale.freezer import claims
+from snapscale.freezer.decide import (
+    Action,
+    Claim,
+    ClaimVerdict,
+    after_claim,
+    before_claim,
+    judge_claim,
+)
+from snapscale.freezer.ids import is_checkpoint_id, new_checkpoint_id
+from snapscale.freezer.ledger import Attempt, Ledger, Phase
+from snapscale.shared import bus
+from snapscale.shared.catalog import CatalogEntry
+from snapscale.shared.messages import CheckpointEvent, FreezeCommand
+from snapscale.shared.subjects import Bucket
+
+
+def cmd(*, force: bool = False, id: str = "c1") -> FreezeCommand:
+    return FreezeCommand(id=id, deployment="d", replica="r1", issued_at=0.0, force=force)
+
+
+ENTRY = CatalogEntry(
+    deployment="d", compat_hash="k", checkpoint_id="X", manifest_key="m", created_at=1.0, host="h2"
+)
+
+
+def test_checkpoint_ids_sort_by_time_and_are_unique() -> None:
+    a = new_checkpoint_id(1_790_000_000.001)
+    b = new_checkpoint_id(1_790_000_000.002)
+    c = new_checkpoint_id(1_790_000_100.0)
+    assert a < b < c
+    assert a == "20260921T141320001Z-" + a[-6:]
+    assert all(is_checkpoint_id(x) for x in (a, b, c))
+    assert len({new_checkpoint_id(5.0) for _ in range(200)}) == 200
+    assert not is_checkpoint_id("../etc") and not is_checkpoint_id("20260921T141320001Z-zzzzzz")
+
+
+@pytest.mark.parametrize(
+    ("command", "done", "catalog", "expected"),
+    [
+        (cmd(), True, None, Action.REPLAY),
+        (cmd(force=True), True, ENTRY, Action.REPLAY),
+        (cmd(force=True), False, ENTRY, Action.FREEZE),
+        (cmd(), False, ENTRY, Action.SKIP),
+        (cmd(), False, None, None),
+    ],
+)
+def test_before_claim(
+    command: FreezeCommand, done: bool, catalog: CatalogEntry | None, expected: Action | None
+) -> None:
+    d = before_claim(command, done=done, catalog=catalog)
+    assert (d.action if d else None) == expected
+    if expected is Action.SKIP:
+        assert d is not None and "X" in d.reason and "h2" in d.reason
+
+
+def test_judge_claim_table() -> None:
+    live = Claim(host="h2", command_id="c9", expires_at=100.0)
+    assert judge_claim(None, host="h1", command_id="c1", now=50.0) is ClaimVerdict.CREATE
+    assert judge_claim(live, host="h1", command_id="c1", now=50.0) is ClaimVerdict.HELD
+    assert judge_claim(live, host="h1", command_id="c1", now=100.0) is ClaimVerdict.TAKE
+    assert judge_claim(live, host="h2", command_id="c9", now=50.0) is ClaimVerdict.OURS
+    # same host, other command: still someone else's freeze
+    assert judge_claim(live, host="h2", command_id="c1", now=50.0) is ClaimVerdict.HELD
+    held = after_claim(ClaimVerdict.HELD, live)
+    assert held.action is Action.SKIP and "h2" in held.reason and "c9" in held.reason
+    assert after_claim(ClaimVerdict.TAKE, live).action is Action.FREEZE
+
+
+def test_ledger_survives_a_restart_and_sweeps_what_cannot_resume(tmp_path: Path) -> None:
+    led = Ledger(tmp_path)
+    a = Attempt(
+        command_id="c1",
+        deployment="d",
+        replica="r1",
+        checkpoint_id="ck1",
+        staging_dir=str(led.staging_dir("ck1")),
+        phase=Phase.FREEZING,
+        started_at=1.0,
+    )
+    led.save(a)
+    led.staging_dir("ck1").mkdir()
+    led.staging_dir("orphan").mkdir()
+    (led.staging_dir("ck1") / "pages-1.img").write_bytes(b"x" * 10)
+
+    again = Ledger(tmp_path)  # a restarted process
+    assert again.attempt("c1") == a
+    assert sorted(again.sweep()) == ["ck1", "orphan"]  # a FREEZING image is partial: gone
+
+    led.save(a.advance(Phase.DUMPED, sizes={"total": 10}))
+    led.staging_dir("ck1").mkdir()
+    assert again.sweep() == []  # a DUMPED image is resumable: kept
+    got = again.attempt("c1")
+    assert got is not None and got.phase is Phase.DUMPED and got.sizes == {"total": 10}
+
+    ev = CheckpointEvent(deployment="d", host="h", ok=True, ts=2.0, command_id="c1", checkpoint_id="ck1")
+    again.finish("c1", ev, "ck1")
+    assert again.outcome("c1") == ev
+    assert again.attempt("c1") is None and not led.staging_dir("ck1").exists()
+    assert Ledger(tmp_path).outcome("c1") == ev
+
+
+def test_ledger_never_lets_an_id_pick_a_path(tmp_path: Path) -> None:
+    led = Ledger(tmp_path)
+    ev = CheckpointEvent(deployment="d", host="h", ok=False, ts=2.0, command_id="../../x y")
+    led.finish("../../x y", ev)
+    assert led.outcome("../../x y") == ev
+    assert [p.parent for p in tmp_path.rglob("*.json")] == [led.done_dir]
+
+
+def test_ledger_unreadable_record_is_a_fresh_start(tmp_path: Path) -> None:
+    led = Ledger(tmp_path)
+    (led.inflight_dir / "c1.json").write_bytes(b"{not json")
+    (led.done_dir / "c1.json").write_bytes(b"[]")
+    assert led.attempt("c1") is None
+    assert led.outcome("c1") is None
+
+
+async def test_claim_race_one_wins(the_bus: bus.Bus) -> None:
+    kv = the_bus.kv[Bucket.LEASES]
+    now = time.time()
+    results = await asyncio.gather(
+        *(
+            claims.try_claim(kv, "d", "k1", host=f"h{i}", command_id=f"c{i}", now=now, ttl_s=60)
+            for i in range(6)
+        )
+    )
+    winners = [h for h, _ in results if h is not None]
+    losers = [holder for h, holder in results if h is None]
+    assert len(winners) == 1
+    assert len(losers) == 5 and all(x == winners[0].claim for x in losers)
+
+    w = winners[0]
+    # the winner's redelivered command is still its own claim
+    again, _ = await claims.try_claim(
+        kv, "d", "k1", host=w.claim.host, command_id=w.claim.command_id, now=now + 1, ttl_s=60
+    )
+    assert again is not None
+    renewed = await claims.renew(kv, again, now=now + 2, ttl_s=60)
+    assert renewed.claim.expires_at == now + 62
+
+    # a dead holder's claim expires and is taken over; the old holder cannot renew it any more
+    taker, _ = await claims.try_claim(kv, "d", "k1", host="hx", command_id="cx", now=now + 1000, ttl_s=60)
+    assert taker is not None
+    with pytest.raises(Exception, match="written concurrently"):
+        await claims.renew(kv, renewed, now=now + 1000, ttl_s=60)
+    await claims.release(kv, renewed)  # a lost claim's release leaves the new holder alone
+    still, holder = await claims.try_claim(
+        kv, "d", "k1", host="hy", command_id="cy", now=now + 1001, ttl_s=60
+    )
+    assert still is None and holder is not None and holder.host == "hx"
+
+    await claims.release(kv, taker)
+    free, _ = await claims.try_claim(kv, "d", "k1", host="hy", command_id="cy", now=now + 1002, ttl_s=60)
+    assert free is not None  # a released key can be claimed again (create over a delete marker)
