@@ -1,0 +1,91 @@
+"""The restorer's bookkeeping: GPU/CPU-slot reservations, the suspend budget, the command ledger."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapscale.restorer.budget import Suspended, over_budget
+from snapscale.restorer.ledger import Entry, Ledger
+from snapscale.restorer.slots import Grant, NoCapacityError, Slots
+from snapscale.shared.messages import GpuInfo
+
+GPUS = [GpuInfo(i, f"GPU-{i}", "H100", 80 << 30) for i in range(3)]
+
+
+def test_gpu_reservations_up_to_free_gpus() -> None:
+    s = Slots(list(GPUS), cpu_slots=0)
+    assert s.reserve("a", 2).gpu_uuids == ("GPU-0", "GPU-1")
+    assert s.reserve("a", 2).gpu_uuids == ("GPU-0", "GPU-1")  # same replica: same grant
+    with pytest.raises(NoCapacityError, match="needs 2 GPUs, 1 of 3 free"):
+        s.reserve("b", 2)
+    assert s.reserve("b", 1).gpu_uuids == ("GPU-2",)
+    assert [g.free for g in s.gpu_view()] == [False, False, False]
+    s.free("a")
+    assert s.free_gpus() == ["GPU-0", "GPU-1"]
+
+
+def test_wanted_gpus_must_be_free_and_known() -> None:
+    s = Slots(list(GPUS), cpu_slots=0)
+    assert s.reserve("a", 1, ["GPU-2"]).gpu_uuids == ("GPU-2",)
+    with pytest.raises(NoCapacityError, match=r"in use: \['GPU-2'\]"):
+        s.reserve("b", 1, ["GPU-2"])
+    with pytest.raises(NoCapacityError, match=r"unknown: \['GPU-9'\]"):
+        s.reserve("b", 1, ["GPU-9"])
+    with pytest.raises(NoCapacityError, match="names 2 GPUs, the spec needs 1"):
+        s.reserve("b", 1, ["GPU-0", "GPU-1"])
+
+
+def test_cpu_slots() -> None:
+    s = Slots([], cpu_slots=2)
+    assert s.reserve("a", 0) == Grant("a", (), cpu_slot=True)
+    s.reserve("b", 0)
+    with pytest.raises(NoCapacityError, match="no free CPU slot"):
+        s.reserve("c", 0)
+    s.rename("b", "c")
+    assert set(s.held) == {"a", "c"}
+    s.free("a")
+    assert s.free_cpu_slots() == 1
+    with pytest.raises(NoCapacityError, match="needs 1 GPUs, 0 of 0 free"):
+        s.reserve("g", 1)
+
+
+@pytest.mark.parametrize(
+    ("items", "budget", "stop"),
+    [
+        ([], 0, []),
+        ([Suspended("a", 1, 10)], 10, []),
+        ([Suspended("a", 1, 10)], 9, ["a"]),
+        ([Suspended("new", 5, 10), Suspended("old", 1, 10), Suspended("mid", 3, 10)], 15, ["old", "mid"]),
+        ([Suspended("new", 5, 10), Suspended("old", 1, 10), Suspended("mid", 3, 10)], 20, ["old"]),
+    ],
+)
+def test_over_budget_stops_oldest_first(items: list[Suspended], budget: int, stop: list[str]) -> None:
+    assert over_budget(items, budget) == stop
+
+
+def test_ledger_survives_reopen_and_lists_unfinished(tmp_path: Path) -> None:
+    led = Ledger(tmp_path / "l")
+    led.start(Entry("c/../1", "restore", "d", "r1", 100.0, run_dir="/x"))
+    led.start(Entry("c2", "restore", "d", "r2", 100.0))
+    led.finish("c2", ok=True, outcome="ready")
+    again = Ledger(tmp_path / "l")
+    got = again.get("c/../1")
+    assert got is not None and got.run_dir == "/x" and not got.done
+    assert [e.id for e in again.unfinished()] == ["c/../1"]
+    assert again.finish("nope", ok=True, outcome="") is None
+    done = again.get("c2")
+    assert done is not None and done.done and done.ok and done.outcome == "ready"
+    assert again.prune(older_than=200.0) == 1
+    assert again.get("c2") is None and again.get("c/../1") is not None
+    assert all(p.parent == tmp_path / "l" for p in (tmp_path / "l").iterdir())
+
+
+def test_ledger_unreadable_entry_is_treated_as_new(tmp_path: Path) -> None:
+    led = Ledger(tmp_path)
+    led.start(Entry("c1", "restore", "d", "r1", 1.0))
+    for p in tmp_path.glob("*.json"):
+        p.write_bytes(b"{not json")
+    assert led.get("c1") is None
+    assert led.unfinished() == []
