@@ -1,0 +1,40 @@
+"""The span names and attributes that Grafana's dashboard and the demo's trace test rely on.
+
+One place, so they can be checked against the restorer's docs/restorer.md and its code; nothing
+here is imported by snapscale itself.
+"""
+
+from __future__ import annotations
+
+# Root span of one scale-up (restorer side), carrying the tier it took and why not a faster one.
+SCALE_UP_SPAN = "scale_up"
+TIER_ATTR = "snapscale.tier"
+DEPLOYMENT_ATTR = "snapscale.deployment"
+REPLICA_ATTR = "snapscale.replica"
+FALLBACK_ATTR = "fallback.reason"
+
+# The scaler's span per decision that sent commands; the scale-up trace continues it.
+DECISION_SPAN = "scale_decision"
+
+# Phases of a restore, in order; a cold boot's phases.
+RESTORE_PHASES = ("lookup", "prefetch", "materialize", "criu_restore", "cuda_restore", "hook", "ready_probe")
+COLD_PHASES = ("launch", "ready_probe")
+PHASE_SPANS = tuple(dict.fromkeys(RESTORE_PHASES + COLD_PHASES))
+
+# Attributes on the prefetch span.
+PREFETCH_BYTES_ATTR = "prefetch.bytes"
+PREFETCH_CACHE_HITS_ATTR = "prefetch.cache_hits"
+PREFETCH_CACHED_BYTES_ATTR = "prefetch.cached_bytes"
+
+SPAN_NAMES = frozenset({SCALE_UP_SPAN, DECISION_SPAN, *PHASE_SPANS})
+ATTRIBUTES = frozenset(
+    {
+        TIER_ATTR,
+        DEPLOYMENT_ATTR,
+        REPLICA_ATTR,
+        FALLBACK_ATTR,
+        PREFETCH_BYTES_ATTR,
+        PREFETCH_CACHE_HITS_ATTR,
+        PREFETCH_CACHED_BYTES_ATTR,
+    }
+)
