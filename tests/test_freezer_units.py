@@ -20,9 +20,11 @@ from snapscale.freezer.decide import (
 )
 from snapscale.freezer.ids import is_checkpoint_id, new_checkpoint_id
 from snapscale.freezer.ledger import Attempt, Ledger, Phase
+from snapscale.freezer.operator import Target, format_event, pick_target
 from snapscale.shared import bus
 from snapscale.shared.catalog import CatalogEntry
-from snapscale.shared.messages import CheckpointEvent, FreezeCommand
+from snapscale.shared.errors import ConfigError
+from snapscale.shared.messages import CheckpointEvent, FreezeCommand, ReplicaEvent, ReplicaState
 from snapscale.shared.subjects import Bucket
 
 
@@ -164,3 +166,47 @@ async def test_claim_race_one_wins(the_bus: bus.Bus) -> None:
     await claims.release(kv, taker)
     free, _ = await claims.try_claim(kv, "d", "k1", host="hy", command_id="cy", now=now + 1002, ttl_s=60)
     assert free is not None  # a released key can be claimed again (create over a delete marker)
+
+
+def _rep(replica: str, host: str, state: ReplicaState, ts: float, deployment: str = "d") -> ReplicaEvent:
+    return ReplicaEvent(deployment=deployment, replica=replica, host=host, state=state, ts=ts)
+
+
+def test_pick_target_prefers_the_oldest_ready_replica() -> None:
+    reps = [
+        _rep("r3", "h1", ReplicaState.READY, 30.0),
+        _rep("r1", "h2", ReplicaState.STARTING, 10.0),
+        _rep("r2", "h2", ReplicaState.READY, 20.0),
+        _rep("x1", "h9", ReplicaState.READY, 1.0, deployment="other"),
+    ]
+    assert pick_target(reps, "d", replica=None, host=None) == Target("r2", "h2")
+    assert pick_target(reps, "d", replica=None, host="h1") == Target("r3", "h1")
+    assert pick_target(reps, "d", replica="r1", host=None) == Target("r1", "h2")
+    assert pick_target([], "d", replica="r7", host="h7") == Target("r7", "h7")
+    with pytest.raises(ConfigError, match=r"no ready replica of d on h3 \(replicas: r3@h1=ready"):
+        pick_target(reps, "d", replica=None, host="h3")
+    with pytest.raises(ConfigError, match="r7 of d is not in KV"):
+        pick_target(reps, "d", replica="r7", host=None)
+
+
+def test_format_event_says_sizes_timings_and_failures() -> None:
+    ok = CheckpointEvent(
+        deployment="d",
+        host="h",
+        ok=True,
+        ts=0.0,
+        replica="r1",
+        checkpoint_id="ck",
+        compat_hash="ab" * 32,
+        sizes={"total": 120_000_000, "new": 5_000_000},
+        timings_s={"criu_dump_s": 0.5},
+    )
+    text = format_event(ok)
+    assert "checkpoint ck of d" in text and "total 120.0MB" in text and "new 5.0MB" in text
+    assert "criu_dump_s 0.50s" in text
+    bad = CheckpointEvent(deployment="d", host="h", ok=False, ts=0.0, replica="r1", reason="criu_dump: boom")
+    assert format_event(bad) == "freeze of d/r1 on h FAILED: criu_dump: boom"
+    skipped = CheckpointEvent(
+        deployment="d", host="h", ok=True, ts=0.0, replica="r1", skipped=True, reason="x"
+    )
+    assert "skipped: x" in format_event(skipped)
