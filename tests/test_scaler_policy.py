@@ -103,10 +103,10 @@ def test_burst_enters_panic_and_never_scales_down_in_it() -> None:
     assert d.desired == 6  # panic avg (2 + 10) / 2 buckets; the stable avg alone says 3
     assert d.stable_avg < d.panic_avg
     # the burst ends; within a stable window of the last panic the count holds
-    for t in (1.5, 2.5, 3.5, 4.5):
-        w.record(t, 2.0)
-        d = decide(w, spec, 10, t + 0.1)
-        assert (d.desired, d.panic) == (10, True), t
+    for at in (1.5, 2.5, 3.5, 4.5):
+        w.record(at, 2.0)
+        d = decide(w, spec, 10, at + 0.1)
+        assert (d.desired, d.panic) == (10, True), at
     # a stable window (10 s) after the last over-threshold tick, panic ends and scale-down resumes
     for t in range(5, 12):
         w.record(float(t), 2.0)
@@ -185,4 +185,6 @@ def test_window_drops_old_buckets_exactly() -> None:
     assert w.averages() == (0.0, 0.0)
     assert w.stable_sum == 0.0
     w.record(1000.5, 3.0)
-    assert w.averages() == (pytest.approx(3.0 / 10), pytest.approx(3.0 / 2))
+    stable, panic = w.averages()
+    assert stable == pytest.approx(3.0 / 10)
+    assert panic == pytest.approx(3.0 / 2)

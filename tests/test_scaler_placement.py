@@ -1,0 +1,222 @@
+"""Placement and release choices as tables over host heartbeats; plus the replica record rules."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from snapscale.scaler.placement import (
+    Reservations,
+    choose_releases,
+    needs_freeze,
+    place,
+    prefetch_targets,
+)
+from snapscale.scaler.records import apply_event
+from snapscale.shared.messages import (
+    GpuInfo,
+    HostHeartbeat,
+    ReleaseMode,
+    ReplicaEvent,
+    ReplicaState,
+    ReplicaSummary,
+)
+from snapscale.shared.spec import DeploymentSpec, ScalingSpec
+
+GPU1 = DeploymentSpec(name="llm", command=["serve"], gpus=1, gpu_model="H100")
+GPU2 = replace(GPU1, gpus=2)
+CPU = DeploymentSpec(name="llm", command=["serve"], gpus=0)
+
+
+def host(
+    name: str,
+    *,
+    free: int = 2,
+    busy: int = 0,
+    model: str = "H100",
+    key: str = "k1",
+    cached: list[str] | None = None,
+    partial: dict[str, int] | None = None,
+    replicas: list[ReplicaSummary] | None = None,
+    cpu_slots: int = 0,
+    budget: int = 0,
+    used: int = 0,
+) -> HostHeartbeat:
+    gpus = [GpuInfo(i, f"{name}-g{i}", model, 80 << 30, free=i >= busy) for i in range(busy + free)]
+    return HostHeartbeat(
+        host=name,
+        ts=0.0,
+        compat_hash=key,
+        gpus=gpus,
+        cached_checkpoints=cached or [],
+        cached_bytes={**(partial or {}), **{c: 1 << 30 for c in cached or []}},
+        replicas=replicas or [],
+        cpu_slots=cpu_slots,
+        suspend_budget_bytes=budget,
+        suspend_used_bytes=used,
+    )
+
+
+def fleet(*hbs: HostHeartbeat) -> dict[str, HostHeartbeat]:
+    return {h.host: h for h in hbs}
+
+
+SUSPENDED_ON_C = ReplicaSummary("llm", "llm-old", ReplicaState.SUSPENDED, rss_bytes=1 << 30)
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "hosts", "n", "want"),
+    [
+        ("any host with room", GPU1, fleet(host("a", free=0), host("b")), 1, [("b", "any")]),
+        (
+            "suspended replica first",
+            GPU1,
+            fleet(host("a", cached=["ck1"]), host("c", replicas=[SUSPENDED_ON_C])),
+            1,
+            [("c", "resume")],
+        ),
+        (
+            "full cache beats partial beats none",
+            GPU1,
+            fleet(
+                host("a", free=1), host("b", free=1, partial={"ck1": 10}), host("c", free=1, cached=["ck1"])
+            ),
+            3,
+            [("c", "cached"), ("b", "partial"), ("a", "any")],
+        ),
+        (
+            "more partial bytes first",
+            GPU1,
+            fleet(host("a", partial={"ck1": 5}), host("b", partial={"ck1": 50})),
+            1,
+            [("b", "partial")],
+        ),
+        (
+            "cache of another key does not count",
+            GPU1,
+            fleet(host("a", key="k2", cached=["ck1"]), host("b", partial={"ck1": 1})),
+            1,
+            [("b", "partial")],
+        ),
+        (
+            "spread within a tier",
+            GPU1,
+            fleet(host("a", free=4), host("b", free=4)),
+            4,
+            [("a", "any"), ("b", "any"), ("a", "any"), ("b", "any")],
+        ),
+        ("wrong GPU model never", GPU1, fleet(host("a", model="A100")), 1, []),
+        ("needs two GPUs on one host", GPU2, fleet(host("a", free=1), host("b", free=2)), 2, [("b", "any")]),
+        (
+            "CPU deployment uses cpu slots",
+            CPU,
+            fleet(
+                host("a", free=0, cpu_slots=1, replicas=[ReplicaSummary("x", "x1", ReplicaState.READY)]),
+                host("b", free=0, cpu_slots=2),
+            ),
+            3,
+            [("b", "any"), ("b", "any")],
+        ),
+    ],
+)
+def test_place_table(
+    name: str, spec: DeploymentSpec, hosts: dict[str, HostHeartbeat], n: int, want: list[tuple[str, str]]
+) -> None:
+    got = place(spec, n, hosts, {"k1": "ck1"}, {}, Reservations())
+    assert [(p.host, p.why) for p in got] == want, name
+
+
+def test_never_double_books_gpus_across_batches_and_in_flight() -> None:
+    hosts = fleet(host("a", free=3), host("b", free=1))
+    reserved = Reservations()
+    first = place(GPU1, 2, hosts, {}, {}, reserved)
+    for p in first:
+        reserved.take(p)
+    # the heartbeats have not caught up: the same GPUs still read free
+    second = place(GPU1, 5, hosts, {}, {}, reserved)
+    for p in second:
+        reserved.take(p)
+    uuids = [u for p in first + second for u in p.gpu_uuids]
+    assert len(uuids) == len(set(uuids)) == 4
+    assert place(GPU1, 1, hosts, {}, {}, reserved) == []
+    # a command that ended gives its GPU back
+    reserved.give_back(first[0].host, first[0].gpu_uuids, "r")
+    assert [p.gpu_uuids for p in place(GPU1, 1, hosts, {}, {}, reserved)] == [first[0].gpu_uuids]
+
+
+def test_resume_is_not_offered_twice() -> None:
+    hosts = fleet(host("c", free=2, replicas=[SUSPENDED_ON_C]))
+    got = place(GPU1, 2, hosts, {}, {}, Reservations())
+    assert [(p.why, p.resume) for p in got] == [("resume", "llm-old"), ("any", None)]
+
+
+def test_avoid_and_existing_spread() -> None:
+    hosts = fleet(host("a"), host("b"), host("c"))
+    got = place(GPU1, 1, hosts, {}, {"a": 1, "b": 0}, Reservations(), avoid=frozenset({"b"}))
+    assert [p.host for p in got] == ["c"]
+
+
+def ready(replica: str, h: str, ts: float) -> ReplicaEvent:
+    return ReplicaEvent("llm", replica, h, ReplicaState.READY, ts)
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "hosts", "want"),
+    [
+        ("stop when asked", "stop", fleet(host("a", budget=10 << 30)), ReleaseMode.STOP),
+        ("suspend with budget", "auto", fleet(host("a", budget=10 << 30)), ReleaseMode.SUSPEND),
+        ("stop without budget", "auto", fleet(host("a", budget=0)), ReleaseMode.STOP),
+        ("stop when budget is used", "suspend", fleet(host("a", budget=4, used=4)), ReleaseMode.STOP),
+        ("stop on an unknown host", "auto", {}, ReleaseMode.STOP),
+    ],
+)
+def test_release_mode_table(name: str, mode: str, hosts: dict[str, HostHeartbeat], want: ReleaseMode) -> None:
+    spec = replace(GPU1, scaling=ScalingSpec(release_mode=mode))  # type: ignore[arg-type]
+    got = choose_releases(spec, 1, [ready("r1", "a", 1.0)], hosts, Reservations())
+    assert [r.mode for r in got] == [want], name
+
+
+def test_release_order_keeps_spread_then_newest() -> None:
+    rs = [ready("r1", "a", 1.0), ready("r2", "a", 5.0), ready("r3", "b", 9.0), ready("r4", "a", 3.0)]
+    got = choose_releases(GPU1, 2, rs, fleet(host("a"), host("b")), Reservations())
+    assert [r.replica for r in got] == ["r2", "r4"]
+
+
+def test_suspend_budget_is_shared_within_a_batch() -> None:
+    rss = [ReplicaSummary("llm", f"r{i}", ReplicaState.READY, rss_bytes=3 << 30) for i in (1, 2)]
+    hosts = fleet(host("a", budget=4 << 30, replicas=rss))
+    got = choose_releases(GPU1, 2, [ready("r1", "a", 1.0), ready("r2", "a", 2.0)], hosts, Reservations())
+    assert sorted(r.mode for r in got) == [ReleaseMode.STOP, ReleaseMode.SUSPEND]
+
+
+def test_freeze_and_prefetch_on_going_to_zero() -> None:
+    hosts = fleet(host("a", key="k1"), host("b", key="k1", partial={"ck1": 9}), host("c", key="k2"))
+    assert needs_freeze(hosts["c"], {"k1": "ck1"})
+    assert not needs_freeze(hosts["a"], {"k1": "ck1"})
+    assert not needs_freeze(None, {})
+    assert prefetch_targets(GPU1, hosts, {"k1": "ck1"}, Reservations()) == [("b", "ck1"), ("a", "ck1")]
+    warm = fleet(host("a", cached=["ck1"]), host("b"), host("d"))
+    assert prefetch_targets(GPU1, warm, {"k1": "ck1"}, Reservations()) == [("b", "ck1")]
+
+
+@pytest.mark.parametrize(
+    ("name", "old", "new", "want"),
+    [
+        ("pending to restoring", ReplicaState.PENDING, ReplicaState.RESTORING, ReplicaState.RESTORING),
+        ("outcome only", ReplicaState.PENDING, ReplicaState.READY, ReplicaState.READY),
+        ("stale", ReplicaState.READY, ReplicaState.RESTORING, None),
+        ("repeated", ReplicaState.READY, ReplicaState.READY, None),
+        ("release ends", ReplicaState.RELEASING, ReplicaState.SUSPENDED, ReplicaState.SUSPENDED),
+        ("adopt a live unknown", None, ReplicaState.SUSPENDED, ReplicaState.SUSPENDED),
+        ("ignore a dead unknown", None, ReplicaState.STOPPED, None),
+    ],
+)
+def test_apply_event_table(
+    name: str, old: ReplicaState | None, new: ReplicaState, want: ReplicaState | None
+) -> None:
+    cur = None if old is None else ReplicaEvent("llm", "r1", "a", old, 1.0, gpu_uuids=["g0"])
+    got = apply_event(cur, ReplicaEvent("llm", "r1", "a", new, 2.0))
+    assert (got.state if got else None) == want, name
+    if got is not None and cur is not None:
+        assert got.gpu_uuids == ["g0"]  # what the new event leaves out is kept
