@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from snapscale import __version__
+from snapscale import demo as demo_cli
 from snapscale.freezer import cli as freezer_cli
 from snapscale.restorer import cli as restorer_cli
 from snapscale.scaler import cli as scaler_cli
@@ -24,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"snapscale {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (scaler_cli, freezer_cli, restorer_cli, shared_cli):
+    for module in (scaler_cli, freezer_cli, restorer_cli, shared_cli, demo_cli):
         module.register(sub)
     return p
 

@@ -1,0 +1,344 @@
+"""`snapscale demo`: snapscale on one machine with nothing running, start to finish.
+
+It starts a nats-server and the three services as separate processes, deploys the sample sandbox
+and plays traffic: cold boot and auto-freeze, scale to zero, restore. It never leaves anything
+running: every process it started and every sandbox under its work dir is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from snapscale.demo_live import Console, Traffic, follow
+from snapscale.demo_procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
+from snapscale.demo_report import DemoState, ScaleUp, summary, to_plain
+from snapscale.shared import bus, runtime, spec, telemetry
+from snapscale.shared.errors import ConfigError, SnapscaleError
+from snapscale.shared.settings import Settings
+from snapscale.shared.subjects import Bucket
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+HOST = "demo-host"
+STEP_COLD = "from zero (cold boot)"
+STEP_QUIET = "no traffic (scale to zero)"
+STEP_RESTORE = "from zero again (restore)"
+STEP_SUSPEND = "no traffic (suspend)"
+STEP_RESUME = "traffic again (resume)"
+
+
+class DemoError(SnapscaleError):
+    """The scenario could not go on; the message says which step and what the services logged."""
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    spec_path: Path | None = None
+    json_path: Path | None = None
+    work_dir: Path | None = None  # default: a fresh temp dir, removed at the end
+    keep: bool = False  # keep the work dir (service logs, store) for a look afterwards
+    grace_s: float = 6.0  # scale_to_zero_after_s for the demo's deployment
+    concurrency: float = 1.0
+    step_timeout_s: float = 300.0
+    freeze_timeout_s: float = 300.0
+    resume: bool = False  # also play suspend -> resume
+    host: str = HOST
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run nats-server, the scaler, a freezer and a restorer here and show cold boot vs restore",
+    )
+    p.add_argument("--spec", type=Path, help="deployment spec (default: examples/sample_cpu.toml, or GPU)")
+    p.add_argument("--json", type=Path, dest="json_path", help="also write the results here as JSON")
+    p.add_argument("--work-dir", type=Path, help="where logs, the store and state go (default: a temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
+    p.add_argument("--grace-s", type=float, default=6.0, help="no-traffic grace before scale to zero")
+    p.add_argument("--concurrency", type=float, default=1.0, help="requests in flight during traffic")
+    p.add_argument("--step-timeout-s", type=float, default=300.0, help="limit for each step")
+    p.add_argument("--resume", action="store_true", help="also suspend the replica and resume it")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    opts = DemoOptions(
+        spec_path=args.spec,
+        json_path=args.json_path,
+        work_dir=args.work_dir,
+        keep=args.keep,
+        grace_s=args.grace_s,
+        concurrency=args.concurrency,
+        step_timeout_s=args.step_timeout_s,
+        freeze_timeout_s=args.step_timeout_s,
+        resume=args.resume,
+    )
+    runtime.setup_logging(os.environ.get("SNAPSCALE_LOG_LEVEL", "WARNING"))
+    return run_demo(opts)
+
+
+def run_demo(opts: DemoOptions) -> int:
+    if os.geteuid() != 0:
+        raise ConfigError("snapscale demo needs root: sandboxes get their own network namespaces and CRIU")
+    work = opts.work_dir or Path(tempfile.mkdtemp(prefix="snapscale-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    procs = ProcessSet(work / "logs")
+    out = Console(sys.stdout)
+    rc = 1
+    try:
+        rc = asyncio.run(_main(opts, work, procs, out))
+    finally:
+        out.clear()
+        out.say("cleaning up: stopping services and nats-server")
+        procs.stop_all()
+        killed, nets = reap_sandboxes(work)
+        if killed:
+            out.say(f"stopped {len(killed)} sandbox processes left running, removed netns {', '.join(nets)}")
+        if opts.keep or rc != 0:
+            out.say(f"logs and state kept in {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    return rc
+
+
+async def _main(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -> int:
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    try:
+        state = await play(opts, work, procs, out)
+    except asyncio.CancelledError:
+        out.clear()
+        out.say("interrupted")
+        return 130
+    except DemoError as e:
+        out.clear()
+        out.say(f"demo failed: {e}")
+        return 1
+    out.clear()
+    out.say("")
+    out.say(summary(state))
+    if opts.json_path is not None:
+        opts.json_path.write_bytes(
+            orjson.dumps(to_plain(state, work_dir=str(work)), option=orjson.OPT_INDENT_2)
+        )
+        out.say(f"results written to {opts.json_path}")
+    return 0
+
+
+def demo_env(base: dict[str, str], work: Path, nats_url: str, host: str) -> dict[str, str]:
+    """The environment every service of the demo gets. Pure. S3 when the caller configured it."""
+    env = dict(base)
+    env.update(
+        SNAPSCALE_NATS_URL=nats_url,
+        SNAPSCALE_NAMESPACE=base.get("SNAPSCALE_NAMESPACE", "snapscale"),
+        SNAPSCALE_SIGNING_KEY=base.get("SNAPSCALE_SIGNING_KEY") or secrets.token_hex(16),
+        SNAPSCALE_STATE_DIR=str(work / "state"),
+        SNAPSCALE_CACHE_DIR=str(work / "cache"),
+        SNAPSCALE_HOST_ID=host,
+        SNAPSCALE_LOG_LEVEL=base.get("SNAPSCALE_LOG_LEVEL", "INFO"),
+    )
+    if not base.get("SNAPSCALE_STORE", "").startswith("s3://"):
+        env["SNAPSCALE_STORE"] = f"file://{work / 'store'}"
+    return env
+
+
+def default_spec_path() -> Path:
+    return EXAMPLES / ("sample_gpu.toml" if gpu_count() > 0 else "sample_cpu.toml")
+
+
+def gpu_count() -> int:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            return int(pynvml.nvmlDeviceGetCount())
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: a CPU machine
+        return 0
+
+
+def demo_spec(
+    d: spec.DeploymentSpec, opts: DemoOptions, *, release_mode: str = "stop"
+) -> spec.DeploymentSpec:
+    """The sample spec tuned for a demo: one replica, short windows, freeze after the cold boot."""
+    scaling = replace(
+        d.scaling,
+        target_concurrency=1.0,
+        utilization=1.0,
+        min_replicas=0,
+        max_replicas=1,
+        stable_window_s=max(2.0, opts.grace_s),
+        panic_window_s=min(d.scaling.panic_window_s, max(1.0, opts.grace_s / 2)),
+        scale_to_zero_after_s=opts.grace_s,
+        release_mode=release_mode,  # type: ignore[arg-type]
+    )
+    return replace(d, scaling=scaling, freeze=replace(d.freeze, after_ready=True, keep_running=True))
+
+
+async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -> DemoState:
+    spec_path = opts.spec_path or default_spec_path()
+    if not spec_path.exists():
+        raise DemoError(f"no deployment spec at {spec_path} (the sample sandbox lives in examples/)")
+    d = demo_spec(spec.load_toml(spec_path), opts)
+
+    port = free_port()
+    procs.start("nats-server", [find_exe("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js",
+                                "-sd", str(work / "jetstream")], dict(os.environ))  # fmt: skip
+    await _until(lambda: port_open(port), 15, "nats-server to listen", procs)
+    env = demo_env(dict(os.environ), work, f"nats://127.0.0.1:{port}", opts.host)
+    settings = Settings.from_env(env)
+    telemetry.setup("snapscale-demo", settings.otlp_endpoint)
+    store = (
+        "S3 " + settings.store.url if settings.store.scheme == "s3" else f"local store {settings.store.url}"
+    )
+    out.say(f"nats-server on 127.0.0.1:{port}, {store}, work dir {work}")
+
+    me = [sys.executable, "-m", "snapscale"]
+    procs.start("scaler", [*me, "scaler"], dict(env, OTEL_SERVICE_NAME="snapscale-scaler"))
+    procs.start(
+        "restorer", [*me, "restorer", "--host", opts.host], dict(env, OTEL_SERVICE_NAME="snapscale-restorer")
+    )
+    procs.start(
+        "freezer", [*me, "freezer", "--host", opts.host], dict(env, OTEL_SERVICE_NAME="snapscale-freezer")
+    )
+
+    b = await bus.open_bus(settings, "snapscale-demo")
+    state = DemoState(deployment=d.name)
+    state.begin_step("starting services", time.time())
+    hosts: set[str] = set()
+    try:
+        await follow(b, state, hosts, out)
+        await _until(lambda: opts.host in hosts, 60, "the restorer's first heartbeat", procs, out, state)
+        await b.kv[Bucket.DEPLOYMENTS].put(d.name, d.to_json())
+        out.say(f"deployed {d.name} from {spec_path} (spec hash {d.spec_hash()[:12]}), host {opts.host} up")
+
+        traffic = Traffic(b, d.name, opts.concurrency, d.ready.http_path or "/")
+        traffic_task = runtime.guard(traffic.run(), "demo traffic")
+        try:
+            await _scale_up(state, traffic, STEP_COLD, opts, procs, out)
+            await _until(lambda: state.frozen() is not None or _freeze_failed(state), opts.freeze_timeout_s,
+                         "the auto-freeze's checkpoint", procs, out, state)  # fmt: skip
+            if state.frozen() is None:
+                raise DemoError(f"the freeze failed: {state.checkpoints[-1].reason}")
+            await _scale_down(state, traffic, STEP_QUIET, opts, procs, out, lambda: not state.live())
+            await _scale_up(state, traffic, STEP_RESTORE, opts, procs, out)
+            if opts.resume:
+                await b.kv[Bucket.DEPLOYMENTS].put(
+                    d.name, demo_spec(d, opts, release_mode="suspend").to_json()
+                )
+                await _scale_down(
+                    state, traffic, STEP_SUSPEND, opts, procs, out, lambda: bool(state.suspended())
+                )
+                await _scale_up(state, traffic, STEP_RESUME, opts, procs, out)
+            traffic.on = False
+        finally:
+            traffic_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await traffic_task
+    finally:
+        await b.close()
+        telemetry.shutdown()
+    return state
+
+
+def _freeze_failed(state: DemoState) -> bool:
+    return any(not c.ok for c in state.checkpoints)
+
+
+async def _scale_up(
+    state: DemoState, traffic: Traffic, step: str, opts: DemoOptions, procs: ProcessSet, out: Console
+) -> ScaleUp:
+    state.begin_step(step, time.time())
+    traffic.on = True
+    await _until(lambda: bool(state.ready_in_step(step)) or _failed_in_step(state, step), opts.step_timeout_s,
+                 f"a ready replica ({step})", procs, out, state)  # fmt: skip
+    ups = state.ready_in_step(step)
+    if not ups:
+        failed = [s for s in state.scale_ups if s.step == step and s.failed]
+        raise DemoError(f"{step}: replica {failed[0].replica} failed: {failed[0].failed}")
+    up = ups[0]
+    answer = await asyncio.to_thread(_ask, up.endpoint, traffic.ask_path)
+    tier = up.tier.value if up.tier else "?"
+    out.say(
+        f"{step}: {up.replica} ready by {tier} in {up.time_to_ready_s or 0:.2f}s at {up.endpoint}: {answer}"
+    )
+    return up
+
+
+def _failed_in_step(state: DemoState, step: str) -> bool:
+    return any(s.step == step and s.failed for s in state.scale_ups)
+
+
+async def _scale_down(
+    state: DemoState,
+    traffic: Traffic,
+    step: str,
+    opts: DemoOptions,
+    procs: ProcessSet,
+    out: Console,
+    done: Callable[[], bool],
+) -> None:
+    state.begin_step(step, time.time())
+    traffic.on = False
+    await _until(done, opts.step_timeout_s + opts.grace_s, step, procs, out, state)
+    out.say(f"{step}: done after {time.time() - state.step_started_at:.1f}s")
+
+
+def _ask(endpoint: str, path: str) -> str:
+    """One GET to the replica, to show it serves; the answer's first line, shortened."""
+    if not endpoint:
+        return "(no endpoint)"
+    try:
+        with urllib.request.urlopen(f"http://{endpoint}{path}", timeout=10) as r:
+            body = r.read(300).decode(errors="replace").strip().splitlines()
+            return f"HTTP {r.status} {body[0][:80] if body else ''}"
+    except Exception as e:  # showing the answer is a courtesy: the ready event already said ready
+        return f"no answer ({e})"
+
+
+async def _until(
+    cond: Callable[[], bool],
+    timeout_s: float,
+    what: str,
+    procs: ProcessSet,
+    out: Console | None = None,
+    state: DemoState | None = None,
+) -> None:
+    """Wait for `cond`, showing the status line; a service that dies or a timeout ends the demo."""
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        dead = procs.dead()
+        if dead:
+            m = dead[0]
+            raise DemoError(
+                f"{m.name} exited with {m.proc.returncode} while waiting for {what}; its log ends:\n"
+                + log_tail(m.log_path)
+            )
+        if time.monotonic() > deadline:
+            raise DemoError(f"no {what} after {timeout_s:.0f}s; service logs are in {procs.log_dir}")
+        if out is not None and state is not None:
+            out.status(state.status_line(time.time()))
+        await asyncio.sleep(0.1)
