@@ -1,18 +1,27 @@
-"""Finding the CRIU binary snapscale drives, and checking its version.
+"""The CRIU driver: find the binary and check its version, dump and restore a sandbox's tree, read stats.
 
 Order: SNAPSCALE_CRIU, else the wrapper `scripts/setup` leaves in `.criu/bin/criu`, else `criu`
 on PATH if it is at least 4.2 (older ones fail on current kernels or on TCP sockets).
+Knows nothing about sandboxes or CUDA: callers pass PIDs, fds and paths.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import shutil
+import struct
 import subprocess
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapscale.shared.engine_errors import CriuError
 from snapscale.shared.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 MIN_VERSION = (4, 2)
 _REPO_WRAPPER = Path(__file__).resolve().parent.parent / ".criu" / "bin" / "criu"
@@ -55,3 +64,220 @@ def find_criu(configured: str | None = None) -> CriuBinary:
             "Run scripts/setup or set SNAPSCALE_CRIU to a CRIU 4.2 wrapper."
         )
     raise ConfigError("no CRIU found: run scripts/setup, or set SNAPSCALE_CRIU to a CRIU >= 4.2 binary")
+
+
+def require_version(b: CriuBinary) -> None:
+    """Older CRIU fails on this kernel or on listening TCP sockets (FACTS.md); refuse it up front."""
+    if b.version_tuple < MIN_VERSION:
+        raise ConfigError(f"CRIU {b.version} at {b.path} is too old; snapscale needs >= 4.2")
+
+
+EXTNET_KEY = "extnet"  # the name the sandbox's netns goes by in an image (`--external net[..]:extnet`)
+# CRIU prints this on every run here; it is harmless (FACTS.md).
+_NOISE = ("RLIMIT_NOFILE",)
+
+_DUMP_FIELDS = {
+    1: "freezing_time_us",
+    2: "frozen_time_us",
+    3: "memdump_time_us",
+    4: "memwrite_time_us",
+    5: "pages_scanned",
+    6: "pages_skipped_parent",
+    7: "pages_written",
+    9: "pages_lazy",
+}
+_RESTORE_FIELDS = {
+    1: "pages_compared",
+    2: "pages_skipped_cow",
+    3: "forking_time_us",
+    4: "restore_time_us",
+    5: "pages_restored",
+}
+
+
+@dataclass(frozen=True)
+class CriuRun:
+    seconds: float
+    stats: dict[str, int] = field(default_factory=dict)
+    pid: int = 0  # restore: host PID of the restored root
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = result = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, i
+        shift += 7
+
+
+def _fields(buf: bytes) -> dict[int, int | bytes]:
+    """Top-level protobuf fields (varints and length-delimited only; CRIU stats use nothing else)."""
+    out: dict[int, int | bytes] = {}
+    i = 0
+    while i < len(buf):
+        key, i = _varint(buf, i)
+        num, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            out[num], i = _varint(buf, i)
+        elif wire_type == 2:
+            n, i = _varint(buf, i)
+            out[num] = buf[i : i + n]
+            i += n
+        elif wire_type in (1, 5):
+            width = 8 if wire_type == 1 else 4
+            out[num] = int.from_bytes(buf[i : i + width], "little")
+            i += width
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+    return out
+
+
+def parse_stats(data: bytes) -> dict[str, int]:
+    """CRIU's `stats-dump`/`stats-restore` image: two magics, a u32 size, a StatsEntry. Pure."""
+    if len(data) < 12:
+        raise ValueError("stats image too short")
+    (size,) = struct.unpack_from("<I", data, 8)
+    entry = _fields(data[12 : 12 + size])
+    out: dict[str, int] = {}
+    for num, names in ((1, _DUMP_FIELDS), (2, _RESTORE_FIELDS)):
+        sub = entry.get(num)
+        if isinstance(sub, bytes):
+            for k, v in _fields(sub).items():
+                if k in names and isinstance(v, int):
+                    out[names[k]] = v
+    return out
+
+
+def read_stats(image_dir: Path, which: str) -> dict[str, int]:
+    try:
+        return parse_stats((image_dir / f"stats-{which}").read_bytes())
+    except (OSError, ValueError) as e:
+        log.debug("no CRIU %s stats in %s: %s", which, image_dir, e)
+        return {}
+
+
+def error_lines(log_path: Path, limit: int = 8) -> str:
+    """CRIU's last error lines (else its last lines), for the exception a caller sees."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"(no CRIU log at {log_path})"
+    lines = [ln for ln in lines if not any(n in ln for n in _NOISE)]
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return "\n".join((errors or lines)[-limit:])
+
+
+def dump_argv(
+    b: CriuBinary, pid: int, image_dir: Path, *, netns_inode: int, leave_running: bool, log_path: Path
+) -> list[str]:
+    """Pure. The netns stays outside the image (a restore gets a fresh one); `--network-lock skip`
+    because the default lock wants iptables-restore, absent here; in-flight connections are dropped."""
+    argv = [
+        b.path,
+        "dump",
+        "-t",
+        str(pid),
+        "-D",
+        str(image_dir),
+        "-o",
+        str(log_path),
+        "-v2",
+        "--external",
+        f"net[{netns_inode}]:{EXTNET_KEY}",
+        "--network-lock",
+        "skip",
+        "--skip-in-flight",
+    ]
+    if leave_running:
+        argv.append("--leave-running")
+    return argv
+
+
+def restore_argv(
+    b: CriuBinary, image_dir: Path, *, inherit: Mapping[str, int], log_path: Path, pidfile: Path
+) -> list[str]:
+    """Pure. Detached (`-d`): the tree outlives CRIU. `inherit` maps image resource keys to our fds."""
+    argv = [
+        b.path,
+        "restore",
+        "-d",
+        "-D",
+        str(image_dir),
+        "-o",
+        str(log_path),
+        "-v2",
+        "--pidfile",
+        str(pidfile),
+        "--network-lock",
+        "skip",
+    ]
+    for key, fd in inherit.items():
+        argv += ["--inherit-fd", f"fd[{fd}]:{key}"]
+    return argv
+
+
+async def _run(argv: list[str], step: str, log_path: Path, pass_fds: tuple[int, ...] = ()) -> float:
+    start = time.monotonic()
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        pass_fds=pass_fds,
+    )
+    out, _ = await proc.communicate()
+    seconds = time.monotonic() - start
+    if proc.returncode != 0:
+        tail = error_lines(log_path)
+        if not tail.strip() or tail.startswith("(no CRIU log"):
+            tail = out.decode(errors="replace")[-2000:]
+        raise CriuError(step, f"criu {argv[1]} exited {proc.returncode} (log {log_path})", tail)
+    return seconds
+
+
+async def dump(
+    b: CriuBinary, pid: int, image_dir: Path, *, netns_inode: int, leave_running: bool, log_path: Path
+) -> CriuRun:
+    """Dump the tree rooted at `pid` into `image_dir`. Without `leave_running` CRIU kills the tree."""
+    require_version(b)
+    _mkdir(image_dir)
+    argv = dump_argv(
+        b, pid, image_dir, netns_inode=netns_inode, leave_running=leave_running, log_path=log_path
+    )
+    seconds = await _run(argv, "criu_dump", log_path)
+    return CriuRun(seconds=seconds, stats=read_stats(image_dir, "dump"))
+
+
+async def restore(
+    b: CriuBinary, image_dir: Path, *, inherit: Mapping[str, int], log_path: Path, pidfile: Path
+) -> CriuRun:
+    """Restore detached; the fds in `inherit` must be open in this process (they are passed on)."""
+    require_version(b)
+    _prepare_restore(image_dir, pidfile)
+    argv = restore_argv(b, image_dir, inherit=inherit, log_path=log_path, pidfile=pidfile)
+    seconds = await _run(argv, "criu_restore", log_path, pass_fds=tuple(inherit.values()))
+    return CriuRun(seconds=seconds, stats=read_stats(image_dir, "restore"), pid=_read_pid(pidfile, log_path))
+
+
+def _mkdir(d: Path) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+
+
+def _prepare_restore(image_dir: Path, pidfile: Path) -> None:
+    if not image_dir.is_dir():
+        raise CriuError("criu_restore", f"image directory {image_dir} does not exist")
+    pidfile.unlink(missing_ok=True)
+
+
+def _read_pid(pidfile: Path, log_path: Path) -> int:
+    try:
+        return int(pidfile.read_text().strip())
+    except (OSError, ValueError) as e:
+        raise CriuError(
+            "criu_restore", f"CRIU wrote no pidfile {pidfile}: {e}", error_lines(log_path)
+        ) from None

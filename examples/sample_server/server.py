@@ -1,0 +1,258 @@
+"""The sample sandbox: an HTTP model server with a realistic warm-up and the two snapscale hooks.
+
+Warm-up: import torch, load (or first write) weights from a file, warm up; on GPU also torch.compile,
+a captured CUDA graph and a KV-cache tensor. `/generate` answers deterministically, so an answer
+before a freeze and after a restore can be compared byte for byte. `--preset none` skips torch
+(a fast stand-in for tests of the engine's failure paths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import json
+import os
+import signal
+import struct
+import sys
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any
+
+T0 = time.time()
+PROMPT_LEN = 32
+NEW_TOKENS = 8
+
+
+def log(msg: str) -> None:
+    print(f"{time.time():.3f} {msg}", flush=True)
+
+
+class Model:
+    """Everything the server keeps warm. Only built when a torch preset is asked for."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        t: dict[str, float] = {}
+        import torch
+
+        from examples.sample_server.model import PRESETS, Decoder
+
+        self.torch = torch
+        t["import_s"] = time.time() - T0
+        self.device = torch.device(args.device)
+        self.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+        self.kv_mib = args.kv_mib
+        cfg = PRESETS[args.preset]
+        s = time.time()
+        sd = load_or_write_weights(args.weights, cfg, args.seed, self.dtype, self.device)
+        with torch.device("meta"):
+            model = Decoder(cfg)
+        model.load_state_dict(sd, assign=True)
+        self.model = model.to(self.device).eval()
+        del sd
+        self.sync()
+        t["weights_s"] = time.time() - s
+        g = torch.Generator().manual_seed(args.seed + 1)
+        self.prompt = torch.randint(0, cfg.vocab, (1, PROMPT_LEN), generator=g).to(self.device)
+        s = time.time()
+        self.fwd = torch.compile(self.model) if args.compile else self.model
+        with torch.inference_mode():
+            for _ in range(2):
+                self.fwd(self.prompt)
+        self.sync()
+        t["compile_warmup_s"] = time.time() - s
+        self.graph = None
+        if args.graph:
+            s = time.time()
+            self.static_in = self.prompt.clone()
+            with torch.inference_mode():
+                stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):
+                        self.model(self.static_in)
+                torch.cuda.current_stream().wait_stream(stream)
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    self.static_out = self.model(self.static_in)
+            self.sync()
+            t["cuda_graph_s"] = time.time() - s
+        s = time.time()
+        self.kv: Any = None
+        self.alloc_kv()
+        t["kv_cache_s"] = time.time() - s
+        self.timings = t
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def alloc_kv(self) -> None:
+        """The KV cache: big, and rebuilt identically from a seed after a restore."""
+        torch = self.torch
+        n = self.kv_mib * (1 << 20) // 2
+        g = torch.Generator(device=self.device).manual_seed(1234)
+        self.kv = torch.empty(n, dtype=torch.bfloat16, device=self.device)
+        self.kv.normal_(generator=g)
+        self.sync()
+
+    def drop_kv(self) -> None:
+        self.kv = None
+        gc.collect()
+        if self.device.type == "cuda":
+            self.torch.cuda.empty_cache()
+
+    def generate(self) -> dict[str, Any]:
+        torch = self.torch
+        with torch.inference_mode():
+            logits = self.fwd(self.prompt)
+            x = self.prompt.clone()
+            tokens = []
+            for _ in range(NEW_TOKENS):
+                if self.graph is not None:
+                    self.static_in.copy_(x)
+                    self.graph.replay()
+                    out = self.static_out
+                else:
+                    out = self.fwd(x)
+                tok = out[:, -1].argmax(-1, keepdim=True)
+                tokens.append(int(tok))
+                x = torch.cat([x[:, 1:], tok], dim=1)
+            kv = None if self.kv is None else float(self.kv[: 1 << 20].float().sum()).hex()
+            self.sync()
+            last = logits[0, -4:].float().cpu().flatten().tolist()
+            return {
+                "tokens": tokens,
+                "logits_sha256": hashlib.sha256(struct.pack(f"<{len(last)}d", *last)).hexdigest(),
+                "kv_sum": kv,
+                "device": str(self.device),
+            }
+
+
+def load_or_write_weights(path: str, cfg: Any, seed: int, dtype: Any, device: Any) -> dict[str, Any]:
+    import torch
+
+    from examples.sample_server.model import random_state_dict
+
+    if not os.path.exists(path):
+        sd = random_state_dict(cfg, seed, dtype)
+        if path.endswith(".safetensors"):
+            from safetensors.torch import save_file
+
+            save_file(sd, path)
+        else:
+            torch.save(sd, path)
+        log(f"wrote random weights to {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        tensors: dict[str, Any] = load_file(path, device=str(device))
+        return tensors
+    loaded: dict[str, Any] = torch.load(path, map_location=device, weights_only=True, mmap=False)
+    return loaded
+
+
+class Light:
+    """No torch: a deterministic answer and a KV-cache stand-in, for fast engine tests."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.kv_mib = args.kv_mib
+        self.kv: bytearray | None = None
+        self.counter = 0
+        self.alloc_kv()
+        self.timings = {"import_s": time.time() - T0}
+
+    def alloc_kv(self) -> None:
+        self.kv = bytearray(hashlib.sha256(b"kv").digest() * (self.kv_mib * (1 << 20) // 32))
+
+    def drop_kv(self) -> None:
+        self.kv = None
+
+    def generate(self) -> dict[str, Any]:
+        kv = None if self.kv is None else hashlib.sha256(self.kv[: 1 << 20]).hexdigest()
+        return {
+            "tokens": list(hashlib.sha256(b"prompt").digest()[:NEW_TOKENS]),
+            "kv_sum": kv,
+            "device": "none",
+        }
+
+
+def make_handler(model: Any) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _send(self, code: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body, sort_keys=True).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            if self.path == "/healthz":
+                self._send(200, {"ok": True})
+            elif self.path == "/generate":
+                self._send(200, model.generate())
+            elif self.path == "/timings":
+                self._send(200, model.timings)
+            else:
+                self._send(404, {"error": f"no {self.path}"})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(length)
+            if self.path == "/generate":
+                self._send(200, model.generate())
+            elif self.path == "/hooks/before_freeze":
+                model.drop_kv()
+                log("before_freeze: KV cache dropped")
+                self._send(200, {"kv": False})
+            elif self.path == "/hooks/after_restore":
+                if model.kv is None:
+                    model.alloc_kv()
+                log("after_restore: KV cache allocated")
+                self._send(200, {"kv": True})
+            elif self.path == "/hooks/fail":
+                self._send(500, {"error": "this hook always fails"})
+            else:
+                self._send(404, {"error": f"no {self.path}"})
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # one line per probe would flood the replica's log
+
+    return Handler
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--preset", default="tiny", help="tiny | llama-0.8b | none (no torch)")
+    p.add_argument("--weights", default="/tmp/snapscale-sample-tiny.pt")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--graph", action="store_true", help="capture a CUDA graph of the forward pass")
+    p.add_argument("--kv-mib", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--tag", default="", help="ignored; lets a test find its processes")
+    args = p.parse_args(argv)
+    # PID 1 of its namespace: SIGTERM is ignored unless handled.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if args.preset == "none":
+        model: Any = Light(args)
+    else:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        model = Model(args)
+    server = HTTPServer(("0.0.0.0", args.port), make_handler(model))
+    model.timings["total_to_ready_s"] = time.time() - T0
+    log("ready " + json.dumps(model.timings, sort_keys=True))
+    server.serve_forever(poll_interval=0.2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The sandbox: a deployment's process tree as PID 1 of its own PID namespace inside its own netns.
+
+Launch = `nsenter --net=<netns> unshare --pid --fork setsid <command>`, stdio on a per-replica log.
+Stop = SIGKILL to the namespace's init (the kernel kills the rest), then the netns goes. No CRIU here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from snapscale.shared import netns
+from snapscale.shared.engine_errors import EngineError, SandboxExited
+from snapscale.shared.spec import DeploymentSpec
+
+log = logging.getLogger(__name__)
+
+LOG_NAME = "sandbox.log"
+# The workload gets a clean environment (the agent's holds secrets such as the signing key).
+BASE_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    replica: str
+    deployment: str
+    pid: int  # host PID of the sandbox's init (PID 1 of its own PID namespace)
+    netns: str  # name under /run/netns
+    endpoint: str  # "10.213.x.y:PORT", reachable from the host
+    gpu_uuids: list[str] = field(default_factory=list)
+    log_path: str = ""
+    started_at: float = 0.0  # wall clock, seconds
+    checkpoint_id: str | None = None  # None: cold-booted
+    run_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Sandbox:
+        try:
+            return cls(
+                replica=str(d["replica"]),
+                deployment=str(d["deployment"]),
+                pid=int(d["pid"]),
+                netns=str(d["netns"]),
+                endpoint=str(d["endpoint"]),
+                gpu_uuids=[str(u) for u in d.get("gpu_uuids", [])],
+                log_path=str(d.get("log_path", "")),
+                started_at=float(d.get("started_at", 0.0)),
+                checkpoint_id=None if d.get("checkpoint_id") is None else str(d["checkpoint_id"]),
+                run_dir=str(d.get("run_dir", "")),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EngineError("sandbox", f"malformed sandbox record: {e!r}") from None
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True).encode()
+
+    def with_gpus(self, gpu_uuids: list[str]) -> Sandbox:
+        return replace(self, gpu_uuids=list(gpu_uuids))
+
+
+def workload_env(spec: DeploymentSpec, gpu_uuids: list[str]) -> dict[str, str]:
+    """The environment the workload starts with. Pure."""
+    env = dict(BASE_ENV)
+    env.update(spec.env)
+    # UUIDs rather than indices: they name the same card whatever the enumeration order.
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_uuids)
+    return env
+
+
+def launch_argv(spec: DeploymentSpec, ns_path: Path) -> list[str]:
+    """`setsid` gives the init its own session, so CRIU needs no --shell-job. Pure.
+
+    No `unshare --kill-child`: its parent-death signal would kill a restored tree when CRIU exits.
+    """
+    return ["nsenter", f"--net={ns_path}", "unshare", "--pid", "--fork", "setsid", *spec.command]
+
+
+async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], run_dir: Path) -> Sandbox:
+    """Cold-boot start: make the netns, start the tree, return once its init's host PID is known."""
+    log_path = run_dir / LOG_NAME
+    log_fd = open_log(log_path)
+    try:
+        ns = await netns.create(replica)
+    except BaseException:
+        os.close(log_fd)
+        raise
+    try:
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *launch_argv(spec, ns.path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                cwd=spec.cwd,
+                env=workload_env(spec, gpu_uuids),
+            )
+        finally:
+            os.close(log_fd)
+        pid = await _child_of(proc.pid, log_path)
+    except BaseException:
+        await netns.delete(ns.name)
+        raise
+    sb = Sandbox(
+        replica=replica,
+        deployment=spec.name,
+        pid=pid,
+        netns=ns.name,
+        endpoint=f"{ns.sandbox_ip}:{spec.port}",
+        gpu_uuids=list(gpu_uuids),
+        log_path=str(log_path),
+        started_at=time.time(),
+        run_dir=str(run_dir),
+    )
+    log.info("launched %s (%s) pid %d at %s", replica, spec.name, pid, sb.endpoint)
+    return sb
+
+
+def open_log(path: Path) -> int:
+    """A fresh append-only log fd for a replica's stdio (its run dir is made if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
+async def _child_of(unshare_pid: int, log_path: Path, timeout_s: float = 10.0) -> int:
+    """The PID-namespace init is the only child `unshare --fork` makes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        text = _children(unshare_pid)
+        if text:
+            return int(text[0])
+        if not _alive(unshare_pid):
+            raise SandboxExited("launch", "the sandbox exited at once", log_tail(log_path))
+        await asyncio.sleep(0.01)
+    raise EngineError("launch", f"no PID-namespace init appeared under {unshare_pid}", log_tail(log_path))
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+def is_running(sb: Sandbox) -> bool:
+    """The sandbox's init is alive and still in the sandbox's netns (guards against PID reuse)."""
+    if not _alive(sb.pid):
+        return False
+    try:
+        return os.stat(f"/proc/{sb.pid}/ns/net").st_ino == netns.inode(sb.netns)
+    except OSError:
+        return False
+
+
+def tree_pids(sb: Sandbox) -> list[int]:
+    """Host PIDs of every live process in the sandbox's PID namespace, init first."""
+    try:
+        want = os.stat(f"/proc/{sb.pid}/ns/pid").st_ino
+    except OSError:
+        return []
+    out = [sb.pid]
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == sb.pid:
+            continue
+        try:
+            if os.stat(p / "ns" / "pid").st_ino == want and _alive(int(p.name)):
+                out.append(int(p.name))
+        except OSError:
+            continue
+    return out
+
+
+def log_tail(path: str | Path, lines: int = 20) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+async def stop(sb: Sandbox, *, timeout_s: float = 10.0) -> None:
+    """Kill the tree and remove its netns. Idempotent: a gone sandbox is fine."""
+    victims = [sb.pid] if is_running(sb) else []
+    # Anything else left in the netns (a stray child of a half-restored tree) goes too.
+    victims += [p for p in netns.pids_in(sb.netns) if p not in victims]
+    for pid in victims:
+        # The init of a PID namespace ignores SIGTERM it does not handle; SIGKILL ends the namespace.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout_s
+    # Polling /proc: there is no event for "a process we did not start has been reaped".
+    while any(_alive(p) for p in victims) and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+    await netns.delete(sb.netns)
+    log.info("stopped %s (pid %d)", sb.replica, sb.pid)

@@ -1,0 +1,126 @@
+"""The CPU path end to end on real CRIU: launch the sample sandbox, freeze it twice, restore it twice
+at once from one image, and compare every answer with the original."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from engine_helpers import kill_tagged, netns_exists, procs_with, read_text, sample_spec
+
+from snapscale.shared import engine, probe, sandbox
+from snapscale.shared.criu import CriuBinary
+from snapscale.shared.engine import Sandbox
+from snapscale.shared.registry import SandboxRegistry
+
+pytestmark = pytest.mark.criu
+
+
+@pytest.fixture
+async def tag() -> AsyncIterator[str]:
+    """A marker on every process the test starts; whatever still carries it afterwards is killed."""
+    t = f"enginetest-{uuid.uuid4().hex[:12]}"
+    yield t
+    kill_tagged(t)
+
+
+@pytest.fixture
+async def made() -> AsyncIterator[list[Sandbox]]:
+    sbs: list[Sandbox] = []
+    yield sbs
+    for sb in sbs:
+        await engine.stop(sb)
+
+
+async def answer(sb: Sandbox) -> bytes:
+    status, body = await probe.http_request("GET", sb.endpoint, "/generate", timeout_s=30)
+    assert status == 200, body
+    return body
+
+
+async def test_launch_freeze_restore_twice_concurrently(
+    criu: CriuBinary, tmp_path: Path, tag: str, made: list[Sandbox]
+) -> None:
+    spec = sample_spec("sample", tag=tag, weights=tmp_path / "tiny.pt")
+    sb = await engine.launch(spec, "orig", gpu_uuids=[], run_dir=tmp_path / "run-orig")
+    made.append(sb)
+    assert sandbox.is_running(sb)
+    assert sb.endpoint.startswith("10.213.") and sb.endpoint.endswith(":8000")
+    await engine.wait_ready(sb, spec.ready)
+    original = await answer(sb)
+    assert b'"tokens"' in original and b'"kv_sum": "0x' in original
+
+    # Freeze, keep serving: the before_freeze hook drops the KV cache, after_restore brings it back.
+    img1 = tmp_path / "img-keep"
+    rep = await engine.freeze(sb, spec, img1, keep_running=True, criu=criu)
+    assert sandbox.is_running(sb)
+    assert await answer(sb) == original
+    assert {"before_freeze", "criu_dump", "after_restore", "freeze"} <= rep.timings_s.keys()
+    assert rep.image_bytes > 10 << 20 and rep.criu_stats["pages_written"] > 1000
+    assert not rep.cuda
+
+    # Freeze again and stop: the tree and its netns are gone afterwards.
+    img2 = tmp_path / "img-stop"
+    rep2 = await engine.freeze(sb, spec, img2, keep_running=False, criu=criu)
+    assert not rep2.keep_running
+    assert not sandbox.is_running(sb)
+    assert not netns_exists(sb.netns)
+
+    # Two replicas from the one image at once, on one host: both come up and answer the same.
+    (a, ra), (b, rb) = await asyncio.gather(
+        *(
+            engine.restore(
+                spec,
+                img2,
+                f"copy{i}",
+                gpu_uuids=[],
+                run_dir=tmp_path / f"run-{i}",
+                criu=criu,
+                checkpoint_id="ck1",
+            )
+            for i in (1, 2)
+        )
+    )
+    made += [a, b]
+    assert a.endpoint != b.endpoint and a.netns != b.netns and a.pid != b.pid
+    assert a.checkpoint_id == "ck1"
+    assert await answer(a) == original
+    assert await answer(b) == original
+    for r in (ra, rb):
+        assert {"criu_restore", "after_restore", "ready", "restore"} <= r.timings_s.keys()
+        assert r.criu_stats.get("pages_restored", 0) > 1000
+    # Each replica writes to its own log (the frozen log fd was swapped for a fresh one).
+    for s in (a, b):
+        assert "after_restore: KV cache allocated" in read_text(s.log_path)
+    assert len(procs_with(tag)) == 2
+
+    # The registry records them across a restart of the agent.
+    reg = SandboxRegistry(tmp_path / "state")
+    reg.put(a)
+    reg.put(b)
+    assert SandboxRegistry(tmp_path / "state").all() == [a, b]
+
+    await engine.stop(a)
+    await engine.stop(a)  # idempotent
+    assert not sandbox.is_running(a) and not netns_exists(a.netns)
+    assert sandbox.is_running(b) and await answer(b) == original
+
+
+async def test_cpu_sandbox_cannot_suspend(
+    criu: CriuBinary, tmp_path: Path, tag: str, made: list[Sandbox]
+) -> None:
+    spec = sample_spec("light", tag=tag, preset="none")
+    sb = await engine.launch(spec, "cpu1", gpu_uuids=[], run_dir=tmp_path / "run")
+    made.append(sb)
+    with pytest.raises(engine.CudaError, match="CPU sandbox"):
+        await engine.suspend(sb)
+
+
+def test_root_only_paths_exist() -> None:
+    # The launcher relies on these tools; say so plainly when a machine lacks them.
+    for tool in ("ip", "nsenter", "unshare", "setsid"):
+        assert any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ["PATH"].split(":")), tool

@@ -1,0 +1,125 @@
+"""Pure parts of the engine: CRIU argument lists and stats parsing, HTTP response parsing, subnet
+allocation, the workload's argv and environment, the image meta file."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from snapscale.shared import criu, engine, netns, probe, sandbox
+from snapscale.shared.criu import CriuBinary
+from snapscale.shared.engine_errors import EngineError
+from snapscale.shared.spec import DeploymentSpec
+
+B = CriuBinary("/opt/criu", "4.2.1")
+
+
+def test_dump_argv() -> None:
+    argv = criu.dump_argv(
+        B, 77, Path("/img"), netns_inode=4026532000, leave_running=True, log_path=Path("/l")
+    )
+    assert argv[:4] == ["/opt/criu", "dump", "-t", "77"]
+    assert "--external" in argv and "net[4026532000]:extnet" in argv
+    assert argv[argv.index("--network-lock") + 1] == "skip"
+    assert "--leave-running" in argv
+    assert "--leave-running" not in criu.dump_argv(
+        B, 77, Path("/img"), netns_inode=1, leave_running=False, log_path=Path("/l")
+    )
+
+
+def test_restore_argv() -> None:
+    argv = criu.restore_argv(
+        B, Path("/img"), inherit={"extnet": 5, "tmp/log": 6}, log_path=Path("/l"), pidfile=Path("/p")
+    )
+    assert argv[:3] == ["/opt/criu", "restore", "-d"]
+    assert "fd[5]:extnet" in argv and "fd[6]:tmp/log" in argv
+    assert argv[argv.index("--pidfile") + 1] == "/p"
+
+
+def test_old_criu_is_refused() -> None:
+    with pytest.raises(Exception, match="too old"):
+        criu.require_version(CriuBinary("/x", "4.1.1"))
+
+
+def _pb_varint(n: int) -> bytes:
+    out = b""
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def test_parse_stats() -> None:
+    dump = _pb_varint(1 << 3) + _pb_varint(116) + _pb_varint(7 << 3) + _pb_varint(300_000)
+    entry = _pb_varint((1 << 3) | 2) + _pb_varint(len(dump)) + dump
+    img = struct.pack("<II", 0x55105940, 0x57093306) + struct.pack("<I", len(entry)) + entry
+    assert criu.parse_stats(img) == {"freezing_time_us": 116, "pages_written": 300_000}
+    with pytest.raises(ValueError, match="too short"):
+        criu.parse_stats(b"\0" * 4)
+
+
+def test_error_lines_skip_noise(tmp_path: Path) -> None:
+    log = tmp_path / "c.log"
+    log.write_text(
+        "rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
+        "(00.01) ok\n(00.02) Error (criu/cr-restore.c:1): Can't read pstree\n"
+    )
+    assert criu.error_lines(log) == "(00.02) Error (criu/cr-restore.c:1): Can't read pstree"
+    assert "no CRIU log" in criu.error_lines(tmp_path / "missing.log")
+
+
+def test_parse_response() -> None:
+    assert probe.parse_response(b"HTTP/1.0 204 No Content\r\nA: b\r\n\r\n") == (204, b"")
+    assert probe.parse_response(b"HTTP/1.1 200 OK\r\n\r\n{}") == (200, b"{}")
+    for bad in (b"", b"garbage", b"HTTP/1.0 abc\r\n\r\n"):
+        with pytest.raises(ValueError, match="not an HTTP response"):
+            probe.parse_response(bad)
+    assert probe.split_endpoint("10.213.0.2:8000") == ("10.213.0.2", 8000)
+    with pytest.raises(ValueError, match="is not HOST:PORT"):
+        probe.split_endpoint("nope")
+
+
+def test_subnets() -> None:
+    ns = netns.NetNs(name="snapscale-3", index=3)
+    assert (ns.host_ip, ns.sandbox_ip, ns.host_if) == ("10.213.0.13", "10.213.0.14", "ssv3")
+    assert netns.free_slot({5, 6}, 5) == 7
+    assert netns.free_slot(set(), 9) == 9
+    assert netns.parse_name("snapscale-12").index == 12
+    with pytest.raises(EngineError):
+        netns.parse_name("other-1")
+    assert netns.hint("r1") == netns.hint("r1")
+
+
+def test_workload_argv_and_env() -> None:
+    spec = DeploymentSpec(name="d", command=["python3", "-m", "x"], env={"A": "1", "PATH": "/opt/bin"})
+    argv = sandbox.launch_argv(spec, Path("/run/netns/snapscale-1"))
+    assert argv == [
+        "nsenter",
+        "--net=/run/netns/snapscale-1",
+        "unshare",
+        "--pid",
+        "--fork",
+        "setsid",
+        "python3",
+        "-m",
+        "x",
+    ]
+    env = sandbox.workload_env(spec, ["GPU-a", "GPU-b"])
+    assert env["A"] == "1" and env["PATH"] == "/opt/bin" and env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
+    assert not any(k.startswith("SNAPSCALE_") for k in env)
+    assert sandbox.workload_env(spec, [])["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_image_meta_round_trip_and_refusal() -> None:
+    m = engine.ImageMeta(
+        deployment="d", log_key="tmp/x/sandbox.log", cuda=True, gpu_uuids=["GPU-a"], port=8000, frozen_at=1.0
+    )
+    assert engine.ImageMeta.from_json(m.to_json()) == m
+    assert engine.log_key("/tmp/x/sandbox.log") == "tmp/x/sandbox.log"
+    with pytest.raises(EngineError, match="unreadable"):
+        engine.ImageMeta.from_json(b'{"format": 99}')
+    with pytest.raises(EngineError, match="unreadable"):
+        engine.ImageMeta.from_json(b"\xff")
