@@ -1,0 +1,180 @@
+"""Rebuild a checkpoint's image directory from the host cache so CRIU reads a normal image.
+
+Single-chunk files become hard links to the cached chunk where the mode and filesystem allow
+(CRIU only reads images on restore); the rest are assembled with parallel in-kernel copies;
+zero chunks stay holes. It may run while a prefetch is still bringing chunks in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from snapscale.shared.cache import CHUNK_MODE, HostCache
+from snapscale.shared.chunking import ZERO_CHUNK, chunk_length
+from snapscale.shared.manifest import FileEntry, Manifest, check_manifest
+from snapscale.shared.store import ChunkError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MaterializeReport:
+    files: int
+    bytes_total: int
+    linked_files: int
+    copied_bytes: int
+    zero_bytes: int
+    duration_s: float
+
+    @property
+    def throughput_bps(self) -> float:
+        return self.bytes_total / self.duration_s if self.duration_s > 0 else 0.0
+
+
+def _copy_range(src: Path, dst_fd: int, offset: int, length: int) -> None:
+    """Copy a whole chunk file to `offset` of `dst_fd`, in the kernel when it can."""
+    sfd = os.open(src, os.O_RDONLY)
+    try:
+        done = 0
+        try:
+            while done < length:
+                n = os.copy_file_range(sfd, dst_fd, length - done, done, offset + done)
+                if n == 0:
+                    break
+                done += n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+        while done < length:  # across filesystems where copy_file_range will not go
+            buf = os.pread(sfd, min(length - done, 8 << 20), done)
+            if not buf:
+                break
+            done += os.pwrite(dst_fd, buf, offset + done)
+        if done != length:
+            raise ChunkError(src.name, f"cached chunk is {done} bytes, the manifest says {length}")
+    finally:
+        os.close(sfd)
+
+
+async def materialize(
+    cache: HostCache,
+    manifest: Manifest,
+    dest_dir: Path,
+    *,
+    link: bool = True,
+    workers: int = 4,
+    arriving: asyncio.Future[Any] | None = None,
+) -> MaterializeReport:
+    """Write `manifest`'s files under `dest_dir` (created; must not exist or be empty).
+
+    With `arriving` (a running prefetch), each chunk is placed as soon as it is cached; without,
+    every chunk must be cached already (`ChunkError` names a missing one). On error the partial
+    directory is removed.
+    """
+    check_manifest(manifest)  # paths are re-checked here: this is where they touch the disk
+    t0 = time.monotonic()
+    await asyncio.to_thread(_prepare_dir, dest_dir)
+    digests = manifest.digests()
+    loop = asyncio.get_running_loop()
+    linked = copied = zero = 0
+    try:
+        with cache.pinned(digests), ThreadPoolExecutor(max_workers=workers) as pool:
+            fds: dict[str, int] = {}
+            try:
+                jobs: list[asyncio.Future[None]] = []
+                for f in manifest.files:
+                    target = dest_dir / f.path
+                    single = len(f.chunks) == 1 and f.chunks[0] != ZERO_CHUNK
+                    if link and single and f.mode == CHUNK_MODE:
+                        await _wait_cached(cache, f.chunks[0], arriving)
+                        if await loop.run_in_executor(pool, _try_link, cache.path(f.chunks[0]), target):
+                            linked += 1
+                            continue
+                    fd = await loop.run_in_executor(pool, _create, target, f)
+                    fds[f.path] = fd
+                    for i, d in enumerate(f.chunks):
+                        n = chunk_length(f.size, manifest.chunk_bytes, i)
+                        if d == ZERO_CHUNK:
+                            zero += n  # the file was created sparse at full size: already zeros
+                            continue
+                        await _wait_cached(cache, d, arriving)
+                        copied += n
+                        jobs.append(
+                            loop.run_in_executor(
+                                pool, _copy_range, cache.path(d), fd, i * manifest.chunk_bytes, n
+                            )
+                        )
+                await asyncio.gather(*jobs)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+    except BaseException:
+        await asyncio.to_thread(shutil.rmtree, dest_dir, True)
+        raise
+    report = MaterializeReport(
+        len(manifest.files), manifest.total_bytes, linked, copied, zero, time.monotonic() - t0
+    )
+    log.info(
+        "materialized %s into %s: %d files (%d linked), %d bytes in %.2fs",
+        manifest.checkpoint_id, dest_dir, report.files, linked, report.bytes_total, report.duration_s,
+    )  # fmt: skip
+    return report
+
+
+async def _wait_cached(cache: HostCache, digest: str, arriving: asyncio.Future[Any] | None) -> None:
+    while digest not in cache:
+        if arriving is None:
+            raise ChunkError(digest, "not in the host cache (prefetch first)")
+        if arriving.done():
+            arriving.result()  # raises the prefetch's own error, if it failed
+            if digest not in cache:
+                raise ChunkError(digest, "the prefetch finished without bringing it")
+            return
+        both: list[asyncio.Future[Any]] = [cache.arrival(digest), arriving]
+        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+
+
+def _prepare_dir(dest: Path) -> None:
+    if dest.is_symlink():
+        raise FileExistsError(f"{dest} is a symlink")
+    dest.mkdir(parents=True, exist_ok=True)
+    if any(dest.iterdir()):
+        raise FileExistsError(f"{dest} is not empty; materialize writes a fresh image dir")
+
+
+def _mkparents(target: Path) -> None:
+    # Only directories we create ourselves: check_manifest refused '..' and absolute paths, and
+    # the dest dir started empty, so nothing here can be a planted symlink.
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _try_link(src: Path, target: Path) -> bool:
+    _mkparents(target)
+    try:
+        os.link(src, target)
+    except OSError as e:
+        if e.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+            return False  # another filesystem (e.g. tmpfs image dir): copy instead
+        raise
+    return True
+
+
+def _create(target: Path, f: FileEntry) -> int:
+    _mkparents(target)
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        os.ftruncate(fd, f.size)  # sparse: zero chunks cost nothing
+        os.fchmod(fd, f.mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

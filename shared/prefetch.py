@@ -1,0 +1,180 @@
+"""Prefetch: bring a manifest's chunks from the store into the host cache, in parallel, verified,
+with progress reports. A second prefetch of the same checkpoint joins the running one.
+
+Cancelling the last waiter cancels the download; the cache never holds a partial chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from snapscale.shared.cache import HostCache
+from snapscale.shared.manifest import Manifest
+from snapscale.shared.store import ChunkError, ChunkStore, run_bounded
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 0.1
+
+
+@dataclass(frozen=True)
+class PrefetchProgress:
+    checkpoint_id: str
+    chunks_total: int
+    chunks_done: int
+    bytes_total: int
+    bytes_done: int  # fetched plus found in the cache
+    bytes_fetched: int
+    cache_hits: int
+    elapsed_s: float
+
+    @property
+    def throughput_bps(self) -> float:
+        return self.bytes_done / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class PrefetchReport:
+    checkpoint_id: str
+    chunks: int
+    bytes_total: int  # distinct non-zero chunk bytes
+    bytes_fetched: int
+    chunks_fetched: int
+    cache_hits: int
+    hit_bytes: int
+    refetched: int  # chunks that arrived corrupt and were fetched again
+    corrupt_hits: int  # cached chunks found corrupt, dropped and fetched
+    duration_s: float
+    joined: bool = False  # this caller joined a prefetch already running
+
+    @property
+    def throughput_bps(self) -> float:
+        return self.bytes_total / self.duration_s if self.duration_s > 0 else 0.0
+
+
+ProgressCb = Callable[[PrefetchProgress], None]
+
+
+@dataclass
+class _Job:
+    task: asyncio.Task[PrefetchReport]
+    callbacks: list[ProgressCb] = field(default_factory=list)
+    waiters: int = 0
+
+
+class Prefetcher:
+    """One per host: shares the store's connections and the cache among concurrent prefetches."""
+
+    def __init__(
+        self, store: ChunkStore, cache: HostCache, *, concurrency: int = 16, verify_hits: bool = True
+    ) -> None:
+        self.store = store
+        self.cache = cache
+        self.concurrency = concurrency
+        self.verify_hits = verify_hits
+        self._jobs: dict[str, _Job] = {}
+
+    def running(self) -> list[str]:
+        return list(self._jobs)
+
+    async def prefetch(self, manifest: Manifest, progress_cb: ProgressCb | None = None) -> PrefetchReport:
+        """All of `manifest`'s chunks verified in the cache, or `ChunkError`/`StoreError`/`CacheFullError`."""
+        key = f"{manifest.deployment}/{manifest.checkpoint_id}"
+        job = self._jobs.get(key)
+        joined = job is not None
+        if job is None:
+            job = _Job(asyncio.create_task(self._run(manifest, key), name=f"prefetch {key}"))
+            self._jobs[key] = job
+            job.task.add_done_callback(lambda _t: self._jobs.pop(key, None))
+        if progress_cb is not None:
+            job.callbacks.append(progress_cb)
+        job.waiters += 1
+        try:
+            report = await asyncio.shield(job.task)
+        except asyncio.CancelledError:
+            job.waiters -= 1
+            if job.waiters == 0 and not job.task.done():
+                job.task.cancel()
+                # Wait for the download to wind down so the cache is settled when we return.
+                await asyncio.wait([job.task])
+            raise
+        finally:
+            if progress_cb is not None and progress_cb in job.callbacks:
+                job.callbacks.remove(progress_cb)
+        job.waiters -= 1
+        return replace(report, joined=True) if joined else report
+
+    async def _run(self, m: Manifest, key: str) -> PrefetchReport:
+        sizes = m.chunk_sizes()
+
+        def job_cbs() -> list[ProgressCb]:
+            job = self._jobs.get(key)
+            return job.callbacks if job is not None else []
+
+        t0 = time.monotonic()
+        st = {"done": 0, "bytes_done": 0, "fetched": 0, "chunks_fetched": 0, "hits": 0, "hit_bytes": 0,
+              "refetched": 0, "corrupt_hits": 0}  # fmt: skip
+        last_emit = 0.0
+
+        def emit(force: bool = False) -> None:
+            nonlocal last_emit
+            now = time.monotonic()
+            if not force and now - last_emit < PROGRESS_EVERY_S:
+                return
+            last_emit = now
+            p = PrefetchProgress(
+                m.checkpoint_id, len(sizes), st["done"], sum(sizes.values()), st["bytes_done"],
+                st["fetched"], st["hits"], now - t0,
+            )  # fmt: skip
+            for cb in list(job_cbs()):
+                try:
+                    cb(p)
+                except Exception:
+                    log.exception("prefetch progress callback failed")
+
+        async def one(d: str) -> None:
+            size = sizes[d]
+            if self.cache.use(d):
+                if not self.verify_hits or await self.cache.verify(d):
+                    st["hits"] += 1
+                    st["hit_bytes"] += size
+                    st["done"] += 1
+                    st["bytes_done"] += size
+                    emit()
+                    return
+                st["corrupt_hits"] += 1
+            for attempt in (1, 2):
+                data = await self.store.get_chunk(d)
+                try:
+                    await self.cache.insert(d, data)
+                    break
+                except ChunkError:
+                    if attempt == 2:
+                        raise ChunkError(d, "corrupt in the store: it hashed wrong twice") from None
+                    st["refetched"] += 1
+                    log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
+            st["fetched"] += size
+            st["chunks_fetched"] += 1
+            st["done"] += 1
+            st["bytes_done"] += size
+            emit()
+
+        # Digests in file order, so a materialize that runs alongside finds early files first.
+        order = list(dict.fromkeys(c for f in m.files for c in f.chunks if c in sizes))
+        with self.cache.pinned(order):
+            await run_bounded(order, one, self.concurrency)
+        emit(force=True)
+        dur = time.monotonic() - t0
+        report = PrefetchReport(
+            m.checkpoint_id, len(sizes), sum(sizes.values()), st["fetched"], st["chunks_fetched"], st["hits"],
+            st["hit_bytes"], st["refetched"], st["corrupt_hits"], dur,
+        )  # fmt: skip
+        log.info(
+            "prefetched %s: %d chunks, %d bytes fetched, %d hits, %.2fs, %.0f MB/s",
+            key, report.chunks, report.bytes_fetched, report.cache_hits, dur, report.throughput_bps / 1e6,
+        )  # fmt: skip
+        return report

@@ -1,0 +1,264 @@
+"""Prefetch and materialize on both stores: a real CRIU image comes back byte for byte; corrupt
+chunks are refetched once then reported; concurrent prefetches join; a cancelled or killed
+prefetch leaves no partial chunk in the cache."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import hashlib
+import itertools
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+from faultproxy import FaultProxy
+from storefix import KEY, image_dir, proxied_store, proxy, store
+
+from snapscale.shared.cache import HostCache
+from snapscale.shared.checkpoint import fetch_manifest, upload_image
+from snapscale.shared.manifest import Manifest
+from snapscale.shared.materialize import materialize
+from snapscale.shared.prefetch import Prefetcher, PrefetchProgress
+from snapscale.shared.store import ChunkError, ChunkStore
+from snapscale.shared.store_s3 import S3Store
+
+__all__ = ["image_dir", "proxied_store", "proxy", "store"]  # fixtures
+
+CB = 1 << 20
+
+
+async def uploaded(st: ChunkStore, images: Path, cid: str = "c1") -> tuple[Manifest, str]:
+    _m, key, _r = await upload_image(
+        st, images, deployment="demo", checkpoint_id=cid, compat={}, compat_hash="h", signing_key=KEY,
+        chunk_bytes=CB,
+    )  # fmt: skip
+    return await fetch_manifest(st, key, KEY), key
+
+
+def same_tree(a: Path, b: Path) -> None:
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for n in names:
+        assert filecmp.cmp(a / n, b / n, shallow=False), n
+        assert (a / n).stat().st_mode == (b / n).stat().st_mode, n
+
+
+def cache_is_clean(cache: HostCache) -> None:
+    """No temp file; every chunk file hashes to its name; the index matches the directory."""
+    assert list((cache.root / "tmp").iterdir()) == []
+    on_disk = {p.name: p for p in (cache.root / "chunks").iterdir()}
+    for name, p in on_disk.items():
+        assert hashlib.sha256(p.read_bytes()).hexdigest() == name
+    assert set(on_disk) == set(cache.digests())
+
+
+def count_gets(st: ChunkStore) -> dict[str, int]:
+    """Count get_chunk calls on the real store (instance attribute; remove with `del`)."""
+    counts: dict[str, int] = {}
+    orig = st.get_chunk
+
+    async def counting(d: str) -> bytes:
+        counts[d] = counts.get(d, 0) + 1
+        return await orig(d)
+
+    st.get_chunk = counting  # type: ignore[method-assign]
+    return counts
+
+
+@pytest.mark.criu
+async def test_real_image_round_trip(store: ChunkStore, image_dir: Path, tmp_path: Path) -> None:
+    m, _ = await uploaded(store, image_dir)
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(store, cache, concurrency=8)
+    seen: list[PrefetchProgress] = []
+    rep = await pf.prefetch(m, seen.append)
+    assert rep.bytes_fetched == m.unique_bytes == rep.bytes_total and rep.cache_hits == 0
+    assert (
+        seen[-1].chunks_done == seen[-1].chunks_total == rep.chunks and seen[-1].bytes_done == m.unique_bytes
+    )
+    assert all(a.bytes_done <= b.bytes_done for a, b in itertools.pairwise(seen))
+
+    out = tmp_path / "restore"  # same filesystem as the cache: single-chunk files are hard links
+    mr = await materialize(cache, m, out)
+    same_tree(image_dir, out)
+    assert mr.linked_files > 0 and mr.bytes_total == m.total_bytes
+    assert mr.zero_bytes == m.zero_bytes
+    with pytest.raises(FileExistsError, match="not empty"):
+        await materialize(cache, m, out)
+
+    shm = Path("/dev/shm") / f"snapscale-test-{os.getpid()}-{id(store)}"
+    try:
+        mr2 = await materialize(cache, m, shm)  # tmpfs: copies across filesystems
+        same_tree(image_dir, shm)
+        assert mr2.linked_files == 0
+    finally:
+        await asyncio.to_thread(shutil.rmtree, shm, True)
+
+    again = await pf.prefetch(m)
+    assert again.cache_hits == again.chunks and again.bytes_fetched == 0
+    cache_is_clean(cache)
+
+
+@pytest.mark.criu
+async def test_materialize_while_chunks_arrive(
+    proxied_store: S3Store, proxy: FaultProxy, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(proxied_store, image_dir)
+    proxy.first_byte_s = 0.01
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(proxied_store, cache, concurrency=4)
+    task = asyncio.create_task(pf.prefetch(m))
+    await materialize(cache, m, tmp_path / "out", arriving=task)
+    await task
+    same_tree(image_dir, tmp_path / "out")
+
+
+@pytest.mark.criu
+async def test_corrupt_chunk_in_store_is_refetched_once_then_reported(
+    store: ChunkStore, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(store, image_dir)
+    bad = sorted(m.digests())[0]
+    await store.put_chunk(bad, b"bit rot" * 100)
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    counts = count_gets(store)
+    try:
+        with pytest.raises(ChunkError, match="hashed wrong twice") as ei:
+            await Prefetcher(store, cache).prefetch(m)
+    finally:
+        del store.get_chunk  # type: ignore[method-assign]
+    assert ei.value.digest == bad and counts[bad] == 2
+    assert bad not in cache
+    cache_is_clean(cache)
+    with pytest.raises(ChunkError, match="not in the host cache"):
+        await materialize(cache, m, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # a failed materialize leaves nothing half-made
+
+
+@pytest.mark.criu
+async def test_chunk_corrupted_in_flight_is_refetched(
+    proxied_store: S3Store, proxy: FaultProxy, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(proxied_store, image_dir)
+    proxy.corrupt_next(1, method="GET")
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    rep = await Prefetcher(proxied_store, cache).prefetch(m)
+    assert rep.refetched == 1 and rep.bytes_fetched == m.unique_bytes
+    cache_is_clean(cache)
+
+
+@pytest.mark.criu
+async def test_corrupt_cached_chunk_is_dropped_and_refetched(
+    store: ChunkStore, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(store, image_dir)
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(store, cache)
+    await pf.prefetch(m)
+    victim = sorted(m.digests())[-1]
+    p = cache.path(victim)
+    data = bytearray(p.read_bytes())
+    data[0] ^= 1
+    p.write_bytes(bytes(data))
+    rep = await pf.prefetch(m)
+    assert rep.corrupt_hits == 1 and rep.chunks_fetched == 1
+    assert rep.bytes_fetched == m.chunk_sizes()[victim]
+    cache_is_clean(cache)
+
+
+@pytest.mark.criu
+async def test_second_prefetch_joins_the_first(
+    proxied_store: S3Store, proxy: FaultProxy, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(proxied_store, image_dir)
+    proxy.first_byte_s = 0.02
+    gets_before = proxy.stats.by_method.get("GET", 0)
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(proxied_store, cache, concurrency=4)
+    a, b = await asyncio.gather(pf.prefetch(m), pf.prefetch(m))
+    assert proxy.stats.by_method["GET"] - gets_before == len(m.digests())
+    assert not a.joined and b.joined and a.bytes_fetched == b.bytes_fetched == m.unique_bytes
+    assert pf.running() == []
+
+
+@pytest.mark.criu
+async def test_cancelled_prefetch_leaves_no_partial_chunk(
+    proxied_store: S3Store, proxy: FaultProxy, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(proxied_store, image_dir)
+    proxy.first_byte_s = 0.01
+    proxy.bytes_per_s = 8e6  # ~0.13 s a chunk a connection: a prefetch of seconds
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(proxied_store, cache, concurrency=4)
+    started = asyncio.Event()
+
+    def progress(p: PrefetchProgress) -> None:
+        if p.chunks_done >= 2:
+            started.set()
+
+    first = asyncio.create_task(pf.prefetch(m, progress))
+    joiner = asyncio.create_task(pf.prefetch(m))
+    await asyncio.wait_for(started.wait(), 20)
+    joiner.cancel()  # one of two waiters leaves: the download goes on
+    with pytest.raises(asyncio.CancelledError):
+        await joiner
+    assert pf.running() == ["demo/c1"]
+    first.cancel()  # the last waiter leaves: the download stops
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert pf.running() == []
+    assert 0 < len(cache) < len(m.digests())
+    cache_is_clean(cache)
+    # What did arrive is usable: a new prefetch fetches only the rest.
+    proxy.bytes_per_s = None
+    rep = await pf.prefetch(m)
+    assert rep.cache_hits > 0 and rep.cache_hits + rep.chunks_fetched == rep.chunks
+
+
+KILLED_CHILD = r"""
+import asyncio, sys
+from dataclasses import replace
+from pathlib import Path
+from snapscale.shared.cache import HostCache
+from snapscale.shared.checkpoint import fetch_manifest
+from snapscale.shared.prefetch import Prefetcher
+from snapscale.shared.settings import StoreSettings
+from snapscale.shared.store import open_store
+
+async def main():
+    url, endpoint, key, cache_dir = sys.argv[1:5]
+    async with open_store(StoreSettings(url, endpoint_url=endpoint, max_concurrency=4)) as st:
+        m = await fetch_manifest(st, key, b"test-signing-key")
+        def progress(p):
+            print(p.chunks_done, flush=True)
+        await Prefetcher(st, HostCache(Path(cache_dir), 1 << 30), concurrency=4).prefetch(m, progress)
+asyncio.run(main())
+"""
+
+
+@pytest.mark.criu
+async def test_killed_prefetch_process_leaves_no_partial_chunk(
+    proxied_store: S3Store, proxy: FaultProxy, image_dir: Path, tmp_path: Path
+) -> None:
+    m, key = await uploaded(proxied_store, image_dir)
+    proxy.bytes_per_s = 8e6
+    url = f"s3://{proxied_store.bucket}/{proxied_store.prefix}"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", KILLED_CHILD, url, proxy.url, key, str(tmp_path / "cache"),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert child.stdout is not None
+    while True:
+        line = await asyncio.wait_for(child.stdout.readline(), 30)
+        assert line, "the child ended before it made progress"
+        if int(line) >= 2:
+            break
+    child.send_signal(signal.SIGKILL)
+    await child.wait()
+    cache = HostCache(tmp_path / "cache", 1 << 30)  # the restarted agent
+    assert 0 < len(cache) < len(m.digests())
+    cache_is_clean(cache)
