@@ -60,6 +60,8 @@ class DemoOptions:
     step_timeout_s: float = 300.0
     freeze_timeout_s: float = 300.0
     resume: bool = False  # also play suspend -> resume
+    ask_path: str = "/generate"  # what the demo GETs from each ready replica (the sample's answer)
+    warm_cache_s: float = 30.0  # how long to wait at zero for the scaler's prefetch into the host cache
     host: str = HOST
 
 
@@ -76,6 +78,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--concurrency", type=float, default=1.0, help="requests in flight during traffic")
     p.add_argument("--step-timeout-s", type=float, default=300.0, help="limit for each step")
     p.add_argument("--resume", action="store_true", help="also suspend the replica and resume it")
+    p.add_argument("--ask", default="/generate", help="path to GET from each ready replica")
+    p.add_argument("--warm-cache-s", type=float, default=30.0, help="wait at zero for the cache prefetch")
     p.set_defaults(func=_run)
 
 
@@ -90,6 +94,8 @@ def _run(args: argparse.Namespace) -> int:
         step_timeout_s=args.step_timeout_s,
         freeze_timeout_s=args.step_timeout_s,
         resume=args.resume,
+        ask_path=args.ask,
+        warm_cache_s=args.warm_cache_s,
     )
     runtime.setup_logging(os.environ.get("SNAPSCALE_LOG_LEVEL", "WARNING"))
     return run_demo(opts)
@@ -98,6 +104,8 @@ def _run(args: argparse.Namespace) -> int:
 def run_demo(opts: DemoOptions) -> int:
     if os.geteuid() != 0:
         raise ConfigError("snapscale demo needs root: sandboxes get their own network namespaces and CRIU")
+    # A work dir the user named is theirs to keep; a temp dir goes unless asked to stay.
+    keep = opts.keep or opts.work_dir is not None
     work = opts.work_dir or Path(tempfile.mkdtemp(prefix="snapscale-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     procs = ProcessSet(work / "logs")
@@ -112,7 +120,7 @@ def run_demo(opts: DemoOptions) -> int:
         killed, nets = reap_sandboxes(work)
         if killed:
             out.say(f"stopped {len(killed)} sandbox processes left running, removed netns {', '.join(nets)}")
-        if opts.keep or rc != 0:
+        if keep or rc != 0:
             out.say(f"logs and state kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
@@ -228,15 +236,17 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -
     b = await bus.open_bus(settings, "snapscale-demo")
     state = DemoState(deployment=d.name)
     state.begin_step("starting services", time.time())
-    hosts: set[str] = set()
     try:
-        await follow(b, state, hosts, out)
-        await _until(lambda: opts.host in hosts, 60, "the restorer's first heartbeat", procs, out, state)
+        await follow(b, state, out)
+        await _until(
+            lambda: opts.host in state.hosts, 60, "the restorer's first heartbeat", procs, out, state
+        )
         await b.kv[Bucket.DEPLOYMENTS].put(d.name, d.to_json())
         out.say(f"deployed {d.name} from {spec_path} (spec hash {d.spec_hash()[:12]}), host {opts.host} up")
 
-        traffic = Traffic(b, d.name, opts.concurrency, d.ready.http_path or "/")
-        traffic_task = runtime.guard(traffic.run(), "demo traffic")
+        traffic = Traffic(b, d.name, opts.concurrency)
+        traffic_task = asyncio.create_task(traffic.run(), name="demo traffic")
+        traffic_task.add_done_callback(_log_crash)
         try:
             await _scale_up(state, traffic, STEP_COLD, opts, procs, out)
             await _until(lambda: state.frozen() is not None or _freeze_failed(state), opts.freeze_timeout_s,
@@ -244,6 +254,7 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -
             if state.frozen() is None:
                 raise DemoError(f"the freeze failed: {state.checkpoints[-1].reason}")
             await _scale_down(state, traffic, STEP_QUIET, opts, procs, out, lambda: not state.live())
+            await _warm_cache(state, opts, procs, out)
             await _scale_up(state, traffic, STEP_RESTORE, opts, procs, out)
             if opts.resume:
                 await b.kv[Bucket.DEPLOYMENTS].put(
@@ -259,9 +270,16 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -
             with contextlib.suppress(asyncio.CancelledError):
                 await traffic_task
     finally:
+        # The bus logs its own disconnect as a warning; closing on purpose is not one.
+        logging.getLogger("snapscale.shared.bus").setLevel(logging.ERROR)
         await b.close()
         telemetry.shutdown()
     return state
+
+
+def _log_crash(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s crashed: %r", task.get_name(), task.exception())
 
 
 def _freeze_failed(state: DemoState) -> bool:
@@ -280,12 +298,39 @@ async def _scale_up(
         failed = [s for s in state.scale_ups if s.step == step and s.failed]
         raise DemoError(f"{step}: replica {failed[0].replica} failed: {failed[0].failed}")
     up = ups[0]
-    answer = await asyncio.to_thread(_ask, up.endpoint, traffic.ask_path)
-    tier = up.tier.value if up.tier else "?"
-    out.say(
-        f"{step}: {up.replica} ready by {tier} in {up.time_to_ready_s or 0:.2f}s at {up.endpoint}: {answer}"
+    up.answer = await asyncio.to_thread(_ask, up.endpoint, opts.ask_path)
+    first = next((s.answer for s in state.scale_ups if s.answer), up.answer)
+    same = (
+        " (the same answer as the first replica)"
+        if up is not state.scale_ups[0] and up.answer == first
+        else ""
     )
+    tier = up.tier.value if up.tier else "?"
+    out.say(f"{step}: {up.replica} ready by {tier} in {up.time_to_ready_s or 0:.2f}s at {up.endpoint}")
+    out.say(f"  GET {opts.ask_path}: {_short(up.answer)}{same}")
     return up
+
+
+def _short(answer: str, n: int = 100) -> str:
+    return answer if len(answer) <= n else answer[: n - 3] + "..."
+
+
+async def _warm_cache(state: DemoState, opts: DemoOptions, procs: ProcessSet, out: Console) -> None:
+    """At zero the scaler asks hosts to prefetch the checkpoint; give it a moment, as idle time
+    between bursts would in production, so the next scale-up can restore from the host cache."""
+    ck = state.frozen()
+    if ck is None or ck.checkpoint_id is None or opts.warm_cache_s <= 0:
+        return
+    cid = ck.checkpoint_id
+    try:
+        await _until(
+            lambda: state.cached_on(opts.host, cid), opts.warm_cache_s, "prefetch", procs, out, state
+        )
+        out.say(f"checkpoint {cid} is in {opts.host}'s cache")
+    except DemoError as e:
+        if procs.dead():
+            raise
+        out.say(f"no prefetch into the host cache yet ({e}); the restore will fetch from the store")
 
 
 def _failed_in_step(state: DemoState, step: str) -> bool:
@@ -308,13 +353,12 @@ async def _scale_down(
 
 
 def _ask(endpoint: str, path: str) -> str:
-    """One GET to the replica, to show it serves; the answer's first line, shortened."""
+    """One GET to the replica, to show it serves: its answer (one line), or why there is none."""
     if not endpoint:
         return "(no endpoint)"
     try:
-        with urllib.request.urlopen(f"http://{endpoint}{path}", timeout=10) as r:
-            body = r.read(300).decode(errors="replace").strip().splitlines()
-            return f"HTTP {r.status} {body[0][:80] if body else ''}"
+        with urllib.request.urlopen(f"http://{endpoint}{path}", timeout=30) as r:
+            return " ".join(r.read(4096).decode(errors="replace").split())
     except Exception as e:  # showing the answer is a courtesy: the ready event already said ready
         return f"no answer ({e})"
 

@@ -31,7 +31,7 @@ tracer = telemetry.tracer("snapscale.demo")
 TRAFFIC_EVERY_S = 0.5
 
 
-async def follow(b: bus.Bus, state: DemoState, hosts: set[str], out: Console) -> None:
+async def follow(b: bus.Bus, state: DemoState, out: Console) -> None:
     """Replica and checkpoint events (JetStream, from the start) and host heartbeats into `state`."""
 
     async def on_replica(m: Msg) -> None:
@@ -52,7 +52,7 @@ async def follow(b: bus.Bus, state: DemoState, hosts: set[str], out: Console) ->
 
     async def on_host(m: Msg) -> None:
         with contextlib.suppress(MessageError):
-            hosts.add(decode_message(m.data, HostHeartbeat).host)
+            state.apply_host(decode_message(m.data, HostHeartbeat))
 
     await b.js.subscribe(b.subjects.evt_replica(state.deployment), cb=on_replica, ordered_consumer=True)
     await b.js.subscribe(b.subjects.evt_checkpoint(state.deployment), cb=on_checkpoint, ordered_consumer=True)
@@ -62,10 +62,9 @@ async def follow(b: bus.Bus, state: DemoState, hosts: set[str], out: Console) ->
 class Traffic:
     """Traffic events as a gateway would send them, every half second while `on`."""
 
-    def __init__(self, b: bus.Bus, deployment: str, concurrency: float, ask_path: str = "/") -> None:
+    def __init__(self, b: bus.Bus, deployment: str, concurrency: float) -> None:
         self.bus = b
         self.deployment = deployment
-        self.ask_path = ask_path  # what the demo GETs from a ready replica to show it answers
         self.concurrency = concurrency
         self.on = False
         self.sent = 0

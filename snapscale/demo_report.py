@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapscale.shared.messages import CheckpointEvent, ReplicaEvent, ReplicaState, Tier
+from snapscale.shared.messages import CheckpointEvent, HostHeartbeat, ReplicaEvent, ReplicaState, Tier
 
 _COMING_UP = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.RESUMING)
 _GONE = (ReplicaState.STOPPED, ReplicaState.SUSPENDED, ReplicaState.FAILED)
@@ -30,6 +30,7 @@ class ScaleUp:
     endpoint: str = ""
     states: list[str] = field(default_factory=list)
     failed: str = ""
+    answer: str = ""  # what the replica answered the demo's request, once ready
 
     @property
     def time_to_ready_s(self) -> float | None:
@@ -50,6 +51,7 @@ class ScaleUp:
             "endpoint": self.endpoint,
             "states": list(self.states),
             "failed": self.failed,
+            "answer": self.answer,
         }
 
 
@@ -63,6 +65,7 @@ class DemoState:
     replicas: dict[str, ReplicaState] = field(default_factory=dict)
     scale_ups: list[ScaleUp] = field(default_factory=list)
     checkpoints: list[CheckpointEvent] = field(default_factory=list)
+    hosts: dict[str, HostHeartbeat] = field(default_factory=dict)
 
     def begin_step(self, step: str, now: float) -> None:
         self.step = step
@@ -99,6 +102,14 @@ class DemoState:
     def apply_checkpoint(self, ev: CheckpointEvent) -> None:
         if ev.deployment == self.deployment:
             self.checkpoints.append(ev)
+
+    def apply_host(self, hb: HostHeartbeat) -> None:
+        self.hosts[hb.host] = hb
+
+    def cached_on(self, host: str, checkpoint_id: str) -> bool:
+        """The host's last heartbeat lists the checkpoint as fully in its cache."""
+        hb = self.hosts.get(host)
+        return hb is not None and checkpoint_id in hb.cached_checkpoints
 
     def _open(self, replica: str) -> ScaleUp | None:
         for s in reversed(self.scale_ups):

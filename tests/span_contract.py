@@ -15,18 +15,22 @@ FALLBACK_ATTR = "fallback.reason"
 
 # The scaler's span per decision that sent commands; the scale-up trace continues it.
 DECISION_SPAN = "scale_decision"
+# What `snapscale demo` wraps each traffic event it publishes in (a gateway would do the same).
+TRAFFIC_SPAN = "traffic"
 
 # Phases of a restore, in order; a cold boot's phases.
 RESTORE_PHASES = ("lookup", "prefetch", "materialize", "criu_restore", "cuda_restore", "hook", "ready_probe")
 COLD_PHASES = ("launch", "ready_probe")
 PHASE_SPANS = tuple(dict.fromkeys(RESTORE_PHASES + COLD_PHASES))
+# The phases every restore of a CPU sandbox without hooks shows (no CUDA, no hook).
+RESTORE_TRACE_PHASES = ("lookup", "prefetch", "materialize", "criu_restore")
 
 # Attributes on the prefetch span.
 PREFETCH_BYTES_ATTR = "prefetch.bytes"
 PREFETCH_CACHE_HITS_ATTR = "prefetch.cache_hits"
 PREFETCH_CACHED_BYTES_ATTR = "prefetch.cached_bytes"
 
-SPAN_NAMES = frozenset({SCALE_UP_SPAN, DECISION_SPAN, *PHASE_SPANS})
+SPAN_NAMES = frozenset({SCALE_UP_SPAN, DECISION_SPAN, TRAFFIC_SPAN, *PHASE_SPANS})
 ATTRIBUTES = frozenset(
     {
         TIER_ATTR,

@@ -157,3 +157,14 @@ def test_cli_registers_demo() -> None:
     args = build_parser().parse_args(["demo", "--json", "out.json", "--resume", "--grace-s", "3"])
     assert isinstance(args, argparse.Namespace)
     assert args.func is demo._run and args.json_path == Path("out.json") and args.resume and args.grace_s == 3
+
+
+def test_heartbeats_say_what_a_host_has_cached() -> None:
+    from snapscale.shared.messages import HostHeartbeat
+
+    st = DemoState(deployment=DEP)
+    assert not st.cached_on("demo-host", "c1")
+    st.apply_host(HostHeartbeat(host="demo-host", ts=1.0, compat_hash="k", cached_checkpoints=[]))
+    assert not st.cached_on("demo-host", "c1")
+    st.apply_host(HostHeartbeat(host="demo-host", ts=2.0, compat_hash="k", cached_checkpoints=["c1"]))
+    assert st.cached_on("demo-host", "c1") and not st.cached_on("other", "c1")

@@ -1,0 +1,159 @@
+"""The whole `snapscale demo` on real parts: nats-server, the three services, CRIU and the CPU
+sample sandbox. It must print the table with a restore faster than the cold boot, leave no
+process or network namespace behind, and export one trace per scale-up that links the traffic,
+the scaler's decision, the restore phases and ready (checked on a loopback OTLP receiver).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import span_contract as sc
+from otlp_receiver import OtlpReceiver, ReceivedSpan, ancestors
+
+from snapscale.cli import build_parser
+from snapscale.demo_procs import holders
+from snapscale.shared.criu import CriuBinary
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "examples" / "sample_cpu.toml"
+DEMO_TIMEOUT_S = 540
+
+
+def _services_missing() -> list[str]:
+    commands = {
+        c for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction) for c in a.choices
+    }
+    missing = [c for c in ("scaler", "restorer", "freezer") if c not in commands]
+    if not SAMPLE.exists():
+        missing.append(str(SAMPLE.relative_to(ROOT)))
+    return missing
+
+
+def _mentions(path: Path) -> list[int]:
+    """PIDs whose command line or environment names `path`: what the demo started and left."""
+    needle = str(path).encode()
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            if needle in (p / "cmdline").read_bytes() or needle in (p / "environ").read_bytes():
+                out.append(int(p.name))
+        except OSError:
+            continue
+    return out
+
+
+def _empty_netns() -> set[str]:
+    d = Path("/run/netns")
+    return {p.name for p in d.iterdir()} if d.exists() else set()
+
+
+def _descendants(trace: list[ReceivedSpan], root: ReceivedSpan) -> list[ReceivedSpan]:
+    return [s for s in trace if root in ancestors(trace, s)]
+
+
+@pytest.fixture(scope="module")
+def demo_run(criu: CriuBinary, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    missing = _services_missing()
+    if missing:
+        pytest.skip(f"the demo needs what has not landed yet: {', '.join(missing)}")
+    tmp = tmp_path_factory.mktemp("demo")
+    out_json = tmp / "demo.json"
+    netns_before = _empty_netns()
+    with OtlpReceiver() as r:
+        env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=r.endpoint, SNAPSCALE_CRIU=criu.path)
+        env.pop("SNAPSCALE_STORE", None)
+        proc = subprocess.run(
+            [sys.executable, "-m", "snapscale", "demo", "--json", str(out_json), "--grace-s", "4",
+             "--step-timeout-s", "240"],
+            env=env, capture_output=True, text=True, timeout=DEMO_TIMEOUT_S, check=False,
+        )  # fmt: skip
+        data = orjson.loads(out_json.read_bytes()) if out_json.exists() else {}
+        n = len(data.get("scale_ups", []))
+        r.wait_for(lambda r: len(r.named(sc.SCALE_UP_SPAN)) >= n, timeout_s=10)
+        traces = r.traces()
+    return {
+        "proc": proc,
+        "data": data,
+        "work": Path(data.get("work_dir", tmp / "unknown")),
+        "traces": traces,
+        "netns_before": netns_before,
+    }
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_demo_prints_cold_boot_then_a_faster_restore(demo_run: dict[str, Any]) -> None:
+    proc = demo_run["proc"]
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout}\n{proc.stderr}"
+    data = demo_run["data"]
+    ups = data["scale_ups"]
+    assert [u["tier"] for u in ups][:1] == ["cold"]
+    assert ups[1]["tier"] in ("restore", "restore-cached"), ups
+    assert ups[1]["checkpoint_id"] == data["checkpoint"]["checkpoint_id"]
+    cold_s, restore_s = ups[0]["time_to_ready_s"], ups[1]["time_to_ready_s"]
+    assert 0 < restore_s < cold_s
+    assert data["cold_restore_ratio"] == pytest.approx(cold_s / restore_s, rel=1e-3)
+    out = proc.stdout
+    assert "cold boot / restore:" in out
+    table = [ln for ln in out.splitlines() if ln.startswith(("1 ", "2 "))]
+    assert "cold" in table[0] and ("restore" in table[1]), out
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_demo_leaves_nothing_behind(demo_run: dict[str, Any]) -> None:
+    work: Path = demo_run["work"]
+    assert demo_run["proc"].returncode == 0, demo_run["proc"].stdout
+    assert holders(work) == []
+    assert _mentions(work) == []
+    assert not work.exists(), "the work dir is removed after a successful run"
+    appeared = _empty_netns() - demo_run["netns_before"]
+    assert not appeared, f"network namespaces left behind: {appeared}"
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_one_trace_per_scale_up_from_traffic_to_ready(demo_run: dict[str, Any]) -> None:
+    assert demo_run["proc"].returncode == 0, demo_run["proc"].stdout
+    traces: dict[str, list[ReceivedSpan]] = demo_run["traces"]
+    for up in demo_run["data"]["scale_ups"]:
+        roots = [
+            (tid, s)
+            for tid, t in traces.items()
+            for s in t
+            if s.name == sc.SCALE_UP_SPAN and s.attributes.get(sc.REPLICA_ATTR) == up["replica"]
+        ]
+        assert len(roots) == 1, f"one scale_up span for {up['replica']}, got {len(roots)}"
+        tid, root = roots[0]
+        trace = traces[tid]
+        assert root.attributes.get(sc.TIER_ATTR) == up["tier"]
+        # traffic -> decision -> (command) -> scale_up, in one trace
+        above = ancestors(trace, root)
+        decision = [s for s in above if s.name == sc.DECISION_SPAN]
+        assert decision, f"no {sc.DECISION_SPAN} above scale_up: {[s.name for s in above]}"
+        traffic_ids = {
+            (s.trace_id, s.span_id) for t in traces.values() for s in t if s.name == sc.TRAFFIC_SPAN
+        }
+        linked = any(s.name == sc.TRAFFIC_SPAN for s in above) or bool(set(decision[0].links) & traffic_ids)
+        assert linked, "the decision must continue or link the traffic event that caused it"
+        phases = {s.name for s in _descendants(trace, root)}
+        want = set(sc.COLD_PHASES) if up["tier"] == "cold" else set(sc.RESTORE_TRACE_PHASES)
+        assert want <= phases, f"{up['tier']} scale-up lacks phases {want - phases}"
+        if up["tier"] == "cold":
+            assert root.attributes.get(sc.FALLBACK_ATTR), "a cold boot says why"
+        else:
+            prefetch = next(s for s in _descendants(trace, root) if s.name == "prefetch")
+            assert sc.PREFETCH_BYTES_ATTR in prefetch.attributes
+            assert sc.PREFETCH_CACHED_BYTES_ATTR in prefetch.attributes
+        # The restorer's part is inside what the demo measured from the first traffic event.
+        assert root.duration_s <= up["time_to_ready_s"] + 1.0
