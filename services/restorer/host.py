@@ -1,0 +1,150 @@
+"""The restorer's in-process state of its host: live replicas, reservations, the open edges
+(bus, store, cache), and how a failure reads to an operator. Owns no loop and starts nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from snapscale.restorer.checkpoints import Checkpoints
+from snapscale.restorer.config import RestorerConfig
+from snapscale.restorer.ledger import Ledger
+from snapscale.restorer.slots import Slots
+from snapscale.shared import bus as busmod
+from snapscale.shared import compat
+from snapscale.shared.bus import Bus
+from snapscale.shared.criu import CriuBinary
+from snapscale.shared.errors import ConfigError, SnapscaleError
+from snapscale.shared.messages import ReplicaState, ReplicaSummary, Tier
+from snapscale.shared.registry import SandboxRegistry
+from snapscale.shared.sandbox import Sandbox
+from snapscale.shared.settings import Settings
+from snapscale.shared.spec import DeploymentSpec
+from snapscale.shared.subjects import Bucket
+
+log = logging.getLogger(__name__)
+COMPAT_TTL_S = 30.0
+
+
+@dataclass
+class Live:
+    """A sandbox this restorer runs (ready) or keeps (suspended)."""
+
+    spec: DeploymentSpec
+    sandbox: Sandbox
+    state: ReplicaState
+    tier: Tier | None
+    since: float
+    checkpoint_id: str | None = None
+    rss_bytes: int = 0  # measured when suspended
+
+    def summary(self) -> ReplicaSummary:
+        return ReplicaSummary(
+            deployment=self.spec.name,
+            replica=self.sandbox.replica,
+            state=self.state,
+            gpu_uuids=list(self.sandbox.gpu_uuids),
+            since=self.since,
+            rss_bytes=self.rss_bytes,
+        )
+
+
+@dataclass
+class Host:
+    settings: Settings
+    config: RestorerConfig
+    bus: Bus
+    criu: CriuBinary
+    slots: Slots
+    ledger: Ledger
+    registry: SandboxRegistry
+    checkpoints: Checkpoints
+    live: dict[str, Live] = field(default_factory=dict)
+    # replica -> its scale-up in progress, so a release can cancel it and a duplicate can wait
+    starting: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    compat_cache: dict[str, tuple[float, compat.CompatKey]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.config.host
+
+    @property
+    def work_dir(self) -> Path:
+        return self.config.dirs(self.settings)
+
+    def run_dir(self, replica: str, command_id: str) -> Path:
+        tag = hashlib.sha256(command_id.encode()).hexdigest()[:10]
+        return self.work_dir / "run" / f"{replica}.{tag}"
+
+    def image_dir(self, replica: str, command_id: str) -> Path:
+        return self.work_dir / "images" / self.run_dir(replica, command_id).name
+
+    def suspended_of(self, deployment: str) -> list[str]:
+        """Suspended replicas of `deployment`, the most recently suspended first (warmest pages)."""
+        s = [
+            lv
+            for lv in self.live.values()
+            if lv.spec.name == deployment and lv.state is ReplicaState.SUSPENDED
+        ]
+        return [lv.sandbox.replica for lv in sorted(s, key=lambda lv: -lv.since)]
+
+    def now(self) -> float:
+        return time.time()
+
+
+class DeploymentUnknownError(ConfigError):
+    """The command names a deployment KV `deployments` does not hold."""
+
+
+async def load_spec(b: Bus, deployment: str) -> DeploymentSpec:
+    got = await busmod.kv_get(b.kv[Bucket.DEPLOYMENTS], deployment)
+    if got is None:
+        raise DeploymentUnknownError(f"deployment {deployment!r} is not deployed (no spec in KV deployments)")
+    return DeploymentSpec.from_json(got[0])
+
+
+def host_compat(h: Host, spec: DeploymentSpec) -> tuple[str, dict[str, str]]:
+    """This host's compatibility key for `spec` (hash, fields); it fingerprints files, so it is
+    kept a short while per spec."""
+    now = time.monotonic()
+    cached = h.compat_cache.get(spec.spec_hash())
+    if cached is not None and now - cached[0] < COMPAT_TTL_S:
+        return cached[1].hash(), cached[1].as_dict()
+    key = compat.host_key(spec, criu=h.criu, gpu_count=spec.gpus)
+    h.compat_cache[spec.spec_hash()] = (now, key)
+    return key.hash(), key.as_dict()
+
+
+def host_part(h: Host) -> compat.CompatKey:
+    """The key's host fields alone (no deployment's runtime or spec): what the heartbeat carries."""
+    gpus = compat.read_gpus()
+    return compat.CompatKey(
+        gpu_model=gpus.model,
+        gpu_count=str(gpus.count),
+        driver_version=gpus.driver,
+        cuda_driver_version=compat.cuda_driver_version() if gpus.count else "none",
+        criu_version=h.criu.version,
+        kernel_release=platform.release(),
+        runtime_fingerprint="",
+        spec_hash="",
+    )
+
+
+def describe(e: BaseException) -> str:
+    """One line an operator can act on, for a failure anywhere in a scale-up."""
+    from snapscale.shared.engine_errors import EngineError
+
+    if isinstance(e, EngineError):
+        return f"{e.step}: {e.reason}"
+    name = type(e).__name__
+    if isinstance(e, TimeoutError):
+        return f"timed out ({e})" if str(e) else "timed out"
+    if isinstance(e, SnapscaleError):
+        return f"{name}: {e}"
+    return f"{name}: {e}" if str(e) else name

@@ -1,0 +1,108 @@
+"""Restart safety: take back what a previous run of the restorer left on this host.
+
+Live sandboxes in the registry are re-adopted (probed ready, or kept suspended); dead ones and
+restores a crash cut short are reaped and reported failed. Nothing here serves commands.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+from snapscale.restorer import events, inventory
+from snapscale.restorer.cleanup import reap
+from snapscale.restorer.host import Host, Live, describe, load_spec
+from snapscale.restorer.slots import Grant
+from snapscale.shared import engine, sandbox
+from snapscale.shared.errors import ConfigError
+from snapscale.shared.messages import ReplicaEvent, ReplicaState
+
+log = logging.getLogger(__name__)
+
+
+async def adopt(h: Host) -> None:
+    """Take back the sandboxes a previous run left: live ones are re-adopted, dead ones cleaned up
+    and reported failed; restores a crash cut short are reaped and reported failed."""
+    adopted: set[str] = set()
+    for sb in h.registry.all():
+        reason = await _adopt_one(h, sb)
+        if reason is None:
+            adopted.add(sb.replica)
+            continue
+        log.warning("replica %s not re-adopted: %s", sb.replica, reason)
+        with contextlib.suppress(Exception):
+            await engine.stop(sb)
+        h.registry.remove(sb.replica)
+        if sb.run_dir:
+            await reap(Path(sb.run_dir))
+        await _report_failed(h, sb.deployment, sb.replica, reason)
+    for e in h.ledger.unfinished():
+        if e.verb != "restore":
+            h.ledger.finish(e.id, ok=False, outcome="interrupted by a restart")
+            continue
+        if e.replica in adopted:
+            h.ledger.finish(e.id, ok=True, outcome="re-adopted after a restart")
+            continue
+        await reap(Path(e.run_dir))
+        reason = "the restorer restarted mid-restore; what it had started was cleaned up"
+        await _report_failed(h, e.deployment, e.replica, reason, command_id=e.id)
+        h.ledger.finish(e.id, ok=False, outcome=f"failed: {reason}")
+
+
+async def _adopt_one(h: Host, sb: sandbox.Sandbox) -> str | None:
+    """None when `sb` is back under this restorer; else why not."""
+    if not sandbox.is_running(sb):
+        return "the sandbox died while the restorer was down"
+    try:
+        spec = await load_spec(h.bus, sb.deployment)
+    except ConfigError as e:
+        return str(e)
+    last, _rev = await events.current(h.bus, sb.deployment, sb.replica)
+    suspended = last is not None and last.state is ReplicaState.SUSPENDED
+    tier = last.tier if last is not None else None
+    if suspended:
+        h.live[sb.replica] = Live(spec, sb, ReplicaState.SUSPENDED, tier, last.ts if last else h.now(),
+                                  sb.checkpoint_id, inventory.tree_rss_bytes(sb.pid))  # fmt: skip
+        return None
+    try:
+        await engine.wait_ready(sb, spec.ready, cwd=spec.cwd, timeout_s=h.config.adopt_ready_timeout_s)
+    except Exception as e:
+        return f"re-adoption probe failed: {describe(e)}"
+    h.slots.adopt(Grant(sb.replica, tuple(sb.gpu_uuids), cpu_slot=not sb.gpu_uuids))
+    lv = Live(spec, sb, ReplicaState.READY, tier, h.now(), sb.checkpoint_id)
+    h.live[sb.replica] = lv
+    await events.record(
+        h.bus,
+        ReplicaEvent(
+            deployment=sb.deployment,
+            replica=sb.replica,
+            host=h.name,
+            state=ReplicaState.READY,
+            ts=h.now(),
+            command_id=last.command_id if last else None,
+            tier=tier,
+            reason="re-adopted after a restorer restart",
+            endpoint=sb.endpoint,
+            checkpoint_id=sb.checkpoint_id,
+            gpu_uuids=list(sb.gpu_uuids),
+        ),
+    )
+    return None
+
+
+async def _report_failed(
+    h: Host, deployment: str, replica: str, reason: str, command_id: str | None = None
+) -> None:
+    await events.record(
+        h.bus,
+        ReplicaEvent(
+            deployment=deployment,
+            replica=replica,
+            host=h.name,
+            state=ReplicaState.FAILED,
+            ts=h.now(),
+            command_id=command_id,
+            reason=reason,
+        ),
+    )
