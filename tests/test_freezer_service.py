@@ -1,0 +1,237 @@
+"""The freezer service on real parts: nats-server, moto's S3 server, CRIU 4.2.1, and the engine's
+CPU sample sandbox launched with the engine API and recorded in the registry as the restorer would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from snapscale.freezer.ledger import Ledger
+from snapscale.freezer.service import Options, serve
+from snapscale.shared import bus, catalog, engine, telemetry
+from snapscale.shared.checkpoint import fetch_manifest, verify_checkpoint
+from snapscale.shared.criu import CriuBinary
+from snapscale.shared.messages import CheckpointEvent, FreezeCommand
+from snapscale.shared.registry import SandboxRegistry
+from snapscale.shared.sandbox import Sandbox
+from snapscale.shared.settings import Settings
+from snapscale.shared.spec import DeploymentSpec, HooksSpec, ReadySpec
+from snapscale.shared.store import open_store
+from snapscale.shared.subjects import Bucket, Verb
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = Options(ack_wait_s=3.0, claim_ttl_s=30.0, drain_s=60.0)
+
+
+@pytest.fixture(scope="session")
+def spans() -> InMemorySpanExporter:
+    """Every span this test process ends, whoever installed the tracer provider first."""
+    exp = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.add_span_processor(SimpleSpanProcessor(exp))
+    else:
+        telemetry.setup("snapscale-tests", None, exporter=exp)
+    return exp
+
+
+def sample_spec(
+    name: str, tmp: Path, *, preset: str = "tiny", hooks: HooksSpec | None = None
+) -> DeploymentSpec:
+    return DeploymentSpec(
+        name=name,
+        command=[
+            sys.executable,
+            "-m",
+            "examples.sample_server.server",
+            "--preset",
+            preset,
+            "--port",
+            "8000",
+            "--kv-mib",
+            "8",
+            "--weights",
+            str(tmp / "weights.pt"),
+            "--tag",
+            f"freezer-test-{name}",
+        ],
+        cwd=str(ROOT),
+        hooks=hooks
+        or HooksSpec(
+            before_freeze="/hooks/before_freeze", after_restore="/hooks/after_restore", timeout_s=20.0
+        ),
+        ready=ReadySpec(http_path="/healthz", timeout_s=120.0),
+    )
+
+
+async def put_spec(b: bus.Bus, spec: DeploymentSpec) -> None:
+    await b.kv[Bucket.DEPLOYMENTS].put(spec.name, spec.to_json())
+
+
+@contextlib.asynccontextmanager
+async def running_sandbox(
+    settings: Settings, spec: DeploymentSpec, replica: str, *also: Settings
+) -> AsyncIterator[Sandbox]:
+    """Cold-boot the sample with the engine and record it in the registry (of every host given)."""
+    sb = await engine.launch(spec, replica, gpu_uuids=[], run_dir=settings.state_dir / "run" / replica)
+    try:
+        await engine.wait_ready(sb, spec.ready, cwd=spec.cwd)
+        for s in (settings, *also):
+            SandboxRegistry(s.state_dir).put(sb)
+        yield sb
+    finally:
+        await engine.stop(sb)
+
+
+@contextlib.asynccontextmanager
+async def running_freezer(
+    settings: Settings, criu: CriuBinary, opts: Options = FAST
+) -> AsyncIterator[asyncio.Task[None]]:
+    stop, started = asyncio.Event(), asyncio.Event()
+    task = asyncio.create_task(serve(settings, opts, stop=stop, criu=criu, started=started))
+    await asyncio.wait({task, asyncio.create_task(started.wait())}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raise what stopped it
+    try:
+        yield task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+@contextlib.asynccontextmanager
+async def checkpoint_events(b: bus.Bus, deployment: str) -> AsyncIterator[asyncio.Queue[CheckpointEvent]]:
+    q: asyncio.Queue[CheckpointEvent] = asyncio.Queue()
+
+    async def on(ev: CheckpointEvent, _m: Msg) -> None:
+        await q.put(ev)
+
+    sub, _ = await bus.subscribe_core(b, b.subjects.evt_checkpoint(deployment), CheckpointEvent, on)
+    try:
+        yield q
+    finally:
+        await sub.unsubscribe()  # type: ignore[attr-defined]
+
+
+def answer(sb: Sandbox) -> dict[str, Any]:
+    with urllib.request.urlopen(f"http://{sb.endpoint}/generate", timeout=10) as r:
+        body: dict[str, Any] = json.loads(r.read())
+    return body
+
+
+def freeze_cmd(
+    spec: DeploymentSpec, replica: str, *, force: bool = False, keep_running: bool = True
+) -> FreezeCommand:
+    return FreezeCommand(
+        id=f"c-{uuid.uuid4().hex[:12]}", deployment=spec.name, replica=replica, issued_at=time.time(),
+        force=force, keep_running=keep_running,
+    )  # fmt: skip
+
+
+async def send(b: bus.Bus, host: str, cmd: FreezeCommand | bytes, *, dedup: bool = True) -> None:
+    subject = b.subjects.cmd(Verb.FREEZE, host)
+    if isinstance(cmd, bytes):
+        await b.js.publish(subject, cmd)
+    else:
+        await bus.publish(b, subject, cmd, msg_id=cmd.id if dedup else None)
+
+
+async def next_event(q: asyncio.Queue[CheckpointEvent], timeout_s: float = 120.0) -> CheckpointEvent:
+    return await asyncio.wait_for(q.get(), timeout_s)
+
+
+def spans_of(exp: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
+    return [s for s in exp.get_finished_spans() if s.context is not None and s.context.trace_id == trace_id]
+
+
+@pytest.mark.criu
+async def test_freeze_command_makes_a_checkpoint_and_a_redelivery_does_nothing_new(
+    s3_settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    settings = s3_settings
+    spec = sample_spec("sample", tmp_path)
+    await put_spec(the_bus, spec)
+    async with (
+        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+        running_freezer(settings, criu),
+        checkpoint_events(the_bus, spec.name) as events,
+    ):
+        before = answer(sb)
+        cmd = freeze_cmd(spec, sb.replica)
+        tracer = telemetry.tracer("test")
+        with tracer.start_as_current_span("operator") as root:
+            await send(the_bus, settings.host_id, cmd)
+        ev = await next_event(events)
+
+        assert ev.ok and not ev.skipped, ev.reason
+        assert ev.command_id == cmd.id and ev.replica == sb.replica and ev.host == settings.host_id
+        assert ev.checkpoint_id and ev.compat_hash and ev.compat["criu_version"] == criu.version
+        assert ev.sizes["total"] > 0 and 0 < ev.sizes["new"] <= ev.sizes["unique"] <= ev.sizes["total"]
+        for phase in (
+            "criu_dump",
+            "before_freeze",
+            "after_restore",
+            "chunk_s",
+            "upload_s",
+            "catalog_s",
+            "total_s",
+        ):
+            assert phase in ev.timings_s, (phase, ev.timings_s)
+
+        # the catalog entry points at a signed manifest whose every chunk is in S3
+        found = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
+        assert found is not None
+        entry, rev = found
+        assert entry.checkpoint_id == ev.checkpoint_id and entry.host == settings.host_id
+        async with open_store(settings.store) as store:
+            manifest = await fetch_manifest(store, entry.manifest_key, settings.signing_key)
+            assert manifest.checkpoint_id == ev.checkpoint_id and manifest.total_bytes == ev.sizes["total"]
+            report = await verify_checkpoint(store, manifest, deep=True)
+            assert report.ok and report.chunks > 0, report
+            manifests = await store.list_manifests(spec.name)
+        assert len(manifests) == 1
+
+        # still serving, same answer; the staging dir is gone and the claim released
+        assert answer(sb) == before
+        assert list(Ledger(settings.state_dir).staging_root.iterdir()) == []
+        assert await bus.kv_get(the_bus.kv[Bucket.LEASES], f"freeze.{spec.name}.{ev.compat_hash}") is None
+
+        # one trace, continuing the command's, with a span per phase
+        names = {s.name for s in spans_of(spans, root.get_span_context().trace_id)}
+        for n in (
+            "freeze",
+            "engine.before_freeze",
+            "engine.criu_dump",
+            "chunk_hash",
+            "upload",
+            "manifest",
+            "catalog",
+        ):
+            assert n in names, (n, names)
+        upload = next(s for s in spans_of(spans, root.get_span_context().trace_id) if s.name == "upload")
+        assert upload.attributes is not None and upload.attributes["upload.new_bytes"] == ev.sizes["new"]
+
+        # the same command again (a redelivery: same id, past the publish dedup): nothing new
+        await send(the_bus, settings.host_id, cmd, dedup=False)
+        again = await next_event(events)
+        assert again == ev
+        assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) == (entry, rev)
+        async with open_store(settings.store) as store:
+            assert len(await store.list_manifests(spec.name)) == 1
+        assert answer(sb) == before
