@@ -12,6 +12,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,13 @@ from snapscale.freezer.service import Options, serve
 from snapscale.shared import bus, catalog, engine, telemetry
 from snapscale.shared.checkpoint import fetch_manifest, verify_checkpoint
 from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import CheckpointEvent, FreezeCommand
+from snapscale.shared.messages import (
+    CheckpointEvent,
+    FreezeCommand,
+    ReplicaEvent,
+    ReplicaState,
+    encode_message,
+)
 from snapscale.shared.registry import SandboxRegistry
 from snapscale.shared.sandbox import Sandbox
 from snapscale.shared.settings import Settings
@@ -234,4 +241,138 @@ async def test_freeze_command_makes_a_checkpoint_and_a_redelivery_does_nothing_n
         assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) == (entry, rev)
         async with open_store(settings.store) as store:
             assert len(await store.list_manifests(spec.name)) == 1
+        assert answer(sb) == before
+
+
+async def test_malformed_commands_are_terminated_and_the_consumer_keeps_going(
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, caplog: pytest.LogCaptureFixture
+) -> None:
+    host = settings.host_id
+    async with running_freezer(settings, criu), checkpoint_events(the_bus, "ghost") as events:
+        await send(the_bus, host, b"{not json")
+        await send(
+            the_bus, host, b'{"v": 1, "type": "freeze", "id": "m1", "deployment": "ghost", "issued_at": 1}'
+        )
+        await send(the_bus, host, b'{"v": 1, "type": "freeze", "id": "m2", "deployment": "ghost", '
+                   b'"replica": "r1", "issued_at": "yesterday"}')  # fmt: skip
+        await send(the_bus, host, freeze_cmd(replace_name("ghost"), "nobody"))
+        await send(the_bus, host, freeze_cmd(replace_name("ghost"), "../../etc"))
+        first, second = await next_event(events, 30), await next_event(events, 30)
+
+    assert not first.ok and first.reason == "no sandbox for replica nobody on host host-a"
+    assert not second.ok and "must match" in second.reason
+    for expected in ("<body>: not JSON", "freeze.replica: missing", "freeze.issued_at: expected a number"):
+        assert expected in caplog.text, caplog.text
+    info = await the_bus.js.consumer_info(
+        the_bus.subjects.cmd_stream, the_bus.subjects.durable("freezer", Verb.FREEZE, host)
+    )
+    assert info.num_pending == 0 and info.num_ack_pending == 0 and info.num_redelivered == 0
+
+
+def replace_name(name: str) -> DeploymentSpec:
+    return DeploymentSpec(name=name, command=["true"])
+
+
+@pytest.mark.criu
+async def test_failed_freeze_is_reported_with_the_step_and_the_sandbox_keeps_serving(
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    spec = sample_spec("failing", tmp_path, preset="none", hooks=HooksSpec(before_freeze="/hooks/fail"))
+    await put_spec(the_bus, spec)
+    async with (
+        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+        running_freezer(settings, criu),
+        checkpoint_events(the_bus, spec.name) as events,
+    ):
+        before = answer(sb)
+        await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
+        ev = await next_event(events)
+        assert not ev.ok and not ev.skipped
+        assert ev.reason.startswith("before_freeze: POST /hooks/fail answered 500"), ev.reason
+        assert answer(sb) == before
+        assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
+        # the claim is given back, so the next cold boot's auto-freeze may try again
+        assert await bus.kv_get(the_bus.kv[Bucket.LEASES], f"freeze.{spec.name}.{ev.compat_hash}") is None
+        assert list(Ledger(settings.state_dir).staging_root.iterdir()) == []
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """The environment a freezer (or operator) subprocess reads its Settings from."""
+    import os
+
+    env = dict(os.environ)
+    env.update(
+        SNAPSCALE_NATS_URL=settings.nats_url,
+        SNAPSCALE_NAMESPACE=settings.namespace,
+        SNAPSCALE_STORE=settings.store.url,
+        SNAPSCALE_SIGNING_KEY=settings.signing_key.decode(),
+        SNAPSCALE_STATE_DIR=str(settings.state_dir),
+        SNAPSCALE_CACHE_DIR=str(settings.cache_dir),
+        SNAPSCALE_HOST_ID=settings.host_id,
+    )
+    if settings.store.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = settings.store.endpoint_url
+    return env
+
+
+@pytest.mark.criu
+async def test_two_freezers_race_for_an_auto_freeze_and_one_wins(
+    s3_settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    a = s3_settings
+    b = replace(a, host_id="host-b", state_dir=tmp_path / "state-b")
+    spec = sample_spec("raced", tmp_path)
+    await put_spec(the_bus, spec)
+    # one process registered on both hosts: were the claim broken, two CRIU dumps would collide
+    async with (
+        running_sandbox(a, spec, f"r-{uuid.uuid4().hex[:6]}", b) as sb,
+        running_freezer(a, criu),
+        running_freezer(b, criu),
+        checkpoint_events(the_bus, spec.name) as events,
+    ):
+        before = answer(sb)
+        await asyncio.gather(
+            send(the_bus, a.host_id, freeze_cmd(spec, sb.replica)),
+            send(the_bus, b.host_id, freeze_cmd(spec, sb.replica)),
+        )
+        evs = [await next_event(events), await next_event(events)]
+        assert all(e.ok for e in evs), [e.reason for e in evs]
+        won = [e for e in evs if not e.skipped]
+        lost = [e for e in evs if e.skipped]
+        assert len(won) == 1 and len(lost) == 1, evs
+        w = won[0]
+        assert w.checkpoint_id and (
+            "is freezing this key" in lost[0].reason or w.checkpoint_id in lost[0].reason
+        )
+        entry = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, w.compat_hash)
+        assert entry is not None and entry[0].checkpoint_id == w.checkpoint_id and entry[0].host == w.host
+
+        # later auto-freezes skip: the key has its checkpoint
+        await send(the_bus, lost[0].host, freeze_cmd(spec, sb.replica))
+        late = await next_event(events)
+        assert late.ok and late.skipped and f"catalog already has checkpoint {w.checkpoint_id}" in late.reason
+
+        # the operator's verb always freezes (replica and host from KV 'replicas'); the old id is kept
+        ready = ReplicaEvent(deployment=spec.name, replica=sb.replica, host=lost[0].host,
+                             state=ReplicaState.READY, ts=time.time())  # fmt: skip
+        await the_bus.kv[Bucket.REPLICAS].put(f"{spec.name}.{sb.replica}", encode_message(ready))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "snapscale", "freeze", spec.name, "--timeout-s", "120",
+            env=env_for(a), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 150)
+        assert proc.returncode == 0, err.decode()
+        forced = await next_event(events)
+        assert forced.ok and not forced.skipped and forced.host == lost[0].host
+        assert forced.checkpoint_id and forced.checkpoint_id > w.checkpoint_id
+        text = out.decode()
+        assert (
+            f"checkpoint {forced.checkpoint_id} of {spec.name}" in text
+            and "total" in text
+            and "criu_dump" in text
+        )
+        assert forced.sizes["new"] < forced.sizes["unique"]  # the second image shares chunks with the first
+        entry2 = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, w.compat_hash)
+        assert entry2 is not None
+        assert entry2[0].checkpoint_id == forced.checkpoint_id and entry2[0].previous_id == w.checkpoint_id
         assert answer(sb) == before
