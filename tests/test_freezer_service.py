@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import sys
 import time
 import urllib.request
@@ -298,8 +299,6 @@ async def test_failed_freeze_is_reported_with_the_step_and_the_sandbox_keeps_ser
 
 def env_for(settings: Settings) -> dict[str, str]:
     """The environment a freezer (or operator) subprocess reads its Settings from."""
-    import os
-
     env = dict(os.environ)
     env.update(
         SNAPSCALE_NATS_URL=settings.nats_url,
@@ -376,3 +375,87 @@ async def test_two_freezers_race_for_an_auto_freeze_and_one_wins(
         assert entry2 is not None
         assert entry2[0].checkpoint_id == forced.checkpoint_id and entry2[0].previous_id == w.checkpoint_id
         assert answer(sb) == before
+
+
+async def start_freezer_process(
+    settings: Settings, log_path: Path, **extra_env: str
+) -> asyncio.subprocess.Process:
+    env = dict(env_for(settings), **extra_env)
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "snapscale", "freezer", "--host", settings.host_id, "--ack-wait-s", "2",
+        env=env, stdout=asyncio.subprocess.DEVNULL, stderr=open(log_path, "ab"),  # noqa: ASYNC230
+    )  # fmt: skip
+
+
+def is_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
+async def chunks_and_manifests(settings: Settings, deployment: str) -> tuple[int, int, int]:
+    """(chunks, their bytes, manifests of `deployment`) in the store."""
+    async with open_store(settings.store) as store:
+        chunks = [c async for c in store.list_chunks()]
+        return len(chunks), sum(c.size for c in chunks), len(await store.list_manifests(deployment))
+
+
+@pytest.mark.criu
+async def test_freezer_killed_mid_upload_resumes_after_restart_with_no_half_catalog_entry(
+    s3_settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    settings = s3_settings
+    spec = sample_spec("killed", tmp_path)
+    await put_spec(the_bus, spec)
+    log_path = tmp_path / "freezer.log"
+    async with (
+        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+        checkpoint_events(the_bus, spec.name) as events,
+    ):
+        before = answer(sb)
+        cmd = freeze_cmd(spec, sb.replica)
+        # a store throttled to 3 requests/s makes the upload take ~20 s: time enough to kill it mid-way
+        first = await start_freezer_process(settings, log_path, SNAPSCALE_STORE_RPS="3")
+        try:
+            await send(the_bus, settings.host_id, cmd)
+            ledger = Ledger(settings.state_dir)
+            deadline = time.monotonic() + 90
+            while True:
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                attempt = ledger.attempt(cmd.id)
+                if attempt is not None and attempt.phase.value == "dumped":
+                    chunks, _, _ = await chunks_and_manifests(settings, spec.name)
+                    if chunks >= 3:
+                        break
+                await asyncio.sleep(0.1)
+        finally:
+            first.kill()
+            await first.wait()
+
+        # killed mid-upload: some chunks, no manifest, no catalog entry; the complete image kept to resume
+        chunks, present_bytes, manifests = await chunks_and_manifests(settings, spec.name)
+        attempt = Ledger(settings.state_dir).attempt(cmd.id)
+        assert attempt is not None and attempt.phase.value == "dumped"
+        assert chunks >= 3 and manifests == 0
+        assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, attempt.compat_hash) is None
+        assert is_dir(attempt.staging_dir)
+        assert events.empty()
+
+        second = await start_freezer_process(settings, log_path)
+        try:
+            ev = await next_event(events, 90)  # the command comes back after its ack wait
+            assert ev.ok and not ev.skipped, ev.reason
+            assert (
+                ev.command_id == cmd.id and ev.checkpoint_id == attempt.checkpoint_id
+            )  # resumed, not refrozen
+            # what the killed run put up is reused: only the rest is new
+            assert ev.sizes["new"] == ev.sizes["unique"] - present_bytes > 0
+            found = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
+            assert found is not None and found[0].checkpoint_id == ev.checkpoint_id
+            async with open_store(settings.store) as store:
+                manifest = await fetch_manifest(store, found[0].manifest_key, settings.signing_key)
+                assert (await verify_checkpoint(store, manifest, deep=True)).ok
+            assert not is_dir(attempt.staging_dir)
+            assert answer(sb) == before
+        finally:
+            second.terminate()  # SIGTERM drains and exits cleanly
+            rc = await asyncio.wait_for(second.wait(), 30)
+        assert rc == 0, log_path.read_text()[-3000:]
