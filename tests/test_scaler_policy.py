@@ -188,3 +188,15 @@ def test_window_drops_old_buckets_exactly() -> None:
     stable, panic = w.averages()
     assert stable == pytest.approx(3.0 / 10)
     assert panic == pytest.approx(3.0 / 2)
+
+
+def test_a_second_just_begun_is_not_zero_load() -> None:
+    """Deciding right after a bucket boundary, before the new second's first sample, holds steady."""
+    spec = replace(BASE, stable_window_s=2.0, panic_window_s=1.0)
+    w = Window(spec, 0.0)
+    got = []
+    for k in range(1, 60):
+        t = k * 0.1 + 0.05
+        w.record(t, 3.0, arrivals=1)
+        got.append(decide(w, spec, 3, t + 0.06).desired)  # x.95 + 0.06: a new second, no sample yet
+    assert set(got) == {3}

@@ -146,7 +146,10 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> Decision:
     `panic_threshold` x current and ends a stable window after it was last met; in panic the
     count never drops. Going to zero also needs `scale_to_zero_after_s` without traffic.
     """
-    w.advance(now)
+    # Windows end at the newest bucket that can hold samples: `now`'s own bucket once a sample
+    # fell into it, else the one before, so a second that has only just begun reads as no data
+    # rather than as zero concurrency (which would flap a steady load down and up again).
+    w.advance(now - BUCKET_S)
     stable_avg, panic_avg = w.averages()
     per_replica = spec.target_concurrency * spec.utilization
     want_stable = math.ceil(stable_avg / per_replica - 1e-9) if stable_avg > 0 else 0

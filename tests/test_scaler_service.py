@@ -1,0 +1,323 @@
+"""The scaler service on a real nats-server, with the test playing restorer hosts over NATS:
+heartbeats out, restore/release/freeze/prefetch commands in, replica and checkpoint events out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nats.aio.msg import Msg
+
+from snapscale.scaler.actions import ScalerConfig
+from snapscale.scaler.service import Scaler
+from snapscale.shared import bus, catalog
+from snapscale.shared.bus import Bus
+from snapscale.shared.catalog import CatalogEntry
+from snapscale.shared.messages import (
+    CheckpointEvent,
+    FreezeCommand,
+    GpuInfo,
+    HostHeartbeat,
+    PrefetchCommand,
+    ReleaseCommand,
+    ReleaseMode,
+    ReplicaEvent,
+    ReplicaState,
+    ReplicaSummary,
+    RestoreCommand,
+    Tier,
+    TrafficEvent,
+    encode_message,
+)
+from snapscale.shared.settings import Settings
+from snapscale.shared.spec import DeploymentSpec, ScalingSpec
+from snapscale.shared.subjects import Bucket, Verb
+
+FAST = ScalingSpec(
+    target_concurrency=1.0,
+    utilization=1.0,
+    stable_window_s=2.0,
+    panic_window_s=1.0,
+    scale_to_zero_after_s=1.0,
+    max_replicas=4,
+    ready_timeout_s=30.0,
+    release_mode="stop",
+)
+SPEC = DeploymentSpec(name="llm", command=["serve"], gpus=1, scaling=FAST)
+CFG = ScalerConfig(tick_s=0.1, lease_s=1.0, freeze_timeout_s=10.0)
+
+
+@dataclass
+class FakeHost:
+    """A restorer as the scaler sees it on the wire. `ready_after_s=None` never gets ready."""
+
+    settings: Settings
+    name: str
+    gpus: int = 2
+    ready_after_s: float | None = 0.05
+    compat_hash: str = "k1"
+    beating: bool = True
+    live: dict[str, ReplicaSummary] = field(default_factory=dict)
+    cached: list[str] = field(default_factory=list)
+    got: list[object] = field(default_factory=list)
+    tiers: list[Tier] = field(default_factory=list)
+    _bus: Bus | None = None
+
+    @property
+    def b(self) -> Bus:
+        assert self._bus is not None
+        return self._bus
+
+    def heartbeat(self) -> HostHeartbeat:
+        busy = {u for r in self.live.values() if r.state is not ReplicaState.SUSPENDED for u in r.gpu_uuids}
+        gpus = [
+            GpuInfo(i, f"{self.name}-g{i}", "H100", 80 << 30, free=f"{self.name}-g{i}" not in busy)
+            for i in range(self.gpus)
+        ]
+        return HostHeartbeat(
+            host=self.name,
+            ts=time.time(),
+            compat_hash=self.compat_hash,
+            gpus=gpus,
+            cached_checkpoints=list(self.cached),
+            cached_bytes={c: 1 << 20 for c in self.cached},
+            replicas=list(self.live.values()),
+            interval_s=0.2,
+        )
+
+    async def record(self, ev: ReplicaEvent) -> None:
+        """What the restorer does: KV record first (compare-and-set), then the event."""
+        kv = self.b.kv[Bucket.REPLICAS]
+        key = f"{ev.deployment}.{ev.replica}"
+        got = await bus.kv_get(kv, key)
+        await bus.kv_cas(kv, key, encode_message(ev), got[1] if got else None)
+        await bus.publish(self.b, self.b.subjects.evt_replica(ev.deployment), ev)
+
+    async def on_restore(self, c: RestoreCommand, _m: Msg) -> None:
+        self.got.append(c)
+        tier = Tier.RESTORE_CACHED if self.cached else Tier.COLD
+        self.live[c.replica] = ReplicaSummary(c.deployment, c.replica, ReplicaState.RESTORING, c.gpu_uuids)
+        if self.ready_after_s is None:
+            return
+        await self.record(
+            ReplicaEvent(c.deployment, c.replica, self.name, ReplicaState.RESTORING, time.time(), c.id, tier)
+        )
+        await asyncio.sleep(self.ready_after_s)
+        self.live[c.replica] = replace(self.live[c.replica], state=ReplicaState.READY)
+        self.tiers.append(tier)
+        await self.record(
+            ReplicaEvent(
+                c.deployment, c.replica, self.name, ReplicaState.READY, time.time(), c.id, tier,
+                gpu_uuids=c.gpu_uuids,
+            )
+        )  # fmt: skip
+
+    async def on_release(self, c: ReleaseCommand, _m: Msg) -> None:
+        self.got.append(c)
+        self.live.pop(c.replica, None)
+        state = ReplicaState.SUSPENDED if c.mode is ReleaseMode.SUSPEND else ReplicaState.STOPPED
+        await self.record(ReplicaEvent(c.deployment, c.replica, self.name, state, time.time(), c.id))
+
+    async def on_freeze(self, c: FreezeCommand, _m: Msg) -> None:
+        self.got.append(c)
+        ckpt = f"ck-{c.deployment}-1"
+        entry = CatalogEntry(
+            c.deployment, self.compat_hash, ckpt, f"manifests/{ckpt}.json", time.time(), self.name
+        )
+        await catalog.publish_entry(self.b.kv[Bucket.CHECKPOINTS], entry)
+        self.cached.append(ckpt)
+        ev = CheckpointEvent(
+            c.deployment, self.name, True, time.time(), c.id, ckpt, c.replica, self.compat_hash
+        )
+        await bus.publish(self.b, self.b.subjects.evt_checkpoint(c.deployment), ev)
+
+    async def on_prefetch(self, c: PrefetchCommand, _m: Msg) -> None:
+        self.got.append(c)
+
+    def commands(self, cls: type) -> list[object]:
+        return [c for c in self.got if isinstance(c, cls)]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self._bus = await bus.open_bus(self.settings, f"fake-{self.name}")
+        try:
+            await self._serve(stop)
+        finally:
+            await self.b.nc.close()  # a drain would wait on the pull subscriptions' open requests
+
+    async def _serve(self, stop: asyncio.Event) -> None:
+        s = self.b.subjects
+        handlers: list[tuple[Verb, type, Callable[..., Awaitable[None]]]] = [
+            (Verb.RESTORE, RestoreCommand, self.on_restore),
+            (Verb.RELEASE, ReleaseCommand, self.on_release),
+            (Verb.FREEZE, FreezeCommand, self.on_freeze),
+            (Verb.PREFETCH, PrefetchCommand, self.on_prefetch),
+        ]
+        tasks = [
+            asyncio.create_task(
+                bus.consume(self.b, s.cmd(v, self.name), s.durable("fake", v, self.name), cls, h, stop=stop)
+            )
+            for v, cls, h in handlers
+        ]
+        while not stop.is_set():
+            if self.beating:
+                await bus.publish_core(self.b, s.evt_host(self.name), self.heartbeat())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.1)
+        await asyncio.gather(*tasks)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    *parts: Callable[[asyncio.Event], Coroutine[Any, Any, None]],
+) -> AsyncIterator[asyncio.Event]:
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(p(stop)) for p in parts]
+    try:
+        yield stop
+    finally:
+        stop.set()
+        _done, late = await asyncio.wait(tasks, timeout=10)
+        for t in late:
+            t.cancel()
+        assert not late, f"did not stop within 10s: {late}"
+
+
+async def eventually(cond: Callable[[], bool], timeout_s: float = 10.0, what: str = "") -> float:
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout_s:
+            raise AssertionError(f"not within {timeout_s}s: {what}")
+        await asyncio.sleep(0.02)
+    return time.monotonic() - t0
+
+
+async def send_traffic(b: Bus, dep: str, seconds: float, concurrency: float = 1.0) -> None:
+    t_end = time.monotonic() + seconds
+    while time.monotonic() < t_end:
+        ev = TrafficEvent(dep, time.time(), arrivals=1, concurrency=concurrency)
+        await bus.publish_core(b, b.subjects.traffic(dep), ev)
+        await asyncio.sleep(0.1)
+
+
+async def deploy(b: Bus, spec: DeploymentSpec) -> None:
+    await b.kv[Bucket.DEPLOYMENTS].put(spec.name, spec.to_json())
+
+
+async def test_zero_to_one_to_zero_and_back_by_restore(the_bus: Bus, settings: Settings) -> None:
+    await deploy(the_bus, SPEC)
+    a, b = FakeHost(settings, "host-a"), FakeHost(settings, "host-b")
+    sc = Scaler(settings, CFG)
+    async with running(a.run, b.run, sc.run):
+        await eventually(lambda: sc.leader and "host-a" in sc.view.hosts and "host-b" in sc.view.hosts)
+        # the first event alone brings a replica up, before any tick could
+        t0 = time.monotonic()
+        await bus.publish_core(
+            the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
+        )
+        await eventually(lambda: len(a.commands(RestoreCommand) + b.commands(RestoreCommand)) == 1)
+        assert time.monotonic() - t0 < 1.0
+        assert sc.counters["activations"] == 1
+        await send_traffic(the_bus, "llm", 1.0)
+        await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [ReplicaState.READY])
+        first = (a if a.commands(RestoreCommand) else b).name
+        host = a if first == "host-a" else b
+        # no traffic: after the grace, a freeze (no checkpoint yet), then the release, then a prefetch
+        await eventually(lambda: bool(host.commands(ReleaseCommand)), 15, "release after the grace")
+        assert len(host.commands(FreezeCommand)) == 1
+        assert host.got.index(host.commands(FreezeCommand)[0]) < host.got.index(
+            host.commands(ReleaseCommand)[0]
+        )
+        other = b if host is a else a
+        await eventually(lambda: bool(other.commands(PrefetchCommand)), 5, "prefetch on the other host")
+        assert not host.commands(PrefetchCommand)  # it holds the checkpoint already
+        await eventually(lambda: sc.view.live_count("llm") == 0 and not host.live)
+        # traffic again: back by restore, on the host whose cache holds the checkpoint
+        await send_traffic(the_bus, "llm", 0.3)
+        await eventually(lambda: len(host.commands(RestoreCommand)) == 2, 5, "restore on the cached host")
+        assert not other.commands(RestoreCommand)
+        await eventually(lambda: host.tiers == [Tier.COLD, Tier.RESTORE_CACHED])
+        assert sc.stats()["traffic.ok"] >= 10
+
+
+async def test_bad_traffic_is_counted_and_dropped(the_bus: Bus, settings: Settings) -> None:
+    await deploy(the_bus, SPEC)
+    a = FakeHost(settings, "host-a")
+    sc = Scaler(settings, CFG)
+    async with running(a.run, sc.run):
+        await eventually(lambda: sc.leader and "host-a" in sc.view.hosts)
+        subj = the_bus.subjects.traffic
+        await the_bus.nc.publish(subj("llm"), b"{not json")
+        await the_bus.nc.publish(subj("llm"), b'{"v": 1, "type": "traffic", "deployment": "llm", "ts": "x"}')
+        await bus.publish_core(the_bus, subj("nope"), TrafficEvent("nope", time.time(), 1, 1.0))
+        await the_bus.nc.flush()
+        await eventually(
+            lambda: sc.stats().get("traffic.malformed") == 2 and sc.stats().get("traffic.unknown") == 1
+        )
+        assert not a.commands(RestoreCommand)
+        # the loop lives on: good traffic still scales
+        await bus.publish_core(the_bus, subj("llm"), TrafficEvent("llm", time.time(), 1, 1.0))
+        await eventually(lambda: len(a.commands(RestoreCommand)) == 1)
+
+
+async def test_not_ready_in_time_and_lost_hosts_are_placed_elsewhere(
+    the_bus: Bus, settings: Settings
+) -> None:
+    await deploy(
+        the_bus, replace(SPEC, scaling=replace(FAST, ready_timeout_s=1.0, scale_to_zero_after_s=30.0))
+    )
+    stuck = FakeHost(settings, "host-a", gpus=4, ready_after_s=None)
+    sc = Scaler(settings, CFG)
+    async with running(stuck.run, sc.run):
+        await eventually(lambda: sc.leader and "host-a" in sc.view.hosts)
+        await bus.publish_core(
+            the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
+        )
+        await eventually(lambda: len(stuck.commands(RestoreCommand)) == 1)
+        good = FakeHost(settings, "host-b", gpus=1)
+        async with running(good.run):
+            # the stuck replica times out, is cleaned up on its host and placed on the other one
+            await eventually(lambda: len(good.commands(RestoreCommand)) == 1, 10, "re-placed on host-b")
+            assert [type(c).__name__ for c in stuck.got] == ["RestoreCommand", "ReleaseCommand"]
+            assert sc.counters["failed"] == 1
+            await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [ReplicaState.READY])
+            # host-b goes silent: its replica is lost and comes back on host-a (no longer avoided later)
+            good.beating = False
+            await eventually(lambda: "host-b" not in sc.view.hosts, 5, "host-b expired")
+            assert sc.counters["failed"] == 2
+
+
+async def test_leader_handover_sends_no_duplicates(the_bus: Bus, settings: Settings) -> None:
+    await deploy(the_bus, SPEC)
+    a = FakeHost(settings, "host-a", gpus=8, ready_after_s=0.5)
+    one, two = Scaler(settings, CFG), Scaler(settings, CFG)
+    stop_one = asyncio.Event()
+    task_one = asyncio.create_task(one.run(stop_one))
+    await eventually(lambda: one.leader, 5, "first scaler leads")
+    async with running(a.run, two.run):
+        await eventually(lambda: two.ready.is_set() and "host-a" in two.view.hosts)
+        assert not two.leader
+        # a burst: three in flight at once, and it goes on; the leader places three replicas
+        feed = asyncio.create_task(send_traffic(the_bus, "llm", 6.0, concurrency=3.0))
+        await eventually(lambda: len(a.commands(RestoreCommand)) == 3, 5)
+        # kill the leader mid-way (its replicas still starting): no clean lease release
+        t_kill = time.monotonic()
+        await one.bus.nc.close()
+        task_one.cancel()
+        with contextlib.suppress(BaseException):
+            await task_one
+        await eventually(lambda: two.leader, 6, "standby takes over")
+        took = time.monotonic() - t_kill
+        assert took < 4 * CFG.lease_s, took
+        await eventually(
+            lambda: sum(1 for t in two.view.of("llm") if t.ev.state is ReplicaState.READY) == 3, 10
+        )
+        await feed
+        restores = [c for c in a.commands(RestoreCommand) if isinstance(c, RestoreCommand)]
+        assert len({c.replica for c in restores}) == 3
+        assert len(restores) == 3, "a re-sent command must be deduplicated by its id"
+        assert two.view.live_count("llm") == 3
