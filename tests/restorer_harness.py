@@ -33,7 +33,7 @@ from snapscale.shared.messages import (
     decode_message,
 )
 from snapscale.shared.settings import Settings
-from snapscale.shared.spec import DeploymentSpec
+from snapscale.shared.spec import DeploymentSpec, ReadySpec
 from snapscale.shared.store import open_store
 from snapscale.shared.subjects import Bucket, Verb
 
@@ -140,7 +140,8 @@ class Harness:
         n = uuid.uuid4().hex[:8]
         sb = await engine.launch(spec, f"src-{n}", gpu_uuids=[], run_dir=self.tmp / f"src-{n}")
         try:
-            await engine.wait_ready(sb, spec.ready)
+            # the sample server's own health URL, whatever the spec probes (a test may probe a file)
+            await engine.wait_ready(sb, ReadySpec(http_path="/healthz", timeout_s=30.0))
             answer = await get(sb.endpoint, "/generate")
             timings = await get(sb.endpoint, "/timings")
             img = self.tmp / f"img-{n}"

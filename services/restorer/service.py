@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.js import JetStreamContext, api
 from opentelemetry import trace
 
 from snapscale.restorer import events, inventory
@@ -131,6 +131,22 @@ class Restorer:
             config=api.ConsumerConfig(ack_wait=h.config.ack_wait_s, max_deliver=5),
         )
         sem = asyncio.Semaphore(h.config.max_inflight)
+        try:
+            await self._fetch_loop(h, verb, sub, cls, handler, sem, stop)
+        finally:
+            with contextlib.suppress(Exception):  # leaves nothing for the connection's drain to wait on
+                await sub.unsubscribe()
+
+    async def _fetch_loop(
+        self,
+        h: Host,
+        verb: Verb,
+        sub: JetStreamContext.PullSubscription,
+        cls: type[M],
+        handler: Callable[[M, Msg], Awaitable[None]],
+        sem: asyncio.Semaphore,
+        stop: asyncio.Event,
+    ) -> None:
         while not stop.is_set():
             await sem.acquire()
             try:
