@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -13,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from engine_helpers import sample_spec
+from engine_helpers import ROOT, sample_spec
 from nats.aio.msg import Msg
 
 from snapscale.restorer.config import RestorerConfig
@@ -214,3 +217,34 @@ async def follow(h: Harness) -> AsyncIterator[None]:
         yield
     finally:
         await sub.unsubscribe()
+
+
+def service_env(settings: Settings, criu: CriuBinary) -> dict[str, str]:
+    """The environment `snapscale restorer` reads its settings from, matching `settings`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSCALE_")}
+    env.update(
+        SNAPSCALE_NATS_URL=settings.nats_url,
+        SNAPSCALE_NAMESPACE=settings.namespace,
+        SNAPSCALE_STORE=settings.store.url,
+        SNAPSCALE_SIGNING_KEY=settings.signing_key.decode(),
+        SNAPSCALE_CACHE_DIR=str(settings.cache_dir),
+        SNAPSCALE_STATE_DIR=str(settings.state_dir),
+        SNAPSCALE_HOST_ID=settings.host_id,
+        SNAPSCALE_CRIU=criu.path,
+        SNAPSCALE_HEARTBEAT_S="0.5",
+    )
+    if settings.store.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = settings.store.endpoint_url
+    return env
+
+
+def spawn(settings: Settings, criu: CriuBinary, log: Path) -> subprocess.Popen[bytes]:
+    """`snapscale restorer` as its own process (so a test can SIGKILL it)."""
+    with open(log, "ab") as f:
+        return subprocess.Popen(
+            [sys.executable, "-m", "snapscale", "restorer", "--host", settings.host_id],
+            env=service_env(settings, criu),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
