@@ -12,10 +12,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from nats.aio.msg import Msg
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from snapscale.scaler.actions import ScalerConfig
 from snapscale.scaler.service import Scaler
-from snapscale.shared import bus, catalog
+from snapscale.shared import bus, catalog, telemetry
 from snapscale.shared.bus import Bus
 from snapscale.shared.catalog import CatalogEntry
 from snapscale.shared.messages import (
@@ -321,3 +325,47 @@ async def test_leader_handover_sends_no_duplicates(the_bus: Bus, settings: Setti
         assert len({c.replica for c in restores}) == 3
         assert len(restores) == 3, "a re-sent command must be deduplicated by its id"
         assert two.view.live_count("llm") == 3
+
+
+def _memory_spans() -> InMemorySpanExporter:
+    """Spans of this process into memory, whether or not another test set a provider up already."""
+    mem = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.add_span_processor(SimpleSpanProcessor(mem))
+    else:
+        telemetry.setup("scaler-test", None, exporter=mem)
+    return mem
+
+
+async def test_decision_span_continues_traffic_and_travels_in_commands(
+    the_bus: Bus, settings: Settings
+) -> None:
+    mem = _memory_spans()
+    await deploy(the_bus, SPEC)
+    a = FakeHost(settings, "host-a")
+    sc = Scaler(settings, CFG)
+    seen: list[dict[str, str]] = []
+
+    async def tap(m: Msg) -> None:
+        seen.append(dict(m.headers or {}))
+
+    sub = await the_bus.nc.subscribe(the_bus.subjects.cmd(Verb.RESTORE, "host-a"), cb=tap)
+    async with running(a.run, sc.run):
+        await eventually(lambda: sc.leader and "host-a" in sc.view.hosts)
+        with telemetry.tracer("gateway").start_as_current_span("traffic") as gw:
+            await bus.publish_core(
+                the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
+            )
+        await eventually(lambda: len(seen) == 1)
+    await sub.unsubscribe()
+    decisions = [s for s in mem.get_finished_spans() if s.name == "scaler.decision"]
+    assert len(decisions) == 1
+    d = decisions[0]
+    assert d.attributes is not None and d.attributes["snapscale.scale.what"] == "activate"
+    assert d.attributes["snapscale.deployment"] == "llm"
+    assert d.context is not None and d.parent is not None
+    # the decision continues the traffic's trace, and the command carries the decision onwards
+    assert d.context.trace_id == gw.get_span_context().trace_id
+    assert d.parent.span_id == gw.get_span_context().span_id
+    assert f"{d.context.span_id:016x}" in seen[0]["traceparent"]

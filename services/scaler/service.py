@@ -131,18 +131,21 @@ class Scaler:
             log.info("scaler %s stopped: %s", self.instance, dict(self.stats()))
 
     async def _close(self, watchers: list[KeyValue.KeyWatcher], subs: list[Any]) -> None:
-        """Unsubscribe first: a drain would wait for watchers nobody reads any more."""
+        """Flush what was published, then close: every handler has stopped already, and a drain
+        would wait on the events consumer's pull subscription, which `bus.consume` keeps."""
         for w in watchers:
             with contextlib.suppress(Exception):
                 await w.stop()  # type: ignore[no-untyped-call]
         for sub in subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        try:
-            await asyncio.wait_for(self.bus.close(), 5.0)
-        except (TimeoutError, Exception) as e:
-            log.warning("scaler %s: NATS drain did not finish (%s); closing", self.instance, e)
-            await self.bus.nc.close()
+        nc = self.bus.nc
+        if not nc.is_closed:
+            try:
+                await nc.flush(timeout=2)
+            except Exception as e:
+                log.warning("scaler %s: flush on stop failed (%s)", self.instance, e)
+            await nc.close()
 
     async def _lease_loop(self, stop: asyncio.Event) -> None:
         assert self._lease is not None
