@@ -1,0 +1,120 @@
+"""The restorer's trace of a scale-up continues the command's trace context and carries the
+span names and attributes the dashboard reads (tests/span_contract.py); time-to-ready is a
+histogram by tier."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import span_contract as sc
+from engine_helpers import kill_tagged
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from restorer_harness import Harness, follow, running
+
+from snapscale.shared import bus, telemetry
+from snapscale.shared.criu import CriuBinary
+from snapscale.shared.messages import ReplicaState, Tier
+from snapscale.shared.settings import Settings
+
+pytestmark = pytest.mark.criu
+
+
+@pytest.fixture(scope="session")
+def spans() -> InMemorySpanExporter:
+    """Every span this test process ends, whoever installed the tracer provider first."""
+    exp = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.add_span_processor(SimpleSpanProcessor(exp))
+    else:
+        telemetry.setup("snapscale-tests", None, exporter=exp)
+    return exp
+
+
+@pytest.fixture(scope="session")
+def reader() -> InMemoryMetricReader:
+    r = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[r]))
+    assert metrics.get_meter_provider().__class__ is MeterProvider, "a meter provider was installed before"
+    return r
+
+
+@pytest.fixture
+async def h(
+    s3_settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> AsyncIterator[Harness]:
+    tag = f"rtel-{uuid.uuid4().hex[:10]}"
+    harness = Harness(s3_settings, the_bus, criu, tag, tmp_path)
+    async for _ in follow(harness):
+        yield harness
+    kill_tagged(tag)
+
+
+def of_trace(exp: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
+    return [s for s in exp.get_finished_spans() if s.context is not None and s.context.trace_id == trace_id]
+
+
+async def test_scale_up_trace_and_time_to_ready(
+    h: Harness, spans: InMemorySpanExporter, reader: InMemoryMetricReader
+) -> None:
+    spec = await h.deploy(h.spec())
+    await h.make_checkpoint(spec)
+    cold_spec = await h.deploy(h.spec("other"))
+    tracer = telemetry.tracer("test")
+    async with running(h.settings, h.criu):
+        with tracer.start_as_current_span(sc.DECISION_SPAN) as decision:  # what the scaler would do
+            await h.restore(spec.name, "a")
+        with tracer.start_as_current_span(sc.DECISION_SPAN) as decision2:
+            await h.restore(cold_spec.name, "b")
+        assert (await h.wait("a")).tier is Tier.RESTORE
+        ev_b = await h.wait("b")
+        assert ev_b.state is ReplicaState.READY and ev_b.tier is Tier.COLD
+
+    got = of_trace(spans, decision.get_span_context().trace_id)
+    names = [s.name for s in got]
+    (root,) = [s for s in got if s.name == sc.SCALE_UP_SPAN]
+    assert root.parent is not None and root.parent.span_id == decision.get_span_context().span_id
+    assert root.attributes is not None
+    assert root.attributes[sc.TIER_ATTR] == "restore"
+    assert root.attributes[sc.DEPLOYMENT_ATTR] == spec.name and root.attributes[sc.REPLICA_ATTR] == "a"
+    for phase in (*sc.RESTORE_TRACE_PHASES, "hook", "ready_probe"):
+        assert phase in names, names
+        (s,) = [s for s in got if s.name == phase]
+        assert s.parent is not None and s.parent.span_id == root.context.span_id, phase
+    (pf,) = [s for s in got if s.name == "prefetch"]
+    assert pf.attributes is not None
+    assert int(pf.attributes[sc.PREFETCH_BYTES_ATTR]) > 0  # type: ignore[arg-type]
+    assert pf.attributes[sc.PREFETCH_CACHE_HITS_ATTR] == 0
+    assert {"prefetch.chunks", "prefetch.gbps"} <= set(pf.attributes)
+
+    cold = of_trace(spans, decision2.get_span_context().trace_id)
+    (root2,) = [s for s in cold if s.name == sc.SCALE_UP_SPAN]
+    assert root2.attributes is not None and root2.attributes[sc.TIER_ATTR] == "cold"
+    assert str(root2.attributes[sc.FALLBACK_ATTR]).startswith("no suspended replica; no checkpoint for key")
+    assert {"lookup", *sc.COLD_PHASES} <= {s.name for s in cold}
+    (launch,) = [s for s in cold if s.name == "launch"]
+    assert launch.attributes is not None and launch.attributes[sc.FALLBACK_ATTR] == ev_b.reason
+
+    data = reader.get_metrics_data()
+    assert data is not None
+    points = [
+        p
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+        if m.name == "snapscale.time_to_ready_s"
+        for p in m.data.data_points
+    ]
+    by_tier = {
+        str(p.attributes["tier"]): p for p in points if isinstance(p, HistogramDataPoint) and p.attributes
+    }
+    assert {"restore", "cold"} <= set(by_tier)
+    assert all(p.count >= 1 and p.sum > 0 for p in by_tier.values())
