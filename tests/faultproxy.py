@@ -160,23 +160,38 @@ class FaultProxy:
                 await up[1].drain()
                 rhead = await up[0].readuntil(b"\r\n\r\n")
                 status, rheaders = _parse_status(rhead)
-                if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-                    rbody = b""
-                else:
+                no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+                chunked = "chunked" in rheaders.get("transfer-encoding", "").lower()
+                length = int(rheaders["content-length"]) if "content-length" in rheaders else None
+                up_closes = rheaders.get("connection", "").lower() == "close" or (
+                    length is None and not chunked and not no_body
+                )
+                rbody = b""
+                if not no_body and (chunked or length is None):
                     rbody = await _read_body(up[0], rheaders, is_request=False)
-                if fault is not None and fault.kind == "corrupt" and rbody:
-                    self.stats.injected += 1
-                    b = bytearray(rbody)
-                    b[len(b) // 2] ^= 0xFF
-                    rbody = bytes(b)
+                    if not chunked:
+                        length = len(rbody)
+                # Keep the client's connection alive even where the upstream (werkzeug) closes
+                # its own after every response: a remote object store keeps connections open.
+                out_lines = [ln for ln in rhead[:-4].split(b"\r\n") if not ln.lower().startswith(
+                    (b"connection:", b"content-length:", b"keep-alive:"))]  # fmt: skip
+                if length is not None:
+                    out_lines.append(b"Content-Length: %d" % length)
+                head_out = b"\r\n".join(out_lines) + b"\r\n\r\n"
+                corrupt = fault is not None and fault.kind == "corrupt"
                 wait = self.first_byte_s - (time.monotonic() - t_req)
                 if wait > 0:
                     await asyncio.sleep(wait)
-                await self._send(writer, rhead + rbody)
-                if rheaders.get("connection", "").lower() == "close" or (
-                    "content-length" not in rheaders
-                    and "chunked" not in rheaders.get("transfer-encoding", "")
-                ):
+                if no_body or rbody or not length:
+                    if corrupt and rbody:
+                        self.stats.injected += 1
+                        b = bytearray(rbody)
+                        b[len(b) // 2] ^= 0xFF
+                        rbody = bytes(b)
+                    await self._send(writer, [head_out, rbody])
+                else:
+                    await self._stream(writer, head_out, up[0], length, corrupt)
+                if up_closes:
                     up[1].close()
                     up = None
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -189,21 +204,35 @@ class FaultProxy:
                 up[1].close()
             writer.close()
 
-    async def _send(self, writer: asyncio.StreamWriter, data: bytes) -> None:
-        self.stats.bytes_out += len(data)
-        if not self.bytes_per_s:
-            writer.write(data)
-            await writer.drain()
-            return
-        slice_bytes = 256 << 10
+    async def _send(self, writer: asyncio.StreamWriter, parts: list[bytes]) -> None:
+        for p in parts:
+            writer.write(p)
+            self.stats.bytes_out += len(p)
+        await writer.drain()
+
+    async def _stream(
+        self, writer: asyncio.StreamWriter, head: bytes, up: asyncio.StreamReader, length: int, corrupt: bool
+    ) -> None:
+        """Relay a body of `length` bytes as it arrives, paced to `bytes_per_s` if set."""
+        writer.write(head)
         t0 = time.monotonic()
-        view = memoryview(data)
-        for off in range(0, len(data), slice_bytes):
-            writer.write(view[off : off + slice_bytes])
+        sent = 0
+        flip_at = length // 2 if corrupt else -1
+        while sent < length:
+            piece = await up.readexactly(min(256 << 10, length - sent))
+            if sent <= flip_at < sent + len(piece):
+                self.stats.injected += 1
+                b = bytearray(piece)
+                b[flip_at - sent] ^= 0xFF
+                piece = bytes(b)
+            writer.write(piece)
+            sent += len(piece)
+            self.stats.bytes_out += len(piece)
             await writer.drain()
-            ahead = (off + slice_bytes) / self.bytes_per_s - (time.monotonic() - t0)
-            if ahead > 0:
-                await asyncio.sleep(ahead)
+            if self.bytes_per_s:
+                ahead = sent / self.bytes_per_s - (time.monotonic() - t0)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
 
 
 def _parse_head(head: bytes) -> tuple[str, str, dict[str, str], list[bytes]]:
@@ -260,5 +289,7 @@ async def _main() -> None:
 
 
 if __name__ == "__main__":
+    import uvloop  # the bench runs the proxy in its own process: the faster loop costs less CPU
+
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(_main())
+        uvloop.run(_main())
