@@ -61,7 +61,7 @@ class DemoOptions:
     freeze_timeout_s: float = 300.0
     resume: bool = False  # also play suspend -> resume
     ask_path: str = "/generate"  # what the demo GETs from each ready replica (the sample's answer)
-    warm_cache_s: float = 30.0  # how long to wait at zero for the scaler's prefetch into the host cache
+    warm_cache_s: float = 15.0  # how long to wait at zero for the scaler's prefetch into the host cache
     host: str = HOST
 
 
@@ -79,7 +79,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--step-timeout-s", type=float, default=300.0, help="limit for each step")
     p.add_argument("--resume", action="store_true", help="also suspend the replica and resume it")
     p.add_argument("--ask", default="/generate", help="path to GET from each ready replica")
-    p.add_argument("--warm-cache-s", type=float, default=30.0, help="wait at zero for the cache prefetch")
+    p.add_argument("--warm-cache-s", type=float, default=15.0, help="wait at zero for the cache prefetch")
     p.set_defaults(func=_run)
 
 

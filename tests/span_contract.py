@@ -14,7 +14,7 @@ REPLICA_ATTR = "snapscale.replica"
 FALLBACK_ATTR = "fallback.reason"
 
 # The scaler's span per decision that sent commands; the scale-up trace continues it.
-DECISION_SPAN = "scale_decision"
+DECISION_SPAN = "scaler.decision"
 # What `snapscale demo` wraps each traffic event it publishes in (a gateway would do the same).
 TRAFFIC_SPAN = "traffic"
 
