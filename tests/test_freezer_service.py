@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -168,16 +168,47 @@ def spans_of(exp: InMemorySpanExporter, trace_id: int) -> list[ReadableSpan]:
     return [s for s in exp.get_finished_spans() if s.context is not None and s.context.trace_id == trace_id]
 
 
+async def no_redelivery_while_freezing(
+    b: bus.Bus, settings: Settings, command_id: str, *, for_s: float
+) -> None:
+    """Pull from the freezer's own durable while its freeze runs: with in_progress() working the
+    command is never offered again, however many ack waits the freeze lasts."""
+    ledger = Ledger(settings.state_dir)
+    await eventually(lambda: ledger.attempt(command_id) is not None)  # the freezer has it and works
+    sub = await b.js.pull_subscribe(
+        b.subjects.cmd(Verb.FREEZE, settings.host_id),
+        durable=b.subjects.durable("freezer", Verb.FREEZE, settings.host_id),
+    )
+    try:
+        got = await sub.fetch(1, timeout=for_s)
+    except TimeoutError:
+        return
+    finally:
+        await sub.unsubscribe()
+    pytest.fail(f"command redelivered while being frozen: {got[0].data!r}")
+
+
+async def eventually(pred: Callable[[], bool], timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    for _ in range(int(timeout_s / 0.05) + 1):
+        if pred():
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
 @pytest.mark.criu
 async def test_freeze_command_makes_a_checkpoint_and_a_redelivery_does_nothing_new(
     s3_settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path, spans: InMemorySpanExporter
 ) -> None:
-    settings = s3_settings
+    # a store throttled to 10 requests/s makes the freeze outlive its 1 s ack wait several times
+    settings = replace(s3_settings, store=replace(s3_settings.store, max_requests_per_s=10))
     spec = sample_spec("sample", tmp_path)
     await put_spec(the_bus, spec)
     async with (
         running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-        running_freezer(settings, criu),
+        running_freezer(settings, criu, replace(FAST, ack_wait_s=1.0)),
         checkpoint_events(the_bus, spec.name) as events,
     ):
         before = answer(sb)
@@ -185,12 +216,18 @@ async def test_freeze_command_makes_a_checkpoint_and_a_redelivery_does_nothing_n
         tracer = telemetry.tracer("test")
         with tracer.start_as_current_span("operator") as root:
             await send(the_bus, settings.host_id, cmd)
+        await no_redelivery_while_freezing(the_bus, settings, cmd.id, for_s=3.0)
         ev = await next_event(events)
 
         assert ev.ok and not ev.skipped, ev.reason
         assert ev.command_id == cmd.id and ev.replica == sb.replica and ev.host == settings.host_id
         assert ev.checkpoint_id and ev.compat_hash and ev.compat["criu_version"] == criu.version
         assert ev.sizes["total"] > 0 and 0 < ev.sizes["new"] <= ev.sizes["unique"] <= ev.sizes["total"]
+        assert ev.timings_s["total_s"] > 3.0  # outlived its ack wait three times over
+        info = await the_bus.js.consumer_info(
+            the_bus.subjects.cmd_stream, the_bus.subjects.durable("freezer", Verb.FREEZE, settings.host_id)
+        )
+        assert info.num_redelivered == 0
         for phase in (
             "criu_dump",
             "before_freeze",
