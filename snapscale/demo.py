@@ -114,6 +114,8 @@ def run_demo(opts: DemoOptions) -> int:
     try:
         rc = asyncio.run(_main(opts, work, procs, out))
     finally:
+        # A second Ctrl-C must not cut the cleanup short and leave sandboxes running.
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         out.clear()
         out.say("cleaning up: stopping services and nats-server")
         procs.stop_all()
@@ -124,6 +126,7 @@ def run_demo(opts: DemoOptions) -> int:
             out.say(f"logs and state kept in {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+        signal.signal(signal.SIGINT, previous)
     return rc
 
 

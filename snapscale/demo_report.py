@@ -142,10 +142,13 @@ class DemoState:
         return f"[{now - self.step_started_at:6.1f}s] {self.step}: {reps}{ckpt}"
 
 
-def cold_restore_ratio(scale_ups: list[ScaleUp]) -> float | None:
-    """Cold-boot time to ready over the fastest restore's; None without one of each."""
+_RESTORES = (Tier.RESTORE, Tier.RESTORE_CACHED)
+
+
+def cold_restore_ratio(scale_ups: list[ScaleUp], tiers: tuple[Tier, ...] = _RESTORES) -> float | None:
+    """Cold-boot time to ready over the fastest of `tiers` (restores); None without one of each."""
     cold = [s.time_to_ready_s for s in scale_ups if s.tier is Tier.COLD and s.time_to_ready_s]
-    fast = [s.time_to_ready_s for s in scale_ups if s.tier not in (None, Tier.COLD) and s.time_to_ready_s]
+    fast = [s.time_to_ready_s for s in scale_ups if s.tier in tiers and s.time_to_ready_s]
     if not cold or not fast:
         return None
     return min(cold) / min(fast)
@@ -190,6 +193,9 @@ def summary(state: DemoState) -> str:
     ratio = cold_restore_ratio(state.scale_ups)
     if ratio is not None:
         parts.append(f"cold boot / restore: {ratio:.1f}x")
+    resume = cold_restore_ratio(state.scale_ups, (Tier.RESUME,))
+    if resume is not None:
+        parts.append(f"cold boot / resume: {resume:.1f}x")
     return "\n".join(parts)
 
 
@@ -200,6 +206,7 @@ def to_plain(state: DemoState, **extra: Any) -> dict[str, Any]:
         "deployment": state.deployment,
         "scale_ups": [s.to_plain() for s in state.scale_ups],
         "cold_restore_ratio": cold_restore_ratio(state.scale_ups),
+        "cold_resume_ratio": cold_restore_ratio(state.scale_ups, (Tier.RESUME,)),
         "checkpoint": None
         if ck is None
         else {

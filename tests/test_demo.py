@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +171,51 @@ def test_one_trace_per_scale_up_from_traffic_to_ready(demo_run: dict[str, Any]) 
             assert sc.PREFETCH_CACHED_BYTES_ATTR in prefetch.attributes
         # The restorer's part is inside what the demo measured from the first traffic event.
         assert root.duration_s <= up["time_to_ready_s"] + 1.0
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_ctrl_c_mid_demo_stops_everything(criu: CriuBinary) -> None:
+    """SIGINT (what Ctrl-C sends) while a replica serves: exit 130, nothing left running."""
+    if _services_missing():
+        pytest.skip(f"the demo needs what has not landed yet: {', '.join(_services_missing())}")
+    env = dict(os.environ, SNAPSCALE_CRIU=criu.path)
+    env.pop("SNAPSCALE_STORE", None)
+    env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "snapscale", "demo", "--spec", str(SAMPLE), "--step-timeout-s", "240"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    lines: list[str] = []
+    work: Path | None = None
+    endpoint = ""
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if m := re.search(r"work dir (\S+)", line):
+                work = Path(m.group(1))
+            if m := re.search(r"ready by cold in \S+ at (\S+)", line):
+                endpoint = m.group(1)
+                break
+        assert endpoint, "".join(lines)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out = "".join(lines) + rest
+    assert proc.returncode == 130, out
+    assert "interrupted" in out and "cleaning up" in out
+    assert work is not None and work.exists(), "after an interruption the logs stay for a look"
+    try:
+        assert holders(work) == []
+        assert _mentions(work) == []
+        assert _netns_of(endpoint) not in _netns_names()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

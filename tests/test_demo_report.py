@@ -117,14 +117,20 @@ def test_json_has_the_same_results() -> None:
     assert data["work_dir"] == "/tmp/x"
 
 
-def test_ratio_uses_the_fastest_of_each() -> None:
+def test_ratios_use_the_fastest_of_each_and_keep_resume_apart() -> None:
     ups = [
         ScaleUp("a", "r1", 0.0, Tier.COLD, 30.0),
+        ScaleUp("a", "r5", 0.0, Tier.COLD, 40.0),
         ScaleUp("b", "r2", 0.0, Tier.RESTORE, 3.0),
+        ScaleUp("b", "r6", 0.0, Tier.RESTORE_CACHED, 2.0),
         ScaleUp("c", "r3", 0.0, Tier.RESUME, 1.0),
         ScaleUp("d", "r4", 0.0, None),
     ]
-    assert cold_restore_ratio(ups) == pytest.approx(30.0)
+    assert cold_restore_ratio(ups) == pytest.approx(15.0)
+    assert cold_restore_ratio(ups, (Tier.RESUME,)) == pytest.approx(30.0)
+    st = DemoState(deployment=DEP, scale_ups=ups)
+    text = summary(st)
+    assert "cold boot / restore: 15.0x" in text and "cold boot / resume: 30.0x" in text
 
 
 def test_demo_env_points_services_at_its_own_servers(tmp_path: Path) -> None:
