@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 LIBCUDA = "libcuda.so.1"
 CUDA_SUCCESS = 0
+CUDA_ERROR_INVALID_VALUE = 1
 DEFAULT_LOCK_TIMEOUT_MS = 30_000
 
 
@@ -159,7 +160,12 @@ class CudaCheckpoint:
 
     def lock(self, pid: int, timeout_ms: int = DEFAULT_LOCK_TIMEOUT_MS) -> None:
         args = CUcheckpointLockArgs(timeoutMs=timeout_ms)
-        self._check("lock", self._lib.cuCheckpointProcessLock(pid, ctypes.byref(args)), pid)
+        code = self._lib.cuCheckpointProcessLock(pid, ctypes.byref(args))
+        if code == CUDA_ERROR_INVALID_VALUE:
+            # A driver that rejects our args struct still locks without a timeout; say so, don't fail.
+            log.warning("cuCheckpointProcessLock rejected the timeout args on pid %d; locking without", pid)
+            code = self._lib.cuCheckpointProcessLock(pid, None)
+        self._check("lock", code, pid)
 
     def checkpoint(self, pid: int) -> None:
         self._check("checkpoint", self._lib.cuCheckpointProcessCheckpoint(pid, None), pid)

@@ -260,6 +260,7 @@ async def restore(
     pairs = cuda_ckpt.remap_pairs(meta.gpu_uuids, gpu_uuids) if meta.cuda else []
     drv = cuda_ckpt.driver() if meta.cuda else None  # no CUDA here: fail before starting anything
     t: dict[str, float] = {}
+    sandbox.become_subreaper()
     with _step(t, "restore"):
         ns = await netns.create(replica)
         log_path = run_dir / sandbox.LOG_NAME

@@ -83,12 +83,23 @@ def workload_env(spec: DeploymentSpec, gpu_uuids: list[str]) -> dict[str, str]:
     return env
 
 
+def uses_pid_namespace(spec: DeploymentSpec) -> bool:
+    """CPU sandboxes are PID 1 of their own PID namespace; GPU sandboxes stay in the host's. Pure.
+
+    CUDA fails to initialise (error 304) in a PID namespace unless it also gets its own /proc, i.e. a
+    mount namespace, and CRIU cannot dump a copied host mount tree as is (nsfs, tmpfs contents).
+    The cost: a GPU image restores with its original PIDs, so they must be free on the host.
+    """
+    return spec.gpus == 0
+
+
 def launch_argv(spec: DeploymentSpec, ns_path: Path) -> list[str]:
-    """`setsid` gives the init its own session, so CRIU needs no --shell-job. Pure.
+    """`setsid` gives the tree its own session, so CRIU needs no --shell-job. Pure.
 
     No `unshare --kill-child`: its parent-death signal would kill a restored tree when CRIU exits.
     """
-    return ["nsenter", f"--net={ns_path}", "unshare", "--pid", "--fork", "setsid", *spec.command]
+    pidns = ["unshare", "--pid", "--fork"] if uses_pid_namespace(spec) else []
+    return ["nsenter", f"--net={ns_path}", *pidns, "setsid", *spec.command]
 
 
 async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], run_dir: Path) -> Sandbox:
@@ -112,7 +123,10 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
             )
         finally:
             os.close(log_fd)
-        pid = await _child_of(proc.pid, log_path)
+        _launched[proc.pid] = proc
+        # nsenter and setsid exec in place; `unshare --fork` makes the namespace's init its child.
+        pid = await _child_of(proc.pid, log_path) if uses_pid_namespace(spec) else proc.pid
+        await _entered(pid, ns, log_path)
     except BaseException:
         await netns.delete(ns.name)
         raise
@@ -157,6 +171,59 @@ async def _child_of(unshare_pid: int, log_path: Path, timeout_s: float = 10.0) -
     raise EngineError("launch", f"no PID-namespace init appeared under {unshare_pid}", log_tail(log_path))
 
 
+async def _entered(pid: int, ns: netns.NetNs, log_path: Path, timeout_s: float = 10.0) -> None:
+    """Wait until `pid` is inside the netns: nsenter may not have called setns yet when exec returns."""
+    want = netns.inode(ns.name)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if os.stat(f"/proc/{pid}/ns/net").st_ino == want:
+                return
+        except OSError:
+            pass
+        if not _alive(pid):
+            raise SandboxExited("launch", "the sandbox exited at once", log_tail(log_path))
+        await asyncio.sleep(0.005)
+    raise EngineError("launch", f"pid {pid} never entered netns {ns.name}", log_tail(log_path))
+
+
+def _exists(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
+def _reap_orphan(pid: int) -> None:
+    """Reap a dead restored process reparented to us (we are a subreaper, see `become_subreaper`).
+
+    A zombie we launched ourselves is left to asyncio's child watcher, which waits for it.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return
+    ours = _launched.get(pid)
+    if ours is not None and ours.returncode is None:
+        return  # asyncio's child watcher reaps what we launched
+    if stat[0] == "Z" and int(stat[1]) == os.getpid():
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+# What this process spawned through asyncio, by PID: its child watcher reaps those. A restored tree
+# can get a PID back that one of them once had (no PID namespace), hence the returncode check.
+_launched: dict[int, asyncio.subprocess.Process] = {}
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> None:
+    """Make this process the reaper of trees CRIU restores detached (`-d`), so their PIDs are freed
+    as soon as they die rather than whenever the host's init gets to it. Idempotent."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %d", ctypes.get_errno())
+
+
 def _alive(pid: int) -> bool:
     """True while the process exists and is not a zombie."""
     try:
@@ -177,11 +244,13 @@ def is_running(sb: Sandbox) -> bool:
 
 
 def tree_pids(sb: Sandbox) -> list[int]:
-    """Host PIDs of every live process in the sandbox's PID namespace, init first."""
+    """Host PIDs of every live process of the sandbox, its root first."""
     try:
         want = os.stat(f"/proc/{sb.pid}/ns/pid").st_ino
     except OSError:
         return []
+    if want == os.stat("/proc/self/ns/pid").st_ino:
+        return _descendants(sb.pid)  # a sandbox in the host's PID namespace (GPU)
     out = [sb.pid]
     for p in Path("/proc").iterdir():
         if not p.name.isdigit() or int(p.name) == sb.pid:
@@ -191,6 +260,25 @@ def tree_pids(sb: Sandbox) -> list[int]:
                 out.append(int(p.name))
         except OSError:
             continue
+    return out
+
+
+def _descendants(root: int) -> list[int]:
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        if not _alive(pid):
+            continue
+        out.append(pid)
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                todo += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+            except OSError:
+                continue
     return out
 
 
@@ -207,7 +295,7 @@ def log_tail(path: str | Path, lines: int = 20) -> str:
 
 async def stop(sb: Sandbox, *, timeout_s: float = 10.0) -> None:
     """Kill the tree and remove its netns. Idempotent: a gone sandbox is fine."""
-    victims = [sb.pid] if is_running(sb) else []
+    victims = tree_pids(sb) if is_running(sb) else []
     # Anything else left in the netns (a stray child of a half-restored tree) goes too.
     victims += [p for p in netns.pids_in(sb.netns) if p not in victims]
     for pid in victims:
@@ -215,8 +303,11 @@ async def stop(sb: Sandbox, *, timeout_s: float = 10.0) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout_s
-    # Polling /proc: there is no event for "a process we did not start has been reaped".
-    while any(_alive(p) for p in victims) and time.monotonic() < deadline:  # noqa: ASYNC110
+    # Wait until the PIDs are free, not merely dead: a GPU image restores with its old PIDs, and a
+    # zombie still holds its PID. Polling /proc: no event says "a process we did not start is gone".
+    while any(_exists(p) for p in victims) and time.monotonic() < deadline:
+        for p in victims:
+            _reap_orphan(p)
         await asyncio.sleep(0.02)
     await netns.delete(sb.netns)
     log.info("stopped %s (pid %d)", sb.replica, sb.pid)

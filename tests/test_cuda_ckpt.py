@@ -94,12 +94,15 @@ class FakeLibcuda:
         if name in self.fail:
             return self.fail[name]
         if self.states.get(pid) != want:
-            return 1
+            return 201  # CUDA_ERROR_INVALID_CONTEXT: wrong state for this step
         self.states[pid] = new
         return 0
 
     def cuCheckpointProcessLock(self, pid: int, args: Any) -> int:
-        return self._op("lock", pid, args._obj.timeoutMs, 0, 1)
+        if args is not None and args._obj.timeoutMs == 0xDEAD:
+            self.calls.append(("lock-rejected", pid, None))
+            return 1  # CUDA_ERROR_INVALID_VALUE: a driver that does not take the args struct
+        return self._op("lock", pid, None if args is None else args._obj.timeoutMs, 0, 1)
 
     def cuCheckpointProcessCheckpoint(self, pid: int, args: Any) -> int:
         return self._op("checkpoint", pid, args, 1, 2)
@@ -156,6 +159,14 @@ def test_errors_carry_the_curesult_name() -> None:
     lib.fail = {"unlock": 999}
     with pytest.raises(CudaError, match="CUresult 999"):
         drv.unlock(7)
+
+
+def test_lock_falls_back_without_timeout_when_args_are_rejected() -> None:
+    lib = FakeLibcuda()
+    lib.states = {9: 0}
+    CudaCheckpoint(lib).lock(9, timeout_ms=0xDEAD)
+    assert lib.calls == [("lock-rejected", 9, None), ("lock", 9, None)]
+    assert lib.states[9] == ProcessState.LOCKED
 
 
 def test_holders_finds_no_cuda_in_this_process() -> None:

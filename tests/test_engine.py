@@ -7,6 +7,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,24 @@ def test_root_only_paths_exist() -> None:
     # The launcher relies on these tools; say so plainly when a machine lacks them.
     for tool in ("ip", "nsenter", "unshare", "setsid"):
         assert any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ["PATH"].split(":")), tool
+
+
+async def test_host_pid_namespace_sandbox_round_trip(
+    criu: CriuBinary, tmp_path: Path, tag: str, made: list[Sandbox]
+) -> None:
+    """A GPU spec's sandbox stays in the host's PID namespace; here without a GPU, its CRIU path."""
+    spec = replace(sample_spec("gpuish", tag=tag, preset="none"), gpus=1)
+    sb = await engine.launch(spec, "hostpid", gpu_uuids=[], run_dir=tmp_path / "run")
+    made.append(sb)
+    assert os.stat(f"/proc/{sb.pid}/ns/pid").st_ino == os.stat("/proc/self/ns/pid").st_ino
+    await engine.wait_ready(sb, spec.ready)
+    assert sandbox.tree_pids(sb) == [sb.pid]
+    original = await answer(sb)
+    await engine.freeze(sb, spec, tmp_path / "img", keep_running=False, criu=criu)
+    assert not sandbox.is_running(sb)
+    back, _ = await engine.restore(
+        spec, tmp_path / "img", "hostpid2", gpu_uuids=[], run_dir=tmp_path / "r", criu=criu
+    )
+    made.append(back)
+    assert back.pid == sb.pid  # no PID namespace: CRIU gives the tree its old PIDs back
+    assert await answer(back) == original

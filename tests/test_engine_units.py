@@ -111,6 +111,9 @@ def test_workload_argv_and_env() -> None:
     assert env["A"] == "1" and env["PATH"] == "/opt/bin" and env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
     assert not any(k.startswith("SNAPSCALE_") for k in env)
     assert sandbox.workload_env(spec, [])["CUDA_VISIBLE_DEVICES"] == ""
+    # A GPU sandbox stays in the host's PID namespace (CUDA needs a /proc of its own there).
+    gpu = DeploymentSpec(name="g", command=["python3"], gpus=1)
+    assert sandbox.launch_argv(gpu, Path("/n")) == ["nsenter", "--net=/n", "setsid", "python3"]
 
 
 def test_image_meta_round_trip_and_refusal() -> None:

@@ -88,9 +88,11 @@ class Decoder(nn.Module):
         return logits
 
 
-def random_state_dict(c: Config, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Deterministic random weights (a stand-in for a downloaded model)."""
-    g = torch.Generator().manual_seed(seed)
+def random_state_dict(
+    c: Config, seed: int, dtype: torch.dtype, device: str = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Deterministic random weights (a stand-in for a downloaded model), made on `device`, kept on CPU."""
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in Decoder(c).state_dict().items()}
     out = {}
@@ -98,5 +100,6 @@ def random_state_dict(c: Config, seed: int, dtype: torch.dtype) -> dict[str, tor
         if k.endswith("weight") and len(shape) == 1:
             out[k] = torch.ones(shape, dtype=dtype)
         else:
-            out[k] = (torch.randn(shape, generator=g) / math.sqrt(shape[-1])).to(dtype)
+            w = torch.randn(shape, generator=g, device=device) / math.sqrt(shape[-1])
+            out[k] = w.to(dtype).cpu()
     return out
