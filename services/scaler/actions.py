@@ -48,6 +48,17 @@ class ScalerConfig:
     prefetch_hosts: int = 2
 
 
+WARN_EVERY_S = 30.0
+
+
+@dataclass
+class UpBatch:
+    """Restore commands planned (and already counted in the view), not yet sent."""
+
+    batch: list[tuple[RestoreCommand, ReplicaEvent, Tracked | None]]
+    span: trace.Span
+
+
 def new_id() -> str:
     return uuid.uuid4().hex
 
@@ -60,6 +71,7 @@ class Actor:
         self.view = view
         self.cfg = cfg
         self.counters = counters
+        self._warned: dict[str, float] = {}
 
     # --- spans -------------------------------------------------------------------------
     def _span(
@@ -95,32 +107,44 @@ class Actor:
         self, dep: str, n: int, now: float, d: Decision | None, *, activation: bool = False
     ) -> list[str]:
         """Place and start `n` replicas; returns the replica ids whose commands went out."""
+        up = self.plan_up(dep, n, now, d, activation=activation)
+        return await self.send_up(up) if up is not None else []
+
+    def plan_up(
+        self, dep: str, n: int, now: float, d: Decision | None, *, activation: bool = False
+    ) -> UpBatch | None:
+        """The synchronous half of a scale-up: place, and record in the view what will be sent.
+
+        The caller may send it later (`send_up`): a concurrent decision already counts it.
+        """
         spec = self.view.specs[dep]
-        catalog = self.view.catalog.get(dep, {})
         current = self.view.live_count(dep)
         placements = place(
             spec,
             n,
             self.view.hosts,
-            catalog,
+            self.view.catalog.get(dep, {}),
             self.view.replicas_on(dep),
             self.view.reserved,
             self.view.avoided(dep, now),
         )
         if len(placements) < n:
             self.counters["unplaceable"] += n - len(placements)
-            log.warning("deployment %s: no room for %d of %d new replicas", dep, n - len(placements), n)
+            if now - self._warned.get(dep, -1e18) >= WARN_EVERY_S:
+                self._warned[dep] = now
+                log.warning("deployment %s: no room for %d of %d new replicas", dep, n - len(placements), n)
         if not placements:
-            return []
+            return None
         self.view.freezing.pop(dep, None)  # coming back up: a pending going-to-zero is moot
-        batch: list[tuple[RestoreCommand, ReplicaEvent, Tracked | None]] = []
-        for p in placements:
-            batch.append(self._start(dep, p, now))
+        batch = [self._start(dep, p, now) for p in placements]
         span = self._span(dep, "activate" if activation else "scale-up", d, current, activation)
-        with trace.use_span(span, end_on_exit=True):
-            span.set_attribute("snapscale.scale.placed", len(batch))
-            results = await asyncio.gather(*(self._send_restore(c, ev, old) for c, ev, old in batch))
-        return [c.replica for c, ok in zip((b[0] for b in batch), results, strict=True) if ok]
+        span.set_attribute("snapscale.scale.placed", len(batch))
+        return UpBatch(batch, span)
+
+    async def send_up(self, up: UpBatch) -> list[str]:
+        with trace.use_span(up.span, end_on_exit=True):
+            results = await asyncio.gather(*(self._send_restore(c, ev, old) for c, ev, old in up.batch))
+        return [c.replica for (c, _ev, _old), ok in zip(up.batch, results, strict=True) if ok]
 
     def _start(
         self, dep: str, p: Placement, now: float

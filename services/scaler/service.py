@@ -64,6 +64,7 @@ class Scaler:
         self._events_stop: asyncio.Event | None = None
         self._events_task: asyncio.Task[None] | None = None
         self._traffic_counts: dict[str, int] = {}
+        self._sending: set[asyncio.Task[list[str]]] = set()
 
     @property
     def bus(self) -> Bus:
@@ -120,6 +121,8 @@ class Scaler:
             await stop.wait()
         finally:
             self.leader = False
+            if self._sending:  # commands already counted in KV go out before we close
+                await asyncio.wait(self._sending, timeout=5.0)
             await self._stop_events()
             for t in tasks:
                 t.cancel()
@@ -202,7 +205,7 @@ class Scaler:
         self._events_task = runtime.guard(
             bus.consume(
                 self.bus, self.bus.subjects.evt_replica_all(), EVENTS_DURABLE, ReplicaEvent, self._on_replica,
-                batch=64, stop=self._events_stop,
+                stop=self._events_stop,
             ),
             "scaler-replica-events",
         )  # fmt: skip
@@ -290,7 +293,12 @@ class Scaler:
         n = activation(self.view.specs[ev.deployment].scaling, current, ev.concurrency, ev.arrivals)
         if n:
             self.counters["activations"] += 1
-            await self.actor.scale_up(ev.deployment, n, now, None, activation=True)
+            up = self.actor.plan_up(ev.deployment, n, now, None, activation=True)
+            if up is not None:
+                # sent on its own task: this subscription's next events need not wait for its I/O
+                task = asyncio.create_task(self.actor.send_up(up))
+                self._sending.add(task)
+                task.add_done_callback(self._sending.discard)
 
     async def _on_heartbeat(self, hb: HostHeartbeat, _msg: Msg) -> None:
         if hb.host not in self.view.hosts:
