@@ -1,19 +1,24 @@
 """`snapscale checkpoints ls|show|verify|gc` as an operator runs them, on the local store and on
-moto's S3 (configured only through the environment)."""
+moto's S3 (configured only through the environment). The verbs run in-process through
+`snapscale.cli.main` (fast); one runs as the console script to prove the wiring."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 import pytest
 from conftest import S3Server
 
+from snapscale.cli import main
 from snapscale.shared.checkpoint import upload_image
+from snapscale.shared.manifest import Manifest
 from snapscale.shared.settings import Settings, StoreSettings
 from snapscale.shared.store import open_store
 
@@ -27,11 +32,32 @@ def make_image(d: Path) -> Path:
     return d
 
 
-def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "snapscale", "checkpoints", *args],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **env}, check=False,
-    )  # fmt: skip
+@dataclass(frozen=True)
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Cli:
+    def __init__(self, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+        self.capsys = capsys
+        self.monkeypatch = monkeypatch
+
+    def __call__(self, env: dict[str, str], *args: str) -> Result:
+        """Run a verb as `snapscale checkpoints ...` would, with `env` as its environment."""
+        with self.monkeypatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            self.capsys.readouterr()
+            rc = main(["checkpoints", *args])
+            out = self.capsys.readouterr()
+        return Result(rc, out.out, out.err)
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> Cli:
+    return Cli(capsys, monkeypatch)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -47,9 +73,7 @@ def store_env(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[StoreSett
     return StoreSettings(url, endpoint_url=s3.endpoint_url), env
 
 
-async def test_checkpoint_verbs(store_env: tuple[StoreSettings, dict[str, str]], tmp_path: Path) -> None:
-    ss, env = store_env
-    img = make_image(tmp_path / "img")
+async def _setup(ss: StoreSettings, img: Path) -> tuple[Manifest, str]:
     async with open_store(ss) as st:
         m, key, _ = await upload_image(
             st, img, deployment="demo", checkpoint_id="c1", compat={"criu": "4.2.1"}, compat_hash="abc",
@@ -57,6 +81,18 @@ async def test_checkpoint_verbs(store_env: tuple[StoreSettings, dict[str, str]],
         )  # fmt: skip
         orphan = b"orphan"
         await st.put_chunk(hashlib.sha256(orphan).hexdigest(), orphan)
+    return m, key
+
+
+async def _drop_chunk(ss: StoreSettings, digest: str) -> None:
+    async with open_store(ss) as st:
+        await st.delete_chunk(digest)
+
+
+def test_checkpoint_verbs(store_env: tuple[StoreSettings, dict[str, str]], tmp_path: Path, cli: Cli) -> None:
+    # A sync test: the verbs call asyncio.run themselves, outside pytest's event loop.
+    ss, env = store_env
+    m, key = asyncio.run(_setup(ss, make_image(tmp_path / "img")))
 
     ls = cli(env, "ls")
     assert ls.returncode == 0, ls.stderr
@@ -77,8 +113,7 @@ async def test_checkpoint_verbs(store_env: tuple[StoreSettings, dict[str, str]],
     assert "deleted 1 chunks" in gc.stdout
     assert cli(env, "verify", "demo/c1").returncode == 0  # referenced chunks survived
 
-    async with open_store(ss) as st:
-        await st.delete_chunk(sorted(m.digests())[0])
+    asyncio.run(_drop_chunk(ss, sorted(m.digests())[0]))
     bad = cli(env, "verify", "demo/c1", "--shallow")
     assert bad.returncode == 1 and "missing" in bad.stdout
 
@@ -88,6 +123,16 @@ async def test_checkpoint_verbs(store_env: tuple[StoreSettings, dict[str, str]],
     nothing = cli(env, "show", "demo/none")
     assert nothing.returncode == 2 and "not in the store" in nothing.stderr
     assert "not <deployment>/<checkpoint-id>" in cli(env, "show", "../x").stderr
+
+
+def test_console_script_runs_a_verb(tmp_path: Path) -> None:
+    env = {**os.environ, "SNAPSCALE_STORE": f"file://{tmp_path}/store", "SNAPSCALE_SIGNING_KEY": "k"}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "snapscale"), "checkpoints", "ls", "--json"],
+        capture_output=True, text=True, timeout=60, env=env, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert orjson.loads(out.stdout) == []
 
 
 def test_settings_from_env_reach_the_store(tmp_path: Path) -> None:
