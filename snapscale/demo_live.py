@@ -44,7 +44,7 @@ async def follow(b: bus.Bus, state: DemoState, out: Console) -> None:
         with contextlib.suppress(MessageError):
             ev = decode_message(m.data, CheckpointEvent)
             state.apply_checkpoint(ev)
-            if ev.ok and ev.checkpoint_id:
+            if ev.ok and ev.checkpoint_id and not ev.skipped:
                 total, new = ev.sizes.get("total", 0) / 1e6, ev.sizes.get("new", 0) / 1e6
                 out.say(
                     f"checkpoint {ev.checkpoint_id} frozen: {total:.1f} MB, {new:.1f} MB new in the store"

@@ -128,7 +128,8 @@ class DemoState:
         return sorted(r for r, s in self.replicas.items() if s is ReplicaState.SUSPENDED)
 
     def frozen(self) -> CheckpointEvent | None:
-        ok = [c for c in self.checkpoints if c.ok and c.checkpoint_id]
+        # A skipped freeze (the key already had a checkpoint) names that checkpoint without sizes.
+        ok = [c for c in self.checkpoints if c.ok and c.checkpoint_id and not c.skipped]
         return ok[-1] if ok else None
 
     def ready_in_step(self, step: str) -> list[ScaleUp]:

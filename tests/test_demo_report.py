@@ -45,6 +45,9 @@ def played() -> DemoState:
         CheckpointEvent(deployment=DEP, host="demo-host", ok=True, ts=115.0, checkpoint_id="c1",
                         sizes={"total": 90_000_000, "new": 30_000_000}, timings_s={"criu_dump": 0.4})
     )  # fmt: skip
+    st.apply_checkpoint(
+        CheckpointEvent(deployment=DEP, host="demo-host", ok=True, ts=116.0, checkpoint_id="c1", skipped=True)
+    )
     st.begin_step("quiet", 120.0)
     st.apply_replica(ev("r1", S.RELEASING, 127.0))
     st.apply_replica(ev("r1", S.STOPPED, 127.5))
