@@ -206,6 +206,10 @@ class HostHeartbeat:
     suspend_used_bytes: int = 0
     cpu_slots: int = 0  # replicas a host without GPUs (or a CPU deployment) may run
     interval_s: float = 5.0
+    # The compat key covers the deployment's spec and runtime, so it differs per deployment:
+    # deployment -> this host's key hash for it (what catalog keys `<deployment>.<hash>` match).
+    # `compat_hash` is the host's fields alone (no runtime or spec), for display and grouping.
+    compat_hashes: dict[str, str] = field(default_factory=dict)
 
 
 def encode_message(msg: _Msg) -> bytes:
