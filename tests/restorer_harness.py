@@ -80,12 +80,13 @@ class Harness:
         deadline_s: float = 60.0,
         checkpoint_id: str | None = None,
         allow_tiers: list[Tier] | None = None,
+        issued_at: float | None = None,
     ) -> RestoreCommand:
         cmd = RestoreCommand(
             id=f"r-{uuid.uuid4().hex[:10]}",
             deployment=deployment,
             replica=replica,
-            issued_at=time.time(),
+            issued_at=time.time() if issued_at is None else issued_at,
             deadline_s=deadline_s,
             checkpoint_id=checkpoint_id,
             allow_tiers=list(Tier) if allow_tiers is None else allow_tiers,

@@ -30,6 +30,7 @@ class Fetched:
     cache_hits: int
     cached_bytes: int
     seconds: float
+    joined: bool = False  # this restore waited on a prefetch of the same checkpoint already running
 
 
 class Checkpoints:
@@ -64,7 +65,9 @@ class Checkpoints:
 
     async def prefetch(self, m: Manifest) -> Fetched:
         rep = await self.prefetcher.prefetch(m)
-        return Fetched(rep.bytes_fetched, rep.chunks, rep.cache_hits, rep.hit_bytes, rep.duration_s)
+        return Fetched(
+            rep.bytes_fetched, rep.chunks, rep.cache_hits, rep.hit_bytes, rep.duration_s, rep.joined
+        )
 
     async def materialize(self, m: Manifest, dest: Path) -> None:
         await materialize(self.cache, m, dest)

@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nats.js.errors import NoKeysError
+
 from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.ledger import Ledger
@@ -69,6 +71,7 @@ class Host:
     # replica -> its scale-up in progress, so a release can cancel it and a duplicate can wait
     starting: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     compat_cache: dict[str, tuple[float, compat.CompatKey]] = field(default_factory=dict)
+    host_key: compat.CompatKey | None = None  # the host's own fields, read once
 
     @property
     def name(self) -> str:
@@ -109,16 +112,33 @@ async def load_spec(b: Bus, deployment: str) -> DeploymentSpec:
     return DeploymentSpec.from_json(got[0])
 
 
-def host_compat(h: Host, spec: DeploymentSpec) -> tuple[str, dict[str, str]]:
-    """This host's compatibility key for `spec` (hash, fields); it fingerprints files, so it is
-    kept a short while per spec."""
+async def host_compat(h: Host, spec: DeploymentSpec) -> tuple[str, dict[str, str]]:
+    """This host's compatibility key for `spec` (hash, fields); it fingerprints files (off the
+    loop), so it is kept a short while per spec."""
     now = time.monotonic()
     cached = h.compat_cache.get(spec.spec_hash())
-    if cached is not None and now - cached[0] < COMPAT_TTL_S:
-        return cached[1].hash(), cached[1].as_dict()
-    key = compat.host_key(spec, criu=h.criu, gpu_count=spec.gpus)
-    h.compat_cache[spec.spec_hash()] = (now, key)
-    return key.hash(), key.as_dict()
+    if cached is None or now - cached[0] >= COMPAT_TTL_S:
+        key = await asyncio.to_thread(compat.host_key, spec, criu=h.criu, gpu_count=spec.gpus)
+        cached = (now, key)
+        h.compat_cache[spec.spec_hash()] = cached
+    return cached[1].hash(), cached[1].as_dict()
+
+
+async def deployment_keys(h: Host, limit: int = 256) -> dict[str, str]:
+    """deployment -> this host's compat hash for it, for every deployed spec (the heartbeat's)."""
+    kv = h.bus.kv[Bucket.DEPLOYMENTS]
+    try:
+        names = sorted(await kv.keys())[:limit]
+    except NoKeysError:
+        return {}
+    out: dict[str, str] = {}
+    for name in names:
+        try:
+            spec = await load_spec(h.bus, name)
+            out[name] = (await host_compat(h, spec))[0]
+        except Exception as e:  # one bad spec must not cost the host its heartbeat
+            log.debug("no compat key for deployment %s: %s", name, e)
+    return out
 
 
 def host_part(h: Host) -> compat.CompatKey:

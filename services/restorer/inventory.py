@@ -80,6 +80,7 @@ def heartbeat(
     replicas: list[ReplicaSummary],
     suspend_budget_bytes: int,
     interval_s: float,
+    compat_hashes: dict[str, str] | None = None,
 ) -> HostHeartbeat:
     """The inventory message. `cached` maps checkpoint id -> (bytes present, bytes needed)."""
     return HostHeartbeat(
@@ -95,4 +96,5 @@ def heartbeat(
         suspend_used_bytes=sum(r.rss_bytes for r in replicas if r.state.value == "suspended"),
         cpu_slots=cpu_slots,
         interval_s=interval_s,
+        compat_hashes=dict(compat_hashes or {}),
     )

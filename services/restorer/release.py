@@ -7,10 +7,13 @@ Unknown or already released replicas are a no-op. The caller records the command
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import signal
+import time
+from pathlib import Path
 
 from snapscale.restorer import events
 from snapscale.restorer.budget import Suspended, over_budget
@@ -27,6 +30,23 @@ def _signal_tree(lv: Live, sig: signal.Signals) -> None:
     for pid in sandbox.tree_pids(lv.sandbox):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
+async def _until_stopped(lv: Live, timeout_s: float = 5.0) -> None:
+    """SIGSTOP lands when each process is next scheduled: wait until the whole tree shows it."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(_proc_state(p) in ("T", "t", "X", "Z") for p in sandbox.tree_pids(lv.sandbox)):
+            return
+        await asyncio.sleep(0.01)
+    raise TimeoutError(f"sandbox {lv.sandbox.replica} did not stop within {timeout_s:g}s of SIGSTOP")
 
 
 def _event(h: Host, lv: Live, state: ReplicaState, command_id: str | None, reason: str = "") -> ReplicaEvent:
@@ -68,6 +88,7 @@ async def suspend_replica(h: Host, lv: Live, command_id: str | None) -> None:
             await engine.suspend(lv.sandbox)
         else:
             _signal_tree(lv, signal.SIGSTOP)
+            await _until_stopped(lv)
     except Exception as e:
         reason = f"suspend failed, stopped instead: {describe(e)}"
         log.warning("replica %s: %s", replica, reason)

@@ -216,10 +216,17 @@ async def _restore(h: Host, a: Attempt, d: Decision, found: Found) -> Live:
                         "prefetch.cache_hits": rep.cache_hits,
                         "prefetch.cached_bytes": rep.cached_bytes,
                         "prefetch.gbps": round(gbps, 3),
+                        "prefetch.joined": rep.joined,
                     }
                 )
+                # a joined prefetch reports the shared download's bytes: count them once, under "joined"
                 a.bytes.update(
-                    {"fetched": rep.bytes_fetched, "cache_hit": rep.cached_bytes, "image": m.total_bytes}
+                    {
+                        "fetched": 0 if rep.joined else rep.bytes_fetched,
+                        "joined": rep.bytes_fetched if rep.joined else 0,
+                        "cache_hit": rep.cached_bytes,
+                        "image": m.total_bytes,
+                    }
                 )
             with phase(a, "materialize"):
                 await h.checkpoints.materialize(m, image_dir)

@@ -20,7 +20,7 @@ from snapscale.restorer import events, inventory
 from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
 from snapscale.restorer.config import RestorerConfig
-from snapscale.restorer.host import Host, describe, host_compat, host_part, load_spec
+from snapscale.restorer.host import Host, deployment_keys, describe, host_compat, host_part, load_spec
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.lookup import find_checkpoint
 from snapscale.restorer.release import release
@@ -226,7 +226,7 @@ class Restorer:
                 spec = await load_spec(h.bus, cmd.deployment)
                 grant = h.slots.reserve(cmd.replica, spec.gpus, list(cmd.gpu_uuids) or None)
                 a = Attempt(cmd, spec, list(grant.gpu_uuids))
-                compat_hash, compat_dict = host_compat(h, spec)
+                compat_hash, compat_dict = await host_compat(h, spec)
                 root.set_attribute("snapscale.compat_hash", compat_hash)
                 try:
                     async with asyncio.timeout(remaining):
@@ -316,7 +316,7 @@ class Restorer:
         attrs = {"snapscale.deployment": cmd.deployment}
         with tracer.start_as_current_span("prefetch", attributes=attrs) as span:
             spec = await load_spec(h.bus, cmd.deployment)
-            compat_hash, _ = host_compat(h, spec)
+            compat_hash, _ = await host_compat(h, spec)
             found = await find_checkpoint(h, cmd.deployment, compat_hash, cmd.checkpoint_id)
             if found.manifest is None:
                 why = found.manifest_error or f"no checkpoint for key {compat_hash[:12]}"
@@ -354,7 +354,9 @@ class Restorer:
 
 
 async def publish_heartbeat(h: Host) -> None:
-    key = host_part(h)
+    if h.host_key is None:
+        h.host_key = await asyncio.to_thread(host_part, h)  # NVML and the driver: read once
+    key = h.host_key
     hb = inventory.heartbeat(
         host=h.name,
         now=h.now(),
@@ -366,6 +368,7 @@ async def publish_heartbeat(h: Host) -> None:
         replicas=[lv.summary() for lv in h.live.values()],
         suspend_budget_bytes=h.config.suspend_budget_bytes,
         interval_s=h.config.heartbeat_s,
+        compat_hashes=await deployment_keys(h),
     )
     await busmod.publish_core(h.bus, h.bus.subjects.evt_host(h.name), hb)
     await h.bus.kv[Bucket.HOSTS].put(h.name, encode_message(hb))
