@@ -227,14 +227,15 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -
     )
     out.say(f"nats-server on 127.0.0.1:{port}, {store}, work dir {work}")
 
+    # The services run from the checkout, so a spec's relative cwd (the sample's) means the same
+    # wherever `snapscale demo` was started.
     me = [sys.executable, "-m", "snapscale"]
-    procs.start("scaler", [*me, "scaler"], dict(env, OTEL_SERVICE_NAME="snapscale-scaler"))
-    procs.start(
-        "restorer", [*me, "restorer", "--host", opts.host], dict(env, OTEL_SERVICE_NAME="snapscale-restorer")
-    )
-    procs.start(
-        "freezer", [*me, "freezer", "--host", opts.host], dict(env, OTEL_SERVICE_NAME="snapscale-freezer")
-    )
+    for name, argv in (
+        ("scaler", [*me, "scaler"]),
+        ("restorer", [*me, "restorer", "--host", opts.host]),
+        ("freezer", [*me, "freezer", "--host", opts.host]),
+    ):
+        procs.start(name, argv, dict(env, OTEL_SERVICE_NAME=f"snapscale-{name}"), cwd=EXAMPLES.parent)
 
     b = await bus.open_bus(settings, "snapscale-demo")
     state = DemoState(deployment=d.name)

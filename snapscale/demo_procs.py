@@ -64,13 +64,14 @@ class ProcessSet:
     log_dir: Path
     procs: list[Managed] = field(default_factory=list)
 
-    def start(self, name: str, argv: list[str], env: dict[str, str]) -> Managed:
+    def start(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None) -> Managed:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
         with open(log_path, "ab") as out:
             proc = subprocess.Popen(
                 argv,
                 env=env,
+                cwd=cwd,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
