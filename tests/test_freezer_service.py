@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from snapscale.freezer.ledger import Ledger
+from snapscale.freezer.ledger import Ledger, Phase
 from snapscale.freezer.service import Options, serve
 from snapscale.shared import bus, catalog, engine, telemetry
 from snapscale.shared.checkpoint import fetch_manifest, verify_checkpoint
@@ -109,10 +109,15 @@ async def running_sandbox(
 
 @contextlib.asynccontextmanager
 async def running_freezer(
-    settings: Settings, criu: CriuBinary, opts: Options = FAST
+    settings: Settings,
+    criu: CriuBinary,
+    opts: Options = FAST,
+    on_phase: Callable[[Phase], Awaitable[None]] | None = None,
 ) -> AsyncIterator[asyncio.Task[None]]:
     stop, started = asyncio.Event(), asyncio.Event()
-    task = asyncio.create_task(serve(settings, opts, stop=stop, criu=criu, started=started))
+    task = asyncio.create_task(
+        serve(settings, opts, stop=stop, criu=criu, started=started, on_phase=on_phase)
+    )
     await asyncio.wait({task, asyncio.create_task(started.wait())}, return_when=asyncio.FIRST_COMPLETED)
     if task.done():
         task.result()  # raise what stopped it
@@ -334,6 +339,39 @@ async def test_failed_freeze_is_reported_with_the_step_and_the_sandbox_keeps_ser
         assert list(Ledger(settings.state_dir).staging_root.iterdir()) == []
 
 
+@pytest.mark.criu
+async def test_auto_freeze_that_loses_the_catalog_race_leaves_the_winner_listed(
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    """Its claim expired while it uploaded and another host cataloged first: never overwrite."""
+    OTHER = "20000101T000000000Z-0ther0"
+    spec = sample_spec("late", tmp_path, preset="none")
+    await put_spec(the_bus, spec)
+    kv = the_bus.kv[Bucket.CHECKPOINTS]
+
+    async def other_host_wins(phase: Phase) -> None:
+        if phase is Phase.UPLOADED:
+            (attempt,) = Ledger(settings.state_dir).attempts()
+            other = catalog.CatalogEntry(
+                deployment=spec.name, compat_hash=attempt.compat_hash, checkpoint_id=OTHER,
+                manifest_key="manifests/late/other.json", created_at=time.time(), host="host-z",
+            )  # fmt: skip
+            await catalog.publish_entry(kv, other)
+
+    async with (
+        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+        running_freezer(settings, criu, on_phase=other_host_wins),
+        checkpoint_events(the_bus, spec.name) as events,
+    ):
+        await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
+        ev = await next_event(events)
+        assert ev.ok and ev.skipped and ev.checkpoint_id == OTHER, ev
+        assert "stays unlisted" in ev.reason
+        found = await catalog.lookup(kv, spec.name, ev.compat_hash)
+        assert found is not None and found[0].host == "host-z" and found[0].previous_id is None
+        assert await bus.kv_get(the_bus.kv[Bucket.LEASES], f"freeze.{spec.name}.{ev.compat_hash}") is None
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     """The environment a freezer (or operator) subprocess reads its Settings from."""
     env = dict(os.environ)
@@ -387,6 +425,7 @@ async def test_two_freezers_race_for_an_auto_freeze_and_one_wins(
         await send(the_bus, lost[0].host, freeze_cmd(spec, sb.replica))
         late = await next_event(events)
         assert late.ok and late.skipped and f"catalog already has checkpoint {w.checkpoint_id}" in late.reason
+        assert late.checkpoint_id == w.checkpoint_id and lost[0].checkpoint_id in (None, w.checkpoint_id)
 
         # the operator's verb always freezes (replica and host from KV 'replicas'); the old id is kept
         ready = ReplicaEvent(deployment=spec.name, replica=sb.replica, host=lost[0].host,
@@ -424,6 +463,10 @@ async def start_freezer_process(
     )  # fmt: skip
 
 
+def log_tail(path: Path) -> str:
+    return path.read_text()[-3000:]
+
+
 def is_dir(path: str) -> bool:
     return os.path.isdir(path)
 
@@ -456,7 +499,7 @@ async def test_freezer_killed_mid_upload_resumes_after_restart_with_no_half_cata
             ledger = Ledger(settings.state_dir)
             deadline = time.monotonic() + 90
             while True:
-                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, log_tail(log_path)
                 attempt = ledger.attempt(cmd.id)
                 if attempt is not None and attempt.phase.value == "dumped":
                     chunks, _, _ = await chunks_and_manifests(settings, spec.name)
@@ -476,23 +519,29 @@ async def test_freezer_killed_mid_upload_resumes_after_restart_with_no_half_cata
         assert is_dir(attempt.staging_dir)
         assert events.empty()
 
-        second = await start_freezer_process(settings, log_path)
+        # restarted (throttled again), it takes the command back after its ack wait and resumes the
+        # upload; a SIGTERM in the middle lets that freeze finish before the process exits
+        second = await start_freezer_process(settings, log_path, SNAPSCALE_STORE_RPS="6")
         try:
-            ev = await next_event(events, 90)  # the command comes back after its ack wait
-            assert ev.ok and not ev.skipped, ev.reason
-            assert (
-                ev.command_id == cmd.id and ev.checkpoint_id == attempt.checkpoint_id
-            )  # resumed, not refrozen
-            # what the killed run put up is reused: only the rest is new
-            assert ev.sizes["new"] == ev.sizes["unique"] - present_bytes > 0
-            found = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
-            assert found is not None and found[0].checkpoint_id == ev.checkpoint_id
-            async with open_store(settings.store) as store:
-                manifest = await fetch_manifest(store, found[0].manifest_key, settings.signing_key)
-                assert (await verify_checkpoint(store, manifest, deep=True)).ok
-            assert not is_dir(attempt.staging_dir)
-            assert answer(sb) == before
+            deadline = time.monotonic() + 60
+            while (await chunks_and_manifests(settings, spec.name))[0] == chunks:
+                assert time.monotonic() < deadline, log_tail(log_path)
+                await asyncio.sleep(0.1)
         finally:
-            second.terminate()  # SIGTERM drains and exits cleanly
-            rc = await asyncio.wait_for(second.wait(), 30)
-        assert rc == 0, log_path.read_text()[-3000:]
+            second.terminate()
+        ev = await next_event(events, 90)
+        rc = await asyncio.wait_for(second.wait(), 60)
+        assert rc == 0, log_tail(log_path)
+        assert "stopped after 1 commands" in log_tail(log_path)
+
+        assert ev.ok and not ev.skipped, ev.reason
+        assert ev.command_id == cmd.id and ev.checkpoint_id == attempt.checkpoint_id  # resumed, not refrozen
+        # what the killed run put up is reused: only the rest is new
+        assert ev.sizes["new"] == ev.sizes["unique"] - present_bytes > 0
+        found = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
+        assert found is not None and found[0].checkpoint_id == ev.checkpoint_id
+        async with open_store(settings.store) as store:
+            manifest = await fetch_manifest(store, found[0].manifest_key, settings.signing_key)
+            assert (await verify_checkpoint(store, manifest, deep=True)).ok
+        assert not is_dir(attempt.staging_dir)
+        assert answer(sb) == before

@@ -64,7 +64,7 @@ def test_before_claim(
     d = before_claim(command, done=done, catalog=catalog)
     assert (d.action if d else None) == expected
     if expected is Action.SKIP:
-        assert d is not None and "X" in d.reason and "h2" in d.reason
+        assert d is not None and "X" in d.reason and "h2" in d.reason and d.checkpoint_id == "X"
 
 
 def test_judge_claim_table() -> None:

@@ -31,6 +31,7 @@ class Claim:
 class Decision:
     action: Action
     reason: str = ""
+    checkpoint_id: str | None = None  # SKIP because of a catalog entry: that entry's checkpoint
 
 
 class ClaimVerdict(StrEnum):
@@ -51,6 +52,7 @@ def before_claim(cmd: FreezeCommand, *, done: bool, catalog: CatalogEntry | None
             Action.SKIP,
             f"catalog already has checkpoint {catalog.checkpoint_id} for this key"
             f" (from {catalog.host or 'an unknown host'})",
+            checkpoint_id=catalog.checkpoint_id,
         )
     return None
 

@@ -134,9 +134,11 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
     decision = await _decide(ctx, cmd, compat_hash)
     if decision.action is Action.SKIP:
         log.info("freeze %s of %s skipped: %s", cmd.id, cmd.deployment, decision.reason)
+        # checkpoint_id: the key's checkpoint when the catalog has one, so listeners learn it
         return event_for(
-            cmd, host, ok=True, skipped=True, reason=decision.reason, compat=compat, compat_hash=compat_hash
-        )
+            cmd, host, ok=True, skipped=True, reason=decision.reason, compat=compat, compat_hash=compat_hash,
+            checkpoint_id=decision.checkpoint_id,
+        )  # fmt: skip
 
     ckpt = new_checkpoint_id()
     staging = ctx.ledger.staging_dir(ckpt)
@@ -226,22 +228,17 @@ async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEve
     if a.phase is Phase.UPLOADED:
         t0 = time.monotonic()
         with tracer.start_as_current_span("catalog"):
-            written = await _catalog(ctx, cmd, a)
-        if written is None:
+            written, ours = await _catalog(ctx, cmd, a)
+        if not ours:
             await release_claim(ctx)
-            reason = "another freezer wrote this key's catalog entry first; this checkpoint stays unlisted"
-            return event_for(
-                cmd,
-                host,
-                ok=True,
-                skipped=True,
-                checkpoint_id=a.checkpoint_id,
-                reason=reason,
-                compat=a.compat,
-                compat_hash=a.compat_hash,
-                sizes=a.sizes,
-                timings_s=a.timings_s,
+            reason = (
+                f"another freezer cataloged {written.checkpoint_id} for this key first;"
+                f" this freeze's {a.checkpoint_id} stays unlisted"
             )
+            return event_for(
+                cmd, host, ok=True, skipped=True, checkpoint_id=written.checkpoint_id, reason=reason,
+                compat=a.compat, compat_hash=a.compat_hash, sizes=a.sizes, timings_s=a.timings_s,
+            )  # fmt: skip
         timings = dict(a.timings_s)
         timings["catalog_s"] = round(time.monotonic() - t0, 4)
         a = a.advance(Phase.CATALOGED, timings_s=timings, previous_id=written.previous_id)
@@ -263,8 +260,9 @@ async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEve
     )
 
 
-async def _catalog(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CatalogEntry | None:
-    """Write the entry; an auto-freeze never overwrites one that appeared meanwhile (None)."""
+async def _catalog(ctx: Context, cmd: FreezeCommand, a: Attempt) -> tuple[CatalogEntry, bool]:
+    """Write the entry: (the key's entry, True) once it is ours. An auto-freeze never overwrites
+    one that appeared meanwhile: (that entry, False)."""
     kv = ctx.bus.kv[Bucket.CHECKPOINTS]
     entry = CatalogEntry(
         deployment=a.deployment,
@@ -278,11 +276,11 @@ async def _catalog(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CatalogEntry
     for _ in range(5):
         found = await catalog.lookup(kv, a.deployment, a.compat_hash)
         if found is not None and found[0].checkpoint_id == a.checkpoint_id:
-            return found[0]  # written before a crash
+            return found[0], True  # written before a crash
         if found is not None and not cmd.force:
-            return None
+            return found[0], False
         try:
-            return await catalog.publish_entry(kv, replace(entry, created_at=time.time()))
+            return await catalog.publish_entry(kv, replace(entry, created_at=time.time())), True
         except RetryableError:
             continue
     raise RetryableError(f"catalog {a.deployment}.{a.compat_hash}: contended five times", delay_s=1.0)
