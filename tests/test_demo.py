@@ -219,3 +219,23 @@ def test_ctrl_c_mid_demo_stops_everything(criu: CriuBinary) -> None:
         assert _netns_of(endpoint) not in _netns_names()
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_what_the_dashboard_queries_is_what_the_services_emit(demo_run: dict[str, Any]) -> None:
+    """Every attribute the dashboard reads, and every phase a CPU restore has, arrived in the
+    demo's traces: a renamed span or attribute fails here, not silently in Grafana."""
+    assert demo_run["proc"].returncode == 0, demo_run["proc"].stdout
+    spans = [s for t in demo_run["traces"].values() for s in t]
+    names = {s.name for s in spans}
+    attrs = {k for s in spans for k in s.attributes}
+    expected = {
+        sc.SCALE_UP_SPAN,
+        sc.DECISION_SPAN,
+        sc.TRAFFIC_SPAN,
+        *sc.COLD_PHASES,
+        *sc.RESTORE_TRACE_PHASES,
+    }
+    assert expected <= names, f"missing spans: {expected - names}"
+    assert attrs >= sc.ATTRIBUTES, f"missing attributes: {sc.ATTRIBUTES - attrs}"
