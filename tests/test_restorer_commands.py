@@ -222,3 +222,14 @@ async def test_status_verb(h: Harness) -> None:
     for needle in ("HOSTS", "REPLICAS", "CHECKPOINTS", "HOST CACHES", h.host, "r1", "ready", "restore"):
         assert needle in text, text
     assert frozen.entry.checkpoint_id in text
+
+
+async def test_stopping_the_service_mid_boot_cleans_up_and_says_so(h: Harness) -> None:
+    flag = h.tmp / "never"
+    slow = await h.deploy(h.spec("slow", ready=ReadySpec(http_path=None, file=str(flag), timeout_s=60.0)))
+    async with running(h.settings, h.criu, drain_s=0.5):
+        await h.restore(slow.name, "r1")
+        await h.wait("r1", frozenset({ReplicaState.STARTING}))
+    ev = await h.wait("r1", timeout_s=10)
+    assert ev.state is ReplicaState.FAILED and ev.reason == "the restorer stopped while it was starting"
+    assert procs_with(h.tag) == []

@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--cpu-slots", type=int, help="replicas of CPU deployments at once (SNAPSCALE_CPU_SLOTS)")
     p.add_argument("--suspend-budget-bytes", type=int, help="RAM suspended replicas may hold")
     p.add_argument("--heartbeat-s", type=float, help="inventory interval (SNAPSCALE_HEARTBEAT_S)")
+    p.add_argument("--drain-s", type=float, help="on SIGTERM, time in-flight commands get (default 20)")
     p.add_argument("--no-auto-freeze", action="store_true", help="never ask the freezer after a cold boot")
     p.set_defaults(func=_serve)
 
@@ -41,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         cpu_slots=args.cpu_slots,
         suspend_budget_bytes=args.suspend_budget_bytes,
         heartbeat_s=args.heartbeat_s,
+        drain_s=args.drain_s,
         auto_freeze=False if args.no_auto_freeze else None,
     )
 

@@ -23,6 +23,7 @@ class RestorerConfig:
     ack_wait_s: float = 30.0  # the command consumer's ack wait; in-flight work extends it
     max_inflight: int = 16  # commands handled at once (restores beyond free slots fail fast)
     adopt_ready_timeout_s: float = 15.0  # a re-adopted sandbox must answer its probe by then
+    drain_s: float = 20.0  # on stop, time in-flight commands get to finish before they are cancelled
     auto_freeze: bool = True  # ask the freezer to freeze a cold-booted replica whose spec wants it
     work_dir: Path | None = None  # run dirs and images; default <state_dir>/restorer
 

@@ -70,6 +70,7 @@ class Host:
     live: dict[str, Live] = field(default_factory=dict)
     # replica -> its scale-up in progress, so a release can cancel it and a duplicate can wait
     starting: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    cancelled_by_release: set[str] = field(default_factory=set)  # else a cancel means shutdown
     compat_cache: dict[str, tuple[float, compat.CompatKey]] = field(default_factory=dict)
     host_key: compat.CompatKey | None = None  # the host's own fields, read once
 

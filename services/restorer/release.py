@@ -121,6 +121,7 @@ async def release(h: Host, cmd: ReleaseCommand) -> str:
     task = h.starting.get(cmd.replica)
     if task is not None and not task.done():
         # released while still coming up: the scale-up cleans up what it started and reports failed
+        h.cancelled_by_release.add(cmd.replica)
         task.cancel()
         with contextlib.suppress(BaseException):
             await task

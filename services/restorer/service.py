@@ -54,7 +54,6 @@ time_to_ready = meter.create_histogram(
     "snapscale.time_to_ready_s", unit="s", description="restore command received -> replica ready, by tier"
 )
 LEDGER_KEEP_S = 24 * 3600.0
-DRAIN_S = 20.0
 
 
 class Restorer:
@@ -108,7 +107,7 @@ class Restorer:
                 await stop.wait()
                 # drain: stop fetching, let in-flight commands finish (or be redelivered) within a deadline
                 if self._inflight:
-                    await asyncio.wait(self._inflight, timeout=DRAIN_S)
+                    await asyncio.wait(self._inflight, timeout=c.drain_s)
                 for t in [*tasks, *self._inflight]:
                     t.cancel()
                 await asyncio.gather(*tasks, *self._inflight, return_exceptions=True)
@@ -228,15 +227,22 @@ class Restorer:
                 a = Attempt(cmd, spec, list(grant.gpu_uuids))
                 compat_hash, compat_dict = await host_compat(h, spec)
                 root.set_attribute("snapscale.compat_hash", compat_hash)
+                deadline = asyncio.timeout(remaining)
                 try:
-                    async with asyncio.timeout(remaining):
+                    async with deadline:
                         lv = await scale_up(h, a, compat_hash, compat_dict)
                 except TimeoutError:
-                    raise TimeoutError(f"deadline of {cmd.deadline_s:g}s exceeded") from None
+                    if deadline.expired():
+                        raise TimeoutError(f"deadline of {cmd.deadline_s:g}s exceeded") from None
+                    raise
             except asyncio.CancelledError:
                 h.slots.free(cmd.replica)
                 await reap(run_dir)
-                reason = "released while starting"
+                if cmd.replica in h.cancelled_by_release:
+                    h.cancelled_by_release.discard(cmd.replica)
+                    reason = "released while starting"
+                else:
+                    reason = "the restorer stopped while it was starting"
                 await self._failed(h, cmd, a, reason)
                 h.ledger.finish(cmd.id, ok=False, outcome=f"failed: {reason}")
                 raise
