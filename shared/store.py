@@ -131,6 +131,8 @@ class ChunkStore(abc.ABC):
         return await self.get(check_manifest_key(key))
 
     async def list_manifests(self, deployment: str | None = None) -> list[ObjectInfo]:
+        if deployment is not None:
+            manifest_key(deployment, "x")  # refuses a deployment name that could leave the root
         prefix = MANIFESTS if deployment is None else f"{MANIFESTS}{deployment}/"
         return [o async for o in self.iter_objects(prefix) if o.key.endswith(".json")]
 

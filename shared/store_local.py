@@ -71,7 +71,9 @@ class LocalStore(ChunkStore):
 
     def _list(self, prefix: str) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
-        for dirpath, dirs, files in os.walk(self.root):
+        # Walk only below the prefix's directory part: listing chunks never visits manifests.
+        start = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        for dirpath, dirs, files in os.walk(start):
             rel_dir = Path(dirpath).relative_to(self.root).as_posix()
             if rel_dir == ".":
                 dirs[:] = [d for d in dirs if d != TMP_DIR]

@@ -75,6 +75,8 @@ async def test_keys_cannot_escape(store: ChunkStore) -> None:
         manifest_key("..", "x")
     with pytest.raises(ValueError, match="bad store key"):
         await store.get_manifest("manifests/../chunks/x.json")
+    with pytest.raises(ValueError, match="cannot be part"):
+        await store.list_manifests("../..")
 
 
 async def test_touch_refreshes_mtime(settings_store_local: LocalStore) -> None:
