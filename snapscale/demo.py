@@ -136,25 +136,28 @@ async def _main(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
+    state = DemoState(deployment="")
+    error = ""
     try:
-        state = await play(opts, work, procs, out)
+        await play(opts, work, procs, out, state)
     except asyncio.CancelledError:
-        out.clear()
-        out.say("interrupted")
-        return 130
+        error = "interrupted"
     except DemoError as e:
-        out.clear()
-        out.say(f"demo failed: {e}")
-        return 1
+        error = f"demo failed: {e}"
     out.clear()
-    out.say("")
-    out.say(summary(state))
+    if error:
+        out.say(error)
+    if state.scale_ups:
+        out.say("")
+        out.say(summary(state))
     if opts.json_path is not None:
-        opts.json_path.write_bytes(
-            orjson.dumps(to_plain(state, work_dir=str(work)), option=orjson.OPT_INDENT_2)
-        )
+        # Written after a failure too: what got done, and the error, for whoever looks later.
+        plain = to_plain(state, work_dir=str(work), error=error or None)
+        opts.json_path.write_bytes(orjson.dumps(plain, option=orjson.OPT_INDENT_2))
         out.say(f"results written to {opts.json_path}")
-    return 0
+    if error == "interrupted":
+        return 130
+    return 1 if error else 0
 
 
 def demo_env(base: dict[str, str], work: Path, nats_url: str, host: str) -> dict[str, str]:
@@ -209,11 +212,13 @@ def demo_spec(
     return replace(d, scaling=scaling, freeze=replace(d.freeze, after_ready=True, keep_running=True))
 
 
-async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -> DemoState:
+async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console, state: DemoState) -> None:
+    """The scenario; what it sees goes into `state`, also when it ends early."""
     spec_path = opts.spec_path or default_spec_path()
     if not spec_path.exists():
         raise DemoError(f"no deployment spec at {spec_path} (the sample sandbox lives in examples/)")
     d = demo_spec(spec.load_toml(spec_path), opts)
+    state.deployment = d.name
 
     port = free_port()
     procs.start("nats-server", [find_exe("nats-server"), "-a", "127.0.0.1", "-p", str(port), "-js",
@@ -238,7 +243,6 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -
         procs.start(name, argv, dict(env, OTEL_SERVICE_NAME=f"snapscale-{name}"), cwd=EXAMPLES.parent)
 
     b = await bus.open_bus(settings, "snapscale-demo")
-    state = DemoState(deployment=d.name)
     state.begin_step("starting services", time.time())
     try:
         await follow(b, state, out)
@@ -278,7 +282,6 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -
         logging.getLogger("snapscale.shared.bus").setLevel(logging.ERROR)
         await b.close()
         telemetry.shutdown()
-    return state
 
 
 def _log_crash(task: asyncio.Task[None]) -> None:

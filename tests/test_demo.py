@@ -175,7 +175,7 @@ def test_one_trace_per_scale_up_from_traffic_to_ready(demo_run: dict[str, Any]) 
 
 @pytest.mark.criu
 @pytest.mark.slow
-def test_ctrl_c_mid_demo_stops_everything(criu: CriuBinary) -> None:
+def test_ctrl_c_mid_demo_stops_everything(criu: CriuBinary, tmp_path: Path) -> None:
     """SIGINT (what Ctrl-C sends) while a replica serves: exit 130, nothing left running."""
     if _services_missing():
         pytest.skip(f"the demo needs what has not landed yet: {', '.join(_services_missing())}")
@@ -183,7 +183,8 @@ def test_ctrl_c_mid_demo_stops_everything(criu: CriuBinary) -> None:
     env.pop("SNAPSCALE_STORE", None)
     env.pop("OTEL_EXPORTER_OTLP_ENDPOINT", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "snapscale", "demo", "--spec", str(SAMPLE), "--step-timeout-s", "240"],
+        [sys.executable, "-m", "snapscale", "demo", "--spec", str(SAMPLE), "--step-timeout-s", "240",
+         "--json", str(tmp_path / "partial.json")],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )  # fmt: skip
     assert proc.stdout is not None
@@ -212,6 +213,9 @@ def test_ctrl_c_mid_demo_stops_everything(criu: CriuBinary) -> None:
     out = "".join(lines) + rest
     assert proc.returncode == 130, out
     assert "interrupted" in out and "cleaning up" in out
+    partial = orjson.loads((tmp_path / "partial.json").read_bytes())
+    assert partial["error"] == "interrupted"
+    assert partial["scale_ups"][0]["tier"] == "cold" and partial["scale_ups"][0]["endpoint"] == endpoint
     assert work is not None and work.exists(), "after an interruption the logs stay for a look"
     try:
         assert holders(work) == []
