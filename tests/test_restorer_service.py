@@ -170,3 +170,23 @@ async def _settle(h: Harness) -> ConsumerInfo:
             return cast(ConsumerInfo, info)
         await asyncio.sleep(0.05)
     raise AssertionError(f"commands still pending: {info}")
+
+
+async def test_two_restores_race_for_one_suspended_replica(h: Harness) -> None:
+    spec = await h.deploy(h.spec())
+    async with running(h.settings, h.criu, cpu_slots=2) as (svc, _):
+        await h.restore(spec.name, "r1")
+        assert (await h.wait("r1")).state is ReplicaState.READY
+        await h.release(spec.name, "r1", ReleaseMode.SUSPEND)
+        await h.wait("r1", frozenset({ReplicaState.SUSPENDED}))
+        await asyncio.gather(h.restore(spec.name, "x"), h.restore(spec.name, "y"))
+        x, y = await h.wait("x"), await h.wait("y")
+        assert x.state is ReplicaState.READY and y.state is ReplicaState.READY, (x.reason, y.reason)
+        assert sorted([x.tier, y.tier]) == sorted([Tier.RESUME, Tier.COLD])
+        resumed = x if x.tier is Tier.RESUME else y
+        gone = await h.wait("r1", frozenset({ReplicaState.STOPPED}))
+        assert gone.reason == f"resumed as replica {resumed.replica}"
+        assert svc.host is not None and sorted(svc.host.live) == ["x", "y"]
+        assert svc.host.registry.get("r1") is None
+        reg = svc.host.registry.get(resumed.replica)
+        assert reg is not None and reg.endpoint == resumed.endpoint

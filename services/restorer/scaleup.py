@@ -156,9 +156,10 @@ def _observed(base: Observed, a: Attempt, found: Found | None) -> Observed:
 
 async def _resume(h: Host, a: Attempt, d: Decision, old: str) -> Live:
     lv = h.live[old]
-    await announce(h, a, d, lv.checkpoint_id)
-    lv.state = ReplicaState.RESUMING  # no other command may take it meanwhile
+    # taken before the first await, so a concurrent scale-up cannot pick the same replica
+    lv.state = ReplicaState.RESUMING
     try:
+        await announce(h, a, d, lv.checkpoint_id)
         with phase(a, "cuda_restore"):
             if lv.sandbox.gpu_uuids:
                 sb = await engine.resume(lv.sandbox, a.gpu_uuids)
