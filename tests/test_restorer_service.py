@@ -182,7 +182,7 @@ async def test_two_restores_race_for_one_suspended_replica(h: Harness) -> None:
         await asyncio.gather(h.restore(spec.name, "x"), h.restore(spec.name, "y"))
         x, y = await h.wait("x"), await h.wait("y")
         assert x.state is ReplicaState.READY and y.state is ReplicaState.READY, (x.reason, y.reason)
-        assert sorted([x.tier, y.tier]) == sorted([Tier.RESUME, Tier.COLD])
+        assert {x.tier, y.tier} == {Tier.RESUME, Tier.COLD}
         resumed = x if x.tier is Tier.RESUME else y
         gone = await h.wait("r1", frozenset({ReplicaState.STOPPED}))
         assert gone.reason == f"resumed as replica {resumed.replica}"
