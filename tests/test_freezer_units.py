@@ -81,6 +81,7 @@ def test_judge_claim_table() -> None:
 
 
 def test_ledger_survives_a_restart_and_sweeps_what_cannot_resume(tmp_path: Path) -> None:
+    T0 = 1_790_000_000.0
     led = Ledger(tmp_path)
     a = Attempt(
         command_id="c1",
@@ -89,7 +90,7 @@ def test_ledger_survives_a_restart_and_sweeps_what_cannot_resume(tmp_path: Path)
         checkpoint_id="ck1",
         staging_dir=str(led.staging_dir("ck1")),
         phase=Phase.FREEZING,
-        started_at=1.0,
+        started_at=T0,
     )
     led.save(a)
     led.staging_dir("ck1").mkdir()
@@ -98,13 +99,17 @@ def test_ledger_survives_a_restart_and_sweeps_what_cannot_resume(tmp_path: Path)
 
     again = Ledger(tmp_path)  # a restarted process
     assert again.attempt("c1") == a
-    assert sorted(again.sweep()) == ["ck1", "orphan"]  # a FREEZING image is partial: gone
+    assert sorted(again.sweep(now=T0 + 60)) == ["ck1", "orphan"]  # a FREEZING image is partial: gone
 
     led.save(a.advance(Phase.DUMPED, sizes={"total": 10}))
     led.staging_dir("ck1").mkdir()
-    assert again.sweep() == []  # a DUMPED image is resumable: kept
+    assert again.sweep(now=T0 + 60) == []  # a DUMPED image is resumable: kept
     got = again.attempt("c1")
     assert got is not None and got.phase is Phase.DUMPED and got.sizes == {"total": 10}
+
+    # an attempt whose command never came back within any redelivery window is given up
+    assert again.sweep(now=T0 + 4 * 24 * 3600) == ["ck1"] and again.attempt("c1") is None
+    led.save(a.advance(Phase.DUMPED))
 
     ev = CheckpointEvent(deployment="d", host="h", ok=True, ts=2.0, command_id="c1", checkpoint_id="ck1")
     again.finish("c1", ev, "ck1")

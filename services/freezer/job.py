@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from opentelemetry import trace
@@ -40,7 +40,7 @@ tracer = telemetry.tracer(__name__)
 
 
 class FreezeFailed(SnapscaleError):
-    """This command cannot freeze (no such sandbox, engine step failed): report it, do not retry."""
+    """This command cannot freeze (no such sandbox, no spec): report it, do not retry."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
@@ -62,7 +62,6 @@ class Context:
     chunk_bytes: int | None = None
     held: claims.Held | None = None
     on_phase: Callable[[Phase], Awaitable[None]] | None = None  # tests observe progress here
-    extra_timings: dict[str, float] = field(default_factory=dict)
 
 
 def event_for(cmd: FreezeCommand, host: str, **kw: object) -> CheckpointEvent:
@@ -125,10 +124,15 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
     try:
         sb = find_sandbox(ctx, cmd)
         spec = await load_spec(ctx, cmd.deployment)
+        if len(sb.gpu_uuids) != spec.gpus:
+            raise FreezeFailed(
+                f"replica {sb.replica} holds {len(sb.gpu_uuids)} GPUs, its spec asks {spec.gpus}"
+            )
     except FreezeFailed as e:
         return event_for(cmd, host, ok=False, reason=e.reason)
-    # hashes the interpreter and the spec's image files, asks NVML: keep the loop (heartbeat) free
-    key = await asyncio.to_thread(host_key, spec, criu=ctx.criu, gpu_count=len(sb.gpu_uuids))
+    # The key a restorer computes for this spec (gpu_count from the spec, as it does). It hashes the
+    # interpreter and the spec's image files and asks NVML: off the loop, so heartbeats keep going.
+    key = await asyncio.to_thread(host_key, spec, criu=ctx.criu, gpu_count=spec.gpus)
     compat, compat_hash = key.as_dict(), key.hash()
 
     decision = await _decide(ctx, cmd, compat_hash)
@@ -166,9 +170,7 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
         if e.log_tail:
             reason += f"\n{e.log_tail}"
         log.error("freeze %s of %s/%s failed at %s: %s", ckpt, cmd.deployment, cmd.replica, e.step, e.reason)
-        return event_for(
-            cmd, host, ok=False, checkpoint_id=ckpt, reason=reason, compat=compat, compat_hash=compat_hash
-        )
+        return event_for(cmd, host, ok=False, reason=reason, compat=compat, compat_hash=compat_hash)
     attempt = attempt.advance(Phase.DUMPED, timings_s=dict(report.timings_s))
     ctx.ledger.save(attempt)
     await _notify(ctx, Phase.DUMPED)

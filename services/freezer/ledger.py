@@ -138,11 +138,15 @@ class Ledger:
 
     # --- housekeeping ------------------------------------------------------------
     def sweep(self, *, now: float | None = None, done_max_age_s: float = 3 * 24 * 3600) -> list[str]:
-        """At start: drop staging dirs no attempt can resume and outcomes older than any redelivery.
-
-        Returns the staging dirs removed. Attempts themselves stay until their command comes back.
-        """
+        """At start: drop staging dirs no attempt can resume, and attempts and outcomes older than
+        any redelivery (the command stream keeps a day). Returns the staging dirs removed."""
         t = time.time() if now is None else now
+        for a in self.attempts():
+            if t - a.started_at > done_max_age_s:
+                log.warning(
+                    "abandoning freeze %s of %s: its command never came back", a.checkpoint_id, a.deployment
+                )
+                (self.inflight_dir / f"{_name(a.command_id)}.json").unlink(missing_ok=True)
         resumable = {a.checkpoint_id for a in self.attempts() if a.phase is not Phase.FREEZING}
         removed: list[str] = []
         for d in self.staging_root.iterdir():

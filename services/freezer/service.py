@@ -79,7 +79,7 @@ class Freezer:
                 await self._announce(done)
                 await msg.ack_sync()
                 return
-            ctx = replace(self.ctx, held=None, extra_timings={})
+            ctx = replace(self.ctx, held=None)
             try:
                 async with self._heartbeat(msg, ctx):
                     event = await job.run(ctx, cmd)
