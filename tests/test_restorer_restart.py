@@ -19,7 +19,7 @@ from restorer_harness import Harness, follow, get, spawn
 
 from snapscale.shared import bus, netns, sandbox
 from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import ReleaseMode, ReplicaState, Tier
+from snapscale.shared.messages import ReleaseMode, ReplicaEvent, ReplicaState, Tier, decode_message
 from snapscale.shared.registry import SandboxRegistry
 from snapscale.shared.settings import Settings
 from snapscale.shared.spec import ReadySpec
@@ -118,6 +118,10 @@ async def test_killed_after_ready_re_adopts_the_replica(
     assert back.reason == "re-adopted after a restorer restart"
     assert back.endpoint == ev.endpoint and back.tier is Tier.COLD
     assert sandbox.is_running(sb)  # the very same process
+    # on the stream too (a JetStream consumer such as the scaler sees it), not only on the wire
+    last = await h.bus.js.get_last_msg(h.bus.subjects.evt_stream, h.bus.subjects.evt_replica(spec.name))
+    assert last.data is not None
+    assert decode_message(last.data, ReplicaEvent).reason == "re-adopted after a restorer restart"
     await get(back.endpoint, "/generate")
 
     # and it is this restorer's to release

@@ -41,8 +41,12 @@ async def current(b: Bus, deployment: str, replica: str) -> tuple[ReplicaEvent |
         return None, rev
 
 
-async def record(b: Bus, ev: ReplicaEvent) -> None:
-    """Write `ev` to KV `replicas` (compare-and-set) and publish it on the replica subject."""
+async def record(b: Bus, ev: ReplicaEvent, *, occasion: str = "") -> None:
+    """Write `ev` to KV `replicas` (compare-and-set) and publish it on the replica subject.
+
+    The stream drops a second event of one command in one state (a republished outcome);
+    `occasion` tells apart a new event that would otherwise look like one (a re-adoption).
+    """
     key = replica_key(ev.deployment, ev.replica)
     for _ in range(CAS_ATTEMPTS):
         old, rev = await current(b, ev.deployment, ev.replica)
@@ -56,7 +60,7 @@ async def record(b: Bus, ev: ReplicaEvent) -> None:
             continue
     else:
         log.error("replica %s: KV write lost to concurrent writers %d times", key, CAS_ATTEMPTS)
-    msg_id = f"{ev.host}.{key}.{ev.state}.{ev.command_id or ev.ts}"
+    msg_id = f"{ev.host}.{key}.{ev.state}.{ev.command_id or ev.ts}{'.' + occasion if occasion else ''}"
     await busmod.publish(b, b.subjects.evt_replica(ev.deployment), ev, msg_id=msg_id)
     log.info(
         "replica %s %s%s%s",

@@ -87,6 +87,7 @@ async def _adopt_one(h: Host, sb: sandbox.Sandbox) -> str | None:
             checkpoint_id=sb.checkpoint_id,
             gpu_uuids=list(sb.gpu_uuids),
         ),
+        occasion=f"readopted-{h.now():.3f}",
     )
     return None
 
