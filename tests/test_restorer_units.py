@@ -89,3 +89,95 @@ def test_ledger_unreadable_entry_is_treated_as_new(tmp_path: Path) -> None:
         p.write_bytes(b"{not json")
     assert led.get("c1") is None
     assert led.unfinished() == []
+
+
+def test_heartbeat_counts_complete_checkpoints_and_suspended_memory() -> None:
+    from snapscale.restorer.inventory import heartbeat
+    from snapscale.shared.messages import ReplicaState, ReplicaSummary
+
+    hb = heartbeat(
+        host="h",
+        now=5.0,
+        compat_hash="c",
+        compat={"gpu_model": "cpu"},
+        gpus=GPUS[:1],
+        cpu_slots=2,
+        cached={"full": (10, 10), "part": (3, 10), "empty": (0, 0)},
+        replicas=[
+            ReplicaSummary("d", "a", ReplicaState.SUSPENDED, rss_bytes=100),
+            ReplicaSummary("d", "b", ReplicaState.READY, rss_bytes=0),
+            ReplicaSummary("d", "c", ReplicaState.SUSPENDED, rss_bytes=50),
+        ],
+        suspend_budget_bytes=1000,
+        interval_s=1.0,
+        compat_hashes={"d": "k"},
+    )
+    assert hb.cached_checkpoints == ["empty", "full"]
+    assert hb.cached_bytes == {"full": 10, "part": 3, "empty": 0}
+    assert hb.suspend_used_bytes == 150 and hb.compat_hashes == {"d": "k"}
+
+
+def test_status_table() -> None:
+    from snapscale.restorer.status import Status, render
+    from snapscale.shared.catalog import CatalogEntry
+    from snapscale.shared.messages import HostHeartbeat, ReplicaEvent, ReplicaState, Tier
+
+    st = Status(
+        hosts=[
+            HostHeartbeat(
+                "h1",
+                90.0,
+                "c" * 64,
+                gpus=GPUS[:2],
+                cached_checkpoints=["ck1"],
+                cached_bytes={"ck1": 2_000_000, "ck0": 1},
+            )
+        ],
+        replicas=[
+            ReplicaEvent("d", "r1", "h1", ReplicaState.READY, 40.0, tier=Tier.COLD, reason="no checkpoint")
+        ],
+        checkpoints=[
+            CatalogEntry("d", "c" * 64, "ck1", "manifests/d/ck1.json", 0.0, sizes={"total": 5_000_000})
+        ],
+        unreadable=["replicas/x.y"],
+    )
+    text = render(st, now=100.0)
+    lines = text.splitlines()
+    assert lines[0] == "HOSTS"
+    assert lines[2].split() == ["h1", "10s", "2/2", "0", "0", "0.0MB/0.0MB", "ck1", "c" * 12]
+    assert "r1" in text and "cold" in text and "no checkpoint" in text and "60s" in text
+    assert [ln.split() for ln in lines[-4:-2]] == [
+        ["h1", "ck0", "0.0MB", "partial"],
+        ["h1", "ck1", "2.0MB", "complete"],
+    ]
+    assert text.endswith("unreadable KV entries: replicas/x.y")
+
+
+@pytest.mark.parametrize(
+    ("exc", "reads"),
+    [
+        (TimeoutError(), "timed out"),
+        (TimeoutError("deadline of 2s exceeded"), "timed out (deadline of 2s exceeded)"),
+        (ValueError("bad"), "ValueError: bad"),
+        (RuntimeError(), "RuntimeError"),
+    ],
+)
+def test_describe(exc: BaseException, reads: str) -> None:
+    from snapscale.restorer.host import describe
+    from snapscale.shared.engine_errors import CriuError
+
+    assert describe(exc) == reads
+    assert describe(CriuError("criu_restore", "bad image", "log\nlines")) == "criu_restore: bad image"
+
+
+def test_store_problems_read_as_reasons() -> None:
+    from snapscale.restorer.lookup import store_problem
+    from snapscale.shared.manifest import SignatureError
+    from snapscale.shared.store import NotFoundError, RetryableStoreError
+
+    assert store_problem(SignatureError("signature does not match")).startswith("manifest refused: ")
+    assert (
+        store_problem(NotFoundError("manifests/d/x.json"))
+        == "manifest missing from the store (manifests/d/x.json)"
+    )
+    assert store_problem(RetryableStoreError("S3 get x: still failing")).startswith("store unreachable: ")
