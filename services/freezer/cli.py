@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from dataclasses import replace
 from typing import Any
 
 from snapscale.shared import runtime, telemetry
@@ -39,10 +40,10 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def _serve(args: argparse.Namespace) -> int:
     from .service import Options, serve
 
-    overrides: dict[str, object] = {"service_name": "snapscale-freezer"}
-    if args.host:
-        overrides["host_id"] = args.host
+    overrides: dict[str, object] = {"host_id": args.host} if args.host else {}
     settings = Settings.from_env(None, **overrides)
+    if settings.service_name == "snapscale":  # OTEL_SERVICE_NAME, when set, wins
+        settings = replace(settings, service_name="snapscale-freezer")
     runtime.setup_logging(settings.log_level)
     opts = Options(
         ack_wait_s=args.ack_wait_s,
