@@ -136,6 +136,7 @@ async def main(args: argparse.Namespace) -> int:
     )
     spec_nohooks = replace(spec, hooks=HooksSpec())
     uuid0 = cards[0][1]
+    other = cards[1][1] if len(cards) > 1 else uuid0
     img_root = Path(args.images)
     t: dict[str, float] = {}
     live: list[Sandbox] = []
@@ -158,10 +159,15 @@ async def main(args: argparse.Namespace) -> int:
         t["suspend_s"] = st["suspend"]
         RESULTS["gpu_mem_mib_suspended"] = gpu_mem_used_mib()
         s = time.monotonic()
-        sb = await engine.resume(sb, [uuid0])
+        # On a 2-GPU host the sandbox comes back on the other card (CUDA restore with a UUID remap).
+        live.remove(sb)
+        sb = await engine.resume(sb, [other])
+        live.append(sb)
+        RESULTS["resumed_on"] = other
         got = await answer(sb)
         t["resume_to_first_answer_s"] = time.monotonic() - s
         RESULTS["resume_answer_identical"] = got == ref
+        RESULTS["gpu_mem_mib_after_resume"] = gpu_mem_used_mib()
         say(
             f"suspend {t['suspend_s']:.2f}s resume->answer {t['resume_to_first_answer_s']:.2f}s "
             f"same={got == ref}"
@@ -187,7 +193,11 @@ async def main(args: argparse.Namespace) -> int:
         say(f"freeze (no hooks, stop): {rep2.timings_s} {rep2.image_bytes / 2**30:.2f} GiB")
 
         # 5. Restores: restore start -> first correct answer.
-        for name, img, sp in (("hooks", img_hooks, spec), ("full", img_full, spec_nohooks)):
+        # Frozen on `other`: the hooks image restores onto GPU 0 (a remap where there are 2 GPUs).
+        for name, img, sp, card in (
+            ("hooks", img_hooks, spec, uuid0),
+            ("full", img_full, spec_nohooks, other),
+        ):
             if args.drop_caches:
                 drop_caches()
             s = time.monotonic()
@@ -195,7 +205,7 @@ async def main(args: argparse.Namespace) -> int:
                 sp,
                 img,
                 f"restore-{name}",
-                gpu_uuids=[uuid0],
+                gpu_uuids=[card],
                 run_dir=Path(args.work) / f"run-{name}",
                 criu=criu,
                 checkpoint_id=name,
@@ -205,6 +215,7 @@ async def main(args: argparse.Namespace) -> int:
             t[f"restore_{name}_to_first_answer_s"] = time.monotonic() - s
             RESULTS[f"restore_{name}"] = asdict(rr)
             RESULTS[f"restore_{name}_identical"] = got == ref
+            RESULTS[f"gpu_mem_mib_restore_{name}"] = gpu_mem_used_mib()
             say(
                 f"restore ({name}): {rr.timings_s} "
                 f"first answer {t[f'restore_{name}_to_first_answer_s']:.2f}s "

@@ -73,16 +73,36 @@ def uuid_bytes(uuid: str) -> bytes:
     return raw
 
 
-def remap_pairs(old: Sequence[str], new: Sequence[str]) -> list[tuple[str, str]]:
-    """Old->new UUID pairs for a restore onto other cards, position by position. Pure.
+def format_uuid(raw: bytes) -> str:
+    """16 bytes -> 'GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx', NVML's spelling. Pure."""
+    h = raw.hex()
+    return f"GPU-{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
+
+def remap_pairs(old: Sequence[str], new: Sequence[str], host: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """Old->new UUID pairs for a restore onto other cards. Pure.
+
+    The driver wants a permutation of the host's GPUs (it answered CUDA_ERROR_INVALID_VALUE to a
+    lone 0->1 pair on 2 GPUs), so the cards not named are paired among themselves, in host order.
     Same cards (or none): no pairs, the driver restores in place.
     """
     if len(old) != len(new):
         raise CudaError("cuda_restore", f"frozen on {len(old)} GPU(s), asked to restore onto {len(new)}")
+    if len(set(new)) != len(new):
+        raise CudaError("cuda_restore", f"restore targets repeat a GPU: {list(new)}")
     if list(old) == list(new):
         return []
-    return list(zip(old, new, strict=True))
+    pairs = list(zip(old, new, strict=True))
+    rest_src = [u for u in host if u not in set(old)]
+    free_dst = [u for u in host if u not in set(new)]
+    if len(rest_src) != len(free_dst):
+        return pairs  # frozen on cards this host does not have: let the driver judge
+    # Cards the move does not touch stay put; a card displaced by a target takes a freed source.
+    stay = [u for u in rest_src if u in free_dst]
+    moved_src = [u for u in rest_src if u not in stay]
+    moved_dst = [u for u in free_dst if u not in stay]
+    extra = dict(zip(moved_src, moved_dst, strict=True)) | {u: u for u in stay}
+    return pairs + [(u, extra[u]) for u in rest_src]
 
 
 def pack_restore_args(pairs: Sequence[tuple[str, str]]) -> tuple[CUcheckpointRestoreArgs, Any]:
@@ -152,6 +172,19 @@ class CudaCheckpoint:
         v = ctypes.c_int(0)
         self._check("cuDriverGetVersion", self._lib.cuDriverGetVersion(ctypes.byref(v)))
         return v.value
+
+    def host_uuids(self) -> list[str]:
+        """The UUIDs of the GPUs this process sees (all of the host's, unless it is masked)."""
+        n = ctypes.c_int(0)
+        self._check("cuDeviceGetCount", self._lib.cuDeviceGetCount(ctypes.byref(n)))
+        out = []
+        for i in range(n.value):
+            dev = ctypes.c_int(0)
+            self._check("cuDeviceGet", self._lib.cuDeviceGet(ctypes.byref(dev), i))
+            u = CUuuid()
+            self._check("cuDeviceGetUuid", self._lib.cuDeviceGetUuid(ctypes.byref(u), dev))
+            out.append(format_uuid(bytes(u.bytes)))
+        return out
 
     def state(self, pid: int) -> ProcessState:
         st = ctypes.c_int(-1)

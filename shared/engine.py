@@ -257,8 +257,8 @@ async def restore(
     meta = read_meta(image_dir)
     if meta.deployment != spec.name:
         raise EngineError("restore", f"image is of deployment {meta.deployment!r}, not {spec.name!r}")
-    pairs = cuda_ckpt.remap_pairs(meta.gpu_uuids, gpu_uuids) if meta.cuda else []
     drv = cuda_ckpt.driver() if meta.cuda else None  # no CUDA here: fail before starting anything
+    pairs = cuda_ckpt.remap_pairs(meta.gpu_uuids, gpu_uuids, drv.host_uuids()) if drv is not None else []
     t: dict[str, float] = {}
     sandbox.become_subreaper()
     with _step(t, "restore"):
@@ -342,7 +342,7 @@ async def suspend(
 async def resume(sb: Sandbox, gpu_uuids: list[str]) -> Sandbox:
     """Give a suspended sandbox its GPU state back, on `gpu_uuids` (which may be other cards)."""
     drv = cuda_ckpt.driver()
-    pairs = cuda_ckpt.remap_pairs(sb.gpu_uuids, gpu_uuids)
+    pairs = cuda_ckpt.remap_pairs(sb.gpu_uuids, gpu_uuids, drv.host_uuids())
     t: dict[str, float] = {}
     with _step(t, "resume", sb):
         await drv.resume_tree(sandbox.tree_pids(sb), pairs)

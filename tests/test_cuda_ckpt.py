@@ -37,12 +37,24 @@ def test_uuid_bytes() -> None:
             cuda_ckpt.uuid_bytes(bad)
 
 
+U2 = "GPU-22222222-2222-2222-2222-222222222222"
+
+
 def test_remap_pairs() -> None:
-    assert cuda_ckpt.remap_pairs([U0], [U0]) == []
+    assert cuda_ckpt.remap_pairs([U0], [U0], [U0, U1]) == []
     assert cuda_ckpt.remap_pairs([], []) == []
     assert cuda_ckpt.remap_pairs([U0, U1], [U1, U0]) == [(U0, U1), (U1, U0)]
+    # The driver wants a permutation of the host's cards (a lone pair is CUDA_ERROR_INVALID_VALUE).
+    assert cuda_ckpt.remap_pairs([U0], [U1], [U0, U1]) == [(U0, U1), (U1, U0)]
+    assert cuda_ckpt.remap_pairs([U0], [U2], [U0, U1, U2]) == [(U0, U2), (U1, U1), (U2, U0)]
     with pytest.raises(CudaError, match="frozen on 1 GPU"):
         cuda_ckpt.remap_pairs([U0], [U0, U1])
+    with pytest.raises(CudaError, match="repeat a GPU"):
+        cuda_ckpt.remap_pairs([U0, U1], [U2, U2])
+
+
+def test_format_uuid_round_trips() -> None:
+    assert cuda_ckpt.format_uuid(cuda_ckpt.uuid_bytes(U1)) == U1
 
 
 def test_struct_layouts_match_cuda_13() -> None:

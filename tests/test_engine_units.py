@@ -126,3 +126,12 @@ def test_image_meta_round_trip_and_refusal() -> None:
         engine.ImageMeta.from_json(b'{"format": 99}')
     with pytest.raises(EngineError, match="unreadable"):
         engine.ImageMeta.from_json(b"\xff")
+
+
+def test_sample_cpu_spec_loads() -> None:
+    from snapscale.shared.spec import load_toml
+
+    spec = load_toml(Path(__file__).resolve().parents[1] / "examples" / "sample_cpu.toml")
+    assert spec.name == "sample-cpu" and spec.gpus == 0 and spec.port == 8000
+    assert spec.hooks.before_freeze == "/hooks/before_freeze" and spec.ready.http_path == "/healthz"
+    assert "examples.sample_server.server" in spec.command
