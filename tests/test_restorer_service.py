@@ -57,6 +57,8 @@ async def test_cold_boot_when_no_checkpoint_then_stop_frees_the_slot(h: Harness)
         gone = await h.wait("r1", frozenset({ReplicaState.STOPPED}), after=n)
         assert gone.reason == "released"
         assert procs_with(h.tag) == []
+        run = h.settings.state_dir / "restorer" / "run"
+        assert not [d.name for d in run.iterdir() if d.name.startswith("r1.")]  # its logs went with it
         await h.restore(spec.name, "r3")
         assert (await h.wait("r3")).state is ReplicaState.READY
 

@@ -86,6 +86,15 @@ class Host:
         tag = hashlib.sha256(command_id.encode()).hexdigest()[:10]
         return self.work_dir / "run" / f"{replica}.{tag}"
 
+    def attempt_dir(self, run_dir: str) -> Path | None:
+        """The per-attempt folder under `<work>/run/` holding `run_dir`, or None if elsewhere."""
+        root = self.work_dir / "run"
+        try:
+            rel = Path(run_dir).relative_to(root)
+        except ValueError:
+            return None
+        return root / rel.parts[0] if rel.parts else None
+
     def image_dir(self, replica: str, command_id: str) -> Path:
         return self.work_dir / "images" / self.run_dir(replica, command_id).name
 

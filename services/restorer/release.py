@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -75,6 +76,9 @@ async def stop_replica(h: Host, lv: Live, command_id: str | None, reason: str) -
         h.live.pop(replica, None)
         h.slots.free(replica)
         h.registry.remove(replica)
+    # a stopped replica's logs go with it (a failed attempt's stay, for whoever debugs it)
+    if (d := h.attempt_dir(lv.sandbox.run_dir)) is not None:
+        await asyncio.to_thread(shutil.rmtree, d, True)
     await events.record(h.bus, _event(h, lv, ReplicaState.STOPPED, command_id, reason))
     await events.remove(h.bus, lv.spec.name, replica)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 
 from snapscale.restorer import events, inventory
@@ -107,3 +108,23 @@ async def _report_failed(
             reason=reason,
         ),
     )
+
+
+def prune_run_dirs(h: Host, older_than: float) -> int:
+    """Delete attempt folders (logs of failed attempts) older than `older_than` that no live
+    sandbox uses; the number deleted."""
+    root = h.work_dir / "run"
+    if not root.exists():
+        return 0
+    in_use = {h.attempt_dir(lv.sandbox.run_dir) for lv in h.live.values()}
+    n = 0
+    for d in root.iterdir():
+        if d in in_use or not d.is_dir():
+            continue
+        try:
+            if d.stat().st_mtime < older_than:
+                shutil.rmtree(d, ignore_errors=True)
+                n += 1
+        except OSError:
+            continue
+    return n

@@ -24,7 +24,7 @@ from snapscale.restorer.host import Host, deployment_keys, describe, host_compat
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.lookup import find_checkpoint
 from snapscale.restorer.release import release
-from snapscale.restorer.restart import adopt
+from snapscale.restorer.restart import adopt, prune_run_dirs
 from snapscale.restorer.scaleup import SCALE_UP_SPAN, Attempt, request_freeze, scale_up, tracer
 from snapscale.restorer.slots import Slots
 from snapscale.shared import bus as busmod
@@ -90,6 +90,7 @@ class Restorer:
                 self.host = h
                 h.ledger.prune(time.time() - LEDGER_KEEP_S)
                 await adopt(h)
+                await asyncio.to_thread(prune_run_dirs, h, time.time() - LEDGER_KEEP_S)
                 tasks = [
                     runtime.guard(self._heartbeats(h, stop), "restorer heartbeat"),
                     runtime.guard(
