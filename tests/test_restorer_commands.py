@@ -70,9 +70,17 @@ async def test_prefetch_command_warms_the_cache_then_restore_fetches_nothing(h: 
         hb = await heartbeat(h, lambda hb: spec.name in hb.compat_hashes)
         assert hb.compat_hashes[spec.name] == compat.host_key(spec, criu=h.criu, gpu_count=0).hash()
         assert hb.compat_hashes[spec.name] == frozen.entry.compat_hash
-        assert ckpt not in hb.cached_checkpoints
+        # it has read the catalog: the checkpoint is known, none of it cached yet
+        hb = await heartbeat(h, lambda hb: ckpt in hb.cached_bytes)
+        assert hb.cached_bytes[ckpt] == 0 and ckpt not in hb.cached_checkpoints
 
         await h.send(Verb.PREFETCH, PrefetchCommand(id="p1", deployment=spec.name, issued_at=time.time()))
+        hb = await heartbeat(h, lambda hb: ckpt in hb.cached_checkpoints)
+        assert hb.cached_bytes[ckpt] == frozen.manifest.unique_bytes
+
+    await h.bus.kv[Bucket.HOSTS].delete(h.host)
+    async with running(h.settings, h.criu):
+        # a restarted restorer finds its cache and reports the checkpoint before any restore
         hb = await heartbeat(h, lambda hb: ckpt in hb.cached_checkpoints)
         assert hb.cached_bytes[ckpt] == frozen.manifest.unique_bytes
 

@@ -73,6 +73,7 @@ class Host:
     cancelled_by_release: set[str] = field(default_factory=set)  # else a cancel means shutdown
     compat_cache: dict[str, tuple[float, compat.CompatKey]] = field(default_factory=dict)
     host_key: compat.CompatKey | None = None  # the host's own fields, read once
+    catalog_seen_at: float = float("-inf")  # monotonic time the inventory last read the catalog
 
     @property
     def name(self) -> str:

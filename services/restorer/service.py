@@ -28,7 +28,7 @@ from snapscale.restorer.restart import adopt, prune_run_dirs
 from snapscale.restorer.scaleup import SCALE_UP_SPAN, Attempt, request_freeze, scale_up, tracer
 from snapscale.restorer.slots import Slots
 from snapscale.shared import bus as busmod
-from snapscale.shared import runtime, telemetry
+from snapscale.shared import catalog, runtime, telemetry
 from snapscale.shared.cache import HostCache
 from snapscale.shared.criu import CriuBinary, find_criu
 from snapscale.shared.errors import RetryableError
@@ -54,6 +54,7 @@ time_to_ready = meter.create_histogram(
     "snapscale.time_to_ready_s", unit="s", description="restore command received -> replica ready, by tier"
 )
 LEDGER_KEEP_S = 24 * 3600.0
+CATALOG_REFRESH_S = 15.0  # how often the inventory looks for new checkpoints of its keys
 
 
 class Restorer:
@@ -364,6 +365,10 @@ async def publish_heartbeat(h: Host) -> None:
     if h.host_key is None:
         h.host_key = await asyncio.to_thread(host_part, h)  # NVML and the driver: read once
     key = h.host_key
+    keys = await deployment_keys(h)
+    if time.monotonic() >= h.catalog_seen_at + CATALOG_REFRESH_S:
+        h.catalog_seen_at = time.monotonic()
+        await learn_catalog(h, keys)
     hb = inventory.heartbeat(
         host=h.name,
         now=h.now(),
@@ -375,7 +380,19 @@ async def publish_heartbeat(h: Host) -> None:
         replicas=[lv.summary() for lv in h.live.values()],
         suspend_budget_bytes=h.config.suspend_budget_bytes,
         interval_s=h.config.heartbeat_s,
-        compat_hashes=await deployment_keys(h),
+        compat_hashes=keys,
     )
     await busmod.publish_core(h.bus, h.bus.subjects.evt_host(h.name), hb)
     await h.bus.kv[Bucket.HOSTS].put(h.name, encode_message(hb))
+
+
+async def learn_catalog(h: Host, keys: dict[str, str]) -> None:
+    """Read the manifests of the catalog's checkpoints for this host's keys, so the inventory
+    reports how much of each the cache holds (after a restart too, before any restore)."""
+    for deployment, compat_hash in keys.items():
+        try:
+            got = await catalog.lookup(h.bus.kv[Bucket.CHECKPOINTS], deployment, compat_hash)
+            if got is not None and got[0].checkpoint_id not in h.checkpoints.known:
+                await h.checkpoints.manifest(got[0].manifest_key)
+        except Exception as e:  # the inventory goes on with what it knows
+            log.info("catalog entry of %s unreadable for the inventory: %s", deployment, e)
