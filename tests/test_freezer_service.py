@@ -372,6 +372,28 @@ async def test_auto_freeze_that_loses_the_catalog_race_leaves_the_winner_listed(
         assert await bus.kv_get(the_bus.kv[Bucket.LEASES], f"freeze.{spec.name}.{ev.compat_hash}") is None
 
 
+@pytest.mark.criu
+async def test_a_redeploy_after_launch_keys_the_checkpoint_by_the_spec_the_sandbox_runs(
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    old = sample_spec("redeployed", tmp_path, preset="none")
+    await put_spec(the_bus, old)
+    async with (
+        running_sandbox(settings, old, f"r-{uuid.uuid4().hex[:6]}") as sb,
+        running_freezer(settings, criu),
+        checkpoint_events(the_bus, old.name) as events,
+    ):
+        new = replace(old, command=[*old.command, "--seed", "7"])
+        await put_spec(the_bus, new)  # the old replica keeps running the old spec
+        await send(the_bus, settings.host_id, freeze_cmd(old, sb.replica))
+        ev = await next_event(events)
+        assert ev.ok and not ev.skipped, ev.reason
+        assert ev.compat["spec_hash"] == old.spec_hash() != new.spec_hash()
+        kv = the_bus.kv[Bucket.CHECKPOINTS]
+        assert await catalog.lookup(kv, old.name, ev.compat_hash) is not None
+        assert [e.compat_hash for e in await catalog.entries(kv, old.name)] == [ev.compat_hash]
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     """The environment a freezer (or operator) subprocess reads its Settings from."""
     env = dict(os.environ)

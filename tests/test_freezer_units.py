@@ -21,6 +21,7 @@ from snapscale.freezer.decide import (
 from snapscale.freezer.ids import is_checkpoint_id, new_checkpoint_id
 from snapscale.freezer.ledger import Attempt, Ledger, Phase
 from snapscale.freezer.operator import Target, format_event, pick_target
+from snapscale.freezer.specs import SpecUnknown, pick_revision
 from snapscale.shared import bus
 from snapscale.shared.catalog import CatalogEntry
 from snapscale.shared.errors import ConfigError
@@ -215,3 +216,14 @@ def test_format_event_says_sizes_timings_and_failures() -> None:
         deployment="d", host="h", ok=True, ts=0.0, replica="r1", skipped=True, reason="x"
     )
     assert "skipped: x" in format_event(skipped)
+
+
+def test_pick_revision_is_the_spec_current_when_the_sandbox_started() -> None:
+    revs: list[tuple[float, bytes | None]] = [(10.0, b"v1"), (20.0, b"v2"), (30.0, None), (40.0, b"v3")]
+    assert pick_revision(revs, 15.0) == b"v1"
+    assert pick_revision(revs, 20.0) == b"v2"
+    assert pick_revision(revs, 99.0) == b"v3"
+    with pytest.raises(SpecUnknown, match="no longer reaches back"):
+        pick_revision(revs, 5.0)
+    with pytest.raises(SpecUnknown, match="had no spec"):
+        pick_revision(revs, 35.0)

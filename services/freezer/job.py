@@ -21,12 +21,11 @@ from snapscale.shared.checkpoint import upload_image
 from snapscale.shared.compat import host_key
 from snapscale.shared.criu import CriuBinary
 from snapscale.shared.engine_errors import EngineError
-from snapscale.shared.errors import ConfigError, RetryableError, SnapscaleError
+from snapscale.shared.errors import RetryableError, SnapscaleError
 from snapscale.shared.messages import CheckpointEvent, FreezeCommand
 from snapscale.shared.registry import SandboxRegistry
 from snapscale.shared.sandbox import Sandbox
 from snapscale.shared.settings import Settings
-from snapscale.shared.spec import DeploymentSpec
 from snapscale.shared.store import ChunkStore
 from snapscale.shared.subjects import Bucket
 
@@ -34,6 +33,7 @@ from . import claims
 from .decide import Action, ClaimVerdict, Decision, after_claim, before_claim
 from .ids import new_checkpoint_id
 from .ledger import Attempt, Ledger, Phase
+from .specs import SpecUnknown, spec_at
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -75,16 +75,6 @@ def event_for(cmd: FreezeCommand, host: str, **kw: object) -> CheckpointEvent:
     )
 
 
-async def load_spec(ctx: Context, deployment: str) -> DeploymentSpec:
-    got = await bus.kv_get(ctx.bus.kv[Bucket.DEPLOYMENTS], deployment)
-    if got is None:
-        raise FreezeFailed(f"deployment {deployment} has no spec in KV 'deployments'")
-    try:
-        return DeploymentSpec.from_json(got[0])
-    except ConfigError as e:
-        raise FreezeFailed(f"deployment {deployment}: spec unreadable: {e}") from None
-
-
 def find_sandbox(ctx: Context, cmd: FreezeCommand) -> Sandbox:
     try:
         sb = ctx.registry.get(cmd.replica)
@@ -123,7 +113,10 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
 
     try:
         sb = find_sandbox(ctx, cmd)
-        spec = await load_spec(ctx, cmd.deployment)
+        try:  # the spec it runs, which a redeploy since may have replaced in KV
+            spec = await spec_at(ctx.bus.kv[Bucket.DEPLOYMENTS], cmd.deployment, sb.started_at)
+        except SpecUnknown as e:
+            raise FreezeFailed(f"replica {sb.replica}: {e}") from None
         if len(sb.gpu_uuids) != spec.gpus:
             raise FreezeFailed(
                 f"replica {sb.replica} holds {len(sb.gpu_uuids)} GPUs, its spec asks {spec.gpus}"
