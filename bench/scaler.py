@@ -102,6 +102,12 @@ def start_nats(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     raise TimeoutError("nats-server did not start")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Dep:
     name: str
@@ -119,6 +125,7 @@ class Harness:
     deps: dict[str, Dep]
     on_s: float
     latencies_ms: list[float] = field(default_factory=list)
+    samples: list[tuple[float, float]] = field(default_factory=list)
     sent: int = 0
     restores: int = 0
     releases: int = 0
@@ -139,6 +146,7 @@ class Harness:
         d = self.deps[c.deployment]
         if d.woke_at is not None and d.woke_at > 0:
             self.latencies_ms.append((now - d.woke_at) * 1000)
+            self.samples.append((now, (now - d.woke_at) * 1000))
             d.woke_at = None
         d.live += 1
 
@@ -188,6 +196,8 @@ class Harness:
         t_start = last = time.monotonic()
         owed = 0.0
         names = list(self.deps)
+        for d in self.deps.values():  # staggered: 100 deployments waking in the same 10 ms is no workload
+            d.next_on = t_start + random.uniform(0.0, 2.0)
         while not stop.is_set() and time.monotonic() - t_start < seconds:
             await asyncio.sleep(period)
             now = time.monotonic()
@@ -259,9 +269,11 @@ async def latency(
                 raise RuntimeError(f"the scaler did not lead: {(tmp / 'scaler.log').read_text()[-2000:]}")
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # the scaler has seen the host's heartbeat and the specs
+        cpu_before = cpu_seconds(scaler.pid)
         t0 = time.monotonic()
         await h.traffic(stop, events_per_s, seconds)
         elapsed = time.monotonic() - t0
+        cpu_s = cpu_seconds(scaler.pid) - cpu_before
         await asyncio.sleep(1.0)
     finally:
         stop.set()
@@ -270,6 +282,10 @@ async def latency(
         await asyncio.wait_for(scaler.wait(), 15)
         await b.nc.close()
     lat = sorted(h.latencies_ms)
+    if os.environ.get("BENCH_DEBUG"):
+        t0s = h.samples[0][0]
+        for t, ms in sorted(h.samples, key=lambda x: -x[1])[:25]:
+            print(f"  {t - t0s:8.3f}s {ms:7.2f} ms")
     if len(lat) < 20:
         raise RuntimeError(f"only {len(lat)} activations measured; see {tmp / 'scaler.log'}")
     return {
@@ -280,6 +296,7 @@ async def latency(
         "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
         "max_ms": lat[-1],
         "restores": h.restores,
+        "scaler_cpu_pct": 100 * cpu_s / elapsed,
         "releases": h.releases,
     }
 
@@ -291,6 +308,9 @@ def main() -> int:
     p.add_argument("--latency-deployments", type=int, default=100)
     p.add_argument("--events-per-s", type=float, default=1000.0)
     p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument(
+        "--store-dir", default=None, help="where nats-server keeps JetStream (default: the temp dir)"
+    )
     args = p.parse_args()
 
     cpu = platform.processor() or platform.machine()
@@ -301,7 +321,7 @@ def main() -> int:
         f"decisions: {args.deployments} deployments x {args.rounds} rounds: "
         f"{only_decide:,.0f} decide()/s; {with_record:,.0f} (record + decide)/s on one core"
     )
-    with tempfile.TemporaryDirectory(prefix="bench-scaler-") as d:
+    with tempfile.TemporaryDirectory(prefix="bench-scaler-", dir=args.store_dir) as d:
         tmp = Path(d)
         proc, url = start_nats(tmp)
         try:
@@ -313,7 +333,8 @@ def main() -> int:
         f"latency: {r['events']:.0f} events at {r['events_per_s']:.0f}/s over {args.latency_deployments} "
         f"deployments; {r['activations']:.0f} activations: traffic event -> restore command "
         f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, max {r['max_ms']:.2f} ms "
-        f"({r['restores']:.0f} restores, {r['releases']:.0f} releases)"
+        f"({r['restores']:.0f} restores, {r['releases']:.0f} releases); "
+        f"the scaler process used {r['scaler_cpu_pct']:.0f}% of one core"
     )
     print(f"# load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
