@@ -30,6 +30,11 @@ PREFETCH_BYTES_ATTR = "prefetch.bytes"
 PREFETCH_CACHE_HITS_ATTR = "prefetch.cache_hits"
 PREFETCH_CACHED_BYTES_ATTR = "prefetch.cached_bytes"
 
+# The restorer's histogram (OTLP metric) and its attributes; in Prometheus its name gets `.`
+# replaced and a unit suffix, hence the dashboard's regular expression on __name__.
+TIME_TO_READY_METRIC = "snapscale.time_to_ready_s"
+TIME_TO_READY_LABELS = frozenset({"tier", "deployment"})
+
 SPAN_NAMES = frozenset({SCALE_UP_SPAN, DECISION_SPAN, TRAFFIC_SPAN, *PHASE_SPANS})
 ATTRIBUTES = frozenset(
     {

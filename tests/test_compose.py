@@ -362,17 +362,26 @@ def test_promql_queries_read_tempo_span_metrics(dashboard: dict[str, Any]) -> No
     dimensions = tempo["metrics_generator"]["processor"]["span_metrics"]["dimensions"]
     dims = {d.replace(".", "_") for d in dimensions}
     labels_ok = dims | {"le", "span_name", "service"}
+    metric = sc.TIME_TO_READY_METRIC.replace(".", "_")
     targets = _targets(dashboard, "prometheus")
     assert targets
+    seen_metric = False
     for t in targets:
         expr = t["expr"]
         assert _balanced(expr), expr
+        if metric in expr:
+            seen_metric = True
+            for group in _PROM_LABEL.findall(expr):
+                labels = {x.strip() for x in group.split(",")}
+                assert labels <= sc.TIME_TO_READY_LABELS | {"le"}, f"{expr}: {labels} not on the histogram"
+            continue
         assert "traces_spanmetrics_" in expr
         for _op, value in _PROM_SPAN.findall(expr):
             assert set(value.split("|")) <= sc.SPAN_NAMES, expr
         for group in _PROM_LABEL.findall(expr):
             labels = {x.strip() for x in group.split(",")}
             assert labels <= labels_ok, f"{expr}: labels {labels - labels_ok} are not span-metrics dimensions"
+    assert seen_metric, "a panel reads the restorer's own time-to-ready histogram"
 
 
 def test_traceql_checker_catches_mistakes() -> None:

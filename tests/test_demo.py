@@ -92,11 +92,13 @@ def demo_run(criu: CriuBinary, tmp_path_factory: pytest.TempPathFactory) -> dict
         n = len(data.get("scale_ups", []))
         r.wait_for(lambda r: len(r.named(sc.SCALE_UP_SPAN)) >= n, timeout_s=10)
         traces = r.traces()
+        metrics = set(r.metric_names())
     return {
         "proc": proc,
         "data": data,
         "work": Path(data.get("work_dir", tmp / "unknown")),
         "traces": traces,
+        "metrics": metrics,
     }
 
 
@@ -243,3 +245,4 @@ def test_what_the_dashboard_queries_is_what_the_services_emit(demo_run: dict[str
     }
     assert expected <= names, f"missing spans: {expected - names}"
     assert attrs >= sc.ATTRIBUTES, f"missing attributes: {sc.ATTRIBUTES - attrs}"
+    assert sc.TIME_TO_READY_METRIC in demo_run["metrics"], sorted(demo_run["metrics"])
