@@ -42,6 +42,7 @@ def host(
     cpu_slots: int = 0,
     budget: int = 0,
     used: int = 0,
+    keys: dict[str, str] | None = None,
 ) -> HostHeartbeat:
     gpus = [GpuInfo(i, f"{name}-g{i}", model, 80 << 30, free=i >= busy) for i in range(busy + free)]
     return HostHeartbeat(
@@ -55,6 +56,7 @@ def host(
         cpu_slots=cpu_slots,
         suspend_budget_bytes=budget,
         suspend_used_bytes=used,
+        compat_hashes=keys or {},
     )
 
 
@@ -109,14 +111,18 @@ SUSPENDED_ON_C = ReplicaSummary("llm", "llm-old", ReplicaState.SUSPENDED, rss_by
         ("wrong GPU model never", GPU1, fleet(host("a", model="A100")), 1, []),
         ("needs two GPUs on one host", GPU2, fleet(host("a", free=1), host("b", free=2)), 2, [("b", "any")]),
         (
-            "CPU deployment uses cpu slots",
+            "CPU deployment uses free cpu slots",
             CPU,
-            fleet(
-                host("a", free=0, cpu_slots=1, replicas=[ReplicaSummary("x", "x1", ReplicaState.READY)]),
-                host("b", free=0, cpu_slots=2),
-            ),
+            fleet(host("a", free=0, cpu_slots=0), host("b", free=0, cpu_slots=2)),
             3,
             [("b", "any"), ("b", "any")],
+        ),
+        (
+            "the deployment's own key picks the checkpoint",
+            GPU1,
+            fleet(host("a", key="host-only", keys={"llm": "k1"}, cached=["ck1"]), host("b", key="k1")),
+            1,
+            [("a", "cached")],
         ),
     ],
 )
@@ -125,6 +131,16 @@ def test_place_table(
 ) -> None:
     got = place(spec, n, hosts, {"k1": "ck1"}, {}, Reservations())
     assert [(p.host, p.why) for p in got] == want, name
+
+
+def test_cpu_slots_promised_in_flight_are_not_offered_again() -> None:
+    hosts = fleet(host("a", free=0, cpu_slots=2))
+    reserved = Reservations()
+    for p in place(CPU, 5, hosts, {}, {}, reserved):
+        reserved.take(p)
+    assert place(CPU, 1, hosts, {}, {}, reserved) == []
+    reserved.give_back("a", [], "r")
+    assert len(place(CPU, 1, hosts, {}, {}, reserved)) == 1
 
 
 def test_never_double_books_gpus_across_batches_and_in_flight() -> None:
@@ -192,9 +208,12 @@ def test_suspend_budget_is_shared_within_a_batch() -> None:
 
 def test_freeze_and_prefetch_on_going_to_zero() -> None:
     hosts = fleet(host("a", key="k1"), host("b", key="k1", partial={"ck1": 9}), host("c", key="k2"))
-    assert needs_freeze(hosts["c"], {"k1": "ck1"})
-    assert not needs_freeze(hosts["a"], {"k1": "ck1"})
-    assert not needs_freeze(None, {})
+    assert needs_freeze(hosts["c"], "llm", {"k1": "ck1"})
+    assert not needs_freeze(hosts["a"], "llm", {"k1": "ck1"})
+    assert not needs_freeze(None, "llm", {})
+    per_deployment = host("d", key="host-only", keys={"llm": "k1", "other": "k9"})
+    assert not needs_freeze(per_deployment, "llm", {"k1": "ck1"})
+    assert needs_freeze(per_deployment, "other", {"k1": "ck1"})
     assert prefetch_targets(GPU1, hosts, {"k1": "ck1"}, Reservations()) == [("b", "ck1"), ("a", "ck1")]
     warm = fleet(host("a", cached=["ck1"]), host("b"), host("d"))
     assert prefetch_targets(GPU1, warm, {"k1": "ck1"}, Reservations()) == [("b", "ck1")]

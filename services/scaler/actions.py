@@ -230,11 +230,11 @@ class Actor:
             last = releases[-1]
             fz = self.view.freezing.get(dep)
             host = self.view.hosts.get(last.host)
-            if fz is None and needs_freeze(host, catalog):
+            if fz is None and needs_freeze(host, dep, catalog):
                 freeze = FreezeCommand(id=new_id(), deployment=dep, replica=last.replica, issued_at=now)
                 self.view.freezing[dep] = Freezing(freeze.id, last.host, now + self.cfg.freeze_timeout_s)
                 releases = releases[:-1]
-            elif fz is not None and not fz.done and now < fz.deadline and needs_freeze(host, catalog):
+            elif fz is not None and not fz.done and now < fz.deadline and needs_freeze(host, dep, catalog):
                 releases = releases[:-1]  # still freezing: the last one waits
             to_zero = live - len(releases) == 0
         cmds: list[ReleaseCommand] = []

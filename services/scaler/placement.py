@@ -59,9 +59,10 @@ class Reservations:
         )
 
 
-_HOLDS_CPU = frozenset(
-    {ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.RESUMING, ReplicaState.READY}
-)
+def host_key(hb: HostHeartbeat, deployment: str) -> str:
+    """The host's compatibility hash for this deployment (the key covers the spec and runtime,
+    so it is per deployment); a host that has not computed it yet offers its bare hash."""
+    return hb.compat_hashes.get(deployment, hb.compat_hash)
 
 
 def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -> list[str]:
@@ -75,9 +76,9 @@ def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -
 
 
 def free_cpu(hb: HostHeartbeat, reserved: Reservations) -> int:
-    """`cpu_slots` is the host's capacity; replicas it reports running without GPUs use it up."""
-    used = sum(1 for r in hb.replicas if not r.gpu_uuids and r.state in _HOLDS_CPU)
-    return hb.cpu_slots - used - reserved.cpu.get(hb.host, 0)
+    """`cpu_slots` is what the host has free now (the restorer reports its free slots), less
+    the slots promised to commands it has not reported yet."""
+    return hb.cpu_slots - reserved.cpu.get(hb.host, 0)
 
 
 def _fit(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -> tuple[int, list[str]] | None:
@@ -117,7 +118,7 @@ def place(
             if fit is None:
                 continue
             room, gpus = fit
-            ckpt = catalog.get(hb.compat_hash)
+            ckpt = catalog.get(host_key(hb, spec.name))
             suspended = [
                 r.replica
                 for r in hb.replicas
@@ -194,10 +195,10 @@ def choose_releases(
     return out
 
 
-def needs_freeze(host: HostHeartbeat | None, catalog: Mapping[str, str]) -> bool:
+def needs_freeze(host: HostHeartbeat | None, deployment: str, catalog: Mapping[str, str]) -> bool:
     """Releasing a deployment's last replica on `host` loses its warm state unless a checkpoint
     exists for the host's key; an unknown host cannot be frozen."""
-    return host is not None and host.compat_hash not in catalog
+    return host is not None and host_key(host, deployment) not in catalog
 
 
 def prefetch_targets(
@@ -215,7 +216,7 @@ def prefetch_targets(
     have = 0
     cands: list[tuple[int, int, str, str]] = []
     for host, hb in hosts.items():
-        ckpt = catalog.get(hb.compat_hash)
+        ckpt = catalog.get(host_key(hb, spec.name))
         if ckpt is None:
             continue
         if ckpt in hb.cached_checkpoints:
