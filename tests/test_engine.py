@@ -146,3 +146,37 @@ async def test_host_pid_namespace_sandbox_round_trip(
     made.append(back)
     assert back.pid == sb.pid  # no PID namespace: CRIU gives the tree its old PIDs back
     assert await answer(back) == original
+
+
+async def test_every_step_is_a_span(criu: CriuBinary, tmp_path: Path, tag: str, made: list[Sandbox]) -> None:
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):  # the first test of the session to need one
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    assert isinstance(provider, TracerProvider)
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    spec = sample_spec("light", tag=tag, preset="none")
+    sb = await engine.launch(spec, "spans", gpu_uuids=[], run_dir=tmp_path / "run")
+    made.append(sb)
+    await engine.wait_ready(sb, spec.ready)
+    rep = await engine.freeze(sb, spec, tmp_path / "img", keep_running=False, criu=criu)
+    back, rr = await engine.restore(
+        spec, tmp_path / "img", "spans2", gpu_uuids=[], run_dir=tmp_path / "r", criu=criu
+    )
+    made.append(back)
+    mine = [s for s in exporter.get_finished_spans() if s.name.startswith("engine.")]
+    names = {s.name for s in mine}
+    assert {f"engine.{k}" for k in rep.timings_s} | {f"engine.{k}" for k in rr.timings_s} <= names
+    dump = next(s for s in mine if s.name == "engine.criu_dump")
+    assert dump.attributes is not None and dump.attributes["snapscale.replica"] == "spans"
+    # The step spans nest under the freeze span.
+    freeze = next(s for s in mine if s.name == "engine.freeze")
+    assert dump.parent is not None and freeze.context is not None
+    assert dump.parent.span_id == freeze.context.span_id
