@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from opentelemetry import trace
@@ -61,6 +61,7 @@ class Context:
     claim_ttl_s: float
     chunk_bytes: int | None = None
     held: claims.Held | None = None
+    claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # the heartbeat renews `held`
     on_phase: Callable[[Phase], Awaitable[None]] | None = None  # tests observe progress here
 
 
@@ -282,9 +283,10 @@ async def _catalog(ctx: Context, cmd: FreezeCommand, a: Attempt) -> tuple[Catalo
 
 
 async def release_claim(ctx: Context) -> None:
-    if ctx.held is not None:
-        await claims.release(ctx.bus.kv[Bucket.LEASES], ctx.held)
-        ctx.held = None
+    async with ctx.claim_lock:
+        if ctx.held is not None:
+            await claims.release(ctx.bus.kv[Bucket.LEASES], ctx.held)
+            ctx.held = None
 
 
 async def _notify(ctx: Context, phase: Phase) -> None:

@@ -79,7 +79,7 @@ class Freezer:
                 await self._announce(done)
                 await msg.ack_sync()
                 return
-            ctx = replace(self.ctx, held=None)
+            ctx = replace(self.ctx, held=None, claim_lock=asyncio.Lock())
             try:
                 async with self._heartbeat(msg, ctx):
                     event = await job.run(ctx, cmd)
@@ -110,8 +110,8 @@ class Freezer:
             if not event.ok:
                 span.set_status(trace_status_error(event.reason))
             await self._announce(event)
-            attempt = self.ctx.ledger.attempt(cmd.id)
-            self.ctx.ledger.finish(cmd.id, event, attempt.checkpoint_id if attempt else event.checkpoint_id)
+            attempt = self.ctx.ledger.attempt(cmd.id)  # its staging dir goes with it
+            self.ctx.ledger.finish(cmd.id, event, attempt.checkpoint_id if attempt else None)
             await msg.ack_sync()
             self.handled += 1
 
@@ -131,15 +131,22 @@ class Freezer:
             period = max(self.opts.ack_wait_s / 3, 0.2)
             while True:
                 await asyncio.sleep(period)
-                await msg.in_progress()
-                if ctx.held is not None:
+                try:
+                    await msg.in_progress()
+                except Exception as e:  # NATS reconnecting: the next beat tries again
+                    log.warning("freeze heartbeat for %s failed: %s", msg.subject, e)
+                async with ctx.claim_lock:  # never renew a claim the job is releasing
+                    if ctx.held is None:
+                        continue
                     try:
                         ctx.held = await claims.renew(
-                            self.bus.kv[Bucket.LEASES], ctx.held, now=_now(), ttl_s=ctx.claim_ttl_s
+                            self.bus.kv[Bucket.LEASES], ctx.held, now=time.time(), ttl_s=ctx.claim_ttl_s
                         )
                     except RetryableError as e:
                         log.warning("freeze claim %s lost while freezing: %s", ctx.held.key, e)
                         ctx.held = None
+                    except Exception as e:
+                        log.warning("freeze claim %s not renewed: %s", ctx.held.key, e)
 
         task = asyncio.create_task(beat(), name="freeze-heartbeat")
         try:
@@ -152,10 +159,6 @@ class Freezer:
 
 def trace_status_error(reason: str) -> Status:
     return Status(StatusCode.ERROR, (reason.splitlines() or [""])[0][:200])
-
-
-def _now() -> float:
-    return time.time()
 
 
 async def serve(
