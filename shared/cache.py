@@ -161,9 +161,10 @@ class HostCache:
 
     def arrival(self, digest: str) -> asyncio.Future[None]:
         """A future that completes when `digest` enters the cache (at once if it is there)."""
+        loop = asyncio.get_running_loop()
         fut = self._arrivals.get(digest)
-        if fut is None or fut.done():
-            fut = asyncio.get_running_loop().create_future()
+        if fut is None or fut.done() or fut.get_loop() is not loop:
+            fut = loop.create_future()
             if digest in self._lru:
                 fut.set_result(None)
             else:

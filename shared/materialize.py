@@ -88,19 +88,21 @@ async def materialize(
     linked = copied = zero = 0
     try:
         with cache.pinned(digests), ThreadPoolExecutor(max_workers=workers) as pool:
-            fds: dict[str, int] = {}
+            creates: list[asyncio.Future[int]] = []
+            jobs: list[asyncio.Future[None]] = []
             try:
-                jobs: list[asyncio.Future[None]] = []
                 for f in manifest.files:
                     target = dest_dir / f.path
                     single = len(f.chunks) == 1 and f.chunks[0] != ZERO_CHUNK
                     if link and single and f.mode == CHUNK_MODE:
                         await _wait_cached(cache, f.chunks[0], arriving)
-                        if await loop.run_in_executor(pool, _try_link, cache.path(f.chunks[0]), target):
+                        lf = loop.run_in_executor(pool, _try_link, cache.path(f.chunks[0]), target)
+                        if await asyncio.shield(lf):
                             linked += 1
                             continue
-                    fd = await loop.run_in_executor(pool, _create, target, f)
-                    fds[f.path] = fd
+                    cf = loop.run_in_executor(pool, _create, target, f)
+                    creates.append(cf)
+                    fd = await asyncio.shield(cf)
                     for i, d in enumerate(f.chunks):
                         n = chunk_length(f.size, manifest.chunk_bytes, i)
                         if d == ZERO_CHUNK:
@@ -115,8 +117,12 @@ async def materialize(
                         )
                 await asyncio.gather(*jobs)
             finally:
-                for fd in fds.values():
-                    os.close(fd)
+                # Never close an fd a copy thread may still write to (its number could be reused
+                # by another open): let every thread finish first, even when cancelled.
+                await _settle([*creates, *jobs])
+                for cf in creates:
+                    if not cf.cancelled() and cf.exception() is None:
+                        os.close(cf.result())
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, dest_dir, True)
         raise
@@ -128,6 +134,21 @@ async def materialize(
         manifest.checkpoint_id, dest_dir, report.files, linked, report.bytes_total, report.duration_s,
     )  # fmt: skip
     return report
+
+
+async def _settle(futs: list[asyncio.Future[Any]]) -> None:
+    """Wait until every future is done, even through cancellation (re-raised at the end)."""
+    cancelled = False
+    while pending := [f for f in futs if not f.done()]:
+        try:
+            await asyncio.wait(pending)
+        except asyncio.CancelledError:
+            cancelled = True
+    for f in futs:
+        if not f.cancelled():
+            f.exception()  # mark retrieved: the first error already propagates
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 async def _wait_cached(cache: HostCache, digest: str, arriving: asyncio.Future[Any] | None) -> None:

@@ -262,3 +262,39 @@ async def test_killed_prefetch_process_leaves_no_partial_chunk(
     cache = HostCache(tmp_path / "cache", 1 << 30)  # the restarted agent
     assert 0 < len(cache) < len(m.digests())
     cache_is_clean(cache)
+
+
+def open_files_under(d: Path) -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(d)):
+            out.append(target)
+    return out
+
+
+@pytest.mark.criu
+async def test_cancelled_materialize_leaves_no_dir_and_no_open_file(
+    proxied_store: S3Store, proxy: FaultProxy, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(proxied_store, image_dir)
+    proxy.bytes_per_s = 8e6  # chunks trickle in; materialize waits on them
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(proxied_store, cache, concurrency=2)
+    fetching = asyncio.create_task(pf.prefetch(m))
+    out = tmp_path / "out"
+    building = asyncio.create_task(materialize(cache, m, out, arriving=fetching))
+    while len(cache) < 3:
+        await asyncio.sleep(0.01)
+    building.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await building
+    assert not out.exists()
+    assert open_files_under(out) == []  # every image file closed (the dir is gone: "(deleted)")
+    fetching.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fetching
+    cache_is_clean(cache)
