@@ -284,11 +284,16 @@ async def test_cancelled_materialize_leaves_no_dir_and_no_open_file(
     proxy.bytes_per_s = 8e6  # chunks trickle in; materialize waits on them
     cache = HostCache(tmp_path / "cache", 1 << 30)
     pf = Prefetcher(proxied_store, cache, concurrency=2)
-    fetching = asyncio.create_task(pf.prefetch(m))
+    some_in = asyncio.Event()
+
+    def progress(p: PrefetchProgress) -> None:
+        if p.chunks_done >= 3:
+            some_in.set()
+
+    fetching = asyncio.create_task(pf.prefetch(m, progress))
     out = tmp_path / "out"
     building = asyncio.create_task(materialize(cache, m, out, arriving=fetching))
-    while len(cache) < 3:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(some_in.wait(), 20)
     building.cancel()
     with pytest.raises(asyncio.CancelledError):
         await building
