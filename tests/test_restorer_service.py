@@ -4,6 +4,7 @@ sandbox: every tier, every fallback, release, idempotency and bad input."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+from conftest import start_nats, wait_port
 from engine_helpers import kill_tagged, procs_with
 from nats.js.api import ConsumerInfo
 from restorer_harness import Harness, answer_of, follow, get, running
@@ -192,3 +194,32 @@ async def test_two_restores_race_for_one_suspended_replica(h: Harness) -> None:
         assert svc.host.registry.get("r1") is None
         reg = svc.host.registry.get(resumed.replica)
         assert reg is not None and reg.endpoint == resumed.endpoint
+
+
+async def test_keeps_serving_across_a_nats_server_restart(h: Harness, tmp_path: Path) -> None:
+    # a private nats-server, restarted on the same port and store while the restorer runs
+    (tmp_path / "own-nats").mkdir()
+    srv = start_nats(tmp_path / "own-nats")
+    settings = replace(h.settings, nats_url=srv.url)
+    argv = [str(srv.proc.args[0]), "-a", "127.0.0.1", "-p", str(srv.port), "-js", "-sd", str(srv.store_dir)]  # type: ignore[index]
+    procs = [srv.proc]
+    own = await bus.open_bus(settings, "test-own")
+    try:
+        other = Harness(settings, own, h.criu, h.tag, h.tmp)
+        async for _ in follow(other):
+            spec = await other.deploy(other.spec())
+            async with running(settings, h.criu):
+                await other.restore(spec.name, "r1")
+                assert (await other.wait("r1")).state is ReplicaState.READY
+                srv.proc.terminate()
+                srv.proc.wait(10)
+                await asyncio.sleep(1.5)
+                procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # noqa: ASYNC220
+                await asyncio.to_thread(wait_port, srv.port)
+                await other.restore(spec.name, "r2")
+                assert (await other.wait("r2", timeout_s=30)).state is ReplicaState.READY
+    finally:
+        await own.close()
+        for p in procs:
+            p.terminate()
+            p.wait(10)

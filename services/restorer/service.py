@@ -155,11 +155,14 @@ class Restorer:
             except TimeoutError:
                 sem.release()
                 continue
-            except Exception:
+            except Exception as e:
                 sem.release()
                 if h.bus.nc.is_closed:
                     return
-                raise
+                # a reconnect or a server hiccup: keep consuming once it passes
+                log.warning("fetching %s commands failed (%s); again in 1s", verb.value, e)
+                await asyncio.sleep(1.0)
+                continue
             for m in msgs:
                 t = asyncio.create_task(self._one(h, m, cls, handler, sem), name=f"{verb.value} {m.subject}")
                 self._inflight.add(t)
