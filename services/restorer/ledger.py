@@ -1,7 +1,7 @@
 """The restorer's crash-safe record of the commands it took on, so a command id is handled once.
 
 One small JSON file per command id under the state dir, written atomically (tmp, fsync, rename).
-A `started` entry without an outcome after a restart marks work a crash cut short.
+An entry not marked done after a restart marks work a crash cut short.
 """
 
 from __future__ import annotations

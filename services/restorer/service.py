@@ -53,7 +53,8 @@ meter = telemetry.meter("snapscale.restorer")
 time_to_ready = meter.create_histogram(
     "snapscale.time_to_ready_s", unit="s", description="restore command received -> replica ready, by tier"
 )
-LEDGER_KEEP_S = 24 * 3600.0
+LEDGER_KEEP_S = 24 * 3600.0  # the command stream keeps commands a day
+PRUNE_EVERY_S = 3600.0
 CATALOG_REFRESH_S = 15.0  # how often the inventory looks for new checkpoints of its keys
 
 
@@ -350,11 +351,15 @@ class Restorer:
 
     # --- inventory ---------------------------------------------------------------------
     async def _heartbeats(self, h: Host, stop: asyncio.Event) -> None:
+        pruned_at = time.monotonic()
         while not stop.is_set():
             try:
                 await publish_heartbeat(h)
             except Exception as e:  # a missed beat is logged; the next one may get through
                 log.warning("heartbeat failed: %s", e)
+            if time.monotonic() - pruned_at > PRUNE_EVERY_S:  # a long-lived restorer forgets old ids too
+                pruned_at = time.monotonic()
+                await asyncio.to_thread(h.ledger.prune, time.time() - LEDGER_KEEP_S)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), h.config.heartbeat_s)
 
