@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import S3Server
+from faultproxy import FaultProxy
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -392,6 +394,47 @@ async def test_a_redeploy_after_launch_keys_the_checkpoint_by_the_spec_the_sandb
         kv = the_bus.kv[Bucket.CHECKPOINTS]
         assert await catalog.lookup(kv, old.name, ev.compat_hash) is not None
         assert [e.compat_hash for e in await catalog.entries(kv, old.name)] == [ev.compat_hash]
+
+
+@pytest.mark.criu
+async def test_a_store_outage_naks_the_command_and_its_redelivery_resumes_the_upload(
+    s3_settings: Settings,
+    s3_server: S3Server,
+    the_bus: bus.Bus,
+    criu: CriuBinary,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await FaultProxy(s3_server.endpoint_url).start()
+    settings = replace(s3_settings, store=replace(s3_settings.store, endpoint_url=proxy.url))
+    spec = sample_spec("outage", tmp_path, preset="none")
+    await put_spec(the_bus, spec)
+    dumped: list[str] = []
+
+    async def outage_once_dumped(phase: Phase) -> None:
+        if phase is Phase.DUMPED and not dumped:
+            (attempt,) = Ledger(settings.state_dir).attempts()
+            dumped.append(attempt.checkpoint_id)
+            # longer than the store's own retries (8 attempts, at most ~6.4 s of backoff)
+            proxy.fail_for(9.0, method="PUT")
+
+    try:
+        async with (
+            running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+            running_freezer(settings, criu, on_phase=outage_once_dumped),
+            checkpoint_events(the_bus, spec.name) as events,
+        ):
+            await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
+            ev = await next_event(events, 90)
+            assert ev.ok and not ev.skipped, ev.reason
+            assert [ev.checkpoint_id] == dumped  # the image frozen before the outage, not a new one
+            assert proxy.stats.injected > 0
+            # naked, then redelivered: the outage outlasted the store's own retries at least once
+            assert "will retry" in caplog.text and "retrying message on" in caplog.text
+            found = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
+            assert found is not None and found[0].checkpoint_id == ev.checkpoint_id
+    finally:
+        await proxy.stop()
 
 
 def env_for(settings: Settings) -> dict[str, str]:
