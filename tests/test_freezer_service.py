@@ -437,6 +437,36 @@ async def test_a_store_outage_naks_the_command_and_its_redelivery_resumes_the_up
         await proxy.stop()
 
 
+@pytest.mark.criu
+async def test_an_outage_on_the_last_delivery_is_reported_as_failed_not_dropped(
+    s3_settings: Settings, s3_server: S3Server, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    proxy = await FaultProxy(s3_server.endpoint_url).start()
+    settings = replace(s3_settings, store=replace(s3_settings.store, endpoint_url=proxy.url))
+    spec = sample_spec("gaveup", tmp_path, preset="none")
+    await put_spec(the_bus, spec)
+
+    async def outage(phase: Phase) -> None:
+        if phase is Phase.DUMPED:
+            proxy.fail_for(30.0, method="PUT")
+
+    try:
+        async with (
+            running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+            running_freezer(settings, criu, replace(FAST, max_deliver=1), on_phase=outage),
+            checkpoint_events(the_bus, spec.name) as events,
+        ):
+            await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
+            ev = await next_event(events, 90)
+            assert not ev.ok and ev.reason.startswith("gave up after 1 deliveries: S3 "), ev.reason
+            assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
+            assert await bus.kv_get(the_bus.kv[Bucket.LEASES], f"freeze.{spec.name}.{ev.compat_hash}") is None
+            led = Ledger(settings.state_dir)
+            assert led.attempts() == [] and list(led.staging_root.iterdir()) == []
+    finally:
+        await proxy.stop()
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     """The environment a freezer (or operator) subprocess reads its Settings from."""
     env = dict(os.environ)

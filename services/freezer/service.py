@@ -94,15 +94,11 @@ class Freezer:
                         self.opts.max_deliver,
                     )
                     raise
-                await job.release_claim(ctx)
-                event = job.event_for(
-                    cmd, self.settings.host_id, ok=False, reason=f"gave up after {delivered} deliveries: {e}"
-                )
+                event = await self._failed(ctx, cmd, f"gave up after {delivered} deliveries: {e}")
             except Exception as e:
                 # a permanent store error or a bug: report it, rather than let the command vanish
                 log.exception("freeze %s of %s failed", cmd.id, cmd.deployment)
-                await job.release_claim(ctx)
-                event = job.event_for(cmd, self.settings.host_id, ok=False, reason=f"{type(e).__name__}: {e}")
+                event = await self._failed(ctx, cmd, f"{type(e).__name__}: {e}")
             span.set_attribute("freeze.ok", event.ok)
             span.set_attribute("freeze.skipped", event.skipped)
             if event.checkpoint_id:
@@ -114,6 +110,12 @@ class Freezer:
             self.ctx.ledger.finish(cmd.id, event, attempt.checkpoint_id if attempt else None)
             await msg.ack_sync()
             self.handled += 1
+
+    async def _failed(self, ctx: job.Context, cmd: FreezeCommand, reason: str) -> CheckpointEvent:
+        await job.release_claim(ctx)
+        a = self.ctx.ledger.attempt(cmd.id)
+        compat = {"compat": a.compat, "compat_hash": a.compat_hash} if a is not None else {}
+        return job.event_for(cmd, self.settings.host_id, ok=False, reason=reason, **compat)
 
     async def _announce(self, event: CheckpointEvent) -> None:
         await bus.publish(
