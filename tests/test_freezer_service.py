@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from snapscale.freezer.ledger import Ledger, Phase
 from snapscale.freezer.service import Options, serve
-from snapscale.shared import bus, catalog, engine, telemetry
+from snapscale.shared import bus, catalog, engine, sandbox, telemetry
 from snapscale.shared.checkpoint import fetch_manifest, verify_checkpoint
 from snapscale.shared.criu import CriuBinary
 from snapscale.shared.messages import (
@@ -465,6 +465,41 @@ async def test_an_outage_on_the_last_delivery_is_reported_as_failed_not_dropped(
             assert led.attempts() == [] and list(led.staging_root.iterdir()) == []
     finally:
         await proxy.stop()
+
+
+@pytest.mark.criu
+async def test_operator_freeze_with_stop_leaves_a_checkpoint_and_no_sandbox(
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    spec = sample_spec("stopped", tmp_path, preset="none")
+    await put_spec(the_bus, spec)
+    async with (
+        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+        running_freezer(settings, criu),
+        checkpoint_events(the_bus, spec.name) as events,
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "snapscale", "freeze", spec.name, "--replica", sb.replica,
+            "--host", settings.host_id, "--stop", "--timeout-s", "60",
+            env=env_for(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 0, err.decode()
+        ev = await next_event(events)
+        assert ev.ok and not ev.skipped and f"checkpoint {ev.checkpoint_id} of {spec.name}" in out.decode()
+        assert "criu_dump" in ev.timings_s and "after_restore" not in ev.timings_s  # it did not resume
+        assert not sandbox.is_running(sb)
+        assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is not None
+
+        # a replica that is not there: the verb exits 1 and prints why
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "snapscale", "freeze", spec.name, "--replica", "r-none",
+            "--host", settings.host_id, "--timeout-s", "60",
+            env=env_for(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 90)
+        assert proc.returncode == 1, err.decode()
+        assert "FAILED: no sandbox for replica r-none on host host-a" in out.decode()
 
 
 def env_for(settings: Settings) -> dict[str, str]:
