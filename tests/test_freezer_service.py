@@ -300,13 +300,20 @@ async def test_malformed_commands_are_terminated_and_the_consumer_keeps_going(
         )
         await send(the_bus, host, b'{"v": 1, "type": "freeze", "id": "m2", "deployment": "ghost", '
                    b'"replica": "r1", "issued_at": "yesterday"}')  # fmt: skip
+        bad_name = FreezeCommand(id="m3", deployment="gh.ost", replica="r1", issued_at=1.0)
+        await send(the_bus, host, bad_name)
         await send(the_bus, host, freeze_cmd(replace_name("ghost"), "nobody"))
         await send(the_bus, host, freeze_cmd(replace_name("ghost"), "../../etc"))
         first, second = await next_event(events, 30), await next_event(events, 30)
 
     assert not first.ok and first.reason == "no sandbox for replica nobody on host host-a"
     assert not second.ok and "must match" in second.reason
-    for expected in ("<body>: not JSON", "freeze.replica: missing", "freeze.issued_at: expected a number"):
+    for expected in (
+        "<body>: not JSON",
+        "freeze.replica: missing",
+        "freeze.issued_at: expected a number",
+        "refused freeze command m3: deployment 'gh.ost' must match",
+    ):
         assert expected in caplog.text, caplog.text
     info = await the_bus.js.consumer_info(
         the_bus.subjects.cmd_stream, the_bus.subjects.durable("freezer", Verb.FREEZE, host)

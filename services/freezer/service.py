@@ -23,7 +23,7 @@ from snapscale.shared.messages import CheckpointEvent, FreezeCommand
 from snapscale.shared.registry import SandboxRegistry
 from snapscale.shared.settings import Settings
 from snapscale.shared.store import open_store
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.subjects import Bucket, Verb, check_token
 
 from . import claims, job
 from .ledger import Ledger, Phase
@@ -70,6 +70,13 @@ class Freezer:
             "freeze.keep_running": cmd.keep_running,
         }
         with tracer.start_as_current_span("freeze", attributes=attrs) as span:
+            try:  # it names the event's subject: a dot or a wildcard in it is a malformed command
+                check_token("deployment", cmd.deployment)
+            except ValueError as e:
+                log.error("refused freeze command %s: %s", cmd.id, e)
+                span.set_status(trace_status_error(str(e)))
+                await msg.term()
+                return
             done = self.ctx.ledger.outcome(cmd.id)
             if done is not None:
                 log.info(
