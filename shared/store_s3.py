@@ -58,7 +58,7 @@ class RetryPolicy:
     def delay_s(self, attempt: int) -> float:
         """Exponential backoff with equal jitter for retry number `attempt` (1-based): spread out,
         yet never so short that a burst of retries lands inside the same outage."""
-        d = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        d = min(self.max_delay_s, self.base_delay_s * 2.0 ** (attempt - 1))
         return d / 2 + random.uniform(0, d / 2)
 
 

@@ -65,7 +65,7 @@ def count_gets(st: ChunkStore) -> dict[str, int]:
         counts[d] = counts.get(d, 0) + 1
         return await orig(d)
 
-    st.get_chunk = counting  # type: ignore[method-assign]
+    st.get_chunk = counting  # type: ignore[method-assign,assignment]
     return counts
 
 
@@ -130,7 +130,7 @@ async def test_corrupt_chunk_in_store_is_refetched_once_then_reported(
         with pytest.raises(ChunkError, match="hashed wrong twice") as ei:
             await Prefetcher(store, cache).prefetch(m)
     finally:
-        del store.get_chunk  # type: ignore[method-assign]
+        del store.get_chunk
     assert ei.value.digest == bad and counts[bad] == 2
     assert bad not in cache
     cache_is_clean(cache)

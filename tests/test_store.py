@@ -187,11 +187,11 @@ async def test_upload_puts_back_chunks_a_concurrent_gc_removed(store: ChunkStore
             await store.delete_chunk(d)
         return ok
 
-    racing.touch_chunk = touch_then_lose  # type: ignore[method-assign]
+    racing.touch_chunk = touch_then_lose  # type: ignore[method-assign,assignment]
     try:
         _k, rep = await upload(racing, image_dir, "c2")
     finally:
-        del racing.touch_chunk  # type: ignore[method-assign]
+        del racing.touch_chunk
     assert fired and rep.new_chunks == 1
     assert (await verify_checkpoint(store, m)).ok
 
