@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from snapscale.shared.chunking import is_digest, sha256_hex
-from snapscale.shared.errors import RetryableError
+from snapscale.shared.errors import ConfigError, RetryableError
 from snapscale.shared.store import ChunkError
 
 log = logging.getLogger(__name__)
@@ -222,7 +222,10 @@ class HostCache:
 
     def _make_room(self, need: int) -> None:
         if need > self.budget_bytes:
-            raise CacheFullError(f"a {need}-byte chunk exceeds the whole cache budget ({self.budget_bytes})")
+            raise ConfigError(
+                f"a {need}-byte chunk exceeds the whole cache budget ({self.budget_bytes} bytes): "
+                "raise SNAPSCALE_CACHE_BYTES"
+            )
         over = self.used_bytes + self._reserved + need - self.budget_bytes
         if over <= 0:
             return

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from snapscale.shared.cache import HostCache
+from snapscale.shared.errors import ConfigError
 from snapscale.shared.manifest import Manifest
 from snapscale.shared.store import ChunkError, ChunkStore, run_bounded
 
@@ -110,6 +111,12 @@ class Prefetcher:
 
     async def _run(self, m: Manifest, key: str) -> PrefetchReport:
         sizes = m.chunk_sizes()
+        if sum(sizes.values()) > self.cache.budget_bytes:
+            # Say so before downloading anything: it would evict itself and fail near the end.
+            raise ConfigError(
+                f"checkpoint {key} needs {sum(sizes.values())} bytes of chunks; the host cache holds "
+                f"{self.cache.budget_bytes}: raise SNAPSCALE_CACHE_BYTES"
+            )
 
         def job_cbs() -> list[ProgressCb]:
             job = self._jobs.get(key)

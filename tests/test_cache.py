@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from snapscale.shared.cache import CHUNK_MODE, CacheFullError, HostCache
+from snapscale.shared.errors import ConfigError
 from snapscale.shared.store import ChunkError
 
 
@@ -99,6 +100,12 @@ async def test_index_is_rebuilt_from_the_directory(tmp_path: Path) -> None:
     smaller = HostCache(tmp_path, 2000)
     await smaller.insert(*chunk(50))  # must evict the two least recently used
     assert ds[2][0] not in smaller and ds[0][0] not in smaller and ds[3][0] not in smaller
+
+
+async def test_a_chunk_bigger_than_the_budget_is_a_config_error(tmp_path: Path) -> None:
+    c = HostCache(tmp_path, 500)
+    with pytest.raises(ConfigError, match="SNAPSCALE_CACHE_BYTES"):
+        await c.insert(*chunk(1))
 
 
 def test_budget_must_be_positive(tmp_path: Path) -> None:

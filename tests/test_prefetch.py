@@ -20,6 +20,7 @@ from storefix import KEY, image_dir, proxied_store, proxy, store
 
 from snapscale.shared.cache import HostCache
 from snapscale.shared.checkpoint import fetch_manifest, upload_image
+from snapscale.shared.errors import ConfigError
 from snapscale.shared.manifest import Manifest
 from snapscale.shared.materialize import materialize
 from snapscale.shared.prefetch import Prefetcher, PrefetchProgress
@@ -149,6 +150,21 @@ async def test_chunk_corrupted_in_flight_is_refetched(
     rep = await Prefetcher(proxied_store, cache).prefetch(m)
     assert rep.refetched == 1 and rep.bytes_fetched == m.unique_bytes
     cache_is_clean(cache)
+
+
+@pytest.mark.criu
+async def test_checkpoint_bigger_than_the_cache_is_refused_up_front(
+    store: ChunkStore, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(store, image_dir)
+    cache = HostCache(tmp_path / "cache", m.unique_bytes - 1)
+    counts = count_gets(store)
+    try:
+        with pytest.raises(ConfigError, match="SNAPSCALE_CACHE_BYTES"):
+            await Prefetcher(store, cache).prefetch(m)
+    finally:
+        del store.get_chunk
+    assert counts == {} and len(cache) == 0
 
 
 @pytest.mark.criu
