@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 tracer = telemetry.tracer("snapscale.demo")
 
 TRAFFIC_EVERY_S = 0.5
+REQUEST_S = 0.5  # how long the demo pretends one request takes
 
 
 async def follow(b: bus.Bus, state: DemoState, out: Console) -> None:
@@ -73,10 +74,12 @@ class Traffic:
         subject = self.bus.subjects.traffic(self.deployment)
         while True:
             if self.on:
+                # Little's law with a request taking ~0.5 s: `concurrency` requests in flight means
+                # about `concurrency` arrivals per half-second interval.
                 ev = TrafficEvent(
                     deployment=self.deployment,
                     ts=time.time(),
-                    arrivals=max(1, round(self.concurrency * 2 * TRAFFIC_EVERY_S)),
+                    arrivals=max(1, round(self.concurrency * TRAFFIC_EVERY_S / REQUEST_S)),
                     concurrency=self.concurrency,
                 )
                 # Each event its own trace root: the scaler's decision continues the one that woke it.
