@@ -119,9 +119,16 @@ async def test_killed_after_ready_re_adopts_the_replica(
     assert back.endpoint == ev.endpoint and back.tier is Tier.COLD
     assert sandbox.is_running(sb)  # the very same process
     # on the stream too (a JetStream consumer such as the scaler sees it), not only on the wire
-    last = await h.bus.js.get_last_msg(h.bus.subjects.evt_stream, h.bus.subjects.evt_replica(spec.name))
-    assert last.data is not None
-    assert decode_message(last.data, ReplicaEvent).reason == "re-adopted after a restorer restart"
+    # (core subscribers may hear of it a moment before the stream has stored it)
+    stored = ""
+    for _ in range(40):
+        last = await h.bus.js.get_last_msg(h.bus.subjects.evt_stream, h.bus.subjects.evt_replica(spec.name))
+        assert last.data is not None
+        stored = decode_message(last.data, ReplicaEvent).reason
+        if stored == "re-adopted after a restorer restart":
+            break
+        await asyncio.sleep(0.05)
+    assert stored == "re-adopted after a restorer restart"
     await get(back.endpoint, "/generate")
 
     # and it is this restorer's to release

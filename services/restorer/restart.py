@@ -6,6 +6,7 @@ restores a crash cut short are reaped and reported failed. Nothing here serves c
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import shutil
@@ -25,24 +26,30 @@ log = logging.getLogger(__name__)
 async def adopt(h: Host) -> None:
     """Take back the sandboxes a previous run left: live ones are re-adopted, dead ones cleaned up
     and reported failed; restores a crash cut short are reaped and reported failed."""
+    unfinished = {}
+    for e in h.ledger.unfinished():
+        if e.verb == "restore":
+            unfinished[e.replica] = e
+        else:
+            h.ledger.finish(e.id, ok=False, outcome="interrupted by a restart")
+    found = h.registry.all()
+    # probed together: one slow sandbox must not hold the others' re-adoption up
+    verdicts = await asyncio.gather(*(_adopt_one(h, sb) for sb in found))
     adopted: set[str] = set()
-    for sb in h.registry.all():
-        reason = await _adopt_one(h, sb)
-        if reason is None:
+    for sb, why in zip(found, verdicts, strict=True):
+        if why is None:
             adopted.add(sb.replica)
             continue
-        log.warning("replica %s not re-adopted: %s", sb.replica, reason)
+        log.warning("replica %s not re-adopted: %s", sb.replica, why)
         with contextlib.suppress(Exception):
             await engine.stop(sb)
         h.registry.remove(sb.replica)
         if sb.run_dir:
             await reap(Path(sb.run_dir))
-        await _report_failed(h, sb.deployment, sb.replica, reason)
-    for e in h.ledger.unfinished():
-        if e.verb != "restore":
-            h.ledger.finish(e.id, ok=False, outcome="interrupted by a restart")
-            continue
-        if e.replica in adopted:
+        if sb.replica not in unfinished:  # else reported once, below, with its command
+            await _report_failed(h, sb.deployment, sb.replica, why)
+    for e in unfinished.values():
+        if e.replica in adopted:  # it was up (the crash came between ready and the ledger)
             h.ledger.finish(e.id, ok=True, outcome="re-adopted after a restart")
             continue
         await reap(Path(e.run_dir))
