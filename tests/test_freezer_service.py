@@ -509,6 +509,53 @@ async def test_operator_freeze_with_stop_leaves_a_checkpoint_and_no_sandbox(
         assert "FAILED: no sandbox for replica r-none on host host-a" in out.decode()
 
 
+LAUNCH_UNDER_UVLOOP = """
+import sys, uvloop
+from pathlib import Path
+from snapscale.shared import engine
+from snapscale.shared.registry import SandboxRegistry
+from snapscale.shared.spec import DeploymentSpec
+
+async def main() -> None:
+    spec = DeploymentSpec.from_json(Path(sys.argv[1]).read_bytes())
+    sb = await engine.launch(spec, sys.argv[2], gpu_uuids=[], run_dir=Path(sys.argv[3]))
+    await engine.wait_ready(sb, spec.ready, cwd=spec.cwd)
+    SandboxRegistry(Path(sys.argv[4])).put(sb)
+
+uvloop.run(main())
+"""
+
+
+@pytest.mark.criu
+async def test_a_sandbox_launched_from_a_uvloop_service_can_be_frozen(
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    """The restorer cold-boots on uvloop (runtime.run), whose child processes inherit descriptors
+    asyncio's loop would close; the auto-freeze that follows must still dump the sandbox."""
+    spec = sample_spec("uvloop", tmp_path, preset="none")
+    await put_spec(the_bus, spec)
+    (tmp_path / "spec.json").write_bytes(spec.to_json())
+    replica = f"r-{uuid.uuid4().hex[:6]}"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", LAUNCH_UNDER_UVLOOP, str(tmp_path / "spec.json"), replica,
+        str(settings.state_dir / "run" / replica), str(settings.state_dir), cwd=str(ROOT),
+        stdin=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode == 0, err.decode()
+    sb = SandboxRegistry(settings.state_dir).get(replica)
+    assert sb is not None
+    try:
+        async with running_freezer(settings, criu), checkpoint_events(the_bus, spec.name) as events:
+            before = answer(sb)
+            await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
+            ev = await next_event(events)
+            assert ev.ok and not ev.skipped, ev.reason
+            assert answer(sb) == before
+    finally:
+        await engine.stop(sb)
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     """The environment a freezer (or operator) subprocess reads its Settings from."""
     env = dict(os.environ)
