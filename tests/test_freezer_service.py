@@ -556,6 +556,18 @@ async def test_a_sandbox_launched_from_a_uvloop_service_can_be_frozen(
         await engine.stop(sb)
 
 
+async def test_operator_freeze_with_no_freezer_listening_times_out_saying_so(settings: Settings) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "snapscale", "freeze", "ghost", "--replica", "r1", "--host", "nobody",
+        "--timeout-s", "1",
+        env=env_for(settings), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 1 and out == b""
+    assert "no checkpoint event for command op-" in err.decode()
+    assert "is `snapscale freezer --host nobody` running?" in err.decode()
+
+
 def env_for(settings: Settings) -> dict[str, str]:
     """The environment a freezer (or operator) subprocess reads its Settings from."""
     env = dict(os.environ)

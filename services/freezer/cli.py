@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from dataclasses import replace
 from typing import Any
 
@@ -71,15 +72,19 @@ def _freeze(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     runtime.setup_logging("WARNING")
-    ev = asyncio.run(
-        freeze(
-            settings,
-            args.deployment,
-            replica=args.replica,
-            host=args.host,
-            keep_running=not args.stop,
-            timeout_s=args.timeout_s,
+    try:
+        ev = asyncio.run(
+            freeze(
+                settings,
+                args.deployment,
+                replica=args.replica,
+                host=args.host,
+                keep_running=not args.stop,
+                timeout_s=args.timeout_s,
+            )
         )
-    )
+    except TimeoutError as e:
+        print(f"snapscale freeze: {e}", file=sys.stderr)
+        return 1
     print(format_event(ev))
     return 0 if ev.ok else 1
