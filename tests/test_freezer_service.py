@@ -150,6 +150,11 @@ def answer(sb: Sandbox) -> dict[str, Any]:
     return body
 
 
+def status_of(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return int(r.status)
+
+
 def freeze_cmd(
     spec: DeploymentSpec, replica: str, *, force: bool = False, keep_running: bool = True
 ) -> FreezeCommand:
@@ -566,6 +571,52 @@ async def test_operator_freeze_with_no_freezer_listening_times_out_saying_so(set
     assert proc.returncode == 1 and out == b""
     assert "no checkpoint event for command op-" in err.decode()
     assert "is `snapscale freezer --host nobody` running?" in err.decode()
+
+
+EXTERNAL_PEER = """
+import socket, sys, http.server
+peer = socket.socket(socket.AF_UNIX)
+peer.connect(sys.argv[1])  # a connection to a process outside the sandbox: CRIU refuses to dump it
+http.server.HTTPServer(("0.0.0.0", 8000), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+
+@pytest.mark.criu
+async def test_a_criu_failure_is_reported_with_its_log_tail_and_the_sandbox_keeps_serving(
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    sock_path = tmp_path / "outside.sock"
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def on_peer(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(w)
+
+    outside = await asyncio.start_unix_server(on_peer, path=str(sock_path))
+    spec = DeploymentSpec(
+        name="unfreezable",
+        command=[sys.executable, "-c", EXTERNAL_PEER, str(sock_path)],
+        cwd=str(tmp_path),
+        ready=ReadySpec(http_path="/", timeout_s=30.0),
+    )
+    await put_spec(the_bus, spec)
+    try:
+        async with (
+            running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+            running_freezer(settings, criu),
+            checkpoint_events(the_bus, spec.name) as events,
+        ):
+            assert accepted  # the sandbox holds its connection to us
+            await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
+            ev = await next_event(events)
+            assert not ev.ok and ev.reason.startswith("criu_dump: criu dump exited"), ev.reason
+            assert "Error (criu/sk-unix.c" in ev.reason  # CRIU's own last lines: what it could not dump
+            assert sandbox.is_running(sb)
+            assert status_of(f"http://{sb.endpoint}/") == 200  # still serving
+            assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
+    finally:
+        outside.close()
+        for w in accepted:
+            w.close()
 
 
 def env_for(settings: Settings) -> dict[str, str]:
