@@ -176,7 +176,9 @@ def dump_argv(
     b: CriuBinary, pid: int, image_dir: Path, *, netns_inode: int, leave_running: bool, log_path: Path
 ) -> list[str]:
     """Pure. The netns stays outside the image (a restore gets a fresh one); `--network-lock skip`
-    because the default lock wants iptables-restore, absent here; in-flight connections are dropped."""
+    because the default lock wants iptables-restore, absent here; in-flight connections are dropped.
+    The sandbox's mounts are copies of the host's: `--external mnt[]` records them as external
+    instead of dumping them (tmpfs contents included)."""
     argv = [
         b.path,
         "dump",
@@ -192,6 +194,8 @@ def dump_argv(
         "--network-lock",
         "skip",
         "--skip-in-flight",
+        "--external",
+        "mnt[]",
     ]
     if leave_running:
         argv.append("--leave-running")
@@ -201,7 +205,9 @@ def dump_argv(
 def restore_argv(
     b: CriuBinary, image_dir: Path, *, inherit: Mapping[str, int], log_path: Path, pidfile: Path
 ) -> list[str]:
-    """Pure. Detached (`-d`): the tree outlives CRIU. `inherit` maps image resource keys to our fds."""
+    """Pure. Detached (`-d`): the tree outlives CRIU. `inherit` maps image resource keys to our fds.
+    The sandbox's mount namespace is rebuilt on the host's root, its external mounts bound back from
+    the same host paths (`--root / --ext-mount-map auto`)."""
     argv = [
         b.path,
         "restore",
@@ -213,8 +219,10 @@ def restore_argv(
         "-v2",
         "--pidfile",
         str(pidfile),
-        "--network-lock",
-        "skip",
+        "--root",
+        "/",
+        "--ext-mount-map",
+        "auto",
     ]
     for key, fd in inherit.items():
         argv += ["--inherit-fd", f"fd[{fd}]:{key}"]

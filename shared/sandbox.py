@@ -84,22 +84,45 @@ def workload_env(spec: DeploymentSpec, gpu_uuids: list[str]) -> dict[str, str]:
 
 
 def uses_pid_namespace(spec: DeploymentSpec) -> bool:
-    """CPU sandboxes are PID 1 of their own PID namespace; GPU sandboxes stay in the host's. Pure.
+    """Every sandbox is PID 1 of its own PID namespace, with its own mount namespace. Pure.
 
-    CUDA fails to initialise (error 304) in a PID namespace unless it also gets its own /proc, i.e. a
-    mount namespace, and CRIU cannot dump a copied host mount tree as is (nsfs, tmpfs contents).
-    The cost: a GPU image restores with its original PIDs, so they must be free on the host.
+    The mount namespace is there for CUDA: it fails to initialise (error 304) in a PID namespace
+    whose /proc is the host's, so the sandbox mounts its own /proc (`--mount-proc`). CRIU dumps
+    the copied host mounts as external (`--external mnt[]`) and binds them back at restore.
     """
-    return spec.gpus == 0
+    return True
 
 
-def launch_argv(spec: DeploymentSpec, ns_path: Path) -> list[str]:
+# Runs as PID 1 of the new namespaces, then execs the workload (which stays PID 1).
+# nsfs mounts (other replicas' /run/netns entries) cannot be dumped by CRIU: drop them here, where
+# propagation is private. stdio is reopened inside the new mount namespace, because CRIU cannot
+# resolve a file opened through a mount of the host's namespace.
+PRELUDE = """log="$1"; shift
+for m in $(grep ' nsfs ' /proc/self/mounts | cut -d' ' -f2); do umount -l "$m" 2>/dev/null || :; done
+exec </dev/null >>"$log" 2>&1
+exec setsid "$@"
+"""
+
+
+def launch_argv(spec: DeploymentSpec, ns_path: Path, log_path: Path) -> list[str]:
     """`setsid` gives the tree its own session, so CRIU needs no --shell-job. Pure.
 
     No `unshare --kill-child`: its parent-death signal would kill a restored tree when CRIU exits.
     """
-    pidns = ["unshare", "--pid", "--fork"] if uses_pid_namespace(spec) else []
-    return ["nsenter", f"--net={ns_path}", *pidns, "setsid", *spec.command]
+    if not uses_pid_namespace(spec):
+        return ["nsenter", f"--net={ns_path}", "setsid", *spec.command]
+    ns = ["unshare", "--pid", "--mount", "--fork", "--mount-proc", "--propagation", "private"]
+    return [
+        "nsenter",
+        f"--net={ns_path}",
+        *ns,
+        "/bin/sh",
+        "-c",
+        PRELUDE,
+        "snapscale-sandbox",
+        str(log_path),
+        *spec.command,
+    ]
 
 
 async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], run_dir: Path) -> Sandbox:
@@ -114,7 +137,7 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     try:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *launch_argv(spec, ns.path),
+                *launch_argv(spec, ns.path, log_path),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,

@@ -127,25 +127,37 @@ def test_root_only_paths_exist() -> None:
         assert any(os.access(os.path.join(d, tool), os.X_OK) for d in os.environ["PATH"].split(":")), tool
 
 
-async def test_host_pid_namespace_sandbox_round_trip(
+async def test_sandbox_has_its_own_proc_across_restores(
     criu: CriuBinary, tmp_path: Path, tag: str, made: list[Sandbox]
 ) -> None:
-    """A GPU spec's sandbox stays in the host's PID namespace; here without a GPU, its CRIU path."""
+    """CUDA needs a /proc that matches the PID namespace; a GPU spec's sandbox (here without a GPU)
+    gets one, keeps it through freeze and restore, and two restores of its image coexist."""
     spec = replace(sample_spec("gpuish", tag=tag, preset="none"), gpus=1)
-    sb = await engine.launch(spec, "hostpid", gpu_uuids=[], run_dir=tmp_path / "run")
+    sb = await engine.launch(spec, "ownproc", gpu_uuids=[], run_dir=tmp_path / "run")
     made.append(sb)
-    assert os.stat(f"/proc/{sb.pid}/ns/pid").st_ino == os.stat("/proc/self/ns/pid").st_ino
     await engine.wait_ready(sb, spec.ready)
-    assert sandbox.tree_pids(sb) == [sb.pid]
+    assert own_proc_shows_init(sb.pid, tag)
     original = await answer(sb)
-    await engine.freeze(sb, spec, tmp_path / "img", keep_running=False, criu=criu)
-    assert not sandbox.is_running(sb)
-    back, _ = await engine.restore(
-        spec, tmp_path / "img", "hostpid2", gpu_uuids=[], run_dir=tmp_path / "r", criu=criu
+    await engine.freeze(sb, spec, tmp_path / "img", keep_running=True, criu=criu)
+    (a, _), (b, _) = await asyncio.gather(
+        *(
+            engine.restore(
+                spec, tmp_path / "img", f"ownproc{i}", gpu_uuids=[], run_dir=tmp_path / f"r{i}", criu=criu
+            )
+            for i in (1, 2)
+        )
     )
-    made.append(back)
-    assert back.pid == sb.pid  # no PID namespace: CRIU gives the tree its old PIDs back
-    assert await answer(back) == original
+    made += [a, b]
+    for s in (sb, a, b):
+        assert own_proc_shows_init(s.pid, tag)
+        assert await answer(s) == original
+
+
+def own_proc_shows_init(pid: int, tag: str) -> bool:
+    """In the sandbox's own mount namespace, /proc/1 is the sandbox's init (its PID namespace's)."""
+    return os.stat(f"/proc/{pid}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino and tag.encode() in (
+        Path(f"/proc/{pid}/root/proc/1/cmdline").read_bytes()
+    )
 
 
 async def test_every_step_is_a_span(criu: CriuBinary, tmp_path: Path, tag: str, made: list[Sandbox]) -> None:

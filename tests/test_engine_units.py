@@ -21,7 +21,7 @@ def test_dump_argv() -> None:
         B, 77, Path("/img"), netns_inode=4026532000, leave_running=True, log_path=Path("/l")
     )
     assert argv[:4] == ["/opt/criu", "dump", "-t", "77"]
-    assert "--external" in argv and "net[4026532000]:extnet" in argv
+    assert "--external" in argv and "net[4026532000]:extnet" in argv and "mnt[]" in argv
     assert argv[argv.index("--network-lock") + 1] == "skip"
     assert "--leave-running" in argv
     assert "--leave-running" not in criu.dump_argv(
@@ -36,6 +36,7 @@ def test_restore_argv() -> None:
     assert argv[:3] == ["/opt/criu", "restore", "-d"]
     assert "fd[5]:extnet" in argv and "fd[6]:tmp/log" in argv
     assert argv[argv.index("--pidfile") + 1] == "/p"
+    assert argv[argv.index("--root") + 1] == "/" and argv[argv.index("--ext-mount-map") + 1] == "auto"
 
 
 def test_old_criu_is_refused() -> None:
@@ -95,25 +96,17 @@ def test_subnets() -> None:
 
 def test_workload_argv_and_env() -> None:
     spec = DeploymentSpec(name="d", command=["python3", "-m", "x"], env={"A": "1", "PATH": "/opt/bin"})
-    argv = sandbox.launch_argv(spec, Path("/run/netns/snapscale-1"))
-    assert argv == [
-        "nsenter",
-        "--net=/run/netns/snapscale-1",
-        "unshare",
-        "--pid",
-        "--fork",
-        "setsid",
-        "python3",
-        "-m",
-        "x",
-    ]
+    argv = sandbox.launch_argv(spec, Path("/run/netns/snapscale-1"), Path("/r/sandbox.log"))
+    assert argv[:3] == ["nsenter", "--net=/run/netns/snapscale-1", "unshare"]
+    assert {"--pid", "--mount", "--mount-proc"} <= set(argv)
+    assert argv[-5:] == ["snapscale-sandbox", "/r/sandbox.log", "python3", "-m", "x"]
     env = sandbox.workload_env(spec, ["GPU-a", "GPU-b"])
     assert env["A"] == "1" and env["PATH"] == "/opt/bin" and env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
     assert not any(k.startswith("SNAPSCALE_") for k in env)
     assert sandbox.workload_env(spec, [])["CUDA_VISIBLE_DEVICES"] == ""
-    # A GPU sandbox stays in the host's PID namespace (CUDA needs a /proc of its own there).
+    # GPU sandboxes too: their own /proc is what lets CUDA initialise in a PID namespace.
     gpu = DeploymentSpec(name="g", command=["python3"], gpus=1)
-    assert sandbox.launch_argv(gpu, Path("/n")) == ["nsenter", "--net=/n", "setsid", "python3"]
+    assert "--mount-proc" in sandbox.launch_argv(gpu, Path("/n"), Path("/l"))
 
 
 def test_image_meta_round_trip_and_refusal() -> None:
