@@ -4,6 +4,7 @@ that fails, a restored replica that never gets ready. Real nats-server, moto S3 
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -17,9 +18,9 @@ from conftest import S3Server, free_port
 from engine_helpers import kill_tagged
 from restorer_harness import Frozen, Harness, follow, running
 
-from snapscale.shared import bus, compat
+from snapscale.shared import bus, compat, engine
 from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import ReplicaState, Tier
+from snapscale.shared.messages import GpuInfo, ReplicaState, Tier
 from snapscale.shared.settings import Settings
 from snapscale.shared.spec import ReadySpec
 
@@ -132,3 +133,28 @@ async def test_restored_replica_never_ready(h: Harness) -> None:
     await cold_with_reason(
         h, h.settings, spec.name, f"restore of {frozen.entry.checkpoint_id} failed: ready: not ready after 2s"
     )
+
+
+def _as_if_frozen_on_a_gpu(img: Path) -> None:
+    """The engine's record of the image says it holds CUDA state, as a GPU sandbox's would."""
+    meta = img / engine.META_NAME
+    doc = json.loads(meta.read_text())
+    doc.update(cuda=True, gpu_uuids=["GPU-frozen-on"])
+    meta.write_text(json.dumps(doc))
+
+
+async def test_cuda_restore_fails(h: Harness) -> None:
+    # a GPU deployment on a host whose GPU is listed but has no CUDA driver behind it: the CUDA
+    # step of the restore fails (for real, libcuda is absent here) and a cold boot takes over
+    spec = await h.deploy(replace(h.spec(), gpus=1))
+    key = compat.host_key(spec, criu=h.criu, gpu_count=1)
+    frozen = await h.make_checkpoint(spec, key=key, spoil_image=_as_if_frozen_on_a_gpu)
+    async with running(h.settings, h.criu) as (svc, _):
+        assert svc.host is not None
+        svc.host.slots.gpus.append(GpuInfo(0, "GPU-here", "test-gpu", 1 << 30))
+        await h.restore(spec.name, "r1")
+        ev = await h.wait("r1")
+        assert ev.state is ReplicaState.READY and ev.tier is Tier.COLD, ev.reason
+        assert f"restore of {frozen.entry.checkpoint_id} failed: cuda: no CUDA" in ev.reason, ev.reason
+        assert ev.gpu_uuids == ["GPU-here"]  # the cold boot got the GPU the restore had reserved
+        assert svc.host.slots.free_gpus() == []
