@@ -23,6 +23,7 @@ from snapscale.shared import bus, compat, sandbox
 from snapscale.shared.criu import CriuBinary
 from snapscale.shared.messages import (
     FreezeCommand,
+    GpuInfo,
     HostHeartbeat,
     PrefetchCommand,
     ReleaseMode,
@@ -241,3 +242,20 @@ async def test_stopping_the_service_mid_boot_cleans_up_and_says_so(h: Harness) -
     ev = await h.wait("r1", timeout_s=10)
     assert ev.state is ReplicaState.FAILED and ev.reason == "the restorer stopped while it was starting"
     assert procs_with(h.tag) == []
+
+
+async def test_a_gpu_replica_whose_suspend_fails_is_stopped_and_frees_its_gpu(h: Harness) -> None:
+    spec = await h.deploy(replace(h.spec(), gpus=1))
+    async with running(h.settings, h.criu) as (svc, _):
+        assert svc.host is not None
+        svc.host.slots.gpus.append(GpuInfo(0, "GPU-here", "test-gpu", 1 << 30))  # no driver behind it
+        await h.restore(spec.name, "g1")
+        ev = await h.wait("g1")
+        assert ev.state is ReplicaState.READY and ev.gpu_uuids == ["GPU-here"]
+        assert svc.host.slots.free_gpus() == []
+        await h.release(spec.name, "g1", ReleaseMode.SUSPEND)
+        gone = await h.wait("g1", frozenset({ReplicaState.STOPPED}))
+        assert gone.reason.startswith("suspend failed, stopped instead: cuda: no CUDA"), gone.reason
+        assert svc.host.slots.free_gpus() == ["GPU-here"] and svc.host.live == {}
+        hb = await heartbeat(h, lambda hb: hb.gpus and hb.gpus[0].free)
+        assert [g.uuid for g in hb.gpus] == ["GPU-here"]
