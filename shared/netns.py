@@ -25,7 +25,18 @@ POOL = ipaddress.IPv4Network("10.213.0.0/16")
 PREFIX = "snapscale-"
 _SLOTS = POOL.num_addresses // 4
 _LOCK_PATH = Path("/run/snapscale-netns.lock")
-_alloc_lock = asyncio.Lock()
+_alloc_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+
+def _alloc_lock() -> asyncio.Lock:
+    """One lock per event loop: an asyncio.Lock used from a second loop raises."""
+    loop = asyncio.get_running_loop()
+    lock = _alloc_locks.get(loop)
+    if lock is None:
+        for old in [lp for lp in _alloc_locks if lp.is_closed()]:
+            del _alloc_locks[old]
+        lock = _alloc_locks[loop] = asyncio.Lock()
+    return lock
 
 
 @dataclass(frozen=True)
@@ -108,7 +119,7 @@ def _host_links() -> set[int]:
 
 async def create(replica: str) -> NetNs:
     """Make a fresh netns for `replica` with its veth pair, addresses, routes and loopback up."""
-    async with _alloc_lock:
+    async with _alloc_lock():
         fd = os.open(_LOCK_PATH, os.O_CREAT | os.O_RDWR, 0o600)
         try:
             await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)

@@ -11,8 +11,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -97,32 +99,35 @@ def uses_pid_namespace(spec: DeploymentSpec) -> bool:
 # nsfs mounts (other replicas' /run/netns entries) cannot be dumped by CRIU: drop them here, where
 # propagation is private. stdio is reopened inside the new mount namespace, because CRIU cannot
 # resolve a file opened through a mount of the host's namespace.
+# Its own tools come from the system PATH; the workload gets the PATH its spec asked for.
 PRELUDE = """log="$1"; shift
+user_path="$PATH"; PATH=/usr/sbin:/usr/bin:/sbin:/bin
 for m in $(grep ' nsfs ' /proc/self/mounts | cut -d' ' -f2); do umount -l "$m" 2>/dev/null || :; done
+setsid=$(command -v setsid)
 exec </dev/null >>"$log" 2>&1
-exec setsid "$@"
+PATH="$user_path"
+exec "$setsid" "$@"
 """
 
 
-def launch_argv(spec: DeploymentSpec, ns_path: Path, log_path: Path) -> list[str]:
+def launch_argv(
+    spec: DeploymentSpec, ns_path: Path, log_path: Path, which: Callable[[str], str] = str
+) -> list[str]:
     """`setsid` gives the tree its own session, so CRIU needs no --shell-job. Pure.
 
-    No `unshare --kill-child`: its parent-death signal would kill a restored tree when CRIU exits.
+    `which` resolves the launcher's own tools: they are exec'd with the workload's environment,
+    whose PATH is the spec's business. No `unshare --kill-child`: its parent-death signal would
+    kill a restored tree when CRIU exits.
     """
+    nsenter = [which("nsenter"), f"--net={ns_path}"]
     if not uses_pid_namespace(spec):
-        return ["nsenter", f"--net={ns_path}", "setsid", *spec.command]
-    ns = ["unshare", "--pid", "--mount", "--fork", "--mount-proc", "--propagation", "private"]
-    return [
-        "nsenter",
-        f"--net={ns_path}",
-        *ns,
-        "/bin/sh",
-        "-c",
-        PRELUDE,
-        "snapscale-sandbox",
-        str(log_path),
-        *spec.command,
-    ]
+        return [*nsenter, which("setsid"), *spec.command]
+    ns = [which("unshare"), "--pid", "--mount", "--fork", "--mount-proc", "--propagation", "private"]
+    return [*nsenter, *ns, "/bin/sh", "-c", PRELUDE, "snapscale-sandbox", str(log_path), *spec.command]
+
+
+def _which(tool: str) -> str:
+    return shutil.which(tool) or tool
 
 
 async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], run_dir: Path) -> Sandbox:
@@ -137,7 +142,7 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     try:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *launch_argv(spec, ns.path, log_path),
+                *launch_argv(spec, ns.path, log_path, _which),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,

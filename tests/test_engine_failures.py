@@ -139,3 +139,14 @@ async def test_workload_crashing_at_boot_fails_fast(tmp_path: Path, tag: str, ma
     with pytest.raises(engine.SandboxExited, match="exited before it was ready") as ei:
         await engine.wait_ready(sb, spec.ready)
     assert "boom" in ei.value.log_tail
+
+
+async def test_a_spec_path_without_system_dirs_still_launches(
+    tmp_path: Path, tag: str, made: list[Sandbox]
+) -> None:
+    # The sandbox prelude finds its own tools; the workload gets the PATH its spec asks for.
+    spec = sample_spec("light", tag=tag, preset="none")
+    spec = replace(spec, env={"PATH": str(tmp_path)})
+    sb = await engine.launch(spec, "oddpath", gpu_uuids=[], run_dir=tmp_path / "run")
+    made.append(sb)
+    await engine.wait_ready(sb, spec.ready)
