@@ -68,6 +68,13 @@ async def test_cold_boot_when_no_checkpoint_then_stop_frees_the_slot(h: Harness)
         hb = await _heartbeat(h, lambda hb: [r.replica for r in hb.replicas] == ["r3"])
         assert hb.cpu_slots == 0 and hb.gpus == [] and hb.compat["gpu_model"] == "cpu"
         assert svc.host is not None and svc.host.slots.free_cpu_slots() == 0
+        # and on core NATS, for the scaler's live view
+        sub = await h.bus.nc.subscribe(h.bus.subjects.evt_host(h.host))
+        try:
+            msg = await sub.next_msg(timeout=5)
+        finally:
+            await sub.unsubscribe()
+        assert decode_message(msg.data, HostHeartbeat).host == h.host
 
 
 async def test_restore_from_s3_then_from_warm_cache(h: Harness, s3_settings: Settings) -> None:
