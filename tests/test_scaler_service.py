@@ -369,3 +369,54 @@ async def test_decision_span_continues_traffic_and_travels_in_commands(
     assert d.context.trace_id == gw.get_span_context().trace_id
     assert d.parent.span_id == gw.get_span_context().span_id
     assert f"{d.context.span_id:016x}" in seen[0]["traceparent"]
+
+
+async def test_restart_rebuilds_from_kv_and_holds_scale_down_for_a_stable_window(
+    the_bus: Bus, settings: Settings
+) -> None:
+    """Two ready replicas in KV, no traffic at all: a fresh scaler keeps them a stable window."""
+    spec_ = replace(
+        SPEC, scaling=replace(FAST, stable_window_s=2.0, scale_to_zero_after_s=0.0, min_replicas=1)
+    )
+    await deploy(the_bus, spec_)
+    a = FakeHost(settings, "host-a", gpus=4)
+    async with running(a.run):
+        await eventually(lambda: a._bus is not None)
+        for r in ("llm-r1", "llm-r2"):
+            a.live[r] = ReplicaSummary("llm", r, ReplicaState.READY, [f"host-a-g{r[-1]}"])
+            await a.record(
+                ReplicaEvent(
+                    "llm", r, "host-a", ReplicaState.READY, time.time(), gpu_uuids=[f"host-a-g{r[-1]}"]
+                )
+            )
+        sc = Scaler(settings, CFG)
+        async with running(sc.run):
+            await eventually(lambda: sc.leader)
+            t0 = time.monotonic()
+            assert sc.view.live_count("llm") == 2
+            await eventually(lambda: bool(a.commands(ReleaseCommand)), 5, "a release after the window")
+            waited = time.monotonic() - t0
+            assert waited >= 1.5, f"released after {waited:.2f}s, inside the stable window"
+            await asyncio.sleep(0.5)
+            assert len(a.commands(ReleaseCommand)) == 1  # down to min_replicas, not below
+            assert not a.commands(RestoreCommand)
+
+
+async def test_a_removed_deployment_is_drained_without_freeze(the_bus: Bus, settings: Settings) -> None:
+    await deploy(the_bus, replace(SPEC, scaling=replace(FAST, scale_to_zero_after_s=60.0)))
+    a = FakeHost(settings, "host-a")
+    sc = Scaler(settings, CFG)
+    async with running(a.run, sc.run):
+        await eventually(lambda: sc.leader and "host-a" in sc.view.hosts)
+        await send_traffic(the_bus, "llm", 0.5)
+        await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [ReplicaState.READY])
+        await the_bus.kv[Bucket.DEPLOYMENTS].delete("llm")
+        await eventually(lambda: bool(a.commands(ReleaseCommand)), 5, "the release of a removed deployment")
+        await eventually(lambda: "llm" not in sc.view.specs, 5, "forgotten once drained")
+        assert not a.commands(FreezeCommand)
+        assert not a.commands(PrefetchCommand)
+        # its traffic is now unknown: counted and dropped
+        await bus.publish_core(
+            the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
+        )
+        await eventually(lambda: sc.stats().get("traffic.unknown") == 1)

@@ -46,6 +46,7 @@ class ScalerConfig:
     host_timeout_floor_s: float = 3.0  # a host is lost after max(3 heartbeat intervals, this)
     avoid_s: float = 60.0  # a host that failed a deployment's replica is skipped for it this long
     prefetch_hosts: int = 2
+    release_timeout_s: float = 300.0  # a release its host never answers is forgotten after this
 
 
 WARN_EVERY_S = 30.0
@@ -226,7 +227,8 @@ class Actor:
             return
         to_zero = live - len(releases) == 0
         freeze: FreezeCommand | None = None
-        if to_zero:
+        retired = dep in self.view.retired
+        if to_zero and not retired:
             last = releases[-1]
             fz = self.view.freezing.get(dep)
             host = self.view.hosts.get(last.host)
@@ -264,7 +266,7 @@ class Actor:
                 await bus.publish(self.bus, self.bus.subjects.cmd(Verb.RELEASE, t.ev.host), c, msg_id=c.id)
                 self.counters["cmd.release"] += 1
                 log.info("replica %s released (%s, %s)", t.key, c.mode.value, t.ev.reason)
-            if to_zero and cmds:
+            if to_zero and cmds and not retired:
                 self.view.freezing.pop(dep, None)
                 await self.prefetch(dep, now)
 

@@ -277,6 +277,14 @@ class Scaler:
                 fz.done = True
         for k in [k for k, until in v.avoid.items() if until <= now]:
             del v.avoid[k]
+        for t in [t for t in v.replicas.values() if t.ev.state is ReplicaState.RELEASING]:
+            if now - t.ev.ts > self.cfg.release_timeout_s:
+                log.warning("replica %s: no answer to its release for %.0fs; forgotten", t.key, now - t.ev.ts)
+                v.drop(t.key)
+        holding = (*LIVE, ReplicaState.RELEASING)
+        for dep in [d for d in v.retired if not any(t.ev.state in holding for t in v.of(d))]:
+            log.info("deployment %s: removed and drained", dep)
+            v.forget(dep)
 
     # --- inputs --------------------------------------------------------------------------------
     async def _on_traffic(self, ev: TrafficEvent, msg: Msg) -> None:
@@ -341,8 +349,8 @@ class Scaler:
 
     def _on_spec(self, key: str, value: bytes | None) -> None:
         if value is None:
-            log.info("deployment %s removed from KV; its replicas are left as they are", key)
-            self.view.specs.pop(key, None)
+            log.info("deployment %s removed from KV: releasing its replicas", key)
+            self.view.retire(key)
             return
         try:
             s = spec.DeploymentSpec.from_json(value)

@@ -7,8 +7,9 @@ so a decision and the bookkeeping of what it sent happen with no await in betwee
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from snapscale.scaler.placement import Reservations
 from snapscale.scaler.policy import Window
@@ -41,6 +42,7 @@ class View:
     freezing: dict[str, Freezing] = field(default_factory=dict)
     avoid: dict[tuple[str, str], float] = field(default_factory=dict)  # (deployment, host) -> until
     traffic_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # last traffic's trace headers
+    retired: set[str] = field(default_factory=set)  # removed from KV, still releasing replicas
 
     # --- specs and windows --------------------------------------------------------
     def window(self, deployment: str, now: float) -> Window:
@@ -52,10 +54,37 @@ class View:
     def put_spec(self, spec: DeploymentSpec, now: float) -> None:
         old = self.specs.get(spec.name)
         self.specs[spec.name] = spec
-        if old is not None and old.scaling != spec.scaling:
+        self.retired.discard(spec.name)
+        if old is not None and (
+            old.scaling.stable_window_s != spec.scaling.stable_window_s
+            or old.scaling.panic_window_s != spec.scaling.panic_window_s
+        ):
             # new window lengths: start over, keeping the restart rule (no scale-down for a window)
             self.windows.pop(spec.name, None)
         self.window(spec.name, now)
+
+    def retire(self, deployment: str) -> None:
+        """The deployment left KV: release what it has (no freeze, no prefetch), then forget it."""
+        spec = self.specs.get(deployment)
+        if spec is None:
+            return
+        if not any(t.ev.state in LIVE or t.ev.state is ReplicaState.RELEASING for t in self.of(deployment)):
+            self.forget(deployment)
+            return
+        self.retired.add(deployment)
+        self.specs[deployment] = replace(
+            spec, scaling=replace(spec.scaling, min_replicas=0, max_replicas=0, scale_to_zero_after_s=0.0)
+        )
+        w = self.windows.get(deployment)
+        if w is not None:
+            w.observed_since = -math.inf  # no restart hold: nothing should stay
+
+    def forget(self, deployment: str) -> None:
+        self.specs.pop(deployment, None)
+        self.windows.pop(deployment, None)
+        self.retired.discard(deployment)
+        self.freezing.pop(deployment, None)
+        self.traffic_headers.pop(deployment, None)
 
     # --- replicas -------------------------------------------------------------------
     def track(self, t: Tracked) -> None:
