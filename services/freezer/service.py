@@ -117,6 +117,8 @@ class Freezer:
             self.ctx.ledger.finish(cmd.id, event, attempt.checkpoint_id if attempt else None)
             await msg.ack_sync()
             self.handled += 1
+            if self.handled % 100 == 0:  # a long-lived freezer forgets old outcomes too
+                self.ctx.ledger.sweep()
 
     async def _failed(self, ctx: job.Context, cmd: FreezeCommand, reason: str) -> CheckpointEvent:
         await job.release_claim(ctx)
