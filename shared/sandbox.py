@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -95,35 +96,57 @@ def uses_pid_namespace(spec: DeploymentSpec) -> bool:
     return True
 
 
-# Runs as PID 1 of the new namespaces, then execs the workload (which stays PID 1).
-# nsfs mounts (other replicas' /run/netns entries) cannot be dumped by CRIU: drop them here, where
-# propagation is private. stdio is reopened inside the new mount namespace, because CRIU cannot
-# resolve a file opened through a mount of the host's namespace.
-# Its own tools come from the system PATH; the workload gets the PATH its spec asked for.
-PRELUDE = """log="$1"; shift
-user_path="$PATH"; PATH=/usr/sbin:/usr/bin:/sbin:/bin
-for m in $(grep ' nsfs ' /proc/self/mounts | cut -d' ' -f2); do umount -l "$m" 2>/dev/null || :; done
-setsid=$(command -v setsid)
-exec </dev/null >>"$log" 2>&1
-PATH="$user_path"
-exec "$setsid" "$@"
+# Runs as PID 1 of the new namespaces (with the agent's interpreter, -I -S: no site, no PYTHON*
+# variables), then execs the workload, which stays PID 1 in its own session. Before that:
+# * nsfs mounts (other replicas' /run/netns entries) go: CRIU cannot dump them; propagation is
+#   private, so the host keeps its own;
+# * every inherited fd above 2 is closed (uvloop, for one, leaves a /dev/null open without
+#   CLOEXEC) and stdio is reopened inside the new mount namespace: CRIU cannot resolve a file
+#   opened through a mount of the host's namespace.
+PRELUDE = """
+import ctypes, os, sys
+log, cmd = sys.argv[1], sys.argv[2:]
+libc = ctypes.CDLL(None, use_errno=True)
+with open("/proc/self/mounts") as f:
+    nsfs = [ln.split()[1] for ln in f if ln.split()[2] == "nsfs"]
+for m in reversed(nsfs):
+    libc.umount2(m.encode("latin-1").decode("unicode_escape").encode(), 2)  # MNT_DETACH
+os.closerange(3, 1 << 20)
+fd = os.open("/dev/null", os.O_RDONLY)
+os.dup2(fd, 0)
+os.close(fd)
+fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+os.dup2(fd, 1)
+os.dup2(fd, 2)
+os.close(fd)
+try:
+    os.setsid()
+except OSError:
+    pass
+try:
+    os.execvp(cmd[0], cmd)
+except OSError as e:
+    print(f"snapscale sandbox: cannot start {cmd[0]}: {e}", flush=True)
+    os._exit(127)
 """
 
 
 def launch_argv(
-    spec: DeploymentSpec, ns_path: Path, log_path: Path, which: Callable[[str], str] = str
+    spec: DeploymentSpec,
+    ns_path: Path,
+    log_path: Path,
+    which: Callable[[str], str] = str,
+    python: str = "python3",
 ) -> list[str]:
-    """`setsid` gives the tree its own session, so CRIU needs no --shell-job. Pure.
-
-    `which` resolves the launcher's own tools: they are exec'd with the workload's environment,
-    whose PATH is the spec's business. No `unshare --kill-child`: its parent-death signal would
-    kill a restored tree when CRIU exits.
+    """Pure. `which` resolves the launcher's own tools: they are exec'd with the workload's
+    environment, whose PATH is the spec's business. No `unshare --kill-child`: its parent-death
+    signal would kill a restored tree when CRIU exits.
     """
     nsenter = [which("nsenter"), f"--net={ns_path}"]
     if not uses_pid_namespace(spec):
         return [*nsenter, which("setsid"), *spec.command]
     ns = [which("unshare"), "--pid", "--mount", "--fork", "--mount-proc", "--propagation", "private"]
-    return [*nsenter, *ns, "/bin/sh", "-c", PRELUDE, "snapscale-sandbox", str(log_path), *spec.command]
+    return [*nsenter, *ns, python, "-I", "-S", "-c", PRELUDE, str(log_path), *spec.command]
 
 
 def _which(tool: str) -> str:
@@ -142,7 +165,7 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     try:
         try:
             proc = await asyncio.create_subprocess_exec(
-                *launch_argv(spec, ns.path, log_path, _which),
+                *launch_argv(spec, ns.path, log_path, _which, sys.executable),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_fd,
                 stderr=log_fd,

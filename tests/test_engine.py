@@ -11,7 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from engine_helpers import kill_tagged, netns_exists, procs_with, read_text, sample_spec
+from engine_helpers import ROOT, kill_tagged, netns_exists, procs_with, read_text, sample_spec
 
 from snapscale.shared import engine, probe, sandbox
 from snapscale.shared.criu import CriuBinary
@@ -192,3 +192,46 @@ async def test_every_step_is_a_span(criu: CriuBinary, tmp_path: Path, tag: str, 
     freeze = next(s for s in mine if s.name == "engine.freeze")
     assert dump.parent is not None and freeze.context is not None
     assert dump.parent.span_id == freeze.context.span_id
+
+
+UVLOOP_FREEZE = """
+import asyncio, os, sys
+from pathlib import Path
+import uvloop
+from snapscale.shared import engine
+from snapscale.shared.criu import find_criu
+sys.path.insert(0, "tests")
+from engine_helpers import sample_spec
+
+async def main() -> None:
+    stray = os.open("/dev/null", os.O_RDONLY)
+    os.set_inheritable(stray, True)  # what a library may leave behind in the agent
+    tmp, tag = Path(sys.argv[1]), sys.argv[2]
+    spec = sample_spec("light", tag=tag, preset="none")
+    sb = await engine.launch(spec, "uv", gpu_uuids=[], run_dir=tmp / "run")
+    try:
+        await engine.wait_ready(sb, spec.ready)
+        await engine.freeze(sb, spec, tmp / "img", keep_running=False, criu=find_criu())
+        print("FROZEN")
+    finally:
+        await engine.stop(sb)
+
+uvloop.run(main())
+"""
+
+
+def test_freeze_from_a_uvloop_agent_with_stray_fds(criu: CriuBinary, tmp_path: Path, tag: str) -> None:
+    """The services run on uvloop, whose subprocesses inherit fds the agent left open; the sandbox
+    must not carry them (CRIU cannot dump a file opened through the host's mount namespace)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", UVLOOP_FREEZE, str(tmp_path), tag],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert "FROZEN" in out.stdout, out.stdout + out.stderr
