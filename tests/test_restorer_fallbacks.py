@@ -115,7 +115,11 @@ async def test_criu_restore_fails(h: Harness) -> None:
     spec = await h.deploy(h.spec())
     frozen = await h.make_checkpoint(spec, spoil_image=_spoil)
     await cold_with_reason(
-        h, h.settings, spec.name, f"restore of {frozen.entry.checkpoint_id} failed: criu_restore"
+        h,
+        h.settings,
+        spec.name,
+        f"restore of {frozen.entry.checkpoint_id} failed: criu_restore",
+        "core-1.img",
     )
 
 

@@ -167,7 +167,19 @@ def test_describe(exc: BaseException, reads: str) -> None:
     from snapscale.shared.engine_errors import CriuError
 
     assert describe(exc) == reads
-    assert describe(CriuError("criu_restore", "bad image", "log\nlines")) == "criu_restore: bad image"
+    tail = (
+        "Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n"
+        "Error (criu/protobuf.c:93): Read 1497 bytes while 3007 expected from core-1.img\n"
+        "Error (criu/cr-restore.c:2331): Restoring FAILED.\n"
+    )
+    assert describe(CriuError("criu_restore", "exited 1", tail)) == (
+        "criu_restore: exited 1: Error (criu/protobuf.c:93): "
+        "Read 1497 bytes while 3007 expected from core-1.img"
+    )
+    assert (
+        describe(CriuError("x", "y", "Error (c): Restoring FAILED.")) == "x: y: Error (c): Restoring FAILED."
+    )
+    assert describe(CriuError("criu_restore", "exited 1")) == "criu_restore: exited 1"
 
 
 def test_store_problems_read_as_reasons() -> None:
@@ -175,7 +187,10 @@ def test_store_problems_read_as_reasons() -> None:
     from snapscale.shared.manifest import SignatureError
     from snapscale.shared.store import NotFoundError, RetryableStoreError
 
-    assert store_problem(SignatureError("signature does not match")).startswith("manifest refused: ")
+    assert (
+        store_problem(SignatureError("signature does not match"))
+        == "manifest refused: signature does not match"
+    )
     assert (
         store_problem(NotFoundError("manifests/d/x.json"))
         == "manifest missing from the store (manifests/d/x.json)"

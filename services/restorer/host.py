@@ -167,10 +167,23 @@ def host_part(h: Host) -> compat.CompatKey:
     )
 
 
+# printed on every CRIU run here, or by every failed one: neither says what broke
+_CRIU_NOISE = ("RLIMIT_NOFILE", "Restoring FAILED", "Dumping FAILED")
+
+
+def criu_cause(log_tail: str) -> str:
+    """The line of CRIU's error output that says what broke (the last one that is not noise)."""
+    lines = [ln.strip() for ln in log_tail.strip().splitlines() if ln.strip()]
+    telling = [ln for ln in lines if not any(n in ln for n in _CRIU_NOISE)]
+    return (telling or lines or [""])[-1]
+
+
 def describe(e: BaseException) -> str:
     """One line an operator can act on, for a failure anywhere in a scale-up."""
-    from snapscale.shared.engine_errors import EngineError
+    from snapscale.shared.engine_errors import CriuError, EngineError
 
+    if isinstance(e, CriuError) and e.log_tail.strip():
+        return f"{e.step}: {e.reason}: {criu_cause(e.log_tail)[:240]}"
     if isinstance(e, EngineError):
         return f"{e.step}: {e.reason}"
     name = type(e).__name__

@@ -42,7 +42,7 @@ def _candidate(e: CatalogEntry, m: Manifest | None = None) -> Candidate:
 def store_problem(e: BaseException) -> str:
     """How a failed manifest read reads to an operator."""
     if isinstance(e, ManifestError):
-        return f"manifest refused: {e}"
+        return f"manifest refused: {e.reason}"
     if isinstance(e, NotFoundError):
         return f"manifest missing from the store ({e.key})"
     return f"store unreachable: {describe(e)}"
