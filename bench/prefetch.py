@@ -126,7 +126,8 @@ async def plain_download(endpoint: str, prefix: str, digests: list[str], paralle
             async with sem:
                 r = await s3.get_object(Bucket=BUCKET, Key=f"{prefix}/{chunk_key(d)}")
                 async with r["Body"] as body:
-                    total += len(await body.read())
+                    data = await body.read()
+                total += len(data)  # not `total += len(await ...)`: that reads `total` before awaiting
 
         t0, c0 = time.monotonic(), time.process_time()
         await asyncio.gather(*(one(d) for d in digests))

@@ -57,6 +57,8 @@ class Relay:
             threading.Thread(target=self._conn, args=(conn,), daemon=True).start()
 
     def _conn(self, client: socket.socket) -> None:
+        # No Nagle: the last partial segment of a paced piece must not wait for a delayed ACK.
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         up: socket.socket | None = None
         r, w = os.pipe()
         fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
@@ -80,6 +82,7 @@ class Relay:
                 body, buf = buf[:need], buf[need:]
                 if up is None:
                     up = socket.create_connection(("127.0.0.1", self.upstream_port))
+                    up.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 up.sendall(head + body)
                 rhead, rest = read_head(up, b"")
                 if rhead is None:
