@@ -3,7 +3,8 @@
 Faults: answer the next N requests (or all for T seconds) with an S3-style error status, drop
 the connection instead of answering, or flip a byte in a response body. Model: a delay before
 each response's first byte and a per-connection bandwidth cap on response bodies.
-Run in-process (`await FaultProxy(...).start()`) or as a script for the bench (`--help`).
+Run in-process (`await FaultProxy(...).start()`) or as a script (`--help`). The bench models
+the remote store with bench/relay.py instead, which moves bodies with splice(2) for less CPU.
 """
 
 from __future__ import annotations
