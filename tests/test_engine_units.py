@@ -128,3 +128,11 @@ def test_sample_cpu_spec_loads() -> None:
     assert spec.name == "sample-cpu" and spec.gpus == 0 and spec.port == 8000
     assert spec.hooks.before_freeze == "/hooks/before_freeze" and spec.ready.http_path == "/healthz"
     assert "examples.sample_server.server" in spec.command
+
+
+def test_sample_gpu_spec_loads() -> None:
+    from snapscale.shared.spec import load_toml
+
+    spec = load_toml(Path(__file__).resolve().parents[1] / "examples" / "sample_gpu.toml")
+    assert spec.gpus == 1 and "--compile" in spec.command and "--graph" in spec.command
+    assert spec.env["TORCHINDUCTOR_COMPILE_THREADS"] == "1"

@@ -136,7 +136,7 @@ def load_or_write_weights(path: str, cfg: Any, seed: int, dtype: Any, device: An
     from examples.sample_server.model import random_state_dict
 
     if not os.path.exists(path):
-        sd = random_state_dict(cfg, seed, dtype)
+        sd = random_state_dict(cfg, seed, dtype, device=str(device))
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
 
