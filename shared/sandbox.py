@@ -96,39 +96,8 @@ def uses_pid_namespace(spec: DeploymentSpec) -> bool:
     return True
 
 
-# Runs as PID 1 of the new namespaces (with the agent's interpreter, -I -S: no site, no PYTHON*
-# variables), then execs the workload, which stays PID 1 in its own session. Before that:
-# * nsfs mounts (other replicas' /run/netns entries) go: CRIU cannot dump them; propagation is
-#   private, so the host keeps its own;
-# * every inherited fd above 2 is closed (uvloop, for one, leaves a /dev/null open without
-#   CLOEXEC) and stdio is reopened inside the new mount namespace: CRIU cannot resolve a file
-#   opened through a mount of the host's namespace.
-PRELUDE = """
-import ctypes, os, sys
-log, cmd = sys.argv[1], sys.argv[2:]
-libc = ctypes.CDLL(None, use_errno=True)
-with open("/proc/self/mounts") as f:
-    nsfs = [ln.split()[1] for ln in f if ln.split()[2] == "nsfs"]
-for m in reversed(nsfs):
-    libc.umount2(m.encode("latin-1").decode("unicode_escape").encode(), 2)  # MNT_DETACH
-os.closerange(3, 1 << 20)
-fd = os.open("/dev/null", os.O_RDONLY)
-os.dup2(fd, 0)
-os.close(fd)
-fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-os.dup2(fd, 1)
-os.dup2(fd, 2)
-os.close(fd)
-try:
-    os.setsid()
-except OSError:
-    pass
-try:
-    os.execvp(cmd[0], cmd)
-except OSError as e:
-    print(f"snapscale sandbox: cannot start {cmd[0]}: {e}", flush=True)
-    os._exit(127)
-"""
+# Runs as PID 1 of the new namespaces with the agent's interpreter, then execs the workload.
+INIT = str(Path(__file__).with_name("sandbox_init.py"))
 
 
 def launch_argv(
@@ -146,7 +115,7 @@ def launch_argv(
     if not uses_pid_namespace(spec):
         return [*nsenter, which("setsid"), *spec.command]
     ns = [which("unshare"), "--pid", "--mount", "--fork", "--mount-proc", "--propagation", "private"]
-    return [*nsenter, *ns, python, "-I", "-S", "-c", PRELUDE, str(log_path), *spec.command]
+    return [*nsenter, *ns, python, "-I", "-S", INIT, str(log_path), *spec.command]
 
 
 def _which(tool: str) -> str:

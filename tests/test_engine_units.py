@@ -99,7 +99,7 @@ def test_workload_argv_and_env() -> None:
     argv = sandbox.launch_argv(spec, Path("/run/netns/snapscale-1"), Path("/r/sandbox.log"))
     assert argv[:3] == ["nsenter", "--net=/run/netns/snapscale-1", "unshare"]
     assert {"--pid", "--mount", "--mount-proc"} <= set(argv)
-    assert argv[-4:] == ["/r/sandbox.log", "python3", "-m", "x"]
+    assert argv[-4:] == ["/r/sandbox.log", "python3", "-m", "x"] and argv[-5].endswith("sandbox_init.py")
     env = sandbox.workload_env(spec, ["GPU-a", "GPU-b"])
     assert env["A"] == "1" and env["PATH"] == "/opt/bin" and env["CUDA_VISIBLE_DEVICES"] == "GPU-a,GPU-b"
     assert not any(k.startswith("SNAPSCALE_") for k in env)
