@@ -26,6 +26,7 @@ class RestorerConfig:
     drain_s: float = 20.0  # on stop, time in-flight commands get to finish before they are cancelled
     auto_freeze: bool = True  # ask the freezer to freeze a cold-booted replica whose spec wants it
     work_dir: Path | None = None  # run dirs and images; default <state_dir>/restorer
+    hot_images: int = 2  # assembled images kept for the next restore of their checkpoint; 0: none
 
     def __post_init__(self) -> None:
         if self.cpu_slots < 0:
@@ -44,6 +45,7 @@ class RestorerConfig:
             ("cpu_slots", "SNAPSCALE_CPU_SLOTS", int),
             ("suspend_budget_bytes", "SNAPSCALE_SUSPEND_BUDGET_BYTES", int),
             ("heartbeat_s", "SNAPSCALE_HEARTBEAT_S", float),
+            ("hot_images", "SNAPSCALE_HOT_IMAGES", int),
         ):
             raw = e.get(key)
             if raw:

@@ -16,6 +16,7 @@ from nats.js.errors import NoKeysError
 
 from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.config import RestorerConfig
+from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Ledger
 from snapscale.restorer.slots import Slots
 from snapscale.shared import bus as busmod
@@ -74,6 +75,7 @@ class Host:
     compat_cache: dict[str, tuple[float, compat.CompatKey]] = field(default_factory=dict)
     host_key: compat.CompatKey | None = None  # the host's own fields, read once
     catalog_seen_at: float = float("-inf")  # monotonic time the inventory last read the catalog
+    hot: HotImages | None = None  # assembled images kept for the next restore of the same checkpoint
 
     @property
     def name(self) -> str:

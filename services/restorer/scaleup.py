@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from opentelemetry import trace
 
@@ -26,6 +27,7 @@ from snapscale.restorer.tiers import Decision, Observed, choose
 from snapscale.shared import bus as busmod
 from snapscale.shared import engine, telemetry
 from snapscale.shared.engine_errors import EngineError
+from snapscale.shared.manifest import Manifest
 from snapscale.shared.messages import (
     FreezeCommand,
     ReplicaEvent,
@@ -205,49 +207,68 @@ async def _restore(h: Host, a: Attempt, d: Decision, found: Found) -> Live:
     await announce(h, a, d, m.checkpoint_id)
     image_dir = h.image_dir(a.cmd.replica, a.cmd.id)
     run_dir = h.run_dir(a.cmd.replica, a.cmd.id)
+    # Assembled by an earlier restore of this checkpoint: no prefetch, no copy (docs/restorer.md).
+    hot = h.hot.get(m.checkpoint_id) if h.hot is not None and d.tier is Tier.RESTORE_CACHED else None
+    ok = False
     try:
-        with h.checkpoints.pinned(m):  # nothing evicts these chunks until the image is rebuilt
-            with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
-                rep = await h.checkpoints.prefetch(m)
-                gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
-                span.set_attributes(
-                    {
-                        "prefetch.bytes": rep.bytes_fetched,
-                        "prefetch.chunks": rep.chunks,
-                        "prefetch.cache_hits": rep.cache_hits,
-                        "prefetch.cached_bytes": rep.cached_bytes,
-                        "prefetch.gbps": round(gbps, 3),
-                        "prefetch.joined": rep.joined,
-                    }
-                )
-                # a joined prefetch reports the shared download's bytes: count them once, under "joined"
-                a.bytes.update(
-                    {
-                        "fetched": 0 if rep.joined else rep.bytes_fetched,
-                        "joined": rep.bytes_fetched if rep.joined else 0,
-                        "cache_hit": rep.cached_bytes,
-                        "image": m.total_bytes,
-                    }
-                )
-            with phase(a, "materialize"):
-                await h.checkpoints.materialize(m, image_dir)
-        sb, report = await engine.restore(
-            a.spec,
-            image_dir,
-            a.cmd.replica,
-            gpu_uuids=a.gpu_uuids,
-            run_dir=run_dir,
-            criu=h.criu,
-            checkpoint_id=m.checkpoint_id,
-        )
+        if hot is not None:
+            with phase(a, "materialize", **{"materialize.hot": True}):
+                a.bytes.update({"fetched": 0, "joined": 0, "cache_hit": found.cached_bytes,
+                                "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
+        else:
+            await _assemble(h, a, m, image_dir)
+        with h.hot.reading(m.checkpoint_id) if h.hot is not None else contextlib.nullcontext():
+            sb, report = await engine.restore(
+                a.spec,
+                hot or image_dir,
+                a.cmd.replica,
+                gpu_uuids=a.gpu_uuids,
+                run_dir=run_dir,
+                criu=h.criu,
+                checkpoint_id=m.checkpoint_id,
+            )
         _spans_from(report.timings_s, a)
+        ok = True
     except BaseException:
+        if hot is not None and h.hot is not None:
+            h.hot.discard(m.checkpoint_id)  # it may be what failed: the next restore rebuilds it
         await reap(run_dir)
         raise
     finally:
-        await asyncio.to_thread(shutil.rmtree, image_dir, True)
+        kept = ok and hot is None and h.hot is not None and h.hot.adopt(m.checkpoint_id, image_dir)
+        if not kept:
+            await asyncio.to_thread(shutil.rmtree, image_dir, True)
     h.registry.put(sb)
     return Live(a.spec, sb, ReplicaState.READY, d.tier, h.now(), m.checkpoint_id)
+
+
+async def _assemble(h: Host, a: Attempt, m: Manifest, image_dir: Path) -> None:
+    """Prefetch `m`'s chunks into the host cache and rebuild its image dir from them."""
+    with h.checkpoints.pinned(m):  # nothing evicts these chunks until the image is rebuilt
+        with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
+            rep = await h.checkpoints.prefetch(m)
+            gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
+            span.set_attributes(
+                {
+                    "prefetch.bytes": rep.bytes_fetched,
+                    "prefetch.chunks": rep.chunks,
+                    "prefetch.cache_hits": rep.cache_hits,
+                    "prefetch.cached_bytes": rep.cached_bytes,
+                    "prefetch.gbps": round(gbps, 3),
+                    "prefetch.joined": rep.joined,
+                }
+            )
+            # a joined prefetch reports the shared download's bytes: count them once, under "joined"
+            a.bytes.update(
+                {
+                    "fetched": 0 if rep.joined else rep.bytes_fetched,
+                    "joined": rep.bytes_fetched if rep.joined else 0,
+                    "cache_hit": rep.cached_bytes,
+                    "image": m.total_bytes,
+                }
+            )
+        with phase(a, "materialize"):
+            await h.checkpoints.materialize(m, image_dir)
 
 
 # the engine's step names -> the phase names the dashboard knows (docs/restorer.md)

@@ -21,6 +21,7 @@ from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.host import Host, deployment_keys, describe, host_compat, host_part, load_spec
+from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.lookup import find_checkpoint
 from snapscale.restorer.release import release
@@ -88,6 +89,7 @@ class Restorer:
                     ledger=Ledger(work / "commands"),
                     registry=SandboxRegistry(s.state_dir),  # where the freezer looks
                     checkpoints=Checkpoints(store, cache, s.signing_key),
+                    hot=HotImages(work / "hot", c.hot_images),
                 )
                 self.host = h
                 h.ledger.prune(time.time() - LEDGER_KEEP_S)

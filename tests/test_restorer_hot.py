@@ -1,0 +1,107 @@
+"""Hot images: the second restore of a checkpoint reuses the image dir the first one assembled (no
+prefetch, no materialize copy), a hot image that fails is dropped and rebuilt, and eviction keeps
+at most `keep` without touching one being read. Real nats-server, CRIU and the CPU sample."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from engine_helpers import kill_tagged
+from restorer_harness import Harness, follow, get, running
+
+from snapscale.restorer.hot import HotImages
+from snapscale.shared import bus
+from snapscale.shared.criu import CriuBinary
+from snapscale.shared.messages import ReplicaState, Tier
+from snapscale.shared.settings import Settings
+
+
+@pytest.fixture
+async def h(settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path) -> AsyncIterator[Harness]:
+    tag = f"rhot-{uuid.uuid4().hex[:10]}"
+    harness = Harness(settings, the_bus, criu, tag, tmp_path)
+    async for _ in follow(harness):
+        yield harness
+    kill_tagged(tag)
+
+
+def _work(h: Harness) -> Path:
+    return h.settings.state_dir / "restorer"
+
+
+@pytest.mark.criu
+async def test_second_restore_reuses_the_assembled_image(h: Harness) -> None:
+    spec = await h.deploy(h.spec())
+    frozen = await h.make_checkpoint(spec)
+    cid = frozen.entry.checkpoint_id
+    async with running(h.settings, h.criu):
+        await h.restore(spec.name, "a")
+        a = await h.wait("a")
+        assert a.state is ReplicaState.READY and a.tier is Tier.RESTORE, a.reason
+        assert "hot" not in a.bytes and "prefetch" in a.timings_s
+        hot = _work(h) / "hot" / cid
+        assert (hot / "snapscale-engine.json").exists()  # kept, not deleted after CRIU read it
+        assert list((_work(h) / "images").iterdir()) == []
+
+        await h.restore(spec.name, "b")
+        b = await h.wait("b")
+        assert b.state is ReplicaState.READY and b.tier is Tier.RESTORE_CACHED, b.reason
+        assert b.bytes["hot"] == frozen.manifest.total_bytes and b.bytes["fetched"] == 0
+        assert "prefetch" not in b.timings_s and b.timings_s["materialize"] < 0.05
+        assert await get(b.endpoint, "/generate") == frozen.answer
+        assert await get(a.endpoint, "/generate") == frozen.answer  # both serve, from one image
+
+        # a hot image that no longer restores is dropped: a cold boot now, a fresh assembly next
+        (hot / "pstree.img").unlink()  # a link into the cache: the cached chunk stays intact
+        await h.restore(spec.name, "c")
+        c = await h.wait("c")
+        assert c.state is ReplicaState.READY and c.tier is Tier.COLD
+        assert "criu_restore" in c.reason, c.reason
+        assert not hot.exists()
+        await h.restore(spec.name, "d")
+        d = await h.wait("d")
+        assert d.state is ReplicaState.READY and d.tier is Tier.RESTORE_CACHED, d.reason
+        assert "hot" not in d.bytes and "prefetch" in d.timings_s
+        assert await get(d.endpoint, "/generate") == frozen.answer
+        assert (hot / "pstree.img").exists()
+
+
+@pytest.mark.criu
+async def test_hot_images_off_assembles_every_time(h: Harness) -> None:
+    spec = await h.deploy(h.spec())
+    await h.make_checkpoint(spec)
+    async with running(h.settings, h.criu, hot_images=0):
+        for r in ("a", "b"):
+            await h.restore(spec.name, r)
+            ev = await h.wait(r)
+            assert ev.state is ReplicaState.READY, ev.reason
+            assert "hot" not in ev.bytes and "prefetch" in ev.timings_s
+        assert not (_work(h) / "hot").exists()
+        assert list((_work(h) / "images").iterdir()) == []
+
+
+def _image(root: Path, name: str) -> Path:
+    d = root / "scratch" / name
+    d.mkdir(parents=True)
+    (d / "pages-1.img").write_bytes(b"x")
+    return d
+
+
+def test_eviction_keeps_the_newest_and_never_one_being_read(tmp_path: Path) -> None:
+    hot = HotImages(tmp_path / "hot", keep=1)
+    assert hot.adopt("c1", _image(tmp_path, "1"))
+    assert not hot.adopt("c1", _image(tmp_path, "1b"))  # one per checkpoint: the caller deletes its own
+    with hot.reading("c1"):
+        assert hot.adopt("c2", _image(tmp_path, "2"))
+        assert hot.get("c1") is not None  # being read: over `keep` for now
+    assert hot.adopt("c3", _image(tmp_path, "3"))
+    assert [hot.get(c) is not None for c in ("c1", "c2", "c3")] == [False, False, True]
+    assert sorted(p.name for p in (tmp_path / "hot").iterdir()) == ["c3"]
+    # a restart drops what the last run kept
+    assert HotImages(tmp_path / "hot", keep=1).get("c3") is None
+    assert not (tmp_path / "hot" / "c3").exists()
+    off = HotImages(tmp_path / "off", keep=0)
+    assert not off.adopt("c1", _image(tmp_path, "4")) and off.get("c1") is None
