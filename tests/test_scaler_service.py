@@ -224,7 +224,7 @@ async def test_zero_to_one_to_zero_and_back_by_restore(the_bus: Bus, settings: S
             the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
         )
         await eventually(lambda: len(a.commands(RestoreCommand) + b.commands(RestoreCommand)) == 1)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 2.0, "activation waited for something (a tick is 0.1 s here)"
         assert sc.counters["activations"] == 1
         await send_traffic(the_bus, "llm", 1.0)
         await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [ReplicaState.READY])

@@ -2,12 +2,13 @@
 prefetch after it went, fail replicas that timed out or lost their host.
 
 The view is updated before the first await of each action, so a concurrent decision sees what
-this one sent; the I/O follows (KV record first, then the command, with its id as Nats-Msg-Id).
+this one sent; the I/O follows (KV record and command, the command's id as its Nats-Msg-Id).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections import Counter
@@ -178,16 +179,27 @@ class Actor:
         return cmd, ev, old
 
     async def _send_restore(self, cmd: RestoreCommand, ev: ReplicaEvent, old: Tracked | None) -> bool:
+        """The command and the KV record go out together: the command is what the latency is
+        measured by, and neither order loses a replica (the view already counts it; a new leader
+        finds it in KV, written by us or by the restorer, whose record wins a race)."""
         key = record_key(ev.deployment, ev.replica)
-        try:
-            await self._write(key, ev, create=old is None)
-            await bus.publish(self.bus, self.bus.subjects.cmd(Verb.RESTORE, ev.host), cmd, msg_id=cmd.id)
-        except Exception as e:
-            log.error("replica %s: restore command not sent (%s); forgetting it", key, e)
+        subject = self.bus.subjects.cmd(Verb.RESTORE, ev.host)
+        wrote, sent = await asyncio.gather(
+            self._write(key, ev, create=old is None),
+            bus.publish(self.bus, subject, cmd, msg_id=cmd.id),
+            return_exceptions=True,
+        )
+        if isinstance(sent, BaseException):
+            log.error("replica %s: restore command not sent (%s); forgetting it", key, sent)
             self.view.drop(key)
             if old is not None:
                 self.view.track(old)
+            if not isinstance(wrote, BaseException):
+                with contextlib.suppress(Exception):
+                    await self.bus.kv[Bucket.REPLICAS].delete(key)
             return False
+        if isinstance(wrote, BaseException):
+            log.warning("replica %s: KV record not written (%s); the restorer's will do", key, wrote)
         self.counters["cmd.restore"] += 1
         log.info("replica %s -> host %s (%s)", key, ev.host, ev.reason, extra={"deployment": ev.deployment})
         return True
@@ -207,11 +219,11 @@ class Actor:
     async def _write(self, key: str, ev: ReplicaEvent, *, create: bool) -> None:
         """The replica's KV record, compare-and-set; a concurrent writer (its restorer) wins."""
         kv = self.bus.kv[Bucket.REPLICAS]
-        if create:
-            await bus.kv_cas(kv, key, encode_message(ev), None)
-            return
-        got = await bus.kv_get(kv, key)
         try:
+            if create:
+                await bus.kv_cas(kv, key, encode_message(ev), None)
+                return
+            got = await bus.kv_get(kv, key)
             await bus.kv_cas(kv, key, encode_message(ev), got[1] if got else None)
         except RetryableError as e:
             log.info("replica %s: KV moved on meanwhile (%s); the restorer's word stands", key, e)

@@ -76,6 +76,10 @@ class Scaler:
         assert self._actor is not None
         return self._actor
 
+    def acting(self) -> bool:
+        """Leading, with a lease still provably ours: only then are commands sent."""
+        return self.leader and self._lease is not None and self._lease.valid()
+
     def stats(self) -> dict[str, int]:
         return {**self.counters, **{f"traffic.{k}": v for k, v in self._traffic_counts.items()}}
 
@@ -165,7 +169,7 @@ class Scaler:
     async def _tick_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             t0 = time.monotonic()
-            if self.leader and self._lease is not None and self._lease.valid():
+            if self.acting():
                 await self.tick(self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, self.cfg.tick_s - (time.monotonic() - t0)))
@@ -240,6 +244,8 @@ class Scaler:
         """Expire hosts and late replicas, then decide every deployment once."""
         await self._expire(now)
         for dep in list(self.view.specs):
+            if not self.acting():
+                return  # the lease lapsed mid-tick: a standby may be acting already
             await self.reconcile(dep, now)
 
     async def reconcile(self, dep: str, now: float) -> None:
@@ -295,7 +301,7 @@ class Scaler:
         self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals)
         if msg.headers:
             self.view.traffic_headers[ev.deployment] = msg.headers
-        if not self.leader or self._lease is None or not self._lease.valid():
+        if not self.acting():
             return
         current = self.view.live_count(ev.deployment)
         n = activation(self.view.specs[ev.deployment].scaling, current, ev.concurrency, ev.arrivals)
