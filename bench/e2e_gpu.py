@@ -43,7 +43,8 @@ from snapscale.shared.subjects import Bucket
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 HOST = "e2e-host"
-STEPS = ("cold boot", "restore, host cache cold", "restore, host cache warm", "resume")
+STEPS = ("cold boot", "restore, host cache cold", "restore, host cache warm", "resume",
+         "restore, host cache warm, hot image removed")  # fmt: skip
 
 
 class BenchError(RuntimeError):
@@ -285,8 +286,15 @@ async def play(args: argparse.Namespace, work: Path, procs: ProcessSet, results:
         results["checkpoint"] = {"id": ck.checkpoint_id, "sizes": ck.sizes, "timings_s": ck.timings_s}
         say(f"frozen {ck.checkpoint_id}: {ck.sizes} {ck.timings_s}")
 
-        for step in STEPS[1:3]:
+        steps = list(STEPS[1:3])
+        if not args.no_compare:
+            steps.append(STEPS[4])
+        for step in steps:
             await scale_down(state, gw, f"to zero before '{step}'", lambda: not state.live(), procs)
+            if step == STEPS[4]:
+                # The restorer's kept image gone: this restore assembles it again from the host cache
+                # (prefetch re-verifies, materialize copies), as every warm restore did before.
+                shutil.rmtree(work / "state" / "restorer" / "hot" / ck.checkpoint_id)
             up, _ = await scale_up(state, gw, step, ref, procs, args.step_timeout_s)
             ups.append(up)
 
@@ -387,6 +395,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--grace-s", type=float, default=4.0, help="no traffic for this long: scale to zero")
     p.add_argument("--step-timeout-s", type=float, default=300.0)
     p.add_argument("--no-raw", action="store_true", help="skip engine.restore alone")
+    p.add_argument("--no-compare", action="store_true", help="skip the warm restore without its hot image")
     p.add_argument("--hot-images", type=int, default=None, help="SNAPSCALE_HOT_IMAGES for the restorer")
     p.add_argument("--scaler", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
