@@ -150,3 +150,18 @@ async def test_a_spec_path_without_system_dirs_still_launches(
     sb = await engine.launch(spec, "oddpath", gpu_uuids=[], run_dir=tmp_path / "run")
     made.append(sb)
     await engine.wait_ready(sb, spec.ready)
+
+
+async def test_tcp_and_file_readiness_probes(tmp_path: Path, tag: str, made: list[Sandbox]) -> None:
+    tcp = ReadySpec(http_path=None, tcp=True, timeout_s=30, interval_s=0.05)
+    spec = sample_spec("light", tag=tag, preset="none", ready=tcp, hooks=HooksSpec())
+    sb = await engine.launch(spec, "tcpready", gpu_uuids=[], run_dir=tmp_path / "run")
+    made.append(sb)
+    assert await engine.wait_ready(sb, spec.ready) < 30
+
+    flag = tmp_path / "ready-flag"
+    file_ready = ReadySpec(http_path=None, file="ready-flag", timeout_s=0.3, interval_s=0.05)
+    with pytest.raises(engine.ReadyTimeout, match="ready-flag does not exist"):
+        await engine.wait_ready(sb, file_ready, cwd=str(tmp_path))
+    flag.touch()  # a relative path is taken from the spec's cwd
+    await engine.wait_ready(sb, file_ready, cwd=str(tmp_path))
