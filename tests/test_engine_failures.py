@@ -165,3 +165,16 @@ async def test_tcp_and_file_readiness_probes(tmp_path: Path, tag: str, made: lis
         await engine.wait_ready(sb, file_ready, cwd=str(tmp_path))
     flag.touch()  # a relative path is taken from the spec's cwd
     await engine.wait_ready(sb, file_ready, cwd=str(tmp_path))
+
+
+async def test_a_hook_past_its_deadline_aborts_the_freeze(
+    criu: CriuBinary, tmp_path: Path, tag: str, made: list[Sandbox]
+) -> None:
+    hooks = HooksSpec(before_freeze="/hooks/hang", timeout_s=0.5)
+    spec = sample_spec("light", tag=tag, preset="none", hooks=hooks)
+    sb = await engine.launch(spec, "hookhang", gpu_uuids=[], run_dir=tmp_path / "run")
+    made.append(sb)
+    await engine.wait_ready(sb, spec.ready)
+    with pytest.raises(engine.HookError, match=r"POST /hooks/hang missed its 0\.5s deadline"):
+        await engine.freeze(sb, spec, tmp_path / "img", keep_running=True, criu=criu)
+    assert not (tmp_path / "img" / "pstree.img").exists()

@@ -215,6 +215,8 @@ def make_handler(model: Any) -> type[BaseHTTPRequestHandler]:
                 self._send(200, {"kv": True})
             elif self.path == "/hooks/fail":
                 self._send(500, {"error": "this hook always fails"})
+            elif self.path == "/hooks/hang":
+                time.sleep(3600)  # for tests of a hook's deadline
             else:
                 self._send(404, {"error": f"no {self.path}"})
 
