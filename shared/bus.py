@@ -7,6 +7,7 @@ Handlers are plain async functions; this module owns acks, naks and terms.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -192,15 +193,21 @@ async def consume(
         durable=durable,
         config=api.ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver),
     )
-    while not stop.is_set():
-        try:
-            msgs = await sub.fetch(batch, timeout=1.0)
-        except TimeoutError:
-            continue
-        except nats.errors.ConnectionClosedError:
-            return
-        for m in msgs:
-            await handle_one(m, cls, handler)
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except TimeoutError:
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            for m in msgs:
+                await handle_one(m, cls, handler)
+    finally:
+        # A pull subscription left open makes a later drain wait out its whole timeout.
+        if not bus.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
 
 async def handle_one(m: Msg, cls: type[M], handler: Handler[M]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 from nats.aio.msg import Msg
@@ -16,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from snapscale.shared import bus
 from snapscale.shared.errors import RetryableError
 from snapscale.shared.messages import RestoreCommand, TrafficEvent
+from snapscale.shared.settings import Settings
 from snapscale.shared.subjects import Bucket, Verb
 
 
@@ -157,3 +159,21 @@ async def test_trace_context_crosses_the_bus(the_bus: bus.Bus) -> None:
     assert restore_span.parent is not None
     assert restore_span.parent.span_id == parent.get_span_context().span_id
     assert trace.get_current_span().get_span_context().is_valid is False
+
+
+async def test_a_stopped_consumer_lets_the_connection_drain_quickly(settings: Settings) -> None:
+    b = await bus.open_bus(settings, "drain-test")
+    stop = asyncio.Event()
+
+    async def handler(cmd: RestoreCommand, msg: Msg) -> None:
+        pass
+
+    task = asyncio.create_task(
+        bus.consume(b, b.subjects.cmd(Verb.RESTORE, "h"), "drain", RestoreCommand, handler, stop=stop)
+    )
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    t0 = time.monotonic()
+    await b.close()
+    assert time.monotonic() - t0 < 5.0  # a pull subscription left open makes drain wait ~30 s
