@@ -298,6 +298,7 @@ async def main() -> None:
         # Materialize from the warm cache (on disk) into tmpfs, and tmpfs -> tmpfs.
         await prefetch_once(endpoint, "p", m, work, a.concurrency)
         rows3: list[Row] = []
+        mat_best = 0.0
         ss = StoreSettings(f"s3://{BUCKET}/p", endpoint_url=endpoint)
         shm = Path("/dev/shm") / f"snapscale-bench-{os.getpid()}"
         try:
@@ -312,6 +313,7 @@ async def main() -> None:
                     rep = await materialize(cache, m, dest)
                     got.append(rep.throughput_bps)
                     shutil.rmtree(dest)
+                mat_best = max(mat_best, max(got))
                 verdict = "**ok**" if max(got) >= 1e9 else "below"
                 rows3.append(Row(f"materialize into tmpfs, {label}", max(got) / MB,
                                  f"{verdict} vs target >= 1 GB/s"))  # fmt: skip
@@ -339,6 +341,12 @@ async def main() -> None:
     load_after = os.getloadavg()
     machine = (f"{os.cpu_count()} CPUs, {platform.machine()}, Linux {platform.release()}, "
                f"Python {platform.python_version()}")  # fmt: skip
+
+    def met(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    plain_cpu = min(top(v).cpu_s_per_gb for v in plain1.values())
+    pf_cpu = min(top(v).cpu_s_per_gb for v in pf1.values())
     doc = f"""# Prefetch and materialize benchmark
 
 Made by `bench/prefetch.py`; numbers from this run:
@@ -347,8 +355,23 @@ Made by `bench/prefetch.py`; numbers from this run:
 {command}
 ```
 
+## Summary
+
+| target | this run | |
+|---|---:|---|
+| setting 1 (moto as it is): prefetch >= 0.9x the best plain download | {r1:.2f}x | {met(r1 >= 0.9)} |
+| setting 2 (modelled remote store): prefetch >= 5x a plain sequential download | {r2:.2f}x | {met(r2 >= 5)} |
+| materialize into tmpfs >= 1 GB/s | {mat_best / 1e9:.2f} GB/s | {met(mat_best >= 1e9)} |
+
+What bounds the two download ratios on this VM is CPU: moto, the model relay and the
+client share 2 vCPUs with other engineers' test runs. Verifying (SHA-256) and caching (write to
+a temp file, rename) cost this client about {pf_cpu - plain_cpu:.1f} CPU-seconds per GB on top of
+the {plain_cpu:.1f} a plain download costs (least of the runs above), on threads beside the event
+loop. With a core to spare those overlap the download; on a busy 2-core VM they compete with it.
+The CPU account under setting 2 below puts the ceiling of the three processes together.
+
 Machine: {machine}; load average {load_before[0]:.1f} before and {load_after[0]:.1f} after
-(other engineers' test runs share this VM). moto's S3 server (`moto_server`) and the proxy run
+(other engineers' test runs share this VM). moto's S3 server (`moto_server`) and the relay run
 in their own processes on the same machine; every measurement is the best of {a.runs} runs,
 plain and snapscale runs alternating. Image:
 {m.total_bytes / MB:.0f} MB shaped like a CRIU dump (one big `pages-1.img`, 10% of it zero runs,
@@ -360,8 +383,7 @@ The "plain" rows are what one would write without snapscale: one aioboto3 client
 per chunk key, body read into memory and dropped (no hashing, no disk). "snapscale prefetch" is
 `Prefetcher.prefetch`: S3Store (semaphore, throttle, retries), SHA-256 of every chunk, temp file
 + rename into a fresh host cache on disk. "client CPU s/GB" is the benchmark process's CPU time
-(all its threads) per GB moved, the least of the runs: it shows what verification and caching
-cost, and it moves far less with the neighbours' load than MB/s does.
+(all its threads) per GB moved, the least of the runs: what verification and caching cost.
 
 ## Setting 1: moto's S3 server on loopback, as it is
 
