@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from snapscale.shared.cache import HostCache
@@ -143,7 +143,8 @@ class Prefetcher:
                 except Exception:
                     log.exception("prefetch progress callback failed")
 
-        async def one(d: str) -> None:
+        async def fetched(d: str) -> bytes | None:
+            """The chunk's bytes to land, or None when a good copy is cached already."""
             size = sizes[d]
             if self.cache.use(d):
                 if not self.verify_hits or await self.cache.verify(d):
@@ -152,28 +153,54 @@ class Prefetcher:
                     st["done"] += 1
                     st["bytes_done"] += size
                     emit()
-                    return
+                    return None
                 st["corrupt_hits"] += 1
-            for attempt in (1, 2):
-                data = await self.store.get_chunk(d)
+            return await self.store.get_chunk(d)
+
+        async def land(d: str, data: bytes) -> None:
+            """Verify and cache a fetched chunk; one that arrived corrupt is fetched once more."""
+            try:
+                await self.cache.insert(d, data)
+            except ChunkError:
+                st["refetched"] += 1
+                log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
                 try:
-                    await self.cache.insert(d, data)
-                    break
+                    await self.cache.insert(d, await self.store.get_chunk(d))
                 except ChunkError:
-                    if attempt == 2:
-                        raise ChunkError(d, "corrupt in the store: it hashed wrong twice") from None
-                    st["refetched"] += 1
-                    log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
-            st["fetched"] += size
+                    raise ChunkError(d, "corrupt in the store: it hashed wrong twice") from None
+            st["fetched"] += sizes[d]
             st["chunks_fetched"] += 1
             st["done"] += 1
-            st["bytes_done"] += size
+            st["bytes_done"] += sizes[d]
             emit()
+
+        async def worker(it: Iterator[str]) -> None:
+            # Fetch the next chunk while the last one is hashed and written (on threads), so the
+            # download never waits for verification: at most two chunks a worker in memory.
+            landing: asyncio.Task[None] | None = None
+            try:
+                for d in it:
+                    data = await fetched(d)
+                    if landing is not None:
+                        await landing
+                        landing = None
+                    if data is not None:
+                        landing = asyncio.create_task(land(d, data))
+                if landing is not None:
+                    await landing
+                    landing = None
+            finally:
+                if landing is not None:  # cancelled or failed: settle the chunk in flight
+                    landing.cancel()
+                    await asyncio.wait([landing])
+                    if not landing.cancelled():
+                        landing.exception()
 
         # Digests in file order, so a materialize that runs alongside finds early files first.
         order = list(dict.fromkeys(c for f in m.files for c in f.chunks if c in sizes))
+        shared_it = iter(order)  # the workers share it: each chunk is taken once
         with self.cache.pinned(order):
-            await run_bounded(order, one, self.concurrency)
+            await run_bounded(range(self.concurrency), lambda _i: worker(shared_it), self.concurrency)
         emit(force=True)
         dur = time.monotonic() - t0
         report = PrefetchReport(
