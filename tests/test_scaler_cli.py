@@ -61,9 +61,11 @@ def env_for(settings: Settings) -> dict[str, str]:
 
 async def test_traffic_verb_publishes_and_stops_by_itself(the_bus: Bus, settings: Settings) -> None:
     got: list[TrafficEvent] = []
+    traces: set[str] = set()
 
     async def cb(m: Msg) -> None:
         got.append(decode_message(m.data, TrafficEvent))
+        traces.add((m.headers or {}).get("traceparent", "-").split("-")[1])
 
     sub = await the_bus.nc.subscribe(the_bus.subjects.traffic("llm"), cb=cb)
     await the_bus.nc.flush()
@@ -91,6 +93,7 @@ async def test_traffic_verb_publishes_and_stops_by_itself(the_bus: Bus, settings
     assert len(got) == 20
     assert sum(e.arrivals for e in got) == 40
     assert {e.concurrency for e in got} == {3.0}
+    assert len(traces) == 20, "each event roots its own trace, carried in its headers"
 
 
 def test_traffic_verb_refuses_a_bad_deployment(settings: Settings) -> None:

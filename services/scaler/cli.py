@@ -53,15 +53,19 @@ def _scaler(args: argparse.Namespace) -> int:
 def _traffic(args: argparse.Namespace) -> int:
     s = Settings.from_env()
     duration = parse_duration(args.duration)
-    n = asyncio.run(
-        play(
-            s,
-            args.deployment,
-            rps=args.rps,
-            concurrency=args.concurrency,
-            duration_s=duration,
-            events_per_s=args.events_per_s,
+    telemetry.setup(f"{s.service_name}-traffic", s.otlp_endpoint)
+    try:
+        n = asyncio.run(
+            play(
+                s,
+                args.deployment,
+                rps=args.rps,
+                concurrency=args.concurrency,
+                duration_s=duration,
+                events_per_s=args.events_per_s,
+            )
         )
-    )
+    finally:
+        telemetry.shutdown()
     print(f"published {n} traffic events for {args.deployment} over {duration:g}s")
     return 0

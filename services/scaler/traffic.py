@@ -12,12 +12,13 @@ import re
 import time
 from collections.abc import Iterator
 
-from snapscale.shared import bus
+from snapscale.shared import bus, telemetry
 from snapscale.shared.errors import ConfigError
 from snapscale.shared.messages import TrafficEvent
 from snapscale.shared.settings import Settings
 from snapscale.shared.subjects import check_token
 
+tracer = telemetry.tracer(__name__)
 MAX_EVENTS_PER_S = 20.0  # a gateway reports a few times a second, not once per request
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
