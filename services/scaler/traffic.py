@@ -73,7 +73,9 @@ async def play(
             ev = TrafficEvent(
                 deployment=deployment, ts=time.time(), arrivals=arrivals, concurrency=concurrency
             )
-            await bus.publish_core(b, subject, ev)
+            # each event roots its own trace, as a gateway's would: the decision it causes continues it
+            with tracer.start_as_current_span("traffic", attributes={"snapscale.deployment": deployment}):
+                await bus.publish_core(b, subject, ev)
             count += 1
         await b.nc.flush()
     finally:
