@@ -4,6 +4,7 @@ the cold/restore ratio and the JSON. Pure, so tables of events and no servers.""
 from __future__ import annotations
 
 import argparse
+import io
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import orjson
 import pytest
 
 from snapscale import demo
+from snapscale.demo_live import Console
 from snapscale.demo_report import DemoState, ScaleUp, cold_restore_ratio, summary, table, to_plain
 from snapscale.shared.messages import CheckpointEvent, ReplicaEvent, ReplicaState, Tier
 from snapscale.shared.settings import Settings
@@ -177,3 +179,33 @@ def test_heartbeats_say_what_a_host_has_cached() -> None:
     assert not st.cached_on("demo-host", "c1")
     st.apply_host(HostHeartbeat(host="demo-host", ts=2.0, compat_hash="k", cached_checkpoints=["c1"]))
     assert st.cached_on("demo-host", "c1") and not st.cached_on("other", "c1")
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self._tty = tty
+
+    def isatty(self) -> bool:
+        return self._tty
+
+
+def test_console_prints_state_changes_only_off_a_terminal() -> None:
+    s = _Stream(tty=False)
+    c = Console(s)
+    c.status("[   0.1s] cold: r1=starting")
+    c.status("[   0.2s] cold: r1=starting")  # only the clock moved
+    c.status("[   2.0s] cold: r1=ready")
+    c.say("done")
+    assert s.getvalue().splitlines() == ["[   0.1s] cold: r1=starting", "[   2.0s] cold: r1=ready", "done"]
+
+
+def test_console_rewrites_one_line_on_a_terminal() -> None:
+    s = _Stream(tty=True)
+    c = Console(s)
+    c.status("[   0.1s] cold: r1=starting")
+    c.status("[   0.2s] cold: r1=starting")
+    assert "\n" not in s.getvalue() and s.getvalue().count("\r") == 2
+    c.say("ready")
+    # The live line is wiped before a message, which then stands on its own line.
+    assert s.getvalue().endswith("\rready\n")
