@@ -21,6 +21,7 @@ from nats.js import api
 from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
+from snapscale.scaler import kvsync
 from snapscale.scaler.actions import Actor, ScalerConfig
 from snapscale.scaler.lease import Lease
 from snapscale.scaler.policy import activation, decide
@@ -99,9 +100,9 @@ class Scaler:
                 (Bucket.CHECKPOINTS, self._on_catalog),
             ):
                 w = await self.bus.kv[bucket].watchall()
-                await self._snapshot(w, apply)
+                await kvsync.snapshot(w, apply)
                 tasks.append(
-                    runtime.guard(self._watch(w, apply), f"scaler-{bucket.value}", on_crash=stop.set)
+                    runtime.guard(kvsync.follow(w, apply), f"scaler-{bucket.value}", on_crash=stop.set)
                 )
             sub, self._traffic_counts = await bus.subscribe_core(
                 self.bus, self.bus.subjects.traffic_all(), TrafficEvent, self._on_traffic
@@ -179,21 +180,17 @@ class Scaler:
         """Rebuild replicas from KV, send again what a past leader may have left unsent, then
         follow replica events (the durable consumer holds what happened in between)."""
         now = self.clock()
-        kv = self.bus.kv[Bucket.REPLICAS]
-        keys = await _keys(kv)
+        records = await kvsync.values(self.bus.kv[Bucket.REPLICAS])
         for key in list(self.view.replicas):
             self.view.drop(key)
-        for key in keys:
-            got = await bus.kv_get(kv, key)
-            if got is None:
-                continue
+        for key, data, rev in records:
             try:
-                ev = decode_message(got[0], ReplicaEvent)
+                ev = decode_message(data, ReplicaEvent)
             except MessageError as e:
                 log.warning("KV replicas %s unreadable (%s); ignored", key, e)
                 continue
             if ev.state not in TERMINAL:
-                self.view.track(Tracked(ev, got[1], now))
+                self.view.track(Tracked(ev, rev, now))
         self.leader = True
         pending = [t for t in self.view.replicas.values() if t.ev.state is ReplicaState.PENDING]
         for t in pending:
@@ -377,35 +374,9 @@ class Scaler:
             return
         self.view.catalog.setdefault(e.deployment, {})[e.compat_hash] = e.checkpoint_id
 
-    async def _snapshot(self, w: KeyValue.KeyWatcher, apply: Callable[[str, bytes | None], None]) -> None:
-        """Apply what the bucket holds now; the watcher's None marks the end of it."""
-        while True:
-            entry = await w.updates(timeout=10.0)  # type: ignore[no-untyped-call]
-            if entry is None:
-                return
-            apply(entry.key, None if entry.operation in ("DEL", "PURGE") else entry.value)
-
-    async def _watch(self, w: KeyValue.KeyWatcher, apply: Callable[[str, bytes | None], None]) -> None:
-        async for entry in w:
-            if entry is not None:
-                apply(entry.key, None if entry.operation in ("DEL", "PURGE") else entry.value)
-
     async def _load_hosts(self, now: float) -> None:
-        kv = self.bus.kv[Bucket.HOSTS]
-        for key in await _keys(kv):
-            got = await bus.kv_get(kv, key)
-            if got is None:
-                continue
+        for key, data, _rev in await kvsync.values(self.bus.kv[Bucket.HOSTS]):
             try:
-                self.view.heartbeat(decode_message(got[0], HostHeartbeat), now)
+                self.view.heartbeat(decode_message(data, HostHeartbeat), now)
             except MessageError as e:
                 log.warning("KV hosts %s unreadable (%s); ignored", key, e)
-
-
-async def _keys(kv: KeyValue) -> list[str]:
-    from nats.js.errors import NoKeysError
-
-    try:
-        return list(await kv.keys())
-    except NoKeysError:
-        return []
