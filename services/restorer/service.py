@@ -69,6 +69,9 @@ class Restorer:
         self.host: Host | None = None
         self.ready = asyncio.Event()  # set once adoption is done and the consumers run
         self._inflight: set[asyncio.Task[None]] = set()
+        # Set when a release frees a GPU or CPU slot: the scaler places on free slots it learns of
+        # from heartbeats, so waiting for the next periodic one would stall a scale-up (up to 3 s).
+        self._beat_now = asyncio.Event()
 
     async def run(self, stop: asyncio.Event) -> None:
         s, c = self.settings, self.config
@@ -321,6 +324,7 @@ class Restorer:
         h.ledger.start(Entry(cmd.id, "release", cmd.deployment, cmd.replica, time.time()))
         outcome = await release(h, cmd)
         h.ledger.finish(cmd.id, ok=True, outcome=outcome)
+        self._beat_now.set()
 
     async def on_prefetch(self, cmd: PrefetchCommand, _m: Msg) -> None:
         h = self._h()
@@ -362,8 +366,17 @@ class Restorer:
             if time.monotonic() - pruned_at > PRUNE_EVERY_S:  # a long-lived restorer forgets old ids too
                 pruned_at = time.monotonic()
                 await asyncio.to_thread(h.ledger.prune, time.time() - LEDGER_KEEP_S)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), h.config.heartbeat_s)
+            await self._until_next_beat(stop, h.config.heartbeat_s)
+
+    async def _until_next_beat(self, stop: asyncio.Event, timeout_s: float) -> None:
+        """Sleep `timeout_s`, or less when stopping or when a release asked for a beat now."""
+        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._beat_now.wait())]
+        try:
+            await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        self._beat_now.clear()
 
     def _h(self) -> Host:
         if self.host is None:
