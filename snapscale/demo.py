@@ -31,6 +31,7 @@ from snapscale.demo_procs import ProcessSet, find_exe, free_port, log_tail, port
 from snapscale.demo_report import DemoState, ScaleUp, summary, to_plain
 from snapscale.shared import bus, runtime, spec, telemetry
 from snapscale.shared.errors import ConfigError, SnapscaleError
+from snapscale.shared.messages import Tier
 from snapscale.shared.settings import Settings
 from snapscale.shared.subjects import Bucket
 
@@ -315,6 +316,9 @@ async def _scale_up(
     tier = up.tier.value if up.tier else "?"
     out.say(f"{step}: {up.replica} ready by {tier} in {up.time_to_ready_s or 0:.2f}s at {up.endpoint}")
     out.say(f"  GET {opts.ask_path}: {_short(up.answer)}{same}")
+    if step != STEP_COLD and up.tier is Tier.COLD:
+        # A fallback is the system working as designed, but it is not what this step is to show.
+        out.say(f"  this comeback fell back to a cold boot: {up.reason}")
     return up
 
 
