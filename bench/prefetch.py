@@ -396,7 +396,7 @@ so the model costs little CPU): every response waits until {a.first_byte_ms:.0f}
 request arrived before its first byte, then its body flows at most {a.mb_per_s:.0f} MB/s per
 connection (paced in 256 KiB pieces); client connections stay open between requests, as with a
 real object store, although moto's server closes its own after every response. Requests are not
-slowed. The aggregate is still bounded by moto and by the 2 cores that moto, the proxy and the
+slowed. The aggregate is still bounded by moto and by the 2 cores that moto, the relay and the
 client share.
 
 {fmt_rows(rows2)}
