@@ -6,11 +6,13 @@ A thin layer over the shared store, cache, prefetcher and materializer; no chunk
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from snapscale.shared.cache import HostCache
 from snapscale.shared.checkpoint import fetch_manifest
@@ -69,5 +71,8 @@ class Checkpoints:
             rep.bytes_fetched, rep.chunks, rep.cache_hits, rep.hit_bytes, rep.duration_s, rep.joined
         )
 
-    async def materialize(self, m: Manifest, dest: Path) -> None:
-        await materialize(self.cache, m, dest)
+    async def materialize(
+        self, m: Manifest, dest: Path, *, arriving: asyncio.Future[Any] | None = None
+    ) -> None:
+        """With `arriving` (a running prefetch), chunks are placed as they land."""
+        await materialize(self.cache, m, dest, arriving=arriving)

@@ -216,7 +216,7 @@ async def _restore(h: Host, a: Attempt, d: Decision, found: Found) -> Live:
                 a.bytes.update({"fetched": 0, "joined": 0, "cache_hit": found.cached_bytes,
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
-            await _assemble(h, a, m, image_dir)
+            await _assemble(h, a, m, image_dir, overlap=found.cached_bytes == 0)
         with h.hot.reading(m.checkpoint_id) if h.hot is not None else contextlib.nullcontext():
             sb, report = await engine.restore(
                 a.spec,
@@ -242,33 +242,51 @@ async def _restore(h: Host, a: Attempt, d: Decision, found: Found) -> Live:
     return Live(a.spec, sb, ReplicaState.READY, d.tier, h.now(), m.checkpoint_id)
 
 
-async def _assemble(h: Host, a: Attempt, m: Manifest, image_dir: Path) -> None:
-    """Prefetch `m`'s chunks into the host cache and rebuild its image dir from them."""
+async def _assemble(h: Host, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool) -> None:
+    """Prefetch `m`'s chunks into the host cache and rebuild its image dir from them.
+
+    With `overlap` (none of them cached yet) each chunk is placed as soon as it lands: every one
+    arrives hashed by the cache. With some cached, materialize waits for the whole prefetch, which
+    re-hashes the cached ones before they are trusted.
+    """
     with h.checkpoints.pinned(m):  # nothing evicts these chunks until the image is rebuilt
-        with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
-            rep = await h.checkpoints.prefetch(m)
-            gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
-            span.set_attributes(
-                {
-                    "prefetch.bytes": rep.bytes_fetched,
-                    "prefetch.chunks": rep.chunks,
-                    "prefetch.cache_hits": rep.cache_hits,
-                    "prefetch.cached_bytes": rep.cached_bytes,
-                    "prefetch.gbps": round(gbps, 3),
-                    "prefetch.joined": rep.joined,
-                }
-            )
-            # a joined prefetch reports the shared download's bytes: count them once, under "joined"
-            a.bytes.update(
-                {
-                    "fetched": 0 if rep.joined else rep.bytes_fetched,
-                    "joined": rep.bytes_fetched if rep.joined else 0,
-                    "cache_hit": rep.cached_bytes,
-                    "image": m.total_bytes,
-                }
-            )
-        with phase(a, "materialize"):
-            await h.checkpoints.materialize(m, image_dir)
+        # its own task, so its span is the root's child beside materialize's, not above it
+        fetch = asyncio.create_task(_prefetch(h, a, m), name=f"prefetch {m.checkpoint_id}")
+        try:
+            if not overlap:
+                await asyncio.shield(fetch)
+            with phase(a, "materialize"):
+                await h.checkpoints.materialize(m, image_dir, arriving=fetch if overlap else None)
+            await fetch
+        except BaseException:
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+            raise
+
+
+async def _prefetch(h: Host, a: Attempt, m: Manifest) -> None:
+    with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
+        rep = await h.checkpoints.prefetch(m)
+        gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
+        span.set_attributes(
+            {
+                "prefetch.bytes": rep.bytes_fetched,
+                "prefetch.chunks": rep.chunks,
+                "prefetch.cache_hits": rep.cache_hits,
+                "prefetch.cached_bytes": rep.cached_bytes,
+                "prefetch.gbps": round(gbps, 3),
+                "prefetch.joined": rep.joined,
+            }
+        )
+        # a joined prefetch reports the shared download's bytes: count them once, under "joined"
+        a.bytes.update(
+            {
+                "fetched": 0 if rep.joined else rep.bytes_fetched,
+                "joined": rep.bytes_fetched if rep.joined else 0,
+                "cache_hit": rep.cached_bytes,
+                "image": m.total_bytes,
+            }
+        )
 
 
 # the engine's step names -> the phase names the dashboard knows (docs/restorer.md)

@@ -1,0 +1,78 @@
+"""A restore with nothing of its checkpoint in the host cache rebuilds the image while the chunks
+arrive (materialize starts before prefetch ends); with chunks cached already it waits for the
+prefetch, which re-hashes them before they are trusted. Real nats-server, CRIU, the CPU sample."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from engine_helpers import kill_tagged
+from opentelemetry import trace
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from restorer_harness import Harness, follow, get, running
+
+from snapscale.shared import bus, telemetry
+from snapscale.shared.criu import CriuBinary
+from snapscale.shared.messages import ReplicaState, Tier
+from snapscale.shared.settings import Settings
+
+pytestmark = pytest.mark.criu
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    exp = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if isinstance(provider, TracerProvider):
+        provider.add_span_processor(SimpleSpanProcessor(exp))
+    else:
+        telemetry.setup("snapscale-tests", None, exporter=exp)
+    return exp
+
+
+@pytest.fixture
+async def h(settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path) -> AsyncIterator[Harness]:
+    tag = f"rovl-{uuid.uuid4().hex[:10]}"
+    harness = Harness(settings, the_bus, criu, tag, tmp_path)
+    async for _ in follow(harness):
+        yield harness
+    kill_tagged(tag)
+
+
+def _phases(exp: InMemorySpanExporter, replica: str) -> dict[str, ReadableSpan]:
+    """The prefetch and materialize spans of `replica`'s scale-up (children of its root)."""
+    done = exp.get_finished_spans()
+    root = next(
+        s for s in done if s.name == "scale_up" and (s.attributes or {}).get("snapscale.replica") == replica
+    )
+    assert root.context is not None
+    kids = [s for s in done if s.parent is not None and s.parent.span_id == root.context.span_id]
+    return {s.name: s for s in kids if s.name in ("prefetch", "materialize")}
+
+
+async def test_cold_cache_restore_materializes_while_chunks_arrive(
+    h: Harness, spans: InMemorySpanExporter
+) -> None:
+    spec = await h.deploy(h.spec())
+    frozen = await h.make_checkpoint(spec)
+    async with running(h.settings, h.criu, hot_images=0):
+        await h.restore(spec.name, "a")
+        a = await h.wait("a")
+        assert a.state is ReplicaState.READY and a.tier is Tier.RESTORE, a.reason
+        assert await get(a.endpoint, "/generate") == frozen.answer
+        await h.restore(spec.name, "b")
+        b = await h.wait("b")
+        assert b.state is ReplicaState.READY and b.tier is Tier.RESTORE_CACHED, b.reason
+        assert await get(b.endpoint, "/generate") == frozen.answer
+    pa, pb = _phases(spans, "a"), _phases(spans, "b")
+    assert pa.keys() == pb.keys() == {"prefetch", "materialize"}
+    # cold cache: side by side; warm cache: one after the other
+    assert pa["materialize"].start_time is not None and pa["prefetch"].end_time is not None
+    assert pa["materialize"].start_time < pa["prefetch"].end_time
+    assert pb["materialize"].start_time is not None and pb["prefetch"].end_time is not None
+    assert pb["materialize"].start_time >= pb["prefetch"].end_time
