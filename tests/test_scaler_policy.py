@@ -139,6 +139,14 @@ def test_scale_to_zero_only_after_grace() -> None:
     assert decide(w, spec, 1, 13.0).desired == 0
 
 
+def test_a_replica_lost_within_the_grace_comes_back() -> None:
+    spec = replace(BASE, stable_window_s=2.0, panic_window_s=1.0, scale_to_zero_after_s=10.0)
+    w = Window(spec, -100.0)
+    w.record(0.0, 1.0, arrivals=1)
+    assert decide(w, spec, 0, 5.0).desired == 1  # its host died at 4 s: place it again
+    assert decide(w, spec, 0, 10.0).desired == 0  # past the grace: zero is right
+
+
 def test_restart_holds_scale_down_for_a_stable_window() -> None:
     spec = replace(BASE, stable_window_s=10.0, scale_to_zero_after_s=0.0)
     w = Window(spec, 100.0)  # the scaler started at 100 and found 6 replicas in KV

@@ -289,10 +289,16 @@ async def test_not_ready_in_time_and_lost_hosts_are_placed_elsewhere(
             assert [type(c).__name__ for c in stuck.got] == ["RestoreCommand", "ReleaseCommand"]
             assert sc.counters["failed"] == 1
             await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [ReplicaState.READY])
-            # host-b goes silent: its replica is lost and comes back on host-a (no longer avoided later)
+            # host-b goes silent: its replica is lost and placed again, on a host that reports
+            # (host-a is still avoided for this deployment after its replica timed out there)
             good.beating = False
             await eventually(lambda: "host-b" not in sc.view.hosts, 5, "host-b expired")
             assert sc.counters["failed"] == 2
+            fresh = FakeHost(settings, "host-c", gpus=1)
+            async with running(fresh.run):
+                await eventually(lambda: len(fresh.commands(RestoreCommand)) == 1, 5, "re-placed on host-c")
+                await eventually(lambda: [t.ev.host for t in sc.view.live("llm")] == ["host-c"])
+            assert len(stuck.commands(RestoreCommand)) == 1
 
 
 async def test_leader_handover_sends_no_duplicates(the_bus: Bus, settings: Settings) -> None:

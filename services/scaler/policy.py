@@ -176,7 +176,9 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> Decision:
 
     if desired < current and now - w.observed_since < spec.stable_window_s:
         desired, reason = current, "warming-up"  # restarted: a full stable window before any scale-down
-    if desired == 0 and current > 0 and now - w.last_traffic < spec.scale_to_zero_after_s:
+    # within the grace a deployment keeps one replica, also one it just lost to a failure:
+    # going to zero is a decision about traffic, never a side effect of a host dying
+    if desired == 0 and now - w.last_traffic < spec.scale_to_zero_after_s:
         desired, reason = 1, "grace"
     clamped = _clamp(desired, spec)
     if clamped != desired:
