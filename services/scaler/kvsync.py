@@ -5,6 +5,7 @@ I/O helpers only; what a value means is the caller's `apply(key, value_or_None)`
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from nats.js.errors import NoKeysError
@@ -22,13 +23,15 @@ async def keys(kv: KeyValue) -> list[str]:
         return []
 
 
-async def values(kv: KeyValue) -> list[tuple[str, bytes, int]]:
-    """(key, value, revision) of every key the bucket holds now."""
+async def values(kv: KeyValue, concurrency: int = 64) -> list[tuple[str, bytes, int]]:
+    """(key, value, revision) of every key the bucket holds now, `concurrency` reads at a time
+    (a fleet's worth of replicas read one by one would hold a new leader up for seconds)."""
+    names = await keys(kv)
     out: list[tuple[str, bytes, int]] = []
-    for key in await keys(kv):
-        got = await bus.kv_get(kv, key)
-        if got is not None:
-            out.append((key, got[0], got[1]))
+    for i in range(0, len(names), concurrency):
+        batch = names[i : i + concurrency]
+        got = await asyncio.gather(*(bus.kv_get(kv, k) for k in batch))
+        out.extend((k, g[0], g[1]) for k, g in zip(batch, got, strict=True) if g is not None)
     return out
 
 

@@ -65,6 +65,7 @@ class Scaler:
         self._events_stop: asyncio.Event | None = None
         self._events_task: asyncio.Task[None] | None = None
         self._traffic_counts: dict[str, int] = {}
+        self._rebuilding: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[list[str]]] = set()
 
     @property
@@ -126,6 +127,8 @@ class Scaler:
             await stop.wait()
         finally:
             self.leader = False
+            if self._rebuilding is not None:
+                self._rebuilding.cancel()
             if self._sending:  # commands already counted in KV go out before we close
                 await asyncio.wait(self._sending, timeout=5.0)
             await self._stop_events()
@@ -159,8 +162,10 @@ class Scaler:
         assert self._lease is not None
         while not stop.is_set():
             valid = await self._lease.step()
-            if valid and not self.leader:
-                await self._become_leader()
+            if valid and not self.leader and self._rebuilding is None:
+                # rebuilt on its own task: the lease must keep being renewed while KV is read
+                self._rebuilding = runtime.guard(self._become_leader(), "scaler-rebuild")
+                self._rebuilding.add_done_callback(lambda _t: setattr(self, "_rebuilding", None))
             elif not valid and self.leader:
                 self.leader = False
                 await self._stop_events()
@@ -191,6 +196,9 @@ class Scaler:
                 continue
             if ev.state not in TERMINAL:
                 self.view.track(Tracked(ev, rev, now))
+        if self._lease is None or not self._lease.valid():
+            log.warning("scaler %s: lease lapsed while rebuilding; not leading", self.instance)
+            return
         self.leader = True
         pending = [t for t in self.view.replicas.values() if t.ev.state is ReplicaState.PENDING]
         for t in pending:
