@@ -48,6 +48,8 @@ class Stats:
     injected: int = 0
     by_method: dict[str, int] = field(default_factory=dict)
     bytes_out: int = 0
+    in_flight: int = 0  # requests read and not yet answered
+    max_in_flight: int = 0
 
 
 class FaultProxy:
@@ -139,62 +141,67 @@ class FaultProxy:
                 body = await _read_body(reader, headers, is_request=True)
                 self.stats.requests += 1
                 self.stats.by_method[method] = self.stats.by_method.get(method, 0) + 1
-                fault = self._pick(method, path)
-                if fault is not None and fault.kind == "reset":
-                    self.stats.injected += 1
-                    with contextlib.suppress(Exception):
-                        writer.transport.abort()
-                    return
-                if fault is not None and fault.kind == "status":
-                    self.stats.injected += 1
-                    err = _ERR_BODY % fault.code
-                    reason = _REASONS.get(fault.status, b"Error")
-                    writer.write(
-                        b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s"
-                        % (fault.status, reason, len(err), err)
-                    )
-                    await writer.drain()
-                    continue
-                if up is None:
-                    up = await asyncio.open_connection(self.up_host, self.up_port, limit=1 << 20)
-                up[1].write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
-                await up[1].drain()
-                rhead = await up[0].readuntil(b"\r\n\r\n")
-                status, rheaders = _parse_status(rhead)
-                no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
-                chunked = "chunked" in rheaders.get("transfer-encoding", "").lower()
-                length = int(rheaders["content-length"]) if "content-length" in rheaders else None
-                up_closes = rheaders.get("connection", "").lower() == "close" or (
-                    length is None and not chunked and not no_body
-                )
-                rbody = b""
-                if not no_body and (chunked or length is None):
-                    rbody = await _read_body(up[0], rheaders, is_request=False)
-                    if not chunked:
-                        length = len(rbody)
-                # Keep the client's connection alive even where the upstream (werkzeug) closes
-                # its own after every response: a remote object store keeps connections open.
-                out_lines = [ln for ln in rhead[:-4].split(b"\r\n") if not ln.lower().startswith(
-                    (b"connection:", b"content-length:", b"keep-alive:"))]  # fmt: skip
-                if length is not None:
-                    out_lines.append(b"Content-Length: %d" % length)
-                head_out = b"\r\n".join(out_lines) + b"\r\n\r\n"
-                corrupt = fault is not None and fault.kind == "corrupt"
-                wait = self.first_byte_s - (time.monotonic() - t_req)
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                if no_body or rbody or not length:
-                    if corrupt and rbody:
+                self.stats.in_flight += 1
+                self.stats.max_in_flight = max(self.stats.max_in_flight, self.stats.in_flight)
+                try:
+                    fault = self._pick(method, path)
+                    if fault is not None and fault.kind == "reset":
                         self.stats.injected += 1
-                        b = bytearray(rbody)
-                        b[len(b) // 2] ^= 0xFF
-                        rbody = bytes(b)
-                    await self._send(writer, [head_out, rbody])
-                else:
-                    await self._stream(writer, head_out, up[0], length, corrupt)
-                if up_closes:
-                    up[1].close()
-                    up = None
+                        with contextlib.suppress(Exception):
+                            writer.transport.abort()
+                        return
+                    if fault is not None and fault.kind == "status":
+                        self.stats.injected += 1
+                        err = _ERR_BODY % fault.code
+                        reason = _REASONS.get(fault.status, b"Error")
+                        writer.write(
+                            b"HTTP/1.1 %d %s\r\nContent-Type: application/xml\r\nContent-Length: %d\r\n\r\n%s"
+                            % (fault.status, reason, len(err), err)
+                        )
+                        await writer.drain()
+                        continue
+                    if up is None:
+                        up = await asyncio.open_connection(self.up_host, self.up_port, limit=1 << 20)
+                    up[1].write(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+                    await up[1].drain()
+                    rhead = await up[0].readuntil(b"\r\n\r\n")
+                    status, rheaders = _parse_status(rhead)
+                    no_body = method == "HEAD" or status in (204, 304) or 100 <= status < 200
+                    chunked = "chunked" in rheaders.get("transfer-encoding", "").lower()
+                    length = int(rheaders["content-length"]) if "content-length" in rheaders else None
+                    up_closes = rheaders.get("connection", "").lower() == "close" or (
+                        length is None and not chunked and not no_body
+                    )
+                    rbody = b""
+                    if not no_body and (chunked or length is None):
+                        rbody = await _read_body(up[0], rheaders, is_request=False)
+                        if not chunked:
+                            length = len(rbody)
+                    # Keep the client's connection alive even where the upstream (werkzeug) closes
+                    # its own after every response: a remote object store keeps connections open.
+                    out_lines = [ln for ln in rhead[:-4].split(b"\r\n") if not ln.lower().startswith(
+                        (b"connection:", b"content-length:", b"keep-alive:"))]  # fmt: skip
+                    if length is not None:
+                        out_lines.append(b"Content-Length: %d" % length)
+                    head_out = b"\r\n".join(out_lines) + b"\r\n\r\n"
+                    corrupt = fault is not None and fault.kind == "corrupt"
+                    wait = self.first_byte_s - (time.monotonic() - t_req)
+                    if wait > 0:
+                        await asyncio.sleep(wait)
+                    if no_body or rbody or not length:
+                        if corrupt and rbody:
+                            self.stats.injected += 1
+                            b = bytearray(rbody)
+                            b[len(b) // 2] ^= 0xFF
+                            rbody = bytes(b)
+                        await self._send(writer, [head_out, rbody])
+                    else:
+                        await self._stream(writer, head_out, up[0], length, corrupt)
+                    if up_closes:
+                        up[1].close()
+                        up = None
+                finally:
+                    self.stats.in_flight -= 1
         except (ConnectionError, asyncio.IncompleteReadError):
             return
         except asyncio.CancelledError:

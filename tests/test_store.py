@@ -7,16 +7,17 @@ import asyncio
 import hashlib
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from faultproxy import FaultProxy
-from storefix import KEY, image_dir, proxied_store, proxy, store
+from storefix import FAST_RETRY, KEY, image_dir, proxied_store, proxy, store
 
 from snapscale.shared import checkpoint as ck
 from snapscale.shared.checkpoint import collect_garbage, plan_gc, upload_image, verify_checkpoint
 from snapscale.shared.manifest import ManifestError
-from snapscale.shared.settings import StoreSettings
+from snapscale.shared.settings import Settings, StoreSettings
 from snapscale.shared.store import (
     ChunkStore,
     NotFoundError,
@@ -253,3 +254,19 @@ async def test_s3_errors_that_persist_fail_cleanly(proxied_store: S3Store, proxy
 def test_store_settings_urls() -> None:
     s = StoreSettings.parse("s3://bucket/some/prefix")
     assert (s.bucket, s.prefix) == ("bucket", "some/prefix")
+
+
+async def test_s3_request_rate_and_concurrency_are_bounded(s3_settings: Settings, proxy: FaultProxy) -> None:
+    """max_requests_per_s throttles; max_concurrency bounds requests in flight (seen at the proxy)."""
+    ss = replace(s3_settings.store, endpoint_url=proxy.url, max_concurrency=3, max_requests_per_s=20)
+    proxy.first_byte_s = 0.02  # unthrottled, 30 requests 3 at a time would take ~0.2 s
+    st = await S3Store.open(ss, FAST_RETRY)
+    try:
+        t0 = time.monotonic()
+        await asyncio.gather(*(st.touch_chunk(digest(bytes([i]))) for i in range(30)))
+        elapsed = time.monotonic() - t0
+    finally:
+        await st.close()
+    assert proxy.stats.requests == 30
+    assert elapsed >= 0.9  # 30 requests at 20/s: the last 10 wait for the first second to pass
+    assert proxy.stats.max_in_flight <= 3
