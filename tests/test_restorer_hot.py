@@ -4,6 +4,7 @@ at most `keep` without touching one being read. Real nats-server, CRIU and the C
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,7 +38,7 @@ async def test_second_restore_reuses_the_assembled_image(h: Harness) -> None:
     spec = await h.deploy(h.spec())
     frozen = await h.make_checkpoint(spec)
     cid = frozen.entry.checkpoint_id
-    async with running(h.settings, h.criu):
+    async with running(h.settings, h.criu, cpu_slots=8):
         await h.restore(spec.name, "a")
         a = await h.wait("a")
         assert a.state is ReplicaState.READY and a.tier is Tier.RESTORE, a.reason
@@ -53,6 +54,13 @@ async def test_second_restore_reuses_the_assembled_image(h: Harness) -> None:
         assert "prefetch" not in b.timings_s and b.timings_s["materialize"] < 0.05
         assert await get(b.endpoint, "/generate") == frozen.answer
         assert await get(a.endpoint, "/generate") == frozen.answer  # both serve, from one image
+
+        # two restores reading the one hot image at once (CRIU writes its stats-restore there)
+        await asyncio.gather(h.restore(spec.name, "b2"), h.restore(spec.name, "b3"))
+        for r in ("b2", "b3"):
+            ev = await h.wait(r)
+            assert ev.state is ReplicaState.READY and "hot" in ev.bytes, ev.reason
+            assert await get(ev.endpoint, "/generate") == frozen.answer
 
         # a hot image that no longer restores is dropped: a cold boot now, a fresh assembly next
         (hot / "pstree.img").unlink()  # a link into the cache: the cached chunk stays intact
