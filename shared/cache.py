@@ -46,6 +46,9 @@ class HostCache:
         self._reserved = 0  # bytes being written right now
         self._arrivals: dict[str, asyncio.Future[None]] = {}
         self._writing: set[asyncio.Future[None]] = set()
+        # Hashed by this process (inserted, or re-verified). Chunks found on disk at start are not,
+        # until a prefetch re-hashes them: a materialize beside a prefetch waits for that.
+        self._verified: set[str] = set()
         self.used_bytes = 0
         self.evicted = 0
         self.dropped_corrupt = 0
@@ -124,7 +127,7 @@ class HostCache:
     # -- entries --
     async def insert(self, digest: str, data: bytes) -> None:
         """Verify `data` against `digest` and store it; `ChunkError` if it does not match."""
-        if digest in self._lru:
+        if digest in self._verified:
             self._lru.move_to_end(digest)
             return
         while True:
@@ -136,7 +139,7 @@ class HostCache:
                     raise
                 # Room is only promised to writes in flight; once one lands it may be evictable.
                 await asyncio.wait(list(self._writing), return_when=asyncio.FIRST_COMPLETED)
-            if digest in self._lru:
+            if digest in self._verified:
                 return
         self._reserved += len(data)
         loop = asyncio.get_running_loop()
@@ -152,20 +155,29 @@ class HostCache:
                 raise
         finally:
             self._reserved -= len(data)
-            if fut.done() and not fut.cancelled() and fut.exception() is None and digest not in self._lru:
-                self._lru[digest] = len(data)
-                self.used_bytes += len(data)
-                waiter = self._arrivals.pop(digest, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                if digest not in self._lru:
+                    self._lru[digest] = len(data)
+                    self.used_bytes += len(data)
+                self._mark_verified(digest)
+
+    def verified(self, digest: str) -> bool:
+        """Cached and hashed by this process (inserted, or re-verified since the start)."""
+        return digest in self._verified
+
+    def _mark_verified(self, digest: str) -> None:
+        self._verified.add(digest)
+        waiter = self._arrivals.pop(digest, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def arrival(self, digest: str) -> asyncio.Future[None]:
-        """A future that completes when `digest` enters the cache (at once if it is there)."""
+        """A future that completes when `digest` is cached and verified (at once if it is)."""
         loop = asyncio.get_running_loop()
         fut = self._arrivals.get(digest)
         if fut is None or fut.done() or fut.get_loop() is not loop:
             fut = loop.create_future()
-            if digest in self._lru:
+            if digest in self._verified:
                 fut.set_result(None)
             else:
                 self._arrivals[digest] = fut
@@ -205,6 +217,8 @@ class HostCache:
             self._forget(digest)
             return False
         if await asyncio.to_thread(sha256_hex, data) == digest:
+            if digest in self._lru:
+                self._mark_verified(digest)
             return True
         log.warning("cache: chunk %s is corrupt; dropping it", digest[:16])
         self.dropped_corrupt += 1
@@ -216,6 +230,7 @@ class HostCache:
         self.path(digest).unlink(missing_ok=True)
 
     def _forget(self, digest: str) -> None:
+        self._verified.discard(digest)
         size = self._lru.pop(digest, None)
         if size is not None:
             self.used_bytes -= size

@@ -152,14 +152,19 @@ async def _settle(futs: list[asyncio.Future[Any]]) -> None:
 
 
 async def _wait_cached(cache: HostCache, digest: str, arriving: asyncio.Future[Any] | None) -> None:
-    while digest not in cache:
-        if arriving is None:
+    """Without a prefetch running, the chunk must be cached. Beside one, wait until the chunk is
+    cached and hashed by this process (a chunk left on disk by an earlier run counts only once
+    the prefetch has re-hashed it), or until the prefetch ends."""
+    if arriving is None:
+        if digest not in cache:
             raise ChunkError(digest, "not in the host cache (prefetch first)")
+        return
+    while not cache.verified(digest):
         if arriving.done():
             arriving.result()  # raises the prefetch's own error, if it failed
             if digest not in cache:
                 raise ChunkError(digest, "the prefetch finished without bringing it")
-            return
+            return  # the prefetch vouched for it (it verifies hits unless told not to)
         both: list[asyncio.Future[Any]] = [cache.arrival(digest), arriving]
         await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
 

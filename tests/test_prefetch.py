@@ -20,6 +20,7 @@ from storefix import KEY, image_dir, proxied_store, proxy, store
 
 from snapscale.shared.cache import HostCache
 from snapscale.shared.checkpoint import fetch_manifest, upload_image
+from snapscale.shared.chunking import ZERO_CHUNK
 from snapscale.shared.errors import ConfigError
 from snapscale.shared.manifest import Manifest
 from snapscale.shared.materialize import materialize
@@ -115,6 +116,27 @@ async def test_materialize_while_chunks_arrive(
     task = asyncio.create_task(pf.prefetch(m))
     await materialize(cache, m, tmp_path / "out", arriving=task)
     await task
+    same_tree(image_dir, tmp_path / "out")
+
+
+@pytest.mark.criu
+async def test_materialize_beside_prefetch_waits_for_rehash_of_chunks_from_a_past_run(
+    store: ChunkStore, image_dir: Path, tmp_path: Path
+) -> None:
+    """A chunk left corrupt on disk by an earlier run is not copied before the prefetch re-hashes it."""
+    m, _ = await uploaded(store, image_dir)
+    await Prefetcher(store, HostCache(tmp_path / "cache", 1 << 30)).prefetch(m)
+    pages = max(m.files, key=lambda f: f.size)
+    victim = [c for c in pages.chunks if c != ZERO_CHUNK][-1]  # copied (not linked), verified last
+    p = tmp_path / "cache" / "chunks" / victim
+    p.write_bytes(b"\xff" + p.read_bytes()[1:])
+    cache = HostCache(tmp_path / "cache", 1 << 30)  # the restarted agent: nothing verified yet
+    assert victim in cache and not cache.verified(victim)
+    pf = Prefetcher(store, cache, concurrency=1)  # re-hashes one chunk at a time: slower than copies
+    task = asyncio.create_task(pf.prefetch(m))
+    await materialize(cache, m, tmp_path / "out", arriving=task)
+    rep = await task
+    assert rep.corrupt_hits == 1 and rep.chunks_fetched == 1
     same_tree(image_dir, tmp_path / "out")
 
 
@@ -240,6 +262,7 @@ import asyncio, sys
 from dataclasses import replace
 from pathlib import Path
 from snapscale.shared.cache import HostCache
+from snapscale.shared.chunking import ZERO_CHUNK
 from snapscale.shared.checkpoint import fetch_manifest
 from snapscale.shared.prefetch import Prefetcher
 from snapscale.shared.settings import StoreSettings
