@@ -239,6 +239,10 @@ async def collect_garbage(
             again.delete, plan.kept_referenced, plan.kept_young + again.kept_young, again.bytes_freed
         )
         await run_bounded(plan.delete, store.delete_chunk, 16)
+    if not dry_run:
+        swept = await store.sweep_temp(grace_s)
+        if swept:
+            log.info("gc: removed %d temp files that crashed writers left", swept)
     log.info(
         "gc: %d chunks deleted (%d bytes), %d referenced, %d young%s",
         len(plan.delete), plan.bytes_freed, plan.kept_referenced, plan.kept_young,

@@ -105,6 +105,10 @@ class ChunkStore(abc.ABC):
     async def close(self) -> None:  # noqa: B027 - backends without connections need nothing
         """Release connections."""
 
+    async def sweep_temp(self, older_than_s: float) -> int:
+        """Remove what crashed writers left behind; how many. Only the local store has any."""
+        return 0
+
     # -- chunks and manifests --
     async def put_chunk(self, digest: str, data: bytes) -> None:
         await self.put(chunk_key(digest), data)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -92,7 +93,17 @@ class LocalStore(ChunkStore):
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._path(key).unlink, True)
 
-    def stale_temp_files(self, older_than_s: float, now: float) -> list[Path]:
-        """Temp files a crashed writer left behind; GC removes them."""
-        tmp = self.root / TMP_DIR
-        return [p for p in tmp.iterdir() if now - p.stat().st_mtime > older_than_s]
+    async def sweep_temp(self, older_than_s: float) -> int:
+        return await asyncio.to_thread(self._sweep_temp, older_than_s, time.time())
+
+    def _sweep_temp(self, older_than_s: float, now: float) -> int:
+        # Young ones may belong to a writer still running: only old ones are a crash's leftovers.
+        n = 0
+        for p in (self.root / TMP_DIR).iterdir():
+            try:
+                if now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                continue
+        return n

@@ -217,6 +217,14 @@ async def test_local_store_leaves_no_temp_files(tmp_path: Path) -> None:
     await asyncio.gather(*(st.put_chunk(digest(bytes([i]) * 1000), bytes([i]) * 1000) for i in range(50)))
     assert list((tmp_path / "s" / ".tmp").iterdir()) == []
     assert len([o async for o in st.list_chunks()]) == 50
+    # What a writer killed mid-put leaves: GC removes it once it is older than the grace period.
+    old, young = tmp_path / "s" / ".tmp" / "x.old", tmp_path / "s" / ".tmp" / "x.young"
+    old.write_bytes(b"half")
+    young.write_bytes(b"half")
+    os.utime(old, (1000.0, 1000.0))
+    await collect_garbage(st, KEY, grace_s=3600)
+    assert not old.exists() and young.exists()
+    assert len([o async for o in st.list_chunks()]) == 50  # unreferenced but young: kept
 
 
 async def test_s3_errors_for_a_while_are_retried(proxied_store: S3Store, proxy: FaultProxy) -> None:
