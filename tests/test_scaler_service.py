@@ -22,6 +22,7 @@ from snapscale.scaler.service import Scaler
 from snapscale.shared import bus, catalog, telemetry
 from snapscale.shared.bus import Bus
 from snapscale.shared.catalog import CatalogEntry
+from snapscale.shared.errors import RetryableError
 from snapscale.shared.messages import (
     CheckpointEvent,
     FreezeCommand,
@@ -98,8 +99,13 @@ class FakeHost:
         """What the restorer does: KV record first (compare-and-set), then the event."""
         kv = self.b.kv[Bucket.REPLICAS]
         key = f"{ev.deployment}.{ev.replica}"
-        got = await bus.kv_get(kv, key)
-        await bus.kv_cas(kv, key, encode_message(ev), got[1] if got else None)
+        for _ in range(8):  # as the restorer does: a concurrent writer (the scaler) means read again
+            got = await bus.kv_get(kv, key)
+            try:
+                await bus.kv_cas(kv, key, encode_message(ev), got[1] if got else None)
+                break
+            except RetryableError:
+                continue
         await bus.publish(self.b, self.b.subjects.evt_replica(ev.deployment), ev)
 
     async def on_restore(self, c: RestoreCommand, _m: Msg) -> None:

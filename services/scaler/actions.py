@@ -251,15 +251,15 @@ class Actor:
             elif fz is not None and not fz.done and now < fz.deadline and needs_freeze(host, dep, catalog):
                 releases = releases[:-1]  # still freezing: the last one waits
             to_zero = live - len(releases) == 0
-        cmds: list[ReleaseCommand] = []
+        cmds: list[tuple[ReleaseCommand, ReplicaEvent]] = []  # with the state to go back to
         for r in releases:
             key = record_key(dep, r.replica)
             t = self.view.replicas[key]
-            t.ev = replace(t.ev, state=ReplicaState.RELEASING, ts=now, reason=f"released: {r.why}")
-            cmds.append(
-                ReleaseCommand(id=new_id(), deployment=dep, replica=r.replica, issued_at=now, mode=r.mode)
+            c = ReleaseCommand(id=new_id(), deployment=dep, replica=r.replica, issued_at=now, mode=r.mode)
+            cmds.append((c, t.ev))
+            t.ev = replace(
+                t.ev, state=ReplicaState.RELEASING, ts=now, reason=f"released: {r.why}", command_id=c.id
             )
-            t.ev = replace(t.ev, command_id=cmds[-1].id)
         span = self._span(dep, "scale-down", d, live, False)
         with trace.use_span(span, end_on_exit=True):
             if freeze is not None:
@@ -272,13 +272,24 @@ class Actor:
                 )
                 self.counters["cmd.freeze"] += 1
                 log.info("deployment %s: freezing %s before its last replica goes", dep, freeze.replica)
-            for c in cmds:
+            sent = 0
+            for c, before in cmds:
                 t = self.view.replicas[record_key(dep, c.replica)]
-                await self._write(t.key, t.ev, create=False)
-                await bus.publish(self.bus, self.bus.subjects.cmd(Verb.RELEASE, t.ev.host), c, msg_id=c.id)
+                try:
+                    # KV first: written after the command, it could land after the restorer's
+                    # `stopped` (and its delete) and bring back a record of a gone replica
+                    await self._write(t.key, t.ev, create=False)
+                    await bus.publish(
+                        self.bus, self.bus.subjects.cmd(Verb.RELEASE, t.ev.host), c, msg_id=c.id
+                    )
+                except Exception as e:
+                    log.error("replica %s: release not sent (%s); it stays ready", t.key, e)
+                    t.ev = before
+                    continue
+                sent += 1
                 self.counters["cmd.release"] += 1
                 log.info("replica %s released (%s, %s)", t.key, c.mode.value, t.ev.reason)
-            if to_zero and cmds and not retired:
+            if to_zero and sent == len(cmds) and cmds and not retired:
                 self.view.freezing.pop(dep, None)
                 await self.prefetch(dep, now)
 

@@ -251,7 +251,11 @@ class Scaler:
         for dep in list(self.view.specs):
             if not self.acting():
                 return  # the lease lapsed mid-tick: a standby may be acting already
-            await self.reconcile(dep, now)
+            try:
+                await self.reconcile(dep, now)
+            except Exception:  # one deployment's trouble (NATS hiccup) must not stop the others
+                self.counters["errors"] += 1
+                log.exception("deployment %s: decision not carried out; next tick tries again", dep)
 
     async def reconcile(self, dep: str, now: float) -> None:
         spec_ = self.view.specs.get(dep)
