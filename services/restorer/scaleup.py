@@ -229,8 +229,8 @@ async def _restore(h: Host, a: Attempt, d: Decision, found: Found) -> Live:
             )
         _spans_from(report.timings_s, a)
         ok = True
-    except BaseException:
-        if hot is not None and h.hot is not None:
+    except BaseException as e:
+        if hot is not None and h.hot is not None and isinstance(e, Exception):
             h.hot.discard(m.checkpoint_id)  # it may be what failed: the next restore rebuilds it
         await reap(run_dir)
         raise
