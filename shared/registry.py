@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
 from snapscale.shared.engine_errors import EngineError
+from snapscale.shared.fsutil import write_atomic
 from snapscale.shared.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -31,21 +31,7 @@ class SandboxRegistry:
         return self.dir / f"{replica}.json"
 
     def put(self, sb: Sandbox) -> None:
-        path = self._path(sb.replica)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, sb.to_json())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self._path(sb.replica), sb.to_json(), mode=0o600)
 
     def get(self, replica: str) -> Sandbox | None:
         return self._read(self._path(replica))

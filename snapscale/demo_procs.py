@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapscale.shared import procs
 from snapscale.shared.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -110,34 +111,6 @@ def log_tail(path: Path, lines: int = 15) -> str:
 
 
 # --- sandboxes left behind ---------------------------------------------------------------
-def holders(root: Path, proc: Path = Path("/proc")) -> list[int]:
-    """PIDs (not ours) with their cwd or an open file under `root`."""
-    if not root.exists():
-        return []
-    prefix = str(root.resolve())
-    me = os.getpid()
-    out: list[int] = []
-    for p in proc.iterdir():
-        if not p.name.isdigit() or int(p.name) == me:
-            continue
-        try:
-            targets = [os.readlink(p / "cwd")] + [os.readlink(fd) for fd in (p / "fd").iterdir()]
-        except OSError:
-            continue
-        if any(t == prefix or t.startswith(prefix + "/") for t in targets):
-            out.append(int(p.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    """Running, not a zombie waiting for its parent to reap it."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def _net_inode(pid: int) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -165,7 +138,7 @@ def pids_in_netns(inodes: set[int]) -> set[int]:
 def reap_sandboxes(work_dir: Path, *, timeout_s: float = 10.0) -> tuple[list[int], list[str]]:
     """Kill what still runs from `work_dir` (sandboxes the restorer did not stop) and delete the
     network namespaces they lived in. Returns the PIDs killed and the namespaces deleted."""
-    pids = set(holders(work_dir))
+    pids = set(procs.holders(work_dir))
     host_net = _net_inode(os.getpid())
     inodes = {i for i in (_net_inode(p) for p in pids) if i is not None and i != host_net}
     names = netns_by_inode()
@@ -175,7 +148,7 @@ def reap_sandboxes(work_dir: Path, *, timeout_s: float = 10.0) -> tuple[list[int
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # a PID-namespace init ignores SIGTERM it does not handle
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(procs.alive(p) for p in pids):
         time.sleep(0.05)
     for name in ours:
         # Deleting the netns destroys its end of the veth pair, and with it the host's end.

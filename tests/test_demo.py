@@ -24,9 +24,9 @@ import span_contract as sc
 from otlp_receiver import OtlpReceiver, ReceivedSpan, ancestors
 
 from snapscale.cli import build_parser
-from snapscale.demo_procs import holders
 from snapscale.shared import netns
 from snapscale.shared.criu import CriuBinary
+from snapscale.shared.procs import holders
 
 ROOT = Path(__file__).resolve().parent.parent
 # SNAPSCALE_DEMO_SPEC runs the test with another spec (the demo's --spec).

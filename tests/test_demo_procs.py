@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.demo_procs import ProcessSet, holders, reap_sandboxes
+from snapscale.demo_procs import ProcessSet, reap_sandboxes
+from snapscale.shared.procs import holders
 
 
 def alive(pid: int) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import re
 import shutil
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from snapscale.shared import wire
 from snapscale.shared.errors import MessageError
+from snapscale.shared.fsutil import write_atomic
 from snapscale.shared.messages import CheckpointEvent, decode_message, encode_message
 
 log = logging.getLogger(__name__)
@@ -63,20 +63,6 @@ def _name(command_id: str) -> str:
     return "h-" + hashlib.sha256(command_id.encode()).hexdigest()[:40]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
-
 class Ledger:
     """`<state_dir>/freezer/{inflight,done,staging}`; one instance per freezer process."""
 
@@ -103,7 +89,7 @@ class Ledger:
             return None
 
     def save(self, a: Attempt) -> None:
-        _write_atomic(self.inflight_dir / f"{_name(a.command_id)}.json", wire.encode(a, ATTEMPT_TYPE))
+        write_atomic(self.inflight_dir / f"{_name(a.command_id)}.json", wire.encode(a, ATTEMPT_TYPE))
 
     def attempts(self) -> list[Attempt]:
         out = []
@@ -131,7 +117,7 @@ class Ledger:
     def finish(self, command_id: str, event: CheckpointEvent, checkpoint_id: str | None = None) -> None:
         """Record the outcome first, then forget the attempt and its staging dir (in that order:
         a crash in between leaves a done command with leftovers, never a lost outcome)."""
-        _write_atomic(self.done_dir / f"{_name(command_id)}.json", encode_message(event))
+        write_atomic(self.done_dir / f"{_name(command_id)}.json", encode_message(event))
         (self.inflight_dir / f"{_name(command_id)}.json").unlink(missing_ok=True)
         if checkpoint_id:
             self.drop_staging(checkpoint_id)

@@ -14,29 +14,9 @@ import signal
 import time
 from pathlib import Path
 
-from snapscale.shared import netns
+from snapscale.shared import netns, procs
 
 log = logging.getLogger(__name__)
-
-
-def holders(run_dir: Path, proc: Path = Path("/proc")) -> list[int]:
-    """PIDs with an open file or working directory inside `run_dir`."""
-    if not run_dir.exists():
-        return []
-    root = str(run_dir.resolve())
-    me = os.getpid()
-    out: list[int] = []
-    for p in proc.iterdir():
-        if not p.name.isdigit() or int(p.name) == me:
-            continue
-        try:
-            targets = [os.readlink(p / "cwd")]
-            targets += [os.readlink(fd) for fd in (p / "fd").iterdir()]
-        except OSError:
-            continue
-        if any(t == root or t.startswith(root + "/") for t in targets):
-            out.append(int(p.name))
-    return out
 
 
 def _net_inode(pid: int) -> int | None:
@@ -46,25 +26,17 @@ def _net_inode(pid: int) -> int | None:
         return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 async def _gone(pids: set[int], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:  # /proc has no event to wait on
-        if not any(_alive(p) for p in pids):
+        if not any(procs.alive(p) for p in pids):
             return
         await asyncio.sleep(0.02)
 
 
 async def reap(run_dir: Path, *, extra_netns: list[str] | None = None, timeout_s: float = 10.0) -> list[int]:
     """Kill every process tied to `run_dir` and the snapscale netns they live in; the PIDs killed."""
-    pids = set(await asyncio.to_thread(holders, run_dir))
+    pids = set(await asyncio.to_thread(procs.holders, run_dir))
     inodes = {i for i in (_net_inode(p) for p in pids) if i is not None}
     names = set(extra_netns or [])
     for ns in netns.existing():

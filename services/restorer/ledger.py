@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from snapscale.shared import wire
 from snapscale.shared.errors import MessageError
+from snapscale.shared.fsutil import write_atomic
 
 log = logging.getLogger(__name__)
 LEDGER_TYPE = "restorer-command"
@@ -31,22 +31,6 @@ class Entry:
     outcome: str = ""  # the final state and reason, for a duplicate's log line
     run_dir: str = ""  # where a restore's sandbox lives, to clean up after a crash
     extra: dict[str, str] = field(default_factory=dict)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so a crash leaves the old or the new file, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 class Ledger:

@@ -1,0 +1,37 @@
+"""Finding processes through /proc: who holds files under a directory, who is still alive.
+
+Used to clean up sandboxes whose records were lost; nothing here sends signals.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def holders(root: Path, proc: Path = Path("/proc")) -> list[int]:
+    """PIDs (not ours) with their cwd or an open file under `root`."""
+    if not root.exists():
+        return []
+    prefix = str(root.resolve())
+    me = os.getpid()
+    out: list[int] = []
+    for p in proc.iterdir():
+        if not p.name.isdigit() or int(p.name) == me:
+            continue
+        try:
+            targets = [os.readlink(p / "cwd")] + [os.readlink(fd) for fd in (p / "fd").iterdir()]
+        except OSError:
+            continue
+        if any(t == prefix or t.startswith(prefix + "/") for t in targets):
+            out.append(int(p.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie waiting for its parent to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
