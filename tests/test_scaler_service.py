@@ -432,3 +432,21 @@ async def test_a_removed_deployment_is_drained_without_freeze(the_bus: Bus, sett
             the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
         )
         await eventually(lambda: sc.stats().get("traffic.unknown") == 1)
+
+
+async def test_a_heartbeat_reporting_room_places_what_found_none(the_bus: Bus, settings: Settings) -> None:
+    """Traffic that arrives while the only host is full is placed as soon as a heartbeat reports
+    room, not at the next traffic event or tick (ticks are 30 s apart here)."""
+    await deploy(the_bus, SPEC)
+    host = FakeHost(settings, "host-a", gpus=0)  # full: no free GPU yet
+    sc = Scaler(settings, replace(CFG, tick_s=30.0))
+    async with running(host.run, sc.run):
+        await eventually(lambda: sc.leader and "host-a" in sc.view.hosts)
+        await bus.publish_core(
+            the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
+        )
+        await eventually(lambda: sc.counters["unplaceable"] >= 1, 5, "the activation found no room")
+        assert not host.commands(RestoreCommand)
+        host.gpus = 1  # a release finished: the next heartbeat reports a free GPU
+        waited = await eventually(lambda: bool(host.commands(RestoreCommand)), 5, "placed on the freed GPU")
+        assert waited < 2.0

@@ -74,6 +74,8 @@ class Actor:
         self.cfg = cfg
         self.counters = counters
         self._warned: dict[str, float] = {}
+        # deployments whose last scale-up found no room: a heartbeat reporting room retries them
+        self.starved: set[str] = set()
 
     # --- spans -------------------------------------------------------------------------
     def _span(
@@ -131,10 +133,13 @@ class Actor:
             self.view.avoided(dep, now),
         )
         if len(placements) < n:
+            self.starved.add(dep)
             self.counters["unplaceable"] += n - len(placements)
             if now - self._warned.get(dep, -1e18) >= WARN_EVERY_S:
                 self._warned[dep] = now
                 log.warning("deployment %s: no room for %d of %d new replicas", dep, n - len(placements), n)
+        else:
+            self.starved.discard(dep)
         if not placements:
             return None
         self.view.freezing.pop(dep, None)  # coming back up: a pending going-to-zero is moot
