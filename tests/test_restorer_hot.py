@@ -5,6 +5,7 @@ at most `keep` without touching one being read. Real nats-server, CRIU and the C
 from __future__ import annotations
 
 import asyncio
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from engine_helpers import kill_tagged
 from restorer_harness import Harness, follow, get, running
 
+from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.hot import HotImages
 from snapscale.shared import bus
 from snapscale.shared.criu import CriuBinary
@@ -113,3 +115,33 @@ def test_eviction_keeps_the_newest_and_never_one_being_read(tmp_path: Path) -> N
     assert not (tmp_path / "hot" / "c3").exists()
     off = HotImages(tmp_path / "off", keep=0)
     assert not off.adopt("c1", _image(tmp_path, "4")) and off.get("c1") is None
+
+
+@pytest.mark.criu
+async def test_images_are_assembled_and_kept_under_the_configured_image_dir(h: Harness) -> None:
+    """SNAPSCALE_IMAGE_DIR (e.g. a tmpfs): a restore assembles its image there and keeps it hot there,
+    so CRIU reads from memory rather than from a freshly written disk file."""
+    spec = await h.deploy(h.spec())
+    frozen = await h.make_checkpoint(spec)
+    cid = frozen.entry.checkpoint_id
+    shm = Path("/dev/shm") / f"snapscale-test-{uuid.uuid4().hex[:8]}"
+    try:
+        async with running(h.settings, h.criu, cpu_slots=8, image_dir=shm):
+            await h.restore(spec.name, "t")
+            t = await h.wait("t")
+            assert t.state is ReplicaState.READY and t.tier is Tier.RESTORE, t.reason
+            assert (shm / "hot" / cid / "snapscale-engine.json").exists()
+            assert not (_work(h) / "hot" / cid).exists()
+            assert await get(t.endpoint, "/generate") == frozen.answer
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_image_dir_from_the_environment() -> None:
+    c = RestorerConfig.from_env("h", {"SNAPSCALE_IMAGE_DIR": "/dev/shm/ss"})
+    s = Settings(state_dir=Path("/var/lib/x"))
+    assert c.images_root(s) == Path("/dev/shm/ss/images")
+    assert c.hot_root(s) == Path("/dev/shm/ss/hot")
+    d = RestorerConfig.from_env("h", {})
+    assert d.images_root(s) == Path("/var/lib/x/restorer/images")
+    assert d.hot_root(s) == Path("/var/lib/x/restorer/hot")

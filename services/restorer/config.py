@@ -27,6 +27,7 @@ class RestorerConfig:
     auto_freeze: bool = True  # ask the freezer to freeze a cold-booted replica whose spec wants it
     work_dir: Path | None = None  # run dirs and images; default <state_dir>/restorer
     hot_images: int = 2  # assembled images kept for the next restore of their checkpoint; 0: none
+    image_dir: Path | None = None  # where images are assembled and kept hot (a tmpfs); default <work>
 
     def __post_init__(self) -> None:
         if self.cpu_slots < 0:
@@ -37,6 +38,14 @@ class RestorerConfig:
     def dirs(self, settings: Settings) -> Path:
         return self.work_dir or settings.state_dir / "restorer"
 
+    def images_root(self, settings: Settings) -> Path:
+        """Assembled images; the hot ones beside them (`hot_root`), on the same filesystem, since an
+        image becomes hot by a rename."""
+        return (self.image_dir or self.dirs(settings)) / "images"
+
+    def hot_root(self, settings: Settings) -> Path:
+        return (self.image_dir or self.dirs(settings)) / "hot"
+
     @classmethod
     def from_env(cls, host: str, env: Mapping[str, str] | None = None, **overrides: object) -> RestorerConfig:
         e = os.environ if env is None else env
@@ -46,12 +55,13 @@ class RestorerConfig:
             ("suspend_budget_bytes", "SNAPSCALE_SUSPEND_BUDGET_BYTES", int),
             ("heartbeat_s", "SNAPSCALE_HEARTBEAT_S", float),
             ("hot_images", "SNAPSCALE_HOT_IMAGES", int),
+            ("image_dir", "SNAPSCALE_IMAGE_DIR", Path),
         ):
             raw = e.get(key)
             if raw:
                 try:
                     kw[name] = conv(raw)
                 except ValueError:
-                    raise ConfigError(f"{key}={raw!r} is not a number") from None
+                    raise ConfigError(f"{key}={raw!r} is not a valid value") from None
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)  # type: ignore[arg-type]

@@ -99,7 +99,7 @@ class Host:
         return root / rel.parts[0] if rel.parts else None
 
     def image_dir(self, replica: str, command_id: str) -> Path:
-        return self.work_dir / "images" / self.run_dir(replica, command_id).name
+        return self.config.images_root(self.settings) / self.run_dir(replica, command_id).name
 
     def suspended_of(self, deployment: str) -> list[str]:
         """Suspended replicas of `deployment`, the most recently suspended first (warmest pages)."""

@@ -92,7 +92,7 @@ class Restorer:
                     ledger=Ledger(work / "commands"),
                     registry=SandboxRegistry(s.state_dir),  # where the freezer looks
                     checkpoints=Checkpoints(store, cache, s.signing_key),
-                    hot=HotImages(work / "hot", c.hot_images),
+                    hot=HotImages(c.hot_root(s), c.hot_images),
                 )
                 self.host = h
                 h.ledger.prune(time.time() - LEDGER_KEEP_S)
