@@ -204,7 +204,7 @@ class HostHeartbeat:
     replicas: list[ReplicaSummary] = field(default_factory=list)
     suspend_budget_bytes: int = 0
     suspend_used_bytes: int = 0
-    cpu_slots: int = 0  # replicas a host without GPUs (or a CPU deployment) may run
+    cpu_slots: int = 0  # free now: replicas of CPU deployments (gpus = 0) it can still start
     interval_s: float = 5.0
     # The compat key covers the deployment's spec and runtime, so it differs per deployment:
     # deployment -> this host's key hash for it (what catalog keys `<deployment>.<hash>` match).
