@@ -131,11 +131,17 @@ def runtime_fingerprint(spec: DeploymentSpec) -> str:
     h.update(file_digest(real).encode() if real.is_file() else b"missing")
     for item in spec.image:
         p = Path(item) if os.path.isabs(item) else cwd / item
-        files = sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else [p]
+        files = sorted(q for q in p.rglob("*") if q.is_file() and not _derived(q)) if p.is_dir() else [p]
         for f in files:
             h.update(f"\nimage={f}:".encode())
             h.update(file_digest(f).encode() if f.is_file() else b"missing")
     return h.hexdigest()
+
+
+def _derived(path: Path) -> bool:
+    """Bytecode the interpreter writes while the workload runs: a cold boot creates it, so a key
+    taken before the first boot and one taken after must not differ by it."""
+    return "__pycache__" in path.parts or path.suffix in (".pyc", ".pyo")
 
 
 def host_key(spec: DeploymentSpec, *, criu: CriuBinary, gpu_count: int) -> CompatKey:

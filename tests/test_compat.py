@@ -85,3 +85,20 @@ def test_big_files_are_fingerprinted_by_size_and_edges(tmp_path: Path) -> None:
         f.seek(5)
         f.write(b"head changed")
     assert compat.file_digest(big) != d1
+
+
+def test_bytecode_written_by_a_boot_does_not_change_the_runtime_fingerprint(tmp_path: Path) -> None:
+    """A fresh checkout has no __pycache__: the first cold boot writes it. The key the restorer took
+    before that boot must match the one the freezer takes after it (a fresh-clone CI run fell back
+    to cold boots on 'compat mismatch: runtime_fingerprint' until this held)."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "server.py").write_text("print('hi')\n")
+    spec = DeploymentSpec(name="d", command=[sys.executable], cwd=str(tmp_path), image=["app"])
+    before = compat.runtime_fingerprint(spec)
+    (app / "__pycache__").mkdir()
+    (app / "__pycache__" / "server.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    (app / "stray.pyc").write_bytes(b"\x00")
+    assert compat.runtime_fingerprint(spec) == before
+    (app / "server.py").write_text("print('changed')\n")
+    assert compat.runtime_fingerprint(spec) != before
