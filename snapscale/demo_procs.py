@@ -93,9 +93,15 @@ class ProcessSet:
             deadline = time.monotonic() + timeout_s
             while m.proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
+            members = _group(m.proc.pid)
             self._signal(m, signal.SIGKILL)  # leftovers of the group, or a process that ignored TERM
             with contextlib.suppress(subprocess.TimeoutExpired):
                 m.proc.wait(5)
+            # SIGKILL is delivered asynchronously: "stopped" means every member is gone, not just
+            # the leader we wait on
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and any(procs.alive(p) for p in members):
+                time.sleep(0.02)
 
     @staticmethod
     def _signal(m: Managed, sig: signal.Signals) -> None:
@@ -108,6 +114,21 @@ def log_tail(path: Path, lines: int = 15) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return ""
+
+
+def _group(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (read from /proc: field 5 of stat)."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            fields = (p / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            out.append(int(p.name))
+    return out
 
 
 # --- sandboxes left behind ---------------------------------------------------------------
