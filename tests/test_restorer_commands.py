@@ -201,7 +201,9 @@ async def test_status_verb(h: Harness) -> None:
     frozen = await h.make_checkpoint(spec)
     async with running(h.settings, h.criu):
         await h.restore(spec.name, "r1")
-        assert (await h.wait("r1")).state is ReplicaState.READY
+        r1 = await h.wait("r1")
+        assert r1.state is ReplicaState.READY
+        assert r1.tier is Tier.RESTORE, r1.reason  # else nothing was prefetched into the cache
         await heartbeat(h, lambda hb: frozen.entry.checkpoint_id in hb.cached_checkpoints)
         env = service_env(h.settings, h.criu)
         out = await asyncio.to_thread(
