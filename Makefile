@@ -16,7 +16,9 @@ typecheck:
 contracts:
 	$(BIN)/lint-imports
 
+# Integration tests drive real processes (nats-server, CRIU, sandboxes) on a small shared VM:
+# a failure gets one rerun, and pytest reports every rerun (R) so a flaky test stays visible.
 pytest:
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --reruns 1 --reruns-delay 1
 
 test: lint typecheck contracts pytest
