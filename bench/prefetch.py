@@ -13,7 +13,6 @@ import asyncio
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from pathlib import Path
 import aioboto3
 from aiobotocore.config import AioConfig
 
+from snapscale.demo_procs import free_port, wait_port
 from snapscale.shared.cache import HostCache
 from snapscale.shared.checkpoint import fetch_manifest, upload_image
 from snapscale.shared.chunking import scan_image
@@ -40,28 +40,11 @@ MB = 1e6
 MiB = 1 << 20
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def proc_cpu_s(pid: int) -> float:
     """CPU seconds (user + system) a process has used so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_port(port: int, timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing on port {port}")
 
 
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:
@@ -70,7 +53,7 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     proc = subprocess.Popen(
         [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    wait_port(port)
+    wait_port(port, timeout_s=20.0)
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -12,7 +12,6 @@ import asyncio
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
+from snapscale.demo_procs import free_port, wait_port
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.service import Restorer
 from snapscale.shared import bus, catalog, compat, engine
@@ -46,23 +46,6 @@ from snapscale.shared.subjects import Bucket, Verb
 REPO = Path(__file__).resolve().parent.parent
 KEY = b"bench-key"
 BUCKET = "bench-restorer"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {port}")
 
 
 def sample(preset: str, work: Path) -> DeploymentSpec:

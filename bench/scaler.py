@@ -24,6 +24,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
+from snapscale.demo_procs import free_port
 from snapscale.scaler.policy import Window, decide
 from snapscale.shared import bus, catalog
 from snapscale.shared.bus import Bus
@@ -80,12 +81,6 @@ def decisions_per_s(deployments: int, rounds: int) -> tuple[float, float]:
 
 
 # --- part 2: latency over loopback NATS ------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def start_nats(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
     exe = Path(sys.executable).parent / "nats-server"
     port = free_port()

@@ -40,6 +40,15 @@ def port_open(port: int) -> bool:
         return False
 
 
+def wait_port(port: int, timeout_s: float = 15.0) -> None:
+    """Block until something listens on 127.0.0.1:`port`; `TimeoutError` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not port_open(port):
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+        time.sleep(0.05)
+
+
 def find_exe(name: str) -> str:
     """An executable next to this interpreter (the venv's bin) or on PATH."""
     local = Path(sys.executable).parent / name

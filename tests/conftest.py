@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from snapscale.demo_procs import free_port, wait_port
 from snapscale.shared import bus
 from snapscale.shared.criu import CriuBinary, find_criu
 from snapscale.shared.errors import ConfigError
@@ -26,23 +25,6 @@ from snapscale.shared.settings import Settings, StoreSettings
 
 VENV_BIN = Path(sys.executable).parent
 REQUIRE_CRIU = os.environ.get("SNAPSCALE_REQUIRE_CRIU") == "1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_port(port: int, timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -14,10 +14,11 @@ from typing import Any
 import boto3
 import orjson
 import pytest
-from conftest import S3Server, free_port
+from conftest import S3Server
 from engine_helpers import kill_tagged
 from restorer_harness import Frozen, Harness, follow, running
 
+from snapscale.demo_procs import free_port
 from snapscale.shared import bus, compat, engine
 from snapscale.shared.criu import CriuBinary
 from snapscale.shared.messages import GpuInfo, ReplicaState, Tier

@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import cast
 
 import pytest
-from conftest import start_nats, wait_port
+from conftest import start_nats
 from engine_helpers import kill_tagged, procs_with
 from nats.js.api import ConsumerInfo
 from restorer_harness import Harness, answer_of, follow, get, running
 
+from snapscale.demo_procs import wait_port
 from snapscale.shared import bus
 from snapscale.shared.criu import CriuBinary
 from snapscale.shared.messages import HostHeartbeat, ReleaseMode, ReplicaState, Tier, decode_message
