@@ -24,6 +24,7 @@ import aioboto3
 from aiobotocore.config import AioConfig
 
 from snapscale.demo_procs import free_port, wait_port
+from snapscale.shared import procs
 from snapscale.shared.cache import HostCache
 from snapscale.shared.checkpoint import fetch_manifest, upload_image
 from snapscale.shared.chunking import scan_image
@@ -38,13 +39,6 @@ KEY = b"bench-key"
 BUCKET = "bench"
 MB = 1e6
 MiB = 1 << 20
-
-
-def proc_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:
@@ -250,10 +244,10 @@ async def main() -> None:
         for _ in range(a.runs):
             seq2.append(await plain_download(proxied, "p", digests, 1))
             par2.append(await plain_download(proxied, "p", digests, a.concurrency))
-            before = (proc_cpu_s(moto.pid), proc_cpu_s(proxy.pid))
+            before = (procs.cpu_seconds(moto.pid), procs.cpu_seconds(proxy.pid))
             pf2.append(await prefetch_once(proxied, "p", m, work, a.concurrency))
-            servers_cpu[0] += proc_cpu_s(moto.pid) - before[0]
-            servers_cpu[1] += proc_cpu_s(proxy.pid) - before[1]
+            servers_cpu[0] += procs.cpu_seconds(moto.pid) - before[0]
+            servers_cpu[1] += procs.cpu_seconds(proxy.pid) - before[1]
         gb_moved = a.runs * m.unique_bytes / 1e9
         budget = (min(x.cpu_s_per_gb for x in pf2), servers_cpu[1] / gb_moved, servers_cpu[0] / gb_moved)
         s2, p2, f2 = top(seq2), top(par2), top(pf2)

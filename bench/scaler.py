@@ -13,7 +13,6 @@ import contextlib
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -24,9 +23,9 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from snapscale.demo_procs import free_port
+from snapscale.demo_procs import free_port, wait_port
 from snapscale.scaler.policy import Window, decide
-from snapscale.shared import bus, catalog
+from snapscale.shared import bus, catalog, procs
 from snapscale.shared.bus import Bus
 from snapscale.shared.catalog import CatalogEntry
 from snapscale.shared.errors import RetryableError
@@ -89,19 +88,12 @@ def start_nats(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return proc, f"nats://127.0.0.1:{port}"
-        time.sleep(0.05)
-    proc.kill()
-    raise TimeoutError("nats-server did not start")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, from /proc (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        wait_port(port)
+    except TimeoutError:
+        proc.kill()
+        raise TimeoutError("nats-server did not start") from None
+    return proc, f"nats://127.0.0.1:{port}"
 
 
 @dataclass
@@ -270,11 +262,11 @@ async def latency(
                 raise RuntimeError(f"the scaler did not lead: {(tmp / 'scaler.log').read_text()[-2000:]}")
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # the scaler has seen the host's heartbeat and the specs
-        cpu_before = cpu_seconds(scaler.pid)
+        cpu_before = procs.cpu_seconds(scaler.pid)
         t0 = time.monotonic()
         await h.traffic(stop, events_per_s, seconds)
         elapsed = time.monotonic() - t0
-        cpu_s = cpu_seconds(scaler.pid) - cpu_before
+        cpu_s = procs.cpu_seconds(scaler.pid) - cpu_before
         await asyncio.sleep(1.0)
     finally:
         stop.set()
