@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from snapscale.shared import netns
+from snapscale.shared import netns, procs
 from snapscale.shared.engine_errors import EngineError, SandboxExited
 from snapscale.shared.spec import DeploymentSpec
 
@@ -185,7 +185,7 @@ async def _child_of(unshare_pid: int, log_path: Path, timeout_s: float = 10.0) -
         text = _children(unshare_pid)
         if text:
             return int(text[0])
-        if not _alive(unshare_pid):
+        if not procs.alive(unshare_pid):
             raise SandboxExited("launch", "the sandbox exited at once", log_tail(log_path))
         await asyncio.sleep(0.01)
     raise EngineError("launch", f"no PID-namespace init appeared under {unshare_pid}", log_tail(log_path))
@@ -201,7 +201,7 @@ async def _entered(pid: int, ns: netns.NetNs, log_path: Path, timeout_s: float =
                 return
         except OSError:
             pass
-        if not _alive(pid):
+        if not procs.alive(pid):
             raise SandboxExited("launch", "the sandbox exited at once", log_tail(log_path))
         await asyncio.sleep(0.005)
     raise EngineError("launch", f"pid {pid} never entered netns {ns.name}", log_tail(log_path))
@@ -244,18 +244,9 @@ def become_subreaper() -> None:
         log.warning("prctl(PR_SET_CHILD_SUBREAPER) failed: errno %d", ctypes.get_errno())
 
 
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-
-
 def is_running(sb: Sandbox) -> bool:
     """The sandbox's init is alive and still in the sandbox's netns (guards against PID reuse)."""
-    if not _alive(sb.pid):
+    if not procs.alive(sb.pid):
         return False
     try:
         return os.stat(f"/proc/{sb.pid}/ns/net").st_ino == netns.inode(sb.netns)
@@ -276,7 +267,7 @@ def tree_pids(sb: Sandbox) -> list[int]:
         if not p.name.isdigit() or int(p.name) == sb.pid:
             continue
         try:
-            if os.stat(p / "ns" / "pid").st_ino == want and _alive(int(p.name)):
+            if os.stat(p / "ns" / "pid").st_ino == want and procs.alive(int(p.name)):
                 out.append(int(p.name))
         except OSError:
             continue
@@ -287,7 +278,7 @@ def _descendants(root: int) -> list[int]:
     out, todo = [], [root]
     while todo:
         pid = todo.pop()
-        if not _alive(pid):
+        if not procs.alive(pid):
             continue
         out.append(pid)
         try:
