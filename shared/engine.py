@@ -7,6 +7,7 @@ Every step is timed and traced. No chunking, S3 or NATS here: callers own those.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -19,7 +20,7 @@ from pathlib import Path
 from opentelemetry import trace
 
 from snapscale.shared import criu as criu_mod
-from snapscale.shared import cuda_ckpt, netns, probe, sandbox
+from snapscale.shared import criu_pages, cuda_ckpt, netns, probe, sandbox
 from snapscale.shared.criu import CriuBinary
 from snapscale.shared.engine_errors import (
     CriuError,
@@ -67,6 +68,7 @@ class FreezeReport:
     keep_running: bool
     cuda: bool
     criu_stats: dict[str, int] = field(default_factory=dict)
+    zero_bytes_dropped: int = 0  # all-zero pages taken out of the image (criu_pages)
 
 
 @dataclass(frozen=True)
@@ -160,10 +162,13 @@ async def freeze(
     keep_running: bool,
     criu: CriuBinary,
     lock_timeout_ms: int = cuda_ckpt.DEFAULT_LOCK_TIMEOUT_MS,
+    drop_zero_pages: bool = True,
 ) -> FreezeReport:
     """Capture the sandbox into `image_dir`. Without `keep_running` the sandbox is gone afterwards.
 
     A failing step raises; a sandbox that should keep running is brought back to serving first.
+    With `drop_zero_pages` the image loses its all-zero anonymous pages after the sandbox is
+    serving again (outside the freeze window), so a restore does not write them.
     """
     if not sandbox.is_running(sb):
         raise SandboxExited("freeze", f"sandbox {sb.replica} (pid {sb.pid}) is not running", _tail(sb))
@@ -217,10 +222,22 @@ async def freeze(
                     await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s)
         else:
             await stop(sb)
+    dropped = 0
+    if drop_zero_pages:
+        with _step(t, "drop_zero_pages", sb):
+            try:
+                dropped = (await asyncio.to_thread(criu_pages.drop_zero_pages, image_dir)).bytes_dropped
+            except criu_pages.CriuImageError as e:  # raised before anything was rewritten
+                log.warning("freeze %s: zero pages kept in the image: %s", sb.replica, e)
     size = _image_bytes(image_dir)
     log.info("froze %s into %s: %d bytes, %s", sb.replica, image_dir, size, t)
     return FreezeReport(
-        timings_s=t, image_bytes=size, keep_running=keep_running, cuda=bool(cuda_pids), criu_stats=run.stats
+        timings_s=t,
+        image_bytes=size,
+        keep_running=keep_running,
+        cuda=bool(cuda_pids),
+        criu_stats=run.stats,
+        zero_bytes_dropped=dropped,
     )
 
 

@@ -1,0 +1,148 @@
+"""Dropping zero pages from a CRIU image: the pagemap codec and plan (pure), then a real process
+dumped, compacted and restored, whose memory must come back the same, zeros included."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_criu_smoke import read_status
+
+from snapscale.shared import criu_pages as cp
+from snapscale.shared.criu import CriuBinary
+
+A = 0x7F0000000000
+ANON = cp.VMA_AREA_REGULAR | cp.VMA_ANON_PRIVATE
+FILE_PRIV = cp.VMA_AREA_REGULAR | cp.VMA_FILE_PRIVATE
+
+
+def test_pagemap_round_trips_through_the_codec(tmp_path: Path) -> None:
+    header = cp.IMG_COMMON_MAGIC.to_bytes(4, "little") + cp.PAGEMAP_MAGIC.to_bytes(4, "little")
+    entries = [
+        cp.PagemapEntry(A, 3, cp.PE_PRESENT | cp.PE_LAZY),
+        cp.PagemapEntry(A + 0x10000000, 1 << 33, cp.PE_PRESENT),  # more pages than 32 bits hold
+    ]
+    p = tmp_path / "pagemap-1.img"
+    p.write_bytes(cp.encode_pagemap(header, 7, entries))
+    assert cp.parse_pagemap(p) == (header, 7, entries)
+
+
+def test_a_wrong_magic_is_refused_with_the_file_named(tmp_path: Path) -> None:
+    p = tmp_path / "pagemap-1.img"
+    p.write_bytes(b"\0" * 16)
+    with pytest.raises(cp.CriuImageError, match=r"pagemap-1\.img: magic"):
+        cp.parse_pagemap(p)
+
+
+def test_only_anonymous_private_memory_is_droppable() -> None:
+    e = cp.PagemapEntry(A, 64, cp.PE_PRESENT)
+    vmas = [
+        cp.Vma(A, A + 16 * cp.PAGE, ANON),
+        cp.Vma(A + 16 * cp.PAGE, A + 32 * cp.PAGE, FILE_PRIV | cp.VMA_ANON_PRIVATE),
+        cp.Vma(A + 32 * cp.PAGE, A + 48 * cp.PAGE, ANON | cp.VMA_AREA_VDSO),
+        cp.Vma(A + 48 * cp.PAGE, A + 80 * cp.PAGE, ANON),
+    ]
+    assert cp.droppable_spans(e, vmas) == [(0, 16), (48, 64)]
+    assert cp.droppable_spans(cp.PagemapEntry(A, 64, cp.PE_PARENT), vmas) == []
+
+
+def test_split_entry_keeps_what_is_not_zero() -> None:
+    e = cp.PagemapEntry(A, 100, cp.PE_PRESENT)
+    assert cp.split_entry(e, [(0, 16), (32, 64)]) == [
+        cp.PagemapEntry(A + 16 * cp.PAGE, 16, cp.PE_PRESENT),
+        cp.PagemapEntry(A + 64 * cp.PAGE, 36, cp.PE_PRESENT),
+    ]
+    assert cp.split_entry(e, [(0, 100)]) == []
+    assert cp.split_entry(e, []) == [e]
+
+
+CHILD = r"""
+import hashlib, mmap, os, sys, time
+status, backing = sys.argv[1], sys.argv[2]
+rand = bytearray(os.urandom(8 << 20))
+zeros = bytearray(32 << 20)
+for i in range(0, len(zeros), 4096):
+    zeros[i] = 0  # a written page: CRIU dumps it although it is all zeros
+mixed = bytearray(16 << 20)  # 64 KiB of random bytes, then 192 KiB of written zeros, repeated
+for i in range(0, len(mixed), 256 << 10):
+    mixed[i : i + (64 << 10)] = os.urandom(64 << 10)
+    for j in range(i + (64 << 10), i + (256 << 10), 4096):
+        mixed[j] = 0
+with open(backing, "wb") as f:
+    f.write(b"\xab" * (4 << 20))
+fd = os.open(backing, os.O_RDWR)
+priv = mmap.mmap(fd, 4 << 20, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+os.close(fd)
+priv[:] = bytes(4 << 20)  # zeros over the file's 0xab, private: the file keeps its bytes
+digest = hashlib.sha256(rand + mixed).hexdigest()
+counter = 0
+while True:
+    counter += 1
+    ok = zeros == bytes(len(zeros)) and priv[:] == bytes(4 << 20)
+    now = hashlib.sha256(rand + mixed).hexdigest()
+    tmp = status + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {counter} {now}-{ok}")
+    os.replace(tmp, status)
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.criu
+def test_a_compacted_image_restores_the_same_memory(criu: CriuBinary, tmp_path: Path) -> None:
+    status, images = tmp_path / "status", tmp_path / "images"
+    images.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(status), str(tmp_path / "backing")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    restored = None
+    try:
+        _, before, state = read_status(status)
+        assert state.endswith("-True")
+        dump = subprocess.run(
+            [criu.path, "dump", "-t", str(child.pid), "-D", str(images), "-o", "dump.log"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert dump.returncode == 0, (images / "dump.log").read_text()[-3000:]
+        child.wait(10)
+        _, at_dump, _ = read_status(status)
+
+        report = cp.drop_zero_pages(images)
+        # 32 MiB of zeros plus 8-12 of the 16 MiB mixed (blocks count from each entry's start), and
+        # whatever else the interpreter zeroed; the file-private 4 MiB must stay (the restore checks).
+        assert report.pagemaps == 1
+        assert report.bytes_dropped >= 39 << 20, report
+        pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
+        assert pages == report.bytes_after
+        assert cp.drop_zero_pages(images).bytes_dropped == 0  # nothing left to drop
+
+        restore = subprocess.run(
+            [criu.path, "restore", "-d", "-D", str(images), "-o", "restore.log",
+             "--pidfile", str(tmp_path / "pid")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
+        restored = int((tmp_path / "pid").read_text())
+        _, after, state2 = read_status(status, after=at_dump)
+        assert after > at_dump >= before
+        assert state2 == state  # random bytes intact, zeros zero, the private mapping not the file's
+    finally:
+        for p in (restored, child.pid):
+            if p is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGKILL)
+        if child.poll() is None:
+            child.wait(10)
