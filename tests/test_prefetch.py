@@ -23,7 +23,7 @@ from snapscale.shared.checkpoint import fetch_manifest, upload_image
 from snapscale.shared.chunking import ZERO_CHUNK
 from snapscale.shared.errors import ConfigError
 from snapscale.shared.manifest import Manifest
-from snapscale.shared.materialize import materialize
+from snapscale.shared.materialize import default_workers, materialize
 from snapscale.shared.prefetch import Prefetcher, PrefetchProgress
 from snapscale.shared.store import ChunkError, ChunkStore
 from snapscale.shared.store_s3 import S3Store
@@ -342,3 +342,9 @@ async def test_cancelled_materialize_leaves_no_dir_and_no_open_file(
     with pytest.raises(asyncio.CancelledError):
         await fetching
     cache_is_clean(cache)
+
+
+def test_materialize_copies_with_a_thread_a_core_from_4_to_16(monkeypatch: pytest.MonkeyPatch) -> None:
+    for cores, want in ((2, 4), (16, 16), (128, 16), (None, 4)):
+        monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
+        assert default_workers() == want
