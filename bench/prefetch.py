@@ -44,8 +44,10 @@ MiB = 1 << 20
 def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     exe = Path(sys.executable).parent / "moto_server"
+    # A venv has the console script; a machine given the wheels in a --target dir has only the module.
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
     proc = subprocess.Popen(
-        [str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [*argv, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     wait_port(port, timeout_s=20.0)
     return proc, f"http://127.0.0.1:{port}"
@@ -189,6 +191,11 @@ async def main() -> None:
     ap.add_argument("--mb-per-s", type=float, default=100.0, help="per-connection bandwidth in setting 2")
     ap.add_argument("--sweep", default="1,4,8,16", help="chunk sizes (MiB) to compare in setting 2; '' skips")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench-prefetch.md")
+    ap.add_argument(
+        "--where",
+        default="the 2-vCPU dev VM, shared with other engineers' test runs",
+        help="what else about the machine the report should say (the card, whether it was alone)",
+    )
     a = ap.parse_args()
     command = "python bench/prefetch.py " + " ".join(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="snapscale-bench-", dir="/var/tmp"))
@@ -322,6 +329,7 @@ async def main() -> None:
     def met(ok: bool) -> str:
         return "met" if ok else "**missed**"
 
+    ncpu = os.cpu_count() or 1
     plain_cpu = min(top(v).cpu_s_per_gb for v in plain1.values())
     pf_cpu = min(top(v).cpu_s_per_gb for v in pf1.values())
     doc = f"""# Prefetch and materialize benchmark
@@ -340,15 +348,15 @@ Made by `bench/prefetch.py`; numbers from this run:
 | setting 2 (modelled remote store): prefetch >= 5x a plain sequential download | {r2:.2f}x | {met(r2 >= 5)} |
 | materialize into tmpfs >= 1 GB/s | {mat_best / 1e9:.2f} GB/s | {met(mat_best >= 1e9)} |
 
-What bounds the two download ratios on this VM is CPU: moto, the model relay and the
-client share 2 vCPUs with other engineers' test runs. Verifying (SHA-256) and caching (write to
-a temp file, rename) cost this client about {pf_cpu - plain_cpu:.1f} CPU-seconds per GB on top of
-the {plain_cpu:.1f} a plain download costs (least of the runs above), on threads beside the event
-loop. With a core to spare those overlap the download; on a busy 2-core VM they compete with it.
-The CPU account under setting 2 below puts the ceiling of the three processes together.
+Verifying (SHA-256) and caching (write to a temp file, rename) cost this client about
+{pf_cpu - plain_cpu:.1f} CPU-seconds per GB on top of the {plain_cpu:.1f} a plain download costs
+(least of the runs above), on threads beside the event loop. With cores to spare those overlap the
+download; where moto, the model relay and the client share few cores (the 2-vCPU dev VM) they
+compete with it, and CPU bounds both download ratios. The CPU account under setting 2 below puts
+the ceiling of the three processes together.
 
-Machine: {machine}; load average {load_before[0]:.1f} before and {load_after[0]:.1f} after
-(other engineers' test runs share this VM). moto's S3 server (`moto_server`) and the relay run
+Machine: {machine}; {a.where}; load average {load_before[0]:.1f} before and {load_after[0]:.1f}
+after. moto's S3 server (`moto_server`) and the relay run
 in their own processes on the same machine; every measurement is the best of {a.runs} runs,
 plain and snapscale runs alternating. Image:
 {m.total_bytes / MB:.0f} MB shaped like a CRIU dump (one big `pages-1.img`, 10% of it zero runs,
@@ -373,16 +381,17 @@ so the model costs little CPU): every response waits until {a.first_byte_ms:.0f}
 request arrived before its first byte, then its body flows at most {a.mb_per_s:.0f} MB/s per
 connection (paced in 256 KiB pieces); client connections stay open between requests, as with a
 real object store, although moto's server closes its own after every response. Requests are not
-slowed. The aggregate is still bounded by moto and by the 2 cores that moto, the relay and the
-client share.
+slowed. The aggregate is still bounded by moto and by the {ncpu} cores that moto, the relay and
+the client share.
 
 {fmt_rows(rows2)}
 
 Where the CPU went while prefetching in this setting, per GB moved: client (verify + cache
 included) {budget[0]:.2f} s, relay {budget[1]:.2f} s, moto {budget[2]:.2f} s; together
-{sum(budget):.2f} CPU-seconds per GB, so on this VM's 2 cores, free of anything else, the three
-could move at most {2 / sum(budget):.2f} GB/s; the sequential baseline needs almost no CPU (it
-waits). The ratio therefore shrinks with the neighbours' load, which the load averages above show.
+{sum(budget):.2f} CPU-seconds per GB, so on {ncpu} cores, free of anything else, the three
+could move at most {ncpu / sum(budget):.2f} GB/s (less where one process is bound to one core, as
+moto's interpreter is); the sequential baseline needs almost no CPU (it waits). The ratio therefore
+shrinks with the neighbours' load, which the load averages above show.
 
 ### End to end in setting 2: cold cache to an image dir on tmpfs
 

@@ -230,7 +230,7 @@ async def freeze(
             except criu_pages.CriuImageError as e:  # raised before anything was rewritten
                 log.warning("freeze %s: zero pages kept in the image: %s", sb.replica, e)
     size = _image_bytes(image_dir)
-    log.info("froze %s into %s: %d bytes, %s", sb.replica, image_dir, size, t)
+    log.info("froze %s into %s: %d bytes (%d zero dropped), %s", sb.replica, image_dir, size, dropped, t)
     return FreezeReport(
         timings_s=t,
         image_bytes=size,
