@@ -278,10 +278,9 @@ def _zero_runs(fd: int, offset: int, span: tuple[int, int], nr_pages: int) -> li
         buf = os.pread(fd, n * PAGE, offset + p * PAGE)
         if len(buf) != n * PAGE:
             raise CriuImageError("pages", f"ends inside an entry ({nr_pages} pages)")
-        view = memoryview(buf)
         step = BLOCK_PAGES * PAGE
         for i in range(0, len(buf), step):
-            if view[i : i + step] == _ZERO_BLOCK:
+            if buf.startswith(_ZERO_BLOCK, i):  # a memcmp in place (a memoryview == is 10x slower)
                 a = p + i // PAGE
                 if runs and runs[-1][1] == a:
                     runs[-1] = (runs[-1][0], a + BLOCK_PAGES)
