@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -197,7 +198,7 @@ async def main() -> None:
         help="what else about the machine the report should say (the card, whether it was alone)",
     )
     a = ap.parse_args()
-    command = "python bench/prefetch.py " + " ".join(sys.argv[1:])
+    command = "python -m bench.prefetch " + shlex.join(sys.argv[1:])
     work = Path(tempfile.mkdtemp(prefix="snapscale-bench-", dir="/var/tmp"))
     moto, endpoint = start_moto()
     proxy, proxied = start_relay(endpoint, a.first_byte_ms, a.mb_per_s)
@@ -402,9 +403,10 @@ Image bytes (zero chunks included) per second of wall time, `Prefetcher.prefetch
 
 ## Materialize (image dir on tmpfs `/dev/shm`)
 
-From a warm host cache. From a cache on disk every file is copied (another filesystem: hard links
-are impossible, `copy_file_range` falls back to `pread`/`pwrite` in 4 threads); from a cache on
-tmpfs single-chunk files are hard links and the big file is copied in the kernel.
+From a warm host cache. Single-chunk files are hard links where the cache is on the same
+filesystem (tmpfs here) and copies otherwise; the big pages file is read chunk by chunk into a
+shared mapping of it, by one thread a core (4 to 16), since writes into one file take its inode
+lock one thread at a time (commit 96540cc).
 
 {fmt_rows(rows3)}
 
