@@ -174,33 +174,48 @@ class Prefetcher:
             st["bytes_done"] += sizes[d]
             emit()
 
+        # Landing (hash + cache write, on threads) runs beside the downloads: a worker starts its
+        # next request as soon as a chunk is in, whatever its earlier chunks' landing is doing, as
+        # long as no more than `concurrency` chunks wait to land (memory: 2 x concurrency chunks).
+        landing_slots = asyncio.Semaphore(self.concurrency)
+        landings: set[asyncio.Task[None]] = set()
+        failed: list[BaseException] = []
+
+        def landed(t: asyncio.Task[None]) -> None:
+            landings.discard(t)
+            landing_slots.release()
+            exc = None if t.cancelled() else t.exception()
+            if exc is not None:
+                failed.append(exc)
+
         async def worker(it: Iterator[str]) -> None:
-            # Fetch the next chunk while the last one is hashed and written (on threads), so the
-            # download never waits for verification: at most two chunks a worker in memory.
-            landing: asyncio.Task[None] | None = None
-            try:
-                for d in it:
-                    data = await fetched(d)
-                    if landing is not None:
-                        await landing
-                        landing = None
-                    if data is not None:
-                        landing = asyncio.create_task(land(d, data))
-                if landing is not None:
-                    await landing
-                    landing = None
-            finally:
-                if landing is not None:  # cancelled or failed: settle the chunk in flight
-                    landing.cancel()
-                    await asyncio.wait([landing])
-                    if not landing.cancelled():
-                        landing.exception()
+            for d in it:
+                if failed:
+                    raise failed[0]
+                data = await fetched(d)
+                if data is None:
+                    continue
+                await landing_slots.acquire()
+                t = asyncio.create_task(land(d, data))
+                landings.add(t)
+                t.add_done_callback(landed)
 
         # Digests in file order, so a materialize that runs alongside finds early files first.
         order = list(dict.fromkeys(c for f in m.files for c in f.chunks if c in sizes))
         shared_it = iter(order)  # the workers share it: each chunk is taken once
         with self.cache.pinned(order):
-            await run_bounded(range(self.concurrency), lambda _i: worker(shared_it), self.concurrency)
+            try:
+                await run_bounded(range(self.concurrency), lambda _i: worker(shared_it), self.concurrency)
+                while landings:
+                    await asyncio.wait(set(landings))
+                if failed:
+                    raise failed[0]
+            finally:
+                # Cancelled or failed: settle every chunk in flight, so none is left half-written.
+                for t in landings:
+                    t.cancel()
+                while landings:
+                    await asyncio.wait(set(landings))
         emit(force=True)
         dur = time.monotonic() - t0
         report = PrefetchReport(

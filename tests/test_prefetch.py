@@ -348,3 +348,56 @@ def test_materialize_copies_with_a_thread_a_core_from_4_to_16(monkeypatch: pytes
     for cores, want in ((2, 4), (16, 16), (128, 16), (None, 4)):
         monkeypatch.setattr("os.cpu_count", lambda c=cores: c)
         assert default_workers() == want
+
+
+@pytest.mark.criu
+async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
+    proxied_store: S3Store, proxy: FaultProxy, image_dir: Path, tmp_path: Path
+) -> None:
+    """The first chunk's hash-and-write is held back: both workers must keep downloading the
+    rest meanwhile (a worker used to wait for its previous chunk to land before its next GET)."""
+    m, _ = await uploaded(proxied_store, image_dir)
+    assert len(m.digests()) >= 6
+    proxy.first_byte_s = 0.05
+    release = asyncio.Event()
+    held: list[str] = []
+
+    class FirstLandsLate(HostCache):
+        async def insert(self, digest: str, data: bytes) -> None:
+            if not held:
+                held.append(digest)
+            if digest == held[0]:
+                await release.wait()
+            await super().insert(digest, data)
+
+    in_flight = 0
+    at_start: list[int] = []  # GETs in flight as each one starts, itself included
+    all_in = asyncio.Event()
+    orig = proxied_store.get_chunk
+
+    async def counting(d: str) -> bytes:
+        nonlocal in_flight
+        in_flight += 1
+        at_start.append(in_flight)
+        try:
+            return await orig(d)
+        finally:
+            in_flight -= 1
+            if in_flight == 0 and len(at_start) == len(m.digests()):
+                all_in.set()
+
+    proxied_store.get_chunk = counting  # type: ignore[method-assign,assignment]
+    try:
+        cache = FirstLandsLate(tmp_path / "cache", 1 << 30)
+        task = asyncio.create_task(Prefetcher(proxied_store, cache, concurrency=2).prefetch(m))
+        await asyncio.wait_for(all_in.wait(), 30)
+        assert not task.done()  # every chunk is in, one still waits to land
+        # Both workers went on downloading (a worker waiting on its landing leaves one GET at a time).
+        later = at_start[3:]
+        assert later.count(2) >= len(later) - 2, at_start
+        release.set()
+        rep = await task
+    finally:
+        del proxied_store.get_chunk
+    assert rep.chunks_fetched == len(m.digests())
+    cache_is_clean(cache)
