@@ -136,3 +136,22 @@ def test_sample_gpu_spec_loads() -> None:
     spec = load_toml(Path(__file__).resolve().parents[1] / "examples" / "sample_gpu.toml")
     assert spec.gpus == 1 and "--compile" in spec.command and "--graph" in spec.command
     assert spec.env["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
+
+
+@pytest.mark.filterwarnings("ignore:Failed to initialize NumPy")
+def test_sample_model_keeps_its_kv_cache_where_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/two_gpu.py puts the KV cache on a second card with --kv-device; on the CPU both are
+    the CPU, and the answer says where each part lives (the same answer as without the flag)."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # the repo's examples/
+    from examples.sample_server.server import Model
+
+    def args(**kw: object) -> argparse.Namespace:
+        base = dict(preset="tiny", weights=str(tmp_path / "w.pt"), device="cpu", kv_device=None,
+                    dtype="fp32", compile=False, graph=False, kv_mib=1, seed=0)  # fmt: skip
+        return argparse.Namespace(**(base | kw))
+
+    plain, placed = Model(args()).generate(), Model(args(kv_device="cpu")).generate()
+    assert placed["kv_device"] == "cpu" and plain["kv_device"] == "cpu"
+    assert placed == plain

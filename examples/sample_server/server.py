@@ -41,6 +41,8 @@ class Model:
         self.torch = torch
         t["import_s"] = time.time() - T0
         self.device = torch.device(args.device)
+        # The KV cache may live on another card: one process that uses two GPUs (bench/two_gpu.py).
+        self.kv_device = torch.device(args.kv_device or args.device)
         self.dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
         self.kv_mib = args.kv_mib
         cfg = PRESETS[args.preset]
@@ -85,15 +87,16 @@ class Model:
         self.timings = t
 
     def sync(self) -> None:
-        if self.device.type == "cuda":
-            self.torch.cuda.synchronize()
+        for d in {self.device, self.kv_device}:
+            if d.type == "cuda":
+                self.torch.cuda.synchronize(d)
 
     def alloc_kv(self) -> None:
         """The KV cache: big, and rebuilt identically from a seed after a restore."""
         torch = self.torch
         n = self.kv_mib * (1 << 20) // 2
-        g = torch.Generator(device=self.device).manual_seed(1234)
-        self.kv = torch.empty(n, dtype=torch.bfloat16, device=self.device)
+        g = torch.Generator(device=self.kv_device).manual_seed(1234)
+        self.kv = torch.empty(n, dtype=torch.bfloat16, device=self.kv_device)
         self.kv.normal_(generator=g)
         self.sync()
 
@@ -127,6 +130,7 @@ class Model:
                 "logits_sha256": hashlib.sha256(struct.pack(f"<{len(last)}d", *last)).hexdigest(),
                 "kv_sum": kv,
                 "device": str(self.device),
+                "kv_device": str(self.kv_device),
             }
 
 
@@ -232,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="tiny | llama-0.8b | none (no torch)")
     p.add_argument("--weights", default="/tmp/snapscale-sample-tiny.pt")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kv-device", default=None, help="where the KV cache lives (default: --device)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--compile", action="store_true")
     p.add_argument("--graph", action="store_true", help="capture a CUDA graph of the forward pass")
