@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,86 @@ def test_a_compacted_image_restores_the_same_memory(criu: CriuBinary, tmp_path: 
                     os.kill(p, signal.SIGKILL)
         if child.poll() is None:
             child.wait(10)
+
+
+FORKED = r"""
+import hashlib, os, sys, time
+status = sys.argv[1]
+buf = bytearray(16 << 20)
+for i in range(0, len(buf), 4096):
+    buf[i] = 0  # the parent's pages: written zeros ...
+buf[: 4 << 20] = os.urandom(4 << 20)  # ... after 4 MiB of random bytes
+pid = os.fork()
+if pid == 0:
+    # The child shares the parent's pages until it writes: zeros over the parent's random MiBs,
+    # random bytes over some of the parent's zeros, the rest left shared.
+    buf[: 2 << 20] = bytes(2 << 20)
+    buf[8 << 20 : 10 << 20] = os.urandom(2 << 20)
+who = "child" if pid == 0 else "parent"
+digest = hashlib.sha256(buf).hexdigest()
+counter = 0
+while True:
+    counter += 1
+    now = hashlib.sha256(buf).hexdigest()
+    tmp = f"{status}.{who}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {counter} {now}-{now == digest}")
+    os.replace(tmp, f"{status}.{who}")
+    time.sleep(0.05)
+"""
+
+
+@pytest.mark.criu
+def test_zero_pages_of_a_parent_and_its_forked_child_restore_right(criu: CriuBinary, tmp_path: Path) -> None:
+    """CRIU restores a child's inherited private memory by comparing it with the parent's; a zero
+    page dropped from either side must still come back as zeros, and the other side's data intact."""
+    status, images = tmp_path / "status", tmp_path / "images"
+    images.mkdir()
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FORKED, str(status)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    pids: list[int] = [parent.pid]
+    try:
+        before = {who: read_status(Path(f"{status}.{who}")) for who in ("parent", "child")}
+        pids.append(before["child"][0])
+        assert all(s[2].endswith("-True") for s in before.values())
+        dump = subprocess.run(
+            [criu.path, "dump", "-t", str(parent.pid), "-D", str(images), "-o", "dump.log"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert dump.returncode == 0, (images / "dump.log").read_text()[-3000:]
+        parent.wait(10)
+        child_gone = time.monotonic() + 20
+        while Path(f"/proc/{pids[1]}").exists():  # reaped by whoever inherited it: its PID is free
+            assert time.monotonic() < child_gone, f"child {pids[1]} never went away"
+            time.sleep(0.02)
+        at_dump = {who: read_status(Path(f"{status}.{who}"))[1] for who in ("parent", "child")}
+
+        report = cp.drop_zero_pages(images)
+        assert report.pagemaps == 2, report  # both processes' memory was compacted
+        assert report.bytes_dropped >= 10 << 20, report
+
+        restore = subprocess.run(
+            [criu.path, "restore", "-d", "-D", str(images), "-o", "restore.log",
+             "--pidfile", str(tmp_path / "pid")],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )  # fmt: skip
+        assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
+        for who in ("parent", "child"):
+            _, counter, state = read_status(Path(f"{status}.{who}"), after=at_dump[who])
+            assert counter > at_dump[who]
+            assert state == before[who][2], who  # the same bytes, zeros and all
+    finally:
+        for p in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        if parent.poll() is None:
+            parent.wait(10)
