@@ -72,10 +72,13 @@ def default_workers() -> int:
     return max(4, min(16, os.cpu_count() or 4))
 
 
-def _read_into(src: Path, mm: mmap.mmap, offset: int, length: int) -> None:
+def _read_into(src: Path, mm_fd: int, mm: mmap.mmap, offset: int, length: int) -> None:
     """Read a whole chunk file into the mapped image file at `offset`. Writes into one file take
     its inode lock one thread at a time (tmpfs: ~2 GB/s, however many threads); page faults on a
     shared mapping do not, so the copy threads of a big pages file run side by side."""
+    # Reserve the range first: on a full filesystem the kernel's copy into the mapping fails with
+    # EFAULT ('Bad address', seen on tmpfs), which names no cause; fallocate says ENOSPC.
+    os.posix_fallocate(mm_fd, offset, length)
     sfd = os.open(src, os.O_RDONLY)
     try:
         done = 0
@@ -140,7 +143,7 @@ async def materialize(
                         copied += n
                         at = i * manifest.chunk_bytes
                         jobs.append(
-                            loop.run_in_executor(pool, _read_into, cache.path(d), mm, at, n)
+                            loop.run_in_executor(pool, _read_into, cache.path(d), fd, mm, at, n)
                             if mm is not None
                             else loop.run_in_executor(pool, _copy_range, cache.path(d), fd, at, n)
                         )

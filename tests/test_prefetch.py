@@ -5,13 +5,16 @@ prefetch leaves no partial chunk in the cache."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import filecmp
 import hashlib
 import itertools
 import os
 import shutil
 import signal
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from snapscale.shared.manifest import Manifest
 from snapscale.shared.materialize import default_workers, materialize
 from snapscale.shared.prefetch import Prefetcher, PrefetchProgress
 from snapscale.shared.store import ChunkError, ChunkStore
+from snapscale.shared.store_local import LocalStore
 from snapscale.shared.store_s3 import S3Store
 
 __all__ = ["image_dir", "proxied_store", "proxy", "store"]  # fixtures
@@ -401,3 +405,37 @@ async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
         del proxied_store.get_chunk
     assert rep.chunks_fetched == len(m.digests())
     cache_is_clean(cache)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (mounting needs root, like CRIU: the tests using it are marked `criu`)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={CB}", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.criu
+async def test_materialize_into_a_full_tmpfs_says_no_space(tmp_path: Path, small_tmpfs: Path) -> None:
+    """Chunks are read into a shared mapping of the big file; on a full filesystem that read fails
+    with EFAULT ('Bad address'). The range is reserved first, so the operator reads ENOSPC (the
+    restore falls back to a cold boot), and the partial directory is removed."""
+    images = tmp_path / "image"
+    images.mkdir()
+    (images / "pages-1.img").write_bytes(os.urandom(3 * CB))  # three chunks: the mapped path
+    st = LocalStore(tmp_path / "store")
+    m, _ = await uploaded(st, images)
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    await Prefetcher(st, cache).prefetch(m)
+    with pytest.raises(OSError, match="No space left") as e:
+        await materialize(cache, m, small_tmpfs / "img")
+    assert e.value.errno == errno.ENOSPC
+    assert not (small_tmpfs / "img").exists()
+    await materialize(cache, m, tmp_path / "img")  # with room it is the same image
+    same_tree(images, tmp_path / "img")
