@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import rerun_report
 
 from snapscale.demo_procs import free_port, wait_port
 from snapscale.shared import bus
@@ -34,6 +35,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if REQUIRE_CRIU and report.skipped and item.get_closest_marker("criu") is not None:
         report.outcome = "failed"
         report.longrepr = f"CRIU test skipped in CI (SNAPSCALE_REQUIRE_CRIU=1): {report.longrepr}"
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    rerun_report.first_failures(terminalreporter)
 
 
 @dataclass(frozen=True)
