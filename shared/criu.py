@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapscale.shared import protowire
 from snapscale.shared.engine_errors import CriuError
 from snapscale.shared.errors import ConfigError
 
@@ -102,52 +103,17 @@ class CriuRun:
     pid: int = 0  # restore: host PID of the restored root
 
 
-def _varint(buf: bytes, i: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        if i >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[i]
-        i += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return result, i
-        shift += 7
-
-
-def _fields(buf: bytes) -> dict[int, int | bytes]:
-    """Top-level protobuf fields (varints and length-delimited only; CRIU stats use nothing else)."""
-    out: dict[int, int | bytes] = {}
-    i = 0
-    while i < len(buf):
-        key, i = _varint(buf, i)
-        num, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            out[num], i = _varint(buf, i)
-        elif wire_type == 2:
-            n, i = _varint(buf, i)
-            out[num] = buf[i : i + n]
-            i += n
-        elif wire_type in (1, 5):
-            width = 8 if wire_type == 1 else 4
-            out[num] = int.from_bytes(buf[i : i + width], "little")
-            i += width
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
-    return out
-
-
 def parse_stats(data: bytes) -> dict[str, int]:
     """CRIU's `stats-dump`/`stats-restore` image: two magics, a u32 size, a StatsEntry. Pure."""
     if len(data) < 12:
         raise ValueError("stats image too short")
     (size,) = struct.unpack_from("<I", data, 8)
-    entry = _fields(data[12 : 12 + size])
+    entry = dict(protowire.fields(data[12 : 12 + size]))
     out: dict[str, int] = {}
     for num, names in ((1, _DUMP_FIELDS), (2, _RESTORE_FIELDS)):
         sub = entry.get(num)
         if isinstance(sub, bytes):
-            for k, v in _fields(sub).items():
+            for k, v in protowire.fields(sub):
                 if k in names and isinstance(v, int):
                     out[names[k]] = v
     return out

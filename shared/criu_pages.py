@@ -11,8 +11,8 @@ the all-zero blocks of pages that lie in anonymous private VMAs (read from `mm-<
 File-backed private pages stay: without an entry CRIU would restore the file's bytes there.
 Shared memory (`pagemap-shmem-*`), lazy or parent-image entries are left as they are.
 
-Pure parsing and planning, plus one function that rewrites files. The protobuf messages are
-tiny, so they are encoded here rather than pulling in protobuf and CRIU's `.proto` files.
+Pure parsing and planning, plus one function that rewrites files. The three protobuf messages
+go through `protowire`, as CRIU's stats images do in `criu.py`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import errno
 import os
 import re
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapscale.shared import protowire as pw
 from snapscale.shared.errors import SnapscaleError
 
 PAGE = 4096
@@ -65,65 +65,6 @@ class CriuImageError(SnapscaleError):
         super().__init__(f"CRIU image {path}: {reason}")
         self.path = path
         self.reason = reason
-
-
-# -- protobuf wire format (varint and length-delimited fields only: what these messages use) --
-
-
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("varint runs past the end")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-        if shift > 63:
-            raise ValueError("varint longer than 64 bits")
-
-
-def _enc_varint(v: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = v & 0x7F
-        v >>= 7
-        if v:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _fields(msg: bytes) -> Iterator[tuple[int, int | bytes]]:
-    """(field number, value) of each field: an int for varints, bytes for length-delimited."""
-    pos = 0
-    while pos < len(msg):
-        key, pos = _varint(msg, pos)
-        num, wt = key >> 3, key & 7
-        if wt == 0:
-            v, pos = _varint(msg, pos)
-            yield num, v
-        elif wt == 2:
-            n, pos = _varint(msg, pos)
-            if pos + n > len(msg):
-                raise ValueError("field runs past the end")
-            yield num, msg[pos : pos + n]
-            pos += n
-        elif wt == 1:
-            yield num, int.from_bytes(msg[pos : pos + 8], "little")
-            pos += 8
-        elif wt == 5:
-            yield num, int.from_bytes(msg[pos : pos + 4], "little")
-            pos += 4
-        else:
-            raise ValueError(f"wire type {wt} of field {num}")
-
-
-def _enc_fields(fields: list[tuple[int, int]]) -> bytes:
-    return b"".join(_enc_varint(num << 3) + _enc_varint(v) for num, v in fields)
 
 
 def _messages(path: Path, magic: int) -> tuple[bytes, list[bytes]]:
@@ -172,7 +113,7 @@ class PagemapEntry:
 
     def encode(self) -> bytes:
         # compat_nr_pages (2) is required; CRIU writes nr_pages (5) beside it and reads that first.
-        return _enc_fields(
+        return pw.encode_fields(
             [(1, self.vaddr), (2, self.nr_pages & 0xFFFFFFFF), (4, self.flags), (5, self.nr_pages)]
         )
 
@@ -183,9 +124,9 @@ def parse_vmas(path: Path) -> list[Vma]:
         raise CriuImageError(path.name, f"{len(msgs)} mm entries, expected 1")
     vmas: list[Vma] = []
     try:
-        for num, v in _fields(msgs[0]):
+        for num, v in pw.fields(msgs[0]):
             if num == 14 and isinstance(v, bytes):
-                f = {n: x for n, x in _fields(v) if isinstance(x, int)}
+                f = {n: x for n, x in pw.fields(v) if isinstance(x, int)}
                 vmas.append(Vma(f.get(1, 0), f.get(2, 0), f.get(7, 0)))
     except ValueError as e:
         raise CriuImageError(path.name, str(e)) from None
@@ -198,13 +139,13 @@ def parse_pagemap(path: Path) -> tuple[bytes, int, list[PagemapEntry]]:
     if not msgs:
         raise CriuImageError(path.name, "no pagemap head")
     try:
-        head = dict(_fields(msgs[0]))
+        head = dict(pw.fields(msgs[0]))
         pages_id = head.get(1)
         if not isinstance(pages_id, int):
             raise ValueError("pagemap head without pages_id")
         entries: list[PagemapEntry] = []
         for m in msgs[1:]:
-            f = dict(_fields(m))
+            f = dict(pw.fields(m))
             vaddr, compat, nr = f.get(1), f.get(2), f.get(5, f.get(2))
             if not isinstance(vaddr, int) or not isinstance(compat, int) or not isinstance(nr, int):
                 raise ValueError("pagemap entry without vaddr or nr_pages")
@@ -220,7 +161,7 @@ def parse_pagemap(path: Path) -> tuple[bytes, int, list[PagemapEntry]]:
 
 def encode_pagemap(header: bytes, pages_id: int, entries: list[PagemapEntry]) -> bytes:
     parts = [header]
-    for msg in [_enc_fields([(1, pages_id)])] + [e.encode() for e in entries]:
+    for msg in [pw.encode_fields([(1, pages_id)])] + [e.encode() for e in entries]:
         parts += [struct.pack("<I", len(msg)), msg]
     return b"".join(parts)
 
