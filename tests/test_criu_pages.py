@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_criu_smoke import read_status
+from test_criu_smoke import criu_dump, criu_restore, read_status
 
 from snapscale.shared import criu_pages as cp
 from snapscale.shared.criu import CriuBinary
@@ -109,13 +109,7 @@ def test_a_compacted_image_restores_the_same_memory(criu: CriuBinary, tmp_path: 
     try:
         _, before, state = read_status(status)
         assert state.endswith("-True")
-        dump = subprocess.run(
-            [criu.path, "dump", "-t", str(child.pid), "-D", str(images), "-o", "dump.log"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert dump.returncode == 0, (images / "dump.log").read_text()[-3000:]
+        criu_dump(criu, child.pid, images)
         child.wait(10)
         _, at_dump, _ = read_status(status)
 
@@ -128,15 +122,7 @@ def test_a_compacted_image_restores_the_same_memory(criu: CriuBinary, tmp_path: 
         assert pages == report.bytes_after
         assert cp.drop_zero_pages(images).bytes_dropped == 0  # nothing left to drop
 
-        restore = subprocess.run(
-            [criu.path, "restore", "-d", "-D", str(images), "-o", "restore.log",
-             "--pidfile", str(tmp_path / "pid")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )  # fmt: skip
-        assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
-        restored = int((tmp_path / "pid").read_text())
+        restored = criu_restore(criu, images, tmp_path / "pid")
         _, after, state2 = read_status(status, after=at_dump)
         assert after > at_dump >= before
         assert state2 == state  # random bytes intact, zeros zero, the private mapping not the file's
@@ -194,13 +180,7 @@ def test_zero_pages_of_a_parent_and_its_forked_child_restore_right(criu: CriuBin
         before = {who: read_status(Path(f"{status}.{who}")) for who in ("parent", "child")}
         pids.append(before["child"][0])
         assert all(s[2].endswith("-True") for s in before.values())
-        dump = subprocess.run(
-            [criu.path, "dump", "-t", str(parent.pid), "-D", str(images), "-o", "dump.log"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert dump.returncode == 0, (images / "dump.log").read_text()[-3000:]
+        criu_dump(criu, parent.pid, images)
         parent.wait(10)
         child_gone = time.monotonic() + 20
         while Path(f"/proc/{pids[1]}").exists():  # reaped by whoever inherited it: its PID is free
@@ -212,14 +192,7 @@ def test_zero_pages_of_a_parent_and_its_forked_child_restore_right(criu: CriuBin
         assert report.pagemaps == 2, report  # both processes' memory was compacted
         assert report.bytes_dropped >= 10 << 20, report
 
-        restore = subprocess.run(
-            [criu.path, "restore", "-d", "-D", str(images), "-o", "restore.log",
-             "--pidfile", str(tmp_path / "pid")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )  # fmt: skip
-        assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
+        criu_restore(criu, images, tmp_path / "pid")
         for who in ("parent", "child"):
             _, counter, state = read_status(Path(f"{status}.{who}"), after=at_dump[who])
             assert counter > at_dump[who]

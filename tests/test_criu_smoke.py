@@ -44,6 +44,30 @@ def read_status(path: Path, after: int = 0, timeout_s: float = 20.0) -> tuple[in
     raise TimeoutError(f"{path} did not advance past {after}")
 
 
+def criu_dump(criu: CriuBinary, pid: int, images: Path, *extra: str) -> None:
+    """`criu dump` of the tree at `pid` into `images` (which ends it); the log tail on failure."""
+    dump = subprocess.run(
+        [criu.path, "dump", "-t", str(pid), "-D", str(images), "-o", "dump.log", *extra],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dump.returncode == 0, (images / "dump.log").read_text()[-3000:]
+
+
+def criu_restore(criu: CriuBinary, images: Path, pidfile: Path, *extra: str) -> int:
+    """`criu restore -d` from `images`; the restored root's PID (the log tail on failure)."""
+    restore = subprocess.run(
+        [criu.path, "restore", "-d", "-D", str(images), "-o", "restore.log", *extra,
+         "--pidfile", str(pidfile)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
+    return int(pidfile.read_text())
+
+
 @pytest.mark.criu
 def test_dump_and_restore_carries_state_on(criu: CriuBinary, tmp_path: Path) -> None:
     status = tmp_path / "status"
@@ -60,24 +84,10 @@ def test_dump_and_restore_carries_state_on(criu: CriuBinary, tmp_path: Path) -> 
     try:
         pid, before, digest = read_status(status)
         assert pid == child.pid
-        dump = subprocess.run(
-            [criu.path, "dump", "-t", str(child.pid), "-D", str(images), "-o", "dump.log", "-v4"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert dump.returncode == 0, (images / "dump.log").read_text()[-3000:]
+        criu_dump(criu, child.pid, images, "-v4")
         child.wait(10)  # dumped without --leave-running: gone; reap it so its PID is free
         _, at_dump, _ = read_status(status)
-        restore = subprocess.run(
-            [criu.path, "restore", "-d", "-D", str(images), "-o", "restore.log", "-v4",
-             "--pidfile", str(tmp_path / "pid")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert restore.returncode == 0, (images / "restore.log").read_text()[-3000:]
-        restored_pid = int((tmp_path / "pid").read_text())
+        restored_pid = criu_restore(criu, images, tmp_path / "pid", "-v4")
         pid2, after, digest2 = read_status(status, after=at_dump)
         assert pid2 == restored_pid == child.pid  # CRIU restores the same PID
         assert after > at_dump >= before  # the counter carried on; it did not start again from 1
