@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,12 +115,21 @@ async def plain_download(endpoint: str, prefix: str, digests: list[str], paralle
         return Sample(total / (time.monotonic() - t0), (time.process_time() - c0) / (total / 1e9))
 
 
-async def prefetch_once(endpoint: str, prefix: str, m: Manifest, work: Path, concurrency: int) -> Sample:
+async def prefetch_once(
+    endpoint: str,
+    prefix: str,
+    m: Manifest,
+    work: Path,
+    concurrency: int,
+    make_cache: Callable[[Path, int], HostCache] = HostCache,
+) -> Sample:
+    """`Prefetcher.prefetch` into a fresh host cache (`make_cache(dir, budget)`: bench/prefetch_isolate.py
+    passes a cache that skips parts of the work)."""
     cache_dir = work / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     ss = StoreSettings(f"s3://{BUCKET}/{prefix}", endpoint_url=endpoint, max_concurrency=concurrency)
     async with open_store(ss) as st:
-        pf = Prefetcher(st, HostCache(cache_dir, 64 << 30), concurrency=concurrency)
+        pf = Prefetcher(st, make_cache(cache_dir, 64 << 30), concurrency=concurrency)
         c0 = time.process_time()
         rep = await pf.prefetch(m)
         cpu = time.process_time() - c0

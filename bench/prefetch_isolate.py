@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import shutil
 import tempfile
@@ -21,8 +22,6 @@ import bench.prefetch as bp
 from snapscale.shared import procs
 from snapscale.shared.cache import HostCache
 from snapscale.shared.chunking import sha256_hex
-from snapscale.shared.manifest import Manifest
-from snapscale.shared.prefetch import Prefetcher
 from snapscale.shared.settings import StoreSettings
 from snapscale.shared.store import chunk_key, open_store
 
@@ -35,36 +34,17 @@ class Partial(HostCache):
         self.hash_, self.write = hash_, write
 
     def _write_verified(self, digest: str, data: bytes) -> None:
-        if self.write:
-            if not self.hash_:
-                tmp = self.root / "tmp" / digest
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                finally:
-                    os.close(fd)
-                os.rename(tmp, self.path(digest))
-                return
-            super()._write_verified(digest, data)
+        if self.hash_ and self.write:
+            super()._write_verified(digest, data)  # the real thing
         elif self.hash_:
             sha256_hex(data)
+        elif self.write:
+            self._write_chunk(digest, data)  # the cache's own write, without the hash
 
 
 def minflt() -> int:
     """Minor page faults of this process so far (field 10 of /proc/self/stat)."""
     return int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[7])
-
-
-async def once(ep: str, m: Manifest, work: Path, par: int, hash_: bool, write: bool) -> tuple[float, float]:
-    cache_dir = work / "cache"
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    ss = StoreSettings(f"s3://{bp.BUCKET}/p", endpoint_url=ep, max_concurrency=par)
-    async with open_store(ss) as st:
-        pf = Prefetcher(st, Partial(cache_dir, 64 << 30, hash_=hash_, write=write), concurrency=par)
-        rep = await pf.prefetch(m)
-    return rep.throughput_bps / 1e6, 0.0
 
 
 async def worker_loop(ep: str, ds: list[str], par: int) -> float:
@@ -187,7 +167,9 @@ async def main() -> None:
                     mb_s = await shape(ep, keys, a.par)
                 else:
                     assert isinstance(v, tuple)
-                    mb_s, _ = await once(ep, m, work, a.par, bool(v[0]), bool(v[1]))
+                    h, w = bool(v[0]), bool(v[1])
+                    cache = functools.partial(Partial, hash_=h, write=w)
+                    mb_s = (await bp.prefetch_once(ep, "p", m, work, a.par, cache)).bps / 1e6
                 best.setdefault(name, []).append(mb_s)
                 moto_cpu.setdefault(name, []).append((procs.cpu_seconds(moto.pid) - c0) / gb)
                 faults.setdefault(name, []).append((minflt() - f0) / gb)

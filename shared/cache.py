@@ -186,6 +186,10 @@ class HostCache:
     def _write_verified(self, digest: str, data: bytes) -> None:
         if sha256_hex(data) != digest:
             raise ChunkError(digest, f"{len(data)} bytes hash to {sha256_hex(data)[:16]}, not to the name")
+        self._write_chunk(digest, data)
+
+    def _write_chunk(self, digest: str, data: bytes) -> None:
+        """Temp file, then a rename to the chunk's name: never a partial chunk under a real name."""
         tmp = self._tmp / f"{digest}.{uuid.uuid4().hex}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, CHUNK_MODE)
