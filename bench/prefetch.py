@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import platform
 import shlex
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,29 @@ def start_moto() -> tuple[subprocess.Popen[bytes], str]:
     )
     wait_port(port, timeout_s=20.0)
     return proc, f"http://127.0.0.1:{port}"
+
+
+@contextlib.asynccontextmanager
+async def moto_with_image(
+    mib: int, chunk_bytes: int = 8 << 20
+) -> AsyncIterator[tuple[int, str, Manifest, Path]]:
+    """moto's S3 server holding a CRIU-shaped image of `mib` MiB under prefix "p": (moto's PID, its
+    endpoint, the manifest, a work dir), for the investigation scripts beside this bench."""
+    import boto3
+
+    moto, ep = start_moto()
+    work = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+        boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        make_image(work / "image", mib)
+        m, _ = await upload(ep, "p", work / "image", chunk_bytes)
+        yield moto.pid, ep, m, work
+    finally:
+        moto.terminate()
+        moto.wait(10)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def start_relay(upstream: str, first_byte_ms: float, mb_per_s: float) -> tuple[subprocess.Popen[bytes], str]:

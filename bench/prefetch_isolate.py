@@ -8,14 +8,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import aioboto3
-import boto3
 from aiobotocore.config import AioConfig
 
 import bench.prefetch as bp
@@ -117,15 +113,7 @@ async def main() -> None:
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--structure", action="store_true", help="loop shape and key order instead of landing")
     a = ap.parse_args()
-    moto, ep = bp.start_moto()
-    work = Path(tempfile.mkdtemp(dir="/var/tmp"))
-    try:
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-        boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket=bp.BUCKET)
-        img = work / "image"
-        bp.make_image(img, a.mib)
-        m, _ = await bp.upload(ep, "p", img, 8 << 20)
+    async with bp.moto_with_image(a.mib) as (moto_pid, ep, m, work):
         ds = sorted(m.digests())
         gb = m.unique_bytes / 1e9
         best: dict[str, list[float]] = {}
@@ -153,7 +141,7 @@ async def main() -> None:
             variants = structure
         for _ in range(a.runs):
             for name, v in variants:
-                c0 = procs.cpu_seconds(moto.pid)
+                c0 = procs.cpu_seconds(moto_pid)
                 f0 = minflt()
                 if v is None:
                     mb_s = (await bp.plain_download(ep, "p", ds, a.par)).bps / 1e6
@@ -171,7 +159,7 @@ async def main() -> None:
                     cache = functools.partial(Partial, hash_=h, write=w)
                     mb_s = (await bp.prefetch_once(ep, "p", m, work, a.par, cache)).bps / 1e6
                 best.setdefault(name, []).append(mb_s)
-                moto_cpu.setdefault(name, []).append((procs.cpu_seconds(moto.pid) - c0) / gb)
+                moto_cpu.setdefault(name, []).append((procs.cpu_seconds(moto_pid) - c0) / gb)
                 faults.setdefault(name, []).append((minflt() - f0) / gb)
                 await asyncio.sleep(0.2)
         plain = max(best["plain"])
@@ -181,9 +169,6 @@ async def main() -> None:
             moto_s, flt = min(moto_cpu[name]), min(faults[name])
             print(f"{name:32} best {top:6.0f} MB/s ({top / plain:.2f}x plain)  runs {runs}  "
                   f"moto CPU s/GB {moto_s:.2f}  our page faults/GB {flt:.0f}", flush=True)  # fmt: skip
-    finally:
-        moto.terminate()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -6,30 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-
-import boto3
 
 import bench.prefetch as bp
 
 
 async def main() -> None:
     out = Path(sys.argv[1])
-    moto, ep = bp.start_moto()
-    work = Path(tempfile.mkdtemp(dir="/var/tmp"))
-    try:
-        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
-        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
-        boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket=bp.BUCKET)
-        img = work / "image"
-        bp.make_image(img, 1024)
-        m, _ = await bp.upload(ep, "p", img, 8 << 20)
+    async with bp.moto_with_image(1024) as (_moto_pid, ep, m, work):
         ds = sorted(m.digests())
         probes: list[tuple[str, Callable[[], Awaitable[bp.Sample]], str]] = [
             ("plain", lambda: bp.plain_download(ep, "p", ds, 8), "--idle"),
@@ -57,9 +45,6 @@ async def main() -> None:
             pf = [(await bp.prefetch_once(ep, "p", m, work, 8)).bps / 1e6 for _ in range(2)]
             print(f"switchinterval {interval}: plain {max(pl):.0f} prefetch {max(pf):.0f} MB/s "
                   f"ratio {max(pf) / max(pl):.2f}", flush=True)  # fmt: skip
-    finally:
-        moto.terminate()
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
