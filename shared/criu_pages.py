@@ -17,7 +17,6 @@ go through `protowire`, as CRIU's stats images do in `criu.py`.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import struct
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from snapscale.shared import protowire as pw
 from snapscale.shared.errors import SnapscaleError
+from snapscale.shared.fsutil import copy_range
 
 PAGE = 4096
 # Zeros are found in blocks of this many pages from each entry's start: a 16-page compare is a
@@ -259,12 +259,16 @@ def _rewrite_one(image_dir: Path, pagemap: Path, vmas: list[Vma]) -> tuple[int, 
         try:
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
+                at = 0
                 for e, eoff, zeros in plan:
                     kept = split_entry(e, zeros)
                     new_entries += kept
                     if e.flags & PE_PRESENT:
                         for k in kept:
-                            _copy(fd, out, eoff + (k.vaddr - e.vaddr), k.nr_pages * PAGE)
+                            src, n = eoff + (k.vaddr - e.vaddr), k.nr_pages * PAGE
+                            if copy_range(fd, src, out, at, n) != n:
+                                raise CriuImageError(pages.name, f"ends inside the entry at {src}")
+                            at += n
                 os.fchmod(out, os.stat(pages).st_mode & 0o7777)
             finally:
                 os.close(out)
@@ -282,28 +286,6 @@ def _rewrite_one(image_dir: Path, pagemap: Path, vmas: list[Vma]) -> tuple[int, 
         return size, dropped
     finally:
         os.close(fd)
-
-
-def _copy(src: int, dst: int, offset: int, length: int) -> None:
-    """Append `length` bytes of `src` from `offset` to `dst`, in the kernel where it can."""
-    done = 0
-    try:
-        while done < length:
-            n = os.copy_file_range(src, dst, length - done, offset + done)
-            if n <= 0:
-                break
-            done += n
-    except OSError as e:
-        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
-    while done < length:
-        buf = os.pread(src, min(length - done, 8 << 20), offset + done)
-        if not buf:
-            raise CriuImageError("pages", f"ends at {offset + done}, inside an entry")
-        view = memoryview(buf)
-        while view:
-            view = view[os.write(dst, view) :]
-        done += len(buf)
 
 
 def drop_zero_pages(image_dir: Path) -> DropReport:

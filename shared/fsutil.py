@@ -1,10 +1,12 @@
-"""Crash-safe file writes shared by every local record (sandbox registry, command ledgers).
+"""Crash-safe file writes shared by every local record (sandbox registry, command ledgers), and
+the one range copy (kernel first) that materialize and criu_pages use.
 
 A crash leaves the old file or the new one, never half of one. No policy here.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -25,3 +27,25 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> int:
+    """Copy up to `length` bytes from `src_off` of `src_fd` to `dst_off` of `dst_fd`, in the kernel
+    where the filesystems allow (`copy_file_range`), else through `pread`/`pwrite`. The bytes
+    copied: fewer than `length` only where the source ends first."""
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done, dst_off + done)
+            if n == 0:
+                break
+            done += n
+    except OSError as e:
+        if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+    while done < length:  # across filesystems where copy_file_range will not go
+        buf = os.pread(src_fd, min(length - done, 8 << 20), src_off + done)
+        if not buf:
+            break
+        done += os.pwrite(dst_fd, buf, dst_off + done)
+    return done

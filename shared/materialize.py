@@ -21,6 +21,7 @@ from typing import Any
 
 from snapscale.shared.cache import CHUNK_MODE, HostCache
 from snapscale.shared.chunking import ZERO_CHUNK, chunk_length
+from snapscale.shared.fsutil import copy_range
 from snapscale.shared.manifest import FileEntry, Manifest, check_manifest
 from snapscale.shared.store import ChunkError
 
@@ -45,21 +46,7 @@ def _copy_range(src: Path, dst_fd: int, offset: int, length: int) -> None:
     """Copy a whole chunk file to `offset` of `dst_fd`, in the kernel when it can."""
     sfd = os.open(src, os.O_RDONLY)
     try:
-        done = 0
-        try:
-            while done < length:
-                n = os.copy_file_range(sfd, dst_fd, length - done, done, offset + done)
-                if n == 0:
-                    break
-                done += n
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-                raise
-        while done < length:  # across filesystems where copy_file_range will not go
-            buf = os.pread(sfd, min(length - done, 8 << 20), done)
-            if not buf:
-                break
-            done += os.pwrite(dst_fd, buf, offset + done)
+        done = copy_range(sfd, 0, dst_fd, offset, length)
         if done != length:
             raise ChunkError(src.name, f"cached chunk is {done} bytes, the manifest says {length}")
     finally:
