@@ -15,6 +15,7 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,10 @@ def make_image(d: Path, total_mib: int) -> None:
 class Sample:
     bps: float
     cpu_s_per_gb: float  # this process's CPU (all threads) per GB: steadier than time on a busy VM
+
+
+def median_bps(samples: list[Sample]) -> float:
+    return statistics.median(x.bps for x in samples)
 
 
 def top(samples: list[Sample]) -> Sample:
@@ -255,26 +260,32 @@ async def main() -> None:
               f"{m.zero_bytes / MB:.0f} MB zero; chunk+hash {hash_mb_s:.0f} MB/s; "
               f"upload {up_bps / MB:.0f} MB/s")  # fmt: skip
 
-        # Setting 1: moto as it is. Plain and prefetch alternate at each parallelism, so both
-        # see the same machine (others' load on a shared 2-core VM moves every number).
+        # Setting 1: moto as it is. Plain and prefetch alternate at each parallelism, each going
+        # first in every other round, so both see the same machine (others' load, moto's state).
         rows1: list[Row] = []
         pars = [int(x) for x in a.pars.split(",")]
         plain1: dict[int, list[Sample]] = {n: [] for n in pars}
         pf1: dict[int, list[Sample]] = {n: [] for n in pars}
-        for _ in range(a.runs):
+        for i in range(a.runs):
             for n in pars:
-                plain1[n].append(await plain_download(endpoint, "p", digests, n))
-                pf1[n].append(await prefetch_once(endpoint, "p", m, work, n))
+                for side in ("plain", "prefetch") if i % 2 == 0 else ("prefetch", "plain"):
+                    if side == "plain":
+                        plain1[n].append(await plain_download(endpoint, "p", digests, n))
+                    else:
+                        pf1[n].append(await prefetch_once(endpoint, "p", m, work, n))
         for n in pars:
             pl, pf = top(plain1[n]), top(pf1[n])
-            rows1.append(Row(f"plain aioboto3 get_object, {n} in parallel", pl.bps / MB, "", pl.cpu_s_per_gb))
-            note = f"{pf.bps / pl.bps:.2f}x plain at the same parallelism"
+            pl_med, pf_med = median_bps(plain1[n]), median_bps(pf1[n])
+            rows1.append(Row(f"plain aioboto3 get_object, {n} in parallel", pl.bps / MB,
+                             f"median {pl_med / MB:,.0f}", pl.cpu_s_per_gb))  # fmt: skip
+            note = f"median {pf_med / MB:,.0f}: {pf_med / pl_med:.2f}x plain's; best {pf.bps / pl.bps:.2f}x"
             rows1.append(Row(f"snapscale prefetch, {n} in parallel", pf.bps / MB, note, pf.cpu_s_per_gb))
-        best_plain = max(top(v).bps for v in plain1.values())
-        best_pf = max(top(v).bps for v in pf1.values())
-        r1 = best_pf / best_plain
-        rows1.append(Row("**best prefetch / best plain**", best_pf / MB,
-                         f"**{r1:.2f}x** (target >= 0.9x)"))  # fmt: skip
+        # The target's measure: median runs, each side at its best parallelism. Best-of runs beside it.
+        pf_at_best = max(median_bps(v) for v in pf1.values())
+        r1 = pf_at_best / max(median_bps(v) for v in plain1.values())
+        r1_best = max(top(v).bps for v in pf1.values()) / max(top(v).bps for v in plain1.values())
+        rows1.append(Row("**prefetch / plain, each at its best parallelism**", pf_at_best / MB,
+                         f"medians **{r1:.2f}x** (target >= 0.9x); bests {r1_best:.2f}x"))  # fmt: skip
         print(fmt_rows(rows1))
 
         # Setting 2: a modelled remote object store.
@@ -379,7 +390,8 @@ Made by `bench/prefetch.py`; numbers from this run:
 
 | target | this run | |
 |---|---:|---|
-| setting 1 (moto as it is): prefetch >= 0.9x the best plain download | {r1:.2f}x | {met(r1 >= 0.9)} |
+| setting 1 (moto as it is): prefetch >= 0.9x the best plain download (medians; best runs: \
+{r1_best:.2f}x) | {r1:.2f}x | {met(r1 >= 0.9)} |
 | setting 2 (modelled remote store): prefetch >= 5x a plain sequential download | {r2:.2f}x | {met(r2 >= 5)} |
 | materialize into tmpfs >= 1 GB/s | {mat_best / 1e9:.2f} GB/s | {met(mat_best >= 1e9)} |
 
@@ -393,7 +405,9 @@ the ceiling of the three processes together.
 Machine: {machine}; {a.where}; load average {load_before[0]:.1f} before and {load_after[0]:.1f}
 after. moto's S3 server (`moto_server`) and the relay run
 in their own processes on the same machine; every measurement is the best of {a.runs} runs,
-plain and snapscale runs alternating. Image:
+plain and snapscale runs alternating (in setting 1 each goes first in every other round, and the
+median of the runs stands beside the best: the plain download alone has spread 530-1,317 MB/s
+between runs of one call on the GPU machine, so the best of a few runs is mostly luck). Image:
 {m.total_bytes / MB:.0f} MB shaped like a CRIU dump (one big `pages-1.img`, 10% of it zero runs,
 plus 24 small files), {len(m.digests())} distinct chunks of {a.chunk_mib} MiB
 ({m.unique_bytes / MB:.0f} MB to download; zero chunks are never fetched).

@@ -29,7 +29,7 @@ class Partial(HostCache):
         super().__init__(root, budget)
         self.hash_, self.write = hash_, write
 
-    def _write_verified(self, digest: str, data: bytes) -> None:
+    def _write_verified(self, digest: str, data: bytes | memoryview) -> None:
         if self.hash_ and self.write:
             super()._write_verified(digest, data)  # the real thing
         elif self.hash_:

@@ -125,8 +125,9 @@ class HostCache:
             self.unpin(ds)
 
     # -- entries --
-    async def insert(self, digest: str, data: bytes) -> None:
-        """Verify `data` against `digest` and store it; `ChunkError` if it does not match."""
+    async def insert(self, digest: str, data: bytes | memoryview) -> None:
+        """Verify `data` against `digest` and store it; `ChunkError` if it does not match. The caller
+        may reuse `data`'s memory once this returns (or raises): no thread holds it by then."""
         if digest in self._verified:
             self._lru.move_to_end(digest)
             return
@@ -183,12 +184,12 @@ class HostCache:
                 self._arrivals[digest] = fut
         return fut
 
-    def _write_verified(self, digest: str, data: bytes) -> None:
+    def _write_verified(self, digest: str, data: bytes | memoryview) -> None:
         if sha256_hex(data) != digest:
             raise ChunkError(digest, f"{len(data)} bytes hash to {sha256_hex(data)[:16]}, not to the name")
         self._write_chunk(digest, data)
 
-    def _write_chunk(self, digest: str, data: bytes) -> None:
+    def _write_chunk(self, digest: str, data: bytes | memoryview) -> None:
         """Temp file, then a rename to the chunk's name: never a partial chunk under a real name."""
         tmp = self._tmp / f"{digest}.{uuid.uuid4().hex}"
         try:

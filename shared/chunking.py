@@ -36,7 +36,7 @@ def is_digest(s: str) -> bool:
     return _DIGEST_RE.fullmatch(s) is not None
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 

@@ -143,29 +143,28 @@ class Prefetcher:
                 except Exception:
                     log.exception("prefetch progress callback failed")
 
-        async def fetched(d: str) -> bytes | None:
-            """The chunk's bytes to land, or None when a good copy is cached already."""
-            size = sizes[d]
-            if self.cache.use(d):
-                if not self.verify_hits or await self.cache.verify(d):
-                    st["hits"] += 1
-                    st["hit_bytes"] += size
-                    st["done"] += 1
-                    st["bytes_done"] += size
-                    emit()
-                    return None
-                st["corrupt_hits"] += 1
-            return await self.store.get_chunk(d)
+        async def good_hit(d: str) -> bool:
+            """The cached copy is good (counted); False when the chunk must be fetched after all."""
+            if not self.verify_hits or await self.cache.verify(d):
+                st["hits"] += 1
+                st["hit_bytes"] += sizes[d]
+                st["done"] += 1
+                st["bytes_done"] += sizes[d]
+                emit()
+                return True
+            st["corrupt_hits"] += 1
+            return False
 
-        async def land(d: str, data: bytes) -> None:
+        async def land(d: str, view: memoryview) -> None:
             """Verify and cache a fetched chunk; one that arrived corrupt is fetched once more."""
             try:
-                await self.cache.insert(d, data)
+                await self.cache.insert(d, view)
             except ChunkError:
                 st["refetched"] += 1
                 log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
                 try:
-                    await self.cache.insert(d, await self.store.get_chunk(d))
+                    await self.store.get_chunk_into(d, view)
+                    await self.cache.insert(d, view)
                 except ChunkError:
                     raise ChunkError(d, "corrupt in the store: it hashed wrong twice") from None
             st["fetched"] += sizes[d]
@@ -176,31 +175,43 @@ class Prefetcher:
 
         # One task a chunk, at most `concurrency` downloading (a semaphore hands the next GET out
         # the moment one finishes; `concurrency` workers looping over the chunks ran ~10% slower
-        # against moto on the GPU machine, bench/prefetch_isolate.py --structure). Landing (hash +
-        # cache write, on threads) runs beside the downloads; a chunk waits for a landing slot
-        # before its download slot frees, so at most 2 x concurrency chunks are in memory.
+        # against moto on the GPU machine, bench/prefetch_isolate.py --structure). A chunk is read
+        # into a buffer of the pool below and landed (hash + cache write, on threads) from it beside
+        # the downloads; 2 x concurrency buffers bound the memory. Reusing buffers, rather than a
+        # fresh bytes a chunk freed after landing, kept the prefetch level with a plain download on
+        # the GPU machine (bench/prefetch_alloc.py).
         fetch_slots = asyncio.Semaphore(self.concurrency)
-        landing_slots = asyncio.Semaphore(self.concurrency)
+        pool = _Buffers(max(sizes.values(), default=0), 2 * self.concurrency)
         landings: set[asyncio.Task[None]] = set()
         failed: list[BaseException] = []
 
-        def landed(t: asyncio.Task[None]) -> None:
-            landings.discard(t)
-            landing_slots.release()
-            exc = None if t.cancelled() else t.exception()
-            if exc is not None:
-                failed.append(exc)
-
         async def one(d: str) -> None:
-            async with fetch_slots:
-                if failed:
-                    raise failed[0]
-                data = await fetched(d)
-                if data is None:
-                    return
-                await landing_slots.acquire()
-            t = asyncio.create_task(land(d, data))
+            if self.cache.use(d):
+                async with fetch_slots:  # re-hashing cached chunks is bounded like downloads
+                    if failed:
+                        raise failed[0]
+                    if await good_hit(d):
+                        return
+            buf = await pool.take()
+            try:
+                async with fetch_slots:
+                    if failed:
+                        raise failed[0]
+                    view = memoryview(buf)[: sizes[d]]
+                    n = await self.store.get_chunk_into(d, view)
+            except BaseException:
+                pool.give(buf)
+                raise
+            t = asyncio.create_task(land(d, view[:n]))
             landings.add(t)
+
+            def landed(t: asyncio.Task[None]) -> None:
+                landings.discard(t)
+                pool.give(buf)
+                exc = None if t.cancelled() else t.exception()
+                if exc is not None:
+                    failed.append(exc)
+
             t.add_done_callback(landed)
 
         # Digests in file order, so a materialize that runs alongside finds early files first (the
@@ -230,3 +241,21 @@ class Prefetcher:
             key, report.chunks, report.bytes_fetched, report.cache_hits, dur, report.throughput_bps / 1e6,
         )  # fmt: skip
         return report
+
+
+class _Buffers:
+    """Chunk buffers for one prefetch: made as needed, at most `limit`, each reused once its chunk
+    has landed."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self._size = size
+        self._free: list[bytearray] = []
+        self._slots = asyncio.Semaphore(limit)
+
+    async def take(self) -> bytearray:
+        await self._slots.acquire()
+        return self._free.pop() if self._free else bytearray(self._size)
+
+    def give(self, buf: bytearray) -> None:
+        self._free.append(buf)
+        self._slots.release()

@@ -40,6 +40,10 @@ class NotFoundError(StoreError):
         self.key = key
 
 
+class TooBigError(StoreError):
+    """An object is larger than the buffer it was to be read into."""
+
+
 class ChunkError(SnapscaleError):
     """A chunk's bytes do not hash to its name (corrupt in the store or in the cache)."""
 
@@ -90,6 +94,15 @@ class ChunkStore(abc.ABC):
     async def get(self, key: str) -> bytes:
         """All bytes of `key`, or `NotFoundError`."""
 
+    async def get_into(self, key: str, buf: memoryview) -> int:
+        """Read `key` into the front of `buf`; how many bytes. `TooBigError` if it does not fit.
+        Backends that can stream (S3) read straight into `buf` and allocate nothing."""
+        data = await self.get(key)
+        if len(data) > len(buf):
+            raise TooBigError(f"{key}: {len(data)} bytes, more than the {len(buf)} expected")
+        buf[: len(data)] = data
+        return len(data)
+
     @abc.abstractmethod
     async def touch(self, key: str) -> bool:
         """Refresh `key`'s mtime if it exists (so GC's grace period restarts); False if absent."""
@@ -115,6 +128,14 @@ class ChunkStore(abc.ABC):
 
     async def get_chunk(self, digest: str) -> bytes:
         return await self.get(chunk_key(digest))
+
+    async def get_chunk_into(self, digest: str, buf: memoryview) -> int:
+        """The chunk read into the front of `buf` (sized to the chunk as the manifest says); a
+        chunk larger than that is corrupt: `ChunkError`."""
+        try:
+            return await self.get_into(chunk_key(digest), buf)
+        except TooBigError as e:
+            raise ChunkError(digest, str(e)) from None
 
     async def touch_chunk(self, digest: str) -> bool:
         return await self.touch(chunk_key(digest))

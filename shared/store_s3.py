@@ -22,7 +22,14 @@ from asyncio_throttle.throttler import Throttler
 from botocore import exceptions as bex
 
 from snapscale.shared.settings import StoreSettings
-from snapscale.shared.store import ChunkStore, NotFoundError, ObjectInfo, RetryableStoreError, StoreError
+from snapscale.shared.store import (
+    ChunkStore,
+    NotFoundError,
+    ObjectInfo,
+    RetryableStoreError,
+    StoreError,
+    TooBigError,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -124,6 +131,8 @@ class S3Store(ChunkStore):
                 async with self._sem, self._throttle:
                     return await op()
             except Exception as e:
+                if isinstance(e, StoreError):  # ours, raised inside `op`: already says what is wrong
+                    raise
                 kind = classify(e)
                 if kind == "not_found":
                     raise NotFoundError(key) from None
@@ -154,6 +163,33 @@ class S3Store(ChunkStore):
             if want is not None and len(data) != want:
                 raise bex.IncompleteReadError(actual_bytes=len(data), expected_bytes=want)
             return data
+
+        return await self._call("get", key, op)
+
+    async def get_into(self, key: str, buf: memoryview) -> int:
+        """The body copied into `buf` block by block as it arrives: no allocation the size of the
+        object (`get` + `bytes.join` needs one a call, and frees it only after the caller is done)."""
+
+        async def op() -> int:
+            resp = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
+            want = resp.get("ContentLength")
+            async with resp["Body"] as body:
+                if want is not None and want > len(buf):
+                    raise TooBigError(f"{key}: {want} bytes, more than the {len(buf)} expected")
+                content = body.content  # the aiohttp StreamReader behind aiobotocore's body
+                pos = 0
+                while True:
+                    block, _ = await content.readchunk()  # a block as received, not a copy
+                    if not block:
+                        break
+                    end = pos + len(block)
+                    if end > len(buf):
+                        raise TooBigError(f"{key}: more than the {len(buf)} bytes expected")
+                    buf[pos:end] = block
+                    pos = end
+            if want is not None and pos != want:
+                raise bex.IncompleteReadError(actual_bytes=pos, expected_bytes=want)
+            return pos
 
         return await self._call("get", key, op)
 

@@ -24,7 +24,7 @@ _REASONS = {500: b"Internal Server Error", 503: b"Slow Down", 403: b"Forbidden",
 
 @dataclass
 class Fault:
-    kind: str  # "status", "reset" or "corrupt"
+    kind: str  # "status", "reset", "corrupt" (a bit flipped mid-body) or "cut" (dropped mid-body)
     remaining: int | None = None  # requests left to hit; None: until `until`
     until: float | None = None  # monotonic deadline
     status: int = 503
@@ -104,6 +104,10 @@ class FaultProxy:
 
     def corrupt_next(self, n: int, **match: str) -> Fault:
         return self._add(Fault("corrupt", remaining=n, **match))  # type: ignore[arg-type]
+
+    def cut_next(self, n: int, **match: str) -> Fault:
+        """The next `n` matching responses stop half-way through the body and the connection drops."""
+        return self._add(Fault("cut", remaining=n, **match))  # type: ignore[arg-type]
 
     def clear(self) -> None:
         self.faults.clear()
@@ -185,6 +189,12 @@ class FaultProxy:
                         out_lines.append(b"Content-Length: %d" % length)
                     head_out = b"\r\n".join(out_lines) + b"\r\n\r\n"
                     corrupt = fault is not None and fault.kind == "corrupt"
+                    if fault is not None and fault.kind == "cut" and length:
+                        self.stats.injected += 1
+                        half = rbody[: length // 2] if rbody else await up[0].readexactly(length // 2)
+                        await self._send(writer, [head_out, half])
+                        writer.transport.abort()
+                        return
                     wait = self.first_byte_s - (time.monotonic() - t_req)
                     if wait > 0:
                         await asyncio.sleep(wait)

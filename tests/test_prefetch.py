@@ -27,7 +27,7 @@ from snapscale.shared.chunking import ZERO_CHUNK
 from snapscale.shared.errors import ConfigError
 from snapscale.shared.manifest import Manifest
 from snapscale.shared.materialize import default_workers, materialize
-from snapscale.shared.prefetch import Prefetcher, PrefetchProgress
+from snapscale.shared.prefetch import Prefetcher, PrefetchProgress, _Buffers
 from snapscale.shared.store import ChunkError, ChunkStore
 from snapscale.shared.store_local import LocalStore
 from snapscale.shared.store_s3 import S3Store
@@ -63,15 +63,15 @@ def cache_is_clean(cache: HostCache) -> None:
 
 
 def count_gets(st: ChunkStore) -> dict[str, int]:
-    """Count get_chunk calls on the real store (instance attribute; remove with `del`)."""
+    """Count get_chunk_into calls on the real store (instance attribute; remove with `del`)."""
     counts: dict[str, int] = {}
-    orig = st.get_chunk
+    orig = st.get_chunk_into
 
-    async def counting(d: str) -> bytes:
+    async def counting(d: str, buf: memoryview) -> int:
         counts[d] = counts.get(d, 0) + 1
-        return await orig(d)
+        return await orig(d, buf)
 
-    st.get_chunk = counting  # type: ignore[method-assign,assignment]
+    st.get_chunk_into = counting  # type: ignore[method-assign,assignment]
     return counts
 
 
@@ -157,13 +157,42 @@ async def test_corrupt_chunk_in_store_is_refetched_once_then_reported(
         with pytest.raises(ChunkError, match="hashed wrong twice") as ei:
             await Prefetcher(store, cache).prefetch(m)
     finally:
-        del store.get_chunk
+        del store.get_chunk_into
     assert ei.value.digest == bad and counts[bad] == 2
     assert bad not in cache
     cache_is_clean(cache)
     with pytest.raises(ChunkError, match="not in the host cache"):
         await materialize(cache, m, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # a failed materialize leaves nothing half-made
+
+
+@pytest.mark.criu
+async def test_chunk_larger_in_the_store_than_the_manifest_says_is_refused(
+    store: ChunkStore, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(store, image_dir)
+    sizes = m.chunk_sizes()
+    bad = max(sizes, key=lambda d: sizes[d])
+    await store.put_chunk(bad, os.urandom(sizes[bad] + 1))
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    why = f"{sizes[bad] + 1} bytes, more than the {sizes[bad]} expected"
+    with pytest.raises(ChunkError, match=why) as ei:
+        await Prefetcher(store, cache).prefetch(m)
+    assert ei.value.digest == bad and bad not in cache
+    cache_is_clean(cache)
+
+
+async def test_chunk_buffers_are_reused_and_bounded() -> None:
+    pool = _Buffers(1024, 2)
+    a, b = await pool.take(), await pool.take()
+    assert a is not b and len(a) == len(b) == 1024
+    third = asyncio.create_task(pool.take())
+    await asyncio.sleep(0.01)
+    assert not third.done()  # at the limit: waits for a buffer to come back
+    pool.give(a)
+    assert await third is a
+    pool.give(b)
+    assert await pool.take() is b
 
 
 @pytest.mark.criu
@@ -189,7 +218,7 @@ async def test_checkpoint_bigger_than_the_cache_is_refused_up_front(
         with pytest.raises(ConfigError, match="SNAPSCALE_CACHE_BYTES"):
             await Prefetcher(store, cache).prefetch(m)
     finally:
-        del store.get_chunk
+        del store.get_chunk_into
     assert counts == {} and len(cache) == 0
 
 
@@ -367,7 +396,7 @@ async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
     held: list[str] = []
 
     class FirstLandsLate(HostCache):
-        async def insert(self, digest: str, data: bytes) -> None:
+        async def insert(self, digest: str, data: bytes | memoryview) -> None:
             if not held:
                 held.append(digest)
             if digest == held[0]:
@@ -377,20 +406,20 @@ async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
     in_flight = 0
     at_start: list[int] = []  # GETs in flight as each one starts, itself included
     all_in = asyncio.Event()
-    orig = proxied_store.get_chunk
+    orig = proxied_store.get_chunk_into
 
-    async def counting(d: str) -> bytes:
+    async def counting(d: str, buf: memoryview) -> int:
         nonlocal in_flight
         in_flight += 1
         at_start.append(in_flight)
         try:
-            return await orig(d)
+            return await orig(d, buf)
         finally:
             in_flight -= 1
             if in_flight == 0 and len(at_start) == len(m.digests()):
                 all_in.set()
 
-    proxied_store.get_chunk = counting  # type: ignore[method-assign,assignment]
+    proxied_store.get_chunk_into = counting  # type: ignore[method-assign,assignment]
     try:
         cache = FirstLandsLate(tmp_path / "cache", 1 << 30)
         task = asyncio.create_task(Prefetcher(proxied_store, cache, concurrency=2).prefetch(m))
@@ -402,7 +431,7 @@ async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
         release.set()
         rep = await task
     finally:
-        del proxied_store.get_chunk
+        del proxied_store.get_chunk_into
     assert rep.chunks_fetched == len(m.digests())
     cache_is_clean(cache)
 

@@ -19,6 +19,7 @@ from snapscale.shared.checkpoint import collect_garbage, plan_gc, upload_image, 
 from snapscale.shared.manifest import ManifestError
 from snapscale.shared.settings import Settings, StoreSettings
 from snapscale.shared.store import (
+    ChunkError,
     ChunkStore,
     NotFoundError,
     ObjectInfo,
@@ -67,6 +68,32 @@ async def test_objects_round_trip(store: ChunkStore) -> None:
     await store.delete_chunk(d)  # absent is fine
     with pytest.raises(NotFoundError):
         await store.get_chunk(d)
+
+
+async def test_chunk_read_into_a_buffer(store: ChunkStore) -> None:
+    data = os.urandom(300_000)
+    d = digest(data)
+    await store.put_chunk(d, data)
+    buf = bytearray(b"x" * (len(data) + 10))
+    assert await store.get_chunk_into(d, memoryview(buf)) == len(data)
+    assert buf[: len(data)] == data and buf[len(data) :] == b"x" * 10
+    # A chunk larger than the manifest says is corrupt, said so, and nothing is left half-read.
+    with pytest.raises(ChunkError, match=f"{len(data)} bytes, more than the {len(data) - 1} expected"):
+        await store.get_chunk_into(d, memoryview(bytearray(len(data) - 1)))
+    assert await store.get_chunk(d) == data  # (S3) the connection pool is healthy afterwards
+
+
+async def test_s3_body_cut_mid_way_is_read_again_from_the_start(
+    proxied_store: S3Store, proxy: FaultProxy
+) -> None:
+    data = os.urandom(2_000_000)
+    d = digest(data)
+    await proxied_store.put_chunk(d, data)
+    proxy.cut_next(2, method="GET")
+    buf = bytearray(len(data))
+    assert await proxied_store.get_chunk_into(d, memoryview(buf)) == len(data)
+    assert buf == data
+    assert proxy.stats.injected == 2 and proxied_store.retries == 2
 
 
 async def test_keys_cannot_escape(store: ChunkStore) -> None:

@@ -1,0 +1,128 @@
+"""Investigation only: does the prefetch client's memory churn (a fresh 8 MiB bytes a chunk, freed
+after landing) or aiohttp's 64 KiB read buffer cost it against a plain download from moto?
+Variants alternate (ABBA) over rounds; medians reported. --mallopt fixes glibc's mmap/trim
+thresholds first. Usage: python -m bench.prefetch_alloc [--rounds N] [--pars 8,16] [--mallopt]"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import functools
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import bench.prefetch as bp
+from bench.prefetch_isolate import minflt
+from snapscale.shared import procs
+from snapscale.shared.cache import HostCache
+from snapscale.shared.manifest import Manifest
+from snapscale.shared.settings import StoreSettings
+from snapscale.shared.store import chunk_key, open_store
+from snapscale.shared.store_s3 import S3Store
+
+
+def big_reads(s3: Any, bufsize: int) -> None:
+    """Give the client's aiohttp session a larger read buffer (pause threshold 2x this)."""
+    hs = s3._endpoint.http_session
+    orig = hs._get_session
+
+    async def get_session(proxy_url: Any) -> Any:
+        sess = await orig(proxy_url)
+        sess._read_bufsize = bufsize
+        return sess
+
+    hs._get_session = get_session
+
+
+async def pooled(ep: str, m: Manifest, work: Any, par: int, land: bool, bufsize: int) -> None:
+    ss = StoreSettings(f"s3://{bp.BUCKET}/p", endpoint_url=ep, max_concurrency=par)
+    cache_dir = work / "cache"
+    import shutil
+
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache = HostCache(cache_dir, 64 << 30)
+    sizes = m.chunk_sizes()
+    order = list(dict.fromkeys(c for f in m.files for c in f.chunks if c in sizes))
+    async with open_store(ss) as st:
+        assert isinstance(st, S3Store)
+        cl = st._client
+        if bufsize:
+            big_reads(cl, bufsize)
+        free: list[bytearray] = []
+        bufs = asyncio.Semaphore(2 * par)
+        sem = asyncio.Semaphore(par)
+
+        async def one(d: str) -> None:
+            await bufs.acquire()
+            buf = free.pop() if free else bytearray(m.chunk_bytes)
+            try:
+                view = memoryview(buf)
+                async with sem:
+                    r = await cl.get_object(Bucket=bp.BUCKET, Key=f"p/{chunk_key(d)}")
+                    pos = 0
+                    async with r["Body"] as body:
+                        content = body.content
+                        while True:
+                            b, _ = await content.readchunk()
+                            if not b:
+                                break
+                            view[pos : pos + len(b)] = b
+                            pos += len(b)
+                if land:
+                    await cache.insert(d, view[:pos])
+            finally:
+                free.append(buf)
+                bufs.release()
+
+        await asyncio.gather(*(one(d) for d in order))
+
+
+async def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--pars", default="8,16")
+    ap.add_argument("--mib", type=int, default=1024)
+    ap.add_argument("--mallopt", action="store_true")
+    a = ap.parse_args()
+    if a.mallopt:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 64 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    async with bp.moto_with_image(a.mib) as (moto_pid, ep, m, work):
+        ds = sorted(m.digests())
+        gb = m.unique_bytes / 1e9
+        for par in [int(x) for x in a.pars.split(",")]:
+            variants: dict[str, Callable[[], Awaitable[object]]] = {
+                "plain": functools.partial(bp.plain_download, ep, "p", ds, par),
+                "prefetch": functools.partial(bp.prefetch_once, ep, "p", m, work, par),
+                "pool, no landing": functools.partial(pooled, ep, m, work, par, False, 0),
+                "pool + landing": functools.partial(pooled, ep, m, work, par, True, 0),
+                "pool + landing, 4 MiB reads": functools.partial(pooled, ep, m, work, par, True, 4 << 20),
+            }
+            res: dict[str, list[tuple[float, float, float, float, float]]] = {k: [] for k in variants}
+            for r in range(a.rounds):
+                for k in list(variants) if r % 2 == 0 else list(reversed(variants)):
+                    t0, c0, p0 = time.monotonic(), time.thread_time(), time.process_time()
+                    mc0, f0 = procs.cpu_seconds(moto_pid), minflt()
+                    await variants[k]()
+                    dt = time.monotonic() - t0
+                    moto_s = procs.cpu_seconds(moto_pid) - mc0
+                    cpu = ((time.thread_time() - c0) / gb, (time.process_time() - p0) / gb)
+                    res[k].append((gb / dt * 1e3, *cpu, moto_s / gb, (minflt() - f0) / gb))
+                    await asyncio.sleep(0.2)
+            base = statistics.median(x[0] for x in res["plain"])
+            print(f"-- {par} in parallel, mallopt={a.mallopt}, {a.rounds} rounds, medians")
+            for k, v in res.items():
+                med = [statistics.median(x[i] for x in v) for i in range(5)]
+                print(f"{k:30} {med[0]:6.0f} MB/s ({med[0] / base:.2f}x)  best {max(x[0] for x in v):6.0f}  "
+                      f"main CPU {med[1]:.2f} s/GB  all threads {med[2]:.2f}  moto {med[3]:.2f}  "
+                      f"faults/GB {med[4]:.0f}  runs {[round(x[0]) for x in v]}", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    import uvloop
+
+    uvloop.run(main())
