@@ -155,18 +155,20 @@ class Prefetcher:
             st["corrupt_hits"] += 1
             return False
 
-        async def land(d: str, view: memoryview) -> None:
-            """Verify and cache a fetched chunk; one that arrived corrupt is fetched once more."""
+        async def land(d: str, buf: memoryview, n: int | None) -> None:
+            """Verify and cache a fetched chunk (the first `n` bytes of `buf`; None: it came larger
+            than the manifest says). One that arrived corrupt is fetched once more."""
             try:
-                await self.cache.insert(d, view)
+                if n is None:
+                    raise ChunkError(d, "larger than the manifest says")
+                await self.cache.insert(d, buf[:n])
             except ChunkError:
                 st["refetched"] += 1
                 log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
                 try:
-                    await self.store.get_chunk_into(d, view)
-                    await self.cache.insert(d, view)
-                except ChunkError:
-                    raise ChunkError(d, "corrupt in the store: it hashed wrong twice") from None
+                    await self.cache.insert(d, buf[: await self.store.get_chunk_into(d, buf)])
+                except ChunkError as e:
+                    raise ChunkError(d, f"corrupt in the store, twice: {e.reason}") from None
             st["fetched"] += sizes[d]
             st["chunks_fetched"] += 1
             st["done"] += 1
@@ -193,16 +195,19 @@ class Prefetcher:
                     if await good_hit(d):
                         return
             buf = await pool.take()
+            view = memoryview(buf)[: sizes[d]]
             try:
                 async with fetch_slots:
                     if failed:
                         raise failed[0]
-                    view = memoryview(buf)[: sizes[d]]
-                    n = await self.store.get_chunk_into(d, view)
+                    try:
+                        n: int | None = await self.store.get_chunk_into(d, view)
+                    except ChunkError:
+                        n = None  # too big: landing fetches it once more, like one that hashes wrong
             except BaseException:
                 pool.give(buf)
                 raise
-            t = asyncio.create_task(land(d, view[:n]))
+            t = asyncio.create_task(land(d, view, n))
             landings.add(t)
 
             def landed(t: asyncio.Task[None]) -> None:

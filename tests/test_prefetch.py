@@ -150,11 +150,13 @@ async def test_corrupt_chunk_in_store_is_refetched_once_then_reported(
 ) -> None:
     m, _ = await uploaded(store, image_dir)
     bad = sorted(m.digests())[0]
-    await store.put_chunk(bad, b"bit rot" * 100)
+    rotten = bytearray(await store.get_chunk(bad))
+    rotten[len(rotten) // 2] ^= 0x01  # same size, one bit off
+    await store.put_chunk(bad, bytes(rotten))
     cache = HostCache(tmp_path / "cache", 1 << 30)
     counts = count_gets(store)
     try:
-        with pytest.raises(ChunkError, match="hashed wrong twice") as ei:
+        with pytest.raises(ChunkError, match=r"corrupt in the store, twice: .* hash to") as ei:
             await Prefetcher(store, cache).prefetch(m)
     finally:
         del store.get_chunk_into
@@ -167,7 +169,7 @@ async def test_corrupt_chunk_in_store_is_refetched_once_then_reported(
 
 
 @pytest.mark.criu
-async def test_chunk_larger_in_the_store_than_the_manifest_says_is_refused(
+async def test_chunk_larger_in_the_store_than_the_manifest_says_is_refetched_once_then_refused(
     store: ChunkStore, image_dir: Path, tmp_path: Path
 ) -> None:
     m, _ = await uploaded(store, image_dir)
@@ -175,11 +177,41 @@ async def test_chunk_larger_in_the_store_than_the_manifest_says_is_refused(
     bad = max(sizes, key=lambda d: sizes[d])
     await store.put_chunk(bad, os.urandom(sizes[bad] + 1))
     cache = HostCache(tmp_path / "cache", 1 << 30)
-    why = f"{sizes[bad] + 1} bytes, more than the {sizes[bad]} expected"
-    with pytest.raises(ChunkError, match=why) as ei:
-        await Prefetcher(store, cache).prefetch(m)
-    assert ei.value.digest == bad and bad not in cache
+    counts = count_gets(store)
+    why = f"corrupt in the store, twice: .*{sizes[bad] + 1} bytes, more than the {sizes[bad]} expected"
+    try:
+        with pytest.raises(ChunkError, match=why) as ei:
+            await Prefetcher(store, cache).prefetch(m)
+    finally:
+        del store.get_chunk_into
+    assert ei.value.digest == bad and counts[bad] == 2 and bad not in cache
     cache_is_clean(cache)
+
+
+@pytest.mark.criu
+async def test_chunk_that_arrived_short_is_fetched_again_whole(
+    store: ChunkStore, image_dir: Path, tmp_path: Path
+) -> None:
+    m, _ = await uploaded(store, image_dir)
+    sizes = m.chunk_sizes()
+    bad = max(sizes, key=lambda d: sizes[d])
+    orig = store.get_chunk_into
+    calls: list[int] = []
+
+    async def short_once(d: str, buf: memoryview) -> int:
+        n = await orig(d, buf)
+        if d == bad:
+            calls.append(len(buf))
+            if len(calls) == 1:
+                return n // 2  # as if the first body had ended half-way
+        return n
+
+    store.get_chunk_into = short_once  # type: ignore[method-assign,assignment]
+    try:
+        rep = await Prefetcher(store, HostCache(tmp_path / "cache", 1 << 30)).prefetch(m)
+    finally:
+        del store.get_chunk_into
+    assert rep.refetched == 1 and calls == [sizes[bad], sizes[bad]]  # the second read had room for all
 
 
 async def test_chunk_buffers_are_reused_and_bounded() -> None:
