@@ -1,7 +1,8 @@
 """Investigation only: does the prefetch client's memory churn (a fresh 8 MiB bytes a chunk, freed
 after landing) or aiohttp's 64 KiB read buffer cost it against a plain download from moto?
 Variants alternate (ABBA) over rounds; medians reported. --mallopt fixes glibc's mmap/trim
-thresholds first. Usage: python -m bench.prefetch_alloc [--rounds N] [--pars 8,16] [--mallopt]"""
+thresholds first. Usage: python -m bench.prefetch_alloc [--rounds N] [--pars 8,16] [--mallopt]
+[--only "plain,prefetch,blocks as received + landing"]"""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ import argparse
 import asyncio
 import ctypes
 import functools
+import hashlib
+import os
+import shutil
 import statistics
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,7 +25,7 @@ from snapscale.shared import procs
 from snapscale.shared.cache import HostCache
 from snapscale.shared.manifest import Manifest
 from snapscale.shared.settings import StoreSettings
-from snapscale.shared.store import chunk_key, open_store
+from snapscale.shared.store import ChunkError, chunk_key, open_store
 from snapscale.shared.store_s3 import S3Store
 
 
@@ -40,8 +45,6 @@ def big_reads(s3: Any, bufsize: int) -> None:
 async def pooled(ep: str, m: Manifest, work: Any, par: int, land: bool, bufsize: int) -> None:
     ss = StoreSettings(f"s3://{bp.BUCKET}/p", endpoint_url=ep, max_concurrency=par)
     cache_dir = work / "cache"
-    import shutil
-
     shutil.rmtree(cache_dir, ignore_errors=True)
     cache = HostCache(cache_dir, 64 << 30)
     sizes = m.chunk_sizes()
@@ -80,12 +83,71 @@ async def pooled(ep: str, m: Manifest, work: Any, par: int, land: bool, bufsize:
         await asyncio.gather(*(one(d) for d in order))
 
 
+def land_blocks(cache: HostCache, d: str, blocks: list[bytes]) -> None:
+    """On a thread: hash the blocks as received and write them with writev (temp + rename, as the
+    cache does): the event loop never copies the body."""
+    h = hashlib.sha256()
+    for b in blocks:
+        h.update(b)
+    if h.hexdigest() != d:
+        raise ChunkError(d, "hashed wrong")
+    tmp = cache.root / "tmp" / f"{d}.{uuid.uuid4().hex}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        left = sum(len(b) for b in blocks)
+        views = [memoryview(b) for b in blocks]
+        while left:
+            n = os.writev(fd, views[:1024])  # IOV_MAX
+            left -= n
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+    finally:
+        os.close(fd)
+    os.rename(tmp, cache.path(d))
+
+
+async def blocks_as_received(ep: str, m: Manifest, work: Any, par: int) -> None:
+    """Untried on the GPU machine: the body kept as aiohttp's blocks (no copy on the event loop,
+    where plain's bytes.join makes one) and landed by `land_blocks` on a thread."""
+    cache_dir = work / "cache"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    cache = HostCache(cache_dir, 64 << 30)
+    sizes = m.chunk_sizes()
+    order = list(dict.fromkeys(c for f in m.files for c in f.chunks if c in sizes))
+    ss = StoreSettings(f"s3://{bp.BUCKET}/p", endpoint_url=ep, max_concurrency=par)
+    loop = asyncio.get_running_loop()
+    async with open_store(ss) as st:
+        assert isinstance(st, S3Store)
+        cl = st._client
+        held = asyncio.Semaphore(2 * par)  # chunks in memory, as the Prefetcher's buffers bound them
+        sem = asyncio.Semaphore(par)
+
+        async def one(d: str) -> None:
+            async with held:
+                async with sem:
+                    r = await cl.get_object(Bucket=bp.BUCKET, Key=f"p/{chunk_key(d)}")
+                    blocks: list[bytes] = []
+                    async with r["Body"] as body:
+                        while True:
+                            b, _ = await body.content.readchunk()
+                            if not b:
+                                break
+                            blocks.append(b)
+                await loop.run_in_executor(None, land_blocks, cache, d, blocks)
+
+        await asyncio.gather(*(one(d) for d in order))
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--pars", default="8,16")
     ap.add_argument("--mib", type=int, default=1024)
     ap.add_argument("--mallopt", action="store_true")
+    ap.add_argument("--only", default="", help="comma-separated variant names to run (plain is the base)")
     a = ap.parse_args()
     if a.mallopt:
         libc = ctypes.CDLL("libc.so.6")
@@ -101,7 +163,10 @@ async def main() -> None:
                 "pool, no landing": functools.partial(pooled, ep, m, work, par, False, 0),
                 "pool + landing": functools.partial(pooled, ep, m, work, par, True, 0),
                 "pool + landing, 4 MiB reads": functools.partial(pooled, ep, m, work, par, True, 4 << 20),
+                "blocks as received + landing": functools.partial(blocks_as_received, ep, m, work, par),
             }
+            if a.only:
+                variants = {k: v for k, v in variants.items() if k in a.only.split(",")}
             res: dict[str, list[tuple[float, float, float, float, float]]] = {k: [] for k in variants}
             for r in range(a.rounds):
                 for k in list(variants) if r % 2 == 0 else list(reversed(variants)):
