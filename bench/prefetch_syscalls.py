@@ -14,7 +14,7 @@ import os
 import re
 
 import bench.prefetch as bp
-from bench.prefetch_alloc import blocks_as_received
+from bench.prefetch_alloc import LeanCache, blocks_as_received
 from bench.prefetch_isolate import Partial
 
 CALLS = "futex,epoll_wait,epoll_pwait,read,recvfrom,write,writev,brk,mmap,munmap"
@@ -23,7 +23,7 @@ CUT = {"neither": (False, False), "hash": (True, False), "write": (False, True)}
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    what = "plain, prefetch, blocks, or neither/hash/write: the Prefetcher landing that much"
+    what = "plain, prefetch, lean (LeanCache), blocks, or neither/hash/write (Prefetcher landing that much)"
     default = ["plain", "prefetch", "neither", "hash", "write"]
     ap.add_argument("variants", nargs="*", default=default, help=what)
     ap.add_argument("--mib", type=int, default=256)
@@ -44,6 +44,8 @@ async def main() -> None:
                     await bp.plain_download(ep, "p", ds, a.par)
                 elif v == "blocks":
                     await blocks_as_received(ep, m, work, a.par)
+                elif v == "lean":
+                    await bp.prefetch_once(ep, "p", m, work, a.par, LeanCache)
                 elif v == "prefetch":
                     await bp.prefetch_once(ep, "p", m, work, a.par)
                 else:
