@@ -2,7 +2,7 @@
 after landing) or aiohttp's 64 KiB read buffer cost it against a plain download from moto?
 Variants alternate (ABBA) over rounds; medians reported. --mallopt fixes glibc's mmap/trim
 thresholds first. Usage: python -m bench.prefetch_alloc [--rounds N] [--pars 8,16] [--mallopt]
-[--only "plain,prefetch,prefetch, lean cache write,blocks as received + landing"]"""
+[--only "plain,prefetch,prefetch + lean cache write,blocks as received + landing"]"""
 
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ async def main() -> None:
                 "pool + landing": functools.partial(pooled, ep, m, work, par, True, 0),
                 "pool + landing, 4 MiB reads": functools.partial(pooled, ep, m, work, par, True, 4 << 20),
                 "blocks as received + landing": functools.partial(blocks_as_received, ep, m, work, par),
-                "prefetch, lean cache write": functools.partial(bp.prefetch_once, ep, "p", m, work, par, LeanCache),  # noqa: E501
+                "prefetch + lean cache write": functools.partial(bp.prefetch_once, ep, "p", m, work, par, LeanCache),  # noqa: E501
             }
             if a.only:
                 variants = {k: v for k, v in variants.items() if k in a.only.split(",")}
