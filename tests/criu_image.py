@@ -5,10 +5,10 @@ The process holds random bytes (unique chunks), zeros (zero chunks) and a repeat
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+from criu_procs import criu_dump, python_child
 
 from snapscale.shared.criu import CriuBinary
 
@@ -30,30 +30,11 @@ def dump_image(criu: CriuBinary, work: Path) -> Path:
     ready = work / "ready"
     images = work / "images"
     images.mkdir(parents=True)
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(ready)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
+    with python_child(CHILD, str(ready)) as (child, _pids):
         deadline = time.monotonic() + 20
         while not ready.exists():
             if time.monotonic() > deadline:
                 raise TimeoutError("child never got ready")
             time.sleep(0.02)
-        dump = subprocess.run(
-            [criu.path, "dump", "-t", str(child.pid), "-D", str(images), "-o", str(work / "dump.log")],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        if dump.returncode != 0:
-            raise RuntimeError((work / "dump.log").read_text()[-3000:])
-    finally:
-        if child.poll() is None:
-            child.kill()
-        child.wait(10)
+        criu_dump(criu, child.pid, images, log=work / "dump.log")  # the image dir: CRIU's files only
     return images

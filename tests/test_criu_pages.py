@@ -3,16 +3,11 @@ dumped, compacted and restored, whose memory must come back the same, zeros incl
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_criu_smoke import criu_dump, criu_restore, read_status
+from criu_procs import criu_dump, criu_restore, python_child, read_status
 
 from snapscale.shared import criu_pages as cp
 from snapscale.shared.criu import CriuBinary
@@ -98,15 +93,7 @@ while True:
 def test_a_compacted_image_restores_the_same_memory(criu: CriuBinary, tmp_path: Path) -> None:
     status, images = tmp_path / "status", tmp_path / "images"
     images.mkdir()
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(status), str(tmp_path / "backing")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    restored = None
-    try:
+    with python_child(CHILD, str(status), str(tmp_path / "backing")) as (child, pids):
         _, before, state = read_status(status)
         assert state.endswith("-True")
         criu_dump(criu, child.pid, images)
@@ -122,17 +109,10 @@ def test_a_compacted_image_restores_the_same_memory(criu: CriuBinary, tmp_path: 
         assert pages == report.bytes_after
         assert cp.drop_zero_pages(images).bytes_dropped == 0  # nothing left to drop
 
-        restored = criu_restore(criu, images, tmp_path / "pid")
+        pids.append(criu_restore(criu, images, tmp_path / "pid"))
         _, after, state2 = read_status(status, after=at_dump)
         assert after > at_dump >= before
         assert state2 == state  # random bytes intact, zeros zero, the private mapping not the file's
-    finally:
-        for p in (restored, child.pid):
-            if p is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, signal.SIGKILL)
-        if child.poll() is None:
-            child.wait(10)
 
 
 FORKED = r"""
@@ -168,15 +148,7 @@ def test_zero_pages_of_a_parent_and_its_forked_child_restore_right(criu: CriuBin
     page dropped from either side must still come back as zeros, and the other side's data intact."""
     status, images = tmp_path / "status", tmp_path / "images"
     images.mkdir()
-    parent = subprocess.Popen(
-        [sys.executable, "-c", FORKED, str(status)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    pids: list[int] = [parent.pid]
-    try:
+    with python_child(FORKED, str(status)) as (parent, pids):
         before = {who: read_status(Path(f"{status}.{who}")) for who in ("parent", "child")}
         pids.append(before["child"][0])
         assert all(s[2].endswith("-True") for s in before.values())
@@ -197,9 +169,3 @@ def test_zero_pages_of_a_parent_and_its_forked_child_restore_right(criu: CriuBin
             _, counter, state = read_status(Path(f"{status}.{who}"), after=at_dump[who])
             assert counter > at_dump[who]
             assert state == before[who][2], who  # the same bytes, zeros and all
-    finally:
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, signal.SIGKILL)
-        if parent.poll() is None:
-            parent.wait(10)
