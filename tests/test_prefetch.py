@@ -5,6 +5,7 @@ prefetch leaves no partial chunk in the cache."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import filecmp
 import hashlib
@@ -14,7 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -62,17 +63,33 @@ def cache_is_clean(cache: HostCache) -> None:
     assert set(on_disk) == set(cache.digests())
 
 
-def count_gets(st: ChunkStore) -> dict[str, int]:
-    """Count get_chunk_into calls on the real store (instance attribute; remove with `del`)."""
+GetInto = Callable[[str, memoryview], Awaitable[int]]
+
+
+@contextlib.contextmanager
+def wrapped_gets(st: ChunkStore, wrap: Callable[[GetInto], GetInto]) -> Iterator[None]:
+    """The real store's get_chunk_into goes through `wrap(original)` for the block."""
+    st.get_chunk_into = wrap(st.get_chunk_into)  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        del st.get_chunk_into  # the instance attribute: the method shows through again
+
+
+@contextlib.contextmanager
+def counted_gets(st: ChunkStore) -> Iterator[dict[str, int]]:
+    """get_chunk_into calls on the real store by digest, for the block."""
     counts: dict[str, int] = {}
-    orig = st.get_chunk_into
 
-    async def counting(d: str, buf: memoryview) -> int:
-        counts[d] = counts.get(d, 0) + 1
-        return await orig(d, buf)
+    def wrap(orig: GetInto) -> GetInto:
+        async def counting(d: str, buf: memoryview) -> int:
+            counts[d] = counts.get(d, 0) + 1
+            return await orig(d, buf)
 
-    st.get_chunk_into = counting  # type: ignore[method-assign,assignment]
-    return counts
+        return counting
+
+    with wrapped_gets(st, wrap):
+        yield counts
 
 
 @pytest.mark.criu
@@ -154,12 +171,9 @@ async def test_corrupt_chunk_in_store_is_refetched_once_then_reported(
     rotten[len(rotten) // 2] ^= 0x01  # same size, one bit off
     await store.put_chunk(bad, bytes(rotten))
     cache = HostCache(tmp_path / "cache", 1 << 30)
-    counts = count_gets(store)
-    try:
-        with pytest.raises(ChunkError, match=r"corrupt in the store, twice: .* hash to") as ei:
-            await Prefetcher(store, cache).prefetch(m)
-    finally:
-        del store.get_chunk_into
+    why = r"corrupt in the store, twice: .* hash to"
+    with counted_gets(store) as counts, pytest.raises(ChunkError, match=why) as ei:
+        await Prefetcher(store, cache).prefetch(m)
     assert ei.value.digest == bad and counts[bad] == 2
     assert bad not in cache
     cache_is_clean(cache)
@@ -177,13 +191,9 @@ async def test_chunk_larger_in_the_store_than_the_manifest_says_is_refetched_onc
     bad = max(sizes, key=lambda d: sizes[d])
     await store.put_chunk(bad, os.urandom(sizes[bad] + 1))
     cache = HostCache(tmp_path / "cache", 1 << 30)
-    counts = count_gets(store)
     why = f"corrupt in the store, twice: .*{sizes[bad] + 1} bytes, more than the {sizes[bad]} expected"
-    try:
-        with pytest.raises(ChunkError, match=why) as ei:
-            await Prefetcher(store, cache).prefetch(m)
-    finally:
-        del store.get_chunk_into
+    with counted_gets(store) as counts, pytest.raises(ChunkError, match=why) as ei:
+        await Prefetcher(store, cache).prefetch(m)
     assert ei.value.digest == bad and counts[bad] == 2 and bad not in cache
     cache_is_clean(cache)
 
@@ -195,22 +205,21 @@ async def test_chunk_that_arrived_short_is_fetched_again_whole(
     m, _ = await uploaded(store, image_dir)
     sizes = m.chunk_sizes()
     bad = max(sizes, key=lambda d: sizes[d])
-    orig = store.get_chunk_into
     calls: list[int] = []
 
-    async def short_once(d: str, buf: memoryview) -> int:
-        n = await orig(d, buf)
-        if d == bad:
-            calls.append(len(buf))
-            if len(calls) == 1:
-                return n // 2  # as if the first body had ended half-way
-        return n
+    def short_once(orig: GetInto) -> GetInto:
+        async def get(d: str, buf: memoryview) -> int:
+            n = await orig(d, buf)
+            if d == bad:
+                calls.append(len(buf))
+                if len(calls) == 1:
+                    return n // 2  # as if the first body had ended half-way
+            return n
 
-    store.get_chunk_into = short_once  # type: ignore[method-assign,assignment]
-    try:
+        return get
+
+    with wrapped_gets(store, short_once):
         rep = await Prefetcher(store, HostCache(tmp_path / "cache", 1 << 30)).prefetch(m)
-    finally:
-        del store.get_chunk_into
     assert rep.refetched == 1 and calls == [sizes[bad], sizes[bad]]  # the second read had room for all
 
 
@@ -245,12 +254,8 @@ async def test_checkpoint_bigger_than_the_cache_is_refused_up_front(
 ) -> None:
     m, _ = await uploaded(store, image_dir)
     cache = HostCache(tmp_path / "cache", m.unique_bytes - 1)
-    counts = count_gets(store)
-    try:
-        with pytest.raises(ConfigError, match="SNAPSCALE_CACHE_BYTES"):
-            await Prefetcher(store, cache).prefetch(m)
-    finally:
-        del store.get_chunk_into
+    with counted_gets(store) as counts, pytest.raises(ConfigError, match="SNAPSCALE_CACHE_BYTES"):
+        await Prefetcher(store, cache).prefetch(m)
     assert counts == {} and len(cache) == 0
 
 
@@ -438,21 +443,22 @@ async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
     in_flight = 0
     at_start: list[int] = []  # GETs in flight as each one starts, itself included
     all_in = asyncio.Event()
-    orig = proxied_store.get_chunk_into
 
-    async def counting(d: str, buf: memoryview) -> int:
-        nonlocal in_flight
-        in_flight += 1
-        at_start.append(in_flight)
-        try:
-            return await orig(d, buf)
-        finally:
-            in_flight -= 1
-            if in_flight == 0 and len(at_start) == len(m.digests()):
-                all_in.set()
+    def counting(orig: GetInto) -> GetInto:
+        async def get(d: str, buf: memoryview) -> int:
+            nonlocal in_flight
+            in_flight += 1
+            at_start.append(in_flight)
+            try:
+                return await orig(d, buf)
+            finally:
+                in_flight -= 1
+                if in_flight == 0 and len(at_start) == len(m.digests()):
+                    all_in.set()
 
-    proxied_store.get_chunk_into = counting  # type: ignore[method-assign,assignment]
-    try:
+        return get
+
+    with wrapped_gets(proxied_store, counting):
         cache = FirstLandsLate(tmp_path / "cache", 1 << 30)
         task = asyncio.create_task(Prefetcher(proxied_store, cache, concurrency=2).prefetch(m))
         await asyncio.wait_for(all_in.wait(), 30)
@@ -462,8 +468,6 @@ async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
         assert later.count(2) >= len(later) - 2, at_start
         release.set()
         rep = await task
-    finally:
-        del proxied_store.get_chunk_into
     assert rep.chunks_fetched == len(m.digests())
     cache_is_clean(cache)
 
