@@ -151,12 +151,15 @@ async def prefetch_once(
     work: Path,
     concurrency: int,
     make_cache: Callable[[Path, int], HostCache] = HostCache,
+    direct_get: bool = True,
 ) -> Sample:
     """`Prefetcher.prefetch` into a fresh host cache (`make_cache(dir, budget)`: bench/prefetch_isolate.py
-    passes a cache that skips parts of the work)."""
+    passes a cache that skips parts of the work; `direct_get=False` reads bodies through aioboto3)."""
     cache_dir = work / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
-    ss = StoreSettings(f"s3://{BUCKET}/{prefix}", endpoint_url=endpoint, max_concurrency=concurrency)
+    ss = StoreSettings(
+        f"s3://{BUCKET}/{prefix}", endpoint_url=endpoint, max_concurrency=concurrency, direct_get=direct_get
+    )
     async with open_store(ss) as st:
         pf = Prefetcher(st, make_cache(cache_dir, 64 << 30), concurrency=concurrency)
         c0 = time.process_time()
@@ -415,9 +418,11 @@ Chunking + SHA-256 in threads ran at {hash_mb_s:.0f} MB/s; upload to moto at {up
 
 The "plain" rows are what one would write without snapscale: one aioboto3 client, `get_object`
 per chunk key, body read into memory and dropped (no hashing, no disk). "snapscale prefetch" is
-`Prefetcher.prefetch`: S3Store (semaphore, throttle, retries), SHA-256 of every chunk, temp file
-+ rename into a fresh host cache on disk. "client CPU s/GB" is the benchmark process's CPU time
-(all its threads) per GB moved, the least of the runs: what verification and caching cost.
+`Prefetcher.prefetch`: S3Store (semaphore, throttle, retries; each chunk a GET by presigned URL
+whose body the kernel writes straight into one of the Prefetcher's buffers, `shared/httpget.py`),
+SHA-256 of every chunk, temp file + rename into a fresh host cache on disk. "client CPU s/GB" is
+the benchmark process's CPU time (all its threads) per GB moved, the least of the runs: what
+verification and caching cost.
 
 ## Setting 1: moto's S3 server on loopback, as it is
 

@@ -2,7 +2,9 @@
 after landing) or aiohttp's 64 KiB read buffer cost it against a plain download from moto?
 Variants alternate (ABBA) over rounds; medians reported. --mallopt fixes glibc's mmap/trim
 thresholds first. Usage: python -m bench.prefetch_alloc [--rounds N] [--pars 8,16] [--mallopt]
-[--only "plain,prefetch,prefetch + lean cache write,blocks as received + landing"]"""
+[--only "plain,prefetch,prefetch + lean cache write,blocks as received + landing"]
+"prefetch" reads bodies straight into its buffers (shared/httpget.py); "prefetch, bodies through
+aioboto3" is the same with SNAPSCALE_S3_DIRECT_GET=0."""
 
 from __future__ import annotations
 
@@ -180,6 +182,9 @@ async def main() -> None:
             variants: dict[str, Callable[[], Awaitable[object]]] = {
                 "plain": functools.partial(bp.plain_download, ep, "p", ds, par),
                 "prefetch": functools.partial(bp.prefetch_once, ep, "p", m, work, par),
+                "prefetch, bodies through aioboto3": functools.partial(
+                    bp.prefetch_once, ep, "p", m, work, par, HostCache, False
+                ),
                 "pool, no landing": functools.partial(pooled, ep, m, work, par, False, 0),
                 "pool + landing": functools.partial(pooled, ep, m, work, par, True, 0),
                 "pool + landing, 4 MiB reads": functools.partial(pooled, ep, m, work, par, True, 4 << 20),

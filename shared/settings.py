@@ -28,6 +28,7 @@ class StoreSettings:
     region: str = "us-east-1"
     max_concurrency: int = 32
     max_requests_per_s: float = 2000.0
+    direct_get: bool = True  # chunk bodies read straight into buffers (shared/httpget.py)
 
     @property
     def scheme(self) -> str:
@@ -95,6 +96,7 @@ class Settings:
             region=e.get("AWS_DEFAULT_REGION") or e.get("AWS_REGION") or "us-east-1",
             max_concurrency=_int(e, "SNAPSCALE_STORE_CONCURRENCY", 32),
             max_requests_per_s=float(_int(e, "SNAPSCALE_STORE_RPS", 2000)),
+            direct_get=_bool(e, "SNAPSCALE_S3_DIRECT_GET", True),
         )
         kw: dict[str, object] = dict(
             nats_url=e.get("SNAPSCALE_NATS_URL", DEFAULT_NATS_URL),
@@ -112,6 +114,17 @@ class Settings:
         )
         kw.update(overrides)
         return cls(**kw)  # type: ignore[arg-type]
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: say 1 or 0")
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

@@ -10,6 +10,8 @@ import asyncio
 import logging
 import random
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from aiobotocore.config import AioConfig
 from asyncio_throttle.throttler import Throttler
 from botocore import exceptions as bex
 
+from snapscale.shared import httpget
 from snapscale.shared.settings import StoreSettings
 from snapscale.shared.store import (
     ChunkStore,
@@ -73,16 +76,27 @@ def classify(e: BaseException) -> str:
     """'not_found', 'retry' or 'fatal' for an exception raised by a client call."""
     if isinstance(e, bex.ClientError):
         err = e.response.get("Error", {})
-        code = str(err.get("Code", ""))
         status = int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-        if code in _NOT_FOUND_CODES or status == 404:
-            return "not_found"
-        if code in _RETRY_CODES or status >= 500 or status == 429:
-            return "retry"
-        return "fatal"
+        return _classify_status(status, str(err.get("Code", "")))
+    if isinstance(e, httpget.HttpStatusError):
+        return _classify_status(e.status, e.code)
     if isinstance(e, _TRANSIENT):
         return "retry"
     return "fatal"
+
+
+def _classify_status(status: int, code: str) -> str:
+    if code in _NOT_FOUND_CODES or status == 404:
+        return "not_found"
+    if code in _RETRY_CODES or status >= 500 or status == 429:
+        return "retry"
+    return "fatal"
+
+
+def proxied(url: str) -> bool:
+    """The environment sends `url` through an HTTP proxy (HTTP(S)_PROXY, less NO_PROXY)."""
+    u = urllib.parse.urlsplit(url)
+    return u.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(u.netloc)
 
 
 class S3Store(ChunkStore):
@@ -98,6 +112,10 @@ class S3Store(ChunkStore):
         self._throttle = Throttler(rate_limit=max(1, int(settings.max_requests_per_s)), period=1.0)
         self.description = settings.url + (f" at {settings.endpoint_url}" if settings.endpoint_url else "")
         self.retries = 0  # retried calls, for reports and tests
+        # Chunk GETs read straight into the caller's buffer (see httpget); None: through aioboto3.
+        self._direct: httpget.HttpGetter | None = None
+        if settings.direct_get:
+            self._direct = httpget.HttpGetter(max_idle=settings.max_concurrency)
 
     @classmethod
     async def open(cls, settings: StoreSettings, retry: RetryPolicy | None = None) -> S3Store:
@@ -118,7 +136,14 @@ class S3Store(ChunkStore):
         return cls(client, stack, settings, retry or RetryPolicy())
 
     async def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         await self._stack.aclose()
+
+    @property
+    def direct_stats(self) -> httpget.GetterStats | None:
+        """Connections and requests of the direct chunk GETs; None while they are off."""
+        return self._direct.stats if self._direct is not None else None
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -131,7 +156,8 @@ class S3Store(ChunkStore):
                 async with self._sem, self._throttle:
                     return await op()
             except Exception as e:
-                if isinstance(e, StoreError):  # ours, raised inside `op`: already says what is wrong
+                # Ours, raised inside `op`: already says what is wrong, or asks for another path.
+                if isinstance(e, (StoreError, httpget.UnsupportedResponse)):
                     raise
                 kind = classify(e)
                 if kind == "not_found":
@@ -167,8 +193,18 @@ class S3Store(ChunkStore):
         return await self._call("get", key, op)
 
     async def get_into(self, key: str, buf: memoryview) -> int:
-        """The body copied into `buf` block by block as it arrives: no allocation the size of the
-        object (`get` + `bytes.join` needs one a call, and frees it only after the caller is done)."""
+        """The body read into `buf`: by `httpget` through a presigned URL (the kernel writes it
+        into `buf`, no other copy), or else block by block from aioboto3's stream. Either way no
+        allocation the size of the object (`get` + `bytes.join` needs one a call)."""
+        getter = self._direct
+        if getter is not None:
+            try:
+                return await self._call("get", key, lambda: self._direct_get(getter, key, buf))
+            except httpget.UnsupportedResponse as e:
+                # Not retried, not fatal: this client cannot read what the server sends, aioboto3 can.
+                log.warning("S3 direct GETs off for %s (%s); chunks go through aioboto3", self.description, e)
+                self._direct = None
+                getter.close()
 
         async def op() -> int:
             resp = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -192,6 +228,18 @@ class S3Store(ChunkStore):
             return pos
 
         return await self._call("get", key, op)
+
+    async def _direct_get(self, getter: httpget.HttpGetter, key: str, buf: memoryview) -> int:
+        url = await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=900
+        )
+        if proxied(url):
+            host = urllib.parse.urlsplit(url).netloc
+            raise httpget.UnsupportedResponse(f"an HTTP proxy is set for {host} (not in NO_PROXY)")
+        try:
+            return await getter.get_into(url, buf)
+        except httpget.BodyTooBig as e:
+            raise TooBigError(f"{key}: {e}") from None
 
     async def touch(self, key: str) -> bool:
         k = self._key(key)

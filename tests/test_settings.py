@@ -22,6 +22,7 @@ def test_from_env_reads_everything() -> None:
             "SNAPSCALE_CACHE_DIR": "/tmp/c",
             "SNAPSCALE_HOST_ID": "gpu-7",
             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+            "SNAPSCALE_S3_DIRECT_GET": "0",
         }
     )
     assert s.nats_url == "nats://n:4222"
@@ -31,6 +32,7 @@ def test_from_env_reads_everything() -> None:
     assert s.cache_dir == Path("/tmp/c")
     assert s.host_id == "gpu-7"
     assert s.otlp_endpoint == "http://127.0.0.1:4318"
+    assert not s.store.direct_get and Settings.from_env({}).store.direct_get
 
 
 @pytest.mark.parametrize(
@@ -40,6 +42,7 @@ def test_from_env_reads_everything() -> None:
         ({"SNAPSCALE_STORE": "s3:///nobucket"}, "needs a bucket"),
         ({"SNAPSCALE_STORE": "file://relative"}, "absolute path"),
         ({"SNAPSCALE_CACHE_BYTES": "lots"}, "not an integer"),
+        ({"SNAPSCALE_S3_DIRECT_GET": "maybe"}, "say 1 or 0"),
     ],
 )
 def test_bad_env_is_a_config_error(env: dict[str, str], needle: str) -> None:

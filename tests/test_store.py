@@ -28,7 +28,7 @@ from snapscale.shared.store import (
     manifest_key,
 )
 from snapscale.shared.store_local import LocalStore
-from snapscale.shared.store_s3 import RetryPolicy, S3Store
+from snapscale.shared.store_s3 import RetryPolicy, S3Store, proxied
 
 __all__ = ["image_dir", "proxied_store", "proxy", "store"]  # fixtures
 
@@ -305,3 +305,97 @@ async def test_s3_request_rate_and_concurrency_are_bounded(s3_settings: Settings
     assert proxy.stats.requests == 30
     assert elapsed >= 0.9  # 30 requests at 20/s: the last 10 wait for the first second to pass
     assert proxy.stats.max_in_flight <= 3
+
+
+async def test_s3_chunk_gets_read_straight_into_the_buffer_over_kept_connections(
+    proxied_store: S3Store, proxy: FaultProxy
+) -> None:
+    """Chunk GETs go by presigned URL through httpget (the proxy keeps connections open, as a
+    remote object store does); its errors are retried, refused or not found like aioboto3's."""
+    chunks = [os.urandom(n) for n in (10, 300_000, 2_000_000)]
+    for c in chunks:
+        await proxied_store.put_chunk(digest(c), c)
+    stats = proxied_store.direct_stats
+    assert stats is not None
+    for c in chunks:
+        buf = bytearray(len(c))
+        assert await proxied_store.get_chunk_into(digest(c), memoryview(buf)) == len(c) and buf == c
+    assert (stats.requests, stats.connections, stats.reused) == (3, 1, 2)
+    proxy.fail_next(2, status=503, code=b"SlowDown", method="GET")
+    buf = bytearray(10)
+    assert await proxied_store.get_chunk_into(digest(chunks[0]), memoryview(buf)) == 10
+    assert proxied_store.retries == 2 and buf == chunks[0]
+    proxy.fail_next(1, status=403, code=b"AccessDenied", method="GET")
+    with pytest.raises(StoreError, match="HTTP 403 AccessDenied") as ei:
+        await proxied_store.get_chunk_into(digest(chunks[0]), memoryview(buf))
+    assert not isinstance(ei.value, RetryableStoreError) and proxied_store.retries == 2
+    with pytest.raises(NotFoundError):
+        await proxied_store.get_chunk_into("b" * 64, memoryview(buf))
+    assert proxied_store.direct_stats is stats  # still on
+
+
+async def test_s3_direct_gets_give_way_to_aioboto3_for_a_body_they_cannot_read(
+    s3_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that sends bodies chunked: the direct GET says so once, and the chunk still
+    arrives, read by aioboto3 (aiohttp reads chunked bodies)."""
+    gets = 0
+
+    async def serve(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        nonlocal gets
+        try:
+            while True:
+                await r.readuntil(b"\r\n\r\n")
+                gets += 1
+                w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+                await w.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            w.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    st = await S3Store.open(replace(s3_settings.store, endpoint_url=f"http://127.0.0.1:{port}"), FAST_RETRY)
+    try:
+        for _ in range(2):
+            buf = bytearray(8)
+            assert await st.get_chunk_into("c" * 64, memoryview(buf)) == 5 and buf[:5] == b"hello"
+            assert st.direct_stats is None
+    finally:
+        await st.close()
+        server.close()
+    assert gets == 3  # one direct GET, then aioboto3 for both
+    assert [r.getMessage() for r in caplog.records if "direct GETs off" in r.getMessage()] == [
+        f"S3 direct GETs off for {st.description} (a 200 without a Content-Length (chunked or to the end "
+        "of the stream)); chunks go through aioboto3"
+    ]
+
+
+def test_direct_gets_stay_off_where_the_environment_sets_a_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    assert not proxied("http://s3.internal:9000/b/k?sig=1")
+    monkeypatch.setenv("HTTP_PROXY", "http://user:secret@proxy.internal:3128")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    assert proxied("http://s3.internal:9000/b/k?sig=1")
+    assert not proxied("http://127.0.0.1:9000/b/k?sig=1")
+    assert not proxied("https://s3.internal/b/k")  # HTTPS_PROXY unset
+
+
+async def test_s3_chunk_gets_take_the_environments_proxy_through_aioboto3(
+    s3_settings: Settings, proxy: FaultProxy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k in ("http_proxy", "https_proxy", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.url)  # the fault proxy forwards absolute-URI requests too
+    st = await S3Store.open(s3_settings.store, FAST_RETRY)
+    try:
+        data = os.urandom(1000)
+        await st.put_chunk(digest(data), data)
+        buf = bytearray(1000)
+        assert await st.get_chunk_into(digest(data), memoryview(buf)) == 1000 and buf == data
+        assert st.direct_stats is None
+    finally:
+        await st.close()
+    assert proxy.stats.by_method == {"PUT": 1, "GET": 1}

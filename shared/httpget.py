@@ -1,0 +1,306 @@
+"""A minimal HTTP/1.1 GET that lands a response body straight in the caller's buffer.
+
+aiohttp hands a body over as `bytes` blocks: on the event-loop thread every block is copied from
+the transport's buffer into a `bytes`, again by the parser into a body piece, and once more by the
+caller. Here asyncio's `BufferedProtocol` has the kernel write the body into the caller's memory,
+and nothing else copies it. The S3 store fetches chunks this way (through a presigned URL, so
+aioboto3 still signs every request); everything else goes through aioboto3.
+
+Only what a GetObject response needs: a `200` with a Content-Length body, keep-alive connections
+reused per host, TLS through the default context. A response outside that is refused with
+`UnsupportedResponse`, an error status with `HttpStatusError` (its S3 error code parsed out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+import time
+from dataclasses import dataclass
+from typing import cast
+from urllib.parse import urlsplit
+
+HEAD_MAX = 64 << 10  # response head (status line + headers), and what is read beyond it at once
+ERROR_BODY_MAX = 64 << 10  # error bodies longer than this are not read (the connection is closed)
+_CODE_RE = re.compile(rb"<Code>([^<]{1,128})</Code>")
+_MESSAGE_RE = re.compile(rb"<Message>([^<]{0,512})</Message>")
+
+
+class HttpStatusError(Exception):
+    """The server answered with a status other than 200."""
+
+    def __init__(self, status: int, code: str = "", message: str = "") -> None:
+        what = f"HTTP {status}" + (f" {code}" if code else "")
+        super().__init__(what + (f": {message}" if message else ""))
+        self.status = status
+        self.code = code
+
+
+class BodyTooBig(Exception):
+    def __init__(self, length: int, room: int) -> None:
+        super().__init__(f"{length} bytes, more than the {room} expected")
+        self.length = length
+
+
+class IncompleteBody(ConnectionError):
+    """The connection ended before the whole body arrived (retryable, like any dropped connection)."""
+
+
+class UnsupportedResponse(Exception):
+    """A response this client does not read (chunked, no length, 1xx, ...): use a full HTTP client."""
+
+
+@dataclass(frozen=True)
+class Head:
+    status: int
+    headers: dict[str, str]
+    keep_alive: bool
+
+    @property
+    def content_length(self) -> int | None:
+        raw = self.headers.get("content-length")
+        if raw is None:
+            return None
+        if not raw.isdigit():
+            raise ConnectionError(f"bad Content-Length {raw!r}")
+        return int(raw)
+
+
+def parse_head(raw: bytes) -> Head:
+    """The status line and headers (without the blank line); `ConnectionError` if garbled."""
+    lines = raw.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ", 2)
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        raise ConnectionError(f"not an HTTP/1.x status line: {lines[0][:80]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        if not sep:
+            raise ConnectionError(f"garbled header line {line[:80]!r}")
+        name, value = name.strip().lower(), value.strip()
+        if name in headers and name == "content-length" and headers[name] != value:
+            raise ConnectionError("two different Content-Length headers")
+        headers[name] = value
+    conn = headers.get("connection", "").lower()
+    keep = conn != "close" if parts[0] == "HTTP/1.1" else conn == "keep-alive"
+    return Head(int(parts[1]), headers, keep)
+
+
+def s3_error(status: int, body: bytes) -> HttpStatusError:
+    code = _CODE_RE.search(body)
+    msg = _MESSAGE_RE.search(body)
+    return HttpStatusError(
+        status, code.group(1).decode("latin-1") if code else "", msg.group(1).decode("latin-1") if msg else ""
+    )
+
+
+class _Conn(asyncio.BufferedProtocol):
+    """One connection. Reads go into `_head` until the head is complete, then (after `read_body`)
+    into the caller's buffer, and between requests into `_head` again, where any byte, or the end
+    of the stream, marks the connection dead."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._head = bytearray(HEAD_MAX)
+        self._hn = 0
+        self._head_end = -1
+        self._body: memoryview | None = None
+        self._pos = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.dead: BaseException | None = None
+        self.idle_since = time.monotonic()
+
+    # -- asyncio callbacks --
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # (uvloop's are not asyncio's classes)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._body is not None and self._pos < len(self._body):
+            return self._body[self._pos :]
+        if self._hn < HEAD_MAX:
+            return memoryview(self._head)[self._hn :]
+        return memoryview(self._head)  # (head overflow: buffer_updated says so)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._body is not None:
+            self._pos += nbytes
+            if self._pos >= len(self._body):
+                self._body = None
+                self._wake()
+            return
+        if self._waiter is None or self._waiter.done():  # idle: nothing may arrive between requests
+            self._die(ConnectionError("data arrived on an idle connection"))
+            return
+        self._hn += nbytes
+        if self._hn >= HEAD_MAX and self._head.find(b"\r\n\r\n", 0, self._hn) < 0:
+            self._die(ConnectionError(f"response head longer than {HEAD_MAX} bytes"))
+            return
+        end = self._head.find(b"\r\n\r\n", 0, self._hn)
+        if end >= 0:
+            self._head_end = end
+            assert self.transport is not None
+            self.transport.pause_reading()  # until the caller says where the body goes
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self._die(ConnectionError("the server closed the connection"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._die(exc or ConnectionError("the connection closed"))
+
+    # -- for the getter --
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _die(self, exc: BaseException) -> None:
+        if self.dead is None:
+            self.dead = exc
+        self._body = None  # never write into a caller's buffer again
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def abort(self) -> None:
+        self._die(ConnectionError("aborted"))
+
+    async def _wait(self) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    async def request(self, head: bytes) -> Head:
+        """Send a request head; the response's head once it has arrived."""
+        assert self.transport is not None
+        if self.dead is not None:
+            raise ConnectionError(f"connection dead: {self.dead}")
+        self._hn, self._head_end, self._pos = 0, -1, 0
+        self.transport.write(head)
+        await self._wait()
+        return parse_head(bytes(self._head[: self._head_end]))
+
+    async def read_body(self, into: memoryview) -> None:
+        """Read the body, exactly `len(into)` bytes, into `into`."""
+        assert self.transport is not None
+        start = self._head_end + 4
+        extra = self._hn - start
+        if extra > len(into):
+            raise ConnectionError(f"{extra - len(into)} bytes beyond the body")
+        into[:extra] = self._head[start : self._hn]
+        self._pos = extra
+        if extra < len(into):
+            self._body = into
+            self.transport.resume_reading()
+            try:
+                await self._wait()
+            except BaseException as e:
+                self._body = None
+                if isinstance(e, ConnectionError):
+                    raise IncompleteBody(f"{e}, after {self._pos} of {len(into)} body bytes") from None
+                raise
+        else:
+            self.transport.resume_reading()
+        self._hn = 0
+        self.idle_since = time.monotonic()
+
+
+@dataclass
+class GetterStats:
+    connections: int = 0  # opened
+    requests: int = 0
+    reused: int = 0  # requests sent on a connection kept from an earlier one
+
+
+class HttpGetter:
+    """Keep-alive connections per host; `get_into` one body at a time on each."""
+
+    def __init__(
+        self,
+        *,
+        max_idle: int = 32,  # connections kept between requests, per host
+        idle_s: float = 10.0,  # a connection idle longer is closed rather than reused
+        connect_timeout_s: float = 10.0,
+        timeout_s: float = 60.0,  # a whole request, head and body
+        ssl_context: ssl.SSLContext | None = None,  # https; None: ssl.create_default_context()
+    ) -> None:
+        self.max_idle = max_idle
+        self.idle_s = idle_s
+        self.connect_timeout_s = connect_timeout_s
+        self.timeout_s = timeout_s
+        self.ssl_context = ssl_context
+        self.stats = GetterStats()
+        self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+
+    async def get_into(self, url: str, buf: memoryview) -> int:
+        """GET `url`; its body (status 200) lands in `buf`, and its length is returned."""
+        u = urlsplit(url)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise UnsupportedResponse(f"cannot GET {u.scheme}:// URLs")
+        port = u.port or (443 if u.scheme == "https" else 80)
+        where = (u.scheme, u.hostname, port)
+        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        head = (
+            f"GET {target} HTTP/1.1\r\nHost: {u.netloc}\r\nUser-Agent: snapscale\r\n"
+            "Accept-Encoding: identity\r\n\r\n"
+        ).encode("latin-1")
+        conn = await self._conn(where)
+        self.stats.requests += 1
+        ok = False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                n, ok = await self._exchange(conn, head, buf)
+            return n
+        finally:
+            if ok and conn.dead is None and len(self._idle.setdefault(where, [])) < self.max_idle:
+                self._idle[where].append(conn)
+            else:
+                conn.abort()
+
+    async def _exchange(self, conn: _Conn, head: bytes, buf: memoryview) -> tuple[int, bool]:
+        """(body length, whether the connection may carry another request)."""
+        h = await conn.request(head)
+        length = h.content_length
+        if h.status != 200:
+            if length is not None and length <= ERROR_BODY_MAX:
+                body = bytearray(length)
+                await conn.read_body(memoryview(body))
+                raise s3_error(h.status, bytes(body))
+            raise HttpStatusError(h.status)
+        if "chunked" in h.headers.get("transfer-encoding", "").lower() or length is None:
+            raise UnsupportedResponse("a 200 without a Content-Length (chunked or to the end of the stream)")
+        if length > len(buf):
+            raise BodyTooBig(length, len(buf))
+        await conn.read_body(buf[:length])
+        return length, h.keep_alive
+
+    async def _conn(self, where: tuple[str, str, int]) -> _Conn:
+        idle = self._idle.get(where, [])
+        now = time.monotonic()
+        while idle:
+            c = idle.pop()  # the most recently used: the least likely to have been closed
+            if c.dead is None and now - c.idle_since < self.idle_s:
+                self.stats.reused += 1
+                return c
+            c.abort()
+        scheme, host, port = where
+        ctx = None
+        if scheme == "https":
+            ctx = self.ssl_context = self.ssl_context or ssl.create_default_context()
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(self.connect_timeout_s):
+            _t, conn = await loop.create_connection(
+                _Conn, host, port, ssl=ctx, server_hostname=host if ctx else None
+            )
+        self.stats.connections += 1
+        return conn
+
+    def close(self) -> None:
+        for conns in self._idle.values():
+            for c in conns:
+                c.abort()
+        self._idle.clear()

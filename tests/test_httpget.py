@@ -1,0 +1,315 @@
+"""The GET that reads a body straight into a buffer (shared/httpget.py), against a loopback HTTP
+server each test scripts: keep-alive reuse, a dead idle connection, bodies cut or too big, error
+statuses, responses it does not read, cancellation mid-body and a server that never answers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import uvloop
+
+from snapscale.shared import httpget
+from snapscale.shared.httpget import HttpGetter, parse_head
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Runner = Callable[[Callable[[], Awaitable[None]]], None]
+
+
+@pytest.fixture(params=["asyncio", "uvloop"])
+def run(request: pytest.FixtureRequest) -> Runner:
+    """Each test in a fresh loop of both kinds: the services run on uvloop, whose transports call
+    a BufferedProtocol differently from asyncio's."""
+
+    def runner(body: Callable[[], Awaitable[None]]) -> None:
+        async def main() -> None:
+            await body()
+
+        if request.param == "uvloop":
+            uvloop.run(main())
+        else:
+            asyncio.run(main())
+
+    return runner
+
+
+class Server:
+    """A loopback server; `handler` answers each connection; `conns` counts them."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.conns = 0
+        self.server: asyncio.Server | None = None
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.conns += 1
+        try:
+            await self.handler(r, w)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            w.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        port = self.server.sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}/bucket/key?X-Amz-Signature=abc"
+
+
+@contextlib.asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[Server]:
+    s = Server(handler)
+    s.server = await asyncio.start_server(s._serve, "127.0.0.1", 0)
+    try:
+        yield s
+    finally:
+        s.server.close()
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+async def requests(r: asyncio.StreamReader) -> AsyncIterator[bytes]:
+    while True:
+        try:
+            yield await r.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return
+
+
+def test_bodies_land_in_the_buffer_over_one_kept_connection(run: Runner) -> None:
+    run(_bodies_land_in_the_buffer_over_one_kept_connection)
+
+
+async def _bodies_land_in_the_buffer_over_one_kept_connection() -> None:
+    bodies = [os.urandom(n) for n in (1, 70_000, 3_000_000)]
+    heads: list[bytes] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async for head in requests(r):
+            heads.append(head)
+            w.write(ok(bodies[len(heads) - 1]))
+            await w.drain()
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        for body in bodies:
+            buf = bytearray(b"x" * (len(body) + 5))
+            assert await g.get_into(s.url, memoryview(buf)) == len(body)
+            assert buf[: len(body)] == body and buf[len(body) :] == b"xxxxx"
+        g.close()
+    assert s.conns == 1 and (g.stats.connections, g.stats.requests, g.stats.reused) == (1, 3, 2)
+    assert heads[0].startswith(b"GET /bucket/key?X-Amz-Signature=abc HTTP/1.1\r\n")
+    assert b"\r\nHost: 127.0.0.1:" in heads[0]
+
+
+def test_a_connection_the_server_closed_while_idle_is_not_reused(run: Runner) -> None:
+    run(_a_connection_the_server_closed_while_idle_is_not_reused)
+
+
+async def _a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(ok(b"one"))
+        await w.drain()  # then close, as a server ending idle connections does
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        for _ in range(3):
+            buf = bytearray(3)
+            assert await g.get_into(s.url, memoryview(buf)) == 3 and buf == b"one"
+            await asyncio.sleep(0.05)  # the loop sees the server's FIN on the idle connection
+        g.close()
+    assert s.conns == 3 and g.stats.reused == 0
+
+
+def test_connection_close_and_http_1_0_are_honoured(run: Runner) -> None:
+    run(_connection_close_and_http_1_0_are_honoured)
+
+
+async def _connection_close_and_http_1_0_are_honoured() -> None:
+    assert not parse_head(b"HTTP/1.1 200 OK\r\nConnection: close").keep_alive
+    assert parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1").keep_alive
+    assert not parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 1").keep_alive
+    assert parse_head(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive").keep_alive
+    with pytest.raises(ConnectionError, match=r"not an HTTP/1\.x status line"):
+        parse_head(b"SSH-2.0-OpenSSH")
+    with pytest.raises(ConnectionError, match="two different Content-Length"):
+        parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2")
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async for _ in requests(r):
+            w.write(ok(b"ab", b"Connection: close\r\n"))
+            await w.drain()
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        for _ in range(2):
+            assert await g.get_into(s.url, memoryview(bytearray(2))) == 2
+        g.close()
+    assert s.conns == 2
+
+
+def test_a_body_cut_mid_way_says_how_far_it_got(run: Runner) -> None:
+    run(_a_body_cut_mid_way_says_how_far_it_got)
+
+
+async def _a_body_cut_mid_way_says_how_far_it_got() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"a" * 400_000)
+        await w.drain()
+        w.transport.abort()
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        with pytest.raises(httpget.IncompleteBody, match="after 400000 of 1000000 body bytes"):
+            await g.get_into(s.url, memoryview(bytearray(1_000_000)))
+        g.close()
+
+
+def test_cancelled_mid_body_nothing_more_is_written_into_the_buffer(run: Runner) -> None:
+    run(_cancelled_mid_body_nothing_more_is_written_into_the_buffer)
+
+
+async def _cancelled_mid_body_nothing_more_is_written_into_the_buffer() -> None:
+    half_sent, go_on, done = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2000000\r\n\r\n" + b"a" * 100_000)
+        await w.drain()
+        half_sent.set()
+        await go_on.wait()
+        with contextlib.suppress(ConnectionError):
+            w.write(b"b" * 1_900_000)
+            await w.drain()
+        done.set()
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        buf = bytearray(2_000_000)
+        t = asyncio.create_task(g.get_into(s.url, memoryview(buf)))
+        await half_sent.wait()
+        await asyncio.sleep(0.05)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+        seen = bytes(buf)
+        go_on.set()
+        await asyncio.wait_for(done.wait(), 5)
+        await asyncio.sleep(0.05)
+        assert bytes(buf) == seen and b"b" not in buf  # the caller may reuse it at once
+        assert buf.count(b"a") == 100_000
+        g.close()
+
+
+def test_error_statuses_carry_the_s3_code(run: Runner) -> None:
+    run(_error_statuses_carry_the_s3_code)
+
+
+async def _error_statuses_carry_the_s3_code() -> None:
+    xml = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce</Message></Error>"
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async for _ in requests(r):
+            w.write(b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (len(xml), xml))
+            await w.drain()
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        with pytest.raises(httpget.HttpStatusError, match="HTTP 503 SlowDown: Please reduce") as ei:
+            await g.get_into(s.url, memoryview(bytearray(10)))
+        assert (ei.value.status, ei.value.code) == (503, "SlowDown")
+        g.close()
+
+
+def test_a_body_larger_than_the_buffer_is_refused_and_its_connection_dropped(run: Runner) -> None:
+    run(_a_body_larger_than_the_buffer_is_refused_and_its_connection_dropped)
+
+
+async def _a_body_larger_than_the_buffer_is_refused_and_its_connection_dropped() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async for _ in requests(r):
+            w.write(ok(b"z" * 100))
+            await w.drain()
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        buf = bytearray(99)
+        with pytest.raises(httpget.BodyTooBig, match="100 bytes, more than the 99 expected"):
+            await g.get_into(s.url, memoryview(buf))
+        assert buf == bytearray(99)
+        assert await g.get_into(s.url, memoryview(bytearray(100))) == 100
+        g.close()
+    assert g.stats.connections == 2 and g.stats.reused == 0
+
+
+def test_responses_it_does_not_read_are_refused_as_such(run: Runner) -> None:
+    run(_responses_it_does_not_read_are_refused_as_such)
+
+
+async def _responses_it_does_not_read_are_refused_as_such() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        await w.drain()
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        with pytest.raises(httpget.UnsupportedResponse, match="without a Content-Length"):
+            await g.get_into(s.url, memoryview(bytearray(10)))
+        with pytest.raises(httpget.UnsupportedResponse, match="ftp://"):
+            await g.get_into("ftp://127.0.0.1/x", memoryview(bytearray(10)))
+        g.close()
+
+
+def test_bytes_beyond_the_body_kill_the_connection(run: Runner) -> None:
+    run(_bytes_beyond_the_body_kill_the_connection)
+
+
+async def _bytes_beyond_the_body_kill_the_connection() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async for _ in requests(r):
+            w.write(ok(b"abc") + b"garbage")
+            await w.drain()
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        seen: list[str] = []
+        for _ in range(2):
+            buf = bytearray(3)
+            try:
+                await g.get_into(s.url, memoryview(buf))
+                seen.append(buf.decode())
+            except ConnectionError as e:
+                seen.append(str(e))
+            await asyncio.sleep(0.05)
+        g.close()
+    # Whether the garbage arrives with the body or after it, it is never taken as a body.
+    assert all(x == "abc" or x.endswith("bytes beyond the body") for x in seen), seen
+    assert g.stats.reused == 0 and s.conns == 2
+
+
+def test_a_server_that_never_answers_times_out(run: Runner) -> None:
+    run(_a_server_that_never_answers_times_out)
+
+
+async def _a_server_that_never_answers_times_out() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(10)
+
+    async with serving(handler) as s:
+        g = HttpGetter(timeout_s=0.3)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):
+            await g.get_into(s.url, memoryview(bytearray(10)))
+        assert loop.time() - t0 < 2
+        g.close()
