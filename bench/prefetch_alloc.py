@@ -3,8 +3,8 @@ after landing) or aiohttp's 64 KiB read buffer cost it against a plain download 
 Variants alternate (ABBA) over rounds; medians reported. --mallopt fixes glibc's mmap/trim
 thresholds first. Usage: python -m bench.prefetch_alloc [--rounds N] [--pars 8,16] [--mallopt]
 [--only "plain,prefetch,prefetch + lean cache write,blocks as received + landing"]
-"prefetch" reads bodies straight into its buffers (shared/httpget.py); "prefetch, bodies through
-aioboto3" is the same with SNAPSCALE_S3_DIRECT_GET=0."""
+"prefetch" reads bodies straight into its buffers (shared/httpget.py); "prefetch via aioboto3
+bodies" is the same with SNAPSCALE_S3_DIRECT_GET=0."""
 
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ async def main() -> None:
             variants: dict[str, Callable[[], Awaitable[object]]] = {
                 "plain": functools.partial(bp.plain_download, ep, "p", ds, par),
                 "prefetch": functools.partial(bp.prefetch_once, ep, "p", m, work, par),
-                "prefetch, bodies through aioboto3": functools.partial(
+                "prefetch via aioboto3 bodies": functools.partial(
                     bp.prefetch_once, ep, "p", m, work, par, HostCache, False
                 ),
                 "pool, no landing": functools.partial(pooled, ep, m, work, par, False, 0),
