@@ -7,13 +7,14 @@ and nothing else copies it. The S3 store fetches chunks this way (through a pres
 aioboto3 still signs every request); everything else goes through aioboto3.
 
 Only what a GetObject response needs: a `200` with a Content-Length body, keep-alive connections
-reused per host, TLS through the default context. A response outside that is refused with
+reused per host, TLS with the system's CAs (or AWS_CA_BUNDLE's). A response outside that is refused with
 `UnsupportedResponse`, an error status with `HttpStatusError` (its S3 error code parsed out).
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import ssl
 import time
@@ -226,7 +227,7 @@ class HttpGetter:
         idle_s: float = 10.0,  # a connection idle longer is closed rather than reused
         connect_timeout_s: float = 10.0,
         timeout_s: float = 60.0,  # a whole request, head and body
-        ssl_context: ssl.SSLContext | None = None,  # https; None: ssl.create_default_context()
+        ssl_context: ssl.SSLContext | None = None,  # https; None: the default, with AWS_CA_BUNDLE
     ) -> None:
         self.max_idle = max_idle
         self.idle_s = idle_s
@@ -290,7 +291,10 @@ class HttpGetter:
         scheme, host, port = where
         ctx = None
         if scheme == "https":
-            ctx = self.ssl_context = self.ssl_context or ssl.create_default_context()
+            # The system's CAs, or the bundle botocore is told to trust (as aioboto3's calls are).
+            ctx = self.ssl_context = self.ssl_context or ssl.create_default_context(
+                cafile=os.environ.get("AWS_CA_BUNDLE") or None
+            )
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(self.connect_timeout_s):
             _t, conn = await loop.create_connection(

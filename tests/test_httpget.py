@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
+import ipaddress
 import os
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import uvloop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from snapscale.shared import httpget
 from snapscale.shared.httpget import HttpGetter, parse_head
@@ -61,13 +69,37 @@ class Server:
 
 
 @contextlib.asynccontextmanager
-async def serving(handler: Handler) -> AsyncIterator[Server]:
+async def serving(handler: Handler, tls: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
     s = Server(handler)
-    s.server = await asyncio.start_server(s._serve, "127.0.0.1", 0)
+    s.server = await asyncio.start_server(s._serve, "127.0.0.1", 0, ssl=tls)
     try:
         yield s
     finally:
         s.server.close()
+
+
+def self_signed(d: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 and its key, as PEM files in `d`."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "snapscale test")])
+    now = datetime.datetime.now(datetime.UTC)
+    ip = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([ip]), False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return d / "cert.pem", d / "key.pem"
 
 
 def ok(body: bytes, extra: bytes = b"") -> bytes:
@@ -313,3 +345,34 @@ async def _a_server_that_never_answers_times_out() -> None:
             await g.get_into(s.url, memoryview(bytearray(10)))
         assert loop.time() - t0 < 2
         g.close()
+
+
+def test_https_bodies_land_in_the_buffer_trusting_aws_ca_bundle(
+    run: Runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = self_signed(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    body = os.urandom(3_000_000)
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async for _ in requests(r):
+            w.write(ok(body))
+            await w.drain()
+
+    async def main() -> None:
+        async with serving(handler, server_tls) as s:
+            url = s.url.replace("http://", "https://")
+            monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+            g = HttpGetter()
+            with pytest.raises(ssl.SSLCertVerificationError):  # not a CA the system knows
+                await g.get_into(url, memoryview(bytearray(len(body))))
+            monkeypatch.setenv("AWS_CA_BUNDLE", str(cert))
+            g = HttpGetter()
+            for _ in range(2):
+                buf = bytearray(len(body))
+                assert await g.get_into(url, memoryview(buf)) == len(body) and buf == body
+            g.close()
+        assert (g.stats.connections, g.stats.reused) == (1, 1)
+
+    run(main)
