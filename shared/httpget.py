@@ -109,8 +109,9 @@ class _Conn(asyncio.BufferedProtocol):
         self._body: memoryview | None = None
         self._pos = 0
         self._waiter: asyncio.Future[None] | None = None
-        self.dead: BaseException | None = None
+        self.dead: ConnectionError | None = None
         self.idle_since = time.monotonic()
+        self.last_read = 0.0  # monotonic time of the last bytes received
 
     # -- asyncio callbacks --
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -124,6 +125,7 @@ class _Conn(asyncio.BufferedProtocol):
         return memoryview(self._head)  # (head overflow: buffer_updated says so)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.last_read = time.monotonic()
         if self._body is not None:
             self._pos += nbytes
             if self._pos >= len(self._body):
@@ -157,6 +159,10 @@ class _Conn(asyncio.BufferedProtocol):
             self._waiter.set_result(None)
 
     def _die(self, exc: BaseException) -> None:
+        if not isinstance(exc, ConnectionError):  # e.g. ssl.SSLError from a broken TLS record
+            err = ConnectionError(f"{type(exc).__name__}: {exc}")
+            err.__cause__ = exc
+            exc = err
         if self.dead is None:
             self.dead = exc
         self._body = None  # never write into a caller's buffer again
@@ -168,24 +174,37 @@ class _Conn(asyncio.BufferedProtocol):
     def abort(self) -> None:
         self._die(ConnectionError("aborted"))
 
-    async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+    async def _wait(self, idle_s: float) -> None:
+        """Until the head or body is in; `TimeoutError` after `idle_s` without a byte."""
+        self._waiter = fut = asyncio.get_running_loop().create_future()
         try:
-            await self._waiter
+            while True:
+                await asyncio.wait([fut], timeout=idle_s)  # (fut itself is never cancelled here)
+                if fut.done():
+                    fut.result()  # raises what the connection died of
+                    return
+                if time.monotonic() - self.last_read >= idle_s:
+                    raise TimeoutError(f"no byte for {idle_s:g} s")
         finally:
             self._waiter = None
 
-    async def request(self, head: bytes) -> Head:
+    async def request(self, head: bytes, idle_s: float) -> Head:
         """Send a request head; the response's head once it has arrived."""
         assert self.transport is not None
         if self.dead is not None:
             raise ConnectionError(f"connection dead: {self.dead}")
         self._hn, self._head_end, self._pos = 0, -1, 0
+        self.last_read = time.monotonic()
         self.transport.write(head)
-        await self._wait()
+        await self._wait(idle_s)
         return parse_head(bytes(self._head[: self._head_end]))
 
-    async def read_body(self, into: memoryview) -> None:
+    @property
+    def answered(self) -> bool:
+        """Some of the response to the last request has arrived."""
+        return self._hn > 0
+
+    async def read_body(self, into: memoryview, idle_s: float) -> None:
         """Read the body, exactly `len(into)` bytes, into `into`."""
         assert self.transport is not None
         start = self._head_end + 4
@@ -198,7 +217,7 @@ class _Conn(asyncio.BufferedProtocol):
             self._body = into
             self.transport.resume_reading()
             try:
-                await self._wait()
+                await self._wait(idle_s)
             except BaseException as e:
                 self._body = None
                 if isinstance(e, ConnectionError):
@@ -215,6 +234,7 @@ class GetterStats:
     connections: int = 0  # opened
     requests: int = 0
     reused: int = 0  # requests sent on a connection kept from an earlier one
+    resent: int = 0  # requests sent again because a kept connection closed under them
 
 
 class HttpGetter:
@@ -226,22 +246,25 @@ class HttpGetter:
         max_idle: int = 32,  # connections kept between requests, per host
         idle_s: float = 10.0,  # a connection idle longer is closed rather than reused
         connect_timeout_s: float = 10.0,
-        timeout_s: float = 60.0,  # a whole request, head and body
+        read_timeout_s: float = 60.0,  # the longest wait for the next byte of a response
         ssl_context: ssl.SSLContext | None = None,  # https; None: the default, with AWS_CA_BUNDLE
     ) -> None:
         self.max_idle = max_idle
         self.idle_s = idle_s
         self.connect_timeout_s = connect_timeout_s
-        self.timeout_s = timeout_s
+        self.read_timeout_s = read_timeout_s
         self.ssl_context = ssl_context
         self.stats = GetterStats()
         self._idle: dict[tuple[str, str, int], list[_Conn]] = {}
+        self._closed = False
 
     async def get_into(self, url: str, buf: memoryview) -> int:
         """GET `url`; its body (status 200) lands in `buf`, and its length is returned."""
         u = urlsplit(url)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise UnsupportedResponse(f"cannot GET {u.scheme}:// URLs")
+        if buf.format != "B":
+            buf = buf.cast("B")
         port = u.port or (443 if u.scheme == "https" else 80)
         where = (u.scheme, u.hostname, port)
         target = (u.path or "/") + (f"?{u.query}" if u.query else "")
@@ -249,44 +272,59 @@ class HttpGetter:
             f"GET {target} HTTP/1.1\r\nHost: {u.netloc}\r\nUser-Agent: snapscale\r\n"
             "Accept-Encoding: identity\r\n\r\n"
         ).encode("latin-1")
-        conn = await self._conn(where)
-        self.stats.requests += 1
-        ok = False
-        try:
-            async with asyncio.timeout(self.timeout_s):
+        fresh = False
+        while True:
+            conn, reused = await self._conn(where, fresh)
+            self.stats.requests += 1
+            ok = False
+            try:
                 n, ok = await self._exchange(conn, head, buf)
-            return n
-        finally:
-            if ok and conn.dead is None and len(self._idle.setdefault(where, [])) < self.max_idle:
-                self._idle[where].append(conn)
-            else:
-                conn.abort()
+                return n
+            except ConnectionError:
+                if not reused or conn.answered:
+                    raise
+                # A kept connection the server closed as the request went out (its FIN not yet
+                # seen): nothing was answered, so send it again at once on a fresh one.
+                self.stats.resent += 1
+                fresh = True
+            finally:
+                self._put_back(where, conn, ok)
+
+    def _put_back(self, where: tuple[str, str, int], conn: _Conn, ok: bool) -> None:
+        idle = self._idle.setdefault(where, [])
+        if ok and conn.dead is None and not self._closed and len(idle) < self.max_idle:
+            idle.append(conn)
+        else:
+            conn.abort()
 
     async def _exchange(self, conn: _Conn, head: bytes, buf: memoryview) -> tuple[int, bool]:
         """(body length, whether the connection may carry another request)."""
-        h = await conn.request(head)
+        h = await conn.request(head, self.read_timeout_s)
         length = h.content_length
+        if h.status < 200 or 300 <= h.status < 400:
+            raise UnsupportedResponse(f"an HTTP {h.status} answer (interim or redirect)")
         if h.status != 200:
             if length is not None and length <= ERROR_BODY_MAX:
                 body = bytearray(length)
-                await conn.read_body(memoryview(body))
+                await conn.read_body(memoryview(body), self.read_timeout_s)
                 raise s3_error(h.status, bytes(body))
             raise HttpStatusError(h.status)
         if "chunked" in h.headers.get("transfer-encoding", "").lower() or length is None:
             raise UnsupportedResponse("a 200 without a Content-Length (chunked or to the end of the stream)")
         if length > len(buf):
             raise BodyTooBig(length, len(buf))
-        await conn.read_body(buf[:length])
+        await conn.read_body(buf[:length], self.read_timeout_s)
         return length, h.keep_alive
 
-    async def _conn(self, where: tuple[str, str, int]) -> _Conn:
+    async def _conn(self, where: tuple[str, str, int], fresh: bool) -> tuple[_Conn, bool]:
+        """A kept connection (and True) unless `fresh`, or a new one."""
         idle = self._idle.get(where, [])
         now = time.monotonic()
-        while idle:
+        while idle and not fresh:
             c = idle.pop()  # the most recently used: the least likely to have been closed
             if c.dead is None and now - c.idle_since < self.idle_s:
                 self.stats.reused += 1
-                return c
+                return c, True
             c.abort()
         scheme, host, port = where
         ctx = None
@@ -296,14 +334,24 @@ class HttpGetter:
                 cafile=os.environ.get("AWS_CA_BUNDLE") or None
             )
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(self.connect_timeout_s):
-            _t, conn = await loop.create_connection(
-                _Conn, host, port, ssl=ctx, server_hostname=host if ctx else None
-            )
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _t, conn = await loop.create_connection(
+                    _Conn, host, port, ssl=ctx, server_hostname=host if ctx else None
+                )
+        except ssl.SSLCertVerificationError:
+            raise  # a certificate we do not trust: trying again will not help
+        except OSError as e:
+            if isinstance(e, ConnectionError):
+                raise
+            # DNS failures, unreachable networks, every address refusing: retryable, like a reset.
+            raise ConnectionError(f"cannot connect to {host}:{port}: {e}") from e
         self.stats.connections += 1
-        return conn
+        return conn, False
 
     def close(self) -> None:
+        """Close the kept connections; those of requests still running close as they end."""
+        self._closed = True
         for conns in self._idle.values():
             for c in conns:
                 c.abort()

@@ -45,6 +45,8 @@ _RETRY_CODES = {
     "InternalError", "ServiceUnavailable", "503", "500", "502", "504",
 }  # fmt: skip
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
+# A request signed for the wrong region: aioboto3 follows these to the right one.
+_REGION_CODES = {"AuthorizationQueryParametersError", "AuthorizationHeaderMalformed", "PermanentRedirect"}
 _TRANSIENT = (
     bex.EndpointConnectionError,
     bex.ConnectionClosedError,
@@ -240,6 +242,10 @@ class S3Store(ChunkStore):
             return await getter.get_into(url, buf)
         except httpget.BodyTooBig as e:
             raise TooBigError(f"{key}: {e}") from None
+        except httpget.HttpStatusError as e:
+            if e.code in _REGION_CODES:  # botocore's redirector finds the bucket's region; we do not
+                raise httpget.UnsupportedResponse(f"{e} (the bucket is in another region?)") from e
+            raise
 
     async def touch(self, key: str) -> bool:
         k = self._key(key)

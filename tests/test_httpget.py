@@ -4,6 +4,7 @@ statuses, responses it does not read, cancellation mid-body and a server that ne
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import datetime
@@ -278,8 +279,10 @@ async def _a_body_larger_than_the_buffer_is_refused_and_its_connection_dropped()
             await g.get_into(s.url, memoryview(buf))
         assert buf == bytearray(99)
         assert await g.get_into(s.url, memoryview(bytearray(100))) == 100
+        words = array.array("H", bytes(100))  # a buffer of 50 two-byte items holds 100 bytes
+        assert await g.get_into(s.url, memoryview(words)) == 100 and words.tobytes() == b"z" * 100
         g.close()
-    assert g.stats.connections == 2 and g.stats.reused == 0
+    assert g.stats.connections == 2 and g.stats.reused == 1
 
 
 def test_responses_it_does_not_read_are_refused_as_such(run: Runner) -> None:
@@ -299,6 +302,19 @@ async def _responses_it_does_not_read_are_refused_as_such() -> None:
         with pytest.raises(httpget.UnsupportedResponse, match="ftp://"):
             await g.get_into("ftp://127.0.0.1/x", memoryview(bytearray(10)))
         g.close()
+
+    for status in (b"100 Continue", b"301 Moved Permanently"):
+
+        async def interim(r: asyncio.StreamReader, w: asyncio.StreamWriter, status: bytes = status) -> None:
+            await r.readuntil(b"\r\n\r\n")
+            w.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % status)
+            await w.drain()
+
+        async with serving(interim) as s:
+            g = HttpGetter()
+            with pytest.raises(httpget.UnsupportedResponse, match=f"HTTP {status[:3].decode()} answer"):
+                await g.get_into(s.url, memoryview(bytearray(10)))
+            g.close()
 
 
 def test_bytes_beyond_the_body_kill_the_connection(run: Runner) -> None:
@@ -328,23 +344,110 @@ async def _bytes_beyond_the_body_kill_the_connection() -> None:
     assert g.stats.reused == 0 and s.conns == 2
 
 
-def test_a_server_that_never_answers_times_out(run: Runner) -> None:
-    run(_a_server_that_never_answers_times_out)
+def test_a_response_times_out_when_it_stalls_not_while_it_flows(run: Runner) -> None:
+    run(_a_response_times_out_when_it_stalls_not_while_it_flows)
 
 
-async def _a_server_that_never_answers_times_out() -> None:
+async def _a_response_times_out_when_it_stalls_not_while_it_flows() -> None:
     async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await r.readuntil(b"\r\n\r\n")
-        await asyncio.sleep(10)
+        async for head in requests(r):
+            w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+            for _ in range(5 if b"flows" in head else 2):  # 0.5 s in all, 0.1 s between bytes
+                await asyncio.sleep(0.1)
+                w.write(b"ab")
+                await w.drain()
+            if b"stalls" in head:
+                await asyncio.sleep(10)
 
     async with serving(handler) as s:
-        g = HttpGetter(timeout_s=0.3)
+        g = HttpGetter(read_timeout_s=0.3)
+        assert await g.get_into(s.url + "&flows", memoryview(bytearray(10))) == 10
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        with pytest.raises(TimeoutError):
-            await g.get_into(s.url, memoryview(bytearray(10)))
-        assert loop.time() - t0 < 2
+        with pytest.raises(TimeoutError, match=r"no byte for 0\.3 s"):
+            await g.get_into(s.url + "&stalls", memoryview(bytearray(10)))
+        assert 0.2 + 0.3 <= loop.time() - t0 < 2
         g.close()
+
+
+def test_a_kept_connection_closed_under_a_request_is_resent_at_once(run: Runner) -> None:
+    run(_a_kept_connection_closed_under_a_request_is_resent_at_once)
+
+
+async def _a_kept_connection_closed_under_a_request_is_resent_at_once() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        served = 0
+        async for _ in requests(r):
+            if served == 1:
+                return  # the second request on a connection: closed unanswered
+            w.write(ok(b"abc"))
+            await w.drain()
+            served += 1
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        for _ in range(3):
+            buf = bytearray(3)
+            assert await g.get_into(s.url, memoryview(buf)) == 3 and buf == b"abc"
+        g.close()
+    assert (g.stats.requests, g.stats.resent, g.stats.connections) == (5, 2, 3)
+
+    async def never(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await r.readuntil(b"\r\n\r\n")  # then close, unanswered
+
+    async with serving(never) as s:
+        g = HttpGetter()
+        with pytest.raises(ConnectionError):  # a fresh connection is not resent: retrying is the caller's
+            await g.get_into(s.url, memoryview(bytearray(3)))
+        g.close()
+    assert (g.stats.requests, g.stats.resent) == (1, 0)
+
+
+def test_failures_to_connect_are_connection_errors(run: Runner) -> None:
+    run(_failures_to_connect_are_connection_errors)
+
+
+async def _failures_to_connect_are_connection_errors() -> None:
+    g = HttpGetter(connect_timeout_s=5)
+    # DNS says no (socket.gaierror, an OSError but not a ConnectionError): retryable all the same.
+    with pytest.raises(ConnectionError, match=r"cannot connect to snapscale-test\.invalid:80"):
+        await g.get_into("http://snapscale-test.invalid/b/k", memoryview(bytearray(3)))
+
+
+def test_a_tls_error_mid_body_is_a_connection_error() -> None:
+    async def main() -> None:
+        conn = httpget._Conn()
+        waiter = asyncio.get_running_loop().create_future()
+        conn._waiter = waiter
+        conn.connection_lost(ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC]"))
+        with pytest.raises(ConnectionError, match=r"SSLError: .*BAD_RECORD_MAC") as ei:
+            await waiter
+        assert isinstance(ei.value.__cause__, ssl.SSLError) and conn.dead is ei.value
+
+    asyncio.run(main())
+
+
+def test_connections_of_requests_running_at_close_are_not_kept(run: Runner) -> None:
+    run(_connections_of_requests_running_at_close_are_not_kept)
+
+
+async def _connections_of_requests_running_at_close_are_not_kept() -> None:
+    closed = asyncio.Event()
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async for _ in requests(r):
+            await asyncio.sleep(0.1)
+            w.write(ok(b"abc"))
+            await w.drain()
+        closed.set()  # the client closed its end
+
+    async with serving(handler) as s:
+        g = HttpGetter()
+        t = asyncio.create_task(g.get_into(s.url, memoryview(bytearray(3))))
+        await asyncio.sleep(0.05)
+        g.close()
+        assert await t == 3
+        await asyncio.wait_for(closed.wait(), 2)
 
 
 def test_https_bodies_land_in_the_buffer_trusting_aws_ca_bundle(

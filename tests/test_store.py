@@ -332,6 +332,11 @@ async def test_s3_chunk_gets_read_straight_into_the_buffer_over_kept_connections
     with pytest.raises(NotFoundError):
         await proxied_store.get_chunk_into("b" * 64, memoryview(buf))
     assert proxied_store.direct_stats is stats  # still on
+    # Signed for the wrong region: aioboto3, which follows S3's redirect to the bucket's region,
+    # reads this chunk and those after it.
+    proxy.fail_next(1, status=400, code=b"AuthorizationQueryParametersError", method="GET")
+    assert await proxied_store.get_chunk_into(digest(chunks[0]), memoryview(buf)) == 10
+    assert proxied_store.direct_stats is None and buf == chunks[0]
 
 
 async def test_s3_direct_gets_give_way_to_aioboto3_for_a_body_they_cannot_read(
