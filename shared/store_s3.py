@@ -135,7 +135,24 @@ class S3Store(ChunkStore):
         client = await stack.enter_async_context(
             session.client("s3", endpoint_url=settings.endpoint_url, region_name=settings.region, config=cfg)
         )
-        return cls(client, stack, settings, retry or RetryPolicy())
+        store = cls(client, stack, settings, retry or RetryPolicy())
+        if store._direct is not None:
+            # Once, not a GET each: the environment is read once, and every chunk URL has this host.
+            url = await client.generate_presigned_url(
+                "get_object", Params={"Bucket": store.bucket, "Key": store._key("chunks")}, ExpiresIn=60
+            )
+            if proxied(url):
+                host = urllib.parse.urlsplit(url).netloc
+                store._direct_off(f"an HTTP proxy is set for {host} (not in NO_PROXY)")
+        return store
+
+    def _direct_off(self, why: object) -> None:
+        """Chunk GETs through aioboto3 from now on (said once, however many GETs found out)."""
+        if self._direct is None:
+            return
+        log.warning("S3 direct GETs off for %s (%s); chunks go through aioboto3", self.description, why)
+        self._direct.close()
+        self._direct = None
 
     async def close(self) -> None:
         if self._direct is not None:
@@ -204,9 +221,7 @@ class S3Store(ChunkStore):
                 return await self._call("get", key, lambda: self._direct_get(getter, key, buf))
             except httpget.UnsupportedResponse as e:
                 # Not retried, not fatal: this client cannot read what the server sends, aioboto3 can.
-                log.warning("S3 direct GETs off for %s (%s); chunks go through aioboto3", self.description, e)
-                self._direct = None
-                getter.close()
+                self._direct_off(e)
 
         async def op() -> int:
             resp = await self._client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -235,9 +250,6 @@ class S3Store(ChunkStore):
         url = await self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=900
         )
-        if proxied(url):
-            host = urllib.parse.urlsplit(url).netloc
-            raise httpget.UnsupportedResponse(f"an HTTP proxy is set for {host} (not in NO_PROXY)")
         try:
             return await getter.get_into(url, buf)
         except httpget.BodyTooBig as e:
