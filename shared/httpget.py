@@ -136,15 +136,14 @@ class _Conn(asyncio.BufferedProtocol):
             self._die(ConnectionError("data arrived on an idle connection"))
             return
         self._hn += nbytes
-        if self._hn >= HEAD_MAX and self._head.find(b"\r\n\r\n", 0, self._hn) < 0:
-            self._die(ConnectionError(f"response head longer than {HEAD_MAX} bytes"))
-            return
         end = self._head.find(b"\r\n\r\n", 0, self._hn)
         if end >= 0:
             self._head_end = end
             assert self.transport is not None
             self.transport.pause_reading()  # until the caller says where the body goes
             self._wake()
+        elif self._hn >= HEAD_MAX:
+            self._die(ConnectionError(f"response head longer than {HEAD_MAX} bytes"))
 
     def eof_received(self) -> bool:
         self._die(ConnectionError("the server closed the connection"))
