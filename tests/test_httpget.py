@@ -115,6 +115,20 @@ async def requests(r: asyncio.StreamReader) -> AsyncIterator[bytes]:
             return
 
 
+def answering(response: bytes, *, once: bool = False) -> Handler:
+    """A handler that answers every request on a connection with `response` (`once`: the first,
+    then closes the connection)."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        async for _ in requests(r):
+            w.write(response)
+            await w.drain()
+            if once:
+                return
+
+    return handler
+
+
 def test_bodies_land_in_the_buffer_over_one_kept_connection(run: Runner) -> None:
     run(_bodies_land_in_the_buffer_over_one_kept_connection)
 
@@ -146,12 +160,8 @@ def test_a_connection_the_server_closed_while_idle_is_not_reused(run: Runner) ->
 
 
 async def _a_connection_the_server_closed_while_idle_is_not_reused() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await r.readuntil(b"\r\n\r\n")
-        w.write(ok(b"one"))
-        await w.drain()  # then close, as a server ending idle connections does
-
-    async with serving(handler) as s:
+    # One answer a connection, then close, as a server ending idle connections does.
+    async with serving(answering(ok(b"one"), once=True)) as s:
         g = HttpGetter()
         for _ in range(3):
             buf = bytearray(3)
@@ -175,12 +185,7 @@ async def _connection_close_and_http_1_0_are_honoured() -> None:
     with pytest.raises(ConnectionError, match="two different Content-Length"):
         parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2")
 
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        async for _ in requests(r):
-            w.write(ok(b"ab", b"Connection: close\r\n"))
-            await w.drain()
-
-    async with serving(handler) as s:
+    async with serving(answering(ok(b"ab", b"Connection: close\r\n"))) as s:
         g = HttpGetter()
         for _ in range(2):
             assert await g.get_into(s.url, memoryview(bytearray(2))) == 2
@@ -249,12 +254,8 @@ def test_error_statuses_carry_the_s3_code(run: Runner) -> None:
 async def _error_statuses_carry_the_s3_code() -> None:
     xml = b"<?xml version='1.0'?><Error><Code>SlowDown</Code><Message>Please reduce</Message></Error>"
 
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        async for _ in requests(r):
-            w.write(b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (len(xml), xml))
-            await w.drain()
-
-    async with serving(handler) as s:
+    slow_down = b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s" % (len(xml), xml)
+    async with serving(answering(slow_down)) as s:
         g = HttpGetter()
         with pytest.raises(httpget.HttpStatusError, match="HTTP 503 SlowDown: Please reduce") as ei:
             await g.get_into(s.url, memoryview(bytearray(10)))
@@ -267,12 +268,7 @@ def test_a_body_larger_than_the_buffer_is_refused_and_its_connection_dropped(run
 
 
 async def _a_body_larger_than_the_buffer_is_refused_and_its_connection_dropped() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        async for _ in requests(r):
-            w.write(ok(b"z" * 100))
-            await w.drain()
-
-    async with serving(handler) as s:
+    async with serving(answering(ok(b"z" * 100))) as s:
         g = HttpGetter()
         buf = bytearray(99)
         with pytest.raises(httpget.BodyTooBig, match="100 bytes, more than the 99 expected"):
@@ -290,12 +286,8 @@ def test_responses_it_does_not_read_are_refused_as_such(run: Runner) -> None:
 
 
 async def _responses_it_does_not_read_are_refused_as_such() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        await r.readuntil(b"\r\n\r\n")
-        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
-        await w.drain()
-
-    async with serving(handler) as s:
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    async with serving(answering(chunked, once=True)) as s:
         g = HttpGetter()
         with pytest.raises(httpget.UnsupportedResponse, match="without a Content-Length"):
             await g.get_into(s.url, memoryview(bytearray(10)))
@@ -304,13 +296,7 @@ async def _responses_it_does_not_read_are_refused_as_such() -> None:
         g.close()
 
     for status in (b"100 Continue", b"301 Moved Permanently"):
-
-        async def interim(r: asyncio.StreamReader, w: asyncio.StreamWriter, status: bytes = status) -> None:
-            await r.readuntil(b"\r\n\r\n")
-            w.write(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % status)
-            await w.drain()
-
-        async with serving(interim) as s:
+        async with serving(answering(b"HTTP/1.1 %s\r\nContent-Length: 0\r\n\r\n" % status, once=True)) as s:
             g = HttpGetter()
             with pytest.raises(httpget.UnsupportedResponse, match=f"HTTP {status[:3].decode()} answer"):
                 await g.get_into(s.url, memoryview(bytearray(10)))
@@ -322,12 +308,7 @@ def test_bytes_beyond_the_body_kill_the_connection(run: Runner) -> None:
 
 
 async def _bytes_beyond_the_body_kill_the_connection() -> None:
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        async for _ in requests(r):
-            w.write(ok(b"abc") + b"garbage")
-            await w.drain()
-
-    async with serving(handler) as s:
+    async with serving(answering(ok(b"abc") + b"garbage")) as s:
         g = HttpGetter()
         seen: list[str] = []
         for _ in range(2):
@@ -458,13 +439,8 @@ def test_https_bodies_land_in_the_buffer_trusting_aws_ca_bundle(
     server_tls.load_cert_chain(cert, key)
     body = os.urandom(3_000_000)
 
-    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
-        async for _ in requests(r):
-            w.write(ok(body))
-            await w.drain()
-
     async def main() -> None:
-        async with serving(handler, server_tls) as s:
+        async with serving(answering(ok(body)), server_tls) as s:
             url = s.url.replace("http://", "https://")
             monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
             g = HttpGetter()
