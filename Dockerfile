@@ -21,8 +21,6 @@ WORKDIR /app
 COPY pyproject.toml README.md* ./
 COPY scripts/ scripts/
 COPY snapscale/ snapscale/
-COPY shared/ shared/
-COPY services/ services/
 RUN ./scripts/setup && rm -rf /root/.cache
 
 COPY examples/ examples/

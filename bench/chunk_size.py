@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from snapscale.shared.chunking import scan_image
-from snapscale.shared.criu import find_criu
+from snapscale.shared.engine.criu import find_criu
+from snapscale.shared.store.chunking import scan_image
 
 MiB = 1 << 20
 

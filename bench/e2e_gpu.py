@@ -25,20 +25,22 @@ from typing import Any
 
 from bench.e2e_report import Raw, Up, ratios, table
 from snapscale.demo import DemoOptions, demo_env, demo_spec
-from snapscale.demo_live import Console, follow
-from snapscale.demo_procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
-from snapscale.demo_report import DemoState
-from snapscale.shared import bus, engine, probe, spec
-from snapscale.shared.bus import Bus
-from snapscale.shared.cache import HostCache
-from snapscale.shared.checkpoint import fetch_manifest
-from snapscale.shared.criu import find_criu
-from snapscale.shared.materialize import materialize
-from snapscale.shared.messages import TrafficEvent
-from snapscale.shared.prefetch import Prefetcher
-from snapscale.shared.settings import Settings
-from snapscale.shared.store import manifest_key, open_store
-from snapscale.shared.subjects import Bucket
+from snapscale.demo.live import Console, follow
+from snapscale.demo.procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
+from snapscale.demo.report import DemoState
+from snapscale.shared import bus, engine
+from snapscale.shared.bus import spec
+from snapscale.shared.bus.client import Bus
+from snapscale.shared.bus.messages import TrafficEvent
+from snapscale.shared.bus.subjects import Bucket
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import probe
+from snapscale.shared.engine.criu import find_criu
+from snapscale.shared.store.backend import manifest_key, open_store
+from snapscale.shared.store.cache import HostCache
+from snapscale.shared.store.checkpoint import fetch_manifest
+from snapscale.shared.store.materialize import materialize
+from snapscale.shared.store.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,7 +242,7 @@ async def raw_restore(
 async def play(args: argparse.Namespace, work: Path, procs: ProcessSet, results: dict[str, Any]) -> None:
     gpus = [] if args.cpu else gpu_uuids()
     if args.cpu:
-        base = spec.load_toml(ROOT / "examples" / "sample_cpu.toml")
+        base = spec.load_spec(ROOT / "examples" / "sample_cpu.toml")
     else:
         if not gpus:
             raise BenchError("no GPU found (NVML); use --cpu on a machine without one")
@@ -313,7 +315,7 @@ async def play(args: argparse.Namespace, work: Path, procs: ProcessSet, results:
         gw_task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await gw_task
-        logging.getLogger("snapscale.shared.bus").setLevel(logging.ERROR)
+        logging.getLogger("snapscale.shared.bus.client").setLevel(logging.ERROR)
         await b.close()
 
 
@@ -372,7 +374,7 @@ def run_scaler() -> int:
     """The scaler service, as `snapscale scaler` runs it, without the prefetch at zero."""
     from snapscale.scaler.actions import ScalerConfig
     from snapscale.scaler.service import Scaler
-    from snapscale.shared import runtime
+    from snapscale.shared.core import runtime
 
     s = Settings.from_env()
     runtime.setup_logging(s.log_level)

@@ -19,10 +19,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from snapscale.shared import engine, probe
-from snapscale.shared.criu import find_criu
-from snapscale.shared.engine import Sandbox
-from snapscale.shared.spec import DeploymentSpec, HooksSpec, ReadySpec
+from snapscale.shared.bus.spec import DeploymentSpec, HooksSpec, ReadySpec
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine import probe
+from snapscale.shared.engine.criu import find_criu
+from snapscale.shared.engine.lifecycle import Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS: dict[str, Any] = {}

@@ -27,16 +27,16 @@ from pathlib import Path
 import aioboto3
 from aiobotocore.config import AioConfig
 
-from snapscale.demo_procs import free_port, wait_port
-from snapscale.shared import procs
-from snapscale.shared.cache import HostCache
-from snapscale.shared.checkpoint import fetch_manifest, upload_image
-from snapscale.shared.chunking import scan_image
-from snapscale.shared.manifest import Manifest
-from snapscale.shared.materialize import materialize
-from snapscale.shared.prefetch import Prefetcher
-from snapscale.shared.settings import StoreSettings
-from snapscale.shared.store import chunk_key, open_store
+from snapscale.demo.procs import free_port, wait_port
+from snapscale.shared.core.settings import StoreSettings
+from snapscale.shared.engine import procs
+from snapscale.shared.store.backend import chunk_key, open_store
+from snapscale.shared.store.cache import HostCache
+from snapscale.shared.store.checkpoint import fetch_manifest, upload_image
+from snapscale.shared.store.chunking import scan_image
+from snapscale.shared.store.manifest import Manifest
+from snapscale.shared.store.materialize import materialize
+from snapscale.shared.store.prefetch import Prefetcher
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = b"bench-key"
@@ -472,6 +472,6 @@ lock one thread at a time (commit 96540cc).
 
 
 if __name__ == "__main__":
-    import uvloop  # what the services run on (snapscale.shared.runtime.run)
+    import uvloop  # what the services run on (snapscale.shared.core.runtime.run)
 
     uvloop.run(main())

@@ -24,12 +24,12 @@ from typing import Any
 
 import bench.prefetch as bp
 from bench.prefetch_isolate import minflt
-from snapscale.shared import procs
-from snapscale.shared.cache import HostCache
-from snapscale.shared.manifest import Manifest
-from snapscale.shared.settings import StoreSettings
-from snapscale.shared.store import ChunkError, chunk_key, open_store
-from snapscale.shared.store_s3 import S3Store
+from snapscale.shared.core.settings import StoreSettings
+from snapscale.shared.engine import procs
+from snapscale.shared.store.backend import ChunkError, chunk_key, open_store
+from snapscale.shared.store.cache import HostCache
+from snapscale.shared.store.manifest import Manifest
+from snapscale.shared.store.s3 import S3Store
 
 
 def big_reads(s3: Any, bufsize: int) -> None:

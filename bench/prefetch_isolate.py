@@ -15,11 +15,11 @@ import aioboto3
 from aiobotocore.config import AioConfig
 
 import bench.prefetch as bp
-from snapscale.shared import procs
-from snapscale.shared.cache import HostCache
-from snapscale.shared.chunking import sha256_hex
-from snapscale.shared.settings import StoreSettings
-from snapscale.shared.store import chunk_key, open_store
+from snapscale.shared.core.settings import StoreSettings
+from snapscale.shared.engine import procs
+from snapscale.shared.store.backend import chunk_key, open_store
+from snapscale.shared.store.cache import HostCache
+from snapscale.shared.store.chunking import sha256_hex
 
 
 class Partial(HostCache):

@@ -23,14 +23,13 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from snapscale.demo_procs import free_port, wait_port
+from snapscale.demo.procs import free_port, wait_port
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.service import Restorer
-from snapscale.shared import bus, catalog, compat, engine
-from snapscale.shared.catalog import CatalogEntry
-from snapscale.shared.checkpoint import upload_image
-from snapscale.shared.criu import find_criu
-from snapscale.shared.messages import (
+from snapscale.shared import bus, engine
+from snapscale.shared.bus import catalog
+from snapscale.shared.bus.catalog import CatalogEntry
+from snapscale.shared.bus.messages import (
     ReleaseCommand,
     ReleaseMode,
     ReplicaEvent,
@@ -38,10 +37,13 @@ from snapscale.shared.messages import (
     RestoreCommand,
     decode_message,
 )
-from snapscale.shared.settings import Settings, StoreSettings
-from snapscale.shared.spec import DeploymentSpec, ReadySpec
-from snapscale.shared.store import open_store
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core.settings import Settings, StoreSettings
+from snapscale.shared.engine import compat
+from snapscale.shared.engine.criu import find_criu
+from snapscale.shared.store.backend import open_store
+from snapscale.shared.store.checkpoint import upload_image
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = b"bench-key"

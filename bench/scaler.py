@@ -23,13 +23,13 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
-from snapscale.demo_procs import free_port, wait_port
+from snapscale.demo.procs import free_port, wait_port
 from snapscale.scaler.policy import Window, decide
-from snapscale.shared import bus, catalog, procs
-from snapscale.shared.bus import Bus
-from snapscale.shared.catalog import CatalogEntry
-from snapscale.shared.errors import RetryableError
-from snapscale.shared.messages import (
+from snapscale.shared import bus
+from snapscale.shared.bus import catalog
+from snapscale.shared.bus.catalog import CatalogEntry
+from snapscale.shared.bus.client import Bus
+from snapscale.shared.bus.messages import (
     CheckpointEvent,
     FreezeCommand,
     GpuInfo,
@@ -44,9 +44,11 @@ from snapscale.shared.messages import (
     decode_command,
     encode_message,
 )
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import DeploymentSpec, ScalingSpec
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import procs
 
 REPO = Path(__file__).resolve().parent.parent
 

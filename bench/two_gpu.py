@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from bench.engine_gpu import ROOT, answer, gpu_mem_used_mib, gpus, say, write_weights
-from snapscale.shared import engine
-from snapscale.shared.criu import find_criu
-from snapscale.shared.engine import Sandbox
-from snapscale.shared.spec import DeploymentSpec, ReadySpec
+from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine.criu import find_criu
+from snapscale.shared.engine.lifecycle import Sandbox
 
 
 def prepare(a: argparse.Namespace) -> tuple[Path, Path, Path]:

@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import rerun_report
 
-from snapscale.demo_procs import free_port, wait_port
+from snapscale.demo.procs import free_port, wait_port
 from snapscale.shared import bus
-from snapscale.shared.criu import CriuBinary, find_criu
-from snapscale.shared.errors import ConfigError
-from snapscale.shared.settings import Settings, StoreSettings
+from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.core.settings import Settings, StoreSettings
+from snapscale.shared.engine.criu import CriuBinary, find_criu
 
 VENV_BIN = Path(sys.executable).parent
 REQUIRE_CRIU = os.environ.get("SNAPSCALE_REQUIRE_CRIU") == "1"

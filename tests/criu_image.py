@@ -10,7 +10,7 @@ from pathlib import Path
 
 from criu_procs import criu_dump, python_child
 
-from snapscale.shared.criu import CriuBinary
+from snapscale.shared.engine.criu import CriuBinary
 
 CHILD = r"""
 import os, sys, time

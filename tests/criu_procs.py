@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from snapscale.shared.criu import CriuBinary
+from snapscale.shared.engine.criu import CriuBinary
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from snapscale.shared.spec import DeploymentSpec, HooksSpec, ReadySpec
+from snapscale.shared.bus.spec import DeploymentSpec, HooksSpec, ReadySpec
 
 ROOT = Path(__file__).resolve().parents[1]
 

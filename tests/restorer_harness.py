@@ -21,12 +21,10 @@ from nats.aio.msg import Msg
 
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.service import Restorer
-from snapscale.shared import bus, catalog, compat, engine, probe
-from snapscale.shared.catalog import CatalogEntry
-from snapscale.shared.checkpoint import upload_image
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.manifest import Manifest
-from snapscale.shared.messages import (
+from snapscale.shared import bus
+from snapscale.shared.bus import catalog
+from snapscale.shared.bus.catalog import CatalogEntry
+from snapscale.shared.bus.messages import (
     ReleaseCommand,
     ReleaseMode,
     ReplicaEvent,
@@ -35,10 +33,15 @@ from snapscale.shared.messages import (
     Tier,
     decode_message,
 )
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import DeploymentSpec, ReadySpec
-from snapscale.shared.store import open_store
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import compat, probe
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.store.backend import open_store
+from snapscale.shared.store.checkpoint import upload_image
+from snapscale.shared.store.manifest import Manifest
 
 FINAL = frozenset({ReplicaState.READY, ReplicaState.FAILED})
 

@@ -14,10 +14,10 @@ from conftest import S3Server
 from criu_image import dump_image
 from faultproxy import FaultProxy
 
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.settings import Settings, StoreSettings
-from snapscale.shared.store import ChunkStore, open_store
-from snapscale.shared.store_s3 import RetryPolicy, S3Store
+from snapscale.shared.core.settings import Settings, StoreSettings
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.store.backend import ChunkStore, open_store
+from snapscale.shared.store.s3 import RetryPolicy, S3Store
 
 KEY = b"test-signing-key"
 FAST_RETRY = RetryPolicy(attempts=10, base_delay_s=0.02, max_delay_s=0.25)  # >= 0.77 s of retrying

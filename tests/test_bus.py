@@ -15,10 +15,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from snapscale.shared import bus
-from snapscale.shared.errors import RetryableError
-from snapscale.shared.messages import RestoreCommand, TrafficEvent
-from snapscale.shared.settings import Settings
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.messages import RestoreCommand, TrafficEvent
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core.settings import Settings
 
 
 def _cmd(i: str) -> RestoreCommand:

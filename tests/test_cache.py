@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.shared.cache import CHUNK_MODE, CacheFullError, HostCache
-from snapscale.shared.errors import ConfigError
-from snapscale.shared.store import ChunkError
+from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.store.backend import ChunkError
+from snapscale.shared.store.cache import CHUNK_MODE, CacheFullError, HostCache
 
 
 def chunk(i: int, size: int = 1000) -> tuple[str, bytes]:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.shared.chunking import ZERO_CHUNK, ImageError, is_zero, read_chunk, scan_image
+from snapscale.shared.store.chunking import ZERO_CHUNK, ImageError, is_zero, read_chunk, scan_image
 
 CB = 1 << 16
 

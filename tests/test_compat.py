@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.shared import compat
-from snapscale.shared.compat import CompatKey, diff, host_key
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.spec import DeploymentSpec
+from snapscale.shared.bus.spec import DeploymentSpec
+from snapscale.shared.engine import compat
+from snapscale.shared.engine.compat import CompatKey, diff, host_key
+from snapscale.shared.engine.criu import CriuBinary
 
 
 def key(**kw: str) -> CompatKey:

@@ -18,7 +18,7 @@ import pytest
 import span_contract as sc
 import yaml
 
-from snapscale.shared.settings import Settings
+from snapscale.shared.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "compose"

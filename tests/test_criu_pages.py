@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from criu_procs import criu_dump, criu_restore, python_child, read_status
 
-from snapscale.shared import criu_pages as cp
-from snapscale.shared.criu import CriuBinary
+from snapscale.shared.engine import pages as cp
+from snapscale.shared.engine.criu import CriuBinary
 
 A = 0x7F0000000000
 ANON = cp.VMA_AREA_REGULAR | cp.VMA_ANON_PRIVATE

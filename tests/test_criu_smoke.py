@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from criu_procs import criu_dump, criu_restore, python_child, read_status
 
-from snapscale.shared.criu import CriuBinary
+from snapscale.shared.engine.criu import CriuBinary
 
 CHILD = r"""
 import hashlib, os, sys, time

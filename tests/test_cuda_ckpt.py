@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from snapscale.shared import cuda_ckpt
-from snapscale.shared.cuda_ckpt import CudaCheckpoint, ProcessState
-from snapscale.shared.engine_errors import CudaError, NoCudaError
+from snapscale.shared.engine import cuda as cuda_ckpt
+from snapscale.shared.engine.cuda import CudaCheckpoint, ProcessState
+from snapscale.shared.engine.errors import CudaError, NoCudaError
 
 U0 = "GPU-8c1b2f3a-0000-1111-2222-333344445555"
 U1 = "GPU-00112233-4455-6677-8899-aabbccddeeff"

@@ -24,9 +24,9 @@ import span_contract as sc
 from otlp_receiver import OtlpReceiver, ReceivedSpan, ancestors
 
 from snapscale.cli import build_parser
-from snapscale.shared import netns
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.procs import holders
+from snapscale.shared.engine import netns
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.procs import pids_holding
 
 ROOT = Path(__file__).resolve().parent.parent
 # SNAPSCALE_DEMO_SPEC runs the test with another spec (the demo's --spec).
@@ -127,11 +127,11 @@ def test_demo_prints_cold_boot_then_a_faster_restore(demo_run: dict[str, Any]) -
 def test_demo_leaves_nothing_behind(demo_run: dict[str, Any]) -> None:
     work: Path = demo_run["work"]
     assert demo_run["proc"].returncode == 0, demo_run["proc"].stdout
-    assert holders(work) == []
+    assert pids_holding(work) == []
     assert _mentions(work) == []
     assert not work.exists(), "the work dir is removed after a successful run"
     # Other tests may run sandboxes at the same time: look only at the demo's own namespaces,
-    # named after the /30 of each replica's endpoint (snapscale.shared.netns).
+    # named after the /30 of each replica's endpoint (snapscale.shared.engine.netns).
     ours = {_netns_of(u["endpoint"]) for u in demo_run["data"]["scale_ups"] if u["endpoint"]}
     assert ours, "every ready replica has an endpoint"
     left = ours & _netns_names()
@@ -221,7 +221,7 @@ def test_ctrl_c_mid_demo_stops_everything(criu: CriuBinary, tmp_path: Path) -> N
     assert partial["scale_ups"][0]["tier"] == "cold" and partial["scale_ups"][0]["endpoint"] == endpoint
     assert work is not None and work.exists(), "after an interruption the logs stay for a look"
     try:
-        assert holders(work) == []
+        assert pids_holding(work) == []
         assert _mentions(work) == []
         assert _netns_of(endpoint) not in _netns_names()
     finally:

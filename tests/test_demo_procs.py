@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.demo_procs import ProcessSet, reap_sandboxes
-from snapscale.shared.procs import holders
+from snapscale.demo.procs import ProcessSet, reap_sandboxes
+from snapscale.shared.engine.procs import pids_holding
 
 
 def alive(pid: int) -> bool:
@@ -62,9 +62,9 @@ def test_reap_kills_sandboxes_under_the_work_dir_and_deletes_their_netns(tmp_pat
                 start_new_session=True,
             )
         deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and sb.pid not in holders(work):
+        while time.monotonic() < deadline and sb.pid not in pids_holding(work):
             time.sleep(0.05)
-        assert sb.pid in holders(work)
+        assert sb.pid in pids_holding(work)
         killed, nets = reap_sandboxes(work)
         sb.wait(5)
         assert sb.pid in killed

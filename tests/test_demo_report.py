@@ -12,11 +12,11 @@ import orjson
 import pytest
 
 from snapscale import demo
-from snapscale.demo_live import Console
-from snapscale.demo_report import DemoState, ScaleUp, cold_restore_ratio, summary, table, to_plain
-from snapscale.shared.messages import CheckpointEvent, ReplicaEvent, ReplicaState, Tier
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import DeploymentSpec
+from snapscale.demo.live import Console
+from snapscale.demo.report import DemoState, ScaleUp, cold_restore_ratio, summary, table, to_plain
+from snapscale.shared.bus.messages import CheckpointEvent, ReplicaEvent, ReplicaState, Tier
+from snapscale.shared.bus.spec import DeploymentSpec
+from snapscale.shared.core.settings import Settings
 
 S = ReplicaState
 DEP = "sample"
@@ -171,7 +171,7 @@ def test_cli_registers_demo() -> None:
 
 
 def test_heartbeats_say_what_a_host_has_cached() -> None:
-    from snapscale.shared.messages import HostHeartbeat
+    from snapscale.shared.bus.messages import HostHeartbeat
 
     st = DemoState(deployment=DEP)
     assert not st.cached_on("demo-host", "c1")

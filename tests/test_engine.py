@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 from engine_helpers import ROOT, kill_tagged, netns_exists, procs_with, read_text, sample_spec
 
-from snapscale.shared import engine, probe, sandbox
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.engine import Sandbox
-from snapscale.shared.registry import SandboxRegistry
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine import probe, sandbox
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.lifecycle import Sandbox
+from snapscale.shared.engine.registry import SandboxRegistry
 
 pytestmark = pytest.mark.criu
 
@@ -202,8 +203,8 @@ UVLOOP_FREEZE = """
 import asyncio, os, sys
 from pathlib import Path
 import uvloop
-from snapscale.shared import engine
-from snapscale.shared.criu import find_criu
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine.criu import find_criu
 sys.path.insert(0, "tests")
 from engine_helpers import sample_spec
 

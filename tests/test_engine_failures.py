@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 from engine_helpers import kill_tagged, procs_with, sample_spec
 
-from snapscale.shared import engine, netns, probe, sandbox
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.engine import Sandbox
-from snapscale.shared.spec import HooksSpec, ReadySpec
+from snapscale.shared.bus.spec import HooksSpec, ReadySpec
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine import netns, probe, sandbox
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.lifecycle import Sandbox
 
 pytestmark = pytest.mark.criu
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.shared import criu, engine, netns, probe, sandbox
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.engine_errors import EngineError
-from snapscale.shared.spec import DeploymentSpec
+from snapscale.shared.bus.spec import DeploymentSpec, load_spec
+from snapscale.shared.engine import criu, netns, probe, sandbox
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.errors import EngineError
 
 B = CriuBinary("/opt/criu", "4.2.1")
 
@@ -122,18 +123,16 @@ def test_image_meta_round_trip_and_refusal() -> None:
 
 
 def test_sample_cpu_spec_loads() -> None:
-    from snapscale.shared.spec import load_toml
 
-    spec = load_toml(Path(__file__).resolve().parents[1] / "examples" / "sample_cpu.toml")
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "sample_cpu.toml")
     assert spec.name == "sample-cpu" and spec.gpus == 0 and spec.port == 8000
     assert spec.hooks.before_freeze == "/hooks/before_freeze" and spec.ready.http_path == "/healthz"
     assert "examples.sample_server.server" in spec.command
 
 
 def test_sample_gpu_spec_loads() -> None:
-    from snapscale.shared.spec import load_toml
 
-    spec = load_toml(Path(__file__).resolve().parents[1] / "examples" / "sample_gpu.toml")
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "sample_gpu.toml")
     assert spec.gpus == 1 and "--compile" in spec.command and "--graph" in spec.command
     assert spec.env["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
 

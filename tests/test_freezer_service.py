@@ -28,22 +28,26 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from snapscale.freezer.ledger import Ledger, Phase
 from snapscale.freezer.service import Options, serve
-from snapscale.shared import bus, catalog, engine, sandbox, telemetry
-from snapscale.shared.checkpoint import fetch_manifest, verify_checkpoint
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import (
+from snapscale.shared import bus
+from snapscale.shared.bus import catalog
+from snapscale.shared.bus.messages import (
     CheckpointEvent,
     FreezeCommand,
     ReplicaEvent,
     ReplicaState,
     encode_message,
 )
-from snapscale.shared.registry import SandboxRegistry
-from snapscale.shared.sandbox import Sandbox
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import DeploymentSpec, HooksSpec, ReadySpec
-from snapscale.shared.store import open_store
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.spec import DeploymentSpec, HooksSpec, ReadySpec
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core import telemetry
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine import sandbox
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.registry import SandboxRegistry
+from snapscale.shared.engine.sandbox import Sandbox
+from snapscale.shared.store.backend import open_store
+from snapscale.shared.store.checkpoint import fetch_manifest, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = Options(ack_wait_s=3.0, claim_ttl_s=30.0, drain_s=60.0)
@@ -252,7 +256,7 @@ async def test_freeze_command_makes_a_checkpoint_and_a_redelivery_does_nothing_n
             assert phase in ev.timings_s, (phase, ev.timings_s)
 
         # the catalog entry points at a signed manifest whose every chunk is in S3
-        found = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
+        found = await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
         assert found is not None
         entry, rev = found
         assert entry.checkpoint_id == ev.checkpoint_id and entry.host == settings.host_id
@@ -288,7 +292,10 @@ async def test_freeze_command_makes_a_checkpoint_and_a_redelivery_does_nothing_n
         await send(the_bus, settings.host_id, cmd, dedup=False)
         again = await next_event(events)
         assert again == ev
-        assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) == (entry, rev)
+        assert await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) == (
+            entry,
+            rev,
+        )
         async with open_store(settings.store) as store:
             assert len(await store.list_manifests(spec.name)) == 1
         assert answer(sb) == before
@@ -347,7 +354,7 @@ async def test_failed_freeze_is_reported_with_the_step_and_the_sandbox_keeps_ser
         assert not ev.ok and not ev.skipped
         assert ev.reason.startswith("before_freeze: POST /hooks/fail answered 500"), ev.reason
         assert answer(sb) == before
-        assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
+        assert await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
         # the claim is given back, so the next cold boot's auto-freeze may try again
         assert await bus.kv_get(the_bus.kv[Bucket.LEASES], f"freeze.{spec.name}.{ev.compat_hash}") is None
         assert list(Ledger(settings.state_dir).staging_root.iterdir()) == []
@@ -381,7 +388,7 @@ async def test_auto_freeze_that_loses_the_catalog_race_leaves_the_winner_listed(
         ev = await next_event(events)
         assert ev.ok and ev.skipped and ev.checkpoint_id == OTHER, ev
         assert "stays unlisted" in ev.reason
-        found = await catalog.lookup(kv, spec.name, ev.compat_hash)
+        found = await catalog.lookup_entry(kv, spec.name, ev.compat_hash)
         assert found is not None and found[0].host == "host-z" and found[0].previous_id is None
         assert await bus.kv_get(the_bus.kv[Bucket.LEASES], f"freeze.{spec.name}.{ev.compat_hash}") is None
 
@@ -404,8 +411,8 @@ async def test_a_redeploy_after_launch_keys_the_checkpoint_by_the_spec_the_sandb
         assert ev.ok and not ev.skipped, ev.reason
         assert ev.compat["spec_hash"] == old.spec_hash() != new.spec_hash()
         kv = the_bus.kv[Bucket.CHECKPOINTS]
-        assert await catalog.lookup(kv, old.name, ev.compat_hash) is not None
-        assert [e.compat_hash for e in await catalog.entries(kv, old.name)] == [ev.compat_hash]
+        assert await catalog.lookup_entry(kv, old.name, ev.compat_hash) is not None
+        assert [e.compat_hash for e in await catalog.list_entries(kv, old.name)] == [ev.compat_hash]
 
 
 @pytest.mark.criu
@@ -443,7 +450,7 @@ async def test_a_store_outage_naks_the_command_and_its_redelivery_resumes_the_up
             assert proxy.stats.injected > 0
             # naked, then redelivered: the outage outlasted the store's own retries at least once
             assert "will retry" in caplog.text and "retrying message on" in caplog.text
-            found = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
+            found = await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
             assert found is not None and found[0].checkpoint_id == ev.checkpoint_id
     finally:
         await proxy.stop()
@@ -471,7 +478,9 @@ async def test_an_outage_on_the_last_delivery_is_reported_as_failed_not_dropped(
             await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
             ev = await next_event(events, 90)
             assert not ev.ok and ev.reason.startswith("gave up after 1 deliveries: S3 "), ev.reason
-            assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
+            assert (
+                await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
+            )
             assert await bus.kv_get(the_bus.kv[Bucket.LEASES], f"freeze.{spec.name}.{ev.compat_hash}") is None
             led = Ledger(settings.state_dir)
             assert led.attempts() == [] and list(led.staging_root.iterdir()) == []
@@ -501,7 +510,9 @@ async def test_operator_freeze_with_stop_leaves_a_checkpoint_and_no_sandbox(
         assert ev.ok and not ev.skipped and f"checkpoint {ev.checkpoint_id} of {spec.name}" in out.decode()
         assert "criu_dump" in ev.timings_s and "after_restore" not in ev.timings_s  # it did not resume
         assert not sandbox.is_running(sb)
-        assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is not None
+        assert (
+            await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is not None
+        )
 
         # a replica that is not there: the verb exits 1 and prints why
         proc = await asyncio.create_subprocess_exec(
@@ -517,9 +528,9 @@ async def test_operator_freeze_with_stop_leaves_a_checkpoint_and_no_sandbox(
 LAUNCH_UNDER_UVLOOP = """
 import sys, uvloop
 from pathlib import Path
-from snapscale.shared import engine
-from snapscale.shared.registry import SandboxRegistry
-from snapscale.shared.spec import DeploymentSpec
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine.registry import SandboxRegistry
+from snapscale.shared.bus.spec import DeploymentSpec
 
 async def main() -> None:
     spec = DeploymentSpec.from_json(Path(sys.argv[1]).read_bytes())
@@ -612,7 +623,9 @@ async def test_a_criu_failure_is_reported_with_its_log_tail_and_the_sandbox_keep
             assert "Error (criu/sk-unix.c" in ev.reason  # CRIU's own last lines: what it could not dump
             assert sandbox.is_running(sb)
             assert status_of(f"http://{sb.endpoint}/") == 200  # still serving
-            assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
+            assert (
+                await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash) is None
+            )
     finally:
         outside.close()
         for w in accepted:
@@ -665,7 +678,7 @@ async def test_two_freezers_race_for_an_auto_freeze_and_one_wins(
         assert w.checkpoint_id and (
             "is freezing this key" in lost[0].reason or w.checkpoint_id in lost[0].reason
         )
-        entry = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, w.compat_hash)
+        entry = await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, w.compat_hash)
         assert entry is not None and entry[0].checkpoint_id == w.checkpoint_id and entry[0].host == w.host
 
         # later auto-freezes skip: the key has its checkpoint
@@ -694,7 +707,7 @@ async def test_two_freezers_race_for_an_auto_freeze_and_one_wins(
             and "criu_dump" in text
         )
         assert forced.sizes["new"] < forced.sizes["unique"]  # the second image shares chunks with the first
-        entry2 = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, w.compat_hash)
+        entry2 = await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, w.compat_hash)
         assert entry2 is not None
         assert entry2[0].checkpoint_id == forced.checkpoint_id and entry2[0].previous_id == w.checkpoint_id
         assert answer(sb) == before
@@ -762,7 +775,9 @@ async def test_freezer_killed_mid_upload_resumes_after_restart_with_no_half_cata
         attempt = Ledger(settings.state_dir).attempt(cmd.id)
         assert attempt is not None and attempt.phase.value == "dumped"
         assert chunks >= 3 and manifests == 0
-        assert await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, attempt.compat_hash) is None
+        assert (
+            await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, attempt.compat_hash) is None
+        )
         assert is_dir(attempt.staging_dir)
         assert events.empty()
 
@@ -785,7 +800,7 @@ async def test_freezer_killed_mid_upload_resumes_after_restart_with_no_half_cata
         assert ev.command_id == cmd.id and ev.checkpoint_id == attempt.checkpoint_id  # resumed, not refrozen
         # what the killed run put up is reused: only the rest is new
         assert ev.sizes["new"] == ev.sizes["unique"] - present_bytes > 0
-        found = await catalog.lookup(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
+        found = await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
         assert found is not None and found[0].checkpoint_id == ev.checkpoint_id
         async with open_store(settings.store) as store:
             manifest = await fetch_manifest(store, found[0].manifest_key, settings.signing_key)

@@ -23,10 +23,10 @@ from snapscale.freezer.ledger import Attempt, Ledger, Phase
 from snapscale.freezer.operator import Target, format_event, pick_target
 from snapscale.freezer.specs import SpecUnknown, pick_revision
 from snapscale.shared import bus
-from snapscale.shared.catalog import CatalogEntry
-from snapscale.shared.errors import ConfigError
-from snapscale.shared.messages import CheckpointEvent, FreezeCommand, ReplicaEvent, ReplicaState
-from snapscale.shared.subjects import Bucket
+from snapscale.shared.bus.catalog import CatalogEntry
+from snapscale.shared.bus.messages import CheckpointEvent, FreezeCommand, ReplicaEvent, ReplicaState
+from snapscale.shared.bus.subjects import Bucket
+from snapscale.shared.core.errors import ConfigError
 
 
 def cmd(*, force: bool = False, id: str = "c1") -> FreezeCommand:

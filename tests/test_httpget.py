@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from snapscale.shared import httpget
-from snapscale.shared.httpget import HttpGetter, parse_head
+from snapscale.shared.store import httpget
+from snapscale.shared.store.httpget import HttpGetter, parse_head
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 Runner = Callable[[Callable[[], Awaitable[None]]], None]

@@ -10,9 +10,9 @@ from typing import Any
 import orjson
 import pytest
 
-from snapscale.shared import manifest as mf
-from snapscale.shared.chunking import ZERO_CHUNK
-from snapscale.shared.manifest import FileEntry, Manifest, load_manifest
+from snapscale.shared.store import manifest as mf
+from snapscale.shared.store.chunking import ZERO_CHUNK
+from snapscale.shared.store.manifest import FileEntry, Manifest, load_manifest
 
 KEY = b"k" * 32
 D1 = hashlib.sha256(b"1").hexdigest()

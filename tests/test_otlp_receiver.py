@@ -15,8 +15,8 @@ from otlp_receiver import OtlpReceiver, ancestors, children
 PROBE = textwrap.dedent(
     """
     import os
-    from snapscale.shared import telemetry
-    from snapscale.shared.settings import Settings
+    from snapscale.shared.core import telemetry
+    from snapscale.shared.core.settings import Settings
 
     s = Settings.from_env()
     telemetry.setup("otlp-probe", s.otlp_endpoint)

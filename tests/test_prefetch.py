@@ -22,16 +22,16 @@ import pytest
 from faultproxy import FaultProxy
 from storefix import KEY, image_dir, proxied_store, proxy, store
 
-from snapscale.shared.cache import HostCache
-from snapscale.shared.checkpoint import fetch_manifest, upload_image
-from snapscale.shared.chunking import ZERO_CHUNK
-from snapscale.shared.errors import ConfigError
-from snapscale.shared.manifest import Manifest
-from snapscale.shared.materialize import default_workers, materialize
-from snapscale.shared.prefetch import Prefetcher, PrefetchProgress, _Buffers
-from snapscale.shared.store import ChunkError, ChunkStore
-from snapscale.shared.store_local import LocalStore
-from snapscale.shared.store_s3 import S3Store
+from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.store.backend import ChunkError, ChunkStore
+from snapscale.shared.store.cache import HostCache
+from snapscale.shared.store.checkpoint import fetch_manifest, upload_image
+from snapscale.shared.store.chunking import ZERO_CHUNK
+from snapscale.shared.store.local import LocalStore
+from snapscale.shared.store.manifest import Manifest
+from snapscale.shared.store.materialize import default_workers, materialize
+from snapscale.shared.store.prefetch import Prefetcher, PrefetchProgress, _Buffers
+from snapscale.shared.store.s3 import S3Store
 
 __all__ = ["image_dir", "proxied_store", "proxy", "store"]  # fixtures
 
@@ -331,12 +331,12 @@ KILLED_CHILD = r"""
 import asyncio, sys
 from dataclasses import replace
 from pathlib import Path
-from snapscale.shared.cache import HostCache
-from snapscale.shared.chunking import ZERO_CHUNK
-from snapscale.shared.checkpoint import fetch_manifest
-from snapscale.shared.prefetch import Prefetcher
-from snapscale.shared.settings import StoreSettings
-from snapscale.shared.store import open_store
+from snapscale.shared.store.cache import HostCache
+from snapscale.shared.store.chunking import ZERO_CHUNK
+from snapscale.shared.store.checkpoint import fetch_manifest
+from snapscale.shared.store.prefetch import Prefetcher
+from snapscale.shared.core.settings import StoreSettings
+from snapscale.shared.store.backend import open_store
 
 async def main():
     url, endpoint, key, cache_dir = sys.argv[1:5]

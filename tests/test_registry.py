@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.shared.engine_errors import EngineError
-from snapscale.shared.registry import SandboxRegistry
-from snapscale.shared.sandbox import Sandbox
+from snapscale.shared.engine.errors import EngineError
+from snapscale.shared.engine.registry import SandboxRegistry
+from snapscale.shared.engine.sandbox import Sandbox
 
 
 def sb(replica: str, pid: int = 42) -> Sandbox:

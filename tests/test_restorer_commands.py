@@ -19,9 +19,8 @@ from engine_helpers import ROOT, kill_tagged, procs_with
 from nats.aio.msg import Msg
 from restorer_harness import Harness, follow, running, service_env
 
-from snapscale.shared import bus, compat, sandbox
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import (
+from snapscale.shared import bus
+from snapscale.shared.bus.messages import (
     FreezeCommand,
     GpuInfo,
     HostHeartbeat,
@@ -31,9 +30,11 @@ from snapscale.shared.messages import (
     Tier,
     decode_message,
 )
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import FreezeSpec, ReadySpec
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.spec import FreezeSpec, ReadySpec
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import compat, sandbox
+from snapscale.shared.engine.criu import CriuBinary
 
 pytestmark = pytest.mark.criu
 

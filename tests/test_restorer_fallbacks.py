@@ -18,12 +18,14 @@ from conftest import S3Server
 from engine_helpers import kill_tagged
 from restorer_harness import Frozen, Harness, follow, running
 
-from snapscale.demo_procs import free_port
-from snapscale.shared import bus, compat, engine
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import GpuInfo, ReplicaState, Tier
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import ReadySpec
+from snapscale.demo.procs import free_port
+from snapscale.shared import bus
+from snapscale.shared.bus.messages import GpuInfo, ReplicaState, Tier
+from snapscale.shared.bus.spec import ReadySpec
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import compat
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine.criu import CriuBinary
 
 pytestmark = pytest.mark.criu
 

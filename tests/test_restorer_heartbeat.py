@@ -18,10 +18,11 @@ from restorer_harness import Harness, follow
 
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.service import Restorer
-from snapscale.shared import bus, engine
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import HostHeartbeat, ReleaseMode, ReplicaState, decode_message
-from snapscale.shared.settings import Settings
+from snapscale.shared import bus
+from snapscale.shared.bus.messages import HostHeartbeat, ReleaseMode, ReplicaState, decode_message
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine.criu import CriuBinary
 
 pytestmark = pytest.mark.criu
 

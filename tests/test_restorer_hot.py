@@ -17,9 +17,9 @@ from restorer_harness import Harness, follow, get, running
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.hot import HotImages
 from snapscale.shared import bus
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import ReplicaState, Tier
-from snapscale.shared.settings import Settings
+from snapscale.shared.bus.messages import ReplicaState, Tier
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine.criu import CriuBinary
 
 
 @pytest.fixture

@@ -17,12 +17,13 @@ import pytest
 from engine_helpers import kill_tagged, procs_with
 from restorer_harness import Harness, follow, get, spawn
 
-from snapscale.shared import bus, netns, sandbox
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import ReleaseMode, ReplicaEvent, ReplicaState, Tier, decode_message
-from snapscale.shared.registry import SandboxRegistry
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import ReadySpec
+from snapscale.shared import bus
+from snapscale.shared.bus.messages import ReleaseMode, ReplicaEvent, ReplicaState, Tier, decode_message
+from snapscale.shared.bus.spec import ReadySpec
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import netns, sandbox
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.registry import SandboxRegistry
 
 pytestmark = pytest.mark.criu
 
@@ -83,7 +84,7 @@ async def test_killed_mid_restore_leaves_no_orphan_and_reports_failed(
     orphans = procs_with(h.tag)
     assert orphans != []  # the half-restored tree outlived its restorer
     its_net = os.stat(f"/proc/{orphans[0]}/ns/net").st_ino
-    (ns_name,) = [n.name for n in netns.existing() if netns.inode(n.name) == its_net]
+    (ns_name,) = [n.name for n in netns.existing_netns() if netns.netns_inode(n.name) == its_net]
 
     n = len(h.events)
     procs.append(spawn(h.settings, h.criu, log))
@@ -91,7 +92,7 @@ async def test_killed_mid_restore_leaves_no_orphan_and_reports_failed(
     assert failed.command_id == cmd.id
     assert "restarted mid-restore" in failed.reason
     await until(lambda: procs_with(h.tag) == [], timeout_s=10)
-    assert ns_name not in [n.name for n in netns.existing()]  # its network namespace went too
+    assert ns_name not in [n.name for n in netns.existing_netns()]  # its network namespace went too
     # the command, redelivered to the new process, is not run again
     await asyncio.sleep(1.0)
     assert [e.state for e in h.of("r1")[n:]] == [ReplicaState.FAILED], log.read_text()[-3000:]

@@ -18,12 +18,12 @@ from engine_helpers import kill_tagged, procs_with
 from nats.js.api import ConsumerInfo
 from restorer_harness import Harness, answer_of, follow, get, running
 
-from snapscale.demo_procs import wait_port
+from snapscale.demo.procs import wait_port
 from snapscale.shared import bus
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import HostHeartbeat, ReleaseMode, ReplicaState, Tier, decode_message
-from snapscale.shared.settings import Settings
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.messages import HostHeartbeat, ReleaseMode, ReplicaState, Tier, decode_message
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine.criu import CriuBinary
 
 pytestmark = pytest.mark.criu
 

@@ -19,10 +19,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from restorer_harness import Harness, follow, running
 
-from snapscale.shared import bus, telemetry
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import ReplicaState, Tier
-from snapscale.shared.settings import Settings
+from snapscale.shared import bus
+from snapscale.shared.bus.messages import ReplicaState, Tier
+from snapscale.shared.core import telemetry
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine.criu import CriuBinary
 
 pytestmark = pytest.mark.criu
 

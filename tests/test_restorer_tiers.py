@@ -15,7 +15,7 @@ from snapscale.restorer.tiers import (
     compat_diff,
     pick_suspended,
 )
-from snapscale.shared.messages import Tier
+from snapscale.shared.bus.messages import Tier
 
 HOST = {"gpu_model": "cpu", "driver": "none", "criu_version": "4.2.1", "kernel": "6.18", "spec_hash": "s1"}
 HOST_HASH = "a" * 64

@@ -9,7 +9,7 @@ import pytest
 from snapscale.restorer.budget import Suspended, over_budget
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.slots import Grant, NoCapacityError, Slots
-from snapscale.shared.messages import GpuInfo
+from snapscale.shared.bus.messages import GpuInfo
 
 GPUS = [GpuInfo(i, f"GPU-{i}", "H100", 80 << 30) for i in range(3)]
 
@@ -93,7 +93,7 @@ def test_ledger_unreadable_entry_is_treated_as_new(tmp_path: Path) -> None:
 
 def test_heartbeat_counts_complete_checkpoints_and_suspended_memory() -> None:
     from snapscale.restorer.inventory import heartbeat
-    from snapscale.shared.messages import ReplicaState, ReplicaSummary
+    from snapscale.shared.bus.messages import ReplicaState, ReplicaSummary
 
     hb = heartbeat(
         host="h",
@@ -119,8 +119,8 @@ def test_heartbeat_counts_complete_checkpoints_and_suspended_memory() -> None:
 
 def test_status_table() -> None:
     from snapscale.restorer.status import Status, render
-    from snapscale.shared.catalog import CatalogEntry
-    from snapscale.shared.messages import HostHeartbeat, ReplicaEvent, ReplicaState, Tier
+    from snapscale.shared.bus.catalog import CatalogEntry
+    from snapscale.shared.bus.messages import HostHeartbeat, ReplicaEvent, ReplicaState, Tier
 
     st = Status(
         hosts=[
@@ -164,7 +164,7 @@ def test_status_table() -> None:
 )
 def test_describe(exc: BaseException, reads: str) -> None:
     from snapscale.restorer.host import describe
-    from snapscale.shared.engine_errors import CriuError
+    from snapscale.shared.engine.errors import CriuError
 
     assert describe(exc) == reads
     tail = (
@@ -184,8 +184,8 @@ def test_describe(exc: BaseException, reads: str) -> None:
 
 def test_store_problems_read_as_reasons() -> None:
     from snapscale.restorer.lookup import store_problem
-    from snapscale.shared.manifest import SignatureError
-    from snapscale.shared.store import NotFoundError, RetryableStoreError
+    from snapscale.shared.store.backend import NotFoundError, RetryableStoreError
+    from snapscale.shared.store.manifest import SignatureError
 
     assert (
         store_problem(SignatureError("signature does not match"))

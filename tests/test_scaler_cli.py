@@ -16,11 +16,11 @@ from nats.aio.msg import Msg
 
 from snapscale.scaler.traffic import parse_duration, schedule
 from snapscale.shared import bus
-from snapscale.shared.bus import Bus
-from snapscale.shared.errors import ConfigError
-from snapscale.shared.messages import TrafficEvent, decode_message
-from snapscale.shared.settings import Settings
-from snapscale.shared.subjects import Bucket
+from snapscale.shared.bus.client import Bus
+from snapscale.shared.bus.messages import TrafficEvent, decode_message
+from snapscale.shared.bus.subjects import Bucket
+from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.core.settings import Settings
 
 
 @pytest.mark.parametrize(

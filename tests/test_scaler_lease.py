@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from snapscale.scaler.lease import LEASE_KEY, Lease
-from snapscale.shared.bus import Bus
-from snapscale.shared.subjects import Bucket
+from snapscale.shared.bus.client import Bus
+from snapscale.shared.bus.subjects import Bucket
 
 
 class Clock:

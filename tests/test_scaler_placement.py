@@ -14,7 +14,7 @@ from snapscale.scaler.placement import (
     prefetch_targets,
 )
 from snapscale.scaler.records import apply_event
-from snapscale.shared.messages import (
+from snapscale.shared.bus.messages import (
     GpuInfo,
     HostHeartbeat,
     ReleaseMode,
@@ -22,7 +22,7 @@ from snapscale.shared.messages import (
     ReplicaState,
     ReplicaSummary,
 )
-from snapscale.shared.spec import DeploymentSpec, ScalingSpec
+from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec
 
 GPU1 = DeploymentSpec(name="llm", command=["serve"], gpus=1, gpu_model="H100")
 GPU2 = replace(GPU1, gpus=2)

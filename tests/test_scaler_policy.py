@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from snapscale.scaler.policy import Decision, Window, activation, decide
-from snapscale.shared.spec import ScalingSpec
+from snapscale.shared.bus.spec import ScalingSpec
 
 # target 1 x utilization 1.0: desired == ceil(concurrency), which keeps the tables readable
 BASE = ScalingSpec(

@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 from nats.aio.msg import Msg
 
-from snapscale.demo_procs import ProcessSet, log_tail, reap_sandboxes
+from snapscale.demo.procs import ProcessSet, log_tail, reap_sandboxes
 from snapscale.scaler.lease import LEASE_KEY, LEASE_TYPE, LeaseRecord
-from snapscale.shared import bus, spec, wire
-from snapscale.shared.bus import Bus
-from snapscale.shared.criu import CriuBinary
-from snapscale.shared.messages import (
+from snapscale.shared import bus
+from snapscale.shared.bus import spec
+from snapscale.shared.bus.client import Bus
+from snapscale.shared.bus.messages import (
     CheckpointEvent,
     ReplicaEvent,
     ReplicaState,
@@ -33,8 +33,10 @@ from snapscale.shared.messages import (
     TrafficEvent,
     decode_message,
 )
-from snapscale.shared.settings import Settings
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core import wire
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine.criu import CriuBinary
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "examples" / "sample_cpu.toml"
@@ -134,7 +136,7 @@ async def test_scale_from_zero_handover_to_zero_and_back_by_restore(
         while await bus.kv_get(the_bus.kv[Bucket.HOSTS], "h1") is None:
             assert time.monotonic() < deadline, "no heartbeat from the restorer"
             await asyncio.sleep(0.2)
-        d = tuned(spec.load_toml(SAMPLE))
+        d = tuned(spec.load_spec(SAMPLE))
         await the_bus.kv[Bucket.DEPLOYMENTS].put(d.name, d.to_json())
         await asyncio.sleep(1.0)  # both scalers have the spec from their KV watch
 

@@ -19,11 +19,11 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from snapscale.scaler.actions import ScalerConfig
 from snapscale.scaler.service import Scaler
-from snapscale.shared import bus, catalog, telemetry
-from snapscale.shared.bus import Bus
-from snapscale.shared.catalog import CatalogEntry
-from snapscale.shared.errors import RetryableError
-from snapscale.shared.messages import (
+from snapscale.shared import bus
+from snapscale.shared.bus import catalog
+from snapscale.shared.bus.catalog import CatalogEntry
+from snapscale.shared.bus.client import Bus
+from snapscale.shared.bus.messages import (
     CheckpointEvent,
     FreezeCommand,
     GpuInfo,
@@ -39,9 +39,11 @@ from snapscale.shared.messages import (
     TrafficEvent,
     encode_message,
 )
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import DeploymentSpec, ScalingSpec
-from snapscale.shared.subjects import Bucket, Verb
+from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec
+from snapscale.shared.bus.subjects import Bucket, Verb
+from snapscale.shared.core import telemetry
+from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core.settings import Settings
 
 FAST = ScalingSpec(
     target_concurrency=1.0,

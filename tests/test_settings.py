@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.shared.errors import ConfigError
-from snapscale.shared.settings import Settings
-from snapscale.shared.spec import DeploymentSpec, load_toml
-from snapscale.shared.subjects import Bucket, Subjects, Verb
+from snapscale.shared.bus.spec import DeploymentSpec, load_spec
+from snapscale.shared.bus.subjects import Bucket, Subjects, Verb
+from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.core.settings import Settings
 
 
 def test_from_env_reads_everything() -> None:
@@ -74,7 +74,7 @@ def test_spec_from_toml(tmp_path: Path) -> None:
         '[deployment]\nname = "llm"\ncommand = ["python", "-m", "server"]\ngpus = 1\n'
         '[deployment.scaling]\nstable_window_s = 30.0\nmax_replicas = 4\n'
     )
-    d = load_toml(p)
+    d = load_spec(p)
     assert d.name == "llm" and d.gpus == 1
     assert d.scaling.stable_window_s == 30.0 and d.scaling.max_replicas == 4
     assert DeploymentSpec.from_json(d.to_json()) == d
@@ -92,4 +92,4 @@ def test_bad_spec_names_the_field(tmp_path: Path) -> None:
     p = tmp_path / "spec.toml"
     p.write_text('name = "llm"\ncommand = ["x"]\ngpus = "two"\n')
     with pytest.raises(ConfigError, match=r"spec\.gpus"):
-        load_toml(p)
+        load_spec(p)

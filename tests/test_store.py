@@ -14,12 +14,9 @@ import pytest
 from faultproxy import FaultProxy
 from storefix import FAST_RETRY, KEY, image_dir, proxied_store, proxy, store
 
-from snapscale.shared import checkpoint as ck
-from snapscale.shared.checkpoint import collect_garbage, plan_gc, upload_image, verify_checkpoint
-from snapscale.shared.httpget import GetterStats
-from snapscale.shared.manifest import ManifestError
-from snapscale.shared.settings import Settings, StoreSettings
-from snapscale.shared.store import (
+from snapscale.shared.core.settings import Settings, StoreSettings
+from snapscale.shared.store import checkpoint as ck
+from snapscale.shared.store.backend import (
     ChunkError,
     ChunkStore,
     NotFoundError,
@@ -28,8 +25,11 @@ from snapscale.shared.store import (
     StoreError,
     manifest_key,
 )
-from snapscale.shared.store_local import LocalStore
-from snapscale.shared.store_s3 import RetryPolicy, S3Store, proxied
+from snapscale.shared.store.checkpoint import collect_garbage, plan_gc, upload_image, verify_checkpoint
+from snapscale.shared.store.httpget import GetterStats
+from snapscale.shared.store.local import LocalStore
+from snapscale.shared.store.manifest import ManifestError
+from snapscale.shared.store.s3 import RetryPolicy, S3Store, proxied
 
 __all__ = ["image_dir", "proxied_store", "proxy", "store"]  # fixtures
 

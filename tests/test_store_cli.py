@@ -17,10 +17,10 @@ import pytest
 from conftest import S3Server
 
 from snapscale.cli import main
-from snapscale.shared.checkpoint import upload_image
-from snapscale.shared.manifest import Manifest
-from snapscale.shared.settings import Settings, StoreSettings
-from snapscale.shared.store import open_store
+from snapscale.shared.core.settings import Settings, StoreSettings
+from snapscale.shared.store.backend import open_store
+from snapscale.shared.store.checkpoint import upload_image
+from snapscale.shared.store.manifest import Manifest
 
 KEY = b"cli-key"
 

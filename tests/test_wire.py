@@ -5,8 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from snapscale.shared.errors import MessageError
-from snapscale.shared.messages import (
+from snapscale.shared.bus.messages import (
     CheckpointEvent,
     FreezeCommand,
     GpuInfo,
@@ -25,6 +24,7 @@ from snapscale.shared.messages import (
     decode_message,
     encode_message,
 )
+from snapscale.shared.core.errors import MessageError
 
 SAMPLES: list[object] = [
     TrafficEvent(deployment="llm", ts=1.5, arrivals=3, concurrency=2.5),

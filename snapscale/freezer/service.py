@@ -1,0 +1,236 @@
+"""The freezer service: a durable consumer of `cmd.freeze.<host>` that runs one freeze at a time,
+keeps the command alive with `in_progress()`, acks only once the outcome is recorded, drains on stop.
+
+What a freeze does is job.py's; whether to do it is decide.py's. This module is plumbing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+
+from nats.aio.msg import Msg
+from opentelemetry.trace import Status, StatusCode
+
+from snapscale.freezer import claims, job
+from snapscale.freezer.ledger import Ledger, Phase
+from snapscale.shared import bus
+from snapscale.shared.bus import Bucket, CheckpointEvent, FreezeCommand, Verb, check_token
+from snapscale.shared.core import telemetry
+from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import CriuBinary, SandboxRegistry, find_criu
+from snapscale.shared.store import open_store
+
+log = logging.getLogger(__name__)
+tracer = telemetry.tracer(__name__)
+
+
+@dataclass(frozen=True)
+class Options:
+    ack_wait_s: float = 30.0  # a freeze outlives this: in_progress() every third of it
+    max_deliver: int = 5
+    claim_ttl_s: float = 120.0  # an auto-freeze claim outlives a dead holder by at most this
+    drain_s: float = 300.0  # on stop, how long the freeze in flight may take to finish
+    chunk_bytes: int | None = None  # None: the store's default
+
+
+def event_msg_id(command_id: str) -> str:
+    """One event per command: a replayed outcome inside the dedup window is dropped by the stream."""
+    return f"freeze-evt-{command_id}"
+
+
+class Freezer:
+    def __init__(
+        self,
+        settings: Settings,
+        b: bus.Bus,
+        ctx: job.Context,
+        opts: Options,
+    ) -> None:
+        self.settings = settings
+        self.bus = b
+        self.ctx = ctx
+        self.opts = opts
+        self.handled = 0
+
+    async def handle(self, cmd: FreezeCommand, msg: Msg) -> None:
+        """`bus.consume`'s handler: publish the outcome, record it, then ack."""
+        attrs: dict[str, str | bool] = {
+            "snapscale.deployment": cmd.deployment,
+            "snapscale.replica": cmd.replica,
+            "snapscale.command_id": cmd.id,
+            "freeze.force": cmd.force,
+            "freeze.keep_running": cmd.keep_running,
+        }
+        with tracer.start_as_current_span("freeze", attributes=attrs) as span:
+            try:  # it names the event's subject: a dot or a wildcard in it is a malformed command
+                check_token("deployment", cmd.deployment)
+            except ValueError as e:
+                log.error("refused freeze command %s: %s", cmd.id, e)
+                span.set_status(trace_status_error(str(e)))
+                await msg.term()
+                return
+            done = self.ctx.ledger.outcome(cmd.id)
+            if done is not None:
+                log.info(
+                    "freeze command %s already handled (ok=%s): answering from the ledger", cmd.id, done.ok
+                )
+                span.set_attribute("freeze.replayed", True)
+                await self._announce(done)
+                await msg.ack_sync()
+                return
+            ctx = replace(self.ctx, held=None, claim_lock=asyncio.Lock())
+            try:
+                async with self._heartbeat(msg, ctx):
+                    event = await job.run(ctx, cmd)
+            except RetryableError as e:
+                delivered = msg.metadata.num_delivered
+                if delivered < self.opts.max_deliver:
+                    log.warning(
+                        "freeze %s: %s (delivery %d of %d, will retry)",
+                        cmd.id,
+                        e,
+                        delivered,
+                        self.opts.max_deliver,
+                    )
+                    raise
+                event = await self._failed(ctx, cmd, f"gave up after {delivered} deliveries: {e}")
+            except Exception as e:
+                # a permanent store error or a bug: report it, rather than let the command vanish
+                log.exception("freeze %s of %s failed", cmd.id, cmd.deployment)
+                event = await self._failed(ctx, cmd, f"{type(e).__name__}: {e}")
+            span.set_attribute("freeze.ok", event.ok)
+            span.set_attribute("freeze.skipped", event.skipped)
+            if event.checkpoint_id:
+                span.set_attribute("snapscale.checkpoint_id", event.checkpoint_id)
+            if not event.ok:
+                span.set_status(trace_status_error(event.reason))
+            await self._announce(event)
+            attempt = self.ctx.ledger.attempt(cmd.id)  # its staging dir goes with it
+            self.ctx.ledger.finish(cmd.id, event, attempt.checkpoint_id if attempt else None)
+            await msg.ack_sync()
+            self.handled += 1
+            if self.handled % 100 == 0:  # a long-lived freezer forgets old outcomes too
+                self.ctx.ledger.sweep()
+
+    async def _failed(self, ctx: job.Context, cmd: FreezeCommand, reason: str) -> CheckpointEvent:
+        await job.release_claim(ctx)
+        a = self.ctx.ledger.attempt(cmd.id)
+        compat = {"compat": a.compat, "compat_hash": a.compat_hash} if a is not None else {}
+        return job.event_for(cmd, self.settings.host_id, ok=False, reason=reason, **compat)
+
+    async def _announce(self, event: CheckpointEvent) -> None:
+        await bus.publish(
+            self.bus,
+            self.bus.subjects.evt_checkpoint(event.deployment),
+            event,
+            msg_id=event_msg_id(event.command_id or ""),
+        )
+
+    @contextlib.asynccontextmanager
+    async def _heartbeat(self, msg: Msg, ctx: job.Context) -> AsyncIterator[None]:
+        """While the freeze runs: tell JetStream we are alive and keep an auto-freeze claim fresh."""
+
+        async def beat() -> None:
+            period = max(self.opts.ack_wait_s / 3, 0.2)
+            while True:
+                await asyncio.sleep(period)
+                try:
+                    await msg.in_progress()
+                except Exception as e:  # NATS reconnecting: the next beat tries again
+                    log.warning("freeze heartbeat for %s failed: %s", msg.subject, e)
+                async with ctx.claim_lock:  # never renew a claim the job is releasing
+                    if ctx.held is None:
+                        continue
+                    try:
+                        ctx.held = await claims.renew(
+                            self.bus.kv[Bucket.LEASES], ctx.held, now=time.time(), ttl_s=ctx.claim_ttl_s
+                        )
+                    except RetryableError as e:
+                        log.warning("freeze claim %s lost while freezing: %s", ctx.held.key, e)
+                        ctx.held = None
+                    except Exception as e:
+                        log.warning("freeze claim %s not renewed: %s", ctx.held.key, e)
+
+        task = asyncio.create_task(beat(), name="freeze-heartbeat")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def trace_status_error(reason: str) -> Status:
+    return Status(StatusCode.ERROR, (reason.splitlines() or [""])[0][:200])
+
+
+async def serve(
+    settings: Settings,
+    opts: Options,
+    *,
+    stop: asyncio.Event,
+    criu: CriuBinary | None = None,
+    on_phase: Callable[[Phase], Awaitable[None]] | None = None,
+    started: asyncio.Event | None = None,
+) -> None:
+    """Run the freezer for `settings.host_id` until `stop` is set, then drain the freeze in flight."""
+    settings.require_signing_key()
+    criu = criu or find_criu(settings.criu_path)
+    b = await bus.open_bus(settings, f"snapscale-freezer-{settings.host_id}")
+    try:
+        async with open_store(settings.store) as store:
+            ledger = Ledger(settings.state_dir)
+            removed = ledger.sweep()
+            if removed:
+                log.info("removed %d staging dirs no attempt can resume: %s", len(removed), removed)
+            ctx = job.Context(
+                settings=settings,
+                bus=b,
+                store=store,
+                criu=criu,
+                ledger=ledger,
+                registry=SandboxRegistry(settings.state_dir),
+                claim_ttl_s=opts.claim_ttl_s,
+                chunk_bytes=opts.chunk_bytes,
+                on_phase=on_phase,
+            )
+            freezer = Freezer(settings, b, ctx, opts)
+            subject = b.subjects.cmd(Verb.FREEZE, settings.host_id)
+            inner_stop = asyncio.Event()
+            consumer = asyncio.create_task(
+                bus.consume(
+                    b,
+                    subject,
+                    b.subjects.durable("freezer", Verb.FREEZE, settings.host_id),
+                    FreezeCommand,
+                    freezer.handle,
+                    ack_wait_s=opts.ack_wait_s,
+                    max_deliver=opts.max_deliver,
+                    stop=inner_stop,
+                ),
+                name="freezer-consumer",
+            )
+            log.info("freezer for host %s consuming %s", settings.host_id, subject)
+            if started is not None:
+                started.set()
+            stopper = asyncio.create_task(stop.wait())
+            await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            inner_stop.set()
+            stopper.cancel()
+            try:
+                # a freeze in flight finishes (or its message comes back to a later run)
+                await asyncio.wait_for(consumer, opts.drain_s)
+            except TimeoutError:
+                log.warning("freeze still running after %.0fs of draining: left for redelivery", opts.drain_s)
+            log.info("freezer for host %s stopped after %d commands", settings.host_id, freezer.handled)
+    finally:
+        # Not Bus.close(): draining waits its full 30 s timeout on the consumer's pull subscription,
+        # which bus.consume leaves subscribed. Everything we published was acked by the server.
+        if not b.nc.is_closed:
+            await b.nc.close()

@@ -1,0 +1,67 @@
+"""The restorer's own knobs (beyond the shared `Settings`): CPU slots, suspend budget, intervals.
+
+Frozen; built once by the CLI from flags and the environment. Units are in the names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.core.settings import Settings
+
+
+@dataclass(frozen=True)
+class RestorerConfig:
+    host: str
+    cpu_slots: int = 4  # replicas of CPU deployments this host runs at once
+    suspend_budget_bytes: int = 32 << 30  # RAM suspended replicas may hold before the oldest stops
+    heartbeat_s: float = 3.0
+    ack_wait_s: float = 30.0  # the command consumer's ack wait; in-flight work extends it
+    max_inflight: int = 16  # commands handled at once (restores beyond free slots fail fast)
+    adopt_ready_timeout_s: float = 15.0  # a re-adopted sandbox must answer its probe by then
+    drain_s: float = 20.0  # on stop, time in-flight commands get to finish before they are cancelled
+    auto_freeze: bool = True  # ask the freezer to freeze a cold-booted replica whose spec wants it
+    work_dir: Path | None = None  # run dirs and images; default <state_dir>/restorer
+    hot_images: int = 2  # assembled images kept for the next restore of their checkpoint; 0: none
+    image_dir: Path | None = None  # where images are assembled and kept hot (a tmpfs); default <work>
+
+    def __post_init__(self) -> None:
+        if self.cpu_slots < 0:
+            raise ConfigError(f"cpu_slots must be >= 0, got {self.cpu_slots}")
+        if self.heartbeat_s <= 0 or self.ack_wait_s <= 0:
+            raise ConfigError("heartbeat_s and ack_wait_s must be positive")
+
+    def dirs(self, settings: Settings) -> Path:
+        return self.work_dir or settings.state_dir / "restorer"
+
+    def images_root(self, settings: Settings) -> Path:
+        """Assembled images; the hot ones beside them (`hot_root`), on the same filesystem, since an
+        image becomes hot by a rename."""
+        return (self.image_dir or self.dirs(settings)) / "images"
+
+    def hot_root(self, settings: Settings) -> Path:
+        return (self.image_dir or self.dirs(settings)) / "hot"
+
+    @classmethod
+    def from_env(cls, host: str, env: Mapping[str, str] | None = None, **overrides: object) -> RestorerConfig:
+        e = os.environ if env is None else env
+        kw: dict[str, object] = {"host": host}
+        for name, key, conv in (
+            ("cpu_slots", "SNAPSCALE_CPU_SLOTS", int),
+            ("suspend_budget_bytes", "SNAPSCALE_SUSPEND_BUDGET_BYTES", int),
+            ("heartbeat_s", "SNAPSCALE_HEARTBEAT_S", float),
+            ("hot_images", "SNAPSCALE_HOT_IMAGES", int),
+            ("image_dir", "SNAPSCALE_IMAGE_DIR", Path),
+        ):
+            raw = e.get(key)
+            if raw:
+                try:
+                    kw[name] = conv(raw)
+                except ValueError:
+                    raise ConfigError(f"{key}={raw!r} is not a valid value") from None
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**kw)  # type: ignore[arg-type]

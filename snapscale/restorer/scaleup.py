@@ -1,0 +1,356 @@
+"""One scale-up: bring a replica up by the fastest tier that works, falling back to a cold boot.
+
+resume -> lookup -> prefetch -> materialize -> engine restore -> ready, or launch -> ready; every
+phase a span and a timing, every fallback a reason. Whatever half-started is stopped before the
+next tier; the caller records the outcome and acks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from opentelemetry import trace
+
+from snapscale.restorer import events
+from snapscale.restorer.cleanup import reap
+from snapscale.restorer.host import Host, Live, describe
+from snapscale.restorer.lookup import Found, find_checkpoint
+from snapscale.restorer.release import wake
+from snapscale.restorer.tiers import Decision, Observed, choose
+from snapscale.shared import bus as busmod
+from snapscale.shared import engine
+from snapscale.shared.bus import (
+    DeploymentSpec,
+    FreezeCommand,
+    ReplicaEvent,
+    ReplicaState,
+    RestoreCommand,
+    Tier,
+    Verb,
+)
+from snapscale.shared.core import telemetry
+from snapscale.shared.engine import EngineError, Sandbox
+from snapscale.shared.store import Manifest
+
+log = logging.getLogger(__name__)
+tracer = telemetry.tracer("snapscale.restorer")
+
+SCALE_UP_SPAN = "scale_up"
+_STARTING_STATE = {
+    Tier.RESUME: ReplicaState.RESUMING,
+    Tier.RESTORE_CACHED: ReplicaState.RESTORING,
+    Tier.RESTORE: ReplicaState.RESTORING,
+    Tier.COLD: ReplicaState.STARTING,
+}
+
+
+@dataclass
+class Attempt:
+    """What one scale-up has measured so far."""
+
+    cmd: RestoreCommand
+    spec: DeploymentSpec
+    gpu_uuids: list[str]
+    timings_s: dict[str, float] = field(default_factory=dict)
+    bytes: dict[str, int] = field(default_factory=dict)
+    tried: set[Tier] = field(default_factory=set)
+    earlier: list[str] = field(default_factory=list)
+    announced: ReplicaState | None = None
+    reason: str = ""  # why the tier that ended ready was not a faster one
+    checkpoint_id: str | None = None
+
+
+@contextlib.contextmanager
+def phase(a: Attempt, name: str, **attrs: str | int | float) -> Iterator[trace.Span]:
+    """A span and a timing for one phase of the scale-up."""
+    t0 = time.monotonic()
+    with tracer.start_as_current_span(name, attributes=attrs) as span:
+        try:
+            yield span
+        finally:
+            a.timings_s[name] = round(a.timings_s.get(name, 0.0) + time.monotonic() - t0, 4)
+
+
+async def announce(h: Host, a: Attempt, d: Decision, checkpoint_id: str | None = None) -> None:
+    """Publish restoring/starting/resuming once per state the replica passes through."""
+    state = _STARTING_STATE[d.tier]
+    a.reason = d.reason
+    a.checkpoint_id = checkpoint_id
+    if a.announced is state:
+        return
+    a.announced = state
+    await events.record(
+        h.bus,
+        ReplicaEvent(
+            deployment=a.spec.name,
+            replica=a.cmd.replica,
+            host=h.name,
+            state=state,
+            ts=h.now(),
+            command_id=a.cmd.id,
+            tier=d.tier,
+            reason=d.reason,
+            checkpoint_id=checkpoint_id,
+            gpu_uuids=list(a.gpu_uuids),
+        ),
+    )
+
+
+async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]) -> Live:
+    """Run the tiers in order until one ends ready; raises what the last one raised."""
+    root = trace.get_current_span()
+    root.set_attribute("snapscale.deployment", a.spec.name)
+    root.set_attribute("snapscale.replica", a.cmd.replica)
+    allow = frozenset(a.cmd.allow_tiers)
+    base = Observed(
+        replica=a.cmd.replica,
+        allow=allow,
+        host_compat_hash=compat_hash,
+        host_compat=compat,
+        pinned=a.cmd.checkpoint_id,
+    )
+    d = choose(replace(base, suspended=tuple(h.suspended_of(a.spec.name))))
+    if d.tier is Tier.RESUME:
+        assert d.resume_replica is not None
+        try:
+            return await _resume(h, a, d, d.resume_replica)
+        except Exception as e:  # any resume failure falls through to the next tier
+            a.tried.add(Tier.RESUME)
+            a.earlier.append(f"resume of {d.resume_replica} failed: {describe(e)}")
+            log.warning("replica %s: %s", a.cmd.replica, a.earlier[-1])
+    found: Found | None = None
+    if Tier.RESTORE in allow or Tier.RESTORE_CACHED in allow:
+        with phase(a, "lookup"):
+            found = await find_checkpoint(h, a.spec.name, compat_hash, a.cmd.checkpoint_id)
+    d = choose(_observed(base, a, found))
+    if d.tier in (Tier.RESTORE, Tier.RESTORE_CACHED):
+        assert found is not None and found.manifest is not None
+        try:
+            return await _restore(h, a, d, found)
+        except Exception as e:
+            a.tried.add(d.tier)
+            a.earlier = [r for r in (d.reason, f"restore of {d.checkpoint_id} failed: {describe(e)}") if r]
+            log.warning("replica %s: %s", a.cmd.replica, a.earlier[-1])
+            d = choose(_observed(base, a, found))
+    return await _cold(h, a, d)
+
+
+def _observed(base: Observed, a: Attempt, found: Found | None) -> Observed:
+    o = replace(base, tried=frozenset(a.tried), earlier=tuple(a.earlier))
+    if found is None:
+        return o
+    return replace(
+        o,
+        entry=found.entry,
+        others=tuple(found.others),
+        manifest_error=found.manifest_error,
+        need_bytes=found.need_bytes,
+        cached_bytes=found.cached_bytes,
+    )
+
+
+async def _resume(h: Host, a: Attempt, d: Decision, old: str) -> Live:
+    lv = h.live[old]
+    # taken before the first await, so a concurrent scale-up cannot pick the same replica
+    lv.state = ReplicaState.RESUMING
+    try:
+        await announce(h, a, d, lv.checkpoint_id)
+        with phase(a, "cuda_restore"):
+            if lv.sandbox.gpu_uuids:
+                sb = await engine.resume(lv.sandbox, a.gpu_uuids)
+            else:
+                wake(lv)
+                sb = lv.sandbox
+        with phase(a, "ready_probe"):
+            await engine.wait_ready(sb, a.spec.ready, cwd=a.spec.cwd)
+    except BaseException:
+        # a sandbox that failed to resume is in an unknown state: never hand it out again
+        h.live.pop(old, None)
+        await _stop_quietly(h, lv.sandbox)
+        if old != a.cmd.replica:
+            await _record_gone(h, lv, f"resume as {a.cmd.replica} failed")
+        raise
+    h.live.pop(old, None)
+    if old != a.cmd.replica:
+        h.registry.remove(old)
+        sb = replace(sb, replica=a.cmd.replica)
+        await _record_gone(h, lv, f"resumed as replica {a.cmd.replica}")
+    h.registry.put(sb)
+    return Live(a.spec, sb, ReplicaState.READY, Tier.RESUME, h.now(), lv.checkpoint_id)
+
+
+async def _record_gone(h: Host, lv: Live, reason: str) -> None:
+    await events.record(
+        h.bus,
+        ReplicaEvent(
+            deployment=lv.spec.name,
+            replica=lv.sandbox.replica,
+            host=h.name,
+            state=ReplicaState.STOPPED,
+            ts=h.now(),
+            reason=reason,
+        ),
+    )
+    await events.remove(h.bus, lv.spec.name, lv.sandbox.replica)
+
+
+async def _restore(h: Host, a: Attempt, d: Decision, found: Found) -> Live:
+    assert found.manifest is not None and found.entry is not None
+    m = found.manifest
+    await announce(h, a, d, m.checkpoint_id)
+    image_dir = h.image_dir(a.cmd.replica, a.cmd.id)
+    run_dir = h.run_dir(a.cmd.replica, a.cmd.id)
+    # Assembled by an earlier restore of this checkpoint: no prefetch, no copy (docs/restorer.md).
+    hot = h.hot.get(m.checkpoint_id) if h.hot is not None and d.tier is Tier.RESTORE_CACHED else None
+    ok = False
+    try:
+        if hot is not None:
+            with phase(a, "materialize", **{"materialize.hot": True}):
+                a.bytes.update({"fetched": 0, "joined": 0, "cache_hit": found.cached_bytes,
+                                "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
+        else:
+            await _assemble(h, a, m, image_dir, overlap=found.cached_bytes == 0)
+        with h.hot.reading(m.checkpoint_id) if h.hot is not None else contextlib.nullcontext():
+            sb, report = await engine.restore(
+                a.spec,
+                hot or image_dir,
+                a.cmd.replica,
+                gpu_uuids=a.gpu_uuids,
+                run_dir=run_dir,
+                criu=h.criu,
+                checkpoint_id=m.checkpoint_id,
+            )
+        _spans_from(report.timings_s, a)
+        ok = True
+    except BaseException as e:
+        if hot is not None and h.hot is not None and isinstance(e, Exception):
+            h.hot.discard(m.checkpoint_id)  # it may be what failed: the next restore rebuilds it
+        await reap(run_dir)
+        raise
+    finally:
+        kept = ok and hot is None and h.hot is not None and h.hot.adopt(m.checkpoint_id, image_dir)
+        if not kept:
+            await asyncio.to_thread(shutil.rmtree, image_dir, True)
+    h.registry.put(sb)
+    return Live(a.spec, sb, ReplicaState.READY, d.tier, h.now(), m.checkpoint_id)
+
+
+async def _assemble(h: Host, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool) -> None:
+    """Prefetch `m`'s chunks into the host cache and rebuild its image dir from them.
+
+    With `overlap` (none of them cached yet) each chunk is placed as soon as it lands: every one
+    arrives hashed by the cache. With some cached, materialize waits for the whole prefetch, which
+    re-hashes the cached ones before they are trusted.
+    """
+    with h.checkpoints.pinned(m):  # nothing evicts these chunks until the image is rebuilt
+        # its own task, so its span is the root's child beside materialize's, not above it
+        fetch = asyncio.create_task(_prefetch(h, a, m), name=f"prefetch {m.checkpoint_id}")
+        try:
+            if not overlap:
+                await asyncio.shield(fetch)
+            with phase(a, "materialize"):
+                await h.checkpoints.materialize(m, image_dir, arriving=fetch if overlap else None)
+            await fetch
+        except BaseException:
+            fetch.cancel()
+            await asyncio.gather(fetch, return_exceptions=True)
+            raise
+
+
+async def _prefetch(h: Host, a: Attempt, m: Manifest) -> None:
+    with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
+        rep = await h.checkpoints.prefetch(m)
+        gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
+        span.set_attributes(
+            {
+                "prefetch.bytes": rep.bytes_fetched,
+                "prefetch.chunks": rep.chunks,
+                "prefetch.cache_hits": rep.cache_hits,
+                "prefetch.cached_bytes": rep.cached_bytes,
+                "prefetch.gbps": round(gbps, 3),
+                "prefetch.joined": rep.joined,
+            }
+        )
+        # a joined prefetch reports the shared download's bytes: count them once, under "joined"
+        a.bytes.update(
+            {
+                "fetched": 0 if rep.joined else rep.bytes_fetched,
+                "joined": rep.bytes_fetched if rep.joined else 0,
+                "cache_hit": rep.cached_bytes,
+                "image": m.total_bytes,
+            }
+        )
+
+
+# the engine's step names -> the phase names the dashboard knows (docs/restorer.md)
+ENGINE_PHASES = {"criu_restore": "criu_restore", "cuda_restore": "cuda_restore", "after_restore": "hook",
+                 "ready": "ready_probe"}  # fmt: skip
+
+
+def _spans_from(timings_s: dict[str, float], a: Attempt) -> None:
+    """The engine's step timings as phase spans under the scale-up, laid end to end as they ran."""
+    end = time.time_ns()
+    steps = [(ENGINE_PHASES[k], v) for k, v in timings_s.items() if k in ENGINE_PHASES and v >= 0]
+    start = end - int(sum(v for _, v in steps) * 1e9)
+    for name, secs in steps:
+        span = tracer.start_span(name, start_time=start)
+        span.end(end_time=start + int(secs * 1e9))
+        start += int(secs * 1e9)
+        a.timings_s[name] = round(a.timings_s.get(name, 0.0) + secs, 4)
+
+
+async def _cold(h: Host, a: Attempt, d: Decision) -> Live:
+    trace.get_current_span().set_attribute("fallback.reason", d.reason)
+    await announce(h, a, d)
+    run_dir = h.run_dir(a.cmd.replica, a.cmd.id) / "cold"
+    sb: Sandbox | None = None
+    try:
+        with phase(a, "launch", **{"fallback.reason": d.reason}):
+            sb = await engine.launch(a.spec, a.cmd.replica, gpu_uuids=a.gpu_uuids, run_dir=run_dir)
+            h.registry.put(sb)
+        with phase(a, "ready_probe"):
+            await engine.wait_ready(sb, a.spec.ready, cwd=a.spec.cwd)
+    except BaseException as e:
+        if sb is not None:
+            await _stop_quietly(h, sb)
+        await reap(run_dir)
+        if isinstance(e, Exception):
+            raise ColdBootError(d.reason, describe(e)) from e
+        raise
+    return Live(a.spec, sb, ReplicaState.READY, Tier.COLD, h.now(), None)
+
+
+class ColdBootError(EngineError):
+    """The last tier failed too; the message has why faster tiers were passed over."""
+
+    def __init__(self, earlier: str, reason: str) -> None:
+        super().__init__("cold_boot", f"{reason} (after: {earlier})" if earlier else reason)
+
+
+async def _stop_quietly(h: Host, sb: Sandbox) -> None:
+    try:
+        await engine.stop(sb)
+    except Exception as e:  # stopping is best effort here; the reap after it catches stragglers
+        log.warning("stopping %s failed: %s", sb.replica, e)
+    h.registry.remove(sb.replica)
+
+
+async def request_freeze(h: Host, lv: Live, command_id: str) -> None:
+    """Hand a cold-booted replica to the freezer when its spec asks to be frozen once ready."""
+    cmd = FreezeCommand(
+        id=f"auto-{command_id}",
+        deployment=lv.spec.name,
+        replica=lv.sandbox.replica,
+        issued_at=h.now(),
+        keep_running=True,
+    )
+    subject = h.bus.subjects.cmd(Verb.FREEZE, h.name)
+    await busmod.publish(h.bus, subject, cmd, msg_id=cmd.id)
+    log.info("asked the freezer to freeze %s (%s)", lv.sandbox.replica, lv.spec.name)

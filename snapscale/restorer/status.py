@@ -1,0 +1,162 @@
+"""`snapscale status`: hosts (from KV hosts), replicas (KV replicas), checkpoints (the catalog)
+and each host's cache contents, as a readable table or JSON. Reads only; changes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.js.errors import NoKeysError
+from nats.js.kv import KeyValue
+
+from snapscale.shared import bus as busmod
+from snapscale.shared.bus import (
+    Bucket,
+    Bus,
+    CatalogEntry,
+    HostHeartbeat,
+    ReplicaEvent,
+    decode_message,
+    list_entries,
+)
+from snapscale.shared.core import wire
+from snapscale.shared.core.errors import MessageError
+
+
+@dataclass(frozen=True)
+class Status:
+    hosts: list[HostHeartbeat] = field(default_factory=list)
+    replicas: list[ReplicaEvent] = field(default_factory=list)
+    checkpoints: list[CatalogEntry] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)  # KV keys whose values did not decode
+
+
+async def _values(kv: KeyValue) -> list[tuple[str, bytes]]:
+    try:
+        keys = await kv.keys()
+    except NoKeysError:
+        return []
+    out = []
+    for k in sorted(keys):
+        got = await busmod.kv_get(kv, k)
+        if got is not None:
+            out.append((k, got[0]))
+    return out
+
+
+async def gather(b: Bus) -> Status:
+    st = Status()
+    for k, data in await _values(b.kv[Bucket.HOSTS]):
+        try:
+            st.hosts.append(decode_message(data, HostHeartbeat))
+        except MessageError:
+            st.unreadable.append(f"hosts/{k}")
+    for k, data in await _values(b.kv[Bucket.REPLICAS]):
+        try:
+            st.replicas.append(decode_message(data, ReplicaEvent))
+        except MessageError:
+            st.unreadable.append(f"replicas/{k}")
+    st.checkpoints.extend(await list_entries(b.kv[Bucket.CHECKPOINTS]))
+    return st
+
+
+def to_json(st: Status) -> bytes:
+    return wire.canonical(st)
+
+
+def _age(ts: float, now: float) -> str:
+    s = max(0.0, now - ts)
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}MB"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    if not rows:
+        return "  (none)"
+    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: list[str]) -> str:
+        return "  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(cells)).rstrip()
+
+    return "\n".join([line(headers), *(line(r) for r in rows)])
+
+
+def render(st: Status, now: float | None = None) -> str:
+    """The operator's view. Pure: `now` makes ages reproducible."""
+    now = time.time() if now is None else now
+    out: list[str] = ["HOSTS"]
+    out.append(
+        _table(
+            ["HOST", "SEEN", "GPUS FREE", "CPU SLOTS", "REPLICAS", "SUSPENDED", "CACHED", "KEY"],
+            [
+                [
+                    h.host,
+                    _age(h.ts, now),
+                    f"{sum(g.free for g in h.gpus)}/{len(h.gpus)}",
+                    str(h.cpu_slots),
+                    str(len(h.replicas)),
+                    f"{_mb(h.suspend_used_bytes)}/{_mb(h.suspend_budget_bytes)}",
+                    ",".join(h.cached_checkpoints) or "-",
+                    h.compat_hash[:12],
+                ]
+                for h in st.hosts
+            ],
+        )
+    )
+    out += ["", "REPLICAS"]
+    out.append(
+        _table(
+            ["DEPLOYMENT", "REPLICA", "HOST", "STATE", "TIER", "SINCE", "ENDPOINT", "CHECKPOINT", "REASON"],
+            [
+                [
+                    r.deployment,
+                    r.replica,
+                    r.host,
+                    r.state.value,
+                    r.tier.value if r.tier else "-",
+                    _age(r.ts, now),
+                    r.endpoint or "-",
+                    r.checkpoint_id or "-",
+                    r.reason or "-",
+                ]
+                for r in sorted(st.replicas, key=lambda r: (r.deployment, r.replica))
+            ],
+        )
+    )
+    out += ["", "CHECKPOINTS"]
+    out.append(
+        _table(
+            ["DEPLOYMENT", "CHECKPOINT", "KEY", "AGE", "SIZE", "FROM HOST", "PREVIOUS"],
+            [
+                [
+                    c.deployment,
+                    c.checkpoint_id,
+                    c.compat_hash[:12],
+                    _age(c.created_at, now),
+                    _mb(c.sizes.get("total", 0)),
+                    c.host or "-",
+                    c.previous_id or "-",
+                ]
+                for c in sorted(st.checkpoints, key=lambda c: (c.deployment, c.compat_hash))
+            ],
+        )
+    )
+    out += ["", "HOST CACHES"]
+    cache_rows = [
+        [h.host, cid, _mb(n), "complete" if cid in h.cached_checkpoints else "partial"]
+        for h in st.hosts
+        for cid, n in sorted(h.cached_bytes.items())
+    ]
+    out.append(_table(["HOST", "CHECKPOINT", "BYTES", "STATE"], cache_rows))
+    if st.unreadable:
+        out += ["", f"unreadable KV entries: {', '.join(st.unreadable)}"]
+    return "\n".join(out)
+
+
+def plain(st: Status) -> Any:
+    return wire.to_plain(st)

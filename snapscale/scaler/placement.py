@@ -1,0 +1,229 @@
+"""Where new replicas go and which ones go away: pure functions over host heartbeats and the catalog.
+
+Scale-up prefers, in order: resuming a suspended replica, a host whose cache holds the
+checkpoint, a partially cached host (by bytes), any host with room; ties spread a deployment's
+replicas. GPUs promised by commands still in flight are never handed out twice. No I/O here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from snapscale.shared.bus import DeploymentSpec, HostHeartbeat, ReleaseMode, ReplicaEvent, ReplicaState
+
+RANK = {"resume": 0, "cached": 1, "partial": 2, "any": 3}
+
+
+@dataclass(frozen=True)
+class Placement:
+    host: str
+    gpu_uuids: list[str]
+    why: str  # resume | cached | partial | any
+    resume: str | None = None  # the suspended replica to bring back (its id is kept)
+    checkpoint_id: str | None = None  # the catalog's checkpoint for this host's key, if any
+
+
+@dataclass
+class Reservations:
+    """Capacity promised to commands the hosts have not reported yet (by host)."""
+
+    gpus: dict[str, set[str]] = field(default_factory=dict)
+    cpu: dict[str, int] = field(default_factory=dict)
+    resuming: set[str] = field(default_factory=set)  # suspended replicas a command is resuming
+    suspend_bytes: dict[str, int] = field(default_factory=dict)  # RAM promised to suspends in flight
+
+    def take(self, p: Placement) -> None:
+        if p.gpu_uuids:
+            self.gpus.setdefault(p.host, set()).update(p.gpu_uuids)
+        else:
+            self.cpu[p.host] = self.cpu.get(p.host, 0) + 1
+        if p.resume:
+            self.resuming.add(p.resume)
+
+    def give_back(self, host: str, gpu_uuids: Iterable[str], replica: str) -> None:
+        uuids = list(gpu_uuids)
+        if uuids:
+            self.gpus.get(host, set()).difference_update(uuids)
+        elif self.cpu.get(host, 0) > 0:
+            self.cpu[host] -= 1
+        self.resuming.discard(replica)
+
+    def copy(self) -> Reservations:
+        return Reservations(
+            {h: set(g) for h, g in self.gpus.items()},
+            dict(self.cpu),
+            set(self.resuming),
+            dict(self.suspend_bytes),
+        )
+
+
+def host_key(hb: HostHeartbeat, deployment: str) -> str:
+    """The host's compatibility hash for this deployment (the key covers the spec and runtime,
+    so it is per deployment); a host that has not computed it yet offers its bare hash."""
+    return hb.compat_hashes.get(deployment, hb.compat_hash)
+
+
+def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -> list[str]:
+    """Free GPUs of the model the deployment asks for, not promised to a command in flight."""
+    held = reserved.gpus.get(hb.host, set())
+    return [
+        g.uuid
+        for g in sorted(hb.gpus, key=lambda g: g.index)
+        if g.free and g.uuid not in held and (spec.gpu_model is None or g.model == spec.gpu_model)
+    ]
+
+
+def free_cpu(hb: HostHeartbeat, reserved: Reservations) -> int:
+    """`cpu_slots` is what the host has free now (the restorer reports its free slots), less
+    the slots promised to commands it has not reported yet."""
+    return hb.cpu_slots - reserved.cpu.get(hb.host, 0)
+
+
+def _fit(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -> tuple[int, list[str]] | None:
+    """(free units left, the GPUs to use) if one replica fits on `hb`, else None."""
+    if spec.gpus > 0:
+        free = free_gpus(hb, spec, reserved)
+        return (len(free), free[: spec.gpus]) if len(free) >= spec.gpus else None
+    slots = free_cpu(hb, reserved)
+    return (slots, []) if slots > 0 else None
+
+
+def place(
+    spec: DeploymentSpec,
+    n: int,
+    hosts: Mapping[str, HostHeartbeat],
+    catalog: Mapping[str, str],
+    replicas_on: Mapping[str, int],
+    reserved: Reservations,
+    avoid: frozenset[str] = frozenset(),
+) -> list[Placement]:
+    """Choose hosts for `n` new replicas of `spec` (fewer when the fleet is full).
+
+    `catalog` maps a compat hash to the checkpoint serving this deployment on hosts with that
+    key; `replicas_on` counts the deployment's live replicas per host; `avoid` names hosts that
+    just failed this deployment. `reserved` is not changed: the caller takes each placement
+    once its command is on its way.
+    """
+    res = reserved.copy()
+    spread = dict(replicas_on)
+    out: list[Placement] = []
+    for _ in range(n):
+        best: tuple[tuple[int, int, int, int, str], Placement] | None = None
+        for host, hb in hosts.items():
+            if host in avoid:
+                continue
+            fit = _fit(hb, spec, res)
+            if fit is None:
+                continue
+            room, gpus = fit
+            ckpt = catalog.get(host_key(hb, spec.name))
+            suspended = [
+                r.replica
+                for r in hb.replicas
+                if r.deployment == spec.name
+                and r.state is ReplicaState.SUSPENDED
+                and r.replica not in res.resuming
+            ]
+            have = hb.cached_bytes.get(ckpt, 0) if ckpt else 0
+            if suspended:
+                why = "resume"
+            elif ckpt and ckpt in hb.cached_checkpoints:
+                why = "cached"
+            elif have > 0:
+                why = "partial"
+            else:
+                why = "any"
+            # tier first (seconds of latency), then spread, then the most cached bytes and room
+            key = (RANK[why], spread.get(host, 0), -have, -room, host)
+            if best is None or key < best[0]:
+                p = Placement(host, gpus, why, suspended[0] if suspended else None, ckpt)
+                best = (key, p)
+        if best is None:
+            break
+        p = best[1]
+        res.take(p)
+        spread[p.host] = spread.get(p.host, 0) + 1
+        out.append(p)
+    return out
+
+
+@dataclass(frozen=True)
+class Release:
+    replica: str
+    host: str
+    mode: ReleaseMode
+    why: str
+
+
+def choose_releases(
+    spec: DeploymentSpec,
+    n: int,
+    ready: list[ReplicaEvent],
+    hosts: Mapping[str, HostHeartbeat],
+    reserved: Reservations,
+) -> list[Release]:
+    """Pick `n` of the deployment's ready replicas to release, and how.
+
+    The gateway reports load per deployment, not per replica, so "idle first" is approximated:
+    replicas on the host with most of this deployment go first (keeps the spread), then the
+    most recently ready (the oldest have proven warm, with their caches and connections).
+    A replica is suspended when `release_mode` allows it and its host has the RAM budget left,
+    else stopped.
+    """
+    per_host: dict[str, int] = {}
+    for r in ready:
+        per_host[r.host] = per_host.get(r.host, 0) + 1
+    order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica))
+    budget_used = dict(reserved.suspend_bytes)
+    out: list[Release] = []
+    for r in order[: max(0, n)]:
+        mode, why = ReleaseMode.STOP, "release_mode=stop"
+        hb = hosts.get(r.host)
+        if spec.scaling.release_mode != "stop" and hb is not None:
+            rss = next((s.rss_bytes for s in hb.replicas if s.replica == r.replica), 0)
+            left = hb.suspend_budget_bytes - hb.suspend_used_bytes - budget_used.get(r.host, 0)
+            if hb.suspend_budget_bytes > 0 and left >= max(rss, 1):
+                mode, why = ReleaseMode.SUSPEND, f"suspend budget left {left} B >= rss {rss} B"
+                budget_used[r.host] = budget_used.get(r.host, 0) + rss
+            else:
+                why = f"suspend budget left {left} B < rss {rss} B"
+        elif hb is None:
+            why = "host not reporting"
+        out.append(Release(r.replica, r.host, mode, why))
+    return out
+
+
+def needs_freeze(host: HostHeartbeat | None, deployment: str, catalog: Mapping[str, str]) -> bool:
+    """Releasing a deployment's last replica on `host` loses its warm state unless a checkpoint
+    exists for the host's key; an unknown host cannot be frozen."""
+    return host is not None and host_key(host, deployment) not in catalog
+
+
+def prefetch_targets(
+    spec: DeploymentSpec,
+    hosts: Mapping[str, HostHeartbeat],
+    catalog: Mapping[str, str],
+    reserved: Reservations,
+    want: int = 2,
+) -> list[tuple[str, str]]:
+    """(host, checkpoint id) pairs to warm so the next scale-from-zero restores from cache.
+
+    Up to `want` hosts should hold the checkpoint; hosts that already do count. Candidates
+    need a checkpoint for their key and room for a replica; most bytes present go first.
+    """
+    have = 0
+    cands: list[tuple[int, int, str, str]] = []
+    for host, hb in hosts.items():
+        ckpt = catalog.get(host_key(hb, spec.name))
+        if ckpt is None:
+            continue
+        if ckpt in hb.cached_checkpoints:
+            have += 1
+            continue
+        fit = _fit(hb, spec, reserved)
+        if fit is None:
+            continue
+        cands.append((-hb.cached_bytes.get(ckpt, 0), -fit[0], host, ckpt))
+    cands.sort()
+    return [(h, c) for _b, _r, h, c in cands[: max(0, want - have)]]

@@ -1,0 +1,259 @@
+"""NATS edges: connect, ensure streams and KV buckets exist, publish with dedup ids and trace
+context, run durable consumers whose bad messages are refused without stopping the loop.
+
+Handlers are plain async functions; this module owns acks, naks and terms.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext, api
+from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.kv import KeyValue
+
+from snapscale.shared.bus.messages import M, decode_message, encode_message
+from snapscale.shared.bus.subjects import Bucket, Subjects
+from snapscale.shared.core import telemetry
+from snapscale.shared.core.errors import MessageError, RetryableError
+from snapscale.shared.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HOSTS_TTL_S = 15.0
+DEDUP_WINDOW_S = 600.0
+
+
+async def connect(settings: Settings, name: str) -> NATS:
+    """Connect with unbounded reconnects; connection trouble is logged, never raised later."""
+
+    async def on_error(e: Exception) -> None:
+        log.warning("nats: %s", e)
+
+    async def on_disconnect() -> None:
+        log.warning("nats: disconnected from %s", settings.nats_url)
+
+    async def on_reconnect() -> None:
+        log.info("nats: reconnected")
+
+    return await nats.connect(
+        settings.nats_url,
+        name=name,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.5,
+        connect_timeout=5,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+    )
+
+
+@dataclass
+class Bus:
+    """A connection with its JetStream context, subject names and KV buckets."""
+
+    nc: NATS
+    js: JetStreamContext
+    subjects: Subjects
+    kv: dict[Bucket, KeyValue]
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.drain()
+
+
+async def open_bus(settings: Settings, name: str) -> Bus:
+    nc = await connect(settings, name)
+    js = nc.jetstream()
+    subjects = Subjects(settings.namespace)
+    kv = await ensure_topology(js, subjects)
+    return Bus(nc=nc, js=js, subjects=subjects, kv=kv)
+
+
+async def ensure_topology(js: JetStreamContext, s: Subjects) -> dict[Bucket, KeyValue]:
+    """Create (or leave as they are) the command and event streams and the KV buckets."""
+    await _ensure_stream(
+        js,
+        api.StreamConfig(
+            name=s.cmd_stream,
+            subjects=[s.cmd_all()],
+            retention=api.RetentionPolicy.WORK_QUEUE,
+            duplicate_window=DEDUP_WINDOW_S,
+            max_age=24 * 3600,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        api.StreamConfig(
+            name=s.evt_stream,
+            subjects=[s.evt_replica_all(), s.evt_checkpoint_all()],
+            retention=api.RetentionPolicy.LIMITS,
+            duplicate_window=DEDUP_WINDOW_S,
+            max_age=7 * 24 * 3600,
+        ),
+    )
+    out: dict[Bucket, KeyValue] = {}
+    for b in Bucket:
+        ttl = HOSTS_TTL_S if b is Bucket.HOSTS else None
+        history = 5 if b in (Bucket.CHECKPOINTS, Bucket.DEPLOYMENTS) else 1
+        try:
+            out[b] = await js.key_value(s.bucket(b))
+        except (NotFoundError, BadRequestError):
+            try:
+                out[b] = await js.create_key_value(bucket=s.bucket(b), ttl=ttl, history=history)
+            except BadRequestError:  # created concurrently by another process
+                out[b] = await js.key_value(s.bucket(b))
+    return out
+
+
+async def _ensure_stream(js: JetStreamContext, cfg: api.StreamConfig) -> None:
+    assert cfg.name is not None
+    try:
+        await js.stream_info(cfg.name)
+    except NotFoundError:
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:
+            await js.stream_info(cfg.name)  # another process won the race
+
+
+async def publish(
+    bus: Bus, subject: str, msg: object, *, msg_id: str | None = None, headers: dict[str, str] | None = None
+) -> None:
+    """Publish to JetStream with the current trace context; `msg_id` makes redelivery a no-op."""
+    hdrs = telemetry.inject(dict(headers or {}))
+    if msg_id:
+        hdrs["Nats-Msg-Id"] = msg_id
+    await bus.js.publish(subject, encode_message(msg), headers=hdrs)  # type: ignore[arg-type]
+
+
+async def publish_core(bus: Bus, subject: str, msg: object) -> None:
+    """Fire-and-forget on core NATS (heartbeats, traffic), with trace context."""
+    await bus.nc.publish(subject, encode_message(msg), headers=telemetry.inject({}))  # type: ignore[arg-type]
+
+
+async def kv_cas(kv: KeyValue, key: str, value: bytes, last_revision: int | None) -> int:
+    """Compare-and-set: create when `last_revision` is None, else update only at that revision.
+
+    Raises `RetryableError` when someone else wrote first; re-read and decide again.
+    """
+    try:
+        if last_revision is None:
+            return await kv.create(key, value)
+        return await kv.update(key, value, last=last_revision)
+    except KeyWrongLastSequenceError as e:
+        raise RetryableError(f"kv {key}: written concurrently ({e.description})", delay_s=0.0) from None
+    except BadRequestError as e:
+        # kv.create on an existing key answers "wrong last sequence" as a bad request in some servers
+        raise RetryableError(f"kv {key}: {e.description}", delay_s=0.0) from None
+
+
+async def kv_get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
+    try:
+        e = await kv.get(key)
+    except KeyNotFoundError:
+        return None
+    if e.value is None:
+        return None
+    return e.value, e.revision or 0
+
+
+Handler = Callable[[M, Msg], Awaitable[None]]
+
+
+async def consume(
+    bus: Bus,
+    subject: str,
+    durable: str,
+    cls: type[M],
+    handler: Handler[M],
+    *,
+    ack_wait_s: float = 30.0,
+    max_deliver: int = 5,
+    batch: int = 1,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run a durable pull consumer until `stop` is set.
+
+    A message that does not decode is terminated (never redelivered) and logged with the field
+    and reason. A handler that raises `RetryableError` gets its message nak'ed with that delay;
+    any other exception is logged and the message terminated, so one poison message cannot stop
+    the loop. Handlers ack themselves once the outcome is recorded (or return to have it acked).
+    """
+    stop = stop or asyncio.Event()
+    sub = await bus.js.pull_subscribe(
+        subject,
+        durable=durable,
+        config=api.ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver),
+    )
+    try:
+        while not stop.is_set():
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except TimeoutError:
+                continue
+            except nats.errors.ConnectionClosedError:
+                return
+            for m in msgs:
+                await handle_one(m, cls, handler)
+    finally:
+        # A pull subscription left open makes a later drain wait out its whole timeout.
+        if not bus.nc.is_closed:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+
+
+async def handle_one(m: Msg, cls: type[M], handler: Handler[M]) -> None:
+    try:
+        decoded = decode_message(m.data, cls)
+    except MessageError as e:
+        log.error("refused message on %s: %s", m.subject, e, extra={"subject": m.subject})
+        await m.term()
+        return
+    try:
+        with telemetry.continued(m.headers):
+            await handler(decoded, m)
+    except RetryableError as e:
+        log.warning("retrying message on %s in %.1fs: %s", m.subject, e.delay_s, e)
+        await m.nak(delay=e.delay_s)
+        return
+    except Exception:
+        log.exception("handler failed on %s; message terminated", m.subject)
+        await m.term()
+        return
+    if not m._ackd:
+        await m.ack_sync()  # the outcome is recorded only once the server has the ack
+
+
+async def subscribe_core(
+    bus: Bus, subject: str, cls: type[M], handler: Callable[[M, Msg], Awaitable[None]]
+) -> tuple[object, dict[str, int]]:
+    """A core-NATS subscription whose malformed messages are counted and dropped.
+
+    Returns the subscription and its counters (`ok`, `malformed`, `failed`).
+    """
+    counters = {"ok": 0, "malformed": 0, "failed": 0}
+
+    async def cb(m: Msg) -> None:
+        try:
+            decoded = decode_message(m.data, cls)
+        except MessageError as e:
+            counters["malformed"] += 1
+            log.warning("dropped malformed message on %s: %s", m.subject, e)
+            return
+        try:
+            await handler(decoded, m)
+            counters["ok"] += 1
+        except Exception:
+            counters["failed"] += 1
+            log.exception("handler failed on %s", m.subject)
+
+    sub = await bus.nc.subscribe(subject, cb=cb)
+    return sub, counters

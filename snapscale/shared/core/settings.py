@@ -1,0 +1,137 @@
+"""Process settings: frozen dataclasses built once from the environment in `__main__`/the CLI.
+
+Nothing else in snapscale reads `os.environ`; pass `Settings` down instead.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from snapscale.shared.core.errors import ConfigError
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_CACHE_DIR = "/var/cache/snapscale"
+DEFAULT_STATE_DIR = "/var/lib/snapscale"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """Where chunks and manifests live: `file:///path` (embedded default) or `s3://bucket/prefix`."""
+
+    url: str
+    endpoint_url: str | None = None  # AWS_ENDPOINT_URL, for MinIO or moto
+    region: str = "us-east-1"
+    max_concurrency: int = 32
+    max_requests_per_s: float = 2000.0
+    direct_get: bool = True  # chunk bodies read straight into buffers (shared/httpget.py)
+
+    @property
+    def scheme(self) -> str:
+        return urlparse(self.url).scheme
+
+    @property
+    def local_path(self) -> Path:
+        u = urlparse(self.url)
+        if u.scheme != "file":
+            raise ConfigError(f"store {self.url!r} is not a file:// store")
+        return Path(u.path)
+
+    @property
+    def bucket(self) -> str:
+        return urlparse(self.url).netloc
+
+    @property
+    def prefix(self) -> str:
+        return urlparse(self.url).path.strip("/")
+
+    @classmethod
+    def parse(cls, url: str, **kw: object) -> StoreSettings:
+        u = urlparse(url)
+        if u.scheme == "file":
+            if not u.path.startswith("/"):
+                raise ConfigError(f"SNAPSCALE_STORE={url!r}: a file store needs an absolute path, file:///path")
+        elif u.scheme == "s3":
+            if not u.netloc:
+                raise ConfigError(f"SNAPSCALE_STORE={url!r}: an S3 store needs a bucket, s3://bucket/prefix")
+        else:
+            raise ConfigError(f"SNAPSCALE_STORE={url!r}: use file:///path or s3://bucket/prefix")
+        return cls(url=url, **kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a snapscale process is configured with. Units are in the names."""
+
+    nats_url: str = DEFAULT_NATS_URL
+    namespace: str = "snapscale"  # subject root and KV/stream prefix; tests use their own
+    store: StoreSettings = field(default_factory=lambda: StoreSettings(url=f"file://{DEFAULT_STATE_DIR}/store"))
+    signing_key: bytes = b""
+    cache_dir: Path = Path(DEFAULT_CACHE_DIR)
+    cache_bytes: int = 64 << 30
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
+    host_id: str = field(default_factory=socket.gethostname)
+    criu_path: str | None = None  # SNAPSCALE_CRIU; else found by snapscale.shared.engine.criu
+    otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT; None exports nothing
+    service_name: str = "snapscale"
+    log_level: str = "INFO"
+
+    def require_signing_key(self) -> bytes:
+        if not self.signing_key:
+            raise ConfigError("SNAPSCALE_SIGNING_KEY is not set: manifests cannot be signed or verified")
+        return self.signing_key
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        """Read the environment once. `overrides` (e.g. from CLI flags) win over it."""
+        e = os.environ if env is None else env
+        state_dir = Path(e.get("SNAPSCALE_STATE_DIR", DEFAULT_STATE_DIR))
+        store = StoreSettings.parse(
+            e.get("SNAPSCALE_STORE", f"file://{state_dir}/store"),
+            endpoint_url=e.get("AWS_ENDPOINT_URL_S3") or e.get("AWS_ENDPOINT_URL") or None,
+            region=e.get("AWS_DEFAULT_REGION") or e.get("AWS_REGION") or "us-east-1",
+            max_concurrency=_int(e, "SNAPSCALE_STORE_CONCURRENCY", 32),
+            max_requests_per_s=float(_int(e, "SNAPSCALE_STORE_RPS", 2000)),
+            direct_get=_bool(e, "SNAPSCALE_S3_DIRECT_GET", True),
+        )
+        kw: dict[str, object] = dict(
+            nats_url=e.get("SNAPSCALE_NATS_URL", DEFAULT_NATS_URL),
+            namespace=e.get("SNAPSCALE_NAMESPACE", "snapscale"),
+            store=store,
+            signing_key=e.get("SNAPSCALE_SIGNING_KEY", "").encode(),
+            cache_dir=Path(e.get("SNAPSCALE_CACHE_DIR", DEFAULT_CACHE_DIR)),
+            cache_bytes=_int(e, "SNAPSCALE_CACHE_BYTES", 64 << 30),
+            state_dir=state_dir,
+            host_id=e.get("SNAPSCALE_HOST_ID") or socket.gethostname(),
+            criu_path=e.get("SNAPSCALE_CRIU") or None,
+            otlp_endpoint=e.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            service_name=e.get("OTEL_SERVICE_NAME", "snapscale"),
+            log_level=e.get("SNAPSCALE_LOG_LEVEL", "INFO"),
+        )
+        kw.update(overrides)
+        return cls(**kw)  # type: ignore[arg-type]
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r}: say 1 or 0")
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None

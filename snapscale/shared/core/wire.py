@@ -1,0 +1,138 @@
+"""Pure encoding of frozen dataclasses to JSON bytes (orjson) and strict, typed decoding back.
+
+Decoding checks every field against its annotation and raises `MessageError` naming the field.
+No I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import types
+import typing
+from functools import cache
+from typing import Any, TypeVar, get_args, get_origin
+
+import orjson
+
+from snapscale.shared.core.errors import MessageError
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+
+def to_plain(obj: object) -> Any:
+    """A dataclass (or container of them) as plain JSON-able values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, list | tuple):
+        return [to_plain(x) for x in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def canonical(obj: object) -> bytes:
+    """Canonical JSON bytes: sorted keys, no whitespace. Signatures and hashes are taken over these."""
+    return orjson.dumps(to_plain(obj), option=orjson.OPT_SORT_KEYS)
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_plain(cls: type[T], data: Any, path: str = "") -> T:
+    """Build `cls` from plain values, checking types; `path` prefixes field names in errors."""
+    return typing.cast(T, _convert(cls, data, path or cls.__name__))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is typing.Union or origin is types.UnionType:
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors: list[str] = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except MessageError as e:
+                errors.append(e.reason)
+        raise MessageError(path, "; ".join(errors) or "null not allowed")
+    if origin is typing.Literal:
+        if value not in get_args(tp):
+            raise MessageError(path, f"must be one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list):
+            raise MessageError(path, f"expected a list, got {type(value).__name__}")
+        (item_tp, *_rest) = get_args(tp) or (Any,)
+        items = [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MessageError(path, f"expected an object, got {type(value).__name__}")
+        _k_tp, v_tp = get_args(tp) or (str, Any)
+        return {str(k): _convert(v_tp, v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise MessageError(path, f"expected an object, got {type(value).__name__}")
+        hints = _hints(tp)
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(tp):
+            if f.name in value:
+                kwargs[f.name] = _convert(hints[f.name], value[f.name], f"{path}.{f.name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise MessageError(f"{path}.{f.name}", "missing")
+        return tp(**kwargs)
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        try:
+            return tp(value)
+        except ValueError:
+            raise MessageError(path, f"must be one of {[m.value for m in tp]}, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise MessageError(path, f"expected a number, got {type(value).__name__}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise MessageError(path, f"expected an integer, got {type(value).__name__}")
+        return value
+    if tp in (str, bool):
+        if not isinstance(value, tp):
+            raise MessageError(path, f"expected {tp.__name__}, got {type(value).__name__}")
+        return value
+    raise TypeError(f"wire: unsupported annotation {tp!r} at {path}")
+
+
+def encode(msg: object, type_name: str) -> bytes:
+    """Wire bytes: the message's fields plus `v` (schema version) and `type`."""
+    body = to_plain(msg)
+    body["v"] = SCHEMA_VERSION
+    body["type"] = type_name
+    return orjson.dumps(body)
+
+
+def decode(data: bytes, cls: type[T], type_name: str) -> T:
+    """Parse wire bytes into `cls`; any problem is a `MessageError` that names the field."""
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError as e:
+        raise MessageError("<body>", f"not JSON: {e}") from None
+    if not isinstance(body, dict):
+        raise MessageError("<body>", f"expected a JSON object, got {type(body).__name__}")
+    v = body.pop("v", None)
+    if v != SCHEMA_VERSION:
+        raise MessageError("v", f"unsupported schema version {v!r} (this build speaks {SCHEMA_VERSION})")
+    t = body.pop("type", None)
+    if t != type_name:
+        raise MessageError("type", f"expected {type_name!r}, got {t!r}")
+    return from_plain(cls, body, type_name)

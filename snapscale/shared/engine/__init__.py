@@ -1,0 +1,57 @@
+"""The engine: one sandbox on one host (launch, freeze, restore, suspend, resume, stop) with the
+tools it drives (CRIU, the CUDA checkpoint API, network namespaces) and the compatibility key.
+Services import these names, not the modules.
+"""
+
+from snapscale.shared.engine.compat import CompatKey, cuda_driver_version, host_key, read_gpus
+from snapscale.shared.engine.criu import CriuBinary, find_criu
+from snapscale.shared.engine.errors import CriuError, EngineError
+from snapscale.shared.engine.lifecycle import (
+    FreezeReport,
+    ImageMeta,
+    RestoreReport,
+    freeze,
+    log_key,
+    read_meta,
+    restore,
+    resume,
+    suspend,
+    wait_ready,
+)
+from snapscale.shared.engine.netns import delete_netns, existing_netns, netns_inode, pids_in_netns
+from snapscale.shared.engine.procs import pid_alive, pids_holding
+from snapscale.shared.engine.registry import SandboxRegistry
+from snapscale.shared.engine.sandbox import Sandbox, is_running, launch, stop, tree_pids
+
+__all__ = [
+    "CompatKey",
+    "CriuBinary",
+    "CriuError",
+    "EngineError",
+    "FreezeReport",
+    "ImageMeta",
+    "RestoreReport",
+    "Sandbox",
+    "SandboxRegistry",
+    "cuda_driver_version",
+    "delete_netns",
+    "existing_netns",
+    "find_criu",
+    "freeze",
+    "host_key",
+    "is_running",
+    "launch",
+    "log_key",
+    "netns_inode",
+    "pid_alive",
+    "pids_holding",
+    "pids_in_netns",
+    "read_gpus",
+    "read_meta",
+    "restore",
+    "resume",
+    "stop",
+    "suspend",
+    "tree_pids",
+    "wait_ready",
+]

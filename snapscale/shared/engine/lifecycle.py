@@ -1,0 +1,369 @@
+"""The freeze/restore engine: one sandbox's cold boot, freeze, restore, suspend, resume and stop.
+
+freeze = before_freeze hook -> CUDA lock+checkpoint -> criu dump -> (CUDA restore+unlock, after_restore
+hook when it keeps serving). restore = criu restore -> CUDA restore+unlock -> after_restore -> ready.
+Every step is timed and traced. No chunking, S3 or NATS here: callers own those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opentelemetry import trace
+
+from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+from snapscale.shared.engine import criu as criu_mod
+from snapscale.shared.engine import cuda as cuda_ckpt
+from snapscale.shared.engine import netns, probe, sandbox
+from snapscale.shared.engine import pages as criu_pages
+from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.errors import (
+    CriuError,
+    CudaError,
+    EngineError,
+    HookError,
+    NoCudaError,
+    ReadyTimeout,
+    SandboxExited,
+)
+from snapscale.shared.engine.sandbox import Sandbox, launch, stop
+
+__all__ = [
+    "CriuError",
+    "CudaError",
+    "EngineError",
+    "FreezeReport",
+    "HookError",
+    "NoCudaError",
+    "ReadyTimeout",
+    "RestoreReport",
+    "Sandbox",
+    "SandboxExited",
+    "freeze",
+    "launch",
+    "restore",
+    "resume",
+    "stop",
+    "suspend",
+    "wait_ready",
+]
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer(__name__)
+
+META_NAME = "snapscale-engine.json"  # written into the image dir; CRIU ignores files it does not know
+META_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class FreezeReport:
+    timings_s: dict[str, float]
+    image_bytes: int
+    keep_running: bool
+    cuda: bool
+    criu_stats: dict[str, int] = field(default_factory=dict)
+    zero_bytes_dropped: int = 0  # all-zero pages taken out of the image (criu_pages)
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    timings_s: dict[str, float]
+    cuda: bool
+    gpu_pairs: list[tuple[str, str]] = field(default_factory=list)
+    criu_stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """What a restore needs to know about the frozen sandbox beyond CRIU's own image."""
+
+    deployment: str
+    log_key: str  # CRIU's name for the frozen stdio log, replaced by the new replica's log
+    cuda: bool
+    gpu_uuids: list[str]
+    port: int
+    frozen_at: float
+    format: int = META_FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.__dict__, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ImageMeta:
+        try:
+            d = json.loads(data)
+            if d.get("format") != META_FORMAT:
+                raise ValueError(f"format {d.get('format')!r}, this engine reads {META_FORMAT}")
+            return cls(
+                deployment=str(d["deployment"]),
+                log_key=str(d["log_key"]),
+                cuda=bool(d["cuda"]),
+                gpu_uuids=[str(u) for u in d["gpu_uuids"]],
+                port=int(d["port"]),
+                frozen_at=float(d["frozen_at"]),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise EngineError("restore", f"{META_NAME} in the image is unreadable: {e}") from None
+
+
+def log_key(log_path: str) -> str:
+    """CRIU names a regular file by its path without the leading slash (`--inherit-fd fd[N]:<key>`)."""
+    return log_path.lstrip("/")
+
+
+@contextlib.contextmanager
+def _step(timings: dict[str, float], name: str, sb: Sandbox | None = None) -> Iterator[None]:
+    attrs = {"snapscale.replica": sb.replica, "snapscale.deployment": sb.deployment} if sb else {}
+    start = time.monotonic()
+    with _tracer.start_as_current_span(f"engine.{name}", attributes=attrs):
+        try:
+            yield
+        finally:
+            timings[name] = round(time.monotonic() - start, 4)
+
+
+def _tail(sb: Sandbox) -> str:
+    return sandbox.log_tail(sb.log_path)
+
+
+async def wait_ready(
+    sb: Sandbox, ready: ReadySpec, *, cwd: str | None = None, timeout_s: float | None = None
+) -> float:
+    """Probe until ready (seconds waited); a dead sandbox fails at once, a late one with `ReadyTimeout`."""
+    return await probe.wait_ready(
+        sb.endpoint,
+        ready,
+        alive=lambda: sandbox.is_running(sb),
+        log_tail=lambda: _tail(sb),
+        base_dir=Path(cwd) if cwd else None,
+        timeout_s=timeout_s,
+    )
+
+
+async def _hook(step: str, sb: Sandbox, path: str, timeout_s: float) -> None:
+    await probe.run_hook(step, sb.endpoint, path, timeout_s=timeout_s, log_tail=lambda: _tail(sb))
+
+
+def _image_bytes(image_dir: Path) -> int:
+    return sum(p.stat().st_size for p in image_dir.rglob("*") if p.is_file())
+
+
+async def freeze(
+    sb: Sandbox,
+    spec: DeploymentSpec,
+    image_dir: Path,
+    *,
+    keep_running: bool,
+    criu: CriuBinary,
+    lock_timeout_ms: int = cuda_ckpt.DEFAULT_LOCK_TIMEOUT_MS,
+    drop_zero_pages: bool = True,
+) -> FreezeReport:
+    """Capture the sandbox into `image_dir`. Without `keep_running` the sandbox is gone afterwards.
+
+    A failing step raises; a sandbox that should keep running is brought back to serving first.
+    With `drop_zero_pages` the image loses its all-zero anonymous pages after the sandbox is
+    serving again (outside the freeze window), so a restore does not write them.
+    """
+    if not sandbox.is_running(sb):
+        raise SandboxExited("freeze", f"sandbox {sb.replica} (pid {sb.pid}) is not running", _tail(sb))
+    t: dict[str, float] = {}
+    hooks = spec.hooks
+    with _step(t, "freeze", sb):
+        if hooks.before_freeze:
+            with _step(t, "before_freeze", sb):
+                await _hook("before_freeze", sb, hooks.before_freeze, hooks.timeout_s)
+        drv: cuda_ckpt.CudaCheckpoint | None = None
+        cuda_pids: list[int] = []
+        if sb.gpu_uuids:
+            drv = cuda_ckpt.driver()
+            cuda_pids = cuda_ckpt.holders(sandbox.tree_pids(sb))
+        try:
+            if drv is not None and cuda_pids:
+                with _step(t, "cuda_checkpoint", sb):
+                    await drv.suspend_tree(cuda_pids, lock_timeout_ms)
+            meta = ImageMeta(
+                deployment=sb.deployment,
+                log_key=log_key(sb.log_path),
+                cuda=bool(cuda_pids),
+                gpu_uuids=list(sb.gpu_uuids),
+                port=spec.port,
+                frozen_at=time.time(),
+            )
+            _write_meta(image_dir, meta)
+            with _step(t, "criu_dump", sb):
+                run = await criu_mod.dump(
+                    criu,
+                    sb.pid,
+                    image_dir,
+                    netns_inode=netns.netns_inode(sb.netns),
+                    leave_running=keep_running,
+                    log_path=Path(sb.run_dir or image_dir.parent)
+                    / f"criu-dump-{int(time.time() * 1000)}.log",
+                )
+        except BaseException:
+            # CRIU resumes the tree when a dump fails; give it its GPU back so it keeps serving.
+            if drv is not None and cuda_pids and sandbox.is_running(sb):
+                with contextlib.suppress(CudaError):
+                    await drv.resume_tree(cuda_pids)
+            raise
+        if keep_running:
+            if drv is not None and cuda_pids:
+                with _step(t, "cuda_restore", sb):
+                    await drv.resume_tree(cuda_pids)
+            if hooks.before_freeze and hooks.after_restore:
+                # It keeps serving: undo what before_freeze dropped (e.g. re-allocate the KV cache).
+                with _step(t, "after_restore", sb):
+                    await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s)
+        else:
+            await stop(sb)
+    dropped = 0
+    if drop_zero_pages:
+        with _step(t, "drop_zero_pages", sb):
+            try:
+                dropped = (await asyncio.to_thread(criu_pages.drop_zero_pages, image_dir)).bytes_dropped
+            except criu_pages.CriuImageError as e:  # raised before anything was rewritten
+                log.warning("freeze %s: zero pages kept in the image: %s", sb.replica, e)
+    size = _image_bytes(image_dir)
+    log.info("froze %s into %s: %d bytes (%d zero dropped), %s", sb.replica, image_dir, size, dropped, t)
+    return FreezeReport(
+        timings_s=t,
+        image_bytes=size,
+        keep_running=keep_running,
+        cuda=bool(cuda_pids),
+        criu_stats=run.stats,
+        zero_bytes_dropped=dropped,
+    )
+
+
+def _write_meta(image_dir: Path, meta: ImageMeta) -> None:
+    image_dir.mkdir(parents=True, exist_ok=True)
+    tmp = image_dir / f".{META_NAME}.tmp"
+    tmp.write_bytes(meta.to_json())
+    tmp.rename(image_dir / META_NAME)
+
+
+def read_meta(image_dir: Path) -> ImageMeta:
+    try:
+        return ImageMeta.from_json((image_dir / META_NAME).read_bytes())
+    except OSError as e:
+        raise EngineError(
+            "restore", f"{image_dir} holds no snapscale image ({META_NAME}: {e.strerror})"
+        ) from None
+
+
+async def restore(
+    spec: DeploymentSpec,
+    image_dir: Path,
+    replica: str,
+    *,
+    gpu_uuids: list[str],
+    run_dir: Path,
+    criu: CriuBinary,
+    checkpoint_id: str | None = None,
+) -> tuple[Sandbox, RestoreReport]:
+    """Bring a frozen sandbox back as `replica` in a fresh netns, on `gpu_uuids`, and wait until ready.
+
+    On any failure whatever half-started is killed, its netns removed, and a typed error raised.
+    """
+    meta = read_meta(image_dir)
+    if meta.deployment != spec.name:
+        raise EngineError("restore", f"image is of deployment {meta.deployment!r}, not {spec.name!r}")
+    drv = cuda_ckpt.driver() if meta.cuda else None  # no CUDA here: fail before starting anything
+    pairs = cuda_ckpt.remap_pairs(meta.gpu_uuids, gpu_uuids, drv.host_uuids()) if drv is not None else []
+    t: dict[str, float] = {}
+    sandbox.become_subreaper()
+    with _step(t, "restore"):
+        ns = await netns.create(replica)
+        log_path = run_dir / sandbox.LOG_NAME
+        try:
+            log_fd = sandbox.open_log(log_path)
+            ns_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                with _step(t, "criu_restore"):
+                    run = await criu_mod.restore(
+                        criu,
+                        image_dir,
+                        inherit={criu_mod.EXTNET_KEY: ns_fd, meta.log_key: log_fd},
+                        log_path=run_dir / f"criu-restore-{int(time.time() * 1000)}.log",
+                        pidfile=run_dir / "criu-restore.pid",
+                    )
+            finally:
+                os.close(log_fd)
+                os.close(ns_fd)
+        except BaseException:
+            await stop(_placeholder(ns, replica, spec, log_path))
+            raise
+        sb = Sandbox(
+            replica=replica,
+            deployment=spec.name,
+            pid=run.pid,
+            netns=ns.name,
+            endpoint=f"{ns.sandbox_ip}:{meta.port}",
+            gpu_uuids=list(gpu_uuids) if meta.cuda else [],
+            log_path=str(log_path),
+            started_at=time.time(),
+            checkpoint_id=checkpoint_id,
+            run_dir=str(run_dir),
+        )
+        try:
+            if drv is not None:
+                with _step(t, "cuda_restore", sb):
+                    await drv.resume_tree(sandbox.tree_pids(sb), pairs)
+            if spec.hooks.after_restore:
+                with _step(t, "after_restore", sb):
+                    await _hook("after_restore", sb, spec.hooks.after_restore, spec.hooks.timeout_s)
+            with _step(t, "ready", sb):
+                await wait_ready(sb, spec.ready, cwd=spec.cwd)
+        except BaseException:
+            # A half-restored tree (a failed CUDA restore leaves it stuck) is of no use to anyone.
+            await stop(sb)
+            raise
+    log.info("restored %s from %s at %s: %s", replica, image_dir, sb.endpoint, t)
+    return sb, RestoreReport(timings_s=t, cuda=meta.cuda, gpu_pairs=pairs, criu_stats=run.stats)
+
+
+def _placeholder(ns: netns.NetNs, replica: str, spec: DeploymentSpec, log_path: Path) -> Sandbox:
+    """A Sandbox for cleanup before any process exists: pid 0 is never killed, the netns is."""
+    return Sandbox(
+        replica=replica, deployment=spec.name, pid=0, netns=ns.name, endpoint="", log_path=str(log_path)
+    )
+
+
+async def suspend(
+    sb: Sandbox, *, lock_timeout_ms: int = cuda_ckpt.DEFAULT_LOCK_TIMEOUT_MS
+) -> dict[str, float]:
+    """Move the sandbox's GPU state to host memory and free its GPUs; the processes stay in RAM."""
+    if not sb.gpu_uuids:
+        raise CudaError("suspend", f"sandbox {sb.replica} is a CPU sandbox: it holds no GPU to free")
+    drv = cuda_ckpt.driver()
+    pids = cuda_ckpt.holders(sandbox.tree_pids(sb))
+    if not pids:
+        raise CudaError("suspend", f"no process of sandbox {sb.replica} holds CUDA state", _tail(sb))
+    t: dict[str, float] = {}
+    with _step(t, "suspend", sb):
+        try:
+            await drv.suspend_tree(pids, lock_timeout_ms)
+        except CudaError:
+            with contextlib.suppress(CudaError):
+                await drv.resume_tree(pids)
+            raise
+    return t
+
+
+async def resume(sb: Sandbox, gpu_uuids: list[str]) -> Sandbox:
+    """Give a suspended sandbox its GPU state back, on `gpu_uuids` (which may be other cards)."""
+    drv = cuda_ckpt.driver()
+    pairs = cuda_ckpt.remap_pairs(sb.gpu_uuids, gpu_uuids, drv.host_uuids())
+    t: dict[str, float] = {}
+    with _step(t, "resume", sb):
+        await drv.resume_tree(sandbox.tree_pids(sb), pairs)
+    log.info("resumed %s on %s in %.2fs", sb.replica, gpu_uuids, t["resume"])
+    return sb.with_gpus(gpu_uuids)

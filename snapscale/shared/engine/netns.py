@@ -1,0 +1,183 @@
+"""Per-replica network namespaces: `ip netns` + a veth pair + a private /30 out of 10.213.0.0/16.
+
+The host side of the pair is `ssv<n>` at .1, the sandbox side `eth0` at .2: the replica's endpoint.
+Allocation is serialised (asyncio lock in-process, flock across processes); nothing here kills processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import ipaddress
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from snapscale.shared.engine.errors import EngineError
+
+log = logging.getLogger(__name__)
+
+NETNS_DIR = Path("/run/netns")
+POOL = ipaddress.IPv4Network("10.213.0.0/16")
+PREFIX = "snapscale-"
+_SLOTS = POOL.num_addresses // 4
+_LOCK_PATH = Path("/run/snapscale-netns.lock")
+_alloc_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
+
+
+def _alloc_lock() -> asyncio.Lock:
+    """One lock per event loop: an asyncio.Lock used from a second loop raises."""
+    loop = asyncio.get_running_loop()
+    lock = _alloc_locks.get(loop)
+    if lock is None:
+        for old in [lp for lp in _alloc_locks if lp.is_closed()]:
+            del _alloc_locks[old]
+        lock = _alloc_locks[loop] = asyncio.Lock()
+    return lock
+
+
+@dataclass(frozen=True)
+class NetNs:
+    name: str  # under /run/netns
+    index: int  # the /30 slot in POOL
+
+    @property
+    def host_if(self) -> str:
+        return f"ssv{self.index}"
+
+    @property
+    def host_ip(self) -> str:
+        return str(POOL.network_address + 4 * self.index + 1)
+
+    @property
+    def sandbox_ip(self) -> str:
+        return str(POOL.network_address + 4 * self.index + 2)
+
+    @property
+    def path(self) -> Path:
+        return NETNS_DIR / self.name
+
+
+def parse_name(name: str) -> NetNs:
+    m = re.fullmatch(rf"{PREFIX}(\d+)", name)
+    if not m or int(m.group(1)) >= _SLOTS:
+        raise EngineError("netns", f"{name!r} is not a snapscale network namespace name")
+    return NetNs(name=name, index=int(m.group(1)))
+
+
+def netns_inode(name: str) -> int:
+    """The namespace's inode: CRIU names an external netns by it (`net[<inode>]`)."""
+    return os.stat(NETNS_DIR / name).st_ino
+
+
+def existing_netns() -> list[NetNs]:
+    if not NETNS_DIR.exists():
+        return []
+    out = []
+    for p in NETNS_DIR.iterdir():
+        try:
+            out.append(parse_name(p.name))
+        except EngineError:
+            continue
+    return out
+
+
+def hint(replica: str) -> int:
+    """The slot a replica gets when it is free. Pure."""
+    return zlib.crc32(replica.encode()) % _SLOTS
+
+
+def free_slot(used: set[int], hint: int) -> int:
+    """The first free slot at or after `hint` (wrapping). Pure."""
+    for k in range(_SLOTS):
+        i = (hint + k) % _SLOTS
+        if i not in used:
+            return i
+    raise EngineError("netns", f"all {_SLOTS} sandbox subnets in {POOL} are in use")
+
+
+async def _ip(*args: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
+    )
+    _, err = await proc.communicate()
+    if proc.returncode != 0:
+        raise EngineError("netns", f"ip {' '.join(args)} failed: {err.decode(errors='replace').strip()}")
+
+
+def _host_links() -> set[int]:
+    out = set()
+    for p in Path("/sys/class/net").iterdir():
+        m = re.fullmatch(r"ssv(\d+)", p.name)
+        if m:
+            out.add(int(m.group(1)))
+    return out
+
+
+async def create(replica: str) -> NetNs:
+    """Make a fresh netns for `replica` with its veth pair, addresses, routes and loopback up."""
+    async with _alloc_lock():
+        fd = os.open(_LOCK_PATH, os.O_CREAT | os.O_RDWR, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
+            used = {n.index for n in existing_netns()} | _host_links()
+            # A stable hint spreads replicas over the pool so a slot just freed is rarely reused at once.
+            index = free_slot(used, hint(replica))
+            ns = NetNs(name=f"{PREFIX}{index}", index=index)
+            try:
+                await _setup(ns)
+            except EngineError:
+                await delete_netns(ns.name)
+                raise
+        finally:
+            os.close(fd)  # closing drops the flock
+    log.debug("netns %s for %s: endpoint ip %s", ns.name, replica, ns.sandbox_ip)
+    return ns
+
+
+async def _setup(ns: NetNs) -> None:
+    await _ip("netns", "add", ns.name)
+    await _ip("link", "add", ns.host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+    await _ip("addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if)
+    await _ip("link", "set", ns.host_if, "up")
+    await _ip("-n", ns.name, "addr", "add", f"{ns.sandbox_ip}/30", "dev", "eth0")
+    await _ip("-n", ns.name, "link", "set", "eth0", "up")
+    await _ip("-n", ns.name, "link", "set", "lo", "up")
+    await _ip("-n", ns.name, "route", "add", "default", "via", ns.host_ip)
+
+
+async def delete_netns(name: str) -> None:
+    """Remove the netns and its veth pair. Idempotent; processes still inside keep it alive."""
+    ns = parse_name(name)
+    if _link_exists(ns.host_if):
+        try:
+            await _ip("link", "del", ns.host_if)
+        except EngineError as e:
+            log.warning("%s", e)
+    if ns.path.exists():
+        await _ip("netns", "del", ns.name)
+
+
+def _link_exists(name: str) -> bool:
+    return Path("/sys/class/net", name).exists()
+
+
+def pids_in_netns(name: str) -> list[int]:
+    """Host PIDs of the processes whose network namespace is `name`."""
+    try:
+        want = netns_inode(name)
+    except FileNotFoundError:
+        return []
+    out = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            if os.stat(p / "ns" / "net").st_ino == want:
+                out.append(int(p.name))
+        except OSError:
+            continue
+    return out

@@ -1,0 +1,43 @@
+"""The store: content-addressed chunks and signed manifests on S3 or a local directory, the host
+cache, prefetch, materialize, and checkpoint upload / verify / GC. Services import these names,
+not the modules.
+"""
+
+from snapscale.shared.store.backend import (
+    MANIFESTS,
+    ChunkStore,
+    NotFoundError,
+    check_manifest_key,
+    manifest_key,
+    open_store,
+)
+from snapscale.shared.store.cache import HostCache
+from snapscale.shared.store.checkpoint import (
+    DEFAULT_GC_GRACE_S,
+    collect_garbage,
+    fetch_manifest,
+    upload_image,
+    verify_checkpoint,
+)
+from snapscale.shared.store.manifest import Manifest, ManifestError
+from snapscale.shared.store.materialize import materialize
+from snapscale.shared.store.prefetch import Prefetcher
+
+__all__ = [
+    "DEFAULT_GC_GRACE_S",
+    "MANIFESTS",
+    "ChunkStore",
+    "HostCache",
+    "Manifest",
+    "ManifestError",
+    "NotFoundError",
+    "Prefetcher",
+    "check_manifest_key",
+    "collect_garbage",
+    "fetch_manifest",
+    "manifest_key",
+    "materialize",
+    "open_store",
+    "upload_image",
+    "verify_checkpoint",
+]
