@@ -372,7 +372,7 @@ def main(args: argparse.Namespace) -> int:
 
 def run_scaler() -> int:
     """The scaler service, as `snapscale scaler` runs it, without the prefetch at zero."""
-    from snapscale.scaler.actions import ScalerConfig
+    from snapscale.scaler.config import ScalerConfig
     from snapscale.scaler.service import Scaler
     from snapscale.shared.core import runtime
 

@@ -63,11 +63,11 @@ def ratios(ups: list[Up], raw: Raw | None) -> dict[str, float]:
         name = f"{i + 1}_{u.tier}"
         if cold is not None:
             out[f"cold_over_{name}"] = round(cold.to_first_answer_s / u.to_first_answer_s, 2)
-        if u.tier in ("restore", "restore-cached"):
+        if u.tier in ("store", "cache"):
             # the same restore's own engine steps: what is left is the control plane's
             engine_s = sum(u.phases_s.get(k, 0.0) for k in ENGINE_PHASES)
             out[f"{name}_minus_own_engine_s"] = round(u.to_first_answer_s - engine_s, 3)
-        if raw is not None and u.tier in ("restore", "restore-cached") and raw.to_first_answer_s > 0:
+        if raw is not None and u.tier in ("store", "cache") and raw.to_first_answer_s > 0:
             out[f"{name}_over_raw"] = round(u.to_first_answer_s / raw.to_first_answer_s, 2)
             out[f"{name}_overhead_s"] = round(u.to_first_answer_s - raw.to_first_answer_s, 3)
     return out

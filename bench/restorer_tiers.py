@@ -34,7 +34,7 @@ from snapscale.shared.bus.messages import (
     ReleaseMode,
     ReplicaEvent,
     ReplicaState,
-    RestoreCommand,
+    ScaleUpCommand,
     decode_message,
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
@@ -131,10 +131,10 @@ async def run(preset: str, rounds: int, work: Path, nats_url: str, s3: str) -> d
 
     async def up(replica: str) -> ReplicaEvent:
         n = len(evs.seen)
-        cmd = RestoreCommand(
+        cmd = ScaleUpCommand(
             id=uuid.uuid4().hex, deployment=spec.name, replica=replica, issued_at=time.time()
         )
-        await bus.publish(b, b.subjects.cmd(Verb.RESTORE, s.host_id), cmd)
+        await bus.publish(b, b.subjects.cmd(Verb.SCALE_UP, s.host_id), cmd)
         ev = await evs.wait(replica, {ReplicaState.READY, ReplicaState.FAILED}, n)
         assert ev.state is ReplicaState.READY and ev.tier is not None, ev.reason
         out[ev.tier.value].append(ev.timings_s["total"])
@@ -204,7 +204,7 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{platform.node()}, {os.cpu_count()} CPUs, preset {args.preset}, {args.rounds} rounds, seconds")
     print(f"{'tier':16s} {'median':>8s} {'min':>8s} {'max':>8s}")
-    for tier in ("cold", "restore", "restore-cached", "resume"):
+    for tier in ("cold", "store", "cache", "resume"):
         xs = res.get(tier, [])
         if xs:
             print(f"{tier:16s} {statistics.median(xs):8.3f} {min(xs):8.3f} {max(xs):8.3f}")

@@ -38,7 +38,7 @@ from snapscale.shared.bus.messages import (
     ReleaseCommand,
     ReplicaEvent,
     ReplicaState,
-    RestoreCommand,
+    ScaleUpCommand,
     Tier,
     TrafficEvent,
     decode_command,
@@ -137,7 +137,7 @@ class Harness:
         """The moment the command is on the wire (a core subscription; the answer comes from the
         durable consumer, whose pull round trips would otherwise count as scaler latency)."""
         now = time.time()
-        c = decode_command(m.data, "restore")
+        c = decode_command(m.data, "scale-up")
         d = self.deps[c.deployment]
         if d.woke_at is not None and d.woke_at > 0:
             self.latencies_ms.append((now - d.woke_at) * 1000)
@@ -145,11 +145,11 @@ class Harness:
             d.woke_at = None
         d.live += 1
 
-    async def on_restore(self, c: RestoreCommand, _m: Msg) -> None:
+    async def on_scale_up(self, c: ScaleUpCommand, _m: Msg) -> None:
         now = time.time()
         self.restores += 1
         ev = ReplicaEvent(
-            c.deployment, c.replica, "bench-host", ReplicaState.READY, now, c.id, Tier.RESTORE_CACHED
+            c.deployment, c.replica, "bench-host", ReplicaState.READY, now, c.id, Tier.CACHE
         )
         await self.record(ev)
 
@@ -248,14 +248,16 @@ async def latency(
         return s.cmd(v, "bench-host"), f"bench-{v.value}"
 
     consumers = [
-        asyncio.create_task(bus.consume(b, *durable(Verb.RESTORE), RestoreCommand, h.on_restore, stop=stop)),
+        asyncio.create_task(
+            bus.consume(b, *durable(Verb.SCALE_UP), ScaleUpCommand, h.on_scale_up, stop=stop)
+        ),
         asyncio.create_task(bus.consume(b, *durable(Verb.RELEASE), ReleaseCommand, h.on_release, stop=stop)),
         asyncio.create_task(bus.consume(b, *durable(Verb.FREEZE), FreezeCommand, h.on_freeze, stop=stop)),
         asyncio.create_task(
             bus.consume(b, *durable(Verb.PREFETCH), PrefetchCommand, h.on_prefetch, stop=stop)
         ),
     ]
-    await b.nc.subscribe(s.cmd(Verb.RESTORE, "bench-host"), cb=h.seen_restore)
+    await b.nc.subscribe(s.cmd(Verb.SCALE_UP, "bench-host"), cb=h.seen_restore)
     beats = asyncio.create_task(h.heartbeats(stop))
     try:
         deadline = time.monotonic() + 30

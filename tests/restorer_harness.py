@@ -29,7 +29,7 @@ from snapscale.shared.bus.messages import (
     ReleaseMode,
     ReplicaEvent,
     ReplicaState,
-    RestoreCommand,
+    ScaleUpCommand,
     Tier,
     decode_message,
 )
@@ -84,8 +84,8 @@ class Harness:
         checkpoint_id: str | None = None,
         allow_tiers: list[Tier] | None = None,
         issued_at: float | None = None,
-    ) -> RestoreCommand:
-        cmd = RestoreCommand(
+    ) -> ScaleUpCommand:
+        cmd = ScaleUpCommand(
             id=f"r-{uuid.uuid4().hex[:10]}",
             deployment=deployment,
             replica=replica,
@@ -94,7 +94,7 @@ class Harness:
             checkpoint_id=checkpoint_id,
             allow_tiers=list(Tier) if allow_tiers is None else allow_tiers,
         )
-        await self.send(Verb.RESTORE, cmd)
+        await self.send(Verb.SCALE_UP, cmd)
         return cmd
 
     async def release(self, deployment: str, replica: str, mode: ReleaseMode) -> ReleaseCommand:

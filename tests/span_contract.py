@@ -19,7 +19,9 @@ DECISION_SPAN = "scaler.decision"
 TRAFFIC_SPAN = "traffic"
 
 # Phases of a restore, in order; a cold boot's phases.
-RESTORE_PHASES = ("lookup", "prefetch", "materialize", "criu_restore", "cuda_restore", "hook", "ready_probe")
+RESTORE_PHASES = (
+    "lookup", "prefetch", "materialize", "criu_restore", "cuda_restore", "after_restore", "ready_probe"
+)  # fmt: skip
 COLD_PHASES = ("launch", "ready_probe")
 PHASE_SPANS = tuple(dict.fromkeys(RESTORE_PHASES + COLD_PHASES))
 # The phases every restore of a CPU sandbox without hooks shows (no CUDA, no hook).
@@ -27,7 +29,7 @@ RESTORE_TRACE_PHASES = ("lookup", "prefetch", "materialize", "criu_restore")
 
 # Attributes on the prefetch span.
 PREFETCH_BYTES_ATTR = "prefetch.bytes"
-PREFETCH_CACHE_HITS_ATTR = "prefetch.cache_hits"
+PREFETCH_CACHED_CHUNKS_ATTR = "prefetch.cached_chunks"
 PREFETCH_CACHED_BYTES_ATTR = "prefetch.cached_bytes"
 
 # The restorer's histogram (OTLP metric) and its attributes; in Prometheus its name gets `.`
@@ -43,7 +45,7 @@ ATTRIBUTES = frozenset(
         REPLICA_ATTR,
         FALLBACK_ATTR,
         PREFETCH_BYTES_ATTR,
-        PREFETCH_CACHE_HITS_ATTR,
+        PREFETCH_CACHED_CHUNKS_ATTR,
         PREFETCH_CACHED_BYTES_ATTR,
     }
 )

@@ -15,37 +15,37 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from snapscale.shared import bus
-from snapscale.shared.bus.messages import RestoreCommand, TrafficEvent
+from snapscale.shared.bus.messages import ScaleUpCommand, TrafficEvent
 from snapscale.shared.bus.subjects import Bucket, Verb
 from snapscale.shared.core.errors import RetryableError
 from snapscale.shared.core.settings import Settings
 
 
-def _cmd(i: str) -> RestoreCommand:
-    return RestoreCommand(id=i, deployment="d", replica=f"r-{i}", issued_at=1.0)
+def _cmd(i: str) -> ScaleUpCommand:
+    return ScaleUpCommand(id=i, deployment="d", replica=f"r-{i}", issued_at=1.0)
 
 
 async def _run_consumer(
-    the_bus: bus.Bus, got: list[RestoreCommand], n: int, durable: str = "restorer-h"
+    the_bus: bus.Bus, got: list[ScaleUpCommand], n: int, durable: str = "restorer-h"
 ) -> None:
     stop = asyncio.Event()
 
-    async def handler(cmd: RestoreCommand, msg: Msg) -> None:
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
         got.append(cmd)
         await msg.ack_sync()
         if len(got) >= n:
             stop.set()
 
-    subject = the_bus.subjects.cmd(Verb.RESTORE, "h")
-    await asyncio.wait_for(bus.consume(the_bus, subject, durable, RestoreCommand, handler, stop=stop), 20)
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
+    await asyncio.wait_for(bus.consume(the_bus, subject, durable, ScaleUpCommand, handler, stop=stop), 20)
 
 
 async def test_publish_and_durable_consume_round_trip(the_bus: bus.Bus) -> None:
-    subject = the_bus.subjects.cmd(Verb.RESTORE, "h")
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
     await bus.publish(the_bus, subject, _cmd("a"), msg_id="a")
     await bus.publish(the_bus, subject, _cmd("a"), msg_id="a")  # duplicate id: dropped by the stream
     await bus.publish(the_bus, subject, _cmd("b"), msg_id="b")
-    got: list[RestoreCommand] = []
+    got: list[ScaleUpCommand] = []
     await _run_consumer(the_bus, got, 2)
     assert [c.id for c in got] == ["a", "b"]
     info = await the_bus.js.stream_info(the_bus.subjects.cmd_stream)
@@ -58,11 +58,11 @@ async def test_publish_and_durable_consume_round_trip(the_bus: bus.Bus) -> None:
 async def test_malformed_message_is_terminated_and_loop_goes_on(
     the_bus: bus.Bus, caplog: pytest.LogCaptureFixture
 ) -> None:
-    subject = the_bus.subjects.cmd(Verb.RESTORE, "h")
-    await the_bus.js.publish(subject, b'{"v":1,"type":"restore","id":42}')
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
+    await the_bus.js.publish(subject, b'{"v":1,"type":"scale-up","id":42}')
     await the_bus.js.publish(subject, b"\xff garbage")
     await bus.publish(the_bus, subject, _cmd("good"), msg_id="good")
-    got: list[RestoreCommand] = []
+    got: list[ScaleUpCommand] = []
     await _run_consumer(the_bus, got, 1)
     assert [c.id for c in got] == ["good"]
     refused = [r.getMessage() for r in caplog.records if "refused message" in r.getMessage()]
@@ -72,35 +72,35 @@ async def test_malformed_message_is_terminated_and_loop_goes_on(
 
 
 async def test_handler_crash_does_not_stop_the_loop(the_bus: bus.Bus) -> None:
-    subject = the_bus.subjects.cmd(Verb.RESTORE, "h")
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
     for i in ("boom", "ok"):
         await bus.publish(the_bus, subject, _cmd(i), msg_id=i)
     seen: list[str] = []
     stop = asyncio.Event()
 
-    async def handler(cmd: RestoreCommand, msg: Msg) -> None:
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
         seen.append(cmd.id)
         if cmd.id == "boom":
             raise RuntimeError("handler bug")
         stop.set()
 
-    await asyncio.wait_for(bus.consume(the_bus, subject, "d2", RestoreCommand, handler, stop=stop), 20)
+    await asyncio.wait_for(bus.consume(the_bus, subject, "d2", ScaleUpCommand, handler, stop=stop), 20)
     assert seen == ["boom", "ok"]
 
 
 async def test_retryable_error_redelivers(the_bus: bus.Bus) -> None:
-    subject = the_bus.subjects.cmd(Verb.RESTORE, "h")
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
     await bus.publish(the_bus, subject, _cmd("x"), msg_id="x")
     attempts: list[int] = []
     stop = asyncio.Event()
 
-    async def handler(cmd: RestoreCommand, msg: Msg) -> None:
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
         attempts.append(msg.metadata.num_delivered)
         if len(attempts) == 1:
             raise RetryableError("later", delay_s=0.1)
         stop.set()
 
-    await asyncio.wait_for(bus.consume(the_bus, subject, "d3", RestoreCommand, handler, stop=stop), 20)
+    await asyncio.wait_for(bus.consume(the_bus, subject, "d3", ScaleUpCommand, handler, stop=stop), 20)
     assert attempts == [1, 2]
 
 
@@ -142,18 +142,18 @@ async def test_trace_context_crosses_the_bus(the_bus: bus.Bus) -> None:
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     tracer = provider.get_tracer("test")
-    subject = the_bus.subjects.cmd(Verb.RESTORE, "h")
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
     with tracer.start_as_current_span("decision") as parent:
         await bus.publish(the_bus, subject, _cmd("t"), msg_id="t")
     stop = asyncio.Event()
     child_parent: list[int] = []
 
-    async def handler(cmd: RestoreCommand, msg: Msg) -> None:
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
         with tracer.start_as_current_span("restore") as span:
             child_parent.append(span.get_span_context().trace_id)
         stop.set()
 
-    await asyncio.wait_for(bus.consume(the_bus, subject, "d4", RestoreCommand, handler, stop=stop), 20)
+    await asyncio.wait_for(bus.consume(the_bus, subject, "d4", ScaleUpCommand, handler, stop=stop), 20)
     assert child_parent == [parent.get_span_context().trace_id]
     restore_span = next(s for s in exporter.get_finished_spans() if s.name == "restore")
     assert restore_span.parent is not None
@@ -165,11 +165,11 @@ async def test_a_stopped_consumer_lets_the_connection_drain_quickly(settings: Se
     b = await bus.open_bus(settings, "drain-test")
     stop = asyncio.Event()
 
-    async def handler(cmd: RestoreCommand, msg: Msg) -> None:
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
         pass
 
     task = asyncio.create_task(
-        bus.consume(b, b.subjects.cmd(Verb.RESTORE, "h"), "drain", RestoreCommand, handler, stop=stop)
+        bus.consume(b, b.subjects.cmd(Verb.SCALE_UP, "h"), "drain", ScaleUpCommand, handler, stop=stop)
     )
     await asyncio.sleep(0.3)
     stop.set()

@@ -54,9 +54,9 @@ def played() -> DemoState:
     st.apply_replica(ev("r1", S.RELEASING, 127.0))
     st.apply_replica(ev("r1", S.STOPPED, 127.5))
     st.begin_step("restore", 130.0)
-    st.apply_replica(ev("r2", S.RESTORING, 130.1, Tier.RESTORE_CACHED))
+    st.apply_replica(ev("r2", S.RESTORING, 130.1, Tier.CACHE))
     phases = {"lookup": 0.01, "prefetch": 0.02, "materialize": 0.1, "criu_restore": 0.6, "ready": 0.2}
-    st.apply_replica(ev("r2", S.READY, 131.5, Tier.RESTORE_CACHED, checkpoint_id="c1", timings_s=phases))
+    st.apply_replica(ev("r2", S.READY, 131.5, Tier.CACHE, checkpoint_id="c1", timings_s=phases))
     return st
 
 
@@ -64,7 +64,7 @@ def test_scale_ups_follow_the_steps_that_caused_them() -> None:
     st = played()
     assert [(s.step, s.replica, s.tier) for s in st.scale_ups] == [
         ("cold", "r1", Tier.COLD),
-        ("restore", "r2", Tier.RESTORE_CACHED),
+        ("restore", "r2", Tier.CACHE),
     ]
     cold, restore = st.scale_ups
     assert cold.states == ["starting", "ready"]
@@ -84,7 +84,7 @@ def test_releases_and_other_deployments_start_no_scale_up() -> None:
     assert st.apply_replica(other) is None
     assert st.scale_ups == []
     # A restore that falls back to a cold boot is one scale-up, ending cold with the reason.
-    st.apply_replica(ev("r2", S.RESTORING, 2.0, Tier.RESTORE))
+    st.apply_replica(ev("r2", S.RESTORING, 2.0, Tier.STORE))
     st.apply_replica(ev("r2", S.STARTING, 3.0, Tier.COLD, reason="criu restore failed"))
     st.apply_replica(ev("r2", S.READY, 9.0, Tier.COLD))
     assert len(st.scale_ups) == 1
@@ -108,7 +108,7 @@ def test_table_and_summary_show_tiers_times_phases_and_ratio() -> None:
     lines = text.splitlines()
     assert lines[0].split() == ["#", "scale-up", "replica", "tier", "to", "ready", "phases"]
     assert "cold" in lines[2] and "12.00s" in lines[2] and "ready_probe 11.40s" in lines[2]
-    assert "restore-cached" in lines[3] and "1.50s" in lines[3] and "criu_restore 0.60s" in lines[3]
+    assert "cache" in lines[3] and "1.50s" in lines[3] and "criu_restore 0.60s" in lines[3]
     assert "checkpoint c1: total 90.0 MB, new 30.0 MB" in text
     assert "cold boot / restore: 8.0x" in text
 
@@ -116,7 +116,7 @@ def test_table_and_summary_show_tiers_times_phases_and_ratio() -> None:
 def test_json_has_the_same_results() -> None:
     data = orjson.loads(orjson.dumps(to_plain(played(), work_dir="/tmp/x")))
     assert data["cold_restore_ratio"] == pytest.approx(8.0)
-    assert [s["tier"] for s in data["scale_ups"]] == ["cold", "restore-cached"]
+    assert [s["tier"] for s in data["scale_ups"]] == ["cold", "cache"]
     assert data["scale_ups"][1]["time_to_ready_s"] == pytest.approx(1.5)
     assert data["checkpoint"]["checkpoint_id"] == "c1"
     assert data["work_dir"] == "/tmp/x"
@@ -126,8 +126,8 @@ def test_ratios_use_the_fastest_of_each_and_keep_resume_apart() -> None:
     ups = [
         ScaleUp("a", "r1", 0.0, Tier.COLD, 30.0),
         ScaleUp("a", "r5", 0.0, Tier.COLD, 40.0),
-        ScaleUp("b", "r2", 0.0, Tier.RESTORE, 3.0),
-        ScaleUp("b", "r6", 0.0, Tier.RESTORE_CACHED, 2.0),
+        ScaleUp("b", "r2", 0.0, Tier.STORE, 3.0),
+        ScaleUp("b", "r6", 0.0, Tier.CACHE, 2.0),
         ScaleUp("c", "r3", 0.0, Tier.RESUME, 1.0),
         ScaleUp("d", "r4", 0.0, None),
     ]

@@ -26,8 +26,9 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from snapscale.freezer.config import FreezerConfig
 from snapscale.freezer.ledger import Ledger, Phase
-from snapscale.freezer.service import Options, serve
+from snapscale.freezer.service import serve
 from snapscale.shared import bus
 from snapscale.shared.bus import catalog
 from snapscale.shared.bus.messages import (
@@ -50,7 +51,7 @@ from snapscale.shared.store.backend import open_store
 from snapscale.shared.store.checkpoint import fetch_manifest, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = Options(ack_wait_s=3.0, claim_ttl_s=30.0, drain_s=60.0)
+FAST = FreezerConfig(ack_wait_s=3.0, claim_ttl_s=30.0, drain_s=60.0)
 
 
 @pytest.fixture(scope="session")
@@ -117,7 +118,7 @@ async def running_sandbox(
 async def running_freezer(
     settings: Settings,
     criu: CriuBinary,
-    opts: Options = FAST,
+    opts: FreezerConfig = FAST,
     on_phase: Callable[[Phase], Awaitable[None]] | None = None,
 ) -> AsyncIterator[asyncio.Task[None]]:
     stop, started = asyncio.Event(), asyncio.Event()

@@ -21,10 +21,10 @@ PROBE = textwrap.dedent(
     s = Settings.from_env()
     telemetry.setup("otlp-probe", s.otlp_endpoint)
     tr = telemetry.tracer("probe")
-    with tr.start_as_current_span("scale_up", attributes={"snapscale.tier": "restore"}):
+    with tr.start_as_current_span("scale_up", attributes={"snapscale.tier": "store"}):
         with tr.start_as_current_span("prefetch") as sp:
             sp.set_attribute("prefetch.bytes", 12345)
-            sp.set_attribute("prefetch.cache_hits", 3)
+            sp.set_attribute("prefetch.cached_chunks", 3)
         with tr.start_as_current_span("criu_restore"):
             pass
     with tr.start_as_current_span("unrelated"):
@@ -46,10 +46,10 @@ def test_receives_spans_exported_by_telemetry_setup() -> None:
         root = next(s for s in main if s.name == "scale_up")
         assert root.parent_span_id == ""
         assert root.service == "otlp-probe"
-        assert root.attributes["snapscale.tier"] == "restore"
+        assert root.attributes["snapscale.tier"] == "store"
         assert [c.name for c in children(main, root)] == ["prefetch", "criu_restore"]
         prefetch = next(s for s in main if s.name == "prefetch")
-        assert prefetch.attributes == {"prefetch.bytes": 12345, "prefetch.cache_hits": 3}
+        assert prefetch.attributes == {"prefetch.bytes": 12345, "prefetch.cached_chunks": 3}
         assert ancestors(main, prefetch) == [root]
         assert root.start_ns <= prefetch.start_ns <= prefetch.end_ns <= root.end_ns
         assert root.duration_s >= 0

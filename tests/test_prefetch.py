@@ -99,7 +99,7 @@ async def test_real_image_round_trip(store: ChunkStore, image_dir: Path, tmp_pat
     pf = Prefetcher(store, cache, concurrency=8)
     seen: list[PrefetchProgress] = []
     rep = await pf.prefetch(m, seen.append)
-    assert rep.bytes_fetched == m.unique_bytes == rep.bytes_total and rep.cache_hits == 0
+    assert rep.bytes_fetched == m.unique_bytes == rep.bytes_total and rep.cached_chunks == 0
     assert (
         seen[-1].chunks_done == seen[-1].chunks_total == rep.chunks and seen[-1].bytes_done == m.unique_bytes
     )
@@ -122,7 +122,7 @@ async def test_real_image_round_trip(store: ChunkStore, image_dir: Path, tmp_pat
         await asyncio.to_thread(shutil.rmtree, shm, True)
 
     again = await pf.prefetch(m)
-    assert again.cache_hits == again.chunks and again.bytes_fetched == 0
+    assert again.cached_chunks == again.chunks and again.bytes_fetched == 0
     cache_is_clean(cache)
 
 
@@ -324,7 +324,7 @@ async def test_cancelled_prefetch_leaves_no_partial_chunk(
     # What did arrive is usable: a new prefetch fetches only the rest.
     proxy.bytes_per_s = None
     rep = await pf.prefetch(m)
-    assert rep.cache_hits > 0 and rep.cache_hits + rep.chunks_fetched == rep.chunks
+    assert rep.cached_chunks > 0 and rep.cached_chunks + rep.chunks_fetched == rep.chunks
 
 
 KILLED_CHILD = r"""

@@ -88,7 +88,7 @@ async def test_prefetch_command_warms_the_cache_then_restore_fetches_nothing(h: 
 
         await h.restore(spec.name, "r1")
         ev = await h.wait("r1")
-        assert ev.tier is Tier.RESTORE_CACHED and ev.bytes["fetched"] == 0, ev
+        assert ev.tier is Tier.CACHE and ev.bytes["fetched"] == 0, ev
         assert ev.reason == "no suspended replica"
 
 
@@ -98,7 +98,7 @@ async def test_two_restores_of_one_checkpoint_share_one_prefetch(h: Harness) -> 
     async with running(h.settings, h.criu):
         await asyncio.gather(h.restore(spec.name, "a"), h.restore(spec.name, "b"))
         a, b = await h.wait("a"), await h.wait("b")
-    assert a.tier is Tier.RESTORE and b.tier is Tier.RESTORE, (a.reason, b.reason)
+    assert a.tier is Tier.STORE and b.tier is Tier.STORE, (a.reason, b.reason)
     # one of them downloaded the image, the other waited on that download
     assert sorted([a.bytes["fetched"], b.bytes["fetched"]]) == [0, frozen.manifest.unique_bytes]
     assert sorted([a.bytes["joined"], b.bytes["joined"]]) == [0, frozen.manifest.unique_bytes]
@@ -204,7 +204,7 @@ async def test_status_verb(h: Harness) -> None:
         await h.restore(spec.name, "r1")
         r1 = await h.wait("r1")
         assert r1.state is ReplicaState.READY
-        assert r1.tier is Tier.RESTORE, r1.reason  # else nothing was prefetched into the cache
+        assert r1.tier is Tier.STORE, r1.reason  # else nothing was prefetched into the cache
         await heartbeat(h, lambda hb: frozen.entry.checkpoint_id in hb.cached_checkpoints)
         env = service_env(h.settings, h.criu)
         out = await asyncio.to_thread(
@@ -228,10 +228,10 @@ async def test_status_verb(h: Harness) -> None:
     assert [x["host"] for x in doc["hosts"]] == [h.host]
     assert doc["hosts"][0]["cached_checkpoints"] == [frozen.entry.checkpoint_id]
     (rep,) = doc["replicas"]
-    assert (rep["replica"], rep["state"], rep["tier"]) == ("r1", "ready", "restore")
+    assert (rep["replica"], rep["state"], rep["tier"]) == ("r1", "ready", "store")
     assert [c["checkpoint_id"] for c in doc["checkpoints"]] == [frozen.entry.checkpoint_id]
     text = table.stdout
-    for needle in ("HOSTS", "REPLICAS", "CHECKPOINTS", "HOST CACHES", h.host, "r1", "ready", "restore"):
+    for needle in ("HOSTS", "REPLICAS", "CHECKPOINTS", "HOST CACHES", h.host, "r1", "ready", "store"):
         assert needle in text, text
     assert frozen.entry.checkpoint_id in text
 

@@ -43,7 +43,7 @@ async def test_second_restore_reuses_the_assembled_image(h: Harness) -> None:
     async with running(h.settings, h.criu, cpu_slots=8):
         await h.restore(spec.name, "a")
         a = await h.wait("a")
-        assert a.state is ReplicaState.READY and a.tier is Tier.RESTORE, a.reason
+        assert a.state is ReplicaState.READY and a.tier is Tier.STORE, a.reason
         assert "hot" not in a.bytes and "prefetch" in a.timings_s
         hot = _work(h) / "hot" / cid
         assert (hot / "snapscale-engine.json").exists()  # kept, not deleted after CRIU read it
@@ -51,7 +51,7 @@ async def test_second_restore_reuses_the_assembled_image(h: Harness) -> None:
 
         await h.restore(spec.name, "b")
         b = await h.wait("b")
-        assert b.state is ReplicaState.READY and b.tier is Tier.RESTORE_CACHED, b.reason
+        assert b.state is ReplicaState.READY and b.tier is Tier.CACHE, b.reason
         assert b.bytes["hot"] == frozen.manifest.total_bytes and b.bytes["fetched"] == 0
         assert "prefetch" not in b.timings_s and b.timings_s["materialize"] < 0.05
         assert await get(b.endpoint, "/generate") == frozen.answer
@@ -73,7 +73,7 @@ async def test_second_restore_reuses_the_assembled_image(h: Harness) -> None:
         assert not hot.exists()
         await h.restore(spec.name, "d")
         d = await h.wait("d")
-        assert d.state is ReplicaState.READY and d.tier is Tier.RESTORE_CACHED, d.reason
+        assert d.state is ReplicaState.READY and d.tier is Tier.CACHE, d.reason
         assert "hot" not in d.bytes and "prefetch" in d.timings_s
         assert await get(d.endpoint, "/generate") == frozen.answer
         assert (hot / "pstree.img").exists()
@@ -129,7 +129,7 @@ async def test_images_are_assembled_and_kept_under_the_configured_image_dir(h: H
         async with running(h.settings, h.criu, cpu_slots=8, image_dir=shm):
             await h.restore(spec.name, "t")
             t = await h.wait("t")
-            assert t.state is ReplicaState.READY and t.tier is Tier.RESTORE, t.reason
+            assert t.state is ReplicaState.READY and t.tier is Tier.STORE, t.reason
             assert (shm / "hot" / cid / "snapscale-engine.json").exists()
             assert not (_work(h) / "hot" / cid).exists()
             assert await get(t.endpoint, "/generate") == frozen.answer

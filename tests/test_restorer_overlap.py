@@ -64,11 +64,11 @@ async def test_cold_cache_restore_materializes_while_chunks_arrive(
     async with running(h.settings, h.criu, hot_images=0):
         await h.restore(spec.name, "a")
         a = await h.wait("a")
-        assert a.state is ReplicaState.READY and a.tier is Tier.RESTORE, a.reason
+        assert a.state is ReplicaState.READY and a.tier is Tier.STORE, a.reason
         assert await get(a.endpoint, "/generate") == frozen.answer
         await h.restore(spec.name, "b")
         b = await h.wait("b")
-        assert b.state is ReplicaState.READY and b.tier is Tier.RESTORE_CACHED, b.reason
+        assert b.state is ReplicaState.READY and b.tier is Tier.CACHE, b.reason
         assert await get(b.endpoint, "/generate") == frozen.answer
     pa, pb = _phases(spans, "a"), _phases(spans, "b")
     assert pa.keys() == pb.keys() == {"prefetch", "materialize"}

@@ -86,16 +86,16 @@ async def test_restore_from_s3_then_from_warm_cache(h: Harness, s3_settings: Set
         await h.restore(spec.name, "a")
         ev = await h.wait("a")
         assert ev.state is ReplicaState.READY, ev.reason
-        assert ev.tier is Tier.RESTORE
+        assert ev.tier is Tier.STORE
         assert ev.checkpoint_id == frozen.entry.checkpoint_id
         assert ev.reason.startswith("no suspended replica; not in host cache (0.0 MB of ")
-        assert ev.bytes["fetched"] > 0 and ev.bytes["cache_hit"] == 0
+        assert ev.bytes["fetched"] > 0 and ev.bytes["cached"] == 0
         assert {
             "lookup",
             "prefetch",
             "materialize",
             "criu_restore",
-            "hook",
+            "after_restore",
             "ready_probe",
         } <= ev.timings_s.keys()
         assert await get(ev.endpoint, "/generate") == frozen.answer
@@ -104,8 +104,8 @@ async def test_restore_from_s3_then_from_warm_cache(h: Harness, s3_settings: Set
         await h.restore(spec.name, "b")
         ev2 = await h.wait("b")
         assert ev2.state is ReplicaState.READY, ev2.reason
-        assert ev2.tier is Tier.RESTORE_CACHED
-        assert ev2.bytes["fetched"] == 0 and ev2.bytes["cache_hit"] > 0
+        assert ev2.tier is Tier.CACHE
+        assert ev2.bytes["fetched"] == 0 and ev2.bytes["cached"] > 0
         assert ev2.endpoint != ev.endpoint
         assert await get(ev2.endpoint, "/generate") == frozen.answer
 
@@ -147,7 +147,7 @@ async def test_malformed_command_is_refused_and_service_keeps_serving(h: Harness
     async with running(h.settings, h.criu):
         subject = h.bus.subjects.cmd(bus_verb_restore(), h.host)
         await h.bus.js.publish(subject, b"{not json")
-        await h.bus.js.publish(subject, b'{"v": 1, "type": "restore", "id": "x", "deployment": "d"}')
+        await h.bus.js.publish(subject, b'{"v": 1, "type": "scale-up", "id": "x", "deployment": "d"}')
         await h.restore("no-such-deployment", "ghost")
         ghost = await h.wait("ghost")
         assert ghost.state is ReplicaState.FAILED and "not deployed" in ghost.reason
@@ -158,7 +158,7 @@ async def test_malformed_command_is_refused_and_service_keeps_serving(h: Harness
 
 
 def bus_verb_restore() -> Verb:
-    return Verb.RESTORE
+    return Verb.SCALE_UP
 
 
 async def _heartbeat(
@@ -177,7 +177,7 @@ async def _heartbeat(
 async def _settle(h: Harness) -> ConsumerInfo:
     """The restore consumer once every command is acked (or fail)."""
     for _ in range(100):
-        info = await h.bus.js.consumer_info(h.bus.subjects.cmd_stream, f"restorer-restore-{h.host}")
+        info = await h.bus.js.consumer_info(h.bus.subjects.cmd_stream, f"restorer-scale-up-{h.host}")
         if info.num_ack_pending == 0 and info.num_pending == 0:
             return cast(ConsumerInfo, info)
         await asyncio.sleep(0.05)

@@ -75,7 +75,7 @@ async def test_scale_up_trace_and_time_to_ready(
             await h.restore(spec.name, "a")
         with tracer.start_as_current_span(sc.DECISION_SPAN) as decision2:
             await h.restore(cold_spec.name, "b")
-        assert (await h.wait("a")).tier is Tier.RESTORE
+        assert (await h.wait("a")).tier is Tier.STORE
         ev_b = await h.wait("b")
         assert ev_b.state is ReplicaState.READY and ev_b.tier is Tier.COLD
 
@@ -84,16 +84,16 @@ async def test_scale_up_trace_and_time_to_ready(
     (root,) = [s for s in got if s.name == sc.SCALE_UP_SPAN]
     assert root.parent is not None and root.parent.span_id == decision.get_span_context().span_id
     assert root.attributes is not None
-    assert root.attributes[sc.TIER_ATTR] == "restore"
+    assert root.attributes[sc.TIER_ATTR] == "store"
     assert root.attributes[sc.DEPLOYMENT_ATTR] == spec.name and root.attributes[sc.REPLICA_ATTR] == "a"
-    for phase in (*sc.RESTORE_TRACE_PHASES, "hook", "ready_probe"):
+    for phase in (*sc.RESTORE_TRACE_PHASES, "after_restore", "ready_probe"):
         assert phase in names, names
         (s,) = [s for s in got if s.name == phase]
         assert s.parent is not None and s.parent.span_id == root.context.span_id, phase
     (pf,) = [s for s in got if s.name == "prefetch"]
     assert pf.attributes is not None
     assert int(pf.attributes[sc.PREFETCH_BYTES_ATTR]) > 0  # type: ignore[arg-type]
-    assert pf.attributes[sc.PREFETCH_CACHE_HITS_ATTR] == 0
+    assert pf.attributes[sc.PREFETCH_CACHED_CHUNKS_ATTR] == 0
     assert {"prefetch.chunks", "prefetch.gbps"} <= set(pf.attributes)
 
     cold = of_trace(spans, decision2.get_span_context().trace_id)
@@ -117,5 +117,5 @@ async def test_scale_up_trace_and_time_to_ready(
     by_tier = {
         str(p.attributes["tier"]): p for p in points if isinstance(p, HistogramDataPoint) and p.attributes
     }
-    assert {"restore", "cold"} <= set(by_tier)
+    assert {"store", "cold"} <= set(by_tier)
     assert all(p.count >= 1 and p.sum > 0 for p in by_tier.values())

@@ -67,8 +67,8 @@ def test_over_budget_stops_oldest_first(items: list[Suspended], budget: int, sto
 
 def test_ledger_survives_reopen_and_lists_unfinished(tmp_path: Path) -> None:
     led = Ledger(tmp_path / "l")
-    led.start(Entry("c/../1", "restore", "d", "r1", 100.0, run_dir="/x"))
-    led.start(Entry("c2", "restore", "d", "r2", 100.0))
+    led.start(Entry("c/../1", "scale-up", "d", "r1", 100.0, run_dir="/x"))
+    led.start(Entry("c2", "scale-up", "d", "r2", 100.0))
     led.finish("c2", ok=True, outcome="ready")
     again = Ledger(tmp_path / "l")
     got = again.get("c/../1")
@@ -84,7 +84,7 @@ def test_ledger_survives_reopen_and_lists_unfinished(tmp_path: Path) -> None:
 
 def test_ledger_unreadable_entry_is_treated_as_new(tmp_path: Path) -> None:
     led = Ledger(tmp_path)
-    led.start(Entry("c1", "restore", "d", "r1", 1.0))
+    led.start(Entry("c1", "scale-up", "d", "r1", 1.0))
     for p in tmp_path.glob("*.json"):
         p.write_bytes(b"{not json")
     assert led.get("c1") is None

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from snapscale.scaler.policy import Decision, Window, activation, decide
+from snapscale.scaler.policy import ScaleDecision, Window, activation, decide
 from snapscale.shared.bus.spec import ScalingSpec
 
 # target 1 x utilization 1.0: desired == ceil(concurrency), which keeps the tables readable
@@ -26,11 +26,11 @@ BASE = ScalingSpec(
 
 def play(
     spec: ScalingSpec, samples: dict[float, float], ticks: list[float], start: int = 0, t0: float = -100.0
-) -> list[Decision]:
+) -> list[ScaleDecision]:
     """Feed samples (time -> concurrency) and decide at each tick, carrying `current` forward."""
     w = Window(spec, t0)
     current = start
-    out: list[Decision] = []
+    out: list[ScaleDecision] = []
     events = sorted(samples.items())
     i = 0
     for t in ticks:

@@ -28,7 +28,7 @@ from snapscale.shared.bus.messages import (
     CheckpointEvent,
     ReplicaEvent,
     ReplicaState,
-    RestoreCommand,
+    ScaleUpCommand,
     Tier,
     TrafficEvent,
     decode_message,
@@ -89,12 +89,12 @@ async def test_scale_from_zero_handover_to_zero_and_back_by_restore(
     }
     me = [sys.executable, "-m", "snapscale"]
     procs = ProcessSet(tmp_path / "logs")
-    commands: list[RestoreCommand] = []
+    commands: list[ScaleUpCommand] = []
     events: list[ReplicaEvent] = []
     frozen: list[CheckpointEvent] = []
 
     async def on_cmd(m: Msg) -> None:
-        commands.append(decode_message(m.data, RestoreCommand))
+        commands.append(decode_message(m.data, ScaleUpCommand))
 
     async def on_evt(m: Msg) -> None:
         events.append(decode_message(m.data, ReplicaEvent))
@@ -103,7 +103,7 @@ async def test_scale_from_zero_handover_to_zero_and_back_by_restore(
         frozen.append(decode_message(m.data, CheckpointEvent))
 
     subs = [
-        await the_bus.nc.subscribe(the_bus.subjects.cmd(Verb.RESTORE, "h1"), cb=on_cmd),
+        await the_bus.nc.subscribe(the_bus.subjects.cmd(Verb.SCALE_UP, "h1"), cb=on_cmd),
         await the_bus.nc.subscribe(the_bus.subjects.evt_replica_all(), cb=on_evt),
         await the_bus.nc.subscribe(the_bus.subjects.evt_checkpoint_all(), cb=on_ckpt),
     ]
@@ -168,7 +168,7 @@ async def test_scale_from_zero_handover_to_zero_and_back_by_restore(
         # traffic again: back by restore from the checkpoint
         traffic_on.set()
         await until(lambda: len(ready()) == 2, 180, "the replica back", procs)
-        assert ready()[1].tier in (Tier.RESTORE, Tier.RESTORE_CACHED), ready()[1].reason
+        assert ready()[1].tier in (Tier.STORE, Tier.CACHE), ready()[1].reason
         assert len({c.replica for c in commands}) == 2
     finally:
         gw.cancel()

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from snapscale.scaler.actions import ScalerConfig
+from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.service import Scaler
 from snapscale.shared import bus
 from snapscale.shared.bus import catalog
@@ -34,7 +34,7 @@ from snapscale.shared.bus.messages import (
     ReplicaEvent,
     ReplicaState,
     ReplicaSummary,
-    RestoreCommand,
+    ScaleUpCommand,
     Tier,
     TrafficEvent,
     encode_message,
@@ -110,9 +110,9 @@ class FakeHost:
                 continue
         await bus.publish(self.b, self.b.subjects.evt_replica(ev.deployment), ev)
 
-    async def on_restore(self, c: RestoreCommand, _m: Msg) -> None:
+    async def on_scale_up(self, c: ScaleUpCommand, _m: Msg) -> None:
         self.got.append(c)
-        tier = Tier.RESTORE_CACHED if self.cached else Tier.COLD
+        tier = Tier.CACHE if self.cached else Tier.COLD
         self.live[c.replica] = ReplicaSummary(c.deployment, c.replica, ReplicaState.RESTORING, c.gpu_uuids)
         if self.ready_after_s is None:
             return
@@ -164,7 +164,7 @@ class FakeHost:
     async def _serve(self, stop: asyncio.Event) -> None:
         s = self.b.subjects
         handlers: list[tuple[Verb, type, Callable[..., Awaitable[None]]]] = [
-            (Verb.RESTORE, RestoreCommand, self.on_restore),
+            (Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up),
             (Verb.RELEASE, ReleaseCommand, self.on_release),
             (Verb.FREEZE, FreezeCommand, self.on_freeze),
             (Verb.PREFETCH, PrefetchCommand, self.on_prefetch),
@@ -231,12 +231,12 @@ async def test_zero_to_one_to_zero_and_back_by_restore(the_bus: Bus, settings: S
         await bus.publish_core(
             the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
         )
-        await eventually(lambda: len(a.commands(RestoreCommand) + b.commands(RestoreCommand)) == 1)
+        await eventually(lambda: len(a.commands(ScaleUpCommand) + b.commands(ScaleUpCommand)) == 1)
         assert time.monotonic() - t0 < 2.0, "activation waited for something (a tick is 0.1 s here)"
         assert sc.counters["activations"] == 1
         await send_traffic(the_bus, "llm", 1.0)
         await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [ReplicaState.READY])
-        first = (a if a.commands(RestoreCommand) else b).name
+        first = (a if a.commands(ScaleUpCommand) else b).name
         host = a if first == "host-a" else b
         # no traffic: after the grace, a freeze (no checkpoint yet), then the release, then a prefetch
         await eventually(lambda: bool(host.commands(ReleaseCommand)), 15, "release after the grace")
@@ -250,9 +250,9 @@ async def test_zero_to_one_to_zero_and_back_by_restore(the_bus: Bus, settings: S
         await eventually(lambda: sc.view.live_count("llm") == 0 and not host.live)
         # traffic again: back by restore, on the host whose cache holds the checkpoint
         await send_traffic(the_bus, "llm", 0.3)
-        await eventually(lambda: len(host.commands(RestoreCommand)) == 2, 5, "restore on the cached host")
-        assert not other.commands(RestoreCommand)
-        await eventually(lambda: host.tiers == [Tier.COLD, Tier.RESTORE_CACHED])
+        await eventually(lambda: len(host.commands(ScaleUpCommand)) == 2, 5, "restore on the cached host")
+        assert not other.commands(ScaleUpCommand)
+        await eventually(lambda: host.tiers == [Tier.COLD, Tier.CACHE])
         assert sc.stats()["traffic.ok"] >= 10
 
 
@@ -270,10 +270,10 @@ async def test_bad_traffic_is_counted_and_dropped(the_bus: Bus, settings: Settin
         await eventually(
             lambda: sc.stats().get("traffic.malformed") == 2 and sc.stats().get("traffic.unknown") == 1
         )
-        assert not a.commands(RestoreCommand)
+        assert not a.commands(ScaleUpCommand)
         # the loop lives on: good traffic still scales
         await bus.publish_core(the_bus, subj("llm"), TrafficEvent("llm", time.time(), 1, 1.0))
-        await eventually(lambda: len(a.commands(RestoreCommand)) == 1)
+        await eventually(lambda: len(a.commands(ScaleUpCommand)) == 1)
 
 
 async def test_not_ready_in_time_and_lost_hosts_are_placed_elsewhere(
@@ -289,12 +289,12 @@ async def test_not_ready_in_time_and_lost_hosts_are_placed_elsewhere(
         await bus.publish_core(
             the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
         )
-        await eventually(lambda: len(stuck.commands(RestoreCommand)) == 1)
+        await eventually(lambda: len(stuck.commands(ScaleUpCommand)) == 1)
         good = FakeHost(settings, "host-b", gpus=1)
         async with running(good.run):
             # the stuck replica times out, is cleaned up on its host and placed on the other one
-            await eventually(lambda: len(good.commands(RestoreCommand)) == 1, 10, "re-placed on host-b")
-            assert [type(c).__name__ for c in stuck.got] == ["RestoreCommand", "ReleaseCommand"]
+            await eventually(lambda: len(good.commands(ScaleUpCommand)) == 1, 10, "re-placed on host-b")
+            assert [type(c).__name__ for c in stuck.got] == ["ScaleUpCommand", "ReleaseCommand"]
             assert sc.counters["failed"] == 1
             await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [ReplicaState.READY])
             # host-b goes silent: its replica is lost and placed again, on a host that reports
@@ -304,9 +304,9 @@ async def test_not_ready_in_time_and_lost_hosts_are_placed_elsewhere(
             assert sc.counters["failed"] == 2
             fresh = FakeHost(settings, "host-c", gpus=1)
             async with running(fresh.run):
-                await eventually(lambda: len(fresh.commands(RestoreCommand)) == 1, 5, "re-placed on host-c")
+                await eventually(lambda: len(fresh.commands(ScaleUpCommand)) == 1, 5, "re-placed on host-c")
                 await eventually(lambda: [t.ev.host for t in sc.view.live("llm")] == ["host-c"])
-            assert len(stuck.commands(RestoreCommand)) == 1
+            assert len(stuck.commands(ScaleUpCommand)) == 1
 
 
 async def test_leader_handover_sends_no_duplicates(the_bus: Bus, settings: Settings) -> None:
@@ -321,7 +321,7 @@ async def test_leader_handover_sends_no_duplicates(the_bus: Bus, settings: Setti
         assert not two.leader
         # a burst: three in flight at once, and it goes on; the leader places three replicas
         feed = asyncio.create_task(send_traffic(the_bus, "llm", 6.0, concurrency=3.0))
-        await eventually(lambda: len(a.commands(RestoreCommand)) == 3, 5)
+        await eventually(lambda: len(a.commands(ScaleUpCommand)) == 3, 5)
         # kill the leader mid-way (its replicas still starting): no clean lease release
         t_kill = time.monotonic()
         await one.bus.nc.close()
@@ -335,7 +335,7 @@ async def test_leader_handover_sends_no_duplicates(the_bus: Bus, settings: Setti
             lambda: sum(1 for t in two.view.of("llm") if t.ev.state is ReplicaState.READY) == 3, 10
         )
         await feed
-        restores = [c for c in a.commands(RestoreCommand) if isinstance(c, RestoreCommand)]
+        restores = [c for c in a.commands(ScaleUpCommand) if isinstance(c, ScaleUpCommand)]
         assert len({c.replica for c in restores}) == 3
         assert len(restores) == 3, "a re-sent command must be deduplicated by its id"
         assert two.view.live_count("llm") == 3
@@ -364,7 +364,7 @@ async def test_decision_span_continues_traffic_and_travels_in_commands(
     async def tap(m: Msg) -> None:
         seen.append(dict(m.headers or {}))
 
-    sub = await the_bus.nc.subscribe(the_bus.subjects.cmd(Verb.RESTORE, "host-a"), cb=tap)
+    sub = await the_bus.nc.subscribe(the_bus.subjects.cmd(Verb.SCALE_UP, "host-a"), cb=tap)
     async with running(a.run, sc.run):
         await eventually(lambda: sc.leader and "host-a" in sc.view.hosts)
         with telemetry.tracer("gateway").start_as_current_span("traffic") as gw:
@@ -413,7 +413,7 @@ async def test_restart_rebuilds_from_kv_and_holds_scale_down_for_a_stable_window
             assert waited >= 1.5, f"released after {waited:.2f}s, inside the stable window"
             await asyncio.sleep(0.5)
             assert len(a.commands(ReleaseCommand)) == 1  # down to min_replicas, not below
-            assert not a.commands(RestoreCommand)
+            assert not a.commands(ScaleUpCommand)
 
 
 async def test_a_removed_deployment_is_drained_without_freeze(the_bus: Bus, settings: Settings) -> None:
@@ -448,7 +448,7 @@ async def test_a_heartbeat_reporting_room_places_what_found_none(the_bus: Bus, s
             the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
         )
         await eventually(lambda: sc.counters["unplaceable"] >= 1, 5, "the activation found no room")
-        assert not host.commands(RestoreCommand)
+        assert not host.commands(ScaleUpCommand)
         host.gpus = 1  # a release finished: the next heartbeat reports a free GPU
-        waited = await eventually(lambda: bool(host.commands(RestoreCommand)), 5, "placed on the freed GPU")
+        waited = await eventually(lambda: bool(host.commands(ScaleUpCommand)), 5, "placed on the freed GPU")
         assert waited < 2.0

@@ -16,7 +16,7 @@ from snapscale.shared.bus.messages import (
     ReplicaEvent,
     ReplicaState,
     ReplicaSummary,
-    RestoreCommand,
+    ScaleUpCommand,
     Tier,
     TrafficEvent,
     can_transition,
@@ -28,7 +28,7 @@ from snapscale.shared.core.errors import MessageError
 
 SAMPLES: list[object] = [
     TrafficEvent(deployment="llm", ts=1.5, arrivals=3, concurrency=2.5),
-    RestoreCommand(id="c1", deployment="llm", replica="r1", issued_at=2.0, gpu_uuids=["GPU-a"]),
+    ScaleUpCommand(id="c1", deployment="llm", replica="r1", issued_at=2.0, gpu_uuids=["GPU-a"]),
     ReleaseCommand(id="c2", deployment="llm", replica="r1", issued_at=3.0, mode=ReleaseMode.SUSPEND),
     PrefetchCommand(id="c3", deployment="llm", issued_at=4.0, checkpoint_id="ck1"),
     FreezeCommand(id="c4", deployment="llm", replica="r1", issued_at=5.0, keep_running=False),
@@ -38,7 +38,7 @@ SAMPLES: list[object] = [
         host="h",
         state=ReplicaState.READY,
         ts=6.0,
-        tier=Tier.RESTORE,
+        tier=Tier.STORE,
         reason="no suspended replica",
         timings_s={"criu_restore": 1.25},
         bytes={"prefetched": 10},
@@ -65,34 +65,34 @@ def test_round_trip(msg: object) -> None:
     [
         (b"not json", "<body>", "not JSON"),
         (b"[1,2]", "<body>", "JSON object"),
-        (b'{"type":"restore","id":"x"}', "v", "schema version"),
-        (b'{"v":1,"type":"release","id":"x"}', "type", "expected 'restore'"),
-        (b'{"v":1,"type":"restore","id":"x","replica":"r","issued_at":1}', "restore.deployment", "missing"),
+        (b'{"type":"scale-up","id":"x"}', "v", "schema version"),
+        (b'{"v":1,"type":"release","id":"x"}', "type", "expected 'scale-up'"),
+        (b'{"v":1,"type":"scale-up","id":"x","replica":"r","issued_at":1}', "scale-up.deployment", "missing"),
         (
-            b'{"v":1,"type":"restore","id":5,"deployment":"d","replica":"r","issued_at":1}',
-            "restore.id",
+            b'{"v":1,"type":"scale-up","id":5,"deployment":"d","replica":"r","issued_at":1}',
+            "scale-up.id",
             "expected str",
         ),
         (
-            b'{"v":1,"type":"restore","id":"x","deployment":"d","replica":"r","issued_at":"now"}',
-            "restore.issued_at",
+            b'{"v":1,"type":"scale-up","id":"x","deployment":"d","replica":"r","issued_at":"now"}',
+            "scale-up.issued_at",
             "number",
         ),
         (
-            b'{"v":1,"type":"restore","id":"x","deployment":"d","replica":"r","issued_at":1,"gpu_uuids":"GPU-a"}',
-            "restore.gpu_uuids",
+            b'{"v":1,"type":"scale-up","id":"x","deployment":"d","replica":"r","issued_at":1,"gpu_uuids":"GPU-a"}',
+            "scale-up.gpu_uuids",
             "list",
         ),
         (
-            b'{"v":1,"type":"restore","id":"x","deployment":"d","replica":"r","issued_at":1,"allow_tiers":["warp"]}',
-            "restore.allow_tiers[0]",
+            b'{"v":1,"type":"scale-up","id":"x","deployment":"d","replica":"r","issued_at":1,"allow_tiers":["warp"]}',
+            "scale-up.allow_tiers[0]",
             "one of",
         ),
     ],
 )
-def test_malformed_restore_names_the_field(body: bytes, field: str, reason_part: str) -> None:
+def test_malformed_scale_up_names_the_field(body: bytes, field: str, reason_part: str) -> None:
     with pytest.raises(MessageError) as ei:
-        decode_command(body, "restore")
+        decode_command(body, "scale-up")
     assert ei.value.field == field
     assert reason_part in ei.value.reason
 

@@ -143,7 +143,7 @@ class DemoState:
         return f"[{now - self.step_started_at:6.1f}s] {self.step}: {reps}{ckpt}"
 
 
-_RESTORES = (Tier.RESTORE, Tier.RESTORE_CACHED)
+_RESTORES = (Tier.STORE, Tier.CACHE)
 
 
 def cold_restore_ratio(scale_ups: list[ScaleUp], tiers: tuple[Tier, ...] = _RESTORES) -> float | None:

@@ -39,14 +39,15 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from snapscale.freezer.service import Options, serve
+    from snapscale.freezer.config import FreezerConfig
+    from snapscale.freezer.service import serve
 
     overrides: dict[str, object] = {"host_id": args.host} if args.host else {}
     settings = Settings.from_env(None, **overrides)
     if settings.service_name == "snapscale":  # OTEL_SERVICE_NAME, when set, wins
         settings = replace(settings, service_name="snapscale-freezer")
     runtime.setup_logging(settings.log_level)
-    opts = Options(
+    opts = FreezerConfig(
         ack_wait_s=args.ack_wait_s,
         max_deliver=args.max_deliver,
         claim_ttl_s=args.claim_ttl_s,

@@ -27,7 +27,7 @@ class Claim:
 
 
 @dataclass(frozen=True)
-class Decision:
+class FreezeDecision:
     action: Action
     reason: str = ""
     checkpoint_id: str | None = None  # SKIP because of a catalog entry: that entry's checkpoint
@@ -40,14 +40,14 @@ class ClaimVerdict(StrEnum):
     HELD = "held"  # another live holder: skip
 
 
-def before_claim(cmd: FreezeCommand, *, done: bool, catalog: CatalogEntry | None) -> Decision | None:
+def before_claim(cmd: FreezeCommand, *, done: bool, catalog: CatalogEntry | None) -> FreezeDecision | None:
     """The decision if one can be made before claiming; None means "claim (or force) and freeze"."""
     if done:
-        return Decision(Action.REPLAY, f"command {cmd.id} was already handled")
+        return FreezeDecision(Action.REPLAY, f"command {cmd.id} was already handled")
     if cmd.force:
-        return Decision(Action.FREEZE, "forced by the operator")
+        return FreezeDecision(Action.FREEZE, "forced by the operator")
     if catalog is not None:
-        return Decision(
+        return FreezeDecision(
             Action.SKIP,
             f"catalog already has checkpoint {catalog.checkpoint_id} for this key"
             f" (from {catalog.host or 'an unknown host'})",
@@ -66,10 +66,10 @@ def judge_claim(existing: Claim | None, *, host: str, command_id: str, now: floa
     return ClaimVerdict.HELD
 
 
-def after_claim(verdict: ClaimVerdict, existing: Claim | None) -> Decision:
+def after_claim(verdict: ClaimVerdict, existing: Claim | None) -> FreezeDecision:
     if verdict is ClaimVerdict.HELD:
         assert existing is not None
-        return Decision(
+        return FreezeDecision(
             Action.SKIP, f"host {existing.host} is freezing this key (command {existing.command_id})"
         )
-    return Decision(Action.FREEZE, "claimed the deployment + compat key")
+    return FreezeDecision(Action.FREEZE, "claimed the deployment + compat key")

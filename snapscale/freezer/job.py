@@ -16,7 +16,7 @@ from pathlib import Path
 from opentelemetry import trace
 
 from snapscale.freezer import claims
-from snapscale.freezer.decide import Action, ClaimVerdict, Decision, after_claim, before_claim
+from snapscale.freezer.decide import Action, ClaimVerdict, FreezeDecision, after_claim, before_claim
 from snapscale.freezer.ids import new_checkpoint_id
 from snapscale.freezer.ledger import Attempt, Ledger, Phase
 from snapscale.freezer.specs import SpecUnknown, spec_at
@@ -171,7 +171,7 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
     return await _finish(ctx, cmd, attempt)
 
 
-async def _decide(ctx: Context, cmd: FreezeCommand, compat_hash: str) -> Decision:
+async def _decide(ctx: Context, cmd: FreezeCommand, compat_hash: str) -> FreezeDecision:
     found = await lookup_entry(ctx.bus.kv[Bucket.CHECKPOINTS], cmd.deployment, compat_hash)
     early = before_claim(cmd, done=False, catalog=found[0] if found else None)
     if early is not None:
@@ -188,7 +188,7 @@ async def _decide(ctx: Context, cmd: FreezeCommand, compat_hash: str) -> Decisio
     ctx.held = held
     if held is None:
         return after_claim(ClaimVerdict.HELD, holder)
-    return Decision(Action.FREEZE, "claimed")
+    return FreezeDecision(Action.FREEZE, "claimed")
 
 
 async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEvent:

@@ -11,12 +11,13 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 from nats.aio.msg import Msg
 from opentelemetry.trace import Status, StatusCode
 
 from snapscale.freezer import claims, job
+from snapscale.freezer.config import FreezerConfig
 from snapscale.freezer.ledger import Ledger, Phase
 from snapscale.shared import bus
 from snapscale.shared.bus import Bucket, CheckpointEvent, FreezeCommand, Verb, check_token
@@ -30,14 +31,6 @@ log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 
-@dataclass(frozen=True)
-class Options:
-    ack_wait_s: float = 30.0  # a freeze outlives this: in_progress() every third of it
-    max_deliver: int = 5
-    claim_ttl_s: float = 120.0  # an auto-freeze claim outlives a dead holder by at most this
-    drain_s: float = 300.0  # on stop, how long the freeze in flight may take to finish
-    chunk_bytes: int | None = None  # None: the store's default
-
 
 def event_msg_id(command_id: str) -> str:
     """One event per command: a replayed outcome inside the dedup window is dropped by the stream."""
@@ -50,7 +43,7 @@ class Freezer:
         settings: Settings,
         b: bus.Bus,
         ctx: job.Context,
-        opts: Options,
+        opts: FreezerConfig,
     ) -> None:
         self.settings = settings
         self.bus = b
@@ -172,7 +165,7 @@ def trace_status_error(reason: str) -> Status:
 
 async def serve(
     settings: Settings,
-    opts: Options,
+    opts: FreezerConfig,
     *,
     stop: asyncio.Event,
     criu: CriuBinary | None = None,

@@ -24,7 +24,7 @@ KNOWN_MAX = 256  # manifests remembered for the inventory
 class Fetched:
     bytes_fetched: int
     chunks: int
-    cache_hits: int
+    cached_chunks: int
     cached_bytes: int
     seconds: float
     joined: bool = False  # this restore waited on a prefetch of the same checkpoint already running
@@ -63,7 +63,7 @@ class Checkpoints:
     async def prefetch(self, m: Manifest) -> Fetched:
         rep = await self.prefetcher.prefetch(m)
         return Fetched(
-            rep.bytes_fetched, rep.chunks, rep.cache_hits, rep.hit_bytes, rep.duration_s, rep.joined
+            rep.bytes_fetched, rep.chunks, rep.cached_chunks, rep.cached_bytes, rep.duration_s, rep.joined
         )
 
     async def materialize(

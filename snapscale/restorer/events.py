@@ -17,15 +17,12 @@ from snapscale.shared.bus import (
     can_transition,
     decode_message,
     encode_message,
+    replica_key,
 )
 from snapscale.shared.core.errors import MessageError, RetryableError
 
 log = logging.getLogger(__name__)
 CAS_ATTEMPTS = 8
-
-
-def replica_key(deployment: str, replica: str) -> str:
-    return f"{deployment}.{replica}"
 
 
 async def current(b: Bus, deployment: str, replica: str) -> tuple[ReplicaEvent | None, int | None]:

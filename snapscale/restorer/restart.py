@@ -29,7 +29,7 @@ async def adopt(h: Host) -> None:
     and reported failed; restores a crash cut short are reaped and reported failed."""
     unfinished = {}
     for e in h.ledger.unfinished():
-        if e.verb == "restore":
+        if e.verb == "scale-up":
             unfinished[e.replica] = e
         else:
             h.ledger.finish(e.id, ok=False, outcome="interrupted by a restart")

@@ -23,7 +23,7 @@ from snapscale.restorer.cleanup import reap
 from snapscale.restorer.host import Host, Live, describe
 from snapscale.restorer.lookup import Found, find_checkpoint
 from snapscale.restorer.release import wake
-from snapscale.restorer.tiers import Decision, Observed, choose
+from snapscale.restorer.tiers import Observed, TierChoice, choose
 from snapscale.shared import bus as busmod
 from snapscale.shared import engine
 from snapscale.shared.bus import (
@@ -31,7 +31,7 @@ from snapscale.shared.bus import (
     FreezeCommand,
     ReplicaEvent,
     ReplicaState,
-    RestoreCommand,
+    ScaleUpCommand,
     Tier,
     Verb,
 )
@@ -45,8 +45,8 @@ tracer = telemetry.tracer("snapscale.restorer")
 SCALE_UP_SPAN = "scale_up"
 _STARTING_STATE = {
     Tier.RESUME: ReplicaState.RESUMING,
-    Tier.RESTORE_CACHED: ReplicaState.RESTORING,
-    Tier.RESTORE: ReplicaState.RESTORING,
+    Tier.CACHE: ReplicaState.RESTORING,
+    Tier.STORE: ReplicaState.RESTORING,
     Tier.COLD: ReplicaState.STARTING,
 }
 
@@ -55,7 +55,7 @@ _STARTING_STATE = {
 class Attempt:
     """What one scale-up has measured so far."""
 
-    cmd: RestoreCommand
+    cmd: ScaleUpCommand
     spec: DeploymentSpec
     gpu_uuids: list[str]
     timings_s: dict[str, float] = field(default_factory=dict)
@@ -78,7 +78,7 @@ def phase(a: Attempt, name: str, **attrs: str | int | float) -> Iterator[trace.S
             a.timings_s[name] = round(a.timings_s.get(name, 0.0) + time.monotonic() - t0, 4)
 
 
-async def announce(h: Host, a: Attempt, d: Decision, checkpoint_id: str | None = None) -> None:
+async def announce(h: Host, a: Attempt, d: TierChoice, checkpoint_id: str | None = None) -> None:
     """Publish restoring/starting/resuming once per state the replica passes through."""
     state = _STARTING_STATE[d.tier]
     a.reason = d.reason
@@ -126,14 +126,14 @@ async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]
             a.earlier.append(f"resume of {d.resume_replica} failed: {describe(e)}")
             log.warning("replica %s: %s", a.cmd.replica, a.earlier[-1])
     found: Found | None = None
-    if Tier.RESTORE in allow or Tier.RESTORE_CACHED in allow:
+    if Tier.STORE in allow or Tier.CACHE in allow:
         with phase(a, "lookup"):
             found = await find_checkpoint(h, a.spec.name, compat_hash, a.cmd.checkpoint_id)
     d = choose(_observed(base, a, found))
-    if d.tier in (Tier.RESTORE, Tier.RESTORE_CACHED):
+    if d.tier in (Tier.STORE, Tier.CACHE):
         assert found is not None and found.manifest is not None
         try:
-            return await _restore(h, a, d, found)
+            return await _from_checkpoint(h, a, d, found)
         except Exception as e:
             a.tried.add(d.tier)
             a.earlier = [r for r in (d.reason, f"restore of {d.checkpoint_id} failed: {describe(e)}") if r]
@@ -156,7 +156,7 @@ def _observed(base: Observed, a: Attempt, found: Found | None) -> Observed:
     )
 
 
-async def _resume(h: Host, a: Attempt, d: Decision, old: str) -> Live:
+async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
     lv = h.live[old]
     # taken before the first await, so a concurrent scale-up cannot pick the same replica
     lv.state = ReplicaState.RESUMING
@@ -201,19 +201,19 @@ async def _record_gone(h: Host, lv: Live, reason: str) -> None:
     await events.remove(h.bus, lv.spec.name, lv.sandbox.replica)
 
 
-async def _restore(h: Host, a: Attempt, d: Decision, found: Found) -> Live:
+async def _from_checkpoint(h: Host, a: Attempt, d: TierChoice, found: Found) -> Live:
     assert found.manifest is not None and found.entry is not None
     m = found.manifest
     await announce(h, a, d, m.checkpoint_id)
     image_dir = h.image_dir(a.cmd.replica, a.cmd.id)
     run_dir = h.run_dir(a.cmd.replica, a.cmd.id)
     # Assembled by an earlier restore of this checkpoint: no prefetch, no copy (docs/restorer.md).
-    hot = h.hot.get(m.checkpoint_id) if h.hot is not None and d.tier is Tier.RESTORE_CACHED else None
+    hot = h.hot.get(m.checkpoint_id) if h.hot is not None and d.tier is Tier.CACHE else None
     ok = False
     try:
         if hot is not None:
             with phase(a, "materialize", **{"materialize.hot": True}):
-                a.bytes.update({"fetched": 0, "joined": 0, "cache_hit": found.cached_bytes,
+                a.bytes.update({"fetched": 0, "joined": 0, "cached": found.cached_bytes,
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
             await _assemble(h, a, m, image_dir, overlap=found.cached_bytes == 0)
@@ -272,7 +272,7 @@ async def _prefetch(h: Host, a: Attempt, m: Manifest) -> None:
             {
                 "prefetch.bytes": rep.bytes_fetched,
                 "prefetch.chunks": rep.chunks,
-                "prefetch.cache_hits": rep.cache_hits,
+                "prefetch.cached_chunks": rep.cached_chunks,
                 "prefetch.cached_bytes": rep.cached_bytes,
                 "prefetch.gbps": round(gbps, 3),
                 "prefetch.joined": rep.joined,
@@ -283,21 +283,20 @@ async def _prefetch(h: Host, a: Attempt, m: Manifest) -> None:
             {
                 "fetched": 0 if rep.joined else rep.bytes_fetched,
                 "joined": rep.bytes_fetched if rep.joined else 0,
-                "cache_hit": rep.cached_bytes,
+                "cached": rep.cached_bytes,
                 "image": m.total_bytes,
             }
         )
 
 
-# the engine's step names -> the phase names the dashboard knows (docs/restorer.md)
-ENGINE_PHASES = {"criu_restore": "criu_restore", "cuda_restore": "cuda_restore", "after_restore": "hook",
-                 "ready": "ready_probe"}  # fmt: skip
+# the engine's restore steps that are phases of a scale-up, under the engine's own names
+ENGINE_PHASES = ("criu_restore", "cuda_restore", "after_restore", "ready_probe")
 
 
 def _spans_from(timings_s: dict[str, float], a: Attempt) -> None:
     """The engine's step timings as phase spans under the scale-up, laid end to end as they ran."""
     end = time.time_ns()
-    steps = [(ENGINE_PHASES[k], v) for k, v in timings_s.items() if k in ENGINE_PHASES and v >= 0]
+    steps = [(k, v) for k, v in timings_s.items() if k in ENGINE_PHASES and v >= 0]
     start = end - int(sum(v for _, v in steps) * 1e9)
     for name, secs in steps:
         span = tracer.start_span(name, start_time=start)
@@ -306,7 +305,7 @@ def _spans_from(timings_s: dict[str, float], a: Attempt) -> None:
         a.timings_s[name] = round(a.timings_s.get(name, 0.0) + secs, 4)
 
 
-async def _cold(h: Host, a: Attempt, d: Decision) -> Live:
+async def _cold(h: Host, a: Attempt, d: TierChoice) -> Live:
     trace.get_current_span().set_attribute("fallback.reason", d.reason)
     await announce(h, a, d)
     run_dir = h.run_dir(a.cmd.replica, a.cmd.id) / "cold"

@@ -37,7 +37,7 @@ from snapscale.shared.bus import (
     ReleaseCommand,
     ReplicaEvent,
     ReplicaState,
-    RestoreCommand,
+    ScaleUpCommand,
     Tier,
     Verb,
     encode_message,
@@ -101,7 +101,7 @@ class Restorer:
                 tasks = [
                     runtime.guard(self._heartbeats(h, stop), "restorer heartbeat"),
                     runtime.guard(
-                        self._serve(h, Verb.RESTORE, RestoreCommand, self.on_restore, stop), "restore"
+                        self._serve(h, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop), "scale-up"
                     ),
                     runtime.guard(
                         self._serve(h, Verb.RELEASE, ReleaseCommand, self.on_release, stop), "release"
@@ -196,7 +196,7 @@ class Restorer:
             sem.release()
 
     # --- restore -----------------------------------------------------------------
-    async def on_restore(self, cmd: RestoreCommand, _m: Msg) -> None:
+    async def on_scale_up(self, cmd: ScaleUpCommand, _m: Msg) -> None:
         h = self._h()
         prior = h.ledger.get(cmd.id)
         if prior is not None:
@@ -207,8 +207,8 @@ class Restorer:
             log.info("restore %s: replica %s is already here; nothing to do", cmd.id, cmd.replica)
             return
         run_dir = str(h.run_dir(cmd.replica, cmd.id))
-        h.ledger.start(Entry(cmd.id, "restore", cmd.deployment, cmd.replica, time.time(), run_dir=run_dir))
-        task = asyncio.create_task(self._restore(h, cmd), name=f"scale-up {cmd.replica}")
+        h.ledger.start(Entry(cmd.id, "scale-up", cmd.deployment, cmd.replica, time.time(), run_dir=run_dir))
+        task = asyncio.create_task(self._run_scale_up(h, cmd), name=f"scale-up {cmd.replica}")
         h.starting[cmd.replica] = task
         try:
             await task
@@ -219,7 +219,7 @@ class Restorer:
             if h.starting.get(cmd.replica) is task:
                 del h.starting[cmd.replica]
 
-    async def _restore(self, h: Host, cmd: RestoreCommand) -> None:
+    async def _run_scale_up(self, h: Host, cmd: ScaleUpCommand) -> None:
         t0 = time.monotonic()
         run_dir = h.run_dir(cmd.replica, cmd.id)
         remaining = cmd.issued_at + cmd.deadline_s - time.time()
@@ -298,7 +298,7 @@ class Restorer:
                 except Exception as e:  # the replica serves either way; the scaler may ask again
                     log.warning("auto-freeze request for %s failed: %s", cmd.replica, e)
 
-    async def _failed(self, h: Host, cmd: RestoreCommand, a: Attempt | None, reason: str) -> None:
+    async def _failed(self, h: Host, cmd: ScaleUpCommand, a: Attempt | None, reason: str) -> None:
         await events.record(
             h.bus,
             ReplicaEvent(
@@ -351,8 +351,10 @@ class Restorer:
                 h.ledger.finish(cmd.id, ok=False, outcome=f"failed: {describe(e)}")
                 log.warning("prefetch %s failed: %s", cmd.deployment, describe(e))
                 return
-            span.set_attributes({"prefetch.bytes": rep.bytes_fetched, "prefetch.cache_hits": rep.cache_hits,
-                                 "prefetch.chunks": rep.chunks})  # fmt: skip
+            span.set_attributes(
+                {"prefetch.bytes": rep.bytes_fetched, "prefetch.cached_chunks": rep.cached_chunks,
+                 "prefetch.chunks": rep.chunks}
+            )  # fmt: skip
             h.ledger.finish(cmd.id, ok=True, outcome=f"prefetched {rep.bytes_fetched} bytes")
 
     # --- inventory ---------------------------------------------------------------------

@@ -45,7 +45,7 @@ class Observed:
 
 
 @dataclass(frozen=True)
-class Decision:
+class TierChoice:
     tier: Tier
     reason: str  # why no faster tier; "" for resume
     resume_replica: str | None = None
@@ -105,7 +105,7 @@ def _mismatch_reason(c: Candidate, host: Mapping[str, str], host_hash: str) -> s
     return f"compat mismatch with checkpoint {c.checkpoint_id}: {', '.join(fields)}"
 
 
-def choose(o: Observed) -> Decision:
+def choose(o: Observed) -> TierChoice:
     """The fastest tier the observations allow, with every reason a faster one was passed over.
 
     Tiers in `o.tried` were attempted and failed (their reasons are in `o.earlier`); the choice
@@ -114,12 +114,12 @@ def choose(o: Observed) -> Decision:
     """
     reasons = list(o.earlier)
     # a retry goes on from where the last attempt failed: faster tiers were already explained
-    restore_tried = bool({Tier.RESTORE, Tier.RESTORE_CACHED} & o.tried)
+    restore_tried = bool({Tier.STORE, Tier.CACHE} & o.tried)
     if not o.tried:
         if Tier.RESUME not in o.allow:
             reasons.append("resume not allowed by the command")
         elif (r := pick_suspended(o.replica, o.suspended)) is not None:
-            return Decision(Tier.RESUME, "", resume_replica=r)
+            return TierChoice(Tier.RESUME, "", resume_replica=r)
         else:
             reasons.append("no suspended replica")
     if not restore_tried:
@@ -128,25 +128,25 @@ def choose(o: Observed) -> Decision:
             assert o.entry is not None
             ckpt = o.entry.checkpoint_id
             cached = o.cached_bytes >= o.need_bytes
-            if cached and Tier.RESTORE_CACHED in o.allow:
-                return Decision(Tier.RESTORE_CACHED, _join(reasons), checkpoint_id=ckpt)
-            if Tier.RESTORE_CACHED in o.allow:
+            if cached and Tier.CACHE in o.allow:
+                return TierChoice(Tier.CACHE, _join(reasons), checkpoint_id=ckpt)
+            if Tier.CACHE in o.allow:
                 reasons.append(f"not in host cache ({_mb(o.cached_bytes)} of {_mb(o.need_bytes)} cached)")
             else:
-                reasons.append("restore-cached not allowed by the command")
-            if Tier.RESTORE in o.allow:
-                return Decision(Tier.RESTORE, _join(reasons), checkpoint_id=ckpt)
+                reasons.append("cache not allowed by the command")
+            if Tier.STORE in o.allow:
+                return TierChoice(Tier.STORE, _join(reasons), checkpoint_id=ckpt)
             reasons.append("prefetch (tier restore) not allowed by the command")
         else:
             reasons.append(problem)
     if Tier.COLD not in o.allow:
         reasons.append("cold boot not allowed by the command")
         raise NoTierError(_join(reasons))
-    return Decision(Tier.COLD, _join(reasons))
+    return TierChoice(Tier.COLD, _join(reasons))
 
 
 def _restore_problem(o: Observed) -> str | None:
-    if Tier.RESTORE not in o.allow and Tier.RESTORE_CACHED not in o.allow:
+    if Tier.STORE not in o.allow and Tier.CACHE not in o.allow:
         return "restore not allowed by the command"
     return checkpoint_problem(o)
 

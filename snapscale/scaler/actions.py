@@ -17,9 +17,10 @@ from dataclasses import dataclass, replace
 from opentelemetry import trace
 from opentelemetry.trace import Link
 
+from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.placement import Placement, choose_releases, needs_freeze, place, prefetch_targets
-from snapscale.scaler.policy import Decision
-from snapscale.scaler.records import Tracked, record_key
+from snapscale.scaler.policy import ScaleDecision
+from snapscale.scaler.records import Tracked
 from snapscale.scaler.view import Freezing, View
 from snapscale.shared import bus
 from snapscale.shared.bus import (
@@ -30,9 +31,10 @@ from snapscale.shared.bus import (
     ReleaseCommand,
     ReplicaEvent,
     ReplicaState,
-    RestoreCommand,
+    ScaleUpCommand,
     Verb,
     encode_message,
+    replica_key,
 )
 from snapscale.shared.core import telemetry
 from snapscale.shared.core.errors import RetryableError
@@ -40,16 +42,6 @@ from snapscale.shared.core.errors import RetryableError
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
-
-@dataclass(frozen=True)
-class ScalerConfig:
-    tick_s: float = 1.0
-    lease_s: float = 3.0
-    freeze_timeout_s: float = 120.0  # the last replica is released anyway after this
-    host_timeout_floor_s: float = 3.0  # a host is lost after max(3 heartbeat intervals, this)
-    avoid_s: float = 60.0  # a host that failed a deployment's replica is skipped for it this long
-    prefetch_hosts: int = 2
-    release_timeout_s: float = 300.0  # a release its host never answers is forgotten after this
 
 
 WARN_EVERY_S = 30.0
@@ -59,7 +51,7 @@ WARN_EVERY_S = 30.0
 class UpBatch:
     """Restore commands planned (and already counted in the view), not yet sent."""
 
-    batch: list[tuple[RestoreCommand, ReplicaEvent, Tracked | None]]
+    batch: list[tuple[ScaleUpCommand, ReplicaEvent, Tracked | None]]
     span: trace.Span
 
 
@@ -81,7 +73,7 @@ class Actor:
 
     # --- spans -------------------------------------------------------------------------
     def _span(
-        self, dep: str, what: str, d: Decision | None, current: int, child_of_traffic: bool
+        self, dep: str, what: str, d: ScaleDecision | None, current: int, child_of_traffic: bool
     ) -> trace.Span:
         headers = self.view.traffic_headers.get(dep)
         ctx = telemetry.extract(headers) if headers else None
@@ -110,14 +102,14 @@ class Actor:
 
     # --- scale up ------------------------------------------------------------------------
     async def scale_up(
-        self, dep: str, n: int, now: float, d: Decision | None, *, activation: bool = False
+        self, dep: str, n: int, now: float, d: ScaleDecision | None, *, activation: bool = False
     ) -> list[str]:
         """Place and start `n` replicas; returns the replica ids whose commands went out."""
         up = self.plan_up(dep, n, now, d, activation=activation)
         return await self.send_up(up) if up is not None else []
 
     def plan_up(
-        self, dep: str, n: int, now: float, d: Decision | None, *, activation: bool = False
+        self, dep: str, n: int, now: float, d: ScaleDecision | None, *, activation: bool = False
     ) -> UpBatch | None:
         """The synchronous half of a scale-up: place, and record in the view what will be sent.
 
@@ -152,15 +144,15 @@ class Actor:
 
     async def send_up(self, up: UpBatch) -> list[str]:
         with trace.use_span(up.span, end_on_exit=True):
-            results = await asyncio.gather(*(self._send_restore(c, ev, old) for c, ev, old in up.batch))
+            results = await asyncio.gather(*(self._send_scale_up(c, ev, old) for c, ev, old in up.batch))
         return [c.replica for (c, _ev, _old), ok in zip(up.batch, results, strict=True) if ok]
 
     def _start(
         self, dep: str, p: Placement, now: float
-    ) -> tuple[RestoreCommand, ReplicaEvent, Tracked | None]:
+    ) -> tuple[ScaleUpCommand, ReplicaEvent, Tracked | None]:
         replica = p.resume or f"{dep}-{uuid.uuid4().hex[:10]}"
-        key = record_key(dep, replica)
-        cmd = RestoreCommand(
+        key = replica_key(dep, replica)
+        cmd = ScaleUpCommand(
             id=new_id(),
             deployment=dep,
             replica=replica,
@@ -185,12 +177,12 @@ class Actor:
         self.view.hold(key, p.host, p.gpu_uuids)
         return cmd, ev, old
 
-    async def _send_restore(self, cmd: RestoreCommand, ev: ReplicaEvent, old: Tracked | None) -> bool:
+    async def _send_scale_up(self, cmd: ScaleUpCommand, ev: ReplicaEvent, old: Tracked | None) -> bool:
         """The command and the KV record go out together: the command is what the latency is
         measured by, and neither order loses a replica (the view already counts it; a new leader
         finds it in KV, written by us or by the restorer, whose record wins a race)."""
-        key = record_key(ev.deployment, ev.replica)
-        subject = self.bus.subjects.cmd(Verb.RESTORE, ev.host)
+        key = replica_key(ev.deployment, ev.replica)
+        subject = self.bus.subjects.cmd(Verb.SCALE_UP, ev.host)
         wrote, sent = await asyncio.gather(
             self._write(key, ev, create=old is None),
             bus.publish(self.bus, subject, cmd, msg_id=cmd.id),
@@ -213,7 +205,7 @@ class Actor:
 
     async def resend(self, t: Tracked, now: float) -> None:
         """A new leader sends again what an old one may not have: same id, so it is done once."""
-        cmd = RestoreCommand(
+        cmd = ScaleUpCommand(
             id=t.ev.command_id or new_id(),
             deployment=t.ev.deployment,
             replica=t.ev.replica,
@@ -221,7 +213,7 @@ class Actor:
             deadline_s=self.view.specs[t.ev.deployment].scaling.ready_timeout_s,
             gpu_uuids=list(t.ev.gpu_uuids),
         )
-        await bus.publish(self.bus, self.bus.subjects.cmd(Verb.RESTORE, t.ev.host), cmd, msg_id=cmd.id)
+        await bus.publish(self.bus, self.bus.subjects.cmd(Verb.SCALE_UP, t.ev.host), cmd, msg_id=cmd.id)
 
     async def _write(self, key: str, ev: ReplicaEvent, *, create: bool) -> None:
         """The replica's KV record, compare-and-set; a concurrent writer (its restorer) wins."""
@@ -236,7 +228,7 @@ class Actor:
             log.info("replica %s: KV moved on meanwhile (%s); the restorer's word stands", key, e)
 
     # --- scale down ------------------------------------------------------------------------
-    async def scale_down(self, dep: str, n: int, now: float, d: Decision | None) -> None:
+    async def scale_down(self, dep: str, n: int, now: float, d: ScaleDecision | None) -> None:
         spec = self.view.specs[dep]
         catalog = self.view.catalog.get(dep, {})
         ready = self.view.ready(dep)
@@ -260,7 +252,7 @@ class Actor:
             to_zero = live - len(releases) == 0
         cmds: list[tuple[ReleaseCommand, ReplicaEvent]] = []  # with the state to go back to
         for r in releases:
-            key = record_key(dep, r.replica)
+            key = replica_key(dep, r.replica)
             t = self.view.replicas[key]
             c = ReleaseCommand(id=new_id(), deployment=dep, replica=r.replica, issued_at=now, mode=r.mode)
             cmds.append((c, t.ev))
@@ -281,7 +273,7 @@ class Actor:
                 log.info("deployment %s: freezing %s before its last replica goes", dep, freeze.replica)
             sent = 0
             for c, before in cmds:
-                t = self.view.replicas[record_key(dep, c.replica)]
+                t = self.view.replicas[replica_key(dep, c.replica)]
                 try:
                     # KV first: written after the command, it could land after the restorer's
                     # `stopped` (and its delete) and bring back a record of a gone replica

@@ -8,7 +8,7 @@ import argparse
 import asyncio
 from typing import Any
 
-from snapscale.scaler.actions import ScalerConfig
+from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.traffic import parse_duration, play
 from snapscale.shared.core import runtime, telemetry
 from snapscale.shared.core.settings import Settings

@@ -126,7 +126,7 @@ class Window:
         )
 
 
-class Decision(NamedTuple):
+class ScaleDecision(NamedTuple):
     desired: int
     panic: bool
     stable_avg: float
@@ -138,7 +138,7 @@ def _clamp(n: int, spec: ScalingSpec) -> int:
     return max(spec.min_replicas, min(spec.max_replicas, n))
 
 
-def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> Decision:
+def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecision:
     """The replica count a deployment should have at `now`, given `current` live replicas.
 
     Mutates only `w`'s panic bookkeeping. Follows Knative's KPA: stable and panic desires
@@ -183,7 +183,7 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> Decision:
     clamped = _clamp(desired, spec)
     if clamped != desired:
         reason = "min" if clamped > desired else "max"
-    return Decision(clamped, w.panic_since is not None, stable_avg, panic_avg, reason)
+    return ScaleDecision(clamped, w.panic_since is not None, stable_avg, panic_avg, reason)
 
 
 def activation(spec: ScalingSpec, current: int, concurrency: float, arrivals: int) -> int:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from snapscale.shared.bus import ReplicaEvent, ReplicaState, can_transition
+from snapscale.shared.bus import ReplicaEvent, ReplicaState, can_transition, replica_key
 
 S = ReplicaState
 # states that hold (or are about to hold) capacity and count towards the current replica count
@@ -27,11 +27,8 @@ class Tracked:
 
     @property
     def key(self) -> str:
-        return record_key(self.ev.deployment, self.ev.replica)
+        return replica_key(self.ev.deployment, self.ev.replica)
 
-
-def record_key(deployment: str, replica: str) -> str:
-    return f"{deployment}.{replica}"
 
 
 def apply_event(cur: ReplicaEvent | None, ev: ReplicaEvent) -> ReplicaEvent | None:

@@ -22,10 +22,11 @@ from nats.js.errors import NotFoundError
 from nats.js.kv import KeyValue
 
 from snapscale.scaler import kvsync
-from snapscale.scaler.actions import Actor, ScalerConfig
+from snapscale.scaler.actions import Actor
+from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.lease import Lease
 from snapscale.scaler.policy import activation, decide
-from snapscale.scaler.records import COMING, LIVE, TERMINAL, Tracked, apply_event, record_key
+from snapscale.scaler.records import COMING, LIVE, TERMINAL, Tracked, apply_event
 from snapscale.scaler.view import View
 from snapscale.shared import bus
 from snapscale.shared.bus import (
@@ -39,6 +40,7 @@ from snapscale.shared.bus import (
     TrafficEvent,
     decode_entry,
     decode_message,
+    replica_key,
 )
 from snapscale.shared.core import runtime
 from snapscale.shared.core.errors import ConfigError, MessageError
@@ -342,7 +344,7 @@ class Scaler:
                     self.actor.starved.discard(dep)
 
     async def _on_replica(self, ev: ReplicaEvent, _msg: Msg) -> None:
-        key = record_key(ev.deployment, ev.replica)
+        key = replica_key(ev.deployment, ev.replica)
         t = self.view.replicas.get(key)
         if ev.state in TERMINAL:
             if t is not None:

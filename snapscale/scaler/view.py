@@ -13,8 +13,8 @@ from dataclasses import dataclass, field, replace
 
 from snapscale.scaler.placement import Reservations
 from snapscale.scaler.policy import Window
-from snapscale.scaler.records import COMING, LIVE, Tracked, record_key
-from snapscale.shared.bus import DeploymentSpec, HostHeartbeat, ReplicaEvent, ReplicaState
+from snapscale.scaler.records import COMING, LIVE, Tracked
+from snapscale.shared.bus import DeploymentSpec, HostHeartbeat, ReplicaEvent, ReplicaState, replica_key
 
 
 @dataclass
@@ -135,7 +135,7 @@ class View:
         """A host reported: what it lists no longer needs a promise (its own flags cover it)."""
         self.hosts[hb.host] = hb
         self.host_seen[hb.host] = now
-        listed = {record_key(r.deployment, r.replica) for r in hb.replicas}
+        listed = {replica_key(r.deployment, r.replica) for r in hb.replicas}
         for key in [k for k, (h, _g) in self.held.items() if h == hb.host and k in listed]:
             self.unhold(key)
 

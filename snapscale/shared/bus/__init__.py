@@ -29,7 +29,7 @@ from snapscale.shared.bus.messages import (
     ReplicaEvent,
     ReplicaState,
     ReplicaSummary,
-    RestoreCommand,
+    ScaleUpCommand,
     Tier,
     TrafficEvent,
     can_transition,
@@ -37,7 +37,7 @@ from snapscale.shared.bus.messages import (
     encode_message,
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, load_spec
-from snapscale.shared.bus.subjects import Bucket, Verb, check_token
+from snapscale.shared.bus.subjects import Bucket, Verb, check_token, replica_key
 
 __all__ = [
     "Bucket",
@@ -56,7 +56,7 @@ __all__ = [
     "ReplicaEvent",
     "ReplicaState",
     "ReplicaSummary",
-    "RestoreCommand",
+    "ScaleUpCommand",
     "ScalingSpec",
     "Tier",
     "TrafficEvent",
@@ -79,5 +79,6 @@ __all__ = [
     "publish",
     "publish_core",
     "publish_entry",
+    "replica_key",
     "subscribe_core",
 ]

@@ -51,8 +51,8 @@ class Tier(StrEnum):
     """How a replica came up, fastest first."""
 
     RESUME = "resume"
-    RESTORE_CACHED = "restore-cached"
-    RESTORE = "restore"  # after prefetching from the store
+    CACHE = "cache"  # restored from a checkpoint already in the host cache
+    STORE = "store"  # restored after prefetching the checkpoint from the store
     COLD = "cold"
 
 
@@ -82,10 +82,10 @@ class TrafficEvent:
 
 # --- commands (JetStream) -----------------------------------------------------------
 @dataclass(frozen=True)
-class RestoreCommand:
+class ScaleUpCommand:
     """Bring replica `replica` of `deployment` up on the addressed host, by the fastest tier."""
 
-    TYPE: ClassVar[str] = "restore"
+    TYPE: ClassVar[str] = "scale-up"
     id: str
     deployment: str
     replica: str
@@ -128,7 +128,7 @@ class FreezeCommand:
     force: bool = False
 
 
-Command = RestoreCommand | ReleaseCommand | PrefetchCommand | FreezeCommand
+Command = ScaleUpCommand | ReleaseCommand | PrefetchCommand | FreezeCommand
 
 
 # --- events -------------------------------------------------------------------------
@@ -222,10 +222,10 @@ def decode_message(data: bytes, cls: type[M]) -> M:
 
 
 COMMAND_TYPES: dict[str, type[_Msg]] = {
-    c.TYPE: c for c in (RestoreCommand, ReleaseCommand, PrefetchCommand, FreezeCommand)
+    c.TYPE: c for c in (ScaleUpCommand, ReleaseCommand, PrefetchCommand, FreezeCommand)
 }
 
 
-def decode_command(data: bytes, expected: Literal["restore", "release", "prefetch", "freeze"]) -> Command:
+def decode_command(data: bytes, expected: Literal["scale-up", "release", "prefetch", "freeze"]) -> Command:
     """Decode a command of the verb its subject names; raises `MessageError` naming the field."""
     return decode_message(data, COMMAND_TYPES[expected])  # type: ignore[return-value]

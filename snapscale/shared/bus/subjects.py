@@ -13,7 +13,7 @@ _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
 class Verb(StrEnum):
-    RESTORE = "restore"
+    SCALE_UP = "scale-up"
     RELEASE = "release"
     PREFETCH = "prefetch"
     FREEZE = "freeze"
@@ -90,3 +90,8 @@ class Subjects:
 
     def durable(self, service: str, verb: Verb, host: str) -> str:
         return f"{service}-{verb.value}-{check_token('host', host)}"
+
+
+def replica_key(deployment: str, replica: str) -> str:
+    """A replica's key in KV `replicas` (and the scaler's view of it): `<deployment>.<replica>`."""
+    return f"{deployment}.{replica}"

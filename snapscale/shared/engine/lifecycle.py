@@ -320,7 +320,7 @@ async def restore(
             if spec.hooks.after_restore:
                 with _step(t, "after_restore", sb):
                     await _hook("after_restore", sb, spec.hooks.after_restore, spec.hooks.timeout_s)
-            with _step(t, "ready", sb):
+            with _step(t, "ready_probe", sb):
                 await wait_ready(sb, spec.ready, cwd=spec.cwd)
         except BaseException:
             # A half-restored tree (a failed CUDA restore leaves it stuck) is of no use to anyone.

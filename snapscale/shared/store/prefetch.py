@@ -30,7 +30,7 @@ class PrefetchProgress:
     bytes_total: int
     bytes_done: int  # fetched plus found in the cache
     bytes_fetched: int
-    cache_hits: int
+    cached_chunks: int
     elapsed_s: float
 
     @property
@@ -45,8 +45,8 @@ class PrefetchReport:
     bytes_total: int  # distinct non-zero chunk bytes
     bytes_fetched: int
     chunks_fetched: int
-    cache_hits: int
-    hit_bytes: int
+    cached_chunks: int
+    cached_bytes: int
     refetched: int  # chunks that arrived corrupt and were fetched again
     corrupt_hits: int  # cached chunks found corrupt, dropped and fetched
     duration_s: float
@@ -123,8 +123,8 @@ class Prefetcher:
             return job.callbacks if job is not None else []
 
         t0 = time.monotonic()
-        st = {"done": 0, "bytes_done": 0, "fetched": 0, "chunks_fetched": 0, "hits": 0, "hit_bytes": 0,
-              "refetched": 0, "corrupt_hits": 0}  # fmt: skip
+        st = {"done": 0, "bytes_done": 0, "fetched": 0, "chunks_fetched": 0, "cached_chunks": 0,
+              "cached_bytes": 0, "refetched": 0, "corrupt_hits": 0}  # fmt: skip
         last_emit = 0.0
 
         def emit(force: bool = False) -> None:
@@ -135,7 +135,7 @@ class Prefetcher:
             last_emit = now
             p = PrefetchProgress(
                 m.checkpoint_id, len(sizes), st["done"], sum(sizes.values()), st["bytes_done"],
-                st["fetched"], st["hits"], now - t0,
+                st["fetched"], st["cached_chunks"], now - t0,
             )  # fmt: skip
             for cb in list(job_cbs()):
                 try:
@@ -146,8 +146,8 @@ class Prefetcher:
         async def good_hit(d: str) -> bool:
             """The cached copy is good (counted); False when the chunk must be fetched after all."""
             if not self.verify_hits or await self.cache.verify(d):
-                st["hits"] += 1
-                st["hit_bytes"] += sizes[d]
+                st["cached_chunks"] += 1
+                st["cached_bytes"] += sizes[d]
                 st["done"] += 1
                 st["bytes_done"] += sizes[d]
                 emit()
@@ -238,12 +238,12 @@ class Prefetcher:
         emit(force=True)
         dur = time.monotonic() - t0
         report = PrefetchReport(
-            m.checkpoint_id, len(sizes), sum(sizes.values()), st["fetched"], st["chunks_fetched"], st["hits"],
-            st["hit_bytes"], st["refetched"], st["corrupt_hits"], dur,
+            m.checkpoint_id, len(sizes), sum(sizes.values()), st["fetched"], st["chunks_fetched"],
+            st["cached_chunks"], st["cached_bytes"], st["refetched"], st["corrupt_hits"], dur,
         )  # fmt: skip
         log.info(
             "prefetched %s: %d chunks, %d bytes fetched, %d hits, %.2fs, %.0f MB/s",
-            key, report.chunks, report.bytes_fetched, report.cache_hits, dur, report.throughput_bps / 1e6,
+            key, report.chunks, report.bytes_fetched, report.cached_chunks, dur, report.throughput_bps / 1e6,
         )  # fmt: skip
         return report
 
