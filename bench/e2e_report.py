@@ -8,10 +8,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from snapscale.restorer.scaleup import ENGINE_PHASES
+
 # The phases a ready event's timings_s can carry, in the order they run (docs/restorer.md).
-PHASE_ORDER = ("lookup", "prefetch", "materialize", "launch", "criu_restore", "cuda_restore", "hook",
-               "ready_probe", "total")  # fmt: skip
-ENGINE_PHASES = ("criu_restore", "cuda_restore", "hook", "ready_probe")
+PHASE_ORDER = ("lookup", "prefetch", "materialize", "launch", *ENGINE_PHASES, "total")
 
 
 @dataclass
