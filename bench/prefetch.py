@@ -1,5 +1,5 @@
 """Prefetch and materialize throughput, each beside a plain aioboto3 download of the same bytes
-from the same server in the same run. Writes docs/bench-prefetch.md.
+from the same server in the same run. Writes a page for docs/bench/ (name it with --out; the runs so far are listed in docs/bench/README.md).
 
 Setting 1: moto's S3 server on loopback as it is. Setting 2: the same server behind
 bench/relay.py modelling a remote object store per connection (time to first byte and a
@@ -35,7 +35,7 @@ from snapscale.shared.store.cache import HostCache
 from snapscale.shared.store.checkpoint import fetch_manifest, upload_image
 from snapscale.shared.store.chunking import scan_image
 from snapscale.shared.store.manifest import Manifest
-from snapscale.shared.store.materialize import materialize
+from snapscale.shared.store.assemble import materialize
 from snapscale.shared.store.prefetch import Prefetcher
 
 REPO = Path(__file__).resolve().parent.parent
@@ -233,7 +233,7 @@ async def main() -> None:
     ap.add_argument("--first-byte-ms", type=float, default=20.0)
     ap.add_argument("--mb-per-s", type=float, default=100.0, help="per-connection bandwidth in setting 2")
     ap.add_argument("--sweep", default="1,4,8,16", help="chunk sizes (MiB) to compare in setting 2; '' skips")
-    ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench-prefetch.md")
+    ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "prefetch-next.md")
     ap.add_argument(
         "--where",
         default="the 2-vCPU dev VM, shared with other engineers' test runs",

@@ -20,7 +20,7 @@ from snapscale.shared.store.checkpoint import (
     verify_checkpoint,
 )
 from snapscale.shared.store.manifest import Manifest, ManifestError
-from snapscale.shared.store.materialize import materialize
+from snapscale.shared.store.assemble import materialize
 from snapscale.shared.store.prefetch import Prefetcher
 
 __all__ = [
