@@ -36,10 +36,10 @@ from snapscale.shared.bus.subjects import Bucket
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import probe
 from snapscale.shared.engine.criu import find_criu
+from snapscale.shared.store.assemble import materialize
 from snapscale.shared.store.backend import manifest_key, open_store
 from snapscale.shared.store.cache import HostCache
 from snapscale.shared.store.checkpoint import fetch_manifest
-from snapscale.shared.store.assemble import materialize
 from snapscale.shared.store.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Prefetch and materialize throughput, each beside a plain aioboto3 download of the same bytes
-from the same server in the same run. Writes a page for docs/bench/ (name it with --out; the runs so far are listed in docs/bench/README.md).
+from the same server in the same run. Writes a page for docs/bench/ (--out; index: docs/bench/README.md).
 
 Setting 1: moto's S3 server on loopback as it is. Setting 2: the same server behind
 bench/relay.py modelling a remote object store per connection (time to first byte and a
@@ -30,12 +30,12 @@ from aiobotocore.config import AioConfig
 from snapscale.demo.procs import free_port, wait_port
 from snapscale.shared.core.settings import StoreSettings
 from snapscale.shared.engine import procs
+from snapscale.shared.store.assemble import materialize
 from snapscale.shared.store.backend import chunk_key, open_store
 from snapscale.shared.store.cache import HostCache
 from snapscale.shared.store.checkpoint import fetch_manifest, upload_image
 from snapscale.shared.store.chunking import scan_image
 from snapscale.shared.store.manifest import Manifest
-from snapscale.shared.store.assemble import materialize
 from snapscale.shared.store.prefetch import Prefetcher
 
 REPO = Path(__file__).resolve().parent.parent

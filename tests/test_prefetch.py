@@ -23,13 +23,13 @@ from faultproxy import FaultProxy
 from storefix import KEY, image_dir, proxied_store, proxy, store
 
 from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.store.assemble import default_workers, materialize
 from snapscale.shared.store.backend import ChunkError, ChunkStore
 from snapscale.shared.store.cache import HostCache
 from snapscale.shared.store.checkpoint import fetch_manifest, upload_image
 from snapscale.shared.store.chunking import ZERO_CHUNK
 from snapscale.shared.store.local import LocalStore
 from snapscale.shared.store.manifest import Manifest
-from snapscale.shared.store.assemble import default_workers, materialize
 from snapscale.shared.store.prefetch import Prefetcher, PrefetchProgress, _Buffers
 from snapscale.shared.store.s3 import S3Store
 

@@ -3,6 +3,7 @@ cache, prefetch, materialize, and checkpoint upload / verify / GC. Services impo
 not the modules.
 """
 
+from snapscale.shared.store.assemble import materialize
 from snapscale.shared.store.backend import (
     MANIFESTS,
     ChunkStore,
@@ -20,7 +21,6 @@ from snapscale.shared.store.checkpoint import (
     verify_checkpoint,
 )
 from snapscale.shared.store.manifest import Manifest, ManifestError
-from snapscale.shared.store.assemble import materialize
 from snapscale.shared.store.prefetch import Prefetcher
 
 __all__ = [
