@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 from typing import Any
 
-from snapscale.shared.core import runtime, telemetry
+from snapscale.shared.core import runtime
 from snapscale.shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,18 +54,9 @@ def _serve(args: argparse.Namespace) -> int:
         drain_s=args.drain_s,
         chunk_bytes=args.chunk_bytes,
     )
-
-    async def main() -> None:
-        telemetry.setup(settings.service_name, settings.otlp_endpoint)
-        stop = asyncio.Event()
-        runtime.install_stop_signals(stop)
-        try:
-            await serve(settings, opts, stop=stop)
-        finally:
-            telemetry.shutdown()
-
-    runtime.run(main)
-    return 0
+    return runtime.serve(
+        settings.service_name, settings.otlp_endpoint, lambda stop: serve(settings, opts, stop=stop)
+    )
 
 
 def _freeze(args: argparse.Namespace) -> int:

@@ -35,19 +35,8 @@ def _scaler(args: argparse.Namespace) -> int:
 
     s = Settings.from_env()
     runtime.setup_logging(s.log_level)
-    telemetry.setup(f"{s.service_name}-scaler", s.otlp_endpoint)
     cfg = ScalerConfig(tick_s=args.tick_s, lease_s=args.lease_s)
-
-    async def main() -> None:
-        stop = asyncio.Event()
-        runtime.install_stop_signals(stop)
-        await Scaler(s, cfg).run(stop)
-
-    try:
-        runtime.run(main)
-    finally:
-        telemetry.shutdown()
-    return 0
+    return runtime.serve(f"{s.service_name}-scaler", s.otlp_endpoint, Scaler(s, cfg).run)
 
 
 def _traffic(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import uvloop
 
+from snapscale.shared.core import telemetry
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,25 @@ def setup_logging(level: str = "INFO") -> None:
 def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a service's main coroutine on uvloop."""
     return uvloop.run(main())
+
+
+def serve(
+    service_name: str, otlp_endpoint: str | None, body: Callable[[asyncio.Event], Awaitable[None]]
+) -> int:
+    """Run a service's `body(stop)` on uvloop until SIGTERM or SIGINT sets `stop`, with telemetry set
+    up inside the loop and flushed at exit (the one way the services start)."""
+
+    async def main() -> None:
+        telemetry.setup(service_name, otlp_endpoint)
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+        try:
+            await body(stop)
+        finally:
+            telemetry.shutdown()
+
+    run(main)
+    return 0
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:
