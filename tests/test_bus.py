@@ -1,19 +1,25 @@
 """The NATS edges against a real nats-server with JetStream: publish, durable consumers, dedup,
-KV compare-and-set, poison messages, and trace context across a hop."""
+KV compare-and-set, poison messages, trace context across a hop, and the consumer loop's options
+(concurrency, in-progress keepalive, a server restart)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 import time
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
+from conftest import start_nats
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from snapscale.demo.procs import wait_port
 from snapscale.shared import bus
 from snapscale.shared.bus.messages import ScaleUpCommand, TrafficEvent
 from snapscale.shared.bus.subjects import Bucket, Verb
@@ -67,7 +73,7 @@ async def test_malformed_message_is_terminated_and_loop_goes_on(
     assert [c.id for c in got] == ["good"]
     refused = [r.getMessage() for r in caplog.records if "refused message" in r.getMessage()]
     assert len(refused) == 2
-    assert any("restore.id" in m for m in refused)
+    assert any("scale-up.id" in m for m in refused)
     assert any("not JSON" in m for m in refused)
 
 
@@ -177,3 +183,149 @@ async def test_a_stopped_consumer_lets_the_connection_drain_quickly(settings: Se
     t0 = time.monotonic()
     await b.close()
     assert time.monotonic() - t0 < 5.0  # a pull subscription left open makes drain wait ~30 s
+
+
+async def test_no_more_messages_are_handled_or_fetched_than_the_concurrency(the_bus: bus.Bus) -> None:
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
+    ids = [f"c{i}" for i in range(6)]
+    for i in ids:
+        await bus.publish(the_bus, subject, _cmd(i), msg_id=i)
+    stop = asyncio.Event()
+    running: list[str] = []
+    peak = 0
+    held_by_server: list[int] = []  # delivered to this consumer and not yet acked, seen mid-handler
+    done: list[str] = []
+
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
+        nonlocal peak
+        running.append(cmd.id)
+        peak = max(peak, len(running))
+        ci = await the_bus.js.consumer_info(the_bus.subjects.cmd_stream, "conc")
+        held_by_server.append(ci.num_ack_pending)
+        await asyncio.sleep(0.3)
+        running.remove(cmd.id)
+        done.append(cmd.id)
+        if len(done) == len(ids):
+            stop.set()
+
+    await asyncio.wait_for(
+        bus.consume(the_bus, subject, "conc", ScaleUpCommand, handler, concurrency=2, stop=stop), 20
+    )
+    assert sorted(done) == ids
+    assert peak == 2  # two at once, never three
+    assert max(held_by_server) <= 2  # a message is fetched only once a slot is free for it
+    ci = await the_bus.js.consumer_info(the_bus.subjects.cmd_stream, "conc")
+    assert ci.num_ack_pending == 0 and ci.num_pending == 0 and ci.num_redelivered == 0
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+async def test_keepalive_keeps_a_slow_handlers_message_from_being_redelivered(
+    the_bus: bus.Bus, keepalive: bool
+) -> None:
+    # the handler outlasts the 1 s ack wait twice over; a second slot would take a redelivery
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
+    await bus.publish(the_bus, subject, _cmd("slow"), msg_id="slow")
+    stop = asyncio.Event()
+    deliveries: list[int] = []
+
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
+        deliveries.append(msg.metadata.num_delivered)
+        if len(deliveries) == 1:
+            await asyncio.sleep(2.5)
+        stop.set()
+
+    durable = f"slow-{keepalive}"
+    await asyncio.wait_for(
+        bus.consume(
+            the_bus, subject, durable, ScaleUpCommand, handler,
+            ack_wait_s=1.0, concurrency=2, keepalive=keepalive, stop=stop,
+        ),
+        20,
+    )  # fmt: skip
+    ci = await the_bus.js.consumer_info(the_bus.subjects.cmd_stream, durable)
+    if keepalive:
+        assert deliveries == [1] and ci.num_redelivered == 0
+    else:  # the control: without in-progress the server offers it again while it is handled
+        assert deliveries == [1, 2]
+    assert ci.num_ack_pending == 0 and ci.num_pending == 0
+
+
+async def test_bad_messages_are_terminated_while_the_loop_handles_the_rest_at_once(
+    the_bus: bus.Bus, caplog: pytest.LogCaptureFixture
+) -> None:
+    subject = the_bus.subjects.cmd(Verb.SCALE_UP, "h")
+    await bus.publish(the_bus, subject, _cmd("g1"), msg_id="g1")
+    await the_bus.js.publish(subject, b"{not json")
+    await the_bus.js.publish(subject, b'{"v":1,"type":"scale-up","id":"x","deployment":"d","replica":"r"}')
+    await bus.publish(the_bus, subject, _cmd("boom"), msg_id="boom")
+    await bus.publish(the_bus, subject, _cmd("g2"), msg_id="g2")
+    stop = asyncio.Event()
+    seen: list[str] = []
+
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
+        seen.append(cmd.id)
+        if sorted(seen) == ["boom", "g1", "g2"]:
+            stop.set()
+        if cmd.id == "boom":
+            raise RuntimeError("handler bug")
+        await asyncio.sleep(0.1)
+
+    await asyncio.wait_for(
+        bus.consume(
+            the_bus, subject, "bad", ScaleUpCommand, handler, concurrency=3, keepalive=True, stop=stop
+        ),
+        20,
+    )
+    assert sorted(seen) == ["boom", "g1", "g2"]
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused message")]
+    got = sorted((getattr(r, "field", None), str(getattr(r, "reason", ""))[:8]) for r in refused)
+    assert got == [("<body>", "not JSON"), ("scale-up.issued_at", "missing")]
+    # every message answered once: the bad ones and the crashed one terminated, the rest acked
+    ci = await the_bus.js.consumer_info(the_bus.subjects.cmd_stream, "bad")
+    assert ci.num_ack_pending == 0 and ci.num_pending == 0 and ci.num_redelivered == 0
+    info = await the_bus.js.stream_info(the_bus.subjects.cmd_stream)
+    assert info.state.messages == 0
+
+
+async def test_the_loop_outlives_a_server_restart_and_ends_with_its_connection(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # a private nats-server, restarted on the same port and store while the loop runs
+    srv = start_nats(tmp_path)
+    argv = [str(a) for a in srv.proc.args]  # type: ignore[union-attr]
+    procs = [srv.proc]
+    b = await bus.open_bus(replace(settings, nats_url=srv.url), "restart-test")
+    subject = b.subjects.cmd(Verb.SCALE_UP, "h")
+    seen: list[str] = []
+    arrived = asyncio.Event()
+
+    async def handler(cmd: ScaleUpCommand, msg: Msg) -> None:
+        seen.append(cmd.id)
+        arrived.set()
+
+    loop = asyncio.create_task(bus.consume(b, subject, "restart", ScaleUpCommand, handler))
+    try:
+        await bus.publish(b, subject, _cmd("before"), msg_id="before")
+        await asyncio.wait_for(arrived.wait(), 10)
+        srv.proc.terminate()
+        srv.proc.wait(10)
+        await asyncio.sleep(1.5)  # the loop's fetches fail meanwhile
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # noqa: ASYNC220
+        await asyncio.to_thread(wait_port, srv.port)
+        arrived.clear()
+        for _ in range(100):  # publish once the client has reconnected
+            try:
+                await bus.publish(b, subject, _cmd("after"), msg_id="after")
+                break
+            except Exception:
+                await asyncio.sleep(0.2)
+        await asyncio.wait_for(arrived.wait(), 30)
+        assert seen == ["before", "after"] and not loop.done()
+        await b.nc.close()
+        await asyncio.wait_for(loop, 5)  # a closed connection ends the loop, no stop needed
+    finally:
+        loop.cancel()
+        await b.close()
+        for p in procs:
+            p.terminate()
+            p.wait(10)

@@ -129,10 +129,17 @@ def test_ledger_never_lets_an_id_pick_a_path(tmp_path: Path) -> None:
 
 def test_ledger_unreadable_record_is_a_fresh_start(tmp_path: Path) -> None:
     led = Ledger(tmp_path)
-    (led.inflight_dir / "c1.json").write_bytes(b"{not json")
-    (led.done_dir / "c1.json").write_bytes(b"[]")
-    assert led.attempt("c1") is None
-    assert led.outcome("c1") is None
+    a = Attempt("c1", "d", "r1", "ck1", str(led.staging_dir("ck1")), Phase.DUMPED, started_at=1.0)
+    led.save(a)
+    led.finish("c2", CheckpointEvent(deployment="d", host="h", ok=True, ts=1.0, command_id="c2"))
+    assert led.attempt("c1") == a and led.outcome("c2") is not None
+    (attempt_file,) = led.inflight_dir.glob("*.json")
+    attempt_file.write_bytes(b"{not json")
+    (outcome_file,) = led.done_dir.glob("*.json")
+    outcome_file.write_bytes(b"[]")
+    assert led.attempt("c1") is None and led.attempts() == []
+    assert led.outcome("c2") is None
+    assert led.sweep(now=1.0) == []  # unreadable records are skipped, never fatal
 
 
 async def test_claim_race_one_wins(the_bus: bus.Bus) -> None:

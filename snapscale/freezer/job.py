@@ -50,7 +50,7 @@ class FreezeFailed(SnapscaleError):
 @dataclass
 class Context:
     """What one freeze works with; `held` is the auto-freeze claim once taken (renewed by the
-    service's heartbeat, released when the freeze ends without a catalog entry)."""
+    service while the freeze runs, released when the freeze ends without a catalog entry)."""
 
     settings: Settings
     bus: bus.Bus
@@ -61,7 +61,7 @@ class Context:
     claim_ttl_s: float
     chunk_bytes: int | None = None
     held: claims.Held | None = None
-    claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # the heartbeat renews `held`
+    claim_lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # the service renews `held`
     on_phase: Callable[[Phase], Awaitable[None]] | None = None  # tests observe progress here
 
 

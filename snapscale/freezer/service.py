@@ -1,5 +1,5 @@
-"""The freezer service: a durable consumer of `cmd.freeze.<host>` that runs one freeze at a time,
-keeps the command alive with `in_progress()`, acks only once the outcome is recorded, drains on stop.
+"""The freezer service: the bus's consumer loop on `cmd.freeze.<host>`, one freeze at a time, kept
+alive while it runs; a command is acked only once its outcome is recorded; drains on stop.
 
 What a freeze does is job.py's; whether to do it is decide.py's. This module is plumbing.
 """
@@ -29,7 +29,6 @@ from snapscale.shared.store import open_store
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
-
 
 
 def event_msg_id(command_id: str) -> str:
@@ -79,7 +78,7 @@ class Freezer:
                 return
             ctx = replace(self.ctx, held=None, claim_lock=asyncio.Lock())
             try:
-                async with self._heartbeat(msg, ctx):
+                async with self._renewing_claim(ctx):
                     event = await job.run(ctx, cmd)
             except RetryableError as e:
                 delivered = msg.metadata.num_delivered
@@ -126,17 +125,14 @@ class Freezer:
         )
 
     @contextlib.asynccontextmanager
-    async def _heartbeat(self, msg: Msg, ctx: job.Context) -> AsyncIterator[None]:
-        """While the freeze runs: tell JetStream we are alive and keep an auto-freeze claim fresh."""
+    async def _renewing_claim(self, ctx: job.Context) -> AsyncIterator[None]:
+        """While the freeze runs, keep its auto-freeze claim fresh (the bus's consumer loop keeps
+        the command itself alive)."""
 
         async def beat() -> None:
             period = max(self.opts.ack_wait_s / 3, 0.2)
             while True:
                 await asyncio.sleep(period)
-                try:
-                    await msg.in_progress()
-                except Exception as e:  # NATS reconnecting: the next beat tries again
-                    log.warning("freeze heartbeat for %s failed: %s", msg.subject, e)
                 async with ctx.claim_lock:  # never renew a claim the job is releasing
                     if ctx.held is None:
                         continue
@@ -150,7 +146,7 @@ class Freezer:
                     except Exception as e:
                         log.warning("freeze claim %s not renewed: %s", ctx.held.key, e)
 
-        task = asyncio.create_task(beat(), name="freeze-heartbeat")
+        task = asyncio.create_task(beat(), name="freeze-claim-renewal")
         try:
             yield
         finally:
@@ -195,35 +191,26 @@ async def serve(
             )
             freezer = Freezer(settings, b, ctx, opts)
             subject = b.subjects.cmd(Verb.FREEZE, settings.host_id)
-            inner_stop = asyncio.Event()
-            consumer = asyncio.create_task(
-                bus.consume(
-                    b,
-                    subject,
-                    b.subjects.durable("freezer", Verb.FREEZE, settings.host_id),
-                    FreezeCommand,
-                    freezer.handle,
-                    ack_wait_s=opts.ack_wait_s,
-                    max_deliver=opts.max_deliver,
-                    stop=inner_stop,
-                ),
-                name="freezer-consumer",
-            )
             log.info("freezer for host %s consuming %s", settings.host_id, subject)
             if started is not None:
                 started.set()
-            stopper = asyncio.create_task(stop.wait())
-            await asyncio.wait({consumer, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            inner_stop.set()
-            stopper.cancel()
-            try:
-                # a freeze in flight finishes (or its message comes back to a later run)
-                await asyncio.wait_for(consumer, opts.drain_s)
-            except TimeoutError:
-                log.warning("freeze still running after %.0fs of draining: left for redelivery", opts.drain_s)
+            # on stop, a freeze in flight gets drain_s to finish, else its message comes back to a later run
+            await bus.consume(
+                b,
+                subject,
+                b.subjects.durable("freezer", Verb.FREEZE, settings.host_id),
+                FreezeCommand,
+                freezer.handle,
+                ack_wait_s=opts.ack_wait_s,
+                max_deliver=opts.max_deliver,
+                concurrency=1,
+                keepalive=True,
+                drain_s=opts.drain_s,
+                stop=stop,
+            )
             log.info("freezer for host %s stopped after %d commands", settings.host_id, freezer.handled)
     finally:
-        # Not Bus.close(): draining waits its full 30 s timeout on the consumer's pull subscription,
-        # which bus.consume leaves subscribed. Everything we published was acked by the server.
+        # Not Bus.close(): a drain would wait its timeout on any subscription still open; everything
+        # we published was acked by the server, so a plain close loses nothing.
         if not b.nc.is_closed:
             await b.nc.close()

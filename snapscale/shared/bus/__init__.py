@@ -1,15 +1,13 @@
-"""The bus: NATS connections, JetStream streams and KV buckets, the messages and subjects the services
-exchange, the deployment spec and the checkpoint catalog. Services import these names, not the modules.
+"""The bus: NATS connections, JetStream streams and KV buckets, the one consumer loop, the messages and
+subjects the services exchange, the deployment spec, the checkpoint catalog and the command ledger.
+Services import these names, not the modules.
 """
 
 from snapscale.shared.bus.catalog import CatalogEntry, decode_entry, list_entries, lookup_entry, publish_entry
 from snapscale.shared.bus.client import (
     Bus,
-    Handler,
     connect,
-    consume,
     ensure_topology,
-    handle_one,
     kv_cas,
     kv_get,
     open_bus,
@@ -17,6 +15,8 @@ from snapscale.shared.bus.client import (
     publish_core,
     subscribe_core,
 )
+from snapscale.shared.bus.consumer import Handler, consume
+from snapscale.shared.bus.ledger import Ledger
 from snapscale.shared.bus.messages import (
     CheckpointEvent,
     FreezeCommand,
@@ -49,6 +49,7 @@ __all__ = [
     "GpuInfo",
     "Handler",
     "HostHeartbeat",
+    "Ledger",
     "M",
     "PrefetchCommand",
     "ReleaseCommand",
@@ -69,7 +70,6 @@ __all__ = [
     "decode_message",
     "encode_message",
     "ensure_topology",
-    "handle_one",
     "kv_cas",
     "kv_get",
     "list_entries",

@@ -1,13 +1,9 @@
 """NATS edges: connect, ensure streams and KV buckets exist, publish with dedup ids and trace
-context, run durable consumers whose bad messages are refused without stopping the loop.
-
-Handlers are plain async functions; this module owns acks, naks and terms.
+context, subscribe on core NATS. The JetStream consumer loop is consumer.py's.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -163,73 +159,6 @@ async def kv_get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
     if e.value is None:
         return None
     return e.value, e.revision or 0
-
-
-Handler = Callable[[M, Msg], Awaitable[None]]
-
-
-async def consume(
-    bus: Bus,
-    subject: str,
-    durable: str,
-    cls: type[M],
-    handler: Handler[M],
-    *,
-    ack_wait_s: float = 30.0,
-    max_deliver: int = 5,
-    batch: int = 1,
-    stop: asyncio.Event | None = None,
-) -> None:
-    """Run a durable pull consumer until `stop` is set.
-
-    A message that does not decode is terminated (never redelivered) and logged with the field
-    and reason. A handler that raises `RetryableError` gets its message nak'ed with that delay;
-    any other exception is logged and the message terminated, so one poison message cannot stop
-    the loop. Handlers ack themselves once the outcome is recorded (or return to have it acked).
-    """
-    stop = stop or asyncio.Event()
-    sub = await bus.js.pull_subscribe(
-        subject,
-        durable=durable,
-        config=api.ConsumerConfig(ack_wait=ack_wait_s, max_deliver=max_deliver),
-    )
-    try:
-        while not stop.is_set():
-            try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except TimeoutError:
-                continue
-            except nats.errors.ConnectionClosedError:
-                return
-            for m in msgs:
-                await handle_one(m, cls, handler)
-    finally:
-        # A pull subscription left open makes a later drain wait out its whole timeout.
-        if not bus.nc.is_closed:
-            with contextlib.suppress(nats.errors.Error):
-                await sub.unsubscribe()
-
-
-async def handle_one(m: Msg, cls: type[M], handler: Handler[M]) -> None:
-    try:
-        decoded = decode_message(m.data, cls)
-    except MessageError as e:
-        log.error("refused message on %s: %s", m.subject, e, extra={"subject": m.subject})
-        await m.term()
-        return
-    try:
-        with telemetry.continued(m.headers):
-            await handler(decoded, m)
-    except RetryableError as e:
-        log.warning("retrying message on %s in %.1fs: %s", m.subject, e.delay_s, e)
-        await m.nak(delay=e.delay_s)
-        return
-    except Exception:
-        log.exception("handler failed on %s; message terminated", m.subject)
-        await m.term()
-        return
-    if not m._ackd:
-        await m.ack_sync()  # the outcome is recorded only once the server has the ack
 
 
 async def subscribe_core(
