@@ -155,7 +155,7 @@ async def run(preset: str, rounds: int, work: Path, nats_url: str, s3: str) -> d
         await checkpoint(s, b, spec, work)
         for i in range(rounds):
             assert svc.host is not None
-            cache = svc.host.checkpoints.cache
+            cache = svc.host.tools.checkpoints.cache
             for d in cache.digests():  # an empty host cache: every chunk comes from S3
                 cache.drop(d)
             await up(f"s3-{i}")

@@ -207,7 +207,7 @@ async def running(
         await asyncio.wait_for(task, 60)
         # stop whatever the service still runs (a test's replicas)
         if svc.host is not None:
-            for lv in list(svc.host.live.values()):
+            for lv in list(svc.host.replicas.live.values()):
                 await engine.stop(lv.sandbox)
 
 

@@ -118,7 +118,7 @@ async def test_deadlines(h: Harness) -> None:
         assert ev.state is ReplicaState.FAILED and ev.reason == "timed out (deadline of 2s exceeded)"
         await asyncio.sleep(0.2)
         assert procs_with(h.tag) == []
-        assert svc.host is not None and svc.host.slots.held == {}
+        assert svc.host is not None and svc.host.tools.slots.held == {}
 
 
 async def test_release_while_starting_stops_it(h: Harness) -> None:
@@ -136,7 +136,7 @@ async def test_release_while_starting_stops_it(h: Harness) -> None:
         assert ev.state is ReplicaState.FAILED and ev.reason == "released while starting"
         await asyncio.sleep(0.2)
         assert procs_with(h.tag) == []
-        assert svc.host is not None and svc.host.slots.held == {} and svc.host.live == {}
+        assert svc.host is not None and svc.host.tools.slots.held == {} and svc.host.replicas.live == {}
         # and a release of what is not here is a no-op success
         await h.release(slow.name, "nobody", ReleaseMode.STOP)
         await asyncio.sleep(0.5)
@@ -152,19 +152,22 @@ async def test_suspend_budget_stops_the_oldest(h: Harness) -> None:
             assert (await h.wait(r)).state is ReplicaState.READY
         await h.release(spec.name, "r1", ReleaseMode.SUSPEND)
         await h.wait("r1", frozenset({ReplicaState.SUSPENDED}))
-        r1 = svc.host.live["r1"]
+        r1 = svc.host.replicas.live["r1"]
         assert r1.rss_bytes > 1 << 20
         assert _state(r1.sandbox.pid) == "T"  # a CPU sandbox is stopped in place
-        # room for about one more suspended replica of this size, not two
-        svc.host.config = replace(svc.host.config, suspend_budget_bytes=int(r1.rss_bytes * 1.5))
+        # room for about one more suspended replica of this size, not two: the tools are fixed for a
+        # run, so the next command (the release below) is handed a host with a smaller budget
+        t = svc.host.tools
+        tighter = replace(t.config, suspend_budget_bytes=int(r1.rss_bytes * 1.5))
+        svc.host = replace(svc.host, tools=replace(t, config=tighter))
         await h.release(spec.name, "r2", ReleaseMode.SUSPEND)
         await h.wait("r2", frozenset({ReplicaState.SUSPENDED}))
         stopped = await h.wait("r1", frozenset({ReplicaState.STOPPED}))
         assert stopped.reason.startswith("suspend budget ") and "oldest suspended stopped" in stopped.reason
         assert not sandbox.is_running(r1.sandbox)
-        assert list(svc.host.live) == ["r2"]
+        assert list(svc.host.replicas.live) == ["r2"]
         hb = await heartbeat(h, lambda hb: [r.replica for r in hb.replicas] == ["r2"])
-        assert hb.suspend_used_bytes == svc.host.live["r2"].rss_bytes > 0
+        assert hb.suspend_used_bytes == svc.host.replicas.live["r2"].rss_bytes > 0
 
 
 def _state(pid: int) -> str:
@@ -251,14 +254,14 @@ async def test_a_gpu_replica_whose_suspend_fails_is_stopped_and_frees_its_gpu(h:
     spec = await h.deploy(replace(h.spec(), gpus=1))
     async with running(h.settings, h.criu) as (svc, _):
         assert svc.host is not None
-        svc.host.slots.gpus.append(GpuInfo(0, "GPU-here", "test-gpu", 1 << 30))  # no driver behind it
+        svc.host.tools.slots.gpus.append(GpuInfo(0, "GPU-here", "test-gpu", 1 << 30))  # no driver behind it
         await h.restore(spec.name, "g1")
         ev = await h.wait("g1")
         assert ev.state is ReplicaState.READY and ev.gpu_uuids == ["GPU-here"]
-        assert svc.host.slots.free_gpus() == []
+        assert svc.host.tools.slots.free_gpus() == []
         await h.release(spec.name, "g1", ReleaseMode.SUSPEND)
         gone = await h.wait("g1", frozenset({ReplicaState.STOPPED}))
         assert gone.reason.startswith("suspend failed, stopped instead: cuda: no CUDA"), gone.reason
-        assert svc.host.slots.free_gpus() == ["GPU-here"] and svc.host.live == {}
+        assert svc.host.tools.slots.free_gpus() == ["GPU-here"] and svc.host.replicas.live == {}
         hb = await heartbeat(h, lambda hb: hb.gpus and hb.gpus[0].free)
         assert [g.uuid for g in hb.gpus] == ["GPU-here"]

@@ -158,10 +158,10 @@ async def test_cuda_restore_fails(h: Harness) -> None:
     frozen = await h.make_checkpoint(spec, key=key, spoil_image=_as_if_frozen_on_a_gpu)
     async with running(h.settings, h.criu) as (svc, _):
         assert svc.host is not None
-        svc.host.slots.gpus.append(GpuInfo(0, "GPU-here", "test-gpu", 1 << 30))
+        svc.host.tools.slots.gpus.append(GpuInfo(0, "GPU-here", "test-gpu", 1 << 30))
         await h.restore(spec.name, "r1")
         ev = await h.wait("r1")
         assert ev.state is ReplicaState.READY and ev.tier is Tier.COLD, ev.reason
         assert f"restore of {frozen.entry.checkpoint_id} failed: cuda: no CUDA" in ev.reason, ev.reason
         assert ev.gpu_uuids == ["GPU-here"]  # the cold boot got the GPU the restore had reserved
-        assert svc.host.slots.free_gpus() == []
+        assert svc.host.tools.slots.free_gpus() == []

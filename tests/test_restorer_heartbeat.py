@@ -72,5 +72,5 @@ async def test_release_is_followed_by_a_heartbeat_at_once(h: Harness) -> None:
         await asyncio.wait_for(task, 60)
         await sub.unsubscribe()
         if svc.host is not None:
-            for lv in list(svc.host.live.values()):
+            for lv in list(svc.host.replicas.live.values()):
                 await engine.stop(lv.sandbox)

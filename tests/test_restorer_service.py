@@ -68,7 +68,7 @@ async def test_cold_boot_when_no_checkpoint_then_stop_frees_the_slot(h: Harness)
         # the inventory says so within a heartbeat or two
         hb = await _heartbeat(h, lambda hb: [r.replica for r in hb.replicas] == ["r3"])
         assert hb.cpu_slots == 0 and hb.gpus == [] and hb.compat["gpu_model"] == "cpu"
-        assert svc.host is not None and svc.host.slots.free_cpu_slots() == 0
+        assert svc.host is not None and svc.host.tools.slots.free_cpu_slots() == 0
         # and on core NATS, for the scaler's live view
         sub = await h.bus.nc.subscribe(h.bus.subjects.evt_host(h.host))
         try:
@@ -119,7 +119,7 @@ async def test_resume_from_suspend(h: Harness) -> None:
         before = await get(ev.endpoint, "/timings")
         await h.release(spec.name, "r1", ReleaseMode.SUSPEND)
         await h.wait("r1", frozenset({ReplicaState.SUSPENDED}))
-        assert svc.host is not None and svc.host.slots.free_cpu_slots() == 1  # its slot is free
+        assert svc.host is not None and svc.host.tools.slots.free_cpu_slots() == 1  # its slot is free
         n = len(h.events)
         await h.restore(spec.name, "r1")
         ev2 = await h.wait("r1", after=n)
@@ -139,7 +139,7 @@ async def test_duplicate_restore_yields_one_replica(h: Harness) -> None:
         assert ev.state is ReplicaState.READY
         await _settle(h)
         assert [e.state for e in h.of("r1")] == [ReplicaState.STARTING, ReplicaState.READY]
-        assert svc.host is not None and list(svc.host.live) == ["r1"]
+        assert svc.host is not None and list(svc.host.replicas.live) == ["r1"]
 
 
 async def test_malformed_command_is_refused_and_service_keeps_serving(h: Harness) -> None:
@@ -198,9 +198,9 @@ async def test_two_restores_race_for_one_suspended_replica(h: Harness) -> None:
         resumed = x if x.tier is Tier.RESUME else y
         gone = await h.wait("r1", frozenset({ReplicaState.STOPPED}))
         assert gone.reason == f"resumed as replica {resumed.replica}"
-        assert svc.host is not None and sorted(svc.host.live) == ["x", "y"]
-        assert svc.host.registry.get("r1") is None
-        reg = svc.host.registry.get(resumed.replica)
+        assert svc.host is not None and sorted(svc.host.replicas.live) == ["x", "y"]
+        assert svc.host.tools.registry.get("r1") is None
+        reg = svc.host.tools.registry.get(resumed.replica)
         assert reg is not None and reg.endpoint == resumed.endpoint
 
 

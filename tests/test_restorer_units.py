@@ -163,7 +163,7 @@ def test_status_table() -> None:
     ],
 )
 def test_describe(exc: BaseException, reads: str) -> None:
-    from snapscale.restorer.host import describe
+    from snapscale.restorer.errors import describe
     from snapscale.shared.engine.errors import CriuError
 
     assert describe(exc) == reads

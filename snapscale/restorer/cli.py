@@ -8,7 +8,7 @@ import asyncio
 import sys
 from typing import Any
 
-from snapscale.shared.core import runtime, telemetry
+from snapscale.shared.core import runtime
 from snapscale.shared.core.settings import Settings
 
 
@@ -45,18 +45,7 @@ def _serve(args: argparse.Namespace) -> int:
         drain_s=args.drain_s,
         auto_freeze=False if args.no_auto_freeze else None,
     )
-
-    async def main() -> None:
-        telemetry.setup(settings.service_name, settings.otlp_endpoint)
-        stop = asyncio.Event()
-        runtime.install_stop_signals(stop)
-        try:
-            await Restorer(settings, config).run(stop)
-        finally:
-            telemetry.shutdown()
-
-    runtime.run(main)
-    return 0
+    return runtime.serve(settings.service_name, settings.otlp_endpoint, Restorer(settings, config).run)
 
 
 def _status(args: argparse.Namespace) -> int:

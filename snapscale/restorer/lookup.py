@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
-from snapscale.restorer.host import describe
+from snapscale.restorer.errors import describe
+from snapscale.restorer.host import HostTools
 from snapscale.restorer.tiers import Candidate
 from snapscale.shared.bus import Bucket, CatalogEntry, list_entries
 from snapscale.shared.store import Manifest, ManifestError, NotFoundError, manifest_key
-
-if TYPE_CHECKING:
-    from snapscale.restorer.host import Host
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +42,9 @@ def store_problem(e: BaseException) -> str:
     return f"store unreachable: {describe(e)}"
 
 
-async def find_checkpoint(h: Host, deployment: str, compat_hash: str, pinned: str | None) -> Found:
+async def find_checkpoint(t: HostTools, deployment: str, compat_hash: str, pinned: str | None) -> Found:
     """The catalog's checkpoint for `deployment` on this host's key, read and checked."""
-    entries = await list_entries(h.bus.kv[Bucket.CHECKPOINTS], deployment)
+    entries = await list_entries(t.bus.kv[Bucket.CHECKPOINTS], deployment)
     mine = [e for e in entries if e.compat_hash == compat_hash]
     entry = mine[0] if mine else None
     if pinned is not None and entry is not None and entry.checkpoint_id != pinned:
@@ -72,14 +69,14 @@ async def find_checkpoint(h: Host, deployment: str, compat_hash: str, pinned: st
             if pinned is not None:
                 newest = next((e for e in others if e.checkpoint_id == pinned), newest)
             try:
-                m = await h.checkpoints.manifest(newest.manifest_key)
+                m = await t.checkpoints.manifest(newest.manifest_key)
                 found.others = [_candidate(e, m if e is newest else None) for e in others]
             except Exception as e:
                 log.info("manifest of %s unreadable for the compat diff: %s", newest.checkpoint_id, e)
         return found
     found.entry = _candidate(entry)
     try:
-        m = await h.checkpoints.manifest(entry.manifest_key)
+        m = await t.checkpoints.manifest(entry.manifest_key)
     except Exception as e:
         found.manifest_error = store_problem(e)
         return found
@@ -90,5 +87,5 @@ async def find_checkpoint(h: Host, deployment: str, compat_hash: str, pinned: st
         return found
     found.manifest = m
     found.entry = _candidate(entry, m)
-    found.cached_bytes, found.need_bytes = h.checkpoints.cached(m)
+    found.cached_bytes, found.need_bytes = t.checkpoints.cached(m)
     return found

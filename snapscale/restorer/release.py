@@ -18,8 +18,10 @@ from pathlib import Path
 
 from snapscale.restorer import events
 from snapscale.restorer.budget import Suspended, over_budget
-from snapscale.restorer.host import Host, Live, describe
+from snapscale.restorer.errors import describe
+from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.inventory import tree_rss_bytes
+from snapscale.restorer.replicas import Live
 from snapscale.shared import engine
 from snapscale.shared.bus import ReleaseCommand, ReleaseMode, ReplicaEvent, ReplicaState
 from snapscale.shared.engine import tree_pids
@@ -51,13 +53,15 @@ async def _until_stopped(lv: Live, timeout_s: float = 5.0) -> None:
     raise TimeoutError(f"sandbox {lv.sandbox.replica} did not stop within {timeout_s:g}s of SIGSTOP")
 
 
-def _event(h: Host, lv: Live, state: ReplicaState, command_id: str | None, reason: str = "") -> ReplicaEvent:
+def _event(
+    t: HostTools, lv: Live, state: ReplicaState, command_id: str | None, reason: str = ""
+) -> ReplicaEvent:
     return ReplicaEvent(
         deployment=lv.spec.name,
         replica=lv.sandbox.replica,
-        host=h.name,
+        host=t.name,
         state=state,
-        ts=h.now(),
+        ts=t.now(),
         command_id=command_id,
         tier=lv.tier,
         reason=reason,
@@ -69,25 +73,27 @@ def _event(h: Host, lv: Live, state: ReplicaState, command_id: str | None, reaso
 
 async def stop_replica(h: Host, lv: Live, command_id: str | None, reason: str) -> None:
     """Kill the tree, free its slot and record it stopped."""
+    t = h.tools
     replica = lv.sandbox.replica
-    await events.record(h.bus, _event(h, lv, ReplicaState.RELEASING, command_id, reason))
+    await events.record(t.bus, _event(t, lv, ReplicaState.RELEASING, command_id, reason))
     try:
         await engine.stop(lv.sandbox)
     finally:
-        h.live.pop(replica, None)
-        h.slots.free(replica)
-        h.registry.remove(replica)
+        h.replicas.live.pop(replica, None)
+        t.slots.free(replica)
+        t.registry.remove(replica)
     # a stopped replica's logs go with it (a failed attempt's stay, for whoever debugs it)
-    if (d := h.attempt_dir(lv.sandbox.run_dir)) is not None:
+    if (d := t.attempt_dir(lv.sandbox.run_dir)) is not None:
         await asyncio.to_thread(shutil.rmtree, d, True)
-    await events.record(h.bus, _event(h, lv, ReplicaState.STOPPED, command_id, reason))
-    await events.remove(h.bus, lv.spec.name, replica)
+    await events.record(t.bus, _event(t, lv, ReplicaState.STOPPED, command_id, reason))
+    await events.remove(t.bus, lv.spec.name, replica)
 
 
 async def suspend_replica(h: Host, lv: Live, command_id: str | None) -> None:
     """Suspend in place; if that fails the replica is stopped instead (and the reason recorded)."""
+    t = h.tools
     replica = lv.sandbox.replica
-    await events.record(h.bus, _event(h, lv, ReplicaState.RELEASING, command_id, "suspend"))
+    await events.record(t.bus, _event(t, lv, ReplicaState.RELEASING, command_id, "suspend"))
     try:
         if lv.sandbox.gpu_uuids:
             await engine.suspend(lv.sandbox)
@@ -99,11 +105,11 @@ async def suspend_replica(h: Host, lv: Live, command_id: str | None) -> None:
         log.warning("replica %s: %s", replica, reason)
         await stop_replica(h, lv, command_id, reason)
         return
-    h.slots.free(replica)
+    t.slots.free(replica)
     lv.state = ReplicaState.SUSPENDED
-    lv.since = h.now()
+    lv.since = t.now()
     lv.rss_bytes = tree_rss_bytes(lv.sandbox.pid)
-    await events.record(h.bus, _event(h, lv, ReplicaState.SUSPENDED, command_id))
+    await events.record(t.bus, _event(t, lv, ReplicaState.SUSPENDED, command_id))
     await enforce_budget(h)
 
 
@@ -111,26 +117,28 @@ async def enforce_budget(h: Host) -> None:
     """Stop the oldest suspended replicas until the rest fit the suspend RAM budget."""
     suspended = [
         Suspended(lv.sandbox.replica, lv.since, lv.rss_bytes)
-        for lv in h.live.values()
+        for lv in h.replicas.live.values()
         if lv.state is ReplicaState.SUSPENDED
     ]
-    for replica in over_budget(suspended, h.config.suspend_budget_bytes):
-        lv = h.live[replica]
-        reason = f"suspend budget {h.config.suspend_budget_bytes} bytes exceeded: oldest suspended stopped"
+    budget = h.tools.config.suspend_budget_bytes
+    for replica in over_budget(suspended, budget):
+        lv = h.replicas.live[replica]
+        reason = f"suspend budget {budget} bytes exceeded: oldest suspended stopped"
         log.info("replica %s: %s", replica, reason)
         await stop_replica(h, lv, None, reason)
 
 
 async def release(h: Host, cmd: ReleaseCommand) -> str:
     """Handle a release command; returns the outcome for the ledger."""
-    task = h.starting.get(cmd.replica)
+    r = h.replicas
+    task = r.starting.get(cmd.replica)
     if task is not None and not task.done():
         # released while still coming up: the scale-up cleans up what it started and reports failed
-        h.cancelled_by_release.add(cmd.replica)
+        r.cancelled_by_release.add(cmd.replica)
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-    lv = h.live.get(cmd.replica)
+    lv = r.live.get(cmd.replica)
     if lv is None or lv.spec.name != cmd.deployment:
         log.info("release of %s.%s: not here (already released?): nothing to do", cmd.deployment, cmd.replica)
         return "not here: no-op"
@@ -143,7 +151,7 @@ async def release(h: Host, cmd: ReleaseCommand) -> str:
         return f"{lv.state.value}: no-op"
     if cmd.mode is ReleaseMode.SUSPEND:
         await suspend_replica(h, lv, cmd.id)
-        return "suspended" if cmd.replica in h.live else "stopped (suspend failed)"
+        return "suspended" if cmd.replica in r.live else "stopped (suspend failed)"
     await stop_replica(h, lv, cmd.id, "released")
     return "stopped"
 

@@ -14,8 +14,11 @@ from pathlib import Path
 
 from snapscale.restorer import events, inventory
 from snapscale.restorer.cleanup import reap
-from snapscale.restorer.host import Host, Live, describe, load_spec
+from snapscale.restorer.errors import describe
+from snapscale.restorer.host import Host, HostTools
+from snapscale.restorer.replicas import Live
 from snapscale.restorer.slots import Grant
+from snapscale.restorer.specs import deployed_spec
 from snapscale.shared import engine
 from snapscale.shared.bus import ReplicaEvent, ReplicaState
 from snapscale.shared.core.errors import ConfigError
@@ -27,13 +30,14 @@ log = logging.getLogger(__name__)
 async def adopt(h: Host) -> None:
     """Take back the sandboxes a previous run left: live ones are re-adopted, dead ones cleaned up
     and reported failed; restores a crash cut short are reaped and reported failed."""
+    t = h.tools
     unfinished = {}
-    for e in h.ledger.unfinished():
+    for e in t.ledger.unfinished():
         if e.verb == "scale-up":
             unfinished[e.replica] = e
         else:
-            h.ledger.finish(e.id, ok=False, outcome="interrupted by a restart")
-    found = h.registry.all()
+            t.ledger.finish(e.id, ok=False, outcome="interrupted by a restart")
+    found = t.registry.all()
     # probed together: one slow sandbox must not hold the others' re-adoption up
     verdicts = await asyncio.gather(*(_adopt_one(h, sb) for sb in found))
     adopted: set[str] = set()
@@ -44,51 +48,54 @@ async def adopt(h: Host) -> None:
         log.warning("replica %s not re-adopted: %s", sb.replica, why)
         with contextlib.suppress(Exception):
             await engine.stop(sb)
-        h.registry.remove(sb.replica)
+        t.registry.remove(sb.replica)
         if sb.run_dir:
             await reap(Path(sb.run_dir))
         if sb.replica not in unfinished:  # else reported once, below, with its command
-            await _report_failed(h, sb.deployment, sb.replica, why)
+            await _report_failed(t, sb.deployment, sb.replica, why)
     for e in unfinished.values():
         if e.replica in adopted:  # it was up (the crash came between ready and the ledger)
-            h.ledger.finish(e.id, ok=True, outcome="re-adopted after a restart")
+            t.ledger.finish(e.id, ok=True, outcome="re-adopted after a restart")
             continue
         await reap(Path(e.run_dir))
         reason = "the restorer restarted mid-restore; what it had started was cleaned up"
-        await _report_failed(h, e.deployment, e.replica, reason, command_id=e.id)
-        h.ledger.finish(e.id, ok=False, outcome=f"failed: {reason}")
+        await _report_failed(t, e.deployment, e.replica, reason, command_id=e.id)
+        t.ledger.finish(e.id, ok=False, outcome=f"failed: {reason}")
 
 
 async def _adopt_one(h: Host, sb: Sandbox) -> str | None:
     """None when `sb` is back under this restorer; else why not."""
+    t = h.tools
     if not is_running(sb):
         return "the sandbox died while the restorer was down"
     try:
-        spec = await load_spec(h.bus, sb.deployment)
+        spec = await deployed_spec(t.bus, sb.deployment)
     except ConfigError as e:
         return str(e)
-    last, _rev = await events.current(h.bus, sb.deployment, sb.replica)
+    last, _rev = await events.current(t.bus, sb.deployment, sb.replica)
     suspended = last is not None and last.state is ReplicaState.SUSPENDED
     tier = last.tier if last is not None else None
     if suspended:
-        h.live[sb.replica] = Live(spec, sb, ReplicaState.SUSPENDED, tier, last.ts if last else h.now(),
-                                  sb.checkpoint_id, inventory.tree_rss_bytes(sb.pid))  # fmt: skip
+        since = last.ts if last else t.now()
+        h.replicas.live[sb.replica] = Live(
+            spec, sb, ReplicaState.SUSPENDED, tier, since, sb.checkpoint_id, inventory.tree_rss_bytes(sb.pid)
+        )
         return None
     try:
-        await engine.wait_ready(sb, spec.ready, cwd=spec.cwd, timeout_s=h.config.adopt_ready_timeout_s)
+        await engine.wait_ready(sb, spec.ready, cwd=spec.cwd, timeout_s=t.config.adopt_ready_timeout_s)
     except Exception as e:
         return f"re-adoption probe failed: {describe(e)}"
-    h.slots.adopt(Grant(sb.replica, tuple(sb.gpu_uuids), cpu_slot=not sb.gpu_uuids))
-    lv = Live(spec, sb, ReplicaState.READY, tier, h.now(), sb.checkpoint_id)
-    h.live[sb.replica] = lv
+    t.slots.adopt(Grant(sb.replica, tuple(sb.gpu_uuids), cpu_slot=not sb.gpu_uuids))
+    lv = Live(spec, sb, ReplicaState.READY, tier, t.now(), sb.checkpoint_id)
+    h.replicas.live[sb.replica] = lv
     await events.record(
-        h.bus,
+        t.bus,
         ReplicaEvent(
             deployment=sb.deployment,
             replica=sb.replica,
-            host=h.name,
+            host=t.name,
             state=ReplicaState.READY,
-            ts=h.now(),
+            ts=t.now(),
             command_id=last.command_id if last else None,
             tier=tier,
             reason="re-adopted after a restorer restart",
@@ -96,22 +103,22 @@ async def _adopt_one(h: Host, sb: Sandbox) -> str | None:
             checkpoint_id=sb.checkpoint_id,
             gpu_uuids=list(sb.gpu_uuids),
         ),
-        occasion=f"readopted-{h.now():.3f}",
+        occasion=f"readopted-{t.now():.3f}",
     )
     return None
 
 
 async def _report_failed(
-    h: Host, deployment: str, replica: str, reason: str, command_id: str | None = None
+    t: HostTools, deployment: str, replica: str, reason: str, command_id: str | None = None
 ) -> None:
     await events.record(
-        h.bus,
+        t.bus,
         ReplicaEvent(
             deployment=deployment,
             replica=replica,
-            host=h.name,
+            host=t.name,
             state=ReplicaState.FAILED,
-            ts=h.now(),
+            ts=t.now(),
             command_id=command_id,
             reason=reason,
         ),
@@ -121,10 +128,10 @@ async def _report_failed(
 def prune_run_dirs(h: Host, older_than: float) -> int:
     """Delete attempt folders (logs of failed attempts) older than `older_than` that no live
     sandbox uses; the number deleted."""
-    root = h.work_dir / "run"
+    root = h.tools.work_dir / "run"
     if not root.exists():
         return 0
-    in_use = {h.attempt_dir(lv.sandbox.run_dir) for lv in h.live.values()}
+    in_use = {h.tools.attempt_dir(lv.sandbox.run_dir) for lv in h.replicas.live.values()}
     n = 0
     for d in root.iterdir():
         if d in in_use or not d.is_dir():

@@ -19,10 +19,13 @@ from pathlib import Path
 from opentelemetry import trace
 
 from snapscale.restorer import events
+from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
-from snapscale.restorer.host import Host, Live, describe
+from snapscale.restorer.errors import ColdBootError, describe
+from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.lookup import Found, find_checkpoint
 from snapscale.restorer.release import wake
+from snapscale.restorer.replicas import Live
 from snapscale.restorer.tiers import Observed, TierChoice, choose
 from snapscale.shared import bus as busmod
 from snapscale.shared import engine
@@ -36,7 +39,7 @@ from snapscale.shared.bus import (
     Verb,
 )
 from snapscale.shared.core import telemetry
-from snapscale.shared.engine import EngineError, Sandbox
+from snapscale.shared.engine import Sandbox
 from snapscale.shared.store import Manifest
 
 log = logging.getLogger(__name__)
@@ -78,7 +81,7 @@ def phase(a: Attempt, name: str, **attrs: str | int | float) -> Iterator[trace.S
             a.timings_s[name] = round(a.timings_s.get(name, 0.0) + time.monotonic() - t0, 4)
 
 
-async def announce(h: Host, a: Attempt, d: TierChoice, checkpoint_id: str | None = None) -> None:
+async def announce(t: HostTools, a: Attempt, d: TierChoice, checkpoint_id: str | None = None) -> None:
     """Publish restoring/starting/resuming once per state the replica passes through."""
     state = _STARTING_STATE[d.tier]
     a.reason = d.reason
@@ -87,13 +90,13 @@ async def announce(h: Host, a: Attempt, d: TierChoice, checkpoint_id: str | None
         return
     a.announced = state
     await events.record(
-        h.bus,
+        t.bus,
         ReplicaEvent(
             deployment=a.spec.name,
             replica=a.cmd.replica,
-            host=h.name,
+            host=t.name,
             state=state,
-            ts=h.now(),
+            ts=t.now(),
             command_id=a.cmd.id,
             tier=d.tier,
             reason=d.reason,
@@ -116,7 +119,7 @@ async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]
         host_compat=compat,
         pinned=a.cmd.checkpoint_id,
     )
-    d = choose(replace(base, suspended=tuple(h.suspended_of(a.spec.name))))
+    d = choose(replace(base, suspended=tuple(h.replicas.suspended_of(a.spec.name))))
     if d.tier is Tier.RESUME:
         assert d.resume_replica is not None
         try:
@@ -128,18 +131,18 @@ async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]
     found: Found | None = None
     if Tier.STORE in allow or Tier.CACHE in allow:
         with phase(a, "lookup"):
-            found = await find_checkpoint(h, a.spec.name, compat_hash, a.cmd.checkpoint_id)
+            found = await find_checkpoint(h.tools, a.spec.name, compat_hash, a.cmd.checkpoint_id)
     d = choose(_observed(base, a, found))
     if d.tier in (Tier.STORE, Tier.CACHE):
         assert found is not None and found.manifest is not None
         try:
-            return await _from_checkpoint(h, a, d, found)
+            return await _from_checkpoint(h.tools, a, d, found)
         except Exception as e:
             a.tried.add(d.tier)
             a.earlier = [r for r in (d.reason, f"restore of {d.checkpoint_id} failed: {describe(e)}") if r]
             log.warning("replica %s: %s", a.cmd.replica, a.earlier[-1])
             d = choose(_observed(base, a, found))
-    return await _cold(h, a, d)
+    return await _cold(h.tools, a, d)
 
 
 def _observed(base: Observed, a: Attempt, found: Found | None) -> Observed:
@@ -157,11 +160,12 @@ def _observed(base: Observed, a: Attempt, found: Found | None) -> Observed:
 
 
 async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
-    lv = h.live[old]
+    t, live = h.tools, h.replicas.live
+    lv = live[old]
     # taken before the first await, so a concurrent scale-up cannot pick the same replica
     lv.state = ReplicaState.RESUMING
     try:
-        await announce(h, a, d, lv.checkpoint_id)
+        await announce(t, a, d, lv.checkpoint_id)
         with phase(a, "cuda_restore"):
             if lv.sandbox.gpu_uuids:
                 sb = await engine.resume(lv.sandbox, a.gpu_uuids)
@@ -172,43 +176,43 @@ async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
             await engine.wait_ready(sb, a.spec.ready, cwd=a.spec.cwd)
     except BaseException:
         # a sandbox that failed to resume is in an unknown state: never hand it out again
-        h.live.pop(old, None)
-        await _stop_quietly(h, lv.sandbox)
+        live.pop(old, None)
+        await _stop_quietly(t, lv.sandbox)
         if old != a.cmd.replica:
-            await _record_gone(h, lv, f"resume as {a.cmd.replica} failed")
+            await _record_gone(t, lv, f"resume as {a.cmd.replica} failed")
         raise
-    h.live.pop(old, None)
+    live.pop(old, None)
     if old != a.cmd.replica:
-        h.registry.remove(old)
+        t.registry.remove(old)
         sb = replace(sb, replica=a.cmd.replica)
-        await _record_gone(h, lv, f"resumed as replica {a.cmd.replica}")
-    h.registry.put(sb)
-    return Live(a.spec, sb, ReplicaState.READY, Tier.RESUME, h.now(), lv.checkpoint_id)
+        await _record_gone(t, lv, f"resumed as replica {a.cmd.replica}")
+    t.registry.put(sb)
+    return Live(a.spec, sb, ReplicaState.READY, Tier.RESUME, t.now(), lv.checkpoint_id)
 
 
-async def _record_gone(h: Host, lv: Live, reason: str) -> None:
+async def _record_gone(t: HostTools, lv: Live, reason: str) -> None:
     await events.record(
-        h.bus,
+        t.bus,
         ReplicaEvent(
             deployment=lv.spec.name,
             replica=lv.sandbox.replica,
-            host=h.name,
+            host=t.name,
             state=ReplicaState.STOPPED,
-            ts=h.now(),
+            ts=t.now(),
             reason=reason,
         ),
     )
-    await events.remove(h.bus, lv.spec.name, lv.sandbox.replica)
+    await events.remove(t.bus, lv.spec.name, lv.sandbox.replica)
 
 
-async def _from_checkpoint(h: Host, a: Attempt, d: TierChoice, found: Found) -> Live:
+async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found) -> Live:
     assert found.manifest is not None and found.entry is not None
     m = found.manifest
-    await announce(h, a, d, m.checkpoint_id)
-    image_dir = h.image_dir(a.cmd.replica, a.cmd.id)
-    run_dir = h.run_dir(a.cmd.replica, a.cmd.id)
+    await announce(t, a, d, m.checkpoint_id)
+    image_dir = t.image_dir(a.cmd.replica, a.cmd.id)
+    run_dir = t.run_dir(a.cmd.replica, a.cmd.id)
     # Assembled by an earlier restore of this checkpoint: no prefetch, no copy (docs/restorer.md).
-    hot = h.hot.get(m.checkpoint_id) if h.hot is not None and d.tier is Tier.CACHE else None
+    hot = t.hot.get(m.checkpoint_id) if t.hot is not None and d.tier is Tier.CACHE else None
     ok = False
     try:
         if hot is not None:
@@ -216,47 +220,47 @@ async def _from_checkpoint(h: Host, a: Attempt, d: TierChoice, found: Found) -> 
                 a.bytes.update({"fetched": 0, "joined": 0, "cached": found.cached_bytes,
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
-            await _assemble(h, a, m, image_dir, overlap=found.cached_bytes == 0)
-        with h.hot.reading(m.checkpoint_id) if h.hot is not None else contextlib.nullcontext():
+            await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
+        with t.hot.reading(m.checkpoint_id) if t.hot is not None else contextlib.nullcontext():
             sb, report = await engine.restore(
                 a.spec,
                 hot or image_dir,
                 a.cmd.replica,
                 gpu_uuids=a.gpu_uuids,
                 run_dir=run_dir,
-                criu=h.criu,
+                criu=t.criu,
                 checkpoint_id=m.checkpoint_id,
             )
         _spans_from(report.timings_s, a)
         ok = True
     except BaseException as e:
-        if hot is not None and h.hot is not None and isinstance(e, Exception):
-            h.hot.discard(m.checkpoint_id)  # it may be what failed: the next restore rebuilds it
+        if hot is not None and t.hot is not None and isinstance(e, Exception):
+            t.hot.discard(m.checkpoint_id)  # it may be what failed: the next restore rebuilds it
         await reap(run_dir)
         raise
     finally:
-        kept = ok and hot is None and h.hot is not None and h.hot.adopt(m.checkpoint_id, image_dir)
+        kept = ok and hot is None and t.hot is not None and t.hot.adopt(m.checkpoint_id, image_dir)
         if not kept:
             await asyncio.to_thread(shutil.rmtree, image_dir, True)
-    h.registry.put(sb)
-    return Live(a.spec, sb, ReplicaState.READY, d.tier, h.now(), m.checkpoint_id)
+    t.registry.put(sb)
+    return Live(a.spec, sb, ReplicaState.READY, d.tier, t.now(), m.checkpoint_id)
 
 
-async def _assemble(h: Host, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool) -> None:
+async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool) -> None:
     """Prefetch `m`'s chunks into the host cache and rebuild its image dir from them.
 
     With `overlap` (none of them cached yet) each chunk is placed as soon as it lands: every one
     arrives hashed by the cache. With some cached, materialize waits for the whole prefetch, which
     re-hashes the cached ones before they are trusted.
     """
-    with h.checkpoints.pinned(m):  # nothing evicts these chunks until the image is rebuilt
+    with c.pinned(m):  # nothing evicts these chunks until the image is rebuilt
         # its own task, so its span is the root's child beside materialize's, not above it
-        fetch = asyncio.create_task(_prefetch(h, a, m), name=f"prefetch {m.checkpoint_id}")
+        fetch = asyncio.create_task(_prefetch(c, a, m), name=f"prefetch {m.checkpoint_id}")
         try:
             if not overlap:
                 await asyncio.shield(fetch)
             with phase(a, "materialize"):
-                await h.checkpoints.materialize(m, image_dir, arriving=fetch if overlap else None)
+                await c.materialize(m, image_dir, arriving=fetch if overlap else None)
             await fetch
         except BaseException:
             fetch.cancel()
@@ -264,9 +268,9 @@ async def _assemble(h: Host, a: Attempt, m: Manifest, image_dir: Path, *, overla
             raise
 
 
-async def _prefetch(h: Host, a: Attempt, m: Manifest) -> None:
+async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest) -> None:
     with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
-        rep = await h.checkpoints.prefetch(m)
+        rep = await c.prefetch(m)
         gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
         span.set_attributes(
             {
@@ -305,51 +309,44 @@ def _spans_from(timings_s: dict[str, float], a: Attempt) -> None:
         a.timings_s[name] = round(a.timings_s.get(name, 0.0) + secs, 4)
 
 
-async def _cold(h: Host, a: Attempt, d: TierChoice) -> Live:
+async def _cold(t: HostTools, a: Attempt, d: TierChoice) -> Live:
     trace.get_current_span().set_attribute("fallback.reason", d.reason)
-    await announce(h, a, d)
-    run_dir = h.run_dir(a.cmd.replica, a.cmd.id) / "cold"
+    await announce(t, a, d)
+    run_dir = t.run_dir(a.cmd.replica, a.cmd.id) / "cold"
     sb: Sandbox | None = None
     try:
         with phase(a, "launch", **{"fallback.reason": d.reason}):
             sb = await engine.launch(a.spec, a.cmd.replica, gpu_uuids=a.gpu_uuids, run_dir=run_dir)
-            h.registry.put(sb)
+            t.registry.put(sb)
         with phase(a, "ready_probe"):
             await engine.wait_ready(sb, a.spec.ready, cwd=a.spec.cwd)
     except BaseException as e:
         if sb is not None:
-            await _stop_quietly(h, sb)
+            await _stop_quietly(t, sb)
         await reap(run_dir)
         if isinstance(e, Exception):
             raise ColdBootError(d.reason, describe(e)) from e
         raise
-    return Live(a.spec, sb, ReplicaState.READY, Tier.COLD, h.now(), None)
+    return Live(a.spec, sb, ReplicaState.READY, Tier.COLD, t.now(), None)
 
 
-class ColdBootError(EngineError):
-    """The last tier failed too; the message has why faster tiers were passed over."""
-
-    def __init__(self, earlier: str, reason: str) -> None:
-        super().__init__("cold_boot", f"{reason} (after: {earlier})" if earlier else reason)
-
-
-async def _stop_quietly(h: Host, sb: Sandbox) -> None:
+async def _stop_quietly(t: HostTools, sb: Sandbox) -> None:
     try:
         await engine.stop(sb)
     except Exception as e:  # stopping is best effort here; the reap after it catches stragglers
         log.warning("stopping %s failed: %s", sb.replica, e)
-    h.registry.remove(sb.replica)
+    t.registry.remove(sb.replica)
 
 
-async def request_freeze(h: Host, lv: Live, command_id: str) -> None:
+async def request_freeze(t: HostTools, lv: Live, command_id: str) -> None:
     """Hand a cold-booted replica to the freezer when its spec asks to be frozen once ready."""
     cmd = FreezeCommand(
         id=f"auto-{command_id}",
         deployment=lv.spec.name,
         replica=lv.sandbox.replica,
-        issued_at=h.now(),
+        issued_at=t.now(),
         keep_running=True,
     )
-    subject = h.bus.subjects.cmd(Verb.FREEZE, h.name)
-    await busmod.publish(h.bus, subject, cmd, msg_id=cmd.id)
+    subject = t.bus.subjects.cmd(Verb.FREEZE, t.name)
+    await busmod.publish(t.bus, subject, cmd, msg_id=cmd.id)
     log.info("asked the freezer to freeze %s (%s)", lv.sandbox.replica, lv.spec.name)

@@ -7,27 +7,29 @@ Every command is acked only once its outcome is in the ledger and on the bus.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext, api
 from opentelemetry import trace
 
 from snapscale.restorer import events, inventory
 from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
+from snapscale.restorer.compat import CompatKeys, deployment_keys
 from snapscale.restorer.config import RestorerConfig
-from snapscale.restorer.host import Host, deployment_keys, describe, host_compat, host_part, load_spec
+from snapscale.restorer.errors import describe
+from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.lookup import find_checkpoint
 from snapscale.restorer.release import release
+from snapscale.restorer.replicas import Replicas
 from snapscale.restorer.restart import adopt, prune_run_dirs
 from snapscale.restorer.scaleup import SCALE_UP_SPAN, Attempt, request_freeze, scale_up, tracer
 from snapscale.restorer.slots import Slots
+from snapscale.restorer.specs import deployed_spec
 from snapscale.shared import bus as busmod
 from snapscale.shared.bus import (
     Bucket,
@@ -46,7 +48,7 @@ from snapscale.shared.bus import (
 from snapscale.shared.core import runtime, telemetry
 from snapscale.shared.core.errors import RetryableError
 from snapscale.shared.core.settings import Settings
-from snapscale.shared.engine import CriuBinary, SandboxRegistry, find_criu
+from snapscale.shared.engine import CompatKey, CriuBinary, SandboxRegistry, find_criu
 from snapscale.shared.store import HostCache, open_store
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,6 @@ class Restorer:
         self._criu = criu
         self.host: Host | None = None
         self.ready = asyncio.Event()  # set once adoption is done and the consumers run
-        self._inflight: set[asyncio.Task[None]] = set()
         # Set when a release frees a GPU or CPU slot: the scaler places on free slots it learns of
         # from heartbeats, so waiting for the next periodic one would stall a scale-up (up to 3 s).
         self._beat_now = asyncio.Event()
@@ -83,160 +84,116 @@ class Restorer:
             async with open_store(s.store) as store:
                 cache = HostCache(s.cache_dir, s.cache_bytes)
                 gpus = await asyncio.to_thread(inventory.probe_gpus)
-                h = Host(
+                tools = HostTools(
                     settings=s,
                     config=c,
                     bus=b,
                     criu=criu,
+                    compat=CompatKeys(criu),
                     slots=Slots(gpus, c.cpu_slots),
                     ledger=Ledger(work / "commands"),
                     registry=SandboxRegistry(s.state_dir),  # where the freezer looks
                     checkpoints=Checkpoints(store, cache, s.signing_key),
                     hot=HotImages(c.hot_root(s), c.hot_images),
                 )
+                h = Host(tools, Replicas())
                 self.host = h
-                h.ledger.prune(time.time() - LEDGER_KEEP_S)
+                tools.ledger.prune(time.time() - LEDGER_KEEP_S)
                 await adopt(h)
                 await asyncio.to_thread(prune_run_dirs, h, time.time() - LEDGER_KEEP_S)
                 tasks = [
                     runtime.guard(self._heartbeats(h, stop), "restorer heartbeat"),
                     runtime.guard(
-                        self._serve(h, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop), "scale-up"
+                        self._serve(tools, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop), "scale-up"
                     ),
                     runtime.guard(
-                        self._serve(h, Verb.RELEASE, ReleaseCommand, self.on_release, stop), "release"
+                        self._serve(tools, Verb.RELEASE, ReleaseCommand, self.on_release, stop), "release"
                     ),
                     runtime.guard(
-                        self._serve(h, Verb.PREFETCH, PrefetchCommand, self.on_prefetch, stop), "prefetch"
+                        self._serve(tools, Verb.PREFETCH, PrefetchCommand, self.on_prefetch, stop), "prefetch"
                     ),
                 ]
                 self.ready.set()
                 log.info("restorer %s serving (%d GPUs, %d CPU slots)", c.host, len(gpus), c.cpu_slots)
                 await stop.wait()
-                # drain: stop fetching, let in-flight commands finish (or be redelivered) within a deadline
-                if self._inflight:
-                    await asyncio.wait(self._inflight, timeout=c.drain_s)
-                for t in [*tasks, *self._inflight]:
+                # drain: each consumer stops fetching and gives the commands it has in flight drain_s to
+                # finish, then cancels them (redelivered); the heartbeat (tasks[0]) goes on till then
+                await asyncio.wait(tasks[1:])
+                for t in tasks:
                     t.cancel()
-                await asyncio.gather(*tasks, *self._inflight, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await b.close()
 
     # --- consuming ---------------------------------------------------------------
     async def _serve(
         self,
-        h: Host,
+        h: HostTools,
         verb: Verb,
         cls: type[M],
         handler: Callable[[M, Msg], Awaitable[None]],
         stop: asyncio.Event,
     ) -> None:
-        """A durable pull consumer whose messages are handled concurrently, up to `max_inflight`."""
-        sub = await h.bus.js.pull_subscribe(
+        """The bus's consumer loop on this host's `verb` commands: up to `max_inflight` at once, each
+        kept alive while it runs (a restore may outlast the ack wait); on stop, `drain_s` to finish."""
+        await busmod.consume(
+            h.bus,
             h.bus.subjects.cmd(verb, h.name),
-            durable=h.bus.subjects.durable("restorer", verb, h.name),
-            config=api.ConsumerConfig(ack_wait=h.config.ack_wait_s, max_deliver=5),
+            h.bus.subjects.durable("restorer", verb, h.name),
+            cls,
+            handler,
+            ack_wait_s=h.config.ack_wait_s,
+            max_deliver=5,
+            concurrency=h.config.max_inflight,
+            keepalive=True,
+            drain_s=h.config.drain_s,
+            stop=stop,
         )
-        sem = asyncio.Semaphore(h.config.max_inflight)
-        try:
-            await self._fetch_loop(h, verb, sub, cls, handler, sem, stop)
-        finally:
-            with contextlib.suppress(Exception):  # leaves nothing for the connection's drain to wait on
-                await sub.unsubscribe()
-
-    async def _fetch_loop(
-        self,
-        h: Host,
-        verb: Verb,
-        sub: JetStreamContext.PullSubscription,
-        cls: type[M],
-        handler: Callable[[M, Msg], Awaitable[None]],
-        sem: asyncio.Semaphore,
-        stop: asyncio.Event,
-    ) -> None:
-        while not stop.is_set():
-            await sem.acquire()
-            try:
-                msgs = await sub.fetch(1, timeout=1.0)
-            except TimeoutError:
-                sem.release()
-                continue
-            except Exception as e:
-                sem.release()
-                if h.bus.nc.is_closed:
-                    return
-                # a reconnect or a server hiccup: keep consuming once it passes
-                log.warning("fetching %s commands failed (%s); again in 1s", verb.value, e)
-                await asyncio.sleep(1.0)
-                continue
-            for m in msgs:
-                t = asyncio.create_task(self._one(h, m, cls, handler, sem), name=f"{verb.value} {m.subject}")
-                self._inflight.add(t)
-                t.add_done_callback(self._inflight.discard)
-
-    async def _one(
-        self,
-        h: Host,
-        m: Msg,
-        cls: type[M],
-        handler: Callable[[M, Msg], Awaitable[None]],
-        sem: asyncio.Semaphore,
-    ) -> None:
-        async def keepalive() -> None:
-            while True:  # a restore may outlast the ack wait: tell the server it is being worked on
-                await asyncio.sleep(h.config.ack_wait_s / 3)
-                with contextlib.suppress(Exception):
-                    await m.in_progress()
-
-        ka = asyncio.create_task(keepalive())
-        try:
-            await busmod.handle_one(m, cls, handler)
-        finally:
-            ka.cancel()
-            sem.release()
 
     # --- restore -----------------------------------------------------------------
     async def on_scale_up(self, cmd: ScaleUpCommand, _m: Msg) -> None:
         h = self._h()
-        prior = h.ledger.get(cmd.id)
+        t, r = h.tools, h.replicas
+        prior = t.ledger.get(cmd.id)
         if prior is not None:
             log.info("restore %s for %s: duplicate (%s)", cmd.id, cmd.replica, prior.outcome or "in progress")
             return
-        here = h.live.get(cmd.replica)
-        if cmd.replica in h.starting or (here is not None and here.state is not ReplicaState.SUSPENDED):
+        here = r.live.get(cmd.replica)
+        if cmd.replica in r.starting or (here is not None and here.state is not ReplicaState.SUSPENDED):
             log.info("restore %s: replica %s is already here; nothing to do", cmd.id, cmd.replica)
             return
-        run_dir = str(h.run_dir(cmd.replica, cmd.id))
-        h.ledger.start(Entry(cmd.id, "scale-up", cmd.deployment, cmd.replica, time.time(), run_dir=run_dir))
+        run_dir = str(t.run_dir(cmd.replica, cmd.id))
+        t.ledger.start(Entry(cmd.id, "scale-up", cmd.deployment, cmd.replica, time.time(), run_dir=run_dir))
         task = asyncio.create_task(self._run_scale_up(h, cmd), name=f"scale-up {cmd.replica}")
-        h.starting[cmd.replica] = task
+        r.starting[cmd.replica] = task
         try:
             await task
         except asyncio.CancelledError:
             if not task.cancelled():
                 raise  # we are being cancelled (shutdown): the command is redelivered
         finally:
-            if h.starting.get(cmd.replica) is task:
-                del h.starting[cmd.replica]
+            if r.starting.get(cmd.replica) is task:
+                del r.starting[cmd.replica]
 
     async def _run_scale_up(self, h: Host, cmd: ScaleUpCommand) -> None:
+        t, r = h.tools, h.replicas
         t0 = time.monotonic()
-        run_dir = h.run_dir(cmd.replica, cmd.id)
+        run_dir = t.run_dir(cmd.replica, cmd.id)
         remaining = cmd.issued_at + cmd.deadline_s - time.time()
         spec: DeploymentSpec | None = None
         a: Attempt | None = None
         with tracer.start_as_current_span(
             SCALE_UP_SPAN,
             attributes={"snapscale.deployment": cmd.deployment, "snapscale.replica": cmd.replica,
-                        "snapscale.command": cmd.id, "snapscale.host": h.name},
+                        "snapscale.command": cmd.id, "snapscale.host": t.name},
         ) as root:  # fmt: skip
             try:
                 if remaining <= 0:
                     raise TimeoutError(f"deadline of {cmd.deadline_s:g}s passed before the restore started")
-                spec = await load_spec(h.bus, cmd.deployment)
-                grant = h.slots.reserve(cmd.replica, spec.gpus, list(cmd.gpu_uuids) or None)
+                spec = await deployed_spec(t.bus, cmd.deployment)
+                grant = t.slots.reserve(cmd.replica, spec.gpus, list(cmd.gpu_uuids) or None)
                 a = Attempt(cmd, spec, list(grant.gpu_uuids))
-                compat_hash, compat_dict = await host_compat(h, spec)
+                compat_hash, compat_dict = await t.compat.for_spec(spec)
                 root.set_attribute("snapscale.compat_hash", compat_hash)
                 deadline = asyncio.timeout(remaining)
                 try:
@@ -247,25 +204,25 @@ class Restorer:
                         raise TimeoutError(f"deadline of {cmd.deadline_s:g}s exceeded") from None
                     raise
             except asyncio.CancelledError:
-                h.slots.free(cmd.replica)
+                t.slots.free(cmd.replica)
                 await reap(run_dir)
-                if cmd.replica in h.cancelled_by_release:
-                    h.cancelled_by_release.discard(cmd.replica)
+                if cmd.replica in r.cancelled_by_release:
+                    r.cancelled_by_release.discard(cmd.replica)
                     reason = "released while starting"
                 else:
                     reason = "the restorer stopped while it was starting"
-                await self._failed(h, cmd, a, reason)
-                h.ledger.finish(cmd.id, ok=False, outcome=f"failed: {reason}")
+                await self._failed(t, cmd, a, reason)
+                t.ledger.finish(cmd.id, ok=False, outcome=f"failed: {reason}")
                 raise
             except Exception as e:
-                h.slots.free(cmd.replica)
+                t.slots.free(cmd.replica)
                 await reap(run_dir)
                 reason = describe(e)  # a failed cold boot's error already lists the tiers before it
                 root.set_status(trace.StatusCode.ERROR, reason)
-                await self._failed(h, cmd, a, reason)
-                h.ledger.finish(cmd.id, ok=False, outcome=f"failed: {reason}")
+                await self._failed(t, cmd, a, reason)
+                t.ledger.finish(cmd.id, ok=False, outcome=f"failed: {reason}")
                 return
-            h.live[cmd.replica] = lv
+            r.live[cmd.replica] = lv
             assert lv.tier is not None and a is not None
             total = time.monotonic() - t0
             a.timings_s["total"] = round(total, 4)
@@ -274,13 +231,13 @@ class Restorer:
                 root.set_attribute("fallback.reason", a.reason)
             time_to_ready.record(total, {"tier": lv.tier.value, "deployment": lv.spec.name})
             await events.record(
-                h.bus,
+                t.bus,
                 ReplicaEvent(
                     deployment=lv.spec.name,
                     replica=cmd.replica,
-                    host=h.name,
+                    host=t.name,
                     state=ReplicaState.READY,
-                    ts=h.now(),
+                    ts=t.now(),
                     command_id=cmd.id,
                     tier=lv.tier,
                     reason=a.reason,
@@ -291,22 +248,22 @@ class Restorer:
                     bytes=dict(a.bytes),
                 ),
             )
-            h.ledger.finish(cmd.id, ok=True, outcome=f"ready by {lv.tier.value}")
-            if lv.tier is Tier.COLD and lv.spec.freeze.after_ready and h.config.auto_freeze:
+            t.ledger.finish(cmd.id, ok=True, outcome=f"ready by {lv.tier.value}")
+            if lv.tier is Tier.COLD and lv.spec.freeze.after_ready and t.config.auto_freeze:
                 try:
-                    await request_freeze(h, lv, cmd.id)
+                    await request_freeze(t, lv, cmd.id)
                 except Exception as e:  # the replica serves either way; the scaler may ask again
                     log.warning("auto-freeze request for %s failed: %s", cmd.replica, e)
 
-    async def _failed(self, h: Host, cmd: ScaleUpCommand, a: Attempt | None, reason: str) -> None:
+    async def _failed(self, t: HostTools, cmd: ScaleUpCommand, a: Attempt | None, reason: str) -> None:
         await events.record(
-            h.bus,
+            t.bus,
             ReplicaEvent(
                 deployment=cmd.deployment,
                 replica=cmd.replica,
-                host=h.name,
+                host=t.name,
                 state=ReplicaState.FAILED,
-                ts=h.now(),
+                ts=t.now(),
                 command_id=cmd.id,
                 reason=reason,
                 timings_s=dict(a.timings_s) if a else {},
@@ -317,58 +274,65 @@ class Restorer:
     # --- release and prefetch ----------------------------------------------------------
     async def on_release(self, cmd: ReleaseCommand, _m: Msg) -> None:
         h = self._h()
-        prior = h.ledger.get(cmd.id)
+        prior = h.tools.ledger.get(cmd.id)
         if prior is not None:
             log.info("release %s: duplicate (%s)", cmd.id, prior.outcome or "in progress")
             return
-        h.ledger.start(Entry(cmd.id, "release", cmd.deployment, cmd.replica, time.time()))
+        h.tools.ledger.start(Entry(cmd.id, "release", cmd.deployment, cmd.replica, time.time()))
         outcome = await release(h, cmd)
-        h.ledger.finish(cmd.id, ok=True, outcome=outcome)
+        h.tools.ledger.finish(cmd.id, ok=True, outcome=outcome)
         self._beat_now.set()
 
     async def on_prefetch(self, cmd: PrefetchCommand, _m: Msg) -> None:
-        h = self._h()
-        if (prior := h.ledger.get(cmd.id)) is not None and prior.done:
+        t = self._h().tools
+        if (prior := t.ledger.get(cmd.id)) is not None and prior.done:
             return
-        h.ledger.start(Entry(cmd.id, "prefetch", cmd.deployment, "", time.time()))
+        t.ledger.start(Entry(cmd.id, "prefetch", cmd.deployment, "", time.time()))
         attrs = {"snapscale.deployment": cmd.deployment}
         with tracer.start_as_current_span("prefetch", attributes=attrs) as span:
-            spec = await load_spec(h.bus, cmd.deployment)
-            compat_hash, _ = await host_compat(h, spec)
-            found = await find_checkpoint(h, cmd.deployment, compat_hash, cmd.checkpoint_id)
+            spec = await deployed_spec(t.bus, cmd.deployment)
+            compat_hash, _ = await t.compat.for_spec(spec)
+            found = await find_checkpoint(t, cmd.deployment, compat_hash, cmd.checkpoint_id)
             if found.manifest is None:
                 why = found.manifest_error or f"no checkpoint for key {compat_hash[:12]}"
                 if found.manifest_error and found.manifest_error.startswith("store unreachable"):
                     raise RetryableError(f"prefetch {cmd.deployment}: {why}", delay_s=2.0)
                 log.info("prefetch %s: nothing to prefetch: %s", cmd.deployment, why)
-                h.ledger.finish(cmd.id, ok=False, outcome=f"nothing to prefetch: {why}")
+                t.ledger.finish(cmd.id, ok=False, outcome=f"nothing to prefetch: {why}")
                 return
             try:
-                rep = await h.checkpoints.prefetch(found.manifest)
+                rep = await t.checkpoints.prefetch(found.manifest)
             except RetryableError:
                 raise
             except Exception as e:
-                h.ledger.finish(cmd.id, ok=False, outcome=f"failed: {describe(e)}")
+                t.ledger.finish(cmd.id, ok=False, outcome=f"failed: {describe(e)}")
                 log.warning("prefetch %s failed: %s", cmd.deployment, describe(e))
                 return
             span.set_attributes(
                 {"prefetch.bytes": rep.bytes_fetched, "prefetch.cached_chunks": rep.cached_chunks,
                  "prefetch.chunks": rep.chunks}
             )  # fmt: skip
-            h.ledger.finish(cmd.id, ok=True, outcome=f"prefetched {rep.bytes_fetched} bytes")
+            t.ledger.finish(cmd.id, ok=True, outcome=f"prefetched {rep.bytes_fetched} bytes")
 
     # --- inventory ---------------------------------------------------------------------
     async def _heartbeats(self, h: Host, stop: asyncio.Event) -> None:
+        t = h.tools
         pruned_at = time.monotonic()
+        catalog_read_at = float("-inf")  # monotonic time the inventory last read the catalog
         while not stop.is_set():
             try:
-                await publish_heartbeat(h)
+                host_part = await t.compat.host_part()
+                keys = await deployment_keys(t.bus, t.compat)
+                if time.monotonic() >= catalog_read_at + CATALOG_REFRESH_S:
+                    catalog_read_at = time.monotonic()
+                    await learn_catalog(t, keys)
+                await publish_heartbeat(h, host_part, keys)
             except Exception as e:  # a missed beat is logged; the next one may get through
                 log.warning("heartbeat failed: %s", e)
             if time.monotonic() - pruned_at > PRUNE_EVERY_S:  # a long-lived restorer forgets old ids too
                 pruned_at = time.monotonic()
-                await asyncio.to_thread(h.ledger.prune, time.time() - LEDGER_KEEP_S)
-            await self._until_next_beat(stop, h.config.heartbeat_s)
+                await asyncio.to_thread(t.ledger.prune, time.time() - LEDGER_KEEP_S)
+            await self._until_next_beat(stop, t.config.heartbeat_s)
 
     async def _until_next_beat(self, stop: asyncio.Event, timeout_s: float) -> None:
         """Sleep `timeout_s`, or less when stopping or when a release asked for a beat now."""
@@ -386,38 +350,34 @@ class Restorer:
         return self.host
 
 
-async def publish_heartbeat(h: Host) -> None:
-    if h.host_key is None:
-        h.host_key = await asyncio.to_thread(host_part, h)  # NVML and the driver: read once
-    key = h.host_key
-    keys = await deployment_keys(h)
-    if time.monotonic() >= h.catalog_seen_at + CATALOG_REFRESH_S:
-        h.catalog_seen_at = time.monotonic()
-        await learn_catalog(h, keys)
+async def publish_heartbeat(h: Host, host_part: CompatKey, keys: dict[str, str]) -> None:
+    """The inventory on `evt.host.<host>` and in KV `hosts`: this host's key (`host_part`), its
+    slots, cache and replicas, and `keys`, its compat hash for each deployment."""
+    t = h.tools
     hb = inventory.heartbeat(
-        host=h.name,
-        now=h.now(),
-        compat_hash=key.hash(),
-        compat=key.as_dict(),
-        gpus=h.slots.gpu_view(),
-        cpu_slots=h.slots.free_cpu_slots(),
-        cached=h.checkpoints.inventory(),
-        replicas=[lv.summary() for lv in h.live.values()],
-        suspend_budget_bytes=h.config.suspend_budget_bytes,
-        interval_s=h.config.heartbeat_s,
+        host=t.name,
+        now=t.now(),
+        compat_hash=host_part.hash(),
+        compat=host_part.as_dict(),
+        gpus=t.slots.gpu_view(),
+        cpu_slots=t.slots.free_cpu_slots(),
+        cached=t.checkpoints.inventory(),
+        replicas=[lv.summary() for lv in h.replicas.live.values()],
+        suspend_budget_bytes=t.config.suspend_budget_bytes,
+        interval_s=t.config.heartbeat_s,
         compat_hashes=keys,
     )
-    await busmod.publish_core(h.bus, h.bus.subjects.evt_host(h.name), hb)
-    await h.bus.kv[Bucket.HOSTS].put(h.name, encode_message(hb))
+    await busmod.publish_core(t.bus, t.bus.subjects.evt_host(t.name), hb)
+    await t.bus.kv[Bucket.HOSTS].put(t.name, encode_message(hb))
 
 
-async def learn_catalog(h: Host, keys: dict[str, str]) -> None:
+async def learn_catalog(t: HostTools, keys: dict[str, str]) -> None:
     """Read the manifests of the catalog's checkpoints for this host's keys, so the inventory
     reports how much of each the cache holds (after a restart too, before any restore)."""
     for deployment, compat_hash in keys.items():
         try:
-            got = await lookup_entry(h.bus.kv[Bucket.CHECKPOINTS], deployment, compat_hash)
-            if got is not None and got[0].checkpoint_id not in h.checkpoints.known:
-                await h.checkpoints.manifest(got[0].manifest_key)
+            got = await lookup_entry(t.bus.kv[Bucket.CHECKPOINTS], deployment, compat_hash)
+            if got is not None and got[0].checkpoint_id not in t.checkpoints.known:
+                await t.checkpoints.manifest(got[0].manifest_key)
         except Exception as e:  # the inventory goes on with what it knows
             log.info("catalog entry of %s unreadable for the inventory: %s", deployment, e)
