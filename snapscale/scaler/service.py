@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -27,6 +28,7 @@ from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.lease import Lease
 from snapscale.scaler.policy import activation, decide
 from snapscale.scaler.records import COMING, LIVE, TERMINAL, Tracked, apply_event
+from snapscale.scaler.sources import TrafficSources
 from snapscale.scaler.view import View
 from snapscale.shared import bus
 from snapscale.shared.bus import (
@@ -70,6 +72,7 @@ class Scaler:
         self._events_stop: asyncio.Event | None = None
         self._events_task: asyncio.Task[None] | None = None
         self._traffic_counts: dict[str, int] = {}
+        self.traffic_sources = TrafficSources()
         self._rebuilding: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[list[str]]] = set()
 
@@ -311,6 +314,9 @@ class Scaler:
         if ev.deployment not in self.view.specs:
             self._traffic_counts["unknown"] = self._traffic_counts.get("unknown", 0) + 1
             return
+        # several gateways: each reports its own share, so the deployment's load is their sum
+        total = self.traffic_sources.observe(ev.deployment, ev.source, ev.concurrency, self.clock())
+        ev = replace(ev, concurrency=total)
         now = self.clock()
         self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals)
         if msg.headers:

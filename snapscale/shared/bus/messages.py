@@ -78,6 +78,8 @@ class TrafficEvent:
     ts: float  # unix seconds at the gateway
     arrivals: int = 0  # requests that arrived since the previous event
     concurrency: float = 0.0  # in flight + queued, now
+    # the reporting gateway's id: with several gateways the scaler sums the latest of each source
+    source: str = ""
 
 
 # --- commands (JetStream) -----------------------------------------------------------
