@@ -109,9 +109,9 @@ class Scaler:
                 (Bucket.CHECKPOINTS, self._on_catalog),
             ):
                 w = await self.bus.kv[bucket].watchall()
-                await kvsync.snapshot(w, apply)
+                await bus.kv_snapshot(w, apply)
                 tasks.append(
-                    runtime.guard(kvsync.follow(w, apply), f"scaler-{bucket.value}", on_crash=stop.set)
+                    runtime.guard(bus.kv_follow(w, apply), f"scaler-{bucket.value}", on_crash=stop.set)
                 )
             sub, self._traffic_counts = await bus.subscribe_core(
                 self.bus, self.bus.subjects.traffic_all(), TrafficEvent, self._on_traffic

@@ -38,6 +38,7 @@ from snapscale.shared.bus.messages import (
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, load_spec
 from snapscale.shared.bus.subjects import Bucket, Verb, check_token, replica_key
+from snapscale.shared.bus.watch import kv_follow, kv_snapshot
 
 __all__ = [
     "Bucket",
@@ -71,7 +72,9 @@ __all__ = [
     "encode_message",
     "ensure_topology",
     "kv_cas",
+    "kv_follow",
     "kv_get",
+    "kv_snapshot",
     "list_entries",
     "load_spec",
     "lookup_entry",
