@@ -1,5 +1,6 @@
 """Several gateways report one deployment: the scaler sums the latest report of each (a source
-that went silent drops out), on the pure table and through the scaler service on a real nats-server.
+that went silent drops out), on the pure table, through the scaler service on a real nats-server,
+and with two real gateways holding requests in front of it.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ import math
 import time
 from dataclasses import replace
 
+import aiohttp
+from gateway_harness import gateway
 from test_scaler_service import CFG, FAST, SPEC, FakeHost, deploy, eventually, running
 
 from snapscale.scaler.service import Scaler
@@ -55,3 +58,25 @@ async def test_two_gateways_reporting_three_each_get_six_replicas(the_bus: Bus, 
         await asyncio.sleep(0.5)  # a few more ticks: no seventh
         assert len(host.commands(ScaleUpCommand)) == 6
         assert sc.view.live_count("llm") == 6
+
+
+async def test_two_real_gateways_holding_three_each_are_summed(the_bus: Bus, settings: Settings) -> None:
+    await deploy(the_bus, replace(SPEC, scaling=replace(FAST, max_replicas=10, scale_to_zero_after_s=30.0)))
+    host = FakeHost(settings, "host-a", gpus=10, ready_after_s=None)  # the requests stay held
+    sc = Scaler(settings, CFG)
+    async with running(host.run, sc.run):
+        await eventually(lambda: sc.leader and "host-a" in sc.view.hosts)
+        async with aiohttp.ClientSession() as http:
+
+            async def get(url: str) -> int:
+                async with http.get(f"{url}/llm/generate") as r:
+                    return r.status
+
+            async with gateway(settings, gateway_id="gw-a") as a, gateway(settings, gateway_id="gw-b") as b:
+                held = [asyncio.create_task(get(g.url)) for g in (a, b) for _ in range(3)]
+                await eventually(lambda: len(host.commands(ScaleUpCommand)) >= 6, 10, "six replicas placed")
+                await asyncio.sleep(0.5)
+                assert len(host.commands(ScaleUpCommand)) == 6
+                assert sorted(sc.traffic_sources._latest["llm"]) == ["gw-a", "gw-b"]
+            # the gateways stopped: what they held is answered, not left hanging
+            assert await asyncio.gather(*held) == [503] * 6

@@ -48,6 +48,12 @@ class ScalingSpec:
     """Knative-KPA-like autoscaling knobs; docs/scaling.md maps them to Knative, KEDA and Modal."""
 
     target_concurrency: float = 1.0  # requests in flight one replica should hold
+    # the request path (snapscale gateway), per gateway: at most this many requests in flight on
+    # one replica (0: no limit); while no replica can take one, up to queue_size requests wait
+    # queue_timeout_s for one, then get a 503 with Retry-After
+    concurrency_limit: int = 0
+    queue_size: int = 1000
+    queue_timeout_s: float = 120.0
     utilization: float = 0.7  # fraction of target used to size (headroom)
     stable_window_s: float = 60.0
     panic_window_s: float = 6.0
