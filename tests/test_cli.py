@@ -22,3 +22,13 @@ def test_bad_spec_is_a_clear_error(tmp_path: Path) -> None:
     )
     assert out.returncode == 2
     assert "command is empty" in out.stderr
+
+
+def test_bad_request_limits_are_refused_at_deploy(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\ncommand = ["serve"]\n[scaling]\nqueue_size = -5\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "snapscale", "deploy", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert out.stderr == "snapscale: deployment x: scaling.queue_size: must be >= 0, got -5\n"

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from snapscale.gateway.pool import limits_of
 from snapscale.shared import bus
 from snapscale.shared.bus import Bucket, DeploymentSpec, load_spec
 from snapscale.shared.core import wire
@@ -68,6 +69,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 def _deploy(args: argparse.Namespace) -> int:
     s = Settings.from_env()
     d = load_spec(args.spec)
+    limits_of(d)  # the gateway's keys: refused here, not found out when a gateway reads them
     asyncio.run(deploy(s, d))
     print(f"deployed {d.name} (spec hash {d.spec_hash()[:12]})")
     return 0
