@@ -78,7 +78,7 @@ async def gateway(settings: Settings, **cfg: object) -> AsyncIterator[Running]:
 @contextlib.asynccontextmanager
 async def replica(handler: Handler) -> AsyncIterator[str]:
     """An aiohttp server answering every path with `handler`; yields its endpoint (host:port)."""
-    app = web.Application()
+    app = web.Application(client_max_size=64 << 20)
     app.router.add_route("*", "/{tail:.*}", handler)
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()

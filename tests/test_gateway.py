@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -350,3 +351,73 @@ async def test_held_requests_are_answered_when_the_gateway_stops(the_bus: Bus, s
             t0 = time.monotonic()
         assert await asyncio.wait_for(held, 5) == (503, "1")
         assert time.monotonic() - t0 < 5, "held requests do not wait out the drain"
+
+
+async def test_bodies_are_framed_both_ways_and_connections_kept(the_bus: Bus, settings: Settings) -> None:
+    """The gateway's own client to replicas: request bodies streamed or whole, answers framed by
+    length, chunks or the close, HEAD and 204 without a body; one connection reused throughout."""
+    await deploy(the_bus, "llm")
+    peers: set[object] = set()
+
+    async def h(r: web.Request) -> web.StreamResponse:
+        peers.add(r.transport.get_extra_info("peername") if r.transport else None)
+        if r.path == "/head-or-204":
+            return web.Response(status=204 if r.method == "GET" else 200, headers={"X-Len": "7"})
+        body = await r.read()
+        return web.Response(
+            body=body.upper(), headers={"X-Chunked": str(r.headers.get("Transfer-Encoding") == "chunked")}
+        )
+
+    async def stream_body() -> AsyncIterator[bytes]:
+        for part in (b"one,", b"two,", b"three"):
+            yield part
+            await asyncio.sleep(0.01)
+
+    async with replica(h) as ep, gateway(settings) as g, aiohttp.ClientSession() as http:
+        await record(the_bus, "llm", "r1", S.READY, ep)
+        await eventually(lambda: "r1" in g.gw.pools["llm"].replicas)
+        for _ in range(3):
+            async with http.post(f"{g.url}/llm/up", data=b"whole") as r:
+                assert (await r.read(), r.headers["X-Chunked"]) == (b"WHOLE", "False")
+        big = bytes(range(256)) * 8192  # 2 MiB: beyond what is kept for a retry, so it streams
+        async with http.put(f"{g.url}/llm/up", data=big) as r:
+            assert await r.read() == big.upper()
+        async with http.post(f"{g.url}/llm/up", data=stream_body()) as r:  # chunked from the client
+            assert (await r.read(), r.headers["X-Chunked"]) == (b"ONE,TWO,THREE", "True")
+        async with http.get(f"{g.url}/llm/head-or-204") as r:
+            assert (r.status, await r.read()) == (204, b"")
+        async with http.head(f"{g.url}/llm/head-or-204") as r:
+            assert (r.status, r.headers["X-Len"]) == (200, "7")
+        async with http.get(f"{g.url}/llm/up") as r:
+            assert r.status == 200
+        assert len(peers) == 1, f"one keep-alive connection to the replica, not {len(peers)}"
+
+
+async def test_answers_read_to_the_close_and_answers_cut_short(the_bus: Bus, settings: Settings) -> None:
+    """A replica that frames its answer by closing (HTTP/1.0 style) is passed on whole; one that
+    breaks off mid-answer leaves the client with a cut answer, never a short whole one."""
+    await deploy(the_bus, "llm")
+
+    async def raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b" /cut " in head:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        else:
+            writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nto the end")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(raw, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, gateway(settings) as g, aiohttp.ClientSession() as http:
+        await record(the_bus, "llm", "r1", S.READY, f"127.0.0.1:{port}")
+        await eventually(lambda: "r1" in g.gw.pools["llm"].replicas)
+        async with http.get(f"{g.url}/llm/eof") as r:
+            assert (r.status, await r.read()) == (200, b"to the end")
+        async with http.get(f"{g.url}/llm/cut") as r:
+            assert r.status == 200
+            try:
+                got = await r.read()
+            except aiohttp.ClientPayloadError:
+                got = None
+            assert got is None, f"a cut answer read as a whole one: {got!r}"

@@ -20,11 +20,11 @@ from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind
-from yarl import URL
 
 from snapscale.gateway.config import GatewayConfig
 from snapscale.gateway.pool import Attempt, DeploymentGone, Pool, Stopping, Upstream
 from snapscale.gateway.routing import NoRoute, Route, downstream_headers, route, upstream_headers
+from snapscale.gateway.upstream import Client, UpstreamError
 from snapscale.shared.core import telemetry
 
 log = logging.getLogger(__name__)
@@ -95,14 +95,14 @@ class Proxy:
         self,
         cfg: GatewayConfig,
         pools: dict[str, Pool],
-        session: aiohttp.ClientSession,
+        client: Client,
         activate: Activate,
         instruments: Metrics,
     ) -> None:
         self.cfg = cfg
         self.m = instruments
         self.pools = pools
-        self.session = session
+        self.client = client
         self.activate = activate
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -119,7 +119,8 @@ class Proxy:
         pool.active += 1
         span = tracer.start_span(
             "gateway.request",
-            context=propagate.extract(request.headers),
+            # the client's trace, when it sent one: this request's span joins it
+            context=propagate.extract(request.headers) if "traceparent" in request.headers else None,
             kind=SpanKind.SERVER,
             attributes={"snapscale.deployment": r.deployment, "http.request.method": request.method},
         )
@@ -264,32 +265,32 @@ class Proxy:
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         try:
-            upr = await self.session.request(
-                request.method,
-                URL(up.base + r.path, encoded=True),
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-            )
+            a = await self.client.send(up.endpoint, request.method, r.path, headers, body)
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if attempt.lost and task is not None and task.uncancel() == 0:
                 raise _Failed("it left before answering", unsent=False) from None
             raise
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
-            raise _Failed(str(e) or type(e).__name__, unsent=True) from None
-        except (aiohttp.ClientError, OSError) as e:
-            raise _Failed(str(e) or type(e).__name__, unsent=False) from None
+        except UpstreamError as e:
+            raise _Failed(str(e), unsent=e.unsent) from None
         attempt.answered = True  # from here on the client sees this try's answer, whatever happens
         o.upstream_s = loop.time() - t0
         done = False
+        resp: web.StreamResponse | None = None
         try:
             version = (request.version.major, request.version.minor)
-            resp = web.StreamResponse(status=upr.status, reason=upr.reason)
-            resp.headers.extend(downstream_headers(upr.headers, version=version, via=self.cfg.via))
+            out = downstream_headers(a.headers, version=version, via=self.cfg.via)
+            if a.payload.is_eof() and request.method != "HEAD":
+                # the whole answer came with its head (a short, fixed-length one): one write, not
+                # three; nothing waits for it, so nothing is held back from the client either
+                out.popall("Content-Length", None)
+                body_now = a.payload.read_nowait(-1)
+                done = True
+                return web.Response(status=a.status, reason=a.reason, headers=out, body=body_now)
+            resp = web.StreamResponse(status=a.status, reason=a.reason, headers=out)
             await resp.prepare(request)
             if request.method != "HEAD":
-                async for chunk in upr.content.iter_any():
+                async for chunk in a.payload.iter_any():
                     await resp.write(chunk)
             await resp.write_eof()
             done = True
@@ -297,15 +298,17 @@ class Proxy:
         except ConnectionResetError:
             o.broken = "client"  # the client left mid-answer: stop the replica's work on it too
             raise
-        except aiohttp.ClientError as e:
+        except aiohttp.ClientPayloadError as e:
             # the replica broke off mid-answer: the client must see a cut answer, never a short whole one
             log.warning("%s %s: replica %s broke off: %s", request.method, request.path, up.replica, e)
             o.broken = "replica"
+            if resp is None:
+                return text(502, f"deployment {r.deployment}: replica {up.replica} broke off its answer: {e}")
             if request.transport is not None:
                 request.transport.abort()
             return resp
         finally:
             if done:
-                upr.release()
+                self.client.release(a)
             else:
-                upr.close()
+                self.client.discard(a.conn)

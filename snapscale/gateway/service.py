@@ -18,15 +18,15 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
 
 from snapscale.gateway.config import GatewayConfig
-from snapscale.gateway.pool import COMING, Attempt, Pool, limits_of
+from snapscale.gateway.pool import COMING, Pool, Upstream, limits_of
 from snapscale.gateway.proxy import Metrics, Proxy
+from snapscale.gateway.upstream import Client
 from snapscale.shared import bus
 from snapscale.shared.bus import Bucket, Bus, DeploymentSpec, ReplicaEvent, ReplicaState, decode_message
 from snapscale.shared.core import runtime
@@ -60,6 +60,7 @@ class Gateway:
         self.ready = asyncio.Event()
         self.address: tuple[str, int] | None = None
         self._bus: Bus | None = None
+        self.client = Client(cfg.connect_timeout_s)
 
     @property
     def bus(self) -> Bus:
@@ -74,13 +75,6 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         self._bus = await bus.open_bus(self.settings, f"snapscale-gateway-{self.cfg.gateway_id}")
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, use_dns_cache=False),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s),
-            auto_decompress=False,  # bodies pass through as the replica encoded them
-            cookie_jar=aiohttp.DummyCookieJar(),  # one client's cookies are never another's
-            skip_auto_headers=("Accept", "Accept-Encoding", "User-Agent", "Content-Type"),
-        )
         watchers: list[KeyValue.KeyWatcher] = []
         tasks: list[asyncio.Task[None]] = []
         subs: list[Any] = []
@@ -96,7 +90,7 @@ class Gateway:
                 self.bus, self.bus.subjects.evt_replica_all(), ReplicaEvent, self._on_event
             )
             subs.append(sub)
-            proxy = Proxy(self.cfg, self.pools, session, self._activate, Metrics(self.meter))
+            proxy = Proxy(self.cfg, self.pools, self.client, self._activate, Metrics(self.meter))
             runner = web.ServerRunner(web.Server(proxy.handle, access_log=None), shutdown_timeout=DRAIN_S)
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port, backlog=1024)
@@ -121,7 +115,7 @@ class Gateway:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await session.close()
+            self.client.close()
             await self._close(watchers, subs)
             log.info("gateway %s stopped: %s", self.cfg.gateway_id, dict(self.counters))
 
@@ -138,7 +132,8 @@ class Gateway:
         if not nc.is_closed:
             with contextlib.suppress(Exception):
                 await nc.flush(timeout=2)
-            await nc.close()
+            with contextlib.suppress(Exception):  # a nats-server stopped before us is no error of ours
+                await nc.close()
 
     # --- traffic reports -----------------------------------------------------------------
     async def _report_loop(self, stop: asyncio.Event) -> None:
@@ -203,7 +198,7 @@ class Gateway:
                 return
             lost = self.pool(ev.deployment).apply(ev, self.clock())
         if lost is not None:
-            self._call_off(lost.attempts, f"{dep}.{replica}")
+            self._call_off(lost, f"{dep}.{replica}")
 
     async def _on_event(self, ev: ReplicaEvent, msg: Msg) -> None:
         """Replica events carry the scale-up's trace context (KV records do not): kept per replica
@@ -217,12 +212,14 @@ class Gateway:
         elif ev.state in OUT_OF_SERVICE and ev.replica in pool.replicas:
             lost = pool.apply(ev, self.clock())
             if lost is not None:
-                self._call_off(lost.attempts, f"{ev.deployment}.{ev.replica}")
+                self._call_off(lost, f"{ev.deployment}.{ev.replica}")
 
-    def _call_off(self, attempts: set[Attempt], key: str) -> None:
+    def _call_off(self, lost: Upstream, key: str) -> None:
         """The replica left mid-request: its unanswered idempotent tries go once more elsewhere."""
+        if not any(u.endpoint == lost.endpoint for p in self.pools.values() for u in p.replicas.values()):
+            self.client.forget(lost.endpoint)
         n = 0
-        for a in list(attempts):
+        for a in list(lost.attempts):
             if not a.answered and a.retriable and not a.lost and a.task is not None:
                 a.lost = True
                 a.task.cancel()
