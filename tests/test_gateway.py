@@ -207,6 +207,11 @@ async def test_held_requests_go_out_the_moment_a_replica_is_ready(the_bus: Bus, 
             await asyncio.sleep(0.3)
             assert not any(t.done() for t in held)
             await eventually(lambda: any(e.concurrency == 3 for _, e, _ in events), 3, "3 held, reported")
+            # every report while they wait carries the waking request's trace: the scaler may act
+            # on any of them (one that knew the deployment only after the first)
+            waking = headers["traceparent"].split("-")[1]
+            assert len(events) >= 2
+            assert {h.get("traceparent", "-").split("-")[1] for _, _, h in events} == {waking}
             t_ready = time.monotonic()
             await record(the_bus, "llm", "r1", S.READY, ep)
             answers = await asyncio.gather(*held)

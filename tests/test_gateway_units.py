@@ -276,3 +276,14 @@ def test_bad_settings_name_the_variable_and_why(env: dict[str, str], message: st
         GatewayConfig.from_env("h", env)
     assert str(e.value).startswith(message)
 
+
+
+async def test_a_scale_up_trace_that_comes_before_the_record_stays() -> None:
+    """The replica event (with the trace) may arrive before its KV record: the record keeps it."""
+    pool = Pool("llm", DEFAULT_LIMITS)
+    pool.trace["a"] = {"traceparent": "00-1-2-01"}
+    pool.apply(ReplicaEvent("llm", "a", "h", S.RESTORING, 0.0), 0.0)
+    ready(pool, "a", 1)
+    assert pool.trace["a"] == {"traceparent": "00-1-2-01"}
+    pool.apply(ReplicaEvent("llm", "a", "h", S.STOPPED, 0.0), 0.0)
+    assert "a" not in pool.trace and not pool.coming

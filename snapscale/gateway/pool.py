@@ -199,12 +199,12 @@ class Pool:
             self._order.append(up)
             self._serve()
             return lost
-        lost = self.lose(ev.replica)
-        if ev.state in COMING:
+        if ev.state in COMING:  # (again) on its way: its scale-up's trace stays (its event may be first)
             self.coming[ev.replica] = ev.state
-        elif ev.state is ReplicaState.FAILED:
+            return self._out(ev.replica)
+        if ev.state is ReplicaState.FAILED:
             self.failure = (now, ev.reason or "failed")
-        return lost
+        return self.lose(ev.replica)
 
     def lose(self, replica: str) -> Upstream | None:
         """`replica` left service (released, failed, gone from KV): no new requests go to it."""

@@ -22,6 +22,7 @@ from aiohttp import web
 from nats.aio.msg import Msg
 from nats.js.kv import KeyValue
 from opentelemetry import metrics, trace
+from opentelemetry.trace import INVALID_SPAN
 
 from snapscale.gateway.config import GatewayConfig
 from snapscale.gateway.pool import COMING, Pool, Upstream, limits_of
@@ -61,6 +62,7 @@ class Gateway:
         self.address: tuple[str, int] | None = None
         self._bus: Bus | None = None
         self.client = Client(cfg.connect_timeout_s)
+        self._waking: dict[str, trace.Span] = {}  # deployment at zero -> the request that woke it
 
     @property
     def bus(self) -> Bus:
@@ -143,13 +145,19 @@ class Gateway:
                 await asyncio.wait_for(stop.wait(), self.cfg.report_s)
 
     async def _report(self) -> None:
-        """Every deployment with requests since the last report (and once more at zero)."""
+        """Every deployment with requests since the last report (and once more at zero). While
+        requests wait for a deployment's first replica, its reports carry the trace of the request
+        that woke it: whichever report the scaler acts on (it may have learnt of the deployment
+        only after the first), the scale-up continues that request's trace."""
         ts = self.clock()
         for pool in list(self.pools.values()):
             ev = pool.report(self.cfg.gateway_id, ts)
             if ev is not None:
+                waking = self._waking.get(pool.deployment) if not pool.replicas else None
                 try:
-                    await bus.publish_core(self.bus, self.bus.subjects.traffic(ev.deployment), ev)
+                    quiet = {"record_exception": False, "set_status_on_exception": False}
+                    with trace.use_span(waking or INVALID_SPAN, **quiet):
+                        await bus.publish_core(self.bus, self.bus.subjects.traffic(ev.deployment), ev)
                     self.counters["reports"] += 1
                 except Exception as e:  # NATS away: the next report says it again, counted afresh
                     self.counters["reports.failed"] += 1
@@ -162,6 +170,7 @@ class Gateway:
         if now - pool.activated_at < ACTIVATE_EVERY_S:
             return
         pool.activated_at = now
+        self._waking.setdefault(pool.deployment, span)  # the first of the requests that wait
         ev = pool.report(self.cfg.gateway_id, self.clock())
         if ev is None:
             return
@@ -196,7 +205,10 @@ class Gateway:
             except MessageError as e:
                 log.warning("KV replicas %s unreadable (%s); ignored", key, e)
                 return
-            lost = self.pool(ev.deployment).apply(ev, self.clock())
+            pool = self.pool(ev.deployment)
+            lost = pool.apply(ev, self.clock())
+            if pool.replicas:
+                self._waking.pop(pool.deployment, None)  # awake: the next wait is another story
         if lost is not None:
             self._call_off(lost, f"{dep}.{replica}")
 
