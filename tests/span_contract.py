@@ -15,8 +15,10 @@ FALLBACK_ATTR = "fallback.reason"
 
 # The scaler's span per decision that sent commands; the scale-up trace continues it.
 DECISION_SPAN = "scaler.decision"
-# What `snapscale demo` wraps each traffic event it publishes in (a gateway would do the same).
+# What `snapscale traffic` wraps each traffic event it publishes in.
 TRAFFIC_SPAN = "traffic"
+# The gateway's span per request; a request that finds no replica publishes the activation inside it.
+REQUEST_SPAN = "gateway.request"
 
 # Phases of a restore, in order; a cold boot's phases.
 RESTORE_PHASES = (
@@ -37,7 +39,7 @@ PREFETCH_CACHED_BYTES_ATTR = "prefetch.cached_bytes"
 TIME_TO_READY_METRIC = "snapscale.time_to_ready_s"
 TIME_TO_READY_LABELS = frozenset({"tier", "deployment"})
 
-SPAN_NAMES = frozenset({SCALE_UP_SPAN, DECISION_SPAN, TRAFFIC_SPAN, *PHASE_SPANS})
+SPAN_NAMES = frozenset({SCALE_UP_SPAN, DECISION_SPAN, TRAFFIC_SPAN, REQUEST_SPAN, *PHASE_SPANS})
 ATTRIBUTES = frozenset(
     {
         TIER_ATTR,

@@ -104,11 +104,18 @@ def test_a_failed_replica_is_reported_not_ready() -> None:
 
 
 def test_table_and_summary_show_tiers_times_phases_and_ratio() -> None:
-    text = summary(played())
+    st = played()
+    restore = st.scale_ups[1]
+    restore.first_request_at, restore.first_answer_at = 130.01, 131.57  # through the gateway
+    text = summary(st)
     lines = text.splitlines()
-    assert lines[0].split() == ["#", "scale-up", "replica", "tier", "to", "ready", "phases"]
+    head = ["#", "scale-up", "replica", "tier", "to", "ready", "first", "answer", "phases"]
+    assert lines[0].split() == head
     assert "cold" in lines[2] and "12.00s" in lines[2] and "ready_probe 11.40s" in lines[2]
+    assert lines[2].split()[5] == "-"  # no answer was asked for
     assert "cache" in lines[3] and "1.50s" in lines[3] and "criu_restore 0.60s" in lines[3]
+    assert lines[3].split()[4:6] == ["1.50s", "1.56s"]  # ready, and the first answer beside it
+    assert to_plain(st)["scale_ups"][1]["time_to_first_answer_s"] == pytest.approx(1.56)
     assert "checkpoint c1: total 90.0 MB, new 30.0 MB" in text
     assert "cold boot / restore: 8.0x" in text
 

@@ -30,7 +30,10 @@ class ScaleUp:
     endpoint: str = ""
     states: list[str] = field(default_factory=list)
     failed: str = ""
-    answer: str = ""  # what the replica answered the demo's request, once ready
+    answer: str = ""  # the first answer to the demo's request through the gateway
+    # what a user felt: the step's first request sent through the gateway -> its answer received
+    first_request_at: float | None = None
+    first_answer_at: float | None = None
 
     @property
     def time_to_ready_s(self) -> float | None:
@@ -38,12 +41,19 @@ class ScaleUp:
             return None
         return max(0.0, self.ready_at - self.requested_at)
 
+    @property
+    def time_to_first_answer_s(self) -> float | None:
+        if self.first_request_at is None or self.first_answer_at is None:
+            return None
+        return max(0.0, self.first_answer_at - self.first_request_at)
+
     def to_plain(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "replica": self.replica,
             "tier": self.tier.value if self.tier else None,
             "time_to_ready_s": None if self.time_to_ready_s is None else round(self.time_to_ready_s, 3),
+            "time_to_first_answer_s": _round(self.time_to_first_answer_s),
             "reason": self.reason,
             "timings_s": dict(self.timings_s),
             "bytes": dict(self.bytes),
@@ -155,13 +165,17 @@ def cold_restore_ratio(scale_ups: list[ScaleUp], tiers: tuple[Tier, ...] = _REST
     return min(cold) / min(fast)
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def _fmt_phases(timings_s: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.2f}s" for k, v in timings_s.items())
 
 
 def table(scale_ups: list[ScaleUp]) -> str:
     """The scale-ups as an aligned text table."""
-    head = ("#", "scale-up", "replica", "tier", "to ready", "phases")
+    head = ("#", "scale-up", "replica", "tier", "to ready", "first answer", "phases")
     rows = [
         (
             str(i),
@@ -169,6 +183,7 @@ def table(scale_ups: list[ScaleUp]) -> str:
             s.replica,
             s.tier.value if s.tier else "-",
             f"{s.time_to_ready_s:.2f}s" if s.time_to_ready_s is not None else (s.failed or "not ready"),
+            f"{s.time_to_first_answer_s:.2f}s" if s.time_to_first_answer_s is not None else "-",
             _fmt_phases(s.timings_s),
         )
         for i, s in enumerate(scale_ups, 1)
