@@ -30,8 +30,9 @@ DASH_PROVIDERS = COMPOSE / "grafana" / "provisioning" / "dashboards" / "dashboar
 
 SERVICES = {
     "nats", "minio", "minio-init", "otel-collector", "tempo", "prometheus", "grafana", "scaler", "gpu-host",
+    "gateway",
 }  # fmt: skip
-SNAPSCALE_SERVICES = ("scaler", "gpu-host")
+SNAPSCALE_SERVICES = ("scaler", "gpu-host", "gateway")
 SNAPSCALE_ENV = (
     "SNAPSCALE_NATS_URL", "SNAPSCALE_STORE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "SNAPSCALE_SIGNING_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT", "SNAPSCALE_HOST_ID",
@@ -117,7 +118,7 @@ def test_images_are_plain_names(compose: dict[str, Any]) -> None:
 def test_long_running_services_have_healthchecks(compose: dict[str, Any]) -> None:
     services = compose["services"]
     # tempo and otel-collector ship without a shell or wget: no healthcheck can run inside them.
-    for name in ("nats", "minio", "prometheus", "grafana", "scaler", "gpu-host"):
+    for name in ("nats", "minio", "prometheus", "grafana", "scaler", "gpu-host", "gateway"):
         hc = services[name].get("healthcheck")
         assert hc and hc["test"][0] in ("CMD", "CMD-SHELL"), f"{name} lacks a healthcheck"
     # JetStream, not just the server: the healthcheck asks for it.
@@ -410,3 +411,15 @@ def test_dockerfile_reuses_setup_and_puts_criu_on_path() -> None:
     assert {".venv", ".criu", ".git"} <= set(ignored)
     # What the image copies must not be ignored.
     assert not {"scripts", "shared", "services", "snapscale", "examples", "compose"} & set(ignored)
+
+
+def test_the_gateway_reaches_the_replicas_and_is_reachable(compose: dict[str, Any]) -> None:
+    """Replica endpoints are host-local to the GPU host's network: the gateway shares it, and the
+    port it listens on is published there."""
+    services = compose["services"]
+    gw = services["gateway"]
+    assert gw["network_mode"] == "service:gpu-host"
+    listen = gw["command"][gw["command"].index("--listen") + 1]
+    port = listen.rsplit(":", 1)[1]
+    assert f"{port}:{port}" in services["gpu-host"]["ports"]
+    assert "ports" not in gw, "a service on another's network publishes nothing itself"
