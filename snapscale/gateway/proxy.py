@@ -122,7 +122,6 @@ class Proxy:
             # the client's trace, when it sent one: this request's span joins it
             context=propagate.extract(request.headers) if "traceparent" in request.headers else None,
             kind=SpanKind.SERVER,
-            attributes={"snapscale.deployment": r.deployment, "http.request.method": request.method},
         )
         o = Outcome()
         try:
@@ -134,27 +133,33 @@ class Proxy:
             return a.resp
         finally:
             pool.active -= 1
-            self._record(r.deployment, span, o)
+            self._record(r.deployment, request.method, span, o)
 
-    def _record(self, dep: str, span: trace.Span, o: Outcome) -> None:
+    def _record(self, dep: str, method: str, span: trace.Span, o: Outcome) -> None:
         attrs = {"snapscale.deployment": dep}
-        if o.status:
-            span.set_attribute("http.response.status_code", o.status)
-        span.set_attribute("snapscale.gateway.held_s", o.held_s)
-        span.set_attribute("snapscale.gateway.upstream_s", o.upstream_s)
-        if o.replica:
-            span.set_attribute("snapscale.replica", o.replica)
-        if o.tries > 1:
-            span.set_attribute("snapscale.gateway.tries", o.tries)
-        if o.refused:
-            span.set_attribute("snapscale.gateway.refused", o.refused)
-            self.m.refused.add(1, {**attrs, "snapscale.gateway.refused": o.refused})
-        if o.broken:
-            span.set_attribute("snapscale.gateway.broken_by", o.broken)
-        if o.status >= 500 or o.status == 0 or o.broken == "replica":
-            span.set_status(trace.StatusCode.ERROR)
+        if span.is_recording():  # one call: each set_attribute takes the span's lock again
+            a: dict[str, str | int | float] = {
+                **attrs,
+                "http.request.method": method,
+                "http.response.status_code": o.status,
+                "snapscale.gateway.held_s": o.held_s,
+                "snapscale.gateway.upstream_s": o.upstream_s,
+            }
+            if o.replica:
+                a["snapscale.replica"] = o.replica
+            if o.tries > 1:
+                a["snapscale.gateway.tries"] = o.tries
+            if o.refused:
+                a["snapscale.gateway.refused"] = o.refused
+            if o.broken:
+                a["snapscale.gateway.broken_by"] = o.broken
+            span.set_attributes(a)
+            if o.status >= 500 or o.status == 0 or o.broken == "replica":
+                span.set_status(trace.StatusCode.ERROR)
         span.end()
         self.m.requests.add(1, {**attrs, "http.response.status_code": o.status})
+        if o.refused:
+            self.m.refused.add(1, {**attrs, "snapscale.gateway.refused": o.refused})
         if o.held_s > 0:
             self.m.held.record(o.held_s, attrs)
 
