@@ -315,7 +315,9 @@ def summarise(args: argparse.Namespace, phases: list[Phase], held: list[float]) 
             "requests": {"direct": len(d.latencies_ms), "gateway": len(g.latencies_ms)},
             "errors": {"direct": d.errors, "gateway": g.errors},
             "p50_ms": {"direct": d.pct(0.5), "gateway": g.pct(0.5)},
+            "p90_ms": {"direct": d.pct(0.9), "gateway": g.pct(0.9)},
             "p99_ms": {"direct": d.pct(0.99), "gateway": g.pct(0.99)},
+            "added_p90_ms": g.pct(0.9) - d.pct(0.9),
             "added_p50_ms": g.pct(0.5) - d.pct(0.5),
             "added_p99_ms": g.pct(0.99) - d.pct(0.99),
             "gateway_cpu_share": g.gateway_cpu_s / g.wall_s if g.wall_s else None,
@@ -339,14 +341,14 @@ def summarise(args: argparse.Namespace, phases: list[Phase], held: list[float]) 
 
 def render(r: dict[str, Any]) -> str:
     out = [f"machine: {r['machine']}, Python {r['python']}, load average after {r['load_avg'][0]:.2f}"]
-    out.append("| rate | direct p50 / p99 | gateway p50 / p99 | added p50 / p99 | gateway CPU | errors |")
+    out.append("| rate | direct p50 / p99 | gateway p50 / p99 | added p50 / p90 / p99 | gateway CPU | errs |")
     out.append("|---|---|---|---|---|---|")
     for row in r["rates"]:
         cpu = row["gateway_cpu_share"]
         out.append(
             f"| {row['rate']:.0f}/s | {row['p50_ms']['direct']:.3f} / {row['p99_ms']['direct']:.3f} ms "
             f"| {row['p50_ms']['gateway']:.3f} / {row['p99_ms']['gateway']:.3f} ms "
-            f"| {row['added_p50_ms']:.3f} / {row['added_p99_ms']:.3f} ms "
+            f"| {row['added_p50_ms']:.3f} / {row['added_p90_ms']:.3f} / {row['added_p99_ms']:.3f} ms "
             f"| {100 * cpu:.0f}% of a core, {row['gateway_cpu_us_per_request']:.0f} us a request "
             f"| {row['errors']['direct']} / {row['errors']['gateway']} |"
         )
