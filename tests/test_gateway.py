@@ -306,16 +306,18 @@ async def test_a_replica_lost_mid_request_has_its_idempotent_requests_retried_on
 
     # a replica that refuses connections (its process died, its record still says ready): any
     # request, POST too, goes to another once (nothing was sent); a second failure is a 502
-    async with replica(answering("from b")) as b, gateway(settings) as g:
+    async with replica(answering("from b")) as b, gateway(settings, eject_s=0.5) as g:
         pool = g.gw.pools["llm"]
         dead = f"127.0.0.1:{_closed_port()}"
         await record(the_bus, "llm", "ra", S.READY, dead)
         await record(the_bus, "llm", "rb", S.READY, b)
         await eventually(lambda: {"ra", "rb"} <= set(pool.replicas))
         async with aiohttp.ClientSession() as http:
-            for _ in range(4):  # ties go in turn: some of these try the dead one first
+            for _ in range(4):  # ties go in turn: one of these tries the dead one first
                 async with http.post(f"{g.url}/llm/x", data=b"{}") as r:
                     assert (r.status, await r.text()) == (200, "from b")
+            # the dead one was tried once and set aside: the others went straight to rb
+            assert g.gw.counters["ejected"] == 1
             await record(the_bus, "llm", "rb", S.READY, f"127.0.0.1:{_closed_port()}")
             await eventually(lambda: pool.replicas["rb"].endpoint != b)
             async with http.get(f"{g.url}/llm/x") as r:

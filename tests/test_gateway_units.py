@@ -287,3 +287,19 @@ async def test_a_scale_up_trace_that_comes_before_the_record_stays() -> None:
     assert pool.trace["a"] == {"traceparent": "00-1-2-01"}
     pool.apply(ReplicaEvent("llm", "a", "h", S.STOPPED, 0.0), 0.0)
     assert "a" not in pool.trace and not pool.coming
+
+
+async def test_a_replica_refusing_connections_is_set_aside_then_readmitted() -> None:
+    pool = Pool("llm", DEFAULT_LIMITS)
+    ready(pool, "a", 1)
+    assert pool.eject("a") and not pool.eject("a")
+    assert pool.take() is None
+    r = pool.refusal(0.0, queue_full=False)
+    assert r.reason.startswith("deployment llm: its ready replicas refuse connections")
+    w = pool.hold()
+    assert w is not None and not w.future.done()
+    pool.readmit("a")
+    assert w.future.result() is pool.replicas["a"]  # held requests go to it again at once
+    pool.lose("a")
+    pool.readmit("a")  # gone meanwhile: nothing comes back
+    assert pool.take() is None

@@ -24,6 +24,7 @@ class GatewayConfig:
     domain: str = ""  # `<deployment>.<domain>` in the Host header routes; "": path prefixes only
     report_s: float = 0.5  # traffic events per deployment with requests, at least once a second
     connect_timeout_s: float = 5.0  # to a replica; a refused or timed-out connect is retried
+    eject_s: float = 5.0  # a replica that refused a connection gets no new requests this long
     via: str = "snapscale-gateway"  # the pseudonym in the Via header
 
     def __post_init__(self) -> None:
@@ -31,8 +32,11 @@ class GatewayConfig:
             raise ConfigError(f"gateway listen port: must be within 0..65535, got {self.listen_port}")
         if not 0 < self.report_s <= 1.0:
             raise ConfigError(f"gateway report_s: must be within (0, 1] s, got {self.report_s}")
-        if self.connect_timeout_s <= 0:
-            raise ConfigError(f"gateway connect_timeout_s: must be positive, got {self.connect_timeout_s}")
+        if self.connect_timeout_s <= 0 or self.eject_s <= 0:
+            raise ConfigError(
+                f"gateway connect_timeout_s and eject_s: must be positive, got {self.connect_timeout_s}, "
+                f"{self.eject_s}"
+            )
         if self.domain.startswith(".") or self.domain.endswith("."):
             raise ConfigError(f"gateway domain {self.domain!r}: give it without leading or trailing dots")
 

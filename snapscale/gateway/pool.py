@@ -214,9 +214,24 @@ class Pool:
 
     def _out(self, replica: str) -> Upstream | None:
         up = self.replicas.pop(replica, None)
-        if up is not None:
+        if up is not None and up in self._order:
             self._order.remove(up)
         return up
+
+    def eject(self, replica: str) -> bool:
+        """`replica` refused a connection though its record says ready (a host gone, a process
+        dead): no new request goes to it until `readmit`, or until its record says more."""
+        up = self.replicas.get(replica)
+        if up is None or up not in self._order:
+            return False
+        self._order.remove(up)
+        return True
+
+    def readmit(self, replica: str) -> None:
+        up = self.replicas.get(replica)
+        if up is not None and up not in self._order:
+            self._order.append(up)
+            self._serve()
 
     def undeploy(self) -> None:
         """The spec left KV: held requests are answered with `DeploymentGone`."""
@@ -251,6 +266,8 @@ class Pool:
             why, after = "placing a replica", 1
         elif self._order:
             why, after = f"every replica is at its limit of {self.limits.concurrency} requests", 1
+        elif self.replicas:
+            why, after = "its ready replicas refuse connections", 1
         elif self.failure is not None and now - self.failure[0] < FAILURE_MEMORY_S:
             why, after = f"failed: {self.failure[1]}", 5
         else:

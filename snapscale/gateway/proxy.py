@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -98,8 +99,10 @@ class Proxy:
         client: Client,
         activate: Activate,
         instruments: Metrics,
+        counters: Counter[str],
     ) -> None:
         self.cfg = cfg
+        self.counters = counters
         self.m = instruments
         self.pools = pools
         self.client = client
@@ -200,6 +203,10 @@ class Proxy:
             try:
                 return await self._exchange(request, r, up, headers, body, attempt, o)
             except _Failed as e:
+                if e.unsent and pool.eject(up.replica):
+                    self.counters["ejected"] += 1  # new requests skip it for a while: none pays again
+                    asyncio.get_running_loop().call_later(self.cfg.eject_s, pool.readmit, up.replica)
+                    log.warning("replica %s refuses connections: aside for %gs", up.replica, self.cfg.eject_s)
                 if o.tries > 1 or not (retriable or e.unsent):
                     log.warning("%s %s: replica %s: %s", request.method, request.path, up.replica, e)
                     return text(502, f"deployment {r.deployment}: replica {up.replica} failed: {e}")

@@ -92,7 +92,8 @@ class Gateway:
                 self.bus, self.bus.subjects.evt_replica_all(), ReplicaEvent, self._on_event
             )
             subs.append(sub)
-            proxy = Proxy(self.cfg, self.pools, self.client, self._activate, Metrics(self.meter))
+            m = Metrics(self.meter)
+            proxy = Proxy(self.cfg, self.pools, self.client, self._activate, m, self.counters)
             runner = web.ServerRunner(web.Server(proxy.handle, access_log=None), shutdown_timeout=DRAIN_S)
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port, backlog=1024)
