@@ -428,3 +428,37 @@ async def test_answers_read_to_the_close_and_answers_cut_short(the_bus: Bus, set
             except aiohttp.ClientPayloadError:
                 got = None
             assert got is None, f"a cut answer read as a whole one: {got!r}"
+
+
+async def test_a_client_that_leaves_takes_its_held_request_and_its_work_with_it(
+    the_bus: Bus, settings: Settings
+) -> None:
+    await deploy(the_bus, "llm")
+    seen_close = asyncio.Event()
+
+    async def slow(r: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        await resp.prepare(r)
+        try:
+            for _ in range(100):
+                await resp.write(b"token ")
+                await asyncio.sleep(0.05)
+        except ConnectionResetError:
+            seen_close.set()  # the gateway closed its side: the replica can stop generating
+        return resp
+
+    async with gateway(settings) as g:
+        pool = g.gw.pools["llm"]
+        async with aiohttp.ClientSession() as http:
+            held = asyncio.create_task(http.get(f"{g.url}/llm/x"))
+            await eventually(lambda: len(pool.waiters) == 1)
+            held.cancel()  # the client gives up while its request is held
+        await eventually(lambda: not pool.waiters and pool.active == 0, 5, "the held request gone")
+        async with replica(slow) as ep:
+            await record(the_bus, "llm", "r1", S.READY, ep)
+            await eventually(lambda: "r1" in pool.replicas)
+            async with aiohttp.ClientSession() as http, http.get(f"{g.url}/llm/gen") as r:
+                assert await r.content.readexactly(6) == b"token "
+            # the client closed mid-answer: the gateway closes the replica's connection too
+            await asyncio.wait_for(seen_close.wait(), 5)
+            await eventually(lambda: pool.active == 0 and pool.replicas["r1"].outstanding == 0, 5)

@@ -134,6 +134,9 @@ class Proxy:
         except _Answer as a:
             o.status = a.resp.status
             return a.resp
+        except asyncio.CancelledError:
+            o.broken = o.broken or "client"  # it went away (or the gateway stops)
+            raise
         finally:
             pool.active -= 1
             self._record(r.deployment, request.method, span, o)

@@ -94,7 +94,10 @@ class Gateway:
             subs.append(sub)
             m = Metrics(self.meter)
             proxy = Proxy(self.cfg, self.pools, self.client, self._activate, m, self.counters)
-            runner = web.ServerRunner(web.Server(proxy.handle, access_log=None), shutdown_timeout=DRAIN_S)
+            # a client that goes away cancels its handler: a held request leaves the queue, and the
+            # replica's connection is closed, so it stops working for nobody
+            server = web.Server(proxy.handle, access_log=None, handler_cancellation=True)
+            runner = web.ServerRunner(server, shutdown_timeout=DRAIN_S)
             await runner.setup()
             site = web.TCPSite(runner, self.cfg.listen_host, self.cfg.listen_port, backlog=1024)
             await site.start()
@@ -176,8 +179,12 @@ class Gateway:
         if ev is None:
             return
         self.counters["activations"] += 1
-        with trace.use_span(span):
-            await bus.publish_core(self.bus, self.bus.subjects.traffic(pool.deployment), ev)
+        try:
+            with trace.use_span(span):
+                await bus.publish_core(self.bus, self.bus.subjects.traffic(pool.deployment), ev)
+        except Exception as e:  # NATS away: the request still waits; the next report says it again
+            self.counters["reports.failed"] += 1
+            log.warning("activation for %s not sent: %s", pool.deployment, e)
 
     # --- what KV and the replica events say -------------------------------------------------
     def _on_spec(self, key: str, value: bytes | None) -> None:
