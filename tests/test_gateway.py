@@ -462,3 +462,33 @@ async def test_a_client_that_leaves_takes_its_held_request_and_its_work_with_it(
             # the client closed mid-answer: the gateway closes the replica's connection too
             await asyncio.wait_for(seen_close.wait(), 5)
             await eventually(lambda: pool.active == 0 and pool.replicas["r1"].outstanding == 0, 5)
+
+
+async def test_expect_100_continue_is_answered_by_the_gateway(the_bus: Bus, settings: Settings) -> None:
+    """curl sends `Expect: 100-continue` before a body over 1 KiB and waits a second for a go-ahead:
+    the gateway gives it at once (the header does not go upstream)."""
+    await deploy(the_bus, "llm")
+    async with replica(echo) as ep, gateway(settings) as g:
+        await record(the_bus, "llm", "r1", S.READY, ep)
+        await eventually(lambda: "r1" in g.gw.pools["llm"].replicas)
+        host, port = g.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = b"x" * 2000
+        writer.write(
+            b"POST /llm/up HTTP/1.1\r\nHost: gw\r\nContent-Length: 2000\r\nExpect: 100-continue\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, rest = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        got = orjson.loads(rest)
+        assert got["body"] == body.decode()
+        assert "expect" not in {k.lower() for k, _v in got["headers"]}
+        # an expectation it does not know: 417
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"POST /llm/up HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nExpect: magic\r\n\r\nhi")
+        assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 417")
+        writer.close()

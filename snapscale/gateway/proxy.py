@@ -174,6 +174,13 @@ class Proxy:
     ) -> web.StreamResponse:
         retriable = request.method in IDEMPOTENT
         body: bytes | aiohttp.StreamReader | None = None
+        expect = request.headers.get("Expect")
+        if expect is not None and request.version >= (1, 1):
+            # the gateway takes the body (it may have to hold the request): it says go on itself
+            if expect.lower() != "100-continue":
+                return text(417, f"Expect: {expect[:80]!r} is not something this gateway does")
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the answer proper has not begun
         if request.body_exists:
             n = request.content_length
             if retriable and n is not None and n <= REPLAY_MAX_BYTES:
