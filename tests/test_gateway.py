@@ -492,3 +492,22 @@ async def test_expect_100_continue_is_answered_by_the_gateway(the_bus: Bus, sett
         writer.write(b"POST /llm/up HTTP/1.1\r\nHost: gw\r\nContent-Length: 2\r\nExpect: magic\r\n\r\nhi")
         assert (await asyncio.wait_for(reader.readuntil(b"\r\n"), 5)).startswith(b"HTTP/1.1 417")
         writer.close()
+
+
+async def test_a_failure_the_scaler_declares_is_the_reason_held_requests_get(
+    the_bus: Bus, settings: Settings
+) -> None:
+    """The scaler fails a replica that was not ready in time with an event, then deletes its
+    record: the event's reason is what the 503 says."""
+    await deploy(the_bus, "llm", queue_timeout_s=0.3)
+    async with gateway(settings) as g, aiohttp.ClientSession() as http:
+        pool = g.gw.pools["llm"]
+        await record(the_bus, "llm", "r1", S.PENDING)
+        await eventually(lambda: "r1" in pool.coming)
+        failed = ReplicaEvent("llm", "r1", "host-a", S.FAILED, time.time(), reason="not ready within 30s")
+        await bus.publish(the_bus, the_bus.subjects.evt_replica("llm"), failed)
+        await the_bus.kv[Bucket.REPLICAS].delete("llm.r1")
+        await eventually(lambda: not pool.coming and pool.failure is not None)
+        async with http.get(f"{g.url}/llm/x") as r:
+            assert (r.status, r.headers["Retry-After"]) == (503, "5")
+            assert await r.text() == "deployment llm: failed: not ready within 30s; no replica within 0.3s\n"

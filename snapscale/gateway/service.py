@@ -222,14 +222,15 @@ class Gateway:
 
     async def _on_event(self, ev: ReplicaEvent, msg: Msg) -> None:
         """Replica events carry the scale-up's trace context (KV records do not): kept per replica
-        for the links of the requests it serves. A failure the scaler declares (a lost host) is
-        only an event: it takes the replica out of service as a KV record would."""
+        for the links of the requests it serves. A failure the scaler declares (a lost host, a
+        replica not ready in time) is an event, then a deleted record: the event takes the replica
+        out of service and gives held requests the reason."""
         pool = self.pools.get(ev.deployment)
         if pool is None:
             return
         if ev.state in COMING and msg.headers and "traceparent" in msg.headers:
             pool.trace.setdefault(ev.replica, dict(msg.headers))
-        elif ev.state in OUT_OF_SERVICE and ev.replica in pool.replicas:
+        elif ev.state in OUT_OF_SERVICE:
             lost = pool.apply(ev, self.clock())
             if lost is not None:
                 self._call_off(lost, f"{ev.deployment}.{ev.replica}")
