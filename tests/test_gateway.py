@@ -51,6 +51,8 @@ async def test_unknown_deployment_and_none_named_get_a_404_with_a_reason(
         await eventually(lambda: not g.gw.pools["llm"].deployed)
         async with http.get(f"{g.url}/llm/") as r:
             assert r.status == 404
+        counted = g.metric("snapscale.gateway.requests")
+        assert sum(v for a, v in counted if a["http.response.status_code"] == 404) == 4
 
 
 async def test_path_and_host_routing_with_the_proxy_headers(the_bus: Bus, settings: Settings) -> None:
