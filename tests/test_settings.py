@@ -58,7 +58,7 @@ def test_signing_key_required_when_used() -> None:
 def test_subjects_match_design() -> None:
     s = Subjects()
     assert s.traffic("llm") == "snapscale.traffic.llm"
-    assert s.cmd(Verb.SCALE_UP, "h1") == "snapscale.cmd.restore.h1"
+    assert s.cmd(Verb.SCALE_UP, "h1") == "snapscale.cmd.scale-up.h1"
     assert s.evt_replica("llm") == "snapscale.evt.replica.llm"
     assert s.evt_checkpoint("llm") == "snapscale.evt.checkpoint.llm"
     assert s.evt_host("h1") == "snapscale.evt.host.h1"
