@@ -43,11 +43,20 @@ def test_from_env_reads_everything() -> None:
         ({"SNAPSCALE_STORE": "file://relative"}, "absolute path"),
         ({"SNAPSCALE_CACHE_BYTES": "lots"}, "not an integer"),
         ({"SNAPSCALE_S3_DIRECT_GET": "maybe"}, "say 1 or 0"),
+        ({"SNAPSCALE_METRICS_PORT": "70000"}, "1-65535"),
+        ({"SNAPSCALE_METRICS_PORT": "metrics"}, "not an integer"),
     ],
 )
 def test_bad_env_is_a_config_error(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         Settings.from_env(env)
+
+
+def test_metrics_endpoint_is_opt_in_and_local_by_default() -> None:
+    assert Settings.from_env({}).metrics_address is None
+    assert Settings.from_env({"SNAPSCALE_METRICS_PORT": "9464"}).metrics_address == ("127.0.0.1", 9464)
+    s = Settings.from_env({"SNAPSCALE_METRICS_PORT": "9464", "SNAPSCALE_METRICS_HOST": "0.0.0.0"})
+    assert s.metrics_address == ("0.0.0.0", 9464)
 
 
 def test_signing_key_required_when_used() -> None:

@@ -47,7 +47,9 @@ def _serve(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
-        telemetry.setup(settings.service_name, settings.otlp_endpoint)
+        telemetry.setup(
+            settings.service_name, settings.otlp_endpoint, metrics_address=settings.metrics_address
+        )
         stop = asyncio.Event()
         runtime.install_stop_signals(stop)
         try:

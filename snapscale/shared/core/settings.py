@@ -77,8 +77,14 @@ class Settings:
     host_id: str = field(default_factory=socket.gethostname)
     criu_path: str | None = None  # SNAPSCALE_CRIU; else found by snapscale.shared.engine.criu
     otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT; None exports nothing
+    metrics_port: int | None = None  # SNAPSCALE_METRICS_PORT: serve Prometheus /metrics; None: no listener
+    metrics_host: str = "127.0.0.1"  # SNAPSCALE_METRICS_HOST: the address it listens on
     service_name: str = "snapscale"
     log_level: str = "INFO"
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return None if self.metrics_port is None else (self.metrics_host, self.metrics_port)
 
     def require_signing_key(self) -> bytes:
         if not self.signing_key:
@@ -109,6 +115,8 @@ class Settings:
             host_id=e.get("SNAPSCALE_HOST_ID") or socket.gethostname(),
             criu_path=e.get("SNAPSCALE_CRIU") or None,
             otlp_endpoint=e.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            metrics_port=_port(e, "SNAPSCALE_METRICS_PORT"),
+            metrics_host=e.get("SNAPSCALE_METRICS_HOST") or "127.0.0.1",
             service_name=e.get("OTEL_SERVICE_NAME", "snapscale"),
             log_level=e.get("SNAPSCALE_LOG_LEVEL", "INFO"),
         )
@@ -125,6 +133,15 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name}={raw!r}: say 1 or 0")
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    if not env.get(name):
+        return None
+    port = _int(env, name, 0)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name}={port}: a TCP port is 1-65535")
+    return port
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:
