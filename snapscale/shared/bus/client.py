@@ -15,6 +15,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.js.kv import KeyValue
 
+from snapscale.shared.bus.auth import connect_options
 from snapscale.shared.bus.messages import M, decode_message, encode_message
 from snapscale.shared.bus.subjects import Bucket, Subjects
 from snapscale.shared.core import telemetry
@@ -28,7 +29,8 @@ DEDUP_WINDOW_S = 600.0
 
 
 async def connect(settings: Settings, name: str) -> NATS:
-    """Connect with unbounded reconnects; connection trouble is logged, never raised later."""
+    """Connect with unbounded reconnects; connection trouble is logged, never raised later.
+    Credentials and TLS come from `settings.nats_auth` (bus/auth.py)."""
 
     async def on_error(e: Exception) -> None:
         log.warning("nats: %s", e)
@@ -48,6 +50,7 @@ async def connect(settings: Settings, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        **connect_options(settings.nats_auth),
     )
 
 
