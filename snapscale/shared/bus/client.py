@@ -4,6 +4,7 @@ context, subscribe on core NATS. The JetStream consumer loop is consumer.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from nats.js.kv import KeyValue
 from snapscale.shared.bus.messages import M, decode_message, encode_message
 from snapscale.shared.bus.subjects import Bucket, Subjects
 from snapscale.shared.core import telemetry
-from snapscale.shared.core.errors import MessageError, RetryableError
+from snapscale.shared.core.errors import ConfigError, MessageError, RetryableError
 from snapscale.shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,19 +29,22 @@ DEDUP_WINDOW_S = 600.0
 
 
 async def connect(settings: Settings, name: str) -> NATS:
-    """Connect with unbounded reconnects; connection trouble is logged, never raised later."""
+    """Connect to any of the configured servers with unbounded reconnects (to another server of a
+    cluster when one goes); connection trouble is logged, never raised later."""
 
     async def on_error(e: Exception) -> None:
         log.warning("nats: %s", e)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s", settings.nats_url)
+        log.warning("nats: disconnected (servers %s)", settings.nats_url)
 
     async def on_reconnect() -> None:
-        log.info("nats: reconnected")
+        url = conn[0].connected_url if conn else None
+        log.info("nats: reconnected to %s", url.netloc if url else "a server")
 
-    return await nats.connect(
-        settings.nats_url,
+    conn: list[NATS] = []
+    nc = await nats.connect(
+        settings.nats_servers,
         name=name,
         max_reconnect_attempts=-1,
         reconnect_time_wait=0.5,
@@ -49,6 +53,8 @@ async def connect(settings: Settings, name: str) -> NATS:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
     )
+    conn.append(nc)
+    return nc
 
 
 @dataclass
@@ -69,12 +75,16 @@ async def open_bus(settings: Settings, name: str) -> Bus:
     nc = await connect(settings, name)
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)
-    kv = await ensure_topology(js, subjects)
+    kv = await ensure_topology(js, subjects, replicas=settings.js_replicas)
     return Bus(nc=nc, js=js, subjects=subjects, kv=kv)
 
 
-async def ensure_topology(js: JetStreamContext, s: Subjects) -> dict[Bucket, KeyValue]:
-    """Create (or leave as they are) the command and event streams and the KV buckets."""
+async def ensure_topology(js: JetStreamContext, s: Subjects, replicas: int = 1) -> dict[Bucket, KeyValue]:
+    """Create the command and event streams and the KV buckets, each kept on `replicas` servers.
+
+    One that exists is left as it is, except its replica count: raised or lowered to `replicas`,
+    so a single server's streams follow when SNAPSCALE_JS_REPLICAS grows with a cluster.
+    """
     await _ensure_stream(
         js,
         api.StreamConfig(
@@ -83,6 +93,7 @@ async def ensure_topology(js: JetStreamContext, s: Subjects) -> dict[Bucket, Key
             retention=api.RetentionPolicy.WORK_QUEUE,
             duplicate_window=DEDUP_WINDOW_S,
             max_age=24 * 3600,
+            num_replicas=replicas,
         ),
     )
     await _ensure_stream(
@@ -93,6 +104,7 @@ async def ensure_topology(js: JetStreamContext, s: Subjects) -> dict[Bucket, Key
             retention=api.RetentionPolicy.LIMITS,
             duplicate_window=DEDUP_WINDOW_S,
             max_age=7 * 24 * 3600,
+            num_replicas=replicas,
         ),
     )
     out: dict[Bucket, KeyValue] = {}
@@ -103,9 +115,12 @@ async def ensure_topology(js: JetStreamContext, s: Subjects) -> dict[Bucket, Key
             out[b] = await js.key_value(s.bucket(b))
         except (NotFoundError, BadRequestError):
             try:
-                out[b] = await js.create_key_value(bucket=s.bucket(b), ttl=ttl, history=history)
+                out[b] = await js.create_key_value(
+                    bucket=s.bucket(b), ttl=ttl, history=history, replicas=replicas
+                )
             except BadRequestError:  # created concurrently by another process
                 out[b] = await js.key_value(s.bucket(b))
+        await _replicate(js, f"KV_{s.bucket(b)}", replicas)
     return out
 
 
@@ -118,6 +133,23 @@ async def _ensure_stream(js: JetStreamContext, cfg: api.StreamConfig) -> None:
             await js.add_stream(cfg)
         except BadRequestError:
             await js.stream_info(cfg.name)  # another process won the race
+    await _replicate(js, cfg.name, cfg.num_replicas or 1)
+
+
+async def _replicate(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Set an existing stream's replica count to `replicas` when it differs."""
+    info = await js.stream_info(stream)
+    have = info.config.num_replicas or 1
+    if have == replicas:
+        return
+    log.info("stream %s: %d replicas -> %d (SNAPSCALE_JS_REPLICAS)", stream, have, replicas)
+    try:
+        await js.update_stream(dataclasses.replace(info.config, num_replicas=replicas))
+    except BadRequestError as e:
+        raise ConfigError(
+            f"SNAPSCALE_JS_REPLICAS={replicas}: stream {stream} cannot be kept on {replicas} servers "
+            f"({e.description}); a cluster needs at least that many JetStream servers"
+        ) from None
 
 
 async def publish(
