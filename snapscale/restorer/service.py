@@ -20,6 +20,7 @@ from snapscale.restorer.cleanup import reap
 from snapscale.restorer.compat import CompatKeys, deployment_keys
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.errors import describe
+from snapscale.restorer.forwarding import Forwards
 from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Entry, Ledger
@@ -94,6 +95,7 @@ class Restorer:
                     ledger=Ledger(work / "commands"),
                     registry=SandboxRegistry(s.state_dir),  # where the freezer looks
                     checkpoints=Checkpoints(store, cache, s.signing_key),
+                    forwards=Forwards(c, s.namespace),
                     hot=HotImages(c.hot_root(s), c.hot_images),
                 )
                 h = Host(tools, Replicas())
@@ -205,6 +207,7 @@ class Restorer:
                     raise
             except asyncio.CancelledError:
                 t.slots.free(cmd.replica)
+                await t.forwards.close(cmd.replica)
                 await reap(run_dir)
                 if cmd.replica in r.cancelled_by_release:
                     r.cancelled_by_release.discard(cmd.replica)
@@ -216,6 +219,7 @@ class Restorer:
                 raise
             except Exception as e:
                 t.slots.free(cmd.replica)
+                await t.forwards.close(cmd.replica)
                 await reap(run_dir)
                 reason = describe(e)  # a failed cold boot's error already lists the tiers before it
                 root.set_status(trace.StatusCode.ERROR, reason)
@@ -241,7 +245,8 @@ class Restorer:
                     command_id=cmd.id,
                     tier=lv.tier,
                     reason=a.reason,
-                    endpoint=lv.sandbox.endpoint,
+                    endpoint=t.forwards.endpoint(lv.sandbox),
+                    local_endpoint=lv.sandbox.endpoint,
                     checkpoint_id=lv.checkpoint_id,
                     gpu_uuids=list(lv.sandbox.gpu_uuids),
                     timings_s=dict(a.timings_s),
