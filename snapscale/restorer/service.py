@@ -7,6 +7,7 @@ Every command is acked only once its outcome is in the ledger and on the bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,7 @@ from snapscale.shared import bus as busmod
 from snapscale.shared.bus import (
     Bucket,
     DeploymentSpec,
+    HostHeartbeat,
     M,
     PrefetchCommand,
     ReleaseCommand,
@@ -324,20 +326,37 @@ class Restorer:
         t = h.tools
         pruned_at = time.monotonic()
         catalog_read_at = float("-inf")  # monotonic time the inventory last read the catalog
-        while not stop.is_set():
-            try:
-                host_part = await t.compat.host_part()
-                keys = await deployment_keys(t.bus, t.compat)
-                if time.monotonic() >= catalog_read_at + CATALOG_REFRESH_S:
-                    catalog_read_at = time.monotonic()
-                    await learn_catalog(t, keys)
-                await publish_heartbeat(h, host_part, keys)
-            except Exception as e:  # a missed beat is logged; the next one may get through
-                log.warning("heartbeat failed: %s", e)
-            if time.monotonic() - pruned_at > PRUNE_EVERY_S:  # a long-lived restorer forgets old ids too
-                pruned_at = time.monotonic()
-                await asyncio.to_thread(t.ledger.prune, time.time() - LEDGER_KEEP_S)
-            await self._until_next_beat(stop, t.config.heartbeat_s)
+        keys: dict[str, str] = {}
+        kv_write: asyncio.Task[None] | None = None
+        # JetStream reads and writes get one interval: while a NATS cluster elects a stream leader
+        # they hang for seconds, and a beat held that long makes the scaler count the host lost.
+        # The beat itself is core NATS, which any live server carries at once.
+        bound_s = t.config.heartbeat_s
+        try:
+            while not stop.is_set():
+                try:
+                    host_part = await t.compat.host_part()
+                    try:
+                        keys = await asyncio.wait_for(deployment_keys(t.bus, t.compat), bound_s)
+                    except Exception as e:
+                        log.info("heartbeat: deployments unreadable (%r): the last known keys go out", e)
+                    if time.monotonic() >= catalog_read_at + CATALOG_REFRESH_S:
+                        catalog_read_at = time.monotonic()
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(learn_catalog(t, keys), bound_s)
+                    hb = heartbeat_of(h, host_part, keys)
+                    await busmod.publish_core(t.bus, t.bus.subjects.evt_host(t.name), hb)
+                    if kv_write is None or kv_write.done():  # one KV write at a time, beside the beats
+                        kv_write = asyncio.create_task(_put_host(t, hb), name="heartbeat KV write")
+                except Exception as e:  # a missed beat is logged; the next one may get through
+                    log.warning("heartbeat failed: %s", e)
+                if time.monotonic() - pruned_at > PRUNE_EVERY_S:  # a long-lived restorer forgets old ids
+                    pruned_at = time.monotonic()
+                    await asyncio.to_thread(t.ledger.prune, time.time() - LEDGER_KEEP_S)
+                await self._until_next_beat(stop, t.config.heartbeat_s)
+        finally:
+            if kv_write is not None:
+                kv_write.cancel()
 
     async def _until_next_beat(self, stop: asyncio.Event, timeout_s: float) -> None:
         """Sleep `timeout_s`, or less when stopping or when a release asked for a beat now."""
@@ -355,11 +374,11 @@ class Restorer:
         return self.host
 
 
-async def publish_heartbeat(h: Host, host_part: CompatKey, keys: dict[str, str]) -> None:
-    """The inventory on `evt.host.<host>` and in KV `hosts`: this host's key (`host_part`), its
+def heartbeat_of(h: Host, host_part: CompatKey, keys: dict[str, str]) -> HostHeartbeat:
+    """The inventory for `evt.host.<host>` and KV `hosts`: this host's key (`host_part`), its
     slots, cache and replicas, and `keys`, its compat hash for each deployment."""
     t = h.tools
-    hb = inventory.heartbeat(
+    return inventory.heartbeat(
         host=t.name,
         now=t.now(),
         compat_hash=host_part.hash(),
@@ -372,8 +391,14 @@ async def publish_heartbeat(h: Host, host_part: CompatKey, keys: dict[str, str])
         interval_s=t.config.heartbeat_s,
         compat_hashes=keys,
     )
-    await busmod.publish_core(t.bus, t.bus.subjects.evt_host(t.name), hb)
-    await t.bus.kv[Bucket.HOSTS].put(t.name, encode_message(hb))
+
+
+async def _put_host(t: HostTools, hb: HostHeartbeat) -> None:
+    """KV `hosts` (what a starting scaler reads); a failed write is logged, the next beat retries."""
+    try:
+        await t.bus.kv[Bucket.HOSTS].put(t.name, encode_message(hb))
+    except Exception as e:
+        log.warning("heartbeat: KV hosts write failed: %s", e)
 
 
 async def learn_catalog(t: HostTools, keys: dict[str, str]) -> None:
