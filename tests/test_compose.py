@@ -94,7 +94,7 @@ def test_docker_compose_config_validates() -> None:
     cmd = _docker_compose()
     if cmd is None:
         pytest.skip("no `docker compose` here; the structural tests below stand in for it")
-    for files in ([COMPOSE_FILE], [COMPOSE_FILE, CPU_FILE]):
+    for files in ([COMPOSE_FILE], [COMPOSE_FILE, CPU_FILE], [COMPOSE_FILE, CLUSTER_FILE]):
         args = [a for f in files for a in ("-f", str(f))]
         r = subprocess.run([*cmd, *args, "config", "-q"], capture_output=True, text=True, check=False)
         assert r.returncode == 0, r.stderr
@@ -410,3 +410,40 @@ def test_dockerfile_reuses_setup_and_puts_criu_on_path() -> None:
     assert {".venv", ".criu", ".git"} <= set(ignored)
     # What the image copies must not be ignored.
     assert not {"scripts", "shared", "services", "snapscale", "examples", "compose"} & set(ignored)
+
+
+CLUSTER_FILE = COMPOSE / "docker-compose.cluster.yml"
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Compose's merge of an override file, as far as these files use it: mappings merge key by
+    key (environment too), a list replaces (command)."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def test_cluster_override_runs_three_routed_nats_nodes_and_r3_services(compose: dict[str, Any]) -> None:
+    over = load_yaml(CLUSTER_FILE)
+    merged = _merged(compose, over)
+    services = merged["services"]
+    nodes = ["nats", "nats-2", "nats-3"]
+    names, routes = set(), set()
+    for node in nodes:
+        cmd = services[node]["command"]
+        assert "-js" in cmd and cmd[cmd.index("--cluster_name") + 1] == "snapscale"
+        names.add(cmd[cmd.index("-n") + 1])
+        routes.add(cmd[cmd.index("-routes") + 1])
+        assert "js-enabled" in " ".join(services[node]["healthcheck"]["test"])
+    assert len(names) == 3, "every node needs its own server name in a JetStream cluster"
+    [route_list] = routes  # one route list, naming every node's cluster port
+    assert sorted(u.split("//")[1].split(":")[0] for u in route_list.split(",")) == sorted(nodes)
+    assert {"nats-2-data", "nats-3-data"} <= set(merged["volumes"])
+    for name in SNAPSCALE_SERVICES:
+        env = {k: interpolate(str(v), {}) for k, v in services[name]["environment"].items()}
+        s = Settings.from_env(env)  # the services' own parser
+        assert [u.split("//")[1].split(":")[0] for u in s.nats_servers] == nodes
+        assert s.js_replicas == 3
+        assert s.store.scheme == "s3", "the override keeps the base file's other settings"
+        assert {"nats", "nats-2", "nats-3"} <= set(services[name]["depends_on"])
