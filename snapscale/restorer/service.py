@@ -7,7 +7,6 @@ Every command is acked only once its outcome is in the ledger and on the bus.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -323,31 +322,30 @@ class Restorer:
 
     # --- inventory ---------------------------------------------------------------------
     async def _heartbeats(self, h: Host, stop: asyncio.Event) -> None:
+        """Beat every interval on core NATS, which any live server carries at once. What takes
+        JetStream (reading the deployments and the catalog, writing KV hosts) runs beside the beats:
+        while a NATS cluster elects a stream leader those requests hang for seconds, and a beat held
+        that long makes the scaler count the host lost."""
         t = h.tools
         pruned_at = time.monotonic()
-        catalog_read_at = float("-inf")  # monotonic time the inventory last read the catalog
-        keys: dict[str, str] = {}
-        kv_write: asyncio.Task[None] | None = None
-        # JetStream reads and writes get one interval: while a NATS cluster elects a stream leader
-        # they hang for seconds, and a beat held that long makes the scaler count the host lost.
-        # The beat itself is core NATS, which any live server carries at once.
-        bound_s = t.config.heartbeat_s
+        catalog_read_at = time.monotonic()
+        keys = await _inventory_keys(t, learn=True)  # the first beat already names them
+        reading: asyncio.Task[dict[str, str]] | None = None
+        writing: asyncio.Task[None] | None = None
         try:
             while not stop.is_set():
                 try:
-                    host_part = await t.compat.host_part()
-                    try:
-                        keys = await asyncio.wait_for(deployment_keys(t.bus, t.compat), bound_s)
-                    except Exception as e:
-                        log.info("heartbeat: deployments unreadable (%r): the last known keys go out", e)
-                    if time.monotonic() >= catalog_read_at + CATALOG_REFRESH_S:
-                        catalog_read_at = time.monotonic()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(learn_catalog(t, keys), bound_s)
-                    hb = heartbeat_of(h, host_part, keys)
+                    if reading is not None and reading.done():
+                        keys = _keys_read(reading, keys)
+                        reading = None
+                    if reading is None:
+                        learn = time.monotonic() >= catalog_read_at + CATALOG_REFRESH_S
+                        catalog_read_at = time.monotonic() if learn else catalog_read_at
+                        reading = asyncio.create_task(_inventory_keys(t, learn), name="heartbeat keys")
+                    hb = heartbeat_of(h, await t.compat.host_part(), keys)
                     await busmod.publish_core(t.bus, t.bus.subjects.evt_host(t.name), hb)
-                    if kv_write is None or kv_write.done():  # one KV write at a time, beside the beats
-                        kv_write = asyncio.create_task(_put_host(t, hb), name="heartbeat KV write")
+                    if writing is None or writing.done():
+                        writing = asyncio.create_task(_put_host(t, hb), name="heartbeat KV write")
                 except Exception as e:  # a missed beat is logged; the next one may get through
                     log.warning("heartbeat failed: %s", e)
                 if time.monotonic() - pruned_at > PRUNE_EVERY_S:  # a long-lived restorer forgets old ids
@@ -355,8 +353,9 @@ class Restorer:
                     await asyncio.to_thread(t.ledger.prune, time.time() - LEDGER_KEEP_S)
                 await self._until_next_beat(stop, t.config.heartbeat_s)
         finally:
-            if kv_write is not None:
-                kv_write.cancel()
+            for task in (reading, writing):
+                if task is not None:
+                    task.cancel()
 
     async def _until_next_beat(self, stop: asyncio.Event, timeout_s: float) -> None:
         """Sleep `timeout_s`, or less when stopping or when a release asked for a beat now."""
@@ -391,6 +390,24 @@ def heartbeat_of(h: Host, host_part: CompatKey, keys: dict[str, str]) -> HostHea
         interval_s=t.config.heartbeat_s,
         compat_hashes=keys,
     )
+
+
+async def _inventory_keys(t: HostTools, learn: bool) -> dict[str, str]:
+    """This host's compat hash per deployment; with `learn`, the catalog's manifests for them too."""
+    keys = await deployment_keys(t.bus, t.compat)
+    if learn:
+        await learn_catalog(t, keys)
+    return keys
+
+
+def _keys_read(task: asyncio.Task[dict[str, str]], last: dict[str, str]) -> dict[str, str]:
+    """A finished read's keys, or `last` when it failed (the beat goes on with what it knew)."""
+    if task.cancelled():
+        return last
+    if (e := task.exception()) is not None:
+        log.info("heartbeat: deployments unreadable (%s): the last known keys go out", e)
+        return last
+    return task.result()
 
 
 async def _put_host(t: HostTools, hb: HostHeartbeat) -> None:
