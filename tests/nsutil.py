@@ -1,14 +1,19 @@
-"""Network namespaces for tests: make and remove them, run `ip` in them, and enter one on the
-calling thread only (setns), so a test's own sockets and subprocesses live there."""
+"""Network namespaces for tests: make and remove them, run `ip` in them, and run a test's async
+body in one (`run_in`: a thread of its own enters it, so its sockets and subprocesses live there)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
 import subprocess
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 CLONE_NEWNET = 0x40000000
 NETNS_DIR = Path("/run/netns")
@@ -40,17 +45,30 @@ def _setns(fd: int) -> None:
         raise OSError(ctypes.get_errno(), "setns")
 
 
-@contextlib.contextmanager
-def entered(name: str) -> Iterator[None]:
-    """This thread in netns `name` for the block (sockets it opens and processes it starts too)."""
-    back = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    target = os.open(NETNS_DIR / name, os.O_RDONLY)
-    try:
-        _setns(target)
+def run_in(name: str, main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """`main()` on an event loop of its own, in a thread of its own that entered netns `name`.
+
+    Every socket, thread and process it makes is in that namespace too, and its worker threads end
+    with it: the session's event loop and its executor threads never change namespace (a worker
+    left in a removed namespace would break a later test's `to_thread` network call).
+    """
+    out: list[T] = []
+    err: list[BaseException] = []
+
+    def run() -> None:
         try:
-            yield
-        finally:
-            _setns(back)
-    finally:
-        os.close(target)
-        os.close(back)
+            fd = os.open(NETNS_DIR / name, os.O_RDONLY)
+            try:
+                _setns(fd)
+            finally:
+                os.close(fd)
+            out.append(asyncio.run(main()))
+        except BaseException as e:
+            err.append(e)
+
+    t = threading.Thread(target=run, name=f"in-{name}")
+    t.start()
+    t.join()
+    if err:
+        raise err[0]
+    return out[0]

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import NatsServer, start_nats, start_nats_cluster
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.js.errors import KeyNotFoundError, NoStreamResponseError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -385,3 +387,32 @@ async def test_a_server_list_connects_past_a_server_that_is_down(
 def test_js_replicas_beyond_the_cluster_is_a_config_error_naming_it() -> None:
     with pytest.raises(ConfigError, match="SNAPSCALE_JS_REPLICAS=7"):
         Settings(js_replicas=7)
+
+
+async def test_requests_are_sent_again_through_a_leader_election_and_only_then() -> None:
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:  # what JetStream answers while a stream has no leader
+            raise NoRespondersError if len(calls) == 1 else NoStreamResponseError
+        return "stored"
+
+    assert await bus.through_elections("test", flaky) == "stored" and len(calls) == 3
+
+    async def down() -> None:
+        raise NoRespondersError
+
+    t0 = time.monotonic()
+    with pytest.raises(NoRespondersError):
+        await bus.through_elections("test", down, budget_s=0.5)
+    assert time.monotonic() - t0 < 2.0
+
+    async def missing() -> None:
+        calls.append(1)
+        raise KeyNotFoundError  # an answer, not an outage: never repeated
+
+    calls.clear()
+    with pytest.raises(KeyNotFoundError):
+        await bus.through_elections("test", missing)
+    assert len(calls) == 1

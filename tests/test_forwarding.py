@@ -10,9 +10,10 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import pytest
-from nsutil import add_netns, del_netns, entered, sh
+from nsutil import add_netns, del_netns, run_in, sh
 
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.forwarding import Forwards
@@ -110,51 +111,83 @@ async def _answers(endpoint: str) -> bool:
 
 
 @pytest.mark.criu  # root and nftables, as the restorer needs them; CI must not skip it
-async def test_a_forwarded_port_reaches_the_sandbox_survives_a_restart_and_goes_on_close(
+def test_a_forwarded_port_reaches_the_sandbox_survives_a_restart_and_goes_on_close(
     host_ns: str, namespace: str
 ) -> None:
+    run_in(host_ns, lambda: _forwarded_port(namespace))
+
+
+async def _forwarded_port(namespace: str) -> None:
     cfg = RestorerConfig(host="h", advertise_addr=ADDR, forward_ports=(31000, 31009))
     server: subprocess.Popen[bytes] | None = None
     ns: netns.NetNs | None = None
-    with entered(host_ns):
-        try:
-            fw = Forwards(cfg, namespace)
-            assert await fw.reconcile([]) == []
-            ns = await netns.create(f"fwd-{namespace}")  # its veth lands in the stand-in host
-            server = subprocess.Popen(  # noqa: ASYNC220 - started once, killed below
-                ["ip", "netns", "exec", ns.name, sys.executable, "-m", "http.server", "8000"],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
-            sb = Sandbox("r1", "d", server.pid, ns.name, f"{ns.sandbox_ip}:8000")
-            for _ in range(100):
-                if await _answers(sb.endpoint):
-                    break
-                await asyncio.sleep(0.1)
-            sb = await fw.open(sb)
-            assert sb.host_port is not None and 31000 <= sb.host_port <= 31009
-            assert fw.endpoint(sb) == f"{ADDR}:{sb.host_port}"
-            assert await _answers(fw.endpoint(sb)), "the advertised endpoint does not answer"
+    try:
+        fw = Forwards(cfg, namespace)
+        assert await fw.reconcile([]) == []
+        ns = await netns.create(f"fwd-{namespace}")  # its veth lands in the stand-in host
+        server = subprocess.Popen(  # noqa: ASYNC220 - started once, killed below
+            ["ip", "netns", "exec", ns.name, sys.executable, "-m", "http.server", "8000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        sb = Sandbox("r1", "d", server.pid, ns.name, f"{ns.sandbox_ip}:8000")
+        for _ in range(100):
+            if await _answers(sb.endpoint):
+                break
+            await asyncio.sleep(0.1)
+        sb = await fw.open(sb)
+        assert sb.host_port is not None and 31000 <= sb.host_port <= 31009
+        assert fw.endpoint(sb) == f"{ADDR}:{sb.host_port}"
+        assert await _answers(fw.endpoint(sb)), "the advertised endpoint does not answer"
 
-            # a restorer starting again: the live sandbox keeps its port, a stray forward goes
-            stray = 31000 if sb.host_port != 31000 else 31001
-            await fw.kernel.add(Forward(stray, "10.213.255.254", 80))
-            again = Forwards(cfg, namespace)
-            assert await again.reconcile([sb]) == [sb]
-            assert {f.port for f in await again.kernel.listed()} == {sb.host_port}
-            assert await _answers(again.endpoint(sb))
+        # a restorer starting again: the live sandbox keeps its port, a stray forward goes
+        stray = 31000 if sb.host_port != 31000 else 31001
+        await fw.kernel.add(Forward(stray, "10.213.255.254", 80))
+        again = Forwards(cfg, namespace)
+        assert await again.reconcile([sb]) == [sb]
+        assert {f.port for f in await again.kernel.listed()} == {sb.host_port}
+        assert await _answers(again.endpoint(sb))
 
-            # the kernel lost it (a reboot): forwarded again on start, on some port of the range
-            await again.kernel.remove(sb.host_port)
-            third = Forwards(cfg, namespace)
-            [sb3] = await third.reconcile([sb])
-            assert sb3.host_port is not None and await _answers(third.endpoint(sb3))
+        # the kernel lost it (a reboot): forwarded again on start, on some port of the range
+        await again.kernel.remove(sb.host_port)
+        third = Forwards(cfg, namespace)
+        [sb3] = await third.reconcile([sb])
+        assert sb3.host_port is not None and await _answers(third.endpoint(sb3))
 
-            await third.close("r1")
-            assert await third.kernel.listed() == []
-            assert not await _answers(third.endpoint(sb3)), "a closed port still reaches the sandbox"
-        finally:
-            if server is not None:
-                server.kill()
-                server.wait(5)
-            if ns is not None:
-                await netns.delete_netns(ns.name)
+        await third.close("r1")
+        assert await third.kernel.listed() == []
+        assert not await _answers(third.endpoint(sb3)), "a closed port still reaches the sandbox"
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(5)
+        if ns is not None:
+            await netns.delete_netns(ns.name)
+
+
+class _Kernel:
+    """Stands in for the nft table: what was added and removed."""
+
+    def __init__(self) -> None:
+        self.forwards: dict[int, Forward] = {}
+
+    async def add(self, fwd: Forward) -> None:
+        self.forwards[fwd.port] = fwd
+
+    async def remove(self, port: int) -> None:
+        self.forwards.pop(port, None)
+
+
+async def test_a_replica_resumed_under_a_new_id_gives_its_port_back_under_that_id() -> None:
+    fw = Forwards(RestorerConfig(host="h", advertise_addr="10.0.0.5", forward_ports=(31000, 31009)), "t")
+    kernel = _Kernel()
+    fw.kernel = kernel  # type: ignore[assignment]
+    old = await fw.open(Sandbox("r-old", "d", 10, "snapscale-3", "10.213.0.14:8000"))
+    assert old.host_port is not None and set(kernel.forwards) == {old.host_port}
+    resumed = replace(old, replica="r-new")  # as a resume of a suspended replica hands it over
+    assert await fw.open(resumed) == resumed and len(kernel.forwards) == 1
+    await fw.close("r-new")
+    assert kernel.forwards == {} and fw.ports == {}
+    assert fw.endpoint(resumed) == f"10.0.0.5:{old.host_port}"
+    off = Forwards(RestorerConfig(host="h"), "t")
+    sb = Sandbox("r", "d", 10, "snapscale-3", "10.213.0.14:8000")
+    assert await off.open(sb) == sb and off.endpoint(sb) == "10.213.0.14:8000"

@@ -5,7 +5,7 @@ links between namespaces this test makes (nothing is added to the machine's own 
 
     client (ns c, 10.78.3.2) ──┐
     host a (ns a, 10.78.1.2) ──┼── fabric (ns fab: routes between them; NATS n0-n2 and the scaler
-    host b (ns b, 10.78.2.2) ──┘    on 10.78.0.1; this test's own thread while it runs)
+    host b (ns b, 10.78.2.2) ──┘    on 10.78.0.1; the test's body, on a thread that entered it)
 
 A request to the deployment at zero is answered by a restore on the host whose cache holds the
 checkpoint (a); with a's restorer killed and its namespace removed, the next request is answered
@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 from conftest import NatsCluster, start_nats_cluster
 from engine_helpers import ROOT
-from nsutil import NETNS_DIR, _setns, add_netns, del_netns, entered, sh
+from nsutil import NETNS_DIR, _setns, add_netns, del_netns, run_in, sh
 from restorer_harness import Harness
 
 from snapscale.demo.procs import ProcessSet, log_tail, reap_sandboxes
@@ -180,7 +180,7 @@ def host_env(settings: Settings, criu: CriuBinary, tmp: Path, host: str, adverti
     return env
 
 
-async def test_requests_are_answered_across_hosts_through_a_host_loss_and_a_nats_node_loss(
+def test_requests_are_answered_across_hosts_through_a_host_loss_and_a_nats_node_loss(
     criu: CriuBinary, tmp_path: Path, namespace: str
 ) -> None:
     procs = ProcessSet(tmp_path / "logs")
@@ -189,8 +189,8 @@ async def test_requests_are_answered_across_hosts_through_a_host_loss_and_a_nats
         try:
             in_fab = ["nsenter", f"--net={NETNS_DIR / net.fab}"]
             cluster = start_nats_cluster(tmp_path / "nats", addr=FAB_IP, ports=NATS_PORTS, prefix=in_fab)
-            with entered(net.fab):
-                await _scenario(net, cluster, procs, criu, tmp_path, namespace)
+            c = cluster
+            run_in(net.fab, lambda: _scenario(net, c, procs, criu, tmp_path, namespace))
         finally:
             procs.stop_all()
             if cluster is not None:

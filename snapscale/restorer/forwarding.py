@@ -75,8 +75,14 @@ class Forwards:
         return [await self.open(replace(sb, host_port=None)) if sb.replica in lost else sb for sb in adopted]
 
     async def open(self, sb: Sandbox) -> Sandbox:
-        """Forward a free host port to `sb`; `sb` with it (as it was, when forwarding is off)."""
-        if not self.enabled or sb.host_port is not None:
+        """Forward a free host port to `sb`; `sb` with it (as it was, when forwarding is off).
+
+        A sandbox that has its port (a resumed one, maybe under a new replica id) keeps it, now
+        under its current id, so closing that id removes it."""
+        if not self.enabled:
+            return sb
+        if sb.host_port is not None:
+            self.ports[sb.host_port] = sb.replica
             return sb
         ip, tport = target_of(sb)
         async with self._lock:

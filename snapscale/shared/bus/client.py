@@ -4,16 +4,28 @@ context, subscribe on core NATS. The JetStream consumer loop is consumer.py's.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from snapscale.shared.bus.messages import M, decode_message, encode_message
@@ -26,6 +38,11 @@ log = logging.getLogger(__name__)
 
 HOSTS_TTL_S = 15.0
 DEDUP_WINDOW_S = 600.0
+# Longer than a JetStream cluster takes to elect a new stream leader after losing a server (its
+# raft election timeout is 4-9 s): JetStream requests that fail meanwhile are sent again.
+ELECTION_S = 20.0
+_TRANSIENT = (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError)
+T = TypeVar("T")
 
 
 async def connect(settings: Settings, name: str) -> NATS:
@@ -152,14 +169,40 @@ async def _replicate(js: JetStreamContext, stream: str, replicas: int) -> None:
         ) from None
 
 
+async def through_elections(what: str, op: Callable[[], Awaitable[T]], budget_s: float = ELECTION_S) -> T:
+    """`op()`, sent again while it fails as JetStream does when a stream has no leader (no answer,
+    no responders, unavailable), for up to `budget_s`; then its error. Only for requests that are
+    safe to repeat: a publish with a message id, a read, a compare-and-set."""
+    deadline = time.monotonic() + budget_s
+    delay = 0.2
+    while True:
+        try:
+            return await op()
+        except _TRANSIENT as e:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.info("%s: %s; again in %.1fs (a NATS cluster may be electing a leader)", what, e, delay)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 2.0)
+
+
 async def publish(
     bus: Bus, subject: str, msg: object, *, msg_id: str | None = None, headers: dict[str, str] | None = None
 ) -> None:
-    """Publish to JetStream with the current trace context; `msg_id` makes redelivery a no-op."""
+    """Publish to JetStream with the current trace context; `msg_id` makes redelivery a no-op, and
+    lets a publish that got no answer (a leader election) be sent again without a duplicate."""
     hdrs = telemetry.inject(dict(headers or {}))
     if msg_id:
         hdrs["Nats-Msg-Id"] = msg_id
-    await bus.js.publish(subject, encode_message(msg), headers=hdrs)  # type: ignore[arg-type]
+    data = encode_message(msg)  # type: ignore[arg-type]
+
+    async def once() -> None:
+        await bus.js.publish(subject, data, headers=hdrs)
+
+    if msg_id:
+        await through_elections(f"publish {subject}", once)
+    else:
+        await once()
 
 
 async def publish_core(bus: Bus, subject: str, msg: object) -> None:
@@ -172,10 +215,13 @@ async def kv_cas(kv: KeyValue, key: str, value: bytes, last_revision: int | None
 
     Raises `RetryableError` when someone else wrote first; re-read and decide again.
     """
-    try:
+    async def once() -> int:
         if last_revision is None:
             return await kv.create(key, value)
         return await kv.update(key, value, last=last_revision)
+
+    try:
+        return await through_elections(f"kv {key}", once)
     except KeyWrongLastSequenceError as e:
         raise RetryableError(f"kv {key}: written concurrently ({e.description})", delay_s=0.0) from None
     except BadRequestError as e:
@@ -185,7 +231,7 @@ async def kv_cas(kv: KeyValue, key: str, value: bytes, last_revision: int | None
 
 async def kv_get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
     try:
-        e = await kv.get(key)
+        e = await through_elections(f"kv get {key}", lambda: kv.get(key))
     except KeyNotFoundError:
         return None
     if e.value is None:
