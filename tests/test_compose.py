@@ -115,7 +115,7 @@ def dashboard() -> dict[str, Any]:
 
 
 def test_docker_compose_config_validates() -> None:
-    for files in ((COMPOSE_FILE,), (COMPOSE_FILE, CPU_FILE)):
+    for files in ((COMPOSE_FILE,), (COMPOSE_FILE, CPU_FILE), (COMPOSE_FILE, CLUSTER_FILE)):
         r = compose_run(SECRETS, "config", "-q", files=files)
         assert r.returncode == 0, r.stderr
 
@@ -501,3 +501,36 @@ def test_dockerfile_reuses_setup_and_puts_criu_on_path() -> None:
     assert {".venv", ".criu", ".git"} <= set(ignored)
     # What the image copies must not be ignored.
     assert not {"scripts", "shared", "services", "snapscale", "examples", "compose"} & set(ignored)
+
+
+CLUSTER_FILE = COMPOSE / "docker-compose.cluster.yml"
+
+
+def test_cluster_override_runs_three_routed_nats_nodes_and_r3_services() -> None:
+    merged = resolved(SECRETS, files=(COMPOSE_FILE, CLUSTER_FILE))  # as Docker Compose merges them
+    services = merged["services"]
+    nodes = ["nats", "nats-2", "nats-3"]
+    names, routes = set(), set()
+    for node in nodes:
+        cmd = services[node]["command"]
+        # every node reads the users and permissions (and `jetstream: enabled`) of compose/nats.conf
+        assert (
+            cmd[cmd.index("-c") + 1] == "/etc/nats/nats.conf"
+            and cmd[cmd.index("--cluster_name") + 1] == "snapscale"
+        )
+        assert any(v["target"] == "/etc/nats/nats.conf" for v in services[node]["volumes"])
+        assert "SNAPSCALE_NATS_SCALER_PASSWORD" in services[node]["environment"]
+        names.add(cmd[cmd.index("-n") + 1])
+        routes.add(cmd[cmd.index("-routes") + 1])
+        assert "js-enabled" in " ".join(services[node]["healthcheck"]["test"])
+    assert len(names) == 3, "every node needs its own server name in a JetStream cluster"
+    [route_list] = routes  # one route list, naming every node's cluster port
+    assert sorted(u.split("//")[1].split(":")[0] for u in route_list.split(",")) == sorted(nodes)
+    assert {"nats-2-data", "nats-3-data"} <= set(merged["volumes"])
+    for name in SNAPSCALE_SERVICES:
+        env = {k: str(v) for k, v in services[name]["environment"].items()}
+        s = Settings.from_env(env)  # the services' own parser
+        assert [u.split("//")[1].split(":")[0] for u in s.nats_servers] == nodes
+        assert s.js_replicas == 3
+        assert s.store.scheme == "s3", "the override keeps the base file's other settings"
+        assert {"nats", "nats-2", "nats-3"} <= set(services[name]["depends_on"])

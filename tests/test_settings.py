@@ -124,3 +124,28 @@ def test_bad_spec_names_the_field(tmp_path: Path) -> None:
     p.write_text('name = "llm"\ncommand = ["x"]\ngpus = "two"\n')
     with pytest.raises(ConfigError, match=r"spec\.gpus"):
         load_spec(p)
+
+
+def test_nats_url_lists_a_cluster_and_js_replicas_is_read() -> None:
+    s = Settings.from_env(
+        {"SNAPSCALE_NATS_URL": "nats://a:4222, nats://b:4222,tls://c:4443", "SNAPSCALE_JS_REPLICAS": "3"}
+    )
+    assert s.nats_servers == ["nats://a:4222", "nats://b:4222", "tls://c:4443"]
+    assert s.js_replicas == 3
+    assert Settings.from_env({}).js_replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"SNAPSCALE_NATS_URL": "nats://a:4222,,nats://b:4222"}, "empty server entry"),
+        ({"SNAPSCALE_NATS_URL": "nats://a:4222,b:4222"}, "'b:4222' is not a server URL"),
+        ({"SNAPSCALE_NATS_URL": "http://a:4222"}, "not a server URL"),
+        ({"SNAPSCALE_NATS_URL": "nats://a:42x"}, "bad port"),
+        ({"SNAPSCALE_JS_REPLICAS": "0"}, "SNAPSCALE_JS_REPLICAS=0: JetStream keeps 1 to 5"),
+        ({"SNAPSCALE_JS_REPLICAS": "three"}, "not an integer"),
+    ],
+)
+def test_bad_nats_settings_name_the_variable(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        Settings.from_env(env)

@@ -107,6 +107,22 @@ async def announce(t: HostTools, a: Attempt, d: TierChoice, checkpoint_id: str |
 
 
 async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]) -> Live:
+    """Run the tiers in order until one ends ready, then forward a host port to the replica (before
+    its ready event names the endpoint); raises what the last tier raised."""
+    lv = await _tiers(h, a, compat_hash, compat)
+    t = h.tools
+    try:
+        sb = await t.forwards.open(lv.sandbox)
+    except BaseException:
+        await _stop_quietly(t, lv.sandbox)
+        raise
+    if sb != lv.sandbox:
+        t.registry.put(sb)
+        lv.sandbox = sb
+    return lv
+
+
+async def _tiers(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]) -> Live:
     """Run the tiers in order until one ends ready; raises what the last one raised."""
     root = trace.get_current_span()
     root.set_attribute("snapscale.deployment", a.spec.name)
@@ -338,6 +354,7 @@ async def _stop_quietly(t: HostTools, sb: Sandbox) -> None:
         await engine.stop(sb)
     except Exception as e:  # stopping is best effort here; the reap after it catches stragglers
         log.warning("stopping %s failed: %s", sb.replica, e)
+    await t.forwards.close(sb.replica)
     t.registry.remove(sb.replica)
 
 

@@ -17,6 +17,8 @@ from snapscale.shared.core.errors import ConfigError
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_CACHE_DIR = "/var/cache/snapscale"
 DEFAULT_STATE_DIR = "/var/lib/snapscale"
+MAX_JS_REPLICAS = 5  # JetStream's own limit
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,7 @@ class NatsAuth:
 class Settings:
     """Everything a snapscale process is configured with. Units are in the names."""
 
+    # One server or a cluster's, comma-separated: a client reconnects to another when one goes.
     nats_url: str = DEFAULT_NATS_URL
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
     namespace: str = "snapscale"  # subject root and KV/stream prefix; tests use their own
@@ -117,6 +120,19 @@ class Settings:
     metrics_host: str = "127.0.0.1"  # SNAPSCALE_METRICS_HOST: the address it listens on
     service_name: str = "snapscale"
     log_level: str = "INFO"
+    js_replicas: int = 1  # copies of every stream and KV bucket JetStream keeps (3 on a cluster)
+
+    def __post_init__(self) -> None:
+        nats_servers(self.nats_url)
+        if not 1 <= self.js_replicas <= MAX_JS_REPLICAS:
+            raise ConfigError(
+                f"SNAPSCALE_JS_REPLICAS={self.js_replicas}: JetStream keeps 1 to {MAX_JS_REPLICAS} replicas"
+            )
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The server URLs `nats_url` lists, in order."""
+        return nats_servers(self.nats_url)
 
     @property
     def metrics_address(self) -> tuple[str, int] | None:
@@ -166,9 +182,28 @@ class Settings:
             metrics_host=e.get("SNAPSCALE_METRICS_HOST") or "127.0.0.1",
             service_name=e.get("OTEL_SERVICE_NAME", "snapscale"),
             log_level=e.get("SNAPSCALE_LOG_LEVEL", "INFO"),
+            js_replicas=_int(e, "SNAPSCALE_JS_REPLICAS", 1),
         )
         kw.update(overrides)
         return cls(**kw)  # type: ignore[arg-type]
+
+
+def nats_servers(raw: str) -> list[str]:
+    """`nats://a:4222,nats://b:4222` as a list; raises `ConfigError` naming the entry that is wrong."""
+    out = [u.strip() for u in raw.split(",")]
+    if not raw.strip() or "" in out:
+        raise ConfigError(f"SNAPSCALE_NATS_URL={raw!r}: an empty server entry; list URLs separated by commas")
+    for u in out:
+        p = urlparse(u)
+        if p.scheme not in _NATS_SCHEMES or not p.hostname:
+            raise ConfigError(
+                f"SNAPSCALE_NATS_URL={raw!r}: {u!r} is not a server URL such as nats://host:4222"
+            )
+        try:
+            p.port  # noqa: B018 - parsing it raises on a port that is not a number
+        except ValueError:
+            raise ConfigError(f"SNAPSCALE_NATS_URL={raw!r}: {u!r} has a bad port") from None
+    return out
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
