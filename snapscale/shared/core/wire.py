@@ -125,6 +125,8 @@ def _convert(tp: Any, value: Any, path: str, strict: bool = False) -> Any:
             raise MessageError(path, f"must be a finite number, got {value}")
         return float(value)
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # JSON has one number type: 3.0 is 3
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise MessageError(path, f"expected an integer, got {type(value).__name__}")
         return value
