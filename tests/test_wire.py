@@ -219,3 +219,14 @@ def test_check_token_applies_the_decoders_rule() -> None:
     for bad, why in (("a.b", "must match"), ("x" * 65, "over the limit of 64"), ("", "empty")):
         with pytest.raises(ValueError, match=why):
             check_token("deployment", bad)
+
+
+def test_salvage_keeps_only_the_fields_that_pass_their_own_limits() -> None:
+    from snapscale.shared.bus.messages import MAX_MESSAGE_BYTES, salvage
+
+    names = ("deployment", "replica", "id")
+    body = _scale_up(deployment="a.b", replica="r-1", id=7, issued_at="now")
+    assert salvage(body, ScaleUpCommand, names) == {"replica": "r-1"}
+    assert salvage(b"[1]", ScaleUpCommand, names) == {} == salvage(b"{x", ScaleUpCommand, names)
+    huge = _scale_up()[:-1] + b',"pad":"' + b"x" * MAX_MESSAGE_BYTES + b'"}'
+    assert salvage(huge, ScaleUpCommand, names) == {}

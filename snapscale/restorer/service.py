@@ -24,6 +24,7 @@ from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.lookup import find_checkpoint
+from snapscale.restorer.refused import refused_scale_up
 from snapscale.restorer.release import release
 from snapscale.restorer.replicas import Replicas
 from snapscale.restorer.restart import adopt, prune_run_dirs
@@ -46,7 +47,7 @@ from snapscale.shared.bus import (
     lookup_entry,
 )
 from snapscale.shared.core import runtime, telemetry
-from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core.errors import MessageError, RetryableError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import CompatKey, CriuBinary, SandboxRegistry, find_criu
 from snapscale.shared.store import HostCache, open_store
@@ -104,7 +105,10 @@ class Restorer:
                 tasks = [
                     runtime.guard(self._heartbeats(h, stop), "restorer heartbeat"),
                     runtime.guard(
-                        self._serve(tools, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop), "scale-up"
+                        self._serve(
+                            tools, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop, self.on_refused
+                        ),
+                        "scale-up",
                     ),
                     runtime.guard(
                         self._serve(tools, Verb.RELEASE, ReleaseCommand, self.on_release, stop), "release"
@@ -133,6 +137,7 @@ class Restorer:
         cls: type[M],
         handler: Callable[[M, Msg], Awaitable[None]],
         stop: asyncio.Event,
+        refused: busmod.Refused | None = None,
     ) -> None:
         """The bus's consumer loop on this host's `verb` commands: up to `max_inflight` at once, each
         kept alive while it runs (a restore may outlast the ack wait); on stop, `drain_s` to finish."""
@@ -148,9 +153,14 @@ class Restorer:
             keepalive=True,
             drain_s=h.config.drain_s,
             stop=stop,
+            refused=refused,
         )
 
     # --- restore -----------------------------------------------------------------
+    async def on_refused(self, data: bytes, e: MessageError) -> None:
+        """A scale-up the decoder refused: see refused.py."""
+        await refused_scale_up(self._h(), data, e)
+
     async def on_scale_up(self, cmd: ScaleUpCommand, _m: Msg) -> None:
         h = self._h()
         t, r = h.tools, h.replicas

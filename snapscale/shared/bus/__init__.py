@@ -15,9 +15,10 @@ from snapscale.shared.bus.client import (
     publish_core,
     subscribe_core,
 )
-from snapscale.shared.bus.consumer import Handler, consume
+from snapscale.shared.bus.consumer import Handler, Refused, consume
 from snapscale.shared.bus.ledger import Ledger
 from snapscale.shared.bus.messages import (
+    MAX_CONCURRENCY,
     CheckpointEvent,
     FreezeCommand,
     GpuInfo,
@@ -35,11 +36,13 @@ from snapscale.shared.bus.messages import (
     can_transition,
     decode_message,
     encode_message,
+    salvage,
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, load_spec
-from snapscale.shared.bus.subjects import Bucket, Verb, check_token, replica_key
+from snapscale.shared.bus.subjects import Bucket, Id, Name, OptId, Verb, check_token, replica_key
 
 __all__ = [
+    "MAX_CONCURRENCY",
     "Bucket",
     "Bus",
     "CatalogEntry",
@@ -49,9 +52,13 @@ __all__ = [
     "GpuInfo",
     "Handler",
     "HostHeartbeat",
+    "Id",
     "Ledger",
     "M",
+    "Name",
+    "OptId",
     "PrefetchCommand",
+    "Refused",
     "ReleaseCommand",
     "ReleaseMode",
     "ReplicaEvent",
@@ -80,5 +87,6 @@ __all__ = [
     "publish_core",
     "publish_entry",
     "replica_key",
+    "salvage",
     "subscribe_core",
 ]

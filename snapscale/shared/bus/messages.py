@@ -238,6 +238,13 @@ def decode_message(data: bytes, cls: type[M]) -> M:
     return wire.decode(data, cls, cls.TYPE, max_bytes=MAX_MESSAGE_BYTES)
 
 
+def salvage(data: bytes, cls: type[_Msg], names: tuple[str, ...]) -> dict[str, str]:
+    """Of a message `decode_message` refused, the string fields `names` that pass their own limits
+    (wire.salvage): enough to answer the refusal, e.g. report the replica it names failed."""
+    got = wire.salvage(data, cls, names, max_bytes=MAX_MESSAGE_BYTES)
+    return {k: v for k, v in got.items() if isinstance(v, str)}
+
+
 COMMAND_TYPES: dict[str, type[_Msg]] = {
     c.TYPE: c for c in (ScaleUpCommand, ReleaseCommand, PrefetchCommand, FreezeCommand)
 }

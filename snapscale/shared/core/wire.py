@@ -163,3 +163,26 @@ def decode(data: bytes, cls: type[T], type_name: str, *, max_bytes: int | None =
     if t != type_name:
         raise MessageError("type", f"expected {type_name!r}, got {shown(t)}")
     return from_plain(cls, body, type_name, strict=True)
+
+
+def salvage(data: bytes, cls: type, names: tuple[str, ...], *, max_bytes: int) -> dict[str, Any]:
+    """Of a body `decode` refused, the fields `names` that each pass their own declaration: what a
+    refusal may safely name (the replica to report failed). Empty when the body is not a JSON
+    object within `max_bytes`; nothing else of it is trusted."""
+    if len(data) > max_bytes:
+        return {}
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return {}
+    if not isinstance(body, dict):
+        return {}
+    hints = _hints(cls)
+    out: dict[str, Any] = {}
+    for name in names:
+        if name in body:
+            try:
+                out[name] = _convert(hints[name], body[name], name)
+            except MessageError:
+                continue
+    return out
