@@ -39,9 +39,10 @@ from snapscale.shared.bus.messages import (
     salvage,
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, load_spec
-from snapscale.shared.bus.subjects import Bucket, Id, Name, OptId, Verb, check_token, replica_key
+from snapscale.shared.bus.subjects import ID_MAX, Bucket, Id, Name, OptId, Verb, check_token, replica_key
 
 __all__ = [
+    "ID_MAX",
     "MAX_CONCURRENCY",
     "Bucket",
     "Bus",
