@@ -183,7 +183,7 @@ async def serve(
     """Run the freezer for `settings.host_id` until `stop` is set, then drain the freeze in flight."""
     settings.require_signing_key()
     criu = criu or find_criu(settings.criu_path)
-    b = await bus.open_bus(settings, f"snapscale-freezer-{settings.host_id}")
+    b = await bus.open_bus(settings, f"snapscale-freezer-{settings.host_id}", stop=stop)
     try:
         async with open_store(settings.store) as store:
             ledger = Ledger(settings.state_dir)
@@ -227,3 +227,4 @@ async def serve(
         # we published was acked by the server, so a plain close loses nothing.
         if not b.nc.is_closed:
             await b.nc.close()
+    b.raise_if_lost()  # exit non-zero: a supervisor restarts a freezer that went deaf

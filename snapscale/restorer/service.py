@@ -79,7 +79,7 @@ class Restorer:
         s, c = self.settings, self.config
         s.require_signing_key()
         criu = self._criu if self._criu is not None else await asyncio.to_thread(find_criu, s.criu_path)
-        b = await busmod.open_bus(s, f"restorer-{c.host}")
+        b = await busmod.open_bus(s, f"restorer-{c.host}", stop=stop)
         work = c.dirs(s)
         try:
             async with open_store(s.store) as store:
@@ -128,6 +128,7 @@ class Restorer:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await b.close()
+        b.raise_if_lost()  # exit non-zero: a supervisor restarts a restorer that went deaf
 
     # --- consuming ---------------------------------------------------------------
     async def _serve(

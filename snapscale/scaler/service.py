@@ -92,7 +92,7 @@ class Scaler:
 
     # --- the main loop -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self._bus = await bus.open_bus(self.settings, f"snapscale-scaler-{self.instance}")
+        self._bus = await bus.open_bus(self.settings, f"snapscale-scaler-{self.instance}", stop=stop)
         self._actor = Actor(self._bus, self.view, self.cfg, self.counters)
         self._lease = Lease(self.bus.kv[Bucket.LEASES], self.instance, self.cfg.lease_s)
         tasks: list[asyncio.Task[None]] = []
@@ -145,6 +145,7 @@ class Scaler:
                     await self._lease.release()
             await self._close(watchers, subs)
             log.info("scaler %s stopped: %s", self.instance, dict(self.stats()))
+        self.bus.raise_if_lost()  # exit non-zero: a supervisor restarts a scaler that went deaf
 
     async def _close(self, watchers: list[KeyValue.KeyWatcher], subs: list[Any]) -> None:
         """Flush what was published, then close: every handler has stopped already, and a drain

@@ -1,9 +1,14 @@
 """NATS edges: connect, ensure streams and KV buckets exist, publish with dedup ids and trace
 context, subscribe on core NATS. The JetStream consumer loop is consumer.py's.
+
+A lost connection is retried forever, but one the server closes with a protocol error (a line
+too long, an authorization revoked) nats-py never reopens: a service whose bus is closed that way
+stops and exits non-zero (`BusLost`), so its supervisor restarts it, instead of running on deaf.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -18,7 +23,7 @@ from nats.js.kv import KeyValue
 from snapscale.shared.bus.messages import M, decode_message, encode_message
 from snapscale.shared.bus.subjects import Bucket, Subjects
 from snapscale.shared.core import telemetry
-from snapscale.shared.core.errors import MessageError, RetryableError
+from snapscale.shared.core.errors import MessageError, RetryableError, SnapscaleError
 from snapscale.shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -27,8 +32,15 @@ HOSTS_TTL_S = 15.0
 DEDUP_WINDOW_S = 600.0
 
 
-async def connect(settings: Settings, name: str) -> NATS:
-    """Connect with unbounded reconnects; connection trouble is logged, never raised later."""
+class BusLost(SnapscaleError):
+    """The NATS connection was closed for good while the service ran: it cannot hear or answer."""
+
+
+async def connect(
+    settings: Settings, name: str, *, on_closed: Callable[[], Awaitable[None]] | None = None
+) -> NATS:
+    """Connect with unbounded reconnects; connection trouble is logged, never raised later.
+    `on_closed` runs once the connection is closed for good, whoever closed it."""
 
     async def on_error(e: Exception) -> None:
         log.warning("nats: %s", e)
@@ -48,6 +60,7 @@ async def connect(settings: Settings, name: str) -> NATS:
         error_cb=on_error,
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
+        closed_cb=on_closed,
     )
 
 
@@ -59,18 +72,40 @@ class Bus:
     js: JetStreamContext
     subjects: Subjects
     kv: dict[Bucket, KeyValue]
+    lost: str | None = None  # why the connection closed while the service ran (open_bus's `stop`)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
 
+    def raise_if_lost(self) -> None:
+        """At the end of a service's run: raise `BusLost` if the connection closed under it."""
+        if self.lost is not None:
+            raise BusLost(self.lost)
 
-async def open_bus(settings: Settings, name: str) -> Bus:
-    nc = await connect(settings, name)
+
+async def open_bus(settings: Settings, name: str, *, stop: asyncio.Event | None = None) -> Bus:
+    """Connect and ensure the topology. With `stop` (a service's), a connection closed for good
+    before `stop` is set is a loss: it is logged, recorded in `Bus.lost` and sets `stop`, so the
+    service winds down and ends with `raise_if_lost`."""
+    opened: Bus | None = None
+
+    async def closed() -> None:
+        if stop is None or stop.is_set() or opened is None:
+            return
+        opened.lost = (
+            f"the NATS connection to {settings.nats_url} was closed for good "
+            f"({opened.nc.last_error or 'no reason given'}); stopping so a supervisor restarts this service"
+        )
+        log.error("%s", opened.lost)
+        stop.set()
+
+    nc = await connect(settings, name, on_closed=closed)
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)
     kv = await ensure_topology(js, subjects)
-    return Bus(nc=nc, js=js, subjects=subjects, kv=kv)
+    opened = Bus(nc=nc, js=js, subjects=subjects, kv=kv)
+    return opened
 
 
 async def ensure_topology(js: JetStreamContext, s: Subjects) -> dict[Bucket, KeyValue]:
