@@ -25,7 +25,7 @@ from snapscale.scaler import kvsync
 from snapscale.scaler.actions import Actor
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.lease import Lease
-from snapscale.scaler.policy import activation, decide
+from snapscale.scaler.policy import activation, decide, sample_problem
 from snapscale.scaler.records import COMING, LIVE, TERMINAL, Tracked, apply_event
 from snapscale.scaler.view import View
 from snapscale.shared import bus
@@ -313,7 +313,11 @@ class Scaler:
             self._traffic_counts["unknown"] = self._traffic_counts.get("unknown", 0) + 1
             return
         now = self.clock()
-        self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals)
+        if not self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals):
+            self._traffic_counts["refused"] = self._traffic_counts.get("refused", 0) + 1
+            why = sample_problem(ev.concurrency, ev.arrivals)
+            log.warning("traffic for %s refused: %s", ev.deployment, why)
+            return
         if msg.headers:
             self.view.traffic_headers[ev.deployment] = msg.headers
         if not self.acting():
