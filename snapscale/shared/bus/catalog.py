@@ -6,6 +6,7 @@ Key: `<deployment>.<compat hash>`. An entry is written only after its manifest e
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
@@ -16,8 +17,10 @@ from snapscale.shared.bus import client as bus
 from snapscale.shared.bus.messages import MAX_MESSAGE_BYTES, Bytes, Label, Timestamp
 from snapscale.shared.bus.subjects import NAME_MAX, Id, Name
 from snapscale.shared.core import wire
+from snapscale.shared.core.errors import MessageError
 from snapscale.shared.core.limits import Text, Token
 
+log = logging.getLogger(__name__)
 CATALOG_TYPE = "catalog-entry"
 
 
@@ -74,6 +77,8 @@ async def publish_entry(kv: KeyValue, entry: CatalogEntry) -> CatalogEntry:
 
 
 async def list_entries(kv: KeyValue, deployment: str | None = None) -> list[CatalogEntry]:
+    """The entries (of `deployment`); one that does not decode is logged and left out, so a bad
+    value under one key never fails a scale-up that would otherwise boot cold."""
     try:
         keys = await kv.keys()
     except NoKeysError:
@@ -83,6 +88,10 @@ async def list_entries(kv: KeyValue, deployment: str | None = None) -> list[Cata
         if deployment is not None and not k.startswith(f"{deployment}."):
             continue
         got = await bus.kv_get(kv, k)
-        if got is not None:
+        if got is None:
+            continue
+        try:
             out.append(decode_entry(got[0]))
+        except MessageError as e:
+            log.warning("catalog entry %s unreadable, left out: %s", k, e)
     return out
