@@ -218,3 +218,13 @@ def test_store_problems_read_as_reasons() -> None:
         == "manifest missing from the store (manifests/d/x.json)"
     )
     assert store_problem(RetryableStoreError("S3 get x: still failing")).startswith("store unreachable: ")
+
+
+def test_a_heartbeat_interval_the_scaler_would_refuse_is_refused_at_start() -> None:
+    from snapscale.restorer.config import RestorerConfig
+    from snapscale.shared.core.errors import ConfigError
+
+    assert RestorerConfig(host="h", heartbeat_s=0.5).heartbeat_s == 0.5
+    for bad in (0.001, 7200.0):
+        with pytest.raises(ConfigError, match=r"heartbeat_s must be within \[0.01, 3600\]"):
+            RestorerConfig(host="h", heartbeat_s=bad)

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapscale.shared.bus import HEARTBEAT_INTERVAL_S
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.core.settings import Settings
 
@@ -34,6 +35,8 @@ class RestorerConfig:
             raise ConfigError(f"cpu_slots must be >= 0, got {self.cpu_slots}")
         if self.heartbeat_s <= 0 or self.ack_wait_s <= 0:
             raise ConfigError("heartbeat_s and ack_wait_s must be positive")
+        if (why := HEARTBEAT_INTERVAL_S.problem(self.heartbeat_s)) is not None:
+            raise ConfigError(f"heartbeat_s {why} (a scaler refuses heartbeats outside that)")
 
     def dirs(self, settings: Settings) -> Path:
         return self.work_dir or settings.state_dir / "restorer"

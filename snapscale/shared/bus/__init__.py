@@ -18,7 +18,9 @@ from snapscale.shared.bus.client import (
 from snapscale.shared.bus.consumer import Handler, Refused, consume
 from snapscale.shared.bus.ledger import Ledger
 from snapscale.shared.bus.messages import (
+    HEARTBEAT_INTERVAL_S,
     MAX_CONCURRENCY,
+    MAX_DEADLINE_S,
     CheckpointEvent,
     FreezeCommand,
     GpuInfo,
@@ -42,8 +44,10 @@ from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, load_spec
 from snapscale.shared.bus.subjects import ID_MAX, Bucket, Id, Name, OptId, Verb, check_token, replica_key
 
 __all__ = [
+    "HEARTBEAT_INTERVAL_S",
     "ID_MAX",
     "MAX_CONCURRENCY",
+    "MAX_DEADLINE_S",
     "Bucket",
     "Bus",
     "CatalogEntry",

@@ -20,6 +20,9 @@ from snapscale.shared.core.limits import Range, Text
 
 MAX_MESSAGE_BYTES = 256 * 1024  # a heartbeat of a host with hundreds of replicas fits many times
 MAX_CONCURRENCY = 1e6  # requests in flight for one deployment: more is a broken gateway, not load
+MAX_DEADLINE_S = 7 * 24 * 3600.0  # a scale-up's deadline (the spec's ready_timeout_s)
+# a heartbeat's interval: the scaler expires a host after 3 of them, so 0 or 1e308 would be absurd
+HEARTBEAT_INTERVAL_S = Range(0.01, 3600)
 
 Timestamp = Annotated[float, Range(0, 1e10)]  # unix seconds
 Timing = Annotated[float, Range(-1e9, 1e9)]  # a measured duration (below 0 if the clock stepped back)
@@ -106,7 +109,7 @@ class ScaleUpCommand:
     deployment: Name
     replica: Id
     issued_at: Timestamp
-    deadline_s: Annotated[float, Range(0, 7 * 24 * 3600)] = 300.0
+    deadline_s: Annotated[float, Range(0, MAX_DEADLINE_S)] = 300.0
     gpu_uuids: list[Id] = field(default_factory=list)  # chosen by the scaler; empty: restorer picks
     checkpoint_id: Id | None = None  # pin one; None: the catalog's entry for this host's key
     allow_tiers: list[Tier] = field(default_factory=lambda: list(Tier))
@@ -221,7 +224,7 @@ class HostHeartbeat:
     suspend_budget_bytes: Bytes = 0
     suspend_used_bytes: Bytes = 0
     cpu_slots: Count = 0  # free now: replicas of CPU deployments (gpus = 0) it can still start
-    interval_s: Annotated[float, Range(0.01, 3600)] = 5.0
+    interval_s: Annotated[float, HEARTBEAT_INTERVAL_S] = 5.0
     # The compat key covers the deployment's spec and runtime, so it differs per deployment:
     # deployment -> this host's key hash for it (what catalog keys `<deployment>.<hash>` match).
     # `compat_hash` is the host's fields alone (no runtime or spec), for display and grouping.
