@@ -121,7 +121,8 @@ def test_ledger_survives_a_restart_and_sweeps_what_cannot_resume(tmp_path: Path)
 
 def test_ledger_never_lets_an_id_pick_a_path(tmp_path: Path) -> None:
     led = Ledger(tmp_path)
-    ev = CheckpointEvent(deployment="d", host="h", ok=False, ts=2.0, command_id="../../x y")
+    # (the decoder refuses such an id in a message; the ledger is safe without that)
+    ev = CheckpointEvent(deployment="d", host="h", ok=False, ts=2.0, command_id="c9")
     led.finish("../../x y", ev)
     assert led.outcome("../../x y") == ev
     assert [p.parent for p in tmp_path.rglob("*.json")] == [led.done_dir]
@@ -234,3 +235,20 @@ def test_pick_revision_is_the_spec_current_when_the_sandbox_started() -> None:
         pick_revision(revs, 5.0)
     with pytest.raises(SpecUnknown, match="had no spec"):
         pick_revision(revs, 35.0)
+
+
+def test_an_attempt_whose_checkpoint_id_would_leave_staging_is_quarantined(tmp_path: Path) -> None:
+    led = Ledger(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    bad = Attempt("c1", "d", "r1", "../../outside", str(outside), Phase.DUMPED, started_at=1.0)
+    led.save(bad)  # written by hand: no freeze makes such an id
+    led.save(Attempt("c2", "d", "r1", "ck2", "", Phase.DUMPED, started_at=1.0))
+    again = Ledger(tmp_path)
+    assert [a.command_id for a in again.attempts()] == ["c2"]
+    assert again.attempt("c1") is None
+    again.sweep(now=2.0)
+    assert outside.is_dir(), "nothing outside staging is touched"
+    assert len(list((again.inflight_dir / "quarantine").glob("*.json"))) == 1
+    with pytest.raises(ValueError, match="checkpoint id"):
+        again.staging_dir("../x")

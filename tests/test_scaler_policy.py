@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -178,11 +179,26 @@ def test_out_of_order_and_bad_samples() -> None:
     w.record(5.0, 4.0)
     w.record(4.2, 4.0)  # late, still inside both windows
     w.record(-50.0, 100.0)  # older than the stable window: ignored
-    w.record(5.1, float("nan"))  # not a measurement: counts as zero
-    w.record(5.2, -3.0)
+    w.record(5.05, 1.0)
+    for bad in (float("nan"), float("inf"), -3.0, 1.7e308):  # no measurement: refused, not counted
+        assert w.record(5.1, bad) is False
+    assert w.record(5.2, 1.0, arrivals=-1) is False
     stable, panic = w.averages()
-    assert stable == pytest.approx((4.0 + 4.0 / 3) / 2)
+    assert stable == pytest.approx((4.0 + 2.5) / 2)
     assert panic == pytest.approx(stable)
+
+
+def test_an_absurd_sample_leaves_the_window_scaling() -> None:
+    """1.7e308 twice in one bucket made the sums inf, then NaN: decide raised or said nothing, for
+    good. Refused, it leaves the window as it was, and normal traffic scales as ever."""
+    w = Window(BASE, 0.0)
+    for t in (0.1, 0.2):
+        assert w.record(t, 1.7e308) is False
+    assert w.averages() == (0.0, 0.0)
+    for t in range(1, 12):
+        assert w.record(t + 0.5, 3.0 * BASE.target_concurrency * BASE.utilization) is True
+    d = decide(w, BASE, 1, 12.0)
+    assert math.isfinite(d.stable_avg) and d.desired == 3
 
 
 def test_window_drops_old_buckets_exactly() -> None:

@@ -265,10 +265,14 @@ async def test_bad_traffic_is_counted_and_dropped(the_bus: Bus, settings: Settin
         subj = the_bus.subjects.traffic
         await the_bus.nc.publish(subj("llm"), b"{not json")
         await the_bus.nc.publish(subj("llm"), b'{"v": 1, "type": "traffic", "deployment": "llm", "ts": "x"}')
+        # valid JSON, absurd numbers: once they overflowed the window to inf, then NaN, for good
+        head = b'{"v":1,"type":"traffic","deployment":"llm","ts":1,"concurrency":'
+        for value in (b"1.7e308", b"1e999", b"-1"):
+            await the_bus.nc.publish(subj("llm"), head + value + b"}")
         await bus.publish_core(the_bus, subj("nope"), TrafficEvent("nope", time.time(), 1, 1.0))
         await the_bus.nc.flush()
         await eventually(
-            lambda: sc.stats().get("traffic.malformed") == 2 and sc.stats().get("traffic.unknown") == 1
+            lambda: sc.stats().get("traffic.malformed") == 5 and sc.stats().get("traffic.unknown") == 1
         )
         assert not a.commands(ScaleUpCommand)
         # the loop lives on: good traffic still scales

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from opentelemetry import trace
 
@@ -198,7 +197,7 @@ async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEve
         t0_ns = time.time_ns()
         _manifest, mkey, up = await upload_image(
             ctx.store,
-            Path(a.staging_dir),
+            ctx.ledger.staging_dir(a.checkpoint_id),  # from the id, never the path the record holds
             deployment=a.deployment,
             checkpoint_id=a.checkpoint_id,
             compat=a.compat,

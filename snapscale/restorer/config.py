@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapscale.shared.bus import HEARTBEAT_INTERVAL_S
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.core.settings import Settings
 
@@ -48,6 +49,8 @@ class RestorerConfig:
             raise ConfigError(f"SNAPSCALE_FORWARD_PORTS={lo}-{hi}: want lo-hi with 1 <= lo <= hi <= 65535")
         if self.advertise_addr is not None:
             check_advertise_addr(self.advertise_addr)
+        if (why := HEARTBEAT_INTERVAL_S.problem(self.heartbeat_s)) is not None:
+            raise ConfigError(f"heartbeat_s {why} (a scaler refuses heartbeats outside that)")
 
     def dirs(self, settings: Settings) -> Path:
         return self.work_dir or settings.state_dir / "restorer"

@@ -58,7 +58,12 @@ async def adopt(h: Host) -> None:
         if e.replica in adopted:  # it was up (the crash came between ready and the ledger)
             t.ledger.finish(e.id, ok=True, outcome="re-adopted after a restart")
             continue
-        await reap(Path(e.run_dir))
+        try:  # from the ids, never the path the entry holds
+            run_dir = t.run_dir(e.replica, e.id)
+        except ValueError as err:  # one entry that cannot be replayed must not keep the restorer down
+            t.ledger.quarantine(e.id, f"cannot be replayed: {err}")
+            continue
+        await reap(run_dir)
         reason = "the restorer restarted mid-restore; what it had started was cleaned up"
         await _report_failed(t, e.deployment, e.replica, reason, command_id=e.id)
         t.ledger.finish(e.id, ok=False, outcome=f"failed: {reason}")

@@ -25,6 +25,7 @@ from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.lookup import find_checkpoint
+from snapscale.restorer.refused import refused_scale_up
 from snapscale.restorer.release import release
 from snapscale.restorer.replicas import Replicas
 from snapscale.restorer.restart import adopt, prune_run_dirs
@@ -48,7 +49,7 @@ from snapscale.shared.bus import (
     lookup_entry,
 )
 from snapscale.shared.core import runtime
-from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core.errors import MessageError, RetryableError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import CompatKey, CriuBinary, SandboxRegistry, find_criu
 from snapscale.shared.store import HostCache, open_store
@@ -76,7 +77,7 @@ class Restorer:
         s, c = self.settings, self.config
         s.require_signing_key()
         criu = self._criu if self._criu is not None else await asyncio.to_thread(find_criu, s.criu_path)
-        b = await busmod.open_bus(s, f"restorer-{c.host}")
+        b = await busmod.open_bus(s, f"restorer-{c.host}", stop=stop)
         work = c.dirs(s)
         try:
             async with open_store(s.store) as store:
@@ -103,7 +104,10 @@ class Restorer:
                 tasks = [
                     runtime.guard(self._heartbeats(h, stop), "restorer heartbeat"),
                     runtime.guard(
-                        self._serve(tools, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop), "scale-up"
+                        self._serve(
+                            tools, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop, self.on_refused
+                        ),
+                        "scale-up",
                     ),
                     runtime.guard(
                         self._serve(tools, Verb.RELEASE, ReleaseCommand, self.on_release, stop), "release"
@@ -123,6 +127,7 @@ class Restorer:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await b.close()
+        b.raise_if_lost()  # exit non-zero: a supervisor restarts a restorer that went deaf
 
     # --- consuming ---------------------------------------------------------------
     async def _serve(
@@ -132,6 +137,7 @@ class Restorer:
         cls: type[M],
         handler: Callable[[M, Msg], Awaitable[None]],
         stop: asyncio.Event,
+        refused: busmod.Refused | None = None,
     ) -> None:
         """The bus's consumer loop on this host's `verb` commands: up to `max_inflight` at once, each
         kept alive while it runs (a restore may outlast the ack wait); on stop, `drain_s` to finish."""
@@ -147,9 +153,14 @@ class Restorer:
             keepalive=True,
             drain_s=h.config.drain_s,
             stop=stop,
+            refused=refused,
         )
 
     # --- restore -----------------------------------------------------------------
+    async def on_refused(self, data: bytes, e: MessageError) -> None:
+        """A scale-up the decoder refused: see refused.py."""
+        await refused_scale_up(self._h(), data, e)
+
     async def on_scale_up(self, cmd: ScaleUpCommand, _m: Msg) -> None:
         h = self._h()
         t, r = h.tools, h.replicas

@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from snapscale.shared.bus import ScalingSpec
+from snapscale.shared.bus import MAX_CONCURRENCY, ScalingSpec
 
 BUCKET_S = 1.0  # window granularity, as Knative's 1 s metric buckets
+MAX_ARRIVALS = 10**9  # arrivals in one sample, as the wire allows
 _EMPTY = -(1 << 62)  # a slot stamp no bucket index can have (indices may be negative)
 
 
@@ -87,17 +88,23 @@ class Window:
                 self.panic_sum = 0.0
         self.head = t
 
-    def record(self, now: float, concurrency: float, arrivals: int = 0) -> None:
-        """Add one gateway sample taken at `now` (the scaler's receive time, immune to gateway skew)."""
-        if concurrency < 0 or concurrency != concurrency:  # negative or NaN: not a measurement
-            concurrency = 0.0
+    def record(self, now: float, concurrency: float, arrivals: int = 0) -> bool:
+        """Add one gateway sample taken at `now` (the scaler's receive time, immune to gateway skew).
+
+        A sample that is no measurement (`sample_problem`) is refused, False, and the window stays
+        as it was: one absurd value must not turn the running sums to inf, then NaN, and stop the
+        deployment scaling until a restart. The decoder refuses such values on the wire already;
+        this holds for any caller.
+        """
+        if sample_problem(concurrency, arrivals) is not None:
+            return False
         if concurrency > 0 or arrivals > 0:
             self.last_traffic = max(self.last_traffic, now)
         b = int(now // BUCKET_S)
         if b > self.head:
             self.advance(now)
         elif b <= self.head - self._n_stable:
-            return  # older than the stable window: nothing to update
+            return True  # a measurement, older than the stable window: nothing to update
         if self.first_bucket is None or b < self.first_bucket:
             self.first_bucket = b
         s = b % self._n_stable
@@ -114,6 +121,7 @@ class Window:
         self.stable_sum += delta
         if b > self.head - self._n_panic:
             self.panic_sum += delta
+        return True
 
     def averages(self) -> tuple[float, float]:
         """(stable, panic) mean concurrency; a window younger than its length averages what it saw."""
@@ -124,6 +132,15 @@ class Window:
             self.stable_sum / min(self._n_stable, seen),
             self.panic_sum / min(self._n_panic, seen),
         )
+
+
+def sample_problem(concurrency: float, arrivals: int) -> str | None:
+    """Why a traffic sample is no measurement (non-finite, negative or absurd); None when it is one."""
+    if not (math.isfinite(concurrency) and 0 <= concurrency <= MAX_CONCURRENCY):
+        return f"concurrency must be a number within [0, {MAX_CONCURRENCY:g}], got {concurrency:g}"
+    if not 0 <= arrivals <= MAX_ARRIVALS:
+        return f"arrivals must be within [0, {MAX_ARRIVALS:g}], got {arrivals:g}"
+    return None
 
 
 class ScaleDecision(NamedTuple):

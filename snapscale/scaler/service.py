@@ -25,7 +25,7 @@ from snapscale.scaler import kvsync
 from snapscale.scaler.actions import Actor
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.lease import Lease
-from snapscale.scaler.policy import activation, decide
+from snapscale.scaler.policy import activation, decide, sample_problem
 from snapscale.scaler.records import COMING, LIVE, TERMINAL, Tracked, apply_event
 from snapscale.scaler.view import View
 from snapscale.shared import bus
@@ -92,7 +92,7 @@ class Scaler:
 
     # --- the main loop -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self._bus = await bus.open_bus(self.settings, f"snapscale-scaler-{self.instance}")
+        self._bus = await bus.open_bus(self.settings, f"snapscale-scaler-{self.instance}", stop=stop)
         self._actor = Actor(self._bus, self.view, self.cfg, self.counters)
         self._lease = Lease(self.bus.kv[Bucket.LEASES], self.instance, self.cfg.lease_s)
         tasks: list[asyncio.Task[None]] = []
@@ -145,6 +145,7 @@ class Scaler:
                     await self._lease.release()
             await self._close(watchers, subs)
             log.info("scaler %s stopped: %s", self.instance, dict(self.stats()))
+        self.bus.raise_if_lost()  # exit non-zero: a supervisor restarts a scaler that went deaf
 
     async def _close(self, watchers: list[KeyValue.KeyWatcher], subs: list[Any]) -> None:
         """Flush what was published, then close: every handler has stopped already, and a drain
@@ -312,7 +313,11 @@ class Scaler:
             self._traffic_counts["unknown"] = self._traffic_counts.get("unknown", 0) + 1
             return
         now = self.clock()
-        self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals)
+        if not self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals):
+            self._traffic_counts["refused"] = self._traffic_counts.get("refused", 0) + 1
+            why = sample_problem(ev.concurrency, ev.arrivals)
+            log.warning("traffic for %s refused: %s", ev.deployment, why)
+            return
         if msg.headers:
             self.view.traffic_headers[ev.deployment] = msg.headers
         if not self.acting():

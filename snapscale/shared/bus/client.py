@@ -1,5 +1,9 @@
 """NATS edges: connect, ensure streams and KV buckets exist, publish with dedup ids and trace
 context, subscribe on core NATS. The JetStream consumer loop is consumer.py's.
+
+A lost connection is retried forever, but one the server closes with a protocol error (a line
+too long, an authorization revoked) nats-py never reopens: a service whose bus is closed that way
+stops and exits non-zero (`BusLost`), so its supervisor restarts it, instead of running on deaf.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from snapscale.shared.bus.auth import connect_options
 from snapscale.shared.bus.messages import M, decode_message, encode_message
 from snapscale.shared.bus.subjects import Bucket, Subjects
 from snapscale.shared.core import telemetry
-from snapscale.shared.core.errors import ConfigError, MessageError, RetryableError
+from snapscale.shared.core.errors import ConfigError, MessageError, RetryableError, SnapscaleError
 from snapscale.shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,10 +50,17 @@ _TRANSIENT = (NatsTimeoutError, NoRespondersError, NoStreamResponseError, Servic
 T = TypeVar("T")
 
 
-async def connect(settings: Settings, name: str) -> NATS:
+class BusLost(SnapscaleError):
+    """The NATS connection was closed for good while the service ran: it cannot hear or answer."""
+
+
+async def connect(
+    settings: Settings, name: str, *, on_closed: Callable[[], Awaitable[None]] | None = None
+) -> NATS:
     """Connect to any of the configured servers with unbounded reconnects (to another server of a
     cluster when one goes); connection trouble is logged, never raised later. Credentials and TLS
-    come from `settings.nats_auth` (bus/auth.py)."""
+    come from `settings.nats_auth` (bus/auth.py). `on_closed` runs once the connection is closed for
+    good, whoever closed it."""
 
     async def on_error(e: Exception) -> None:
         log.warning("nats: %s", e)
@@ -72,6 +83,7 @@ async def connect(settings: Settings, name: str) -> NATS:
         disconnected_cb=on_disconnect,
         reconnected_cb=on_reconnect,
         **connect_options(settings.nats_auth),
+        closed_cb=on_closed,
     )
     conn.append(nc)
     return nc
@@ -85,18 +97,40 @@ class Bus:
     js: JetStreamContext
     subjects: Subjects
     kv: dict[Bucket, KeyValue]
+    lost: str | None = None  # why the connection closed while the service ran (open_bus's `stop`)
 
     async def close(self) -> None:
         if not self.nc.is_closed:
             await self.nc.drain()
 
+    def raise_if_lost(self) -> None:
+        """At the end of a service's run: raise `BusLost` if the connection closed under it."""
+        if self.lost is not None:
+            raise BusLost(self.lost)
 
-async def open_bus(settings: Settings, name: str) -> Bus:
-    nc = await connect(settings, name)
+
+async def open_bus(settings: Settings, name: str, *, stop: asyncio.Event | None = None) -> Bus:
+    """Connect and ensure the topology. With `stop` (a service's), a connection closed for good
+    before `stop` is set is a loss: it is logged, recorded in `Bus.lost` and sets `stop`, so the
+    service winds down and ends with `raise_if_lost`."""
+    opened: Bus | None = None
+
+    async def closed() -> None:
+        if stop is None or stop.is_set() or opened is None:
+            return
+        opened.lost = (
+            f"the NATS connection to {settings.nats_url} was closed for good "
+            f"({opened.nc.last_error or 'no reason given'}); stopping so a supervisor restarts this service"
+        )
+        log.error("%s", opened.lost)
+        stop.set()
+
+    nc = await connect(settings, name, on_closed=closed)
     js = nc.jetstream()
     subjects = Subjects(settings.namespace)
     kv = await ensure_topology(js, subjects, replicas=settings.js_replicas)
-    return Bus(nc=nc, js=js, subjects=subjects, kv=kv)
+    opened = Bus(nc=nc, js=js, subjects=subjects, kv=kv)
+    return opened
 
 
 async def ensure_topology(js: JetStreamContext, s: Subjects, replicas: int = 1) -> dict[Bucket, KeyValue]:
