@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapscale.shared.bus import CheckpointEvent, HostHeartbeat, ReplicaEvent, ReplicaState, Tier
+from snapscale.shared.core import tables
 
 _COMING_UP = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.RESUMING)
 _GONE = (ReplicaState.STOPPED, ReplicaState.SUSPENDED, ReplicaState.FAILED)
@@ -160,7 +161,7 @@ def _fmt_phases(timings_s: dict[str, float]) -> str:
 
 
 def table(scale_ups: list[ScaleUp]) -> str:
-    """The scale-ups as an aligned text table."""
+    """The scale-ups as an aligned text table, then the reason each did not take a faster tier."""
     head = ("#", "scale-up", "replica", "tier", "to ready", "phases")
     rows = [
         (
@@ -173,13 +174,7 @@ def table(scale_ups: list[ScaleUp]) -> str:
         )
         for i, s in enumerate(scale_ups, 1)
     ]
-    widths = [max(len(r[c]) for r in (head, *rows)) for c in range(len(head) - 1)]
-
-    def line(r: tuple[str, ...]) -> str:
-        return "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1]
-
-    out = [line(head), line((*("-" * w for w in widths), "-" * 6))]
-    out += [line(r) for r in rows]
+    out = [tables.table(head, rows, rule=True)]
     reasons = [(i, s.reason) for i, s in enumerate(scale_ups, 1) if s.reason]
     out += [f"  #{i}: {reason}" for i, reason in reasons]
     return "\n".join(out)
