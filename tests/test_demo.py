@@ -118,8 +118,13 @@ def test_demo_prints_cold_boot_then_a_faster_restore(demo_run: dict[str, Any]) -
     cold_s, restore_s = ups[0]["time_to_ready_s"], ups[1]["time_to_ready_s"]
     assert 0 < restore_s < cold_s
     assert data["cold_restore_ratio"] == pytest.approx(cold_s / restore_s, rel=1e-3)
+    # The restored replica answers exactly like the cold-booted one, KV cache included: the demo
+    # asked the cold-booted one only after its auto-freeze's after_restore hook.
+    answers = [u["answer"] for u in ups]
+    assert '"kv_sum": "0x' in answers[0] and answers[1] == answers[0], answers
     out = proc.stdout
     assert "cold boot / restore:" in out
+    assert out.rstrip().endswith("nothing the demo started is left running"), out[-2000:]
     table = [ln for ln in out.splitlines() if ln.startswith(("1 ", "2 "))]
     assert "cold" in table[0] and ("cache" in table[1] or "store" in table[1]), out
 
