@@ -218,8 +218,16 @@ def crt_summary(ran: bool, setting1: float, setting2: float) -> str:
         return "| awscrt / httpget prefetch | not run (--no-crt) | |"
     return (
         f"| awscrt / httpget prefetch, medians: setting 1 / setting 2 | {setting1:.2f}x / {setting2:.2f}x "
-        f"| {'awscrt faster' if min(setting1, setting2) > 1 else 'httpget at least as fast in one'} |"
+        f"| {_verdict(setting1, setting2)} |"
     )
+
+
+def _verdict(*ratios: float) -> str:
+    if all(r > 1 for r in ratios):
+        return "awscrt faster in both"
+    if all(r < 1 for r in ratios):
+        return "httpget faster in both"
+    return "split: compare the CPU per GB and other runs"
 
 
 def fmt_rows(rows: list[Row]) -> str:
