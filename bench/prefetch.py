@@ -3,7 +3,9 @@ from the same server in the same run. Writes a page for docs/bench/ (--out; inde
 
 Setting 1: moto's S3 server on loopback as it is. Setting 2: the same server behind
 bench/relay.py modelling a remote object store per connection (time to first byte and a
-bandwidth cap). Servers run in their own processes. Run: .venv/bin/python bench/prefetch.py
+bandwidth cap). Servers run in their own processes. In both, the prefetch also runs with its chunk
+GETs made by awscrt instead of shared/store/httpget.py (bench/crt_store.py; --no-crt skips it).
+Run: .venv/bin/python -m bench.prefetch
 """
 
 from __future__ import annotations
