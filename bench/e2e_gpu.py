@@ -243,7 +243,7 @@ async def raw_restore(
 async def play(args: argparse.Namespace, work: Path, procs: ProcessSet, results: dict[str, Any]) -> None:
     gpus = [] if args.cpu else gpu_uuids()
     if args.cpu:
-        base = spec.load_spec(ROOT / "examples" / "sample_cpu.toml")
+        base = spec.load_spec(ROOT / "examples" / "sample_cpu_quick.toml")
     else:
         if not gpus:
             raise BenchError("no GPU found (NVML); use --cpu on a machine without one")

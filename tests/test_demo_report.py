@@ -13,7 +13,15 @@ import pytest
 
 from snapscale import demo
 from snapscale.demo.live import Console
-from snapscale.demo.report import DemoState, ScaleUp, cold_restore_ratio, summary, table, to_plain
+from snapscale.demo.report import (
+    DemoState,
+    ScaleUp,
+    cleanup_lines,
+    cold_restore_ratio,
+    summary,
+    table,
+    to_plain,
+)
 from snapscale.shared.bus.messages import CheckpointEvent, ReplicaEvent, ReplicaState, Tier
 from snapscale.shared.bus.spec import DeploymentSpec
 from snapscale.shared.core.settings import Settings
@@ -209,3 +217,39 @@ def test_console_rewrites_one_line_on_a_terminal() -> None:
     c.say("ready")
     # The live line is wiped before a message, which then stands on its own line.
     assert s.getvalue().endswith("\rready\n")
+
+
+def test_a_cold_booted_replica_is_not_asked_until_its_auto_freeze_is_over() -> None:
+    """The restorer has every cold-booted replica frozen once ready (after_ready): a request
+    between the before_freeze and after_restore hooks gets the sample's `kv_sum: null`, so the
+    demo waits for the checkpoint event that names the replica, whatever its outcome."""
+    st = DemoState(deployment=DEP)
+    st.begin_step("cold", 0.0)
+    st.apply_replica(ev("r1", S.STARTING, 0.1, Tier.COLD))
+    up = st.apply_replica(ev("r1", S.READY, 5.0, Tier.COLD, endpoint="10.213.0.2:8000"))
+    assert up is not None
+    assert st.freezing(up, auto_freeze=True)
+    assert not st.freezing(up, auto_freeze=False)
+    # another replica's checkpoint does not end this one's freeze
+    st.apply_checkpoint(CheckpointEvent(deployment=DEP, host="demo-host", ok=True, ts=6.0, replica="r0"))
+    assert st.freezing(up, auto_freeze=True)
+    st.apply_checkpoint(
+        CheckpointEvent(deployment=DEP, host="demo-host", ok=False, ts=7.0, replica="r1", reason="x")
+    )
+    assert not st.freezing(up, auto_freeze=True)
+    # a restored replica is never auto-frozen
+    st.begin_step("restore", 10.0)
+    st.apply_replica(ev("r2", S.RESTORING, 10.1, Tier.CACHE))
+    restored = st.apply_replica(ev("r2", S.READY, 11.0, Tier.CACHE))
+    assert restored is not None and not st.freezing(restored, auto_freeze=True)
+
+
+def test_the_cleanup_says_what_it_stopped_and_that_nothing_is_left() -> None:
+    lines = cleanup_lines(["sample-cpu-8259f40e7f"], 1, ["snapscale-6545"], [])
+    assert lines == [
+        "stopped replica sample-cpu-8259f40e7f, still serving at the end (1 process), "
+        "and deleted its network namespace snapscale-6545",
+        "nothing the demo started is left running",
+    ]
+    assert cleanup_lines([], 0, [], []) == ["nothing the demo started is left running"]
+    assert cleanup_lines([], 2, [], [4242])[-1] == "still running from the demo's work dir: PIDs 4242"

@@ -25,6 +25,8 @@ class Config:
 
 PRESETS = {
     "tiny": Config(vocab=512, hidden=64, inter=172, layers=2, heads=4, kv_heads=2),
+    # The CPU demo's model: big enough that loading and compiling it take a real server's time.
+    "llama-55m": Config(vocab=8192, hidden=512, inter=1408, layers=16, heads=8, kv_heads=4),
     "llama-0.8b": Config(vocab=32000, hidden=2048, inter=5632, layers=16, heads=32, kv_heads=4),
 }
 

@@ -28,12 +28,13 @@ import orjson
 
 from snapscale.demo.live import Console, Traffic, follow
 from snapscale.demo.procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
-from snapscale.demo.report import DemoState, ScaleUp, summary, to_plain
+from snapscale.demo.report import DemoState, ScaleUp, cleanup_lines, summary, to_plain
 from snapscale.shared import bus
 from snapscale.shared.bus import Bucket, DeploymentSpec, Tier, load_spec
 from snapscale.shared.core import runtime, telemetry
 from snapscale.shared.core.errors import ConfigError, SnapscaleError
 from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import pid_alive, pids_holding
 
 log = logging.getLogger(__name__)
 
@@ -111,18 +112,25 @@ def run_demo(opts: DemoOptions) -> int:
     work.mkdir(parents=True, exist_ok=True)
     procs = ProcessSet(work / "logs")
     out = Console(sys.stdout)
+    state = DemoState(deployment="")
     rc = 1
     try:
-        rc = asyncio.run(_main(opts, work, procs, out))
+        rc = asyncio.run(_main(opts, work, procs, out, state))
     finally:
         # A second Ctrl-C must not cut the cleanup short and leave sandboxes running.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         out.clear()
-        out.say("cleaning up: stopping services and nats-server")
+        out.say("cleaning up: stopping the scaler, restorer, freezer and nats-server")
         procs.stop_all()
         killed, nets = reap_sandboxes(work)
-        if killed:
-            out.say(f"stopped {len(killed)} sandbox processes left running, removed netns {', '.join(nets)}")
+        # Checked, not assumed: what the cleanup says is what /proc shows afterwards.
+        left = sorted(
+            {p for p in killed if pid_alive(p)}
+            | {p for p in pids_holding(work) if p != os.getpid()}
+            | {m.proc.pid for m in procs.procs if m.proc.poll() is None}
+        )
+        for line in cleanup_lines(state.live(), len(killed), nets, left):
+            out.say(line)
         if keep or rc != 0:
             out.say(f"logs and state kept in {work}")
         else:
@@ -131,13 +139,12 @@ def run_demo(opts: DemoOptions) -> int:
     return rc
 
 
-async def _main(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -> int:
+async def _main(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console, state: DemoState) -> int:
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    state = DemoState(deployment="")
     error = ""
     try:
         await play(opts, work, procs, out, state)
@@ -195,9 +202,7 @@ def gpu_count() -> int:
         return 0
 
 
-def demo_spec(
-    d: DeploymentSpec, opts: DemoOptions, *, release_mode: str = "stop"
-) -> DeploymentSpec:
+def demo_spec(d: DeploymentSpec, opts: DemoOptions, *, release_mode: str = "stop") -> DeploymentSpec:
     """The sample spec tuned for a demo: one replica, short windows, freeze after the cold boot."""
     scaling = replace(
         d.scaling,
@@ -257,14 +262,14 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console, s
         traffic_task = asyncio.create_task(traffic.run(), name="demo traffic")
         traffic_task.add_done_callback(_log_crash)
         try:
-            await _scale_up(state, traffic, STEP_COLD, opts, procs, out)
+            await _scale_up(state, traffic, STEP_COLD, opts, procs, out, d.freeze.after_ready)
             await _until(lambda: state.frozen() is not None or _freeze_failed(state), opts.freeze_timeout_s,
                          "the auto-freeze's checkpoint", procs, out, state)  # fmt: skip
             if state.frozen() is None:
                 raise DemoError(f"the freeze failed: {state.checkpoints[-1].reason}")
             await _scale_down(state, traffic, STEP_QUIET, opts, procs, out, lambda: not state.live())
             await _warm_cache(state, opts, procs, out)
-            await _scale_up(state, traffic, STEP_RESTORE, opts, procs, out)
+            await _scale_up(state, traffic, STEP_RESTORE, opts, procs, out, d.freeze.after_ready)
             if opts.resume:
                 await b.kv[Bucket.DEPLOYMENTS].put(
                     d.name, demo_spec(d, opts, release_mode="suspend").to_json()
@@ -272,7 +277,7 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console, s
                 await _scale_down(
                     state, traffic, STEP_SUSPEND, opts, procs, out, lambda: bool(state.suspended())
                 )
-                await _scale_up(state, traffic, STEP_RESUME, opts, procs, out)
+                await _scale_up(state, traffic, STEP_RESUME, opts, procs, out, d.freeze.after_ready)
             traffic.on = False
         finally:
             traffic_task.cancel()
@@ -295,7 +300,13 @@ def _freeze_failed(state: DemoState) -> bool:
 
 
 async def _scale_up(
-    state: DemoState, traffic: Traffic, step: str, opts: DemoOptions, procs: ProcessSet, out: Console
+    state: DemoState,
+    traffic: Traffic,
+    step: str,
+    opts: DemoOptions,
+    procs: ProcessSet,
+    out: Console,
+    auto_freeze: bool,
 ) -> ScaleUp:
     state.begin_step(step, time.time())
     traffic.on = True
@@ -306,6 +317,17 @@ async def _scale_up(
         failed = [s for s in state.scale_ups if s.step == step and s.failed]
         raise DemoError(f"{step}: replica {failed[0].replica} failed: {failed[0].failed}")
     up = ups[0]
+    tier = up.tier.value if up.tier else "?"
+    out.say(f"{step}: {up.replica} ready by {tier} in {up.time_to_ready_s or 0:.2f}s at {up.endpoint}")
+    if step != STEP_COLD and up.tier is Tier.COLD:
+        # A fallback is the system working as designed, but it is not what this step is to show.
+        out.say(f"  this comeback fell back to a cold boot: {up.reason}")
+    # As a gateway should: no request while the freezer is between the replica's hooks.
+    when = ""
+    if state.freezing(up, auto_freeze):
+        await _until(lambda: not state.freezing(up, auto_freeze), opts.freeze_timeout_s,
+                     f"the auto-freeze of {up.replica}", procs, out, state)  # fmt: skip
+        when = " (once its freeze was over)"
     up.answer = await asyncio.to_thread(_ask, up.endpoint, opts.ask_path)
     first = next((s.answer for s in state.scale_ups if s.answer), up.answer)
     same = (
@@ -313,12 +335,7 @@ async def _scale_up(
         if up is not state.scale_ups[0] and up.answer == first
         else ""
     )
-    tier = up.tier.value if up.tier else "?"
-    out.say(f"{step}: {up.replica} ready by {tier} in {up.time_to_ready_s or 0:.2f}s at {up.endpoint}")
-    out.say(f"  GET {opts.ask_path}: {_short(up.answer)}{same}")
-    if step != STEP_COLD and up.tier is Tier.COLD:
-        # A fallback is the system working as designed, but it is not what this step is to show.
-        out.say(f"  this comeback fell back to a cold boot: {up.reason}")
+    out.say(f"  GET {opts.ask_path}{when}: {_short(up.answer)}{same}")
     return up
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from nats.js.errors import NoKeysError
@@ -23,6 +24,7 @@ from snapscale.shared.bus import (
 )
 from snapscale.shared.core import wire
 from snapscale.shared.core.errors import MessageError
+from snapscale.shared.core.tables import table
 
 
 @dataclass(frozen=True)
@@ -75,15 +77,7 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.1f}MB"
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    if not rows:
-        return "  (none)"
-    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(cells)).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
+_table = partial(table, indent="  ", empty="(none)")
 
 
 def render(st: Status, now: float | None = None) -> str:
