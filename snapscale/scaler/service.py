@@ -312,13 +312,14 @@ class Scaler:
             self._traffic_counts["unknown"] = self._traffic_counts.get("unknown", 0) + 1
             return
         now = self.clock()
-        self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals)
+        w = self.view.window(ev.deployment, now)
+        w.record(now, ev.concurrency, ev.arrivals)
         if msg.headers:
             self.view.traffic_headers[ev.deployment] = msg.headers
         if not self.acting():
             return
         current = self.view.live_count(ev.deployment)
-        n = activation(self.view.specs[ev.deployment].scaling, current, ev.concurrency, ev.arrivals)
+        n = activation(w, self.view.specs[ev.deployment].scaling, current, ev.concurrency, ev.arrivals, now)
         if n:
             self.counters["activations"] += 1
             up = self.actor.plan_up(ev.deployment, n, now, None, activation=True)
