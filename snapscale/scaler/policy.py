@@ -198,14 +198,19 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecis
     # rather than as zero concurrency (which would flap a steady load down and up again).
     w.advance(now - BUCKET_S)
     stable_avg, panic_avg = w.averages()
+    # inline arithmetic rather than helpers and min()/max(): this runs per deployment per tick
     per_replica = spec.target_concurrency * spec.utilization
-    dspc = _want(stable_avg, per_replica)
-    dppc = _want(panic_avg, per_replica)
+    dspc = math.ceil(stable_avg / per_replica - 1e-9) if stable_avg > 0 else 0
+    dppc = math.ceil(panic_avg / per_replica - 1e-9) if panic_avg > 0 else 0
     base = current if current > 0 else 1  # Knative: "use 1 if there are zero current pods"
     up = math.ceil(spec.max_scale_up_rate * base)
     down = math.floor(base / spec.max_scale_down_rate)
-    want_stable = max(down, min(up, dspc))
-    want_panic = max(down, min(up, dppc))
+    want_stable = dspc if dspc < up else up
+    if want_stable < down:
+        want_stable = down
+    want_panic = dppc if dppc < up else up
+    if want_panic < down:
+        want_panic = down
     act = spec.activation_scale
     if act > 1:
         if dspc > 0 and want_stable < act:
@@ -219,7 +224,8 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecis
         w.panic_since = None
         w.max_panic = 0
 
-    if w.panic_since is not None:
+    panic = w.panic_since is not None
+    if panic:
         # a stable desire above the panic one is provisioned too (a surge that has already
         # reached the stable window), and nothing the panic decided is taken back during it
         w.max_panic = max(w.max_panic, want_stable, want_panic)
@@ -236,18 +242,19 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecis
         desired, reason = current, "warming-up"  # restarted: a full stable window before any scale-down
     if desired > 0:
         w.inactive_since = None
-    elif w.inactive_since is None:
-        w.inactive_since = now  # Knative marks the revision inactive here; its grace starts
-    # within the grace a deployment keeps one replica, also one it just lost to a failure:
-    # going to zero is a decision about traffic, never a side effect of a host dying
-    if desired == 0:
+    else:
+        if w.inactive_since is None:
+            w.inactive_since = now  # Knative marks the revision inactive here; its grace starts
+        # within the grace a deployment keeps one replica, also one it just lost to a failure:
+        # going to zero is a decision about traffic, never a side effect of a host dying
         since = w.last_traffic if spec.scale_to_zero_grace_from == "last-traffic" else w.inactive_since
-        if since is not None and now - since < spec.scale_to_zero_after_s:
+        if now - since < spec.scale_to_zero_after_s:
             desired, reason = 1, "grace"
-    clamped = _clamp(desired, spec)
-    if clamped != desired:
-        reason = "min" if clamped > desired else "max"
-    return ScaleDecision(clamped, w.panic_since is not None, stable_avg, panic_avg, reason)
+    if desired > spec.max_replicas:
+        desired, reason = spec.max_replicas, "max"
+    if desired < spec.min_replicas:
+        desired, reason = spec.min_replicas, "min"
+    return ScaleDecision(desired, panic, stable_avg, panic_avg, reason)
 
 
 def activation(
