@@ -148,11 +148,11 @@ class Window:
         queue over buckets, so a decision costs O(1) amortised however long the delay.
         """
         idx = int(now // BUCKET_S)
-        n = max(1, math.ceil(delay_s / BUCKET_S))
+        span = delay_s / BUCKET_S  # an int gap >= span is >= Knative's ceil(delay / bucket)
         q = self._held
         while q and count >= q[-1][1]:
             q.pop()  # lower and older than `count`: can never be the highest again
-        while q and idx - q[0][0] >= n:
+        while q and idx - q[0][0] >= span:
             q.popleft()
         if q and q[-1][0] == idx:  # a higher count already decided in this bucket keeps it
             count = q.pop()[1]
