@@ -71,6 +71,7 @@ def phases(*segments: tuple[float, float, float, float]) -> Traffic:
 
 @dataclass
 class Outcome:
+    decisions: int = 0  # decisions whose count differed from the decision before
     changes: int = 0  # decisions that changed the replica count
     restores: int = 0  # replicas started
     releases: int = 0  # replicas released (Knative: pods deleted, ready or not)
@@ -87,6 +88,10 @@ class Outcome:
             self.releases += max(0, before - after)
             self.peak = max(self.peak, after)
         self.zero_at = t if after == 0 else None
+
+    def decided(self, t: float, before: int, after: int, *, counted: bool) -> int:
+        self.decisions += before != after and counted
+        return after
 
 
 class Pods:
@@ -125,8 +130,11 @@ def run_snapscale(
     pods, out = Pods(), Outcome()
     per_tick = round(tick_s / SAMPLE_S)
     was_panic = False
+    last = 0  # the count last decided
 
     def to(n: int, now: float, t: float) -> None:
+        nonlocal last
+        last = out.decided(t, last, n, counted=t >= from_s)
         current = len(pods.started)
         if n > current:
             pods.add(n - current, now)
@@ -166,7 +174,11 @@ def run_knative(
     second: list[float] = []
     was_panic = False
 
+    last = 0
+
     def follow(t: float) -> None:
+        nonlocal last
+        last = out.decided(t, last, rev.replicas, counted=t >= from_s)
         current = len(pods.started)
         if rev.replicas > current:
             pods.add(rev.replicas - current, T0 + t)
@@ -285,5 +297,5 @@ def table() -> str:
 
 
 if __name__ == "__main__":
-    print("cells: replica changes / restores / releases")
+    print("cells: decisions that changed the count / restores / releases")
     print(table())
