@@ -62,17 +62,17 @@ class ScalingSpec:
     scale_to_zero_grace_from: Literal["last-traffic", "inactive"] = "last-traffic"
     # keep the highest count decided this long before going down (Knative scale-down-delay); 0: off
     scale_down_delay_s: float = 0.0
-    # a scale from zero starts at least this many, and any traffic keeps at least this many
+    # a desire above zero is raised to this many, so a scale from zero starts at least these
     # (Knative activation-scale); 1: off
     activation_scale: int = 1
     ready_timeout_s: float = 300.0  # a replica not ready by then is placed elsewhere
     release_mode: Literal["auto", "stop", "suspend"] = "auto"
 
     def problems(self) -> list[str]:
-        """What is wrong with the knobs issue 18 added, as "field: reason" (empty when fine).
-
-        Ranges as Knative validates the same knobs; max_replicas 0 (a disabled or removed
-        deployment) bounds nothing, as Knative's max-scale 0 does not.
+        """Range checks of the scale-down delay and the activation scale, as "field: reason"
+        (empty when fine): Knative's own checks of the same knobs, in one place so that the
+        spec's validation can take them in. A max_replicas of 0 (a disabled or removed
+        deployment, drained so) bounds no activation scale, as Knative's max-scale 0 bounds none.
         """
         out: list[str] = []
         if not 0.0 <= self.scale_down_delay_s <= 3600.0:
