@@ -103,7 +103,7 @@ def test_spec_from_toml(tmp_path: Path) -> None:
     p = tmp_path / "spec.toml"
     p.write_text(
         '[deployment]\nname = "llm"\ncommand = ["python", "-m", "server"]\ngpus = 1\n'
-        '[deployment.scaling]\nstable_window_s = 30.0\nmax_replicas = 4\n'
+        "[deployment.scaling]\nstable_window_s = 30.0\nmax_replicas = 4\n"
     )
     d = load_spec(p)
     assert d.name == "llm" and d.gpus == 1

@@ -313,7 +313,8 @@ class Scaler:
             self._traffic_counts["unknown"] = self._traffic_counts.get("unknown", 0) + 1
             return
         now = self.clock()
-        if not self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals):
+        w = self.view.window(ev.deployment, now)
+        if not w.record(now, ev.concurrency, ev.arrivals):
             self._traffic_counts["refused"] = self._traffic_counts.get("refused", 0) + 1
             why = sample_problem(ev.concurrency, ev.arrivals)
             log.warning("traffic for %s refused: %s", ev.deployment, why)
@@ -323,7 +324,7 @@ class Scaler:
         if not self.acting():
             return
         current = self.view.live_count(ev.deployment)
-        n = activation(self.view.specs[ev.deployment].scaling, current, ev.concurrency, ev.arrivals)
+        n = activation(w, self.view.specs[ev.deployment].scaling, current, ev.concurrency, ev.arrivals, now)
         if n:
             self.counters["activations"] += 1
             up = self.actor.plan_up(ev.deployment, n, now, None, activation=True)

@@ -56,9 +56,39 @@ class ScalingSpec:
     max_scale_down_rate: float = 2.0  # replicas may shrink at most by this factor per tick
     min_replicas: int = 0
     max_replicas: int = 10
-    scale_to_zero_after_s: float = 30.0  # grace with no traffic before the last replica goes
+    scale_to_zero_after_s: float = 30.0  # grace before the last replica goes, counted from:
+    # "last-traffic", the last traffic event; "inactive", when the decided count reached zero
+    # (Knative's scale-to-zero-grace-period, where the activator joins the request path then)
+    scale_to_zero_grace_from: Literal["last-traffic", "inactive"] = "last-traffic"
+    # keep the highest count decided this long before going down (Knative scale-down-delay); 0: off
+    scale_down_delay_s: float = 0.0
+    # a desire above zero is raised to this many, so a scale from zero starts at least these
+    # (Knative activation-scale); 1: off
+    activation_scale: int = 1
     ready_timeout_s: float = 300.0  # a replica not ready by then is placed elsewhere
     release_mode: Literal["auto", "stop", "suspend"] = "auto"
+
+    def problems(self) -> list[str]:
+        """Range checks of the scale-down delay and the activation scale, as "field: reason"
+        (empty when fine): Knative's own checks of the same knobs, in one place so that the
+        spec's validation can take them in. A max_replicas of 0 (a disabled or removed
+        deployment, drained so) bounds no activation scale, as Knative's max-scale 0 bounds none.
+        """
+        out: list[str] = []
+        if not 0.0 <= self.scale_down_delay_s <= 3600.0:
+            out.append(f"scale_down_delay_s: must be within [0, 3600] s, got {self.scale_down_delay_s}")
+        if self.activation_scale < 1:
+            out.append(f"activation_scale: must be at least 1, got {self.activation_scale}")
+        elif self.activation_scale > 1:
+            if self.activation_scale < self.min_replicas:
+                out.append(
+                    f"activation_scale: {self.activation_scale} is below min_replicas {self.min_replicas}"
+                )
+            if 0 < self.max_replicas < self.activation_scale:
+                out.append(
+                    f"activation_scale: {self.activation_scale} is above max_replicas {self.max_replicas}"
+                )
+        return out
 
 
 @dataclass(frozen=True)
@@ -83,6 +113,9 @@ class DeploymentSpec:
             raise ConfigError(str(e)) from None
         if not self.command:
             raise ConfigError(f"deployment {self.name}: command is empty")
+        bad = self.scaling.problems()
+        if bad:
+            raise ConfigError(f"deployment {self.name}: " + "; ".join(f"scaling.{p}" for p in bad))
 
     def spec_hash(self) -> str:
         """What a checkpoint depends on: everything but the scaling knobs."""
