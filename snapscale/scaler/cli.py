@@ -9,9 +9,10 @@ import asyncio
 from typing import Any
 
 from snapscale.scaler.config import ScalerConfig
-from snapscale.scaler.traffic import parse_duration, play
+from snapscale.scaler.traffic import play
 from snapscale.shared.core import runtime, telemetry
 from snapscale.shared.core.settings import Settings
+from snapscale.shared.core.units import parse_duration
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import time
 from collections.abc import Iterator
 
@@ -20,18 +19,6 @@ from snapscale.shared.core.settings import Settings
 
 tracer = telemetry.tracer(__name__)
 MAX_EVENTS_PER_S = 20.0  # a gateway reports a few times a second, not once per request
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-
-
-def parse_duration(text: str) -> float:
-    """`30s`, `2m`, `500ms` or a bare number of seconds."""
-    m = _DURATION.match(text)
-    if not m:
-        raise ConfigError(f"duration {text!r}: use e.g. 30s, 2m, 500ms")
-    return float(m.group(1)) * _UNIT_S[m.group(2)]
-
 
 def schedule(rps: float, duration_s: float, events_per_s: float) -> Iterator[tuple[float, int]]:
     """(offset from start, arrivals to report) for each event; arrivals add up to rps x duration."""
