@@ -21,4 +21,4 @@ def test_bad_spec_is_a_clear_error(tmp_path: Path) -> None:
         [sys.executable, "-m", "snapscale", "deploy", str(bad)], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 2
-    assert "command is empty" in out.stderr
+    assert "command: is empty" in out.stderr

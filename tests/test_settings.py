@@ -91,5 +91,5 @@ def test_spec_hash_ignores_scaling_knobs() -> None:
 def test_bad_spec_names_the_field(tmp_path: Path) -> None:
     p = tmp_path / "spec.toml"
     p.write_text('name = "llm"\ncommand = ["x"]\ngpus = "two"\n')
-    with pytest.raises(ConfigError, match=r"spec\.gpus"):
+    with pytest.raises(ConfigError, match=r"gpus: expected an integer"):
         load_spec(p)
