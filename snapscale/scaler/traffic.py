@@ -20,6 +20,7 @@ from snapscale.shared.core.settings import Settings
 tracer = telemetry.tracer(__name__)
 MAX_EVENTS_PER_S = 20.0  # a gateway reports a few times a second, not once per request
 
+
 def schedule(rps: float, duration_s: float, events_per_s: float) -> Iterator[tuple[float, int]]:
     """(offset from start, arrivals to report) for each event; arrivals add up to rps x duration."""
     rate = max(0.1, events_per_s)
