@@ -49,7 +49,7 @@ class NatsServer:
     proc: subprocess.Popen[bytes]
 
 
-def start_nats(tmp: Path) -> NatsServer:
+def start_nats(tmp: Path, *, jetstream: bool = True) -> NatsServer:
     exe = VENV_BIN / "nats-server"
     if not exe.exists():
         found = shutil.which("nats-server")
@@ -59,7 +59,7 @@ def start_nats(tmp: Path) -> NatsServer:
     port = free_port()
     store = tmp / "js"
     proc = subprocess.Popen(
-        [str(exe), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+        [str(exe), "-a", "127.0.0.1", "-p", str(port), *(["-js", "-sd", str(store)] if jetstream else [])],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "nats.log", "wb"),  # noqa: SIM115 - the server outlives this function
     )

@@ -4,51 +4,97 @@ context, subscribe on core NATS. The JetStream consumer loop is consumer.py's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
-import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError, KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
+from nats.js.errors import (
+    BadRequestError,
+    KeyNotFoundError,
+    KeyWrongLastSequenceError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from nats.js.kv import KeyValue
 
 from snapscale.shared.bus.messages import M, decode_message, encode_message
 from snapscale.shared.bus.subjects import Bucket, Subjects
 from snapscale.shared.core import telemetry
-from snapscale.shared.core.errors import MessageError, RetryableError
+from snapscale.shared.core.errors import MessageError, RetryableError, UnavailableError
 from snapscale.shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 HOSTS_TTL_S = 15.0
 DEDUP_WINDOW_S = 600.0
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+# An operator's verb gives up on a server it cannot reach within this (one line, exit 1) ...
+OPERATOR_CONNECT_S = 5.0
+# ... and, once connected, rides out a server restart of about this many reconnects x 0.5 s.
+OPERATOR_RECONNECTS = 30
 
 
-async def connect(settings: Settings, name: str) -> NATS:
-    """Connect with unbounded reconnects; connection trouble is logged, never raised later."""
+def check_nats_url(url: str) -> str:
+    """`url` when it names a NATS server; nats-py would retry a mistyped one forever."""
+    u = urlparse(url)
+    if u.scheme not in NATS_SCHEMES or not u.hostname:
+        raise UnavailableError(
+            f"SNAPSCALE_NATS_URL={url!r} is not a NATS URL: use nats://host:4222 (or tls://, ws://, wss://)"
+        )
+    return url
+
+
+async def connect(settings: Settings, name: str, *, operator: bool = False) -> NATS:
+    """A service connects with unbounded reconnects: trouble is logged, never raised later.
+
+    An operator's verb (`operator=True`) fails fast instead: an unreachable server raises
+    `UnavailableError` within OPERATOR_CONNECT_S, and reconnect attempts are not logged (the
+    verb says what went wrong once). Either way, closing the connection ourselves logs nothing.
+    """
+    url = check_nats_url(settings.nats_url)
+    nc = NATS()
+    seen: list[BaseException] = []  # why each attempt failed; the last one is reported
 
     async def on_error(e: Exception) -> None:
-        log.warning("nats: %s", e)
+        seen.append(e)
+        (log.debug if operator else log.warning)("nats: %s", e)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected from %s", settings.nats_url)
+        if not nc.is_closed:  # closed means we closed it (close, drain): nothing to report
+            (log.debug if operator else log.warning)("nats: disconnected from %s", url)
 
     async def on_reconnect() -> None:
         log.info("nats: reconnected")
 
-    return await nats.connect(
-        settings.nats_url,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-    )
+    try:
+        await asyncio.wait_for(
+            nc.connect(
+                url,
+                name=name,
+                max_reconnect_attempts=1 if operator else -1,
+                reconnect_time_wait=0.5,
+                connect_timeout=2 if operator else 5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            ),
+            OPERATOR_CONNECT_S if operator else None,
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        if not nc.is_closed:
+            await nc.close()
+        cause = seen[-1] if seen else e
+        why = f"{cause}" if str(cause) else "timed out" if isinstance(cause, TimeoutError) else repr(cause)
+        raise UnavailableError(f"NATS at {url} is unreachable: {why}") from None
+    if operator:
+        nc.options["max_reconnect_attempts"] = OPERATOR_RECONNECTS
+    return nc
 
 
 @dataclass
@@ -65,12 +111,42 @@ class Bus:
             await self.nc.drain()
 
 
-async def open_bus(settings: Settings, name: str) -> Bus:
-    nc = await connect(settings, name)
-    js = nc.jetstream()
-    subjects = Subjects(settings.namespace)
-    kv = await ensure_topology(js, subjects)
+async def open_bus(settings: Settings, name: str, *, create: bool = True, operator: bool = False) -> Bus:
+    """Connect and open the streams and buckets: created where missing (`create`), else only
+    those that exist, so a verb that only reads leaves a server as it found it. `operator`: see
+    `connect`. Raises `UnavailableError` when the server has no JetStream."""
+    nc = await connect(settings, name, operator=operator)
+    try:
+        js = nc.jetstream()
+        await require_jetstream(js, settings.nats_url)
+        subjects = Subjects(settings.namespace)
+        kv = await ensure_topology(js, subjects) if create else await existing_buckets(js, subjects)
+    except BaseException:
+        await nc.close()
+        raise
     return Bus(nc=nc, js=js, subjects=subjects, kv=kv)
+
+
+async def require_jetstream(js: JetStreamContext, url: str) -> None:
+    try:
+        await js.account_info()
+    except (ServiceUnavailableError, nats.errors.NoRespondersError):
+        raise UnavailableError(
+            f"NATS at {url} has no JetStream: start nats-server with -js (or enable it for this account)"
+        ) from None
+    except nats.errors.TimeoutError:
+        raise UnavailableError(f"NATS at {url} did not answer a JetStream request in time") from None
+
+
+async def existing_buckets(js: JetStreamContext, s: Subjects) -> dict[Bucket, KeyValue]:
+    """The KV buckets that exist now; none is created."""
+    out: dict[Bucket, KeyValue] = {}
+    for b in Bucket:
+        try:
+            out[b] = await js.key_value(s.bucket(b))
+        except (NotFoundError, BadRequestError):
+            continue
+    return out
 
 
 async def ensure_topology(js: JetStreamContext, s: Subjects) -> dict[Bucket, KeyValue]:

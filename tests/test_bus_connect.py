@@ -1,0 +1,95 @@
+"""How the bus meets a server that is not there, has no JetStream, or is only read from, on real
+nats-servers: an operator's verb fails fast with one clear error, a read leaves the server as it
+was, and closing the connection ourselves says nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import NatsServer, start_nats
+from nats.js.errors import NotFoundError
+
+from snapscale.demo.procs import free_port
+from snapscale.shared import bus
+from snapscale.shared.bus import Bucket
+from snapscale.shared.core.errors import UnavailableError
+from snapscale.shared.core.settings import Settings
+
+
+@pytest.fixture(scope="module")
+def no_jetstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    srv = start_nats(tmp_path_factory.mktemp("nats-nojs"), jetstream=False)
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(10)
+
+
+@pytest.mark.parametrize(
+    ("url", "needle"),
+    [
+        ("nats://127.0.0.1:{port}", "is unreachable: [Errno 111]"),
+        ("nats://no-such-host.invalid:4222", "is unreachable"),
+        ("http://127.0.0.1:4222", "is not a NATS URL"),
+        ("127.0.0.1", "is not a NATS URL"),
+    ],
+)
+async def test_an_operator_gives_up_fast_on_an_unreachable_server(url: str, needle: str) -> None:
+    s = Settings(nats_url=url.format(port=free_port()))
+    t0 = time.monotonic()
+    with pytest.raises(UnavailableError) as got:
+        await bus.open_bus(s, "t", operator=True)
+    assert time.monotonic() - t0 < bus.client.OPERATOR_CONNECT_S + 1
+    assert needle in str(got.value)
+    assert "\n" not in str(got.value)
+
+
+async def test_no_jetstream_is_said_in_one_line(no_jetstream: NatsServer) -> None:
+    with pytest.raises(UnavailableError, match=r"has no JetStream: start nats-server with -js"):
+        await bus.open_bus(Settings(nats_url=no_jetstream.url), "t", operator=True)
+
+
+async def test_a_reader_creates_no_stream_and_no_bucket(settings: Settings) -> None:
+    reader = await bus.open_bus(settings, "reader", create=False, operator=True)
+    try:
+        assert reader.kv == {}
+        with pytest.raises(NotFoundError):
+            await reader.js.stream_info(reader.subjects.cmd_stream)
+        with pytest.raises(NotFoundError):
+            await reader.js.key_value(reader.subjects.bucket(Bucket.DEPLOYMENTS))
+    finally:
+        await reader.close()
+    writer = await bus.open_bus(settings, "writer")  # a writer creates them; a reader then sees them
+    await writer.close()
+    reader = await bus.open_bus(settings, "reader", create=False, operator=True)
+    await reader.close()
+    assert set(reader.kv) == set(Bucket)
+
+
+async def test_closing_our_own_connection_logs_nothing(
+    settings: Settings, caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="snapscale"):
+        b = await bus.open_bus(settings, "quiet")
+        await b.close()
+        b = await bus.open_bus(settings, "quiet-too", operator=True)
+        await b.nc.close()
+    assert [r.getMessage() for r in caplog.records if "disconnected" in r.getMessage()] == []
+    # a server that goes away is still reported by a service's connection
+    srv = start_nats(tmp_path)
+    b = await bus.open_bus(replace(settings, nats_url=srv.url), "loud")
+    try:
+        with caplog.at_level(logging.WARNING, logger="snapscale"):
+            srv.proc.terminate()
+            srv.proc.wait(10)
+            t0 = time.monotonic()
+            while not any("disconnected" in r.getMessage() for r in caplog.records):
+                assert time.monotonic() - t0 < 10, "no disconnect reported"
+                await asyncio.sleep(0.05)
+    finally:
+        await b.nc.close()
