@@ -78,7 +78,7 @@ async def connect(settings: Settings, name: str, *, operator: bool = False) -> N
                 url,
                 name=name,
                 max_reconnect_attempts=1 if operator else -1,
-                reconnect_time_wait=0.5,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py sleeps a float
                 connect_timeout=2 if operator else 5,
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
