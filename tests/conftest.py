@@ -75,6 +75,15 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     srv.proc.wait(10)
 
 
+@pytest.fixture(scope="session")
+def no_jetstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server without JetStream: what an operator's verb meets on a misconfigured server."""
+    srv = start_nats(tmp_path_factory.mktemp("nats-nojs"), jetstream=False)
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(10)
+
+
 @dataclass(frozen=True)
 class S3Server:
     endpoint_url: str

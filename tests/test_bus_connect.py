@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,14 +19,6 @@ from snapscale.shared import bus
 from snapscale.shared.bus import Bucket
 from snapscale.shared.core.errors import UnavailableError
 from snapscale.shared.core.settings import Settings
-
-
-@pytest.fixture(scope="module")
-def no_jetstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
-    srv = start_nats(tmp_path_factory.mktemp("nats-nojs"), jetstream=False)
-    yield srv
-    srv.proc.terminate()
-    srv.proc.wait(10)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """One unit style for what operators type and read: durations are seconds with a unit (`30s`,
-`2m`, `500ms`, `1h`), sizes are IEC (`512MiB`, `2.3 GiB`), in flags and in output alike.
+`2m`, `500ms`, `1h`), sizes are IEC (`512MiB`, `2.3GiB`), in flags and in output alike.
 
 Pure: text in, numbers out, and back. A bad value is a `ConfigError` naming what was expected.
 """
@@ -51,10 +51,11 @@ def parse_size(text: str) -> int:
 
 
 def format_size(n: float) -> str:
-    """IEC with one decimal past KiB: `512 B`, `1.5 KiB`, `2.3 GiB`."""
+    """IEC, one decimal past KiB, no space (a table cell, and what `parse_size` reads back):
+    `512B`, `1.5KiB`, `2.3GiB`."""
     if n < 1024:
-        return f"{n:.0f} B"
+        return f"{n:.0f}B"
     for i, unit in enumerate(_IEC[1:], start=1):
         if n < 1 << (10 * (i + 1)) or unit == _IEC[-1]:
-            return f"{n / (1 << (10 * i)):.1f} {unit}"
+            return f"{n / (1 << (10 * i)):.1f}{unit}"
     raise AssertionError("unreachable")
