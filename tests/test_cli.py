@@ -208,3 +208,19 @@ def test_not_found_and_usage_have_their_own_codes(settings: Settings) -> None:
     assert r.returncode == EXIT_USAGE and "must match" in r.stderr
     r = snapscale("status", "--bogus", env=env)
     assert r.returncode == EXIT_USAGE and "unrecognized arguments: --bogus" in r.stderr
+
+
+def test_every_environment_variable_read_is_in_the_help_table() -> None:
+    """The environment sections of --help come from one table (core/cliargs.py ENV): a variable the
+    code reads and the table lacks fails here, naming it."""
+    import re
+
+    from snapscale.shared.core.cliargs import ENV
+
+    documented = " ".join(f"{e.name} {e.what}" for e in ENV)
+    read: set[str] = set()
+    for path in (ROOT / "snapscale").rglob("*.py"):
+        if path.name != "cliargs.py":
+            read |= set(re.findall(r"\"((?:SNAPSCALE|OTEL|AWS)_[A-Z0-9_]+)\"", path.read_text()))
+    assert read, "the scan found nothing: the pattern is wrong"
+    assert sorted(n for n in read if n not in documented) == []
