@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 from conftest import NatsServer, start_nats
 from nats.js.errors import NotFoundError
 
-from snapscale.demo.procs import free_port
+from snapscale.demo.procs import free_port, wait_port
 from snapscale.shared import bus
 from snapscale.shared.bus import Bucket
 from snapscale.shared.core.errors import UnavailableError
@@ -84,3 +87,24 @@ async def test_closing_our_own_connection_logs_nothing(
                 await asyncio.sleep(0.05)
     finally:
         await b.nc.close()
+
+
+@pytest.fixture
+def nats_with_a_password() -> Iterator[str]:
+    exe = Path(sys.executable).parent / "nats-server"
+    port = free_port()
+    argv = [str(exe), "-a", "127.0.0.1", "-p", str(port), "--user", "u", "--pass", "p"]
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+async def test_refused_credentials_are_said_as_such(nats_with_a_password: str) -> None:
+    """A server that wants credentials we lack is not 'unreachable': the error says it refused us."""
+    refused = r"refused our credentials: nats: 'Authorization Violation'"
+    with pytest.raises(UnavailableError, match=refused):
+        await bus.open_bus(Settings(nats_url=nats_with_a_password), "t", operator=True)

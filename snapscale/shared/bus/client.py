@@ -89,6 +89,9 @@ async def connect(settings: Settings, name: str, *, operator: bool = False) -> N
     except (OSError, TimeoutError, nats.errors.Error) as e:
         if not nc.is_closed:
             await nc.close()
+        refused = [x for x in seen if "Authorization" in str(x)]
+        if refused:  # nats-py reports it as a plain error, then the reset that follows it
+            raise UnavailableError(f"NATS at {url} refused our credentials: {refused[-1]}") from None
         cause = seen[-1] if seen else e
         why = f"{cause}" if str(cause) else "timed out" if isinstance(cause, TimeoutError) else repr(cause)
         raise UnavailableError(f"NATS at {url} is unreachable: {why}") from None
