@@ -56,4 +56,9 @@ def _serve(args: argparse.Namespace) -> int:
         drain_s=args.drain_s,
         auto_freeze=False if args.no_auto_freeze else None,
     )
-    return runtime.serve(settings.service_name, settings.otlp_endpoint, Restorer(settings, config).run)
+    return runtime.serve(
+        settings.service_name,
+        settings.otlp_endpoint,
+        Restorer(settings, config).run,
+        metrics_address=settings.metrics_address,
+    )

@@ -26,7 +26,7 @@ from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.lookup import Found, find_checkpoint
 from snapscale.restorer.release import wake
 from snapscale.restorer.replicas import Live
-from snapscale.restorer.tiers import Observed, TierChoice, choose
+from snapscale.restorer.tiers import Observed, TierChoice, choose, pick_suspended
 from snapscale.shared import bus as busmod
 from snapscale.shared import engine
 from snapscale.shared.bus import (
@@ -119,9 +119,12 @@ async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]
         host_compat=compat,
         pinned=a.cmd.checkpoint_id,
     )
-    d = choose(replace(base, suspended=tuple(h.replicas.suspended_of(a.spec.name))))
-    if d.tier is Tier.RESUME:
-        assert d.resume_replica is not None
+    # Resume needs no lookup, so it is tried first; a command that allows neither resume nor a cold
+    # boot (only the restore tiers) must still get its lookup, not a NoTierError before it.
+    suspended = tuple(h.replicas.suspended_of(a.spec.name))
+    if Tier.RESUME in allow and pick_suspended(a.cmd.replica, suspended) is not None:
+        d = choose(replace(base, suspended=suspended))
+        assert d.tier is Tier.RESUME and d.resume_replica is not None
         try:
             return await _resume(h, a, d, d.resume_replica)
         except Exception as e:  # any resume failure falls through to the next tier

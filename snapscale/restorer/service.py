@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from snapscale.restorer import events, inventory
+from snapscale.restorer import events, inventory, metrics
 from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
 from snapscale.restorer.compat import CompatKeys, deployment_keys
@@ -45,17 +45,13 @@ from snapscale.shared.bus import (
     encode_message,
     lookup_entry,
 )
-from snapscale.shared.core import runtime, telemetry
+from snapscale.shared.core import runtime
 from snapscale.shared.core.errors import RetryableError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import CompatKey, CriuBinary, SandboxRegistry, find_criu
 from snapscale.shared.store import HostCache, open_store
 
 log = logging.getLogger(__name__)
-meter = telemetry.meter("snapscale.restorer")
-time_to_ready = meter.create_histogram(
-    "snapscale.time_to_ready_s", unit="s", description="restore command received -> replica ready, by tier"
-)
 LEDGER_KEEP_S = 24 * 3600.0  # the command stream keeps commands a day
 PRUNE_EVERY_S = 3600.0
 CATALOG_REFRESH_S = 15.0  # how often the inventory looks for new checkpoints of its keys
@@ -229,7 +225,7 @@ class Restorer:
             root.set_attribute("snapscale.tier", lv.tier.value)
             if a.reason:
                 root.set_attribute("fallback.reason", a.reason)
-            time_to_ready.record(total, {"tier": lv.tier.value, "deployment": lv.spec.name})
+            metrics.record_ready(lv.tier, lv.spec.name, total, a.timings_s, a.bytes)
             await events.record(
                 t.bus,
                 ReplicaEvent(
@@ -289,7 +285,8 @@ class Restorer:
             return
         t.ledger.start(Entry(cmd.id, "prefetch", cmd.deployment, "", time.time()))
         attrs = {"snapscale.deployment": cmd.deployment}
-        with tracer.start_as_current_span("prefetch", attributes=attrs) as span:
+        # not "prefetch": that is the scale-up's phase, and the dashboard's breakdown must not mix them
+        with tracer.start_as_current_span("prefetch.background", attributes=attrs) as span:
             spec = await deployed_spec(t.bus, cmd.deployment)
             compat_hash, _ = await t.compat.for_spec(spec)
             found = await find_checkpoint(t, cmd.deployment, compat_hash, cmd.checkpoint_id)

@@ -23,6 +23,7 @@ from nats.js.errors import (
 )
 from nats.js.kv import KeyValue
 
+from snapscale.shared.bus.auth import connect_options
 from snapscale.shared.bus.messages import M, decode_message, encode_message
 from snapscale.shared.bus.subjects import Bucket, Subjects
 from snapscale.shared.core import telemetry
@@ -52,6 +53,7 @@ def check_nats_url(url: str) -> str:
 
 async def connect(settings: Settings, name: str, *, operator: bool = False) -> NATS:
     """A service connects with unbounded reconnects: trouble is logged, never raised later.
+    Credentials and TLS come from `settings.nats_auth` (bus/auth.py).
 
     An operator's verb (`operator=True`) fails fast instead: an unreachable server raises
     `UnavailableError` within OPERATOR_CONNECT_S, and reconnect attempts are not logged (the
@@ -83,6 +85,7 @@ async def connect(settings: Settings, name: str, *, operator: bool = False) -> N
                 error_cb=on_error,
                 disconnected_cb=on_disconnect,
                 reconnected_cb=on_reconnect,
+                **connect_options(settings.nats_auth),
             ),
             OPERATOR_CONNECT_S if operator else None,
         )
