@@ -27,6 +27,13 @@ class Env:
 ENV: tuple[Env, ...] = (
     Env("SNAPSCALE_NATS_URL", "nats://127.0.0.1:4222", "NATS server", "bus"),
     Env("SNAPSCALE_NAMESPACE", "snapscale", "subject root; others prefix streams and buckets", "bus"),
+    Env("SNAPSCALE_NATS_USER", "none: anonymous", "NATS user, with SNAPSCALE_NATS_PASSWORD", "bus"),
+    Env("SNAPSCALE_NATS_TOKEN", "none", "NATS token, instead of a user", "bus"),
+    Env("SNAPSCALE_NATS_NKEY", "none", "file holding a user nkey seed, instead of a user", "bus"),
+    Env("SNAPSCALE_NATS_CREDS", "none", "NATS credentials file (JWT + seed), instead of a user", "bus"),
+    Env("SNAPSCALE_NATS_CA", "none", "CA file to verify the NATS server's TLS certificate", "bus"),
+    Env("SNAPSCALE_NATS_CERT", "none", "client certificate, with SNAPSCALE_NATS_KEY", "bus"),
+    Env("SNAPSCALE_NATS_INBOX", "_INBOX", "reply subject prefix (one per role)", "bus"),
     Env(
         "SNAPSCALE_STORE",
         "file:///var/lib/snapscale/store",
@@ -73,6 +80,8 @@ ENV: tuple[Env, ...] = (
         "telemetry",
     ),
     Env("OTEL_SERVICE_NAME", "per service", "service name in traces", "telemetry"),
+    Env("SNAPSCALE_METRICS_PORT", "none: no listener", "serve Prometheus /metrics on this port", "telemetry"),
+    Env("SNAPSCALE_METRICS_HOST", "127.0.0.1", "the address /metrics listens on", "telemetry"),
     Env("SNAPSCALE_LOG_LEVEL", "INFO", "log level", "telemetry"),
 )
 
