@@ -102,10 +102,6 @@ def _with_client(body: Callable[[Client], Awaitable[int]]) -> int:
     return asyncio.run(main())
 
 
-def _progress(_args: argparse.Namespace) -> Display:
-    return Display(sys.stderr)
-
-
 # --- deployments -----------------------------------------------------------------------------
 def _deploy(args: argparse.Namespace) -> int:
     try:
@@ -136,7 +132,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 def _undeploy(args: argparse.Namespace) -> int:
     async def body(c: Client) -> int:
-        show = _progress(args)
+        show = Display()
         try:
             u = await c.undeploy(
                 args.deployment, wait=not args.no_wait, timeout_s=args.timeout, on_progress=show
@@ -215,7 +211,7 @@ def _status(args: argparse.Namespace) -> int:
 # --- replicas ----------------------------------------------------------------------------------
 def _wait(args: argparse.Namespace) -> int:
     async def body(c: Client) -> int:
-        show = _progress(args)
+        show = Display()
         try:
             ready = await c.wait_ready(
                 args.deployment, replicas=args.replicas, timeout_s=args.timeout, on_progress=show
@@ -235,7 +231,7 @@ def _wait(args: argparse.Namespace) -> int:
 
 def _freeze(args: argparse.Namespace) -> int:
     async def body(c: Client) -> int:
-        show = _progress(args)
+        show = Display()
         try:
             ev = await c.freeze(
                 args.deployment, replica=args.replica, host=args.host, keep_running=not args.stop,
@@ -254,7 +250,7 @@ def _freeze(args: argparse.Namespace) -> int:
 
 def _prefetch(args: argparse.Namespace) -> int:
     async def body(c: Client) -> int:
-        show = _progress(args)
+        show = Display()
         try:
             got = await c.prefetch(
                 args.deployment, args.host, checkpoint_id=args.checkpoint, wait=not args.no_wait,
@@ -280,7 +276,7 @@ def _traffic(args: argparse.Namespace) -> int:
     telemetry.setup(f"{settings.service_name}-traffic", settings.otlp_endpoint)
 
     async def body(c: Client) -> int:
-        show = _progress(args)
+        show = Display()
         t0 = time.monotonic()
         try:
             n = await c.traffic(
