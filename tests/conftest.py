@@ -59,12 +59,12 @@ def nats_exe() -> Path:
     return exe
 
 
-def start_nats(tmp: Path) -> NatsServer:
+def start_nats(tmp: Path, *, jetstream: bool = True) -> NatsServer:
     exe = nats_exe()
     port = free_port()
     store = tmp / "js"
     proc = subprocess.Popen(
-        [str(exe), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+        [str(exe), "-a", "127.0.0.1", "-p", str(port), *(["-js", "-sd", str(store)] if jetstream else [])],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "nats.log", "wb"),  # noqa: SIM115 - the server outlives this function
     )
@@ -125,6 +125,15 @@ def start_nats_cluster(
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     srv = start_nats(tmp_path_factory.mktemp("nats"))
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def no_jetstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server without JetStream: what an operator's verb meets on a misconfigured server."""
+    srv = start_nats(tmp_path_factory.mktemp("nats-nojs"), jetstream=False)
     yield srv
     srv.proc.terminate()
     srv.proc.wait(10)

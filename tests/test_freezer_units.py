@@ -26,7 +26,7 @@ from snapscale.shared import bus
 from snapscale.shared.bus.catalog import CatalogEntry
 from snapscale.shared.bus.messages import CheckpointEvent, FreezeCommand, ReplicaEvent, ReplicaState
 from snapscale.shared.bus.subjects import Bucket
-from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.core.errors import NotFoundError
 
 
 def cmd(*, force: bool = False, id: str = "c1") -> FreezeCommand:
@@ -197,9 +197,9 @@ def test_pick_target_prefers_the_oldest_ready_replica() -> None:
     assert pick_target(reps, "d", replica=None, host="h1") == Target("r3", "h1")
     assert pick_target(reps, "d", replica="r1", host=None) == Target("r1", "h2")
     assert pick_target([], "d", replica="r7", host="h7") == Target("r7", "h7")
-    with pytest.raises(ConfigError, match=r"no ready replica of d on h3 \(replicas: r3@h1=ready"):
+    with pytest.raises(NotFoundError, match=r"no ready replica of d on h3 \(replicas: r3@h1=ready"):
         pick_target(reps, "d", replica=None, host="h3")
-    with pytest.raises(ConfigError, match="r7 of d is not in KV"):
+    with pytest.raises(NotFoundError, match="r7 of d is not in KV"):
         pick_target(reps, "d", replica="r7", host=None)
 
 
@@ -216,7 +216,7 @@ def test_format_event_says_sizes_timings_and_failures() -> None:
         timings_s={"criu_dump_s": 0.5},
     )
     text = format_event(ok)
-    assert "checkpoint ck of d" in text and "total 120.0MB" in text and "new 5.0MB" in text
+    assert "checkpoint ck of d" in text and "total 114.4MiB" in text and "new 4.8MiB" in text
     assert "criu_dump_s 0.50s" in text
     bad = CheckpointEvent(deployment="d", host="h", ok=False, ts=0.0, replica="r1", reason="criu_dump: boom")
     assert format_event(bad) == "freeze of d/r1 on h FAILED: criu_dump: boom"

@@ -166,11 +166,11 @@ def test_status_table() -> None:
     text = render(st, now=100.0)
     lines = text.splitlines()
     assert lines[0] == "HOSTS"
-    assert lines[2].split() == ["h1", "10s", "2/2", "0", "0", "0.0MB/0.0MB", "ck1", "c" * 12]
+    assert lines[2].split() == ["h1", "10s", "2/2", "0", "0", "0B/0B", "ck1", "c" * 12]
     assert "r1" in text and "cold" in text and "no checkpoint" in text and "60s" in text
     assert [ln.split() for ln in lines[-4:-2]] == [
-        ["h1", "ck0", "0.0MB", "partial"],
-        ["h1", "ck1", "2.0MB", "complete"],
+        ["h1", "ck0", "1B", "partial"],
+        ["h1", "ck1", "1.9MiB", "complete"],
     ]
     assert text.endswith("unreadable KV entries: replicas/x.y")
 

@@ -228,8 +228,8 @@ def test_grace_from_inactive_places_again_a_replica_lost_within_it() -> None:
 @pytest.mark.parametrize(
     ("knobs", "problem"),
     [
-        ({"scale_down_delay_s": -1.0}, "scaling.scale_down_delay_s: must be within [0, 3600] s"),
-        ({"scale_down_delay_s": 3601.0}, "scaling.scale_down_delay_s: must be within [0, 3600] s"),
+        ({"scale_down_delay_s": -1.0}, "scaling.scale_down_delay_s: must be at least 0 and at most 3600 s"),
+        ({"scale_down_delay_s": 3601.0}, "scaling.scale_down_delay_s: must be at least 0 and at most 3600 s"),
         ({"scale_down_delay_s": float("nan")}, "scaling.scale_down_delay_s"),
         ({"activation_scale": 0}, "scaling.activation_scale: must be at least 1"),
         ({"activation_scale": 3, "min_replicas": 4, "max_replicas": 10}, "below min_replicas 4"),

@@ -22,7 +22,6 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import orjson
 
@@ -32,6 +31,7 @@ from snapscale.demo.report import DemoState, ScaleUp, cleanup_lines, summary, to
 from snapscale.shared import bus
 from snapscale.shared.bus import Bucket, DeploymentSpec, Tier, load_spec
 from snapscale.shared.core import runtime, telemetry
+from snapscale.shared.core.cliargs import add_alias, duration, subcommand
 from snapscale.shared.core.errors import ConfigError, SnapscaleError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import pid_alive, pids_holding
@@ -67,21 +67,23 @@ class DemoOptions:
     host: str = HOST
 
 
-def register(sub: argparse._SubParsersAction[Any]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run nats-server, the scaler, a freezer and a restorer here and show cold boot vs restore",
-    )
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    what = "run nats-server, the scaler, a freezer and a restorer here and show cold boot vs restore"
+    p = subcommand(sub, "demo", what, "store", "telemetry")
     p.add_argument("--spec", type=Path, help="deployment spec (default: examples/sample_cpu.toml, or GPU)")
     p.add_argument("--json", type=Path, dest="json_path", help="also write the results here as JSON")
     p.add_argument("--work-dir", type=Path, help="where logs, the store and state go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
-    p.add_argument("--grace-s", type=float, default=6.0, help="no-traffic grace before scale to zero")
+    p.add_argument("--grace", dest="grace_s", type=duration, default="6s", help="no traffic this long: zero")
     p.add_argument("--concurrency", type=float, default=1.0, help="requests in flight during traffic")
-    p.add_argument("--step-timeout-s", type=float, default=300.0, help="limit for each step")
+    p.add_argument("--step-timeout", dest="step_timeout_s", type=duration, default="5m", help="step limit")
     p.add_argument("--resume", action="store_true", help="also suspend the replica and resume it")
     p.add_argument("--ask", default="/generate", help="path to GET from each ready replica")
-    p.add_argument("--warm-cache-s", type=float, default=15.0, help="wait at zero for the cache prefetch")
+    p.add_argument(
+        "--warm-cache", dest="warm_cache_s", type=duration, default="15s", help="wait at zero for prefetch"
+    )
+    for old in ("--grace-s", "--step-timeout-s", "--warm-cache-s"):
+        add_alias(p, old, old.removeprefix("--").replace("-", "_"), duration)
     p.set_defaults(func=_run)
 
 

@@ -15,6 +15,8 @@ S = ReplicaState
 LIVE = frozenset({S.PENDING, S.STARTING, S.RESTORING, S.RESUMING, S.READY})
 COMING = frozenset({S.PENDING, S.STARTING, S.RESTORING, S.RESUMING})  # not ready yet: may time out
 TERMINAL = frozenset({S.STOPPED, S.FAILED})
+# what a host still holds for a deployment: a removed one is forgotten only once none is left
+HOLDING = LIVE | {S.RELEASING, S.SUSPENDED}
 
 
 @dataclass

@@ -26,7 +26,7 @@ from snapscale.scaler.actions import Actor
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.lease import Lease
 from snapscale.scaler.policy import activation, decide, sample_problem
-from snapscale.scaler.records import COMING, LIVE, TERMINAL, Tracked, apply_event
+from snapscale.scaler.records import COMING, HOLDING, LIVE, TERMINAL, Tracked, apply_event
 from snapscale.scaler.view import View
 from snapscale.shared import bus
 from snapscale.shared.bus import (
@@ -202,6 +202,9 @@ class Scaler:
                 continue
             if ev.state not in TERMINAL:
                 self.view.track(Tracked(ev, rev, now))
+        for dep in {t.ev.deployment for t in self.view.replicas.values()} - set(self.view.specs):
+            log.info("deployment %s: replicas in KV and no spec (removed meanwhile): stopping them", dep)
+            self.view.retire(dep, now)
         if self._lease is None or not self._lease.valid():
             log.warning("scaler %s: lease lapsed while rebuilding; not leading", self.instance)
             return
@@ -267,6 +270,8 @@ class Scaler:
         spec_ = self.view.specs.get(dep)
         if spec_ is None:
             return
+        if dep in self.view.retired:
+            await self.actor.stop_suspended(dep, now)
         current = self.view.live_count(dep)
         d = decide(self.view.window(dep, now), spec_.scaling, current, now)
         self.counters["decisions"] += 1
@@ -302,8 +307,7 @@ class Scaler:
             if now - t.ev.ts > self.cfg.release_timeout_s:
                 log.warning("replica %s: no answer to its release for %.0fs; forgotten", t.key, now - t.ev.ts)
                 v.drop(t.key)
-        holding = (*LIVE, ReplicaState.RELEASING)
-        for dep in [d for d in v.retired if not any(t.ev.state in holding for t in v.of(d))]:
+        for dep in [d for d in v.retired if not any(t.ev.state in HOLDING for t in v.of(d))]:
             log.info("deployment %s: removed and drained", dep)
             v.forget(dep)
 
@@ -386,7 +390,7 @@ class Scaler:
     def _on_spec(self, key: str, value: bytes | None) -> None:
         if value is None:
             log.info("deployment %s removed from KV: releasing its replicas", key)
-            self.view.retire(key)
+            self.view.retire(key, self.clock())
             return
         try:
             s = DeploymentSpec.from_json(value)

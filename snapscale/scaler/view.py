@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 from snapscale.scaler.placement import Reservations
 from snapscale.scaler.policy import Window
-from snapscale.scaler.records import COMING, LIVE, Tracked
+from snapscale.scaler.records import COMING, HOLDING, LIVE, Tracked
 from snapscale.shared.bus import DeploymentSpec, HostHeartbeat, ReplicaEvent, ReplicaState, replica_key
 
 
@@ -62,21 +62,22 @@ class View:
             self.windows.pop(spec.name, None)
         self.window(spec.name, now)
 
-    def retire(self, deployment: str) -> None:
-        """The deployment left KV: release what it has (no freeze, no prefetch), then forget it."""
-        spec = self.specs.get(deployment)
-        if spec is None:
-            return
-        if not any(t.ev.state in LIVE or t.ev.state is ReplicaState.RELEASING for t in self.of(deployment)):
+    def retire(self, deployment: str, now: float) -> None:
+        """The deployment left KV: stop what it has, suspended replicas too (no freeze, no
+        prefetch, no suspend), then forget it. Replicas of a deployment with no spec at all (removed
+        while no scaler ran) are retired under a stand-in spec that only drains."""
+        spec = self.specs.get(deployment) or DeploymentSpec(name=deployment, command=["(removed)"])
+        if not any(t.ev.state in HOLDING for t in self.of(deployment)):
             self.forget(deployment)
             return
         self.retired.add(deployment)
         self.specs[deployment] = replace(
-            spec, scaling=replace(spec.scaling, min_replicas=0, max_replicas=0, scale_to_zero_after_s=0.0)
+            spec,
+            scaling=replace(
+                spec.scaling, min_replicas=0, max_replicas=0, scale_to_zero_after_s=0.0, release_mode="stop"
+            ),
         )
-        w = self.windows.get(deployment)
-        if w is not None:
-            w.observed_since = -math.inf  # no restart hold: nothing should stay
+        self.window(deployment, now).observed_since = -math.inf  # no restart hold: nothing should stay
 
     def forget(self, deployment: str) -> None:
         self.specs.pop(deployment, None)
@@ -105,6 +106,9 @@ class View:
 
     def live(self, deployment: str) -> list[Tracked]:
         return [t for t in self.of(deployment) if t.ev.state in LIVE]
+
+    def suspended(self, deployment: str) -> list[Tracked]:
+        return [t for t in self.of(deployment) if t.ev.state is ReplicaState.SUSPENDED]
 
     def live_count(self, deployment: str) -> int:
         return sum(1 for t in self.of(deployment) if t.ev.state in LIVE)

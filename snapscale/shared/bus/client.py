@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
@@ -36,7 +36,13 @@ from snapscale.shared.bus.auth import connect_options
 from snapscale.shared.bus.messages import M, decode_message, encode_message
 from snapscale.shared.bus.subjects import Bucket, Subjects
 from snapscale.shared.core import telemetry
-from snapscale.shared.core.errors import ConfigError, MessageError, RetryableError, SnapscaleError
+from snapscale.shared.core.errors import (
+    ConfigError,
+    MessageError,
+    RetryableError,
+    SnapscaleError,
+    UnavailableError,
+)
 from snapscale.shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -48,6 +54,10 @@ DEDUP_WINDOW_S = 600.0
 ELECTION_S = 20.0
 _TRANSIENT = (NatsTimeoutError, NoRespondersError, NoStreamResponseError, ServiceUnavailableError)
 T = TypeVar("T")
+# An operator's verb gives up on a server it cannot reach within this (one line, exit 1) ...
+OPERATOR_CONNECT_S = 5.0
+# ... and, once connected, rides out a server restart of about this many reconnects x 0.5 s.
+OPERATOR_RECONNECTS = 30
 
 
 class BusLost(SnapscaleError):
@@ -55,37 +65,65 @@ class BusLost(SnapscaleError):
 
 
 async def connect(
-    settings: Settings, name: str, *, on_closed: Callable[[], Awaitable[None]] | None = None
+    settings: Settings,
+    name: str,
+    *,
+    operator: bool = False,
+    on_closed: Callable[[], Awaitable[None]] | None = None,
 ) -> NATS:
-    """Connect to any of the configured servers with unbounded reconnects (to another server of a
-    cluster when one goes); connection trouble is logged, never raised later. Credentials and TLS
+    """A service connects to any of the configured servers with unbounded reconnects (to another
+    server of a cluster when one goes): trouble is logged, never raised later. Credentials and TLS
     come from `settings.nats_auth` (bus/auth.py). `on_closed` runs once the connection is closed for
-    good, whoever closed it."""
+    good, whoever closed it.
+
+    An operator's verb (`operator=True`) fails fast instead: an unreachable server raises
+    `UnavailableError` within OPERATOR_CONNECT_S, and reconnect attempts are not logged (the
+    verb says what went wrong once). Either way, closing the connection ourselves logs nothing.
+    """
+    servers = settings.nats_servers  # checked when the settings were read (core/settings.py)
+    url = ",".join(servers)
+    nc = NATS()
+    seen: list[BaseException] = []  # why each attempt failed; the last one is reported
 
     async def on_error(e: Exception) -> None:
-        log.warning("nats: %s", e)
+        seen.append(e)
+        (log.debug if operator else log.warning)("nats: %s", e)
 
     async def on_disconnect() -> None:
-        log.warning("nats: disconnected (servers %s)", settings.nats_url)
+        if not nc.is_closed:  # closed means we closed it (close, drain): nothing to report
+            (log.debug if operator else log.warning)("nats: disconnected from %s", url)
 
     async def on_reconnect() -> None:
-        url = conn[0].connected_url if conn else None
-        log.info("nats: reconnected to %s", url.netloc if url else "a server")
+        cur = nc.connected_url
+        log.info("nats: reconnected to %s", cur.netloc if cur else "a server")
 
-    conn: list[NATS] = []
-    nc = await nats.connect(
-        settings.nats_servers,
-        name=name,
-        max_reconnect_attempts=-1,
-        reconnect_time_wait=0.5,
-        connect_timeout=5,
-        error_cb=on_error,
-        disconnected_cb=on_disconnect,
-        reconnected_cb=on_reconnect,
-        **connect_options(settings.nats_auth),
-        closed_cb=on_closed,
-    )
-    conn.append(nc)
+    try:
+        await asyncio.wait_for(
+            nc.connect(
+                servers,
+                name=name,
+                max_reconnect_attempts=1 if operator else -1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py sleeps a float
+                connect_timeout=2 if operator else 5,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+                closed_cb=on_closed,
+                **connect_options(settings.nats_auth),
+            ),
+            OPERATOR_CONNECT_S if operator else None,
+        )
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        if not nc.is_closed:
+            await nc.close()
+        refused = [x for x in seen if "Authorization" in str(x)]
+        if refused:  # nats-py reports it as a plain error, then the reset that follows it
+            raise UnavailableError(f"NATS at {url} refused our credentials: {refused[-1]}") from None
+        cause = seen[-1] if seen else e
+        why = f"{cause}" if str(cause) else "timed out" if isinstance(cause, TimeoutError) else repr(cause)
+        raise UnavailableError(f"NATS at {url} is unreachable: {why}") from None
+    if operator:
+        nc.options["max_reconnect_attempts"] = OPERATOR_RECONNECTS
     return nc
 
 
@@ -109,10 +147,21 @@ class Bus:
             raise BusLost(self.lost)
 
 
-async def open_bus(settings: Settings, name: str, *, stop: asyncio.Event | None = None) -> Bus:
-    """Connect and ensure the topology. With `stop` (a service's), a connection closed for good
-    before `stop` is set is a loss: it is logged, recorded in `Bus.lost` and sets `stop`, so the
-    service winds down and ends with `raise_if_lost`."""
+
+async def open_bus(
+    settings: Settings,
+    name: str,
+    *,
+    create: bool = True,
+    operator: bool = False,
+    stop: asyncio.Event | None = None,
+) -> Bus:
+    """Connect and open the streams and buckets: created where missing (`create`, each kept on
+    SNAPSCALE_JS_REPLICAS servers), else only those that exist, so a verb that only reads leaves a
+    server as it found it. `operator`: see `connect`. Raises `UnavailableError` when the server has
+    no JetStream. With `stop` (a service's), a connection closed for good before `stop` is set is a
+    loss: it is logged, recorded in `Bus.lost` and sets `stop`, so the service winds down and ends
+    with `raise_if_lost`."""
     opened: Bus | None = None
 
     async def closed() -> None:
@@ -125,12 +174,41 @@ async def open_bus(settings: Settings, name: str, *, stop: asyncio.Event | None 
         log.error("%s", opened.lost)
         stop.set()
 
-    nc = await connect(settings, name, on_closed=closed)
-    js = nc.jetstream()
-    subjects = Subjects(settings.namespace)
-    kv = await ensure_topology(js, subjects, replicas=settings.js_replicas)
+    nc = await connect(settings, name, operator=operator, on_closed=closed)
+    try:
+        js = nc.jetstream()
+        await require_jetstream(js, settings.nats_url)
+        subjects = Subjects(settings.namespace)
+        if create:
+            kv = await ensure_topology(js, subjects, replicas=settings.js_replicas)
+        else:
+            kv = await existing_buckets(js, subjects)
+    except BaseException:
+        await nc.close()
+        raise
     opened = Bus(nc=nc, js=js, subjects=subjects, kv=kv)
     return opened
+
+async def require_jetstream(js: JetStreamContext, url: str) -> None:
+    try:
+        await js.account_info()
+    except (ServiceUnavailableError, nats.errors.NoRespondersError):
+        raise UnavailableError(
+            f"NATS at {url} has no JetStream: start nats-server with -js (or enable it for this account)"
+        ) from None
+    except nats.errors.TimeoutError:
+        raise UnavailableError(f"NATS at {url} did not answer a JetStream request in time") from None
+
+
+async def existing_buckets(js: JetStreamContext, s: Subjects) -> dict[Bucket, KeyValue]:
+    """The KV buckets that exist now; none is created."""
+    out: dict[Bucket, KeyValue] = {}
+    for b in Bucket:
+        try:
+            out[b] = await js.key_value(s.bucket(b))
+        except (NotFoundError, BadRequestError):
+            continue
+    return out
 
 
 async def ensure_topology(js: JetStreamContext, s: Subjects, replicas: int = 1) -> dict[Bucket, KeyValue]:

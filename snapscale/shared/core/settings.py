@@ -188,21 +188,26 @@ class Settings:
         return cls(**kw)  # type: ignore[arg-type]
 
 
+class NatsUrlError(ConfigError):
+    """SNAPSCALE_NATS_URL names no NATS server: an operator's verb reads it as "unavailable"."""
+
+
 def nats_servers(raw: str) -> list[str]:
     """`nats://a:4222,nats://b:4222` as a list; raises `ConfigError` naming the entry that is wrong."""
     out = [u.strip() for u in raw.split(",")]
     if not raw.strip() or "" in out:
-        raise ConfigError(f"SNAPSCALE_NATS_URL={raw!r}: an empty server entry; list URLs separated by commas")
+        raise NatsUrlError(f"SNAPSCALE_NATS_URL={raw!r}: an empty server entry; list URLs, comma-separated")
     for u in out:
         p = urlparse(u)
         if p.scheme not in _NATS_SCHEMES or not p.hostname:
-            raise ConfigError(
-                f"SNAPSCALE_NATS_URL={raw!r}: {u!r} is not a server URL such as nats://host:4222"
+            raise NatsUrlError(
+                f"SNAPSCALE_NATS_URL={raw!r}: {u!r} is not a NATS URL: use nats://host:4222 "
+                "(or tls://, ws://, wss://)"
             )
         try:
             p.port  # noqa: B018 - parsing it raises on a port that is not a number
         except ValueError:
-            raise ConfigError(f"SNAPSCALE_NATS_URL={raw!r}: {u!r} has a bad port") from None
+            raise NatsUrlError(f"SNAPSCALE_NATS_URL={raw!r}: {u!r} has a bad port") from None
     return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,26 +153,38 @@ class VerifyReport:
 
 
 async def verify_checkpoint(
-    store: ChunkStore, manifest: Manifest, *, deep: bool = True, concurrency: int = 16
+    store: ChunkStore,
+    manifest: Manifest,
+    *,
+    deep: bool = True,
+    concurrency: int = 16,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Check every chunk is in the store (and, if `deep`, hashes to its name)."""
+    """Check every chunk is in the store (and, if `deep`, hashes to its name). `on_chunk(bytes
+    read)` is called as each chunk is done (a progress display)."""
     missing: list[str] = []
     corrupt: list[str] = []
     checked: list[int] = []
 
     async def one(d: str) -> None:
+        n = await check(d)
+        if on_chunk is not None:
+            on_chunk(n)
+
+    async def check(d: str) -> int:
         if not deep:
             if not await store.touch_chunk(d):
                 missing.append(d)
-            return
+            return 0
         try:
             data = await store.get_chunk(d)
         except NotFoundError:
             missing.append(d)
-            return
+            return 0
         checked.append(len(data))
         if await asyncio.to_thread(sha256_hex, data) != d:
             corrupt.append(d)
+        return len(data)
 
     await run_bounded(sorted(manifest.digests()), one, concurrency)
     return VerifyReport(len(manifest.digests()), sum(checked), sorted(missing), sorted(corrupt))
