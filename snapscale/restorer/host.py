@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapscale.restorer.checkpoints import Checkpoints
@@ -39,6 +39,7 @@ class HostTools:
     registry: SandboxRegistry
     checkpoints: Checkpoints
     hot: HotImages | None = None  # assembled images kept for the next restore of the same checkpoint
+    started_at: float = field(default_factory=time.time)  # in every heartbeat: a restart shows
 
     @property
     def name(self) -> str:

@@ -366,6 +366,7 @@ async def publish_heartbeat(h: Host, host_part: CompatKey, keys: dict[str, str])
         suspend_budget_bytes=t.config.suspend_budget_bytes,
         interval_s=t.config.heartbeat_s,
         compat_hashes=keys,
+        started_at=t.started_at,
     )
     await busmod.publish_core(t.bus, t.bus.subjects.evt_host(t.name), hb)
     await t.bus.kv[Bucket.HOSTS].put(t.name, encode_message(hb))

@@ -332,7 +332,15 @@ class Scaler:
         if hb.host not in self.view.hosts:
             log.info("host %s reports (%d GPUs, %d cpu slots)", hb.host, len(hb.gpus), hb.cpu_slots)
         now = self.clock()
-        self.view.heartbeat(hb, now)
+        lost = self.view.heartbeat(hb, now)
+        if lost and self.acting():
+            # its restorer restarted without them: replaced now, not after a ready or host timeout
+            for t in lost:
+                reason = f"lost with a restart of the restorer on {hb.host}"
+                await self.actor.fail(t, now, reason, cleanup=False, avoid=False)
+            for dep in sorted({t.ev.deployment for t in lost} - self.actor.starved):
+                if dep in self.view.specs:
+                    await self.reconcile(dep, now)
         if self.acting() and self.actor.starved and _has_room(hb):
             # A host just freed room (a release finished): place what found none now, rather than
             # at the next traffic event or tick. Without this a scale-up right after a scale to
@@ -348,7 +356,8 @@ class Scaler:
         t = self.view.replicas.get(key)
         if ev.state in TERMINAL:
             if t is not None:
-                if ev.state is ReplicaState.FAILED and t.ev.state in COMING:
+                failed_here = ev.state is ReplicaState.FAILED and t.ev.state in COMING
+                if failed_here and not self.view.cut_by_restart(t, ev):
                     self.view.avoid[(ev.deployment, ev.host)] = self.clock() + self.cfg.avoid_s
                 self.view.drop(key)
             return
