@@ -283,7 +283,7 @@ async def restore(
     t: dict[str, float] = {}
     sandbox.become_subreaper()
     with _step(t, "restore"):
-        ns = await netns.create(replica)
+        ns = await netns.create(replica, owner=run_dir)
         log_path = run_dir / sandbox.LOG_NAME
         try:
             log_fd = sandbox.open_log(log_path)
