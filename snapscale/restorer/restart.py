@@ -96,9 +96,9 @@ async def _sweep(h: Host, cut_short: list[Path]) -> None:
 
 def _said(kind: str, removed: list[str]) -> None:
     if removed:
-        log.warning("after a restart: removed %d %s: %s", len(removed), kind, ", ".join(removed))
+        log.warning("at start: removed %d %s: %s", len(removed), kind, ", ".join(removed))
     else:
-        log.info("after a restart: no %s left behind", kind)
+        log.info("at start: no %s left behind", kind)
 
 
 async def _adopt_one(h: Host, sb: Sandbox) -> str | None:
