@@ -27,7 +27,9 @@ from snapscale.shared.bus.messages import (
     ScaleUpCommand,
     Tier,
     TrafficEvent,
+    encode_message,
 )
+from snapscale.shared.bus.subjects import Bucket
 from snapscale.shared.core.settings import Settings
 
 S = ReplicaState
@@ -159,3 +161,26 @@ async def test_a_restore_cut_short_by_a_restart_is_placed_again_on_the_same_host
         assert time.monotonic() - t0 < 3.0
         await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [S.READY], 5, "ready")
         assert not sc.view.avoid
+
+
+async def test_a_new_leader_fails_what_kv_holds_of_a_restorer_that_restarted_meanwhile(
+    the_bus: Bus, settings: Settings
+) -> None:
+    """The restorer restarted with nothing while no scaler ran: KV still says ready, and the
+    heartbeat's start time is not news to a scaler that first hears of the host now."""
+    await deploy(the_bus, replace(SPEC, scaling=replace(SPEC.scaling, min_replicas=1)))
+    host = RestartingHost(settings, "host-a", gpus=1)
+    async with running(host.run):
+        await eventually(lambda: host._bus is not None)
+        await host.record(
+            ReplicaEvent("llm", "llm-old", "host-a", S.READY, time.time() - 60, gpu_uuids=["host-a-g0"])
+        )
+        # as a restorer does: its inventory in KV too, which a starting scaler reads before anything
+        await the_bus.kv[Bucket.HOSTS].put("host-a", encode_message(host.heartbeat()))
+        sc = Scaler(settings, CFG)
+        async with running(sc.run):
+            await eventually(lambda: sc.leader, 5, "leading")
+            await eventually(lambda: len(host.commands(ScaleUpCommand)) == 1, 5, "replaced")
+            assert "llm-old" not in {t.ev.replica for t in sc.view.of("llm")}
+            got = await bus.kv_get(the_bus.kv[Bucket.REPLICAS], "llm.llm-old")
+            assert got is None  # failed: its record is gone

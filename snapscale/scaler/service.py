@@ -209,6 +209,8 @@ class Scaler:
         for t in pending:
             if t.ev.deployment in self.view.specs:
                 await self.actor.resend(t, now)
+        # KV may still hold replicas of a restorer that restarted while no scaler was leading
+        await self._lost([t for hb in list(self.view.hosts.values()) for t in self.view.gone_from(hb)], now)
         log.info(
             "scaler %s leads with %d replicas (%d re-sent)",
             self.instance,
@@ -335,9 +337,7 @@ class Scaler:
         lost = self.view.heartbeat(hb, now)
         if lost and self.acting():
             # its restorer restarted without them: replaced now, not after a ready or host timeout
-            for t in lost:
-                reason = f"lost with a restart of the restorer on {hb.host}"
-                await self.actor.fail(t, now, reason, cleanup=False, avoid=False)
+            await self._lost(lost, now)
             for dep in sorted({t.ev.deployment for t in lost} - self.actor.starved):
                 if dep in self.view.specs:
                     await self.reconcile(dep, now)
@@ -350,6 +350,12 @@ class Scaler:
                     await self.reconcile(dep, now)
                 else:
                     self.actor.starved.discard(dep)
+
+    async def _lost(self, lost: list[Tracked], now: float) -> None:
+        """Fail replicas gone with a restart of their restorer; the host is not to blame."""
+        for t in lost:
+            reason = f"lost with a restart of the restorer on {t.ev.host}"
+            await self.actor.fail(t, now, reason, cleanup=False, avoid=False)
 
     async def _on_replica(self, ev: ReplicaEvent, _msg: Msg) -> None:
         key = replica_key(ev.deployment, ev.replica)

@@ -139,11 +139,9 @@ class View:
     def heartbeat(self, hb: HostHeartbeat, now: float) -> list[Tracked]:
         """A host reported: what it lists no longer needs a promise (its own flags cover it).
 
-        When its restorer started anew since the last report, the replicas this view has on it
-        from before that start which it does not list are gone with the old process: returned, to
-        be failed and replaced now. A command still on its way there (pending, or a resume the
-        scaler placed) is not: the new process takes it. Failures the restart caused say nothing
-        about the deployment: the host is no longer avoided for any.
+        When its restorer started anew since the last report, returns `gone_from(hb)`, to be
+        failed and replaced now. Failures the restart caused say nothing about the deployment: the
+        host is no longer avoided for any.
         """
         self.hosts[hb.host] = hb
         self.host_seen[hb.host] = now
@@ -155,6 +153,13 @@ class View:
         self.host_started[hb.host] = hb.started_at
         for k in [k for k in self.avoid if k[1] == hb.host]:
             del self.avoid[k]
+        return self.gone_from(hb)
+
+    def gone_from(self, hb: HostHeartbeat) -> list[Tracked]:
+        """The replicas this view has on `hb.host` from before its restorer started that `hb` does
+        not list: gone with an old process. A command still on its way there (pending, or a resume
+        the scaler placed) is not: whichever process consumes it next takes it."""
+        listed = {replica_key(r.deployment, r.replica) for r in hb.replicas}
         return [
             t
             for t in self.replicas.values()
