@@ -28,6 +28,7 @@ from snapscale.demo import DemoOptions, demo_env, demo_spec
 from snapscale.demo.live import Console, follow
 from snapscale.demo.procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
 from snapscale.demo.report import DemoState
+from snapscale.restorer.config import RestorerConfig
 from snapscale.shared import bus, engine
 from snapscale.shared.bus import spec
 from snapscale.shared.bus.client import Bus
@@ -296,7 +297,9 @@ async def play(args: argparse.Namespace, work: Path, procs: ProcessSet, results:
             if step == STEPS[4]:
                 # The restorer's kept image gone: this restore assembles it again from the host cache
                 # (prefetch re-verifies, materialize copies), as every warm restore did before.
-                shutil.rmtree(work / "state" / "restorer" / "hot" / ck.checkpoint_id)
+                # Where the restorer keeps it: SNAPSCALE_IMAGE_DIR when set (a tmpfs on GPU hosts).
+                hot = RestorerConfig.from_env(HOST, env).hot_root(settings) / ck.checkpoint_id
+                shutil.rmtree(hot)
             up, _ = await scale_up(state, gw, step, ref, procs, args.step_timeout_s)
             ups.append(up)
 

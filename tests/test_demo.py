@@ -246,4 +246,4 @@ def test_what_the_dashboard_queries_is_what_the_services_emit(demo_run: dict[str
     }
     assert expected <= names, f"missing spans: {expected - names}"
     assert attrs >= sc.ATTRIBUTES, f"missing attributes: {sc.ATTRIBUTES - attrs}"
-    assert sc.TIME_TO_READY_METRIC in demo_run["metrics"], sorted(demo_run["metrics"])
+    assert sc.SCALE_UP_DURATION_METRIC in demo_run["metrics"], sorted(demo_run["metrics"])

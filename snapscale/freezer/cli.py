@@ -55,7 +55,10 @@ def _serve(args: argparse.Namespace) -> int:
         chunk_bytes=args.chunk_bytes,
     )
     return runtime.serve(
-        settings.service_name, settings.otlp_endpoint, lambda stop: serve(settings, opts, stop=stop)
+        settings.service_name,
+        settings.otlp_endpoint,
+        lambda stop: serve(settings, opts, stop=stop),
+        metrics_address=settings.metrics_address,
     )
 
 

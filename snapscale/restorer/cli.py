@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--heartbeat-s", type=float, help="inventory interval (SNAPSCALE_HEARTBEAT_S)")
     p.add_argument("--drain-s", type=float, help="on SIGTERM, time in-flight commands get (default 20)")
     p.add_argument("--no-auto-freeze", action="store_true", help="never ask the freezer after a cold boot")
+    p.add_argument(
+        "--advertise-addr", help="this host's address for other machines: forward a port to each replica"
+    )
     p.set_defaults(func=_serve)
 
     s = sub.add_parser("status", help="hosts, replicas, checkpoints and host caches")
@@ -44,8 +47,14 @@ def _serve(args: argparse.Namespace) -> int:
         heartbeat_s=args.heartbeat_s,
         drain_s=args.drain_s,
         auto_freeze=False if args.no_auto_freeze else None,
+        advertise_addr=args.advertise_addr,
     )
-    return runtime.serve(settings.service_name, settings.otlp_endpoint, Restorer(settings, config).run)
+    return runtime.serve(
+        settings.service_name,
+        settings.otlp_endpoint,
+        Restorer(settings, config).run,
+        metrics_address=settings.metrics_address,
+    )
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.compat import CompatKeys
 from snapscale.restorer.config import RestorerConfig
+from snapscale.restorer.forwarding import Forwards
 from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Ledger
 from snapscale.restorer.replicas import Replicas
@@ -38,6 +39,7 @@ class HostTools:
     ledger: Ledger
     registry: SandboxRegistry
     checkpoints: Checkpoints
+    forwards: Forwards  # host ports forwarded to the sandboxes (none without an advertise address)
     hot: HotImages | None = None  # assembled images kept for the next restore of the same checkpoint
     started_at: float = field(default_factory=time.time)  # in every heartbeat: a restart shows
 

@@ -41,7 +41,7 @@ async def adopt(h: Host) -> None:
             unfinished[e.replica] = e
         else:
             t.ledger.finish(e.id, ok=False, outcome="interrupted by a restart")
-    found = t.registry.all()
+    found = await _forwarded(t, t.registry.all())
     # probed together: one slow sandbox must not hold the others' re-adoption up
     verdicts = await asyncio.gather(*(_adopt_one(h, sb) for sb in found))
     adopted: set[str] = set()
@@ -52,6 +52,7 @@ async def adopt(h: Host) -> None:
         log.warning("replica %s not re-adopted: %s", sb.replica, why)
         with contextlib.suppress(Exception):
             await engine.stop(sb)
+        await t.forwards.close(sb.replica)
         t.registry.remove(sb.replica)
         if sb.run_dir:
             await reap(Path(sb.run_dir))
@@ -75,6 +76,17 @@ async def adopt(h: Host) -> None:
         reason = "the restorer restarted mid-restore; what it had started was cleaned up"
         await _report_failed(t, e.deployment, e.replica, reason, command_id=e.id)
         t.ledger.finish(e.id, ok=False, outcome=f"failed: {reason}")
+
+
+async def _forwarded(t: HostTools, found: list[Sandbox]) -> list[Sandbox]:
+    """`found` with the host ports forwarded to the live ones: kept, or given again when the kernel
+    lost them (a reboot); forwards to sandboxes gone are removed. Before any event names an endpoint."""
+    alive = [sb for sb in found if is_running(sb)]
+    now = {sb.replica: sb for sb in await t.forwards.reconcile(alive)}
+    for sb in alive:
+        if now[sb.replica] != sb:
+            t.registry.put(now[sb.replica])
+    return [now.get(sb.replica, sb) for sb in found]
 
 
 async def _sweep(h: Host, cut_short: list[Path]) -> None:
@@ -137,7 +149,8 @@ async def _adopt_one(h: Host, sb: Sandbox) -> str | None:
             command_id=last.command_id if last else None,
             tier=tier,
             reason="re-adopted after a restorer restart",
-            endpoint=sb.endpoint,
+            endpoint=t.forwards.endpoint(sb),
+            local_endpoint=sb.endpoint,
             checkpoint_id=sb.checkpoint_id,
             gpu_uuids=list(sb.gpu_uuids),
         ),

@@ -26,7 +26,7 @@ from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.lookup import Found, find_checkpoint
 from snapscale.restorer.release import wake
 from snapscale.restorer.replicas import Live
-from snapscale.restorer.tiers import Observed, TierChoice, choose
+from snapscale.restorer.tiers import Observed, TierChoice, choose, pick_suspended
 from snapscale.shared import bus as busmod
 from snapscale.shared import engine
 from snapscale.shared.bus import (
@@ -108,6 +108,22 @@ async def announce(t: HostTools, a: Attempt, d: TierChoice, checkpoint_id: str |
 
 
 async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]) -> Live:
+    """Run the tiers in order until one ends ready, then forward a host port to the replica (before
+    its ready event names the endpoint); raises what the last tier raised."""
+    lv = await _tiers(h, a, compat_hash, compat)
+    t = h.tools
+    try:
+        sb = await t.forwards.open(lv.sandbox)
+    except BaseException:
+        await _stop_quietly(t, lv.sandbox)
+        raise
+    if sb != lv.sandbox:
+        t.registry.put(sb)
+        lv.sandbox = sb
+    return lv
+
+
+async def _tiers(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]) -> Live:
     """Run the tiers in order until one ends ready; raises what the last one raised."""
     root = trace.get_current_span()
     root.set_attribute("snapscale.deployment", a.spec.name)
@@ -120,9 +136,12 @@ async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]
         host_compat=compat,
         pinned=a.cmd.checkpoint_id,
     )
-    d = choose(replace(base, suspended=tuple(h.replicas.suspended_of(a.spec.name))))
-    if d.tier is Tier.RESUME:
-        assert d.resume_replica is not None
+    # Resume needs no lookup, so it is tried first; a command that allows neither resume nor a cold
+    # boot (only the restore tiers) must still get its lookup, not a NoTierError before it.
+    suspended = tuple(h.replicas.suspended_of(a.spec.name))
+    if Tier.RESUME in allow and pick_suspended(a.cmd.replica, suspended) is not None:
+        d = choose(replace(base, suspended=suspended))
+        assert d.tier is Tier.RESUME and d.resume_replica is not None
         try:
             return await _resume(h, a, d, d.resume_replica)
         except Exception as e:  # any resume failure falls through to the next tier
@@ -338,6 +357,7 @@ async def _stop_quietly(t: HostTools, sb: Sandbox) -> None:
         await engine.stop(sb)
     except Exception as e:  # stopping is best effort here; the reap after it catches stragglers
         log.warning("stopping %s failed: %s", sb.replica, e)
+    await t.forwards.close(sb.replica)
     t.registry.remove(sb.replica)
 
 

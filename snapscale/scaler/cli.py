@@ -36,7 +36,9 @@ def _scaler(args: argparse.Namespace) -> int:
     s = Settings.from_env()
     runtime.setup_logging(s.log_level)
     cfg = ScalerConfig(tick_s=args.tick_s, lease_s=args.lease_s)
-    return runtime.serve(f"{s.service_name}-scaler", s.otlp_endpoint, Scaler(s, cfg).run)
+    return runtime.serve(
+        f"{s.service_name}-scaler", s.otlp_endpoint, Scaler(s, cfg).run, metrics_address=s.metrics_address
+    )
 
 
 def _traffic(args: argparse.Namespace) -> int:

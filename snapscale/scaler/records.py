@@ -50,6 +50,7 @@ def apply_event(cur: ReplicaEvent | None, ev: ReplicaEvent) -> ReplicaEvent | No
         ev,
         gpu_uuids=list(ev.gpu_uuids) or cur.gpu_uuids,
         endpoint=ev.endpoint or cur.endpoint,
+        local_endpoint=ev.local_endpoint or cur.local_endpoint,
         checkpoint_id=ev.checkpoint_id or cur.checkpoint_id,
         tier=ev.tier or cur.tier,
     )

@@ -14,6 +14,7 @@ from snapscale.shared.bus.client import (
     publish,
     publish_core,
     subscribe_core,
+    through_elections,
 )
 from snapscale.shared.bus.consumer import Handler, consume
 from snapscale.shared.bus.ledger import Ledger
@@ -81,4 +82,5 @@ __all__ = [
     "publish_entry",
     "replica_key",
     "subscribe_core",
+    "through_elections",
 ]

@@ -145,11 +145,15 @@ class ReplicaEvent:
     command_id: str | None = None
     tier: Tier | None = None
     reason: str = ""
+    # Where to send requests: `<advertise addr>:<host port>` when the restorer forwards one (reachable
+    # from other machines), else the sandbox's own address. `local_endpoint` is always the latter:
+    # routed on the replica's host only, one hop less for a client on that host.
     endpoint: str = ""
     checkpoint_id: str | None = None
     gpu_uuids: list[str] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
+    local_endpoint: str = ""
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,13 @@ Services import these names, not the modules.
 from snapscale.shared.engine.compat import CompatKey, cuda_driver_version, host_key, read_gpus
 from snapscale.shared.engine.criu import CriuBinary, find_criu
 from snapscale.shared.engine.errors import CriuError, EngineError
+from snapscale.shared.engine.forward import (
+    Forward,
+    PortForwards,
+    forward_table_name,
+    free_host_port,
+    port_hint,
+)
 from snapscale.shared.engine.lifecycle import (
     FreezeReport,
     ImageMeta,
@@ -34,8 +41,10 @@ __all__ = [
     "CriuBinary",
     "CriuError",
     "EngineError",
+    "Forward",
     "FreezeReport",
     "ImageMeta",
+    "PortForwards",
     "RestoreReport",
     "Sandbox",
     "SandboxRegistry",
@@ -43,6 +52,8 @@ __all__ = [
     "delete_netns",
     "existing_netns",
     "find_criu",
+    "forward_table_name",
+    "free_host_port",
     "freeze",
     "host_key",
     "is_running",
@@ -53,6 +64,7 @@ __all__ = [
     "pid_alive",
     "pids_holding",
     "pids_in_netns",
+    "port_hint",
     "read_gpus",
     "read_meta",
     "restore",

@@ -112,10 +112,17 @@ async def _ip(*args: str) -> None:
         raise EngineError("netns", f"ip {' '.join(args)} failed: {err.decode(errors='replace').strip()}")
 
 
+def _links() -> set[str]:
+    """The interfaces of this process's network namespace. /proc/net/dev, not /sys/class/net: sysfs
+    shows the namespace of whoever mounted it, which is not ours under `nsenter --net`."""
+    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    return {line.split(":", 1)[0].strip() for line in lines if ":" in line}
+
+
 def _host_links() -> set[int]:
     out = set()
-    for p in Path("/sys/class/net").iterdir():
-        m = re.fullmatch(r"ssv(\d+)", p.name)
+    for name in _links():
+        m = re.fullmatch(r"ssv(\d+)", name)
         if m:
             out.add(int(m.group(1)))
     return out
@@ -191,7 +198,7 @@ async def delete_netns(name: str) -> None:
 
 
 def _link_exists(name: str) -> bool:
-    return Path("/sys/class/net", name).exists()
+    return name in _links()
 
 
 def pids_in_netns(name: str) -> list[int]:
