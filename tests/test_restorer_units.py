@@ -10,6 +10,7 @@ from snapscale.restorer.budget import Suspended, over_budget
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.slots import Grant, NoCapacityError, Slots
 from snapscale.shared.bus.messages import GpuInfo
+from snapscale.shared.store.backend import RetryableStoreError
 
 GPUS = [GpuInfo(i, f"GPU-{i}", "H100", 80 << 30) for i in range(3)]
 
@@ -182,6 +183,10 @@ def test_status_table() -> None:
         (TimeoutError("deadline of 2s exceeded"), "timed out (deadline of 2s exceeded)"),
         (ValueError("bad"), "ValueError: bad"),
         (RuntimeError(), "RuntimeError"),
+        (
+            RetryableStoreError("S3 get chunks/ab: still failing after 8 tries: connection refused"),
+            "store unreachable: S3 get chunks/ab: still failing after 8 tries: connection refused",
+        ),
     ],
 )
 def test_describe(exc: BaseException, reads: str) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from snapscale.restorer.checkpoints import Checkpoints
@@ -41,6 +41,7 @@ class HostTools:
     checkpoints: Checkpoints
     forwards: Forwards  # host ports forwarded to the sandboxes (none without an advertise address)
     hot: HotImages | None = None  # assembled images kept for the next restore of the same checkpoint
+    started_at: float = field(default_factory=time.time)  # in every heartbeat: a restart shows
 
     @property
     def name(self) -> str:

@@ -39,6 +39,7 @@ from snapscale.shared.bus import (
     Verb,
 )
 from snapscale.shared.core import telemetry
+from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import Sandbox
 from snapscale.shared.store import Manifest
 
@@ -280,6 +281,7 @@ async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *,
                 await asyncio.shield(fetch)
             with phase(a, "materialize"):
                 await c.materialize(m, image_dir, arriving=fetch if overlap else None)
+            await pause_point("materialize")
             await fetch
         except BaseException:
             fetch.cancel()
@@ -290,6 +292,7 @@ async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *,
 async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest) -> None:
     with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
         rep = await c.prefetch(m)
+        await pause_point("prefetch")
         gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
         span.set_attributes(
             {

@@ -261,12 +261,13 @@ class Restorer:
                     bytes=dict(a.bytes),
                 ),
             )
-            t.ledger.finish(cmd.id, ok=True, outcome=f"ready by {lv.tier.value}")
+            # asked before the ledger says done: after a crash in between, adoption asks again (same id)
             if lv.tier is Tier.COLD and lv.spec.freeze.after_ready and t.config.auto_freeze:
                 try:
                     await request_freeze(t, lv, cmd.id)
                 except Exception as e:  # the replica serves either way; the scaler may ask again
                     log.warning("auto-freeze request for %s failed: %s", cmd.replica, e)
+            t.ledger.finish(cmd.id, ok=True, outcome=f"ready by {lv.tier.value}")
 
     async def _failed(self, t: HostTools, cmd: ScaleUpCommand, a: Attempt | None, reason: str) -> None:
         await events.record(
@@ -397,6 +398,7 @@ def heartbeat_of(h: Host, host_part: CompatKey, keys: dict[str, str]) -> HostHea
         suspend_budget_bytes=t.config.suspend_budget_bytes,
         interval_s=t.config.heartbeat_s,
         compat_hashes=keys,
+        started_at=t.started_at,
     )
 
 

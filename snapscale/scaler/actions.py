@@ -319,10 +319,13 @@ class Actor:
             log.info("deployment %s at zero: host %s prefetches %s", dep, host, ckpt)
 
     # --- failures ----------------------------------------------------------------------------
-    async def fail(self, t: Tracked, now: float, reason: str, *, cleanup: bool) -> None:
-        """Forget a replica that will not serve; its slot is placed again on the next decision."""
+    async def fail(self, t: Tracked, now: float, reason: str, *, cleanup: bool, avoid: bool = True) -> None:
+        """Forget a replica that will not serve; its slot is placed again on the next decision.
+        With `avoid`, its host is skipped for the deployment for a while (not when the host is
+        not to blame, e.g. its restorer restarted)."""
         self.view.drop(t.key)
-        self.view.avoid[(t.ev.deployment, t.ev.host)] = now + self.cfg.avoid_s
+        if avoid:
+            self.view.avoid[(t.ev.deployment, t.ev.host)] = now + self.cfg.avoid_s
         self.counters["failed"] += 1
         log.warning("replica %s on %s failed: %s", t.key, t.ev.host, reason)
         ev = replace(t.ev, state=ReplicaState.FAILED, ts=now, reason=reason)

@@ -213,6 +213,8 @@ class Scaler:
         for t in pending:
             if t.ev.deployment in self.view.specs:
                 await self.actor.resend(t, now)
+        # KV may still hold replicas of a restorer that restarted while no scaler was leading
+        await self._lost([t for hb in list(self.view.hosts.values()) for t in self.view.gone_from(hb)], now)
         log.info(
             "scaler %s leads with %d replicas (%d re-sent)",
             self.instance,
@@ -342,7 +344,13 @@ class Scaler:
         if hb.host not in self.view.hosts:
             log.info("host %s reports (%d GPUs, %d cpu slots)", hb.host, len(hb.gpus), hb.cpu_slots)
         now = self.clock()
-        self.view.heartbeat(hb, now)
+        lost = self.view.heartbeat(hb, now)
+        if lost and self.acting():
+            # its restorer restarted without them: replaced now, not after a ready or host timeout
+            await self._lost(lost, now)
+            for dep in sorted({t.ev.deployment for t in lost} - self.actor.starved):
+                if dep in self.view.specs:
+                    await self.reconcile(dep, now)
         if self.acting() and self.actor.starved and _has_room(hb):
             # A host just freed room (a release finished): place what found none now, rather than
             # at the next traffic event or tick. Without this a scale-up right after a scale to
@@ -353,12 +361,19 @@ class Scaler:
                 else:
                     self.actor.starved.discard(dep)
 
+    async def _lost(self, lost: list[Tracked], now: float) -> None:
+        """Fail replicas gone with a restart of their restorer; the host is not to blame."""
+        for t in lost:
+            reason = f"lost with a restart of the restorer on {t.ev.host}"
+            await self.actor.fail(t, now, reason, cleanup=False, avoid=False)
+
     async def _on_replica(self, ev: ReplicaEvent, _msg: Msg) -> None:
         key = replica_key(ev.deployment, ev.replica)
         t = self.view.replicas.get(key)
         if ev.state in TERMINAL:
             if t is not None:
-                if ev.state is ReplicaState.FAILED and t.ev.state in COMING:
+                failed_here = ev.state is ReplicaState.FAILED and t.ev.state in COMING
+                if failed_here and not self.view.cut_by_restart(t, ev):
                     self.view.avoid[(ev.deployment, ev.host)] = self.clock() + self.cfg.avoid_s
                 self.view.drop(key)
             return

@@ -233,6 +233,8 @@ class HostHeartbeat:
     # deployment -> this host's key hash for it (what catalog keys `<deployment>.<hash>` match).
     # `compat_hash` is the host's fields alone (no runtime or spec), for display and grouping.
     compat_hashes: dict[Name, Id] = field(default_factory=dict)
+    # When this restorer started (its clock). A new value: it restarted, and holds only what it lists.
+    started_at: Timestamp = 0.0
 
 
 def encode_message(msg: _Msg) -> bytes:

@@ -25,7 +25,13 @@ from snapscale.shared.engine.lifecycle import (
     suspend,
     wait_ready,
 )
-from snapscale.shared.engine.netns import delete_netns, existing_netns, netns_inode, pids_in_netns
+from snapscale.shared.engine.netns import (
+    delete_netns,
+    existing_netns,
+    netns_inode,
+    netns_owner,
+    pids_in_netns,
+)
 from snapscale.shared.engine.procs import pid_alive, pids_holding
 from snapscale.shared.engine.registry import SandboxRegistry
 from snapscale.shared.engine.sandbox import Sandbox, is_running, launch, stop, tree_pids
@@ -54,6 +60,7 @@ __all__ = [
     "launch",
     "log_key",
     "netns_inode",
+    "netns_owner",
     "pid_alive",
     "pids_holding",
     "pids_in_netns",

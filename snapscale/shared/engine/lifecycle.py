@@ -20,6 +20,7 @@ from pathlib import Path
 from opentelemetry import trace
 
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import criu as criu_mod
 from snapscale.shared.engine import cuda as cuda_ckpt
 from snapscale.shared.engine import netns, probe, sandbox
@@ -198,6 +199,7 @@ async def freeze(
                 frozen_at=time.time(),
             )
             _write_meta(image_dir, meta)
+            await pause_point("criu_dump")
             with _step(t, "criu_dump", sb):
                 run = await criu_mod.dump(
                     criu,
@@ -281,13 +283,14 @@ async def restore(
     t: dict[str, float] = {}
     sandbox.become_subreaper()
     with _step(t, "restore"):
-        ns = await netns.create(replica)
+        ns = await netns.create(replica, owner=run_dir)
         log_path = run_dir / sandbox.LOG_NAME
         try:
             log_fd = sandbox.open_log(log_path)
             ns_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 with _step(t, "criu_restore"):
+                    await pause_point("criu_restore")
                     run = await criu_mod.restore(
                         criu,
                         image_dir,
@@ -317,6 +320,7 @@ async def restore(
             if drv is not None:
                 with _step(t, "cuda_restore", sb):
                     await drv.resume_tree(sandbox.tree_pids(sb), pairs)
+            await pause_point("after_restore")
             if spec.hooks.after_restore:
                 with _step(t, "after_restore", sb):
                     await _hook("after_restore", sb, spec.hooks.after_restore, spec.hooks.timeout_s)

@@ -129,7 +129,7 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     log_path = run_dir / LOG_NAME
     log_fd = open_log(log_path)
     try:
-        ns = await netns.create(replica)
+        ns = await netns.create(replica, owner=run_dir)
     except BaseException:
         os.close(log_fd)
         raise

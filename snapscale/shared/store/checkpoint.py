@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapscale.shared.core.pause import pause_point
 from snapscale.shared.store.backend import (
     ChunkStore,
     NotFoundError,
@@ -87,6 +88,7 @@ async def upload_image(
         new.append(len(data))
 
     await run_bounded(scan.sources, ensure, concurrency)
+    await pause_point("upload")  # chunks up, no manifest yet
     t_up = time.monotonic()
     if t_up - t0 > gc_grace_s / 2:
         # A GC could have collected a chunk we only touched at the start; never publish that.
