@@ -53,7 +53,7 @@ class Model:
         cfg = PRESETS[args.preset]
         s = time.time()
         self.weights: Any = None
-        if args.weights_outside:
+        if getattr(args, "weights_outside", False):  # callers may build args without it
             from snapscale.workload import Weights
 
             if not args.weights.endswith(".safetensors"):

@@ -23,6 +23,7 @@ from snapscale.workload.errors import WeightsError
 from snapscale.workload.stfile import DTYPE_BYTES
 
 FORMAT = 1
+IMAGE_FILE = "snapscale-weights.json"  # the record's name in an image dir (CRIU ignores it)
 ZERO_CHUNK = "zero"  # the store's name for an all-zero chunk: never stored, filled with zeros
 DEFAULT_CHUNK_BYTES = 8 << 20  # the store's default chunk size (docs/store.md)
 ALIGN = 512  # tensor offsets in the arena: what torch's caching allocator gives its blocks
