@@ -329,11 +329,13 @@ async def restore(
     criu: CriuBinary,
     checkpoint_id: str | None = None,
     weights: FillSource | None = None,
+    criu_log_level: int = 2,
 ) -> tuple[Sandbox, RestoreReport]:
     """Bring a frozen sandbox back as `replica` in a fresh netns, on `gpu_uuids`, and wait until ready.
 
     An image whose weights are outside it has them filled in after_restore from `weights` (the
     host cache's chunks, for a restorer), by default from the source files its record names.
+    `criu_log_level` 4 logs every CRIU step with a timestamp (engine/criu_profile.py reads it).
     On any failure whatever half-started is killed, its netns removed, and a typed error raised.
     """
     meta = read_meta(image_dir)
@@ -365,6 +367,7 @@ async def restore(
                         inherit={criu_mod.EXTNET_KEY: ns_fd, meta.log_key: log_fd},
                         log_path=run_dir / f"criu-restore-{int(time.time() * 1000)}.log",
                         pidfile=run_dir / "criu-restore.pid",
+                        log_level=criu_log_level,
                     )
             finally:
                 os.close(log_fd)
