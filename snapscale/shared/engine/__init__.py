@@ -23,8 +23,10 @@ from snapscale.shared.engine.netns import delete_netns, existing_netns, netns_in
 from snapscale.shared.engine.procs import pid_alive, pids_holding
 from snapscale.shared.engine.registry import SandboxRegistry
 from snapscale.shared.engine.sandbox import Sandbox, is_running, launch, stop, tree_pids
+from snapscale.workload import ChunkDir
 
 __all__ = [
+    "ChunkDir",
     "CompatKey",
     "CriuBinary",
     "CriuError",
