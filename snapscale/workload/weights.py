@@ -47,8 +47,12 @@ class _Cai:
 
 
 class CudaDest:
-    """A fill's destination in a CUDA arena: pinned staging buffers, copies on a side stream, one
-    event a buffer so a buffer is reused only once its copy is done."""
+    """A fill's destination in a CUDA arena: staging buffers pinned for the fill only, copies on a
+    side stream, one event a buffer so a buffer is reused only once its copy is done.
+
+    The buffers are a host range of our own, registered with CUDA and unmapped when the fill ends:
+    pinned memory from torch's allocator would stay cached in the process after it, and go into
+    the next image."""
 
     in_place = False
 
@@ -56,6 +60,7 @@ class CudaDest:
         self.torch = torch
         self.flat = flat
         self.stream = torch.cuda.Stream(device=flat.device)
+        self._host: HostArena | None = None
         self._bufs: list[Any] = []
         self._events: list[Any] = []
 
@@ -64,9 +69,17 @@ class CudaDest:
 
     def staging(self, count: int, size: int) -> list[memoryview]:
         t = self.torch
-        self._bufs = [t.empty(size, dtype=t.uint8, pin_memory=True) for _ in range(count)]
+        host = HostArena(count * size)
+        host.map()
+        code = int(t.cuda.cudart().cudaHostRegister(host.va, host.size, 0))
+        if code != 0:
+            host.close()
+            raise WeightsError("fill", f"cudaHostRegister of {host.size} staging bytes failed: error {code}")
+        self._host = host
+        addrs = [host.va + i * size for i in range(count)]
+        self._bufs = [t.frombuffer((ctypes.c_uint8 * size).from_address(a), dtype=t.uint8) for a in addrs]
         self._events = [t.cuda.Event() for _ in range(count)]
-        return [memoryview((ctypes.c_char * size).from_address(b.data_ptr())).cast("B") for b in self._bufs]
+        return [memoryview((ctypes.c_char * size).from_address(a)).cast("B") for a in addrs]
 
     def copy(self, dst: int, buf: int, n: int) -> None:
         with self.torch.cuda.stream(self.stream):
@@ -83,6 +96,10 @@ class CudaDest:
     def finish(self) -> None:
         self.stream.synchronize()
         self._bufs, self._events = [], []
+        if self._host is not None:
+            self.torch.cuda.cudart().cudaHostUnregister(self._host.va)
+            self._host.close()
+            self._host = None
 
 
 def _new_arena(torch: Any, device: str, size: int) -> Arena:
