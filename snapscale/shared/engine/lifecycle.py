@@ -170,7 +170,7 @@ async def _before_freeze(sb: Sandbox, spec: DeploymentSpec, keep_running: bool) 
     """
     hooks = spec.hooks
     assert hooks.before_freeze is not None
-    offer = weights_hooks.freeze_request(release=hooks.after_restore is not None)
+    offer = weights_hooks.freeze_request(release=True) if hooks.after_restore else b""
     answer = await _hook("before_freeze", sb, hooks.before_freeze, hooks.timeout_s, offer)
     try:
         return weights_hooks.read_freeze_answer(answer)
