@@ -212,6 +212,8 @@ async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEve
             "new": up.new_bytes,
             "zero": up.zero_bytes,
         }
+        if up.weight_bytes:  # weights outside the image (in unique and new too)
+            sizes["weights"] = up.weight_bytes
         attrs: dict[str, int] = {f"upload.{k}_bytes": v for k, v in sizes.items()}
         attrs.update({"upload.chunks": up.chunks, "upload.new_chunks": up.new_chunks})
         _phase_spans(t0_ns, time.time_ns(), up.timings_s, attrs)

@@ -40,7 +40,7 @@ from snapscale.shared.bus import (
 )
 from snapscale.shared.core import telemetry
 from snapscale.shared.core.pause import pause_point
-from snapscale.shared.engine import Sandbox
+from snapscale.shared.engine import ChunkDir, EngineError, Sandbox, read_weights
 from snapscale.shared.store import Manifest
 
 log = logging.getLogger(__name__)
@@ -233,7 +233,11 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
     run_dir = t.run_dir(a.cmd.replica, a.cmd.id)
     # Assembled by an earlier restore of this checkpoint: no prefetch, no copy (docs/restorer.md).
     hot = t.hot.get(m.checkpoint_id) if t.hot is not None and d.tier is Tier.CACHE else None
+    cache = t.checkpoints.cache
+    if hot is not None and not all(cache.verified(w) for w in m.weight_digests()):
+        hot = None  # weights outside the image not hashed by this process yet: prefetch them
     ok = False
+    cache.pin(m.weight_digests())  # the workload reads them from the cache in after_restore
     try:
         if hot is not None:
             with phase(a, "materialize", **{"materialize.hot": True}):
@@ -241,6 +245,8 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
             await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
+        if m.weights:
+            check_weights(hot or image_dir, m)
         with t.hot.reading(m.checkpoint_id) if t.hot is not None else contextlib.nullcontext():
             sb, report = await engine.restore(
                 a.spec,
@@ -250,6 +256,7 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                 run_dir=run_dir,
                 criu=t.criu,
                 checkpoint_id=m.checkpoint_id,
+                weights=ChunkDir(str(cache.chunks_dir)) if m.weights else None,
             )
         _spans_from(report.timings_s, a)
         ok = True
@@ -259,11 +266,23 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
         await reap(run_dir)
         raise
     finally:
+        cache.unpin(m.weight_digests())
         kept = ok and hot is None and t.hot is not None and t.hot.adopt(m.checkpoint_id, image_dir)
         if not kept:
             await asyncio.to_thread(shutil.rmtree, image_dir, True)
     t.registry.put(sb)
     return Live(a.spec, sb, ReplicaState.READY, d.tier, t.now(), m.checkpoint_id)
+
+
+def check_weights(image_dir: Path, m: Manifest) -> None:
+    """The image's weights record needs only chunks the manifest lists (prefetch brought those)."""
+    record = read_weights(image_dir)
+    if record is None:
+        raise EngineError("restore", f"manifest {m.checkpoint_id} lists weights, its image has no record")
+    if missing := set(record.chunk_sizes()) - m.weight_digests():
+        raise EngineError(
+            "restore", f"the image's weights record needs {len(missing)} chunks its manifest does not list"
+        )
 
 
 async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool) -> None:

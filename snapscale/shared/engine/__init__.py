@@ -20,6 +20,7 @@ from snapscale.shared.engine.lifecycle import (
     freeze,
     log_key,
     read_meta,
+    read_weights,
     restore,
     resume,
     suspend,
@@ -35,8 +36,10 @@ from snapscale.shared.engine.netns import (
 from snapscale.shared.engine.procs import pid_alive, pids_holding
 from snapscale.shared.engine.registry import SandboxRegistry
 from snapscale.shared.engine.sandbox import Sandbox, is_running, launch, stop, tree_pids
+from snapscale.workload import ChunkDir
 
 __all__ = [
+    "ChunkDir",
     "CompatKey",
     "CriuBinary",
     "CriuError",
@@ -67,6 +70,7 @@ __all__ = [
     "port_hint",
     "read_gpus",
     "read_meta",
+    "read_weights",
     "restore",
     "resume",
     "stop",
