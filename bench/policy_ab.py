@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import os
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,8 +48,9 @@ def load_policy(rev: str | None) -> ModuleType:
     return mod
 
 
-def best_rounds(policy: ModuleType, deployments: int, rounds: int) -> tuple[float, float]:
-    """(decide() alone, record() + decide()) per second, each the best of `rounds` rounds."""
+def best_rounds(policy: ModuleType, deployments: int, rounds: int) -> tuple[float, float, float, float]:
+    """(decide() alone, record() + decide()) per second, each the best of `rounds` rounds, then
+    the same over all rounds together (as bench/scaler.py counts)."""
     spec = ScalingSpec()
     rng = random.Random(7)
     windows = [policy.Window(spec, 0.0) for _ in range(deployments)]
@@ -57,7 +59,7 @@ def best_rounds(policy: ModuleType, deployments: int, rounds: int) -> tuple[floa
             w.record(s + 0.5, rng.uniform(0, 20), 1)
     current = [rng.randint(1, 10) for _ in range(deployments)]
     now = 60.0
-    best_decide = best_both = 0.0
+    best_decide = best_both = t_decide = t_both = 0.0
     for _ in range(rounds):
         now += 1.0
         t0 = time.perf_counter()
@@ -69,7 +71,10 @@ def best_rounds(policy: ModuleType, deployments: int, rounds: int) -> tuple[floa
         t2 = time.perf_counter()
         best_decide = max(best_decide, deployments / (t2 - t1))
         best_both = max(best_both, deployments / (t2 - t0))
-    return best_decide, best_both
+        t_decide += t2 - t1
+        t_both += t2 - t0
+    n = deployments * rounds
+    return best_decide, best_both, n / t_decide, n / t_both
 
 
 def main() -> int:
@@ -80,14 +85,18 @@ def main() -> int:
     p.add_argument("--repeat", type=int, default=4, help="times each side runs, interleaved")
     args = p.parse_args()
     sides = {"this checkout": load_policy(None), args.against: load_policy(args.against)}
-    best: dict[str, tuple[float, float]] = {name: (0.0, 0.0) for name in sides}
+    runs: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in sides}
     print(f"# load average {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     for _ in range(args.repeat):
         for name, mod in sides.items():
-            d, b = best_rounds(mod, args.deployments, args.rounds)
-            best[name] = (max(best[name][0], d), max(best[name][1], b))
-    for name, (d, b) in best.items():
-        print(f"{name}: best {d:,.0f} decide()/s; {b:,.0f} (record + decide)/s")
+            runs[name].append(best_rounds(mod, args.deployments, args.rounds))
+    for name, r in runs.items():
+        print(
+            f"{name}: best round {max(x[0] for x in r):,.0f} decide()/s, "
+            f"{max(x[1] for x in r):,.0f} (record + decide)/s; all rounds (median of {len(r)}) "
+            f"{statistics.median(x[2] for x in r):,.0f} decide()/s, "
+            f"{statistics.median(x[3] for x in r):,.0f} (record + decide)/s"
+        )
     print(f"# load average after: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

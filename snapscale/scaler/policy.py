@@ -66,8 +66,9 @@ class Window:
         # first, so a new deployment with no traffic starts nothing
         self.inactive_since: float | None = -math.inf
         # the scale-down delay: (bucket, count) with counts strictly decreasing, so the front is
-        # the highest count decided within the delay (Knative's max.window, 1 s buckets)
-        self._held: deque[tuple[int, int]] = deque()
+        # the highest count decided within the delay (Knative's max.window, 1 s buckets); made
+        # on first use, so a deployment without a delay carries no queue
+        self._held: deque[tuple[int, int]] | None = None
 
     def advance(self, now: float) -> None:
         """Move the head to `now`'s bucket, dropping buckets that left either window."""
@@ -158,6 +159,8 @@ class Window:
         idx = int(now // BUCKET_S)
         span = delay_s / BUCKET_S  # an int gap >= span is >= Knative's ceil(delay / bucket)
         q = self._held
+        if q is None:
+            q = self._held = deque()
         while q and count >= q[-1][1]:
             q.pop()  # lower and older than `count`: can never be the highest again
         while q and idx - q[0][0] >= span:
