@@ -318,7 +318,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--skip", default="", type=lambda s: {x for x in s.split(",") if x},
                    help=f"comma-separated, of {','.join(STEPS)}")  # fmt: skip
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache before the first restore")
-    p.add_argument("--criu", default=None)
+    p.add_argument("--criu", default=os.environ.get("SNAPSCALE_CRIU"), help="CRIU binary (SNAPSCALE_CRIU)")
     p.add_argument("--cpu", action="store_true", help="the tiny CPU sample, no CUDA steps (no GPU here)")
     a = p.parse_args(argv)
     if bad := a.skip - set(STEPS):
