@@ -28,6 +28,7 @@ from snapscale.demo import DemoOptions, demo_env, demo_spec
 from snapscale.demo.live import Console, follow
 from snapscale.demo.procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
 from snapscale.demo.report import DemoState
+from snapscale.restorer.config import RestorerConfig
 from snapscale.shared import bus, engine
 from snapscale.shared.bus import spec
 from snapscale.shared.bus.client import Bus
@@ -58,15 +59,18 @@ def say(msg: str) -> None:
 
 
 # --- the deployment ----------------------------------------------------------------------------
-def gpu_spec(work: Path, kv_gib: int) -> spec.DeploymentSpec:
+def gpu_spec(work: Path, kv_gib: int, weights_outside: bool = False) -> spec.DeploymentSpec:
     """The GPU sample at the engine bench's size: 0.84 B params bf16 from safetensors, compile,
-    CUDA graph, a KV cache of `kv_gib` with the hooks that drop it before a freeze."""
+    CUDA graph, a KV cache of `kv_gib` with the hooks that drop it before a freeze; with
+    `weights_outside`, its weights outside the image (docs/weights.md)."""
     skip = ("OUT", "PWD", "OLDPWD", "SHLVL", "_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SNAPSCALE_", "OTEL_")) and k not in skip}
     env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # no compile-worker pool: fewer processes to freeze
     cmd = [sys.executable, "-m", "examples.sample_server.server", "--preset", "llama-0.8b", "--device",
            "cuda", "--dtype", "bf16", "--compile", "--graph", "--kv-mib", str(kv_gib * 1024),
            "--weights", str(work / "model.safetensors"), "--port", "8000"]  # fmt: skip
+    if weights_outside:
+        cmd.append("--weights-outside")
     return spec.DeploymentSpec(
         name="sample-gpu",
         command=cmd,
@@ -242,12 +246,12 @@ async def raw_restore(
 async def play(args: argparse.Namespace, work: Path, procs: ProcessSet, results: dict[str, Any]) -> None:
     gpus = [] if args.cpu else gpu_uuids()
     if args.cpu:
-        base = spec.load_spec(ROOT / "examples" / "sample_cpu.toml")
+        base = spec.load_spec(ROOT / "examples" / "sample_cpu_quick.toml")
     else:
         if not gpus:
             raise BenchError("no GPU found (NVML); use --cpu on a machine without one")
         write_weights(work / "model.safetensors")
-        base = gpu_spec(work, args.kv_gib)
+        base = gpu_spec(work, args.kv_gib, args.weights_outside)
     d = demo_spec(base, DemoOptions(grace_s=args.grace_s))
     results.update(deployment=d.name, spec_hash=d.spec_hash(), gpus=gpu_info(), command=base.command)
 
@@ -296,7 +300,9 @@ async def play(args: argparse.Namespace, work: Path, procs: ProcessSet, results:
             if step == STEPS[4]:
                 # The restorer's kept image gone: this restore assembles it again from the host cache
                 # (prefetch re-verifies, materialize copies), as every warm restore did before.
-                shutil.rmtree(work / "state" / "restorer" / "hot" / ck.checkpoint_id)
+                # Where the restorer keeps it: SNAPSCALE_IMAGE_DIR when set (a tmpfs on GPU hosts).
+                hot = RestorerConfig.from_env(HOST, env).hot_root(settings) / ck.checkpoint_id
+                shutil.rmtree(hot)
             up, _ = await scale_up(state, gw, step, ref, procs, args.step_timeout_s)
             ups.append(up)
 
@@ -399,6 +405,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-raw", action="store_true", help="skip engine.restore alone")
     p.add_argument("--no-compare", action="store_true", help="skip the warm restore without its hot image")
     p.add_argument("--hot-images", type=int, default=None, help="SNAPSCALE_HOT_IMAGES for the restorer")
+    p.add_argument("--weights-outside", action="store_true", help="the sample's weights outside the image")
     p.add_argument("--scaler", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

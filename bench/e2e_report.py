@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapscale.restorer.scaleup import ENGINE_PHASES
+from snapscale.shared.core import tables
 
 # The phases a ready event's timings_s can carry, in the order they run (docs/restorer.md).
 PHASE_ORDER = ("lookup", "prefetch", "materialize", "launch", *ENGINE_PHASES, "total")
@@ -80,15 +81,15 @@ def phases_line(phases: dict[str, float]) -> str:
 
 
 def table(ups: list[Up], raw: Raw | None, image_bytes: int) -> str:
-    rows = [("#", "step", "tier", "to ready", "1st answer", "same", "phases (s)")]
+    head = ("#", "step", "tier", "to ready", "1st answer", "same", "phases (s)")
+    rows: list[tuple[str, ...]] = []
     for i, u in enumerate(ups):
         rows.append((str(i + 1), u.step, u.tier, f"{u.to_ready_event_s:.2f}s", f"{u.to_first_answer_s:.2f}s",
                      "yes" if u.answer_identical else "NO", phases_line(u.phases_s)))  # fmt: skip
     if raw is not None:
         rows.append(("-", "engine.restore alone", "raw", "", f"{raw.to_first_answer_s:.2f}s",
                      "yes" if raw.answer_identical else "NO", phases_line(raw.timings_s)))  # fmt: skip
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1] for r in rows]
+    lines = [tables.table(head, rows)]
     lines.append(f"image: {image_bytes / 2**30:.2f} GiB")
     for k, v in ratios(ups, raw).items():
         lines.append(f"{k}: {v}")

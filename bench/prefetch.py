@@ -3,7 +3,9 @@ from the same server in the same run. Writes a page for docs/bench/ (--out; inde
 
 Setting 1: moto's S3 server on loopback as it is. Setting 2: the same server behind
 bench/relay.py modelling a remote object store per connection (time to first byte and a
-bandwidth cap). Servers run in their own processes. Run: .venv/bin/python bench/prefetch.py
+bandwidth cap). Servers run in their own processes. In both, the prefetch also runs with its chunk
+GETs made by awscrt instead of shared/store/httpget.py (bench/crt_store.py; --no-crt skips it).
+Run: .venv/bin/python -m bench.prefetch
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from snapscale.demo.procs import free_port, wait_port
 from snapscale.shared.core.settings import StoreSettings
 from snapscale.shared.engine import procs
 from snapscale.shared.store.assemble import materialize
-from snapscale.shared.store.backend import chunk_key, open_store
+from snapscale.shared.store.backend import ChunkStore, chunk_key, open_store
 from snapscale.shared.store.cache import HostCache
 from snapscale.shared.store.checkpoint import fetch_manifest, upload_image
 from snapscale.shared.store.chunking import scan_image
@@ -152,15 +154,24 @@ async def prefetch_once(
     concurrency: int,
     make_cache: Callable[[Path, int], HostCache] = HostCache,
     direct_get: bool = True,
+    crt: bool = False,
 ) -> Sample:
     """`Prefetcher.prefetch` into a fresh host cache (`make_cache(dir, budget)`: bench/prefetch_isolate.py
-    passes a cache that skips parts of the work; `direct_get=False` reads bodies through aioboto3)."""
+    passes a cache that skips parts of the work; `direct_get=False` reads bodies through aioboto3;
+    `crt=True` through awscrt, bench/crt_store.py)."""
     cache_dir = work / "cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     ss = StoreSettings(
         f"s3://{BUCKET}/{prefix}", endpoint_url=endpoint, max_concurrency=concurrency, direct_get=direct_get
     )
-    async with open_store(ss) as st:
+    opened: contextlib.AbstractAsyncContextManager[ChunkStore]
+    if crt:
+        from bench.crt_store import open_crt_store  # only this variant needs awscrt
+
+        opened = open_crt_store(ss, max(m.chunk_sizes().values()))
+    else:
+        opened = open_store(ss)
+    async with opened as st:
         pf = Prefetcher(st, make_cache(cache_dir, 64 << 30), concurrency=concurrency)
         c0 = time.process_time()
         rep = await pf.prefetch(m)
@@ -203,6 +214,24 @@ class Row:
     cpu_s_per_gb: float | None = None
 
 
+def crt_summary(ran: bool, setting1: float, setting2: float) -> str:
+    """The summary's row for awscrt against httpget (medians, each at its best parallelism)."""
+    if not ran:
+        return "| awscrt / httpget prefetch | not run (--no-crt) | |"
+    return (
+        f"| awscrt / httpget prefetch, medians: setting 1 / setting 2 | {setting1:.2f}x / {setting2:.2f}x "
+        f"| {_verdict(setting1, setting2)} |"
+    )
+
+
+def _verdict(*ratios: float) -> str:
+    if all(r > 1 for r in ratios):
+        return "awscrt faster in both"
+    if all(r < 1 for r in ratios):
+        return "httpget faster in both"
+    return "split: compare the CPU per GB and other runs"
+
+
 def fmt_rows(rows: list[Row]) -> str:
     out = ["| what | MB/s | client CPU s/GB | note |", "|---|---:|---:|---|"]
     for r in rows:
@@ -233,6 +262,8 @@ async def main() -> None:
     ap.add_argument("--first-byte-ms", type=float, default=20.0)
     ap.add_argument("--mb-per-s", type=float, default=100.0, help="per-connection bandwidth in setting 2")
     ap.add_argument("--sweep", default="1,4,8,16", help="chunk sizes (MiB) to compare in setting 2; '' skips")
+    ap.add_argument("--crt", action=argparse.BooleanOptionalAction, default=True,
+                    help="also fetch through awscrt (bench/crt_store.py) beside httpget")  # fmt: skip
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "bench" / "prefetch-next.md")
     ap.add_argument(
         "--where",
@@ -265,17 +296,22 @@ async def main() -> None:
 
         # Setting 1: moto as it is. Plain and prefetch alternate at each parallelism, each going
         # first in every other round, so both see the same machine (others' load, moto's state).
+        # awscrt's GETs (bench/crt_store.py) take their turn in the same rotation.
         rows1: list[Row] = []
         pars = [int(x) for x in a.pars.split(",")]
         plain1: dict[int, list[Sample]] = {n: [] for n in pars}
         pf1: dict[int, list[Sample]] = {n: [] for n in pars}
+        crt1: dict[int, list[Sample]] = {n: [] for n in pars}
+        sides = ["plain", "prefetch", *(["crt"] if a.crt else [])]
         for i in range(a.runs):
             for n in pars:
-                for side in ("plain", "prefetch") if i % 2 == 0 else ("prefetch", "plain"):
+                for side in sides[i % len(sides) :] + sides[: i % len(sides)]:
                     if side == "plain":
                         plain1[n].append(await plain_download(endpoint, "p", digests, n))
-                    else:
+                    elif side == "prefetch":
                         pf1[n].append(await prefetch_once(endpoint, "p", m, work, n))
+                    else:
+                        crt1[n].append(await prefetch_once(endpoint, "p", m, work, n, crt=True))
         for n in pars:
             pl, pf = top(plain1[n]), top(pf1[n])
             pl_med, pf_med = median_bps(plain1[n]), median_bps(pf1[n])
@@ -283,12 +319,23 @@ async def main() -> None:
                              f"median {pl_med / MB:,.0f}", pl.cpu_s_per_gb))  # fmt: skip
             note = f"median {pf_med / MB:,.0f}: {pf_med / pl_med:.2f}x plain's; best {pf.bps / pl.bps:.2f}x"
             rows1.append(Row(f"snapscale prefetch, {n} in parallel", pf.bps / MB, note, pf.cpu_s_per_gb))
+            if a.crt:
+                cr, cr_med = top(crt1[n]), median_bps(crt1[n])
+                note = f"median {cr_med / MB:,.0f}: {cr_med / pf_med:.2f}x httpget's"
+                rows1.append(Row(f"prefetch through awscrt, {n} in parallel", cr.bps / MB, note,
+                                 cr.cpu_s_per_gb))  # fmt: skip
         # The target's measure: median runs, each side at its best parallelism. Best-of runs beside it.
         pf_at_best = max(median_bps(v) for v in pf1.values())
         r1 = pf_at_best / max(median_bps(v) for v in plain1.values())
         r1_best = max(top(v).bps for v in pf1.values()) / max(top(v).bps for v in plain1.values())
         rows1.append(Row("**prefetch / plain, each at its best parallelism**", pf_at_best / MB,
                          f"medians **{r1:.2f}x** (target >= 0.9x); bests {r1_best:.2f}x"))  # fmt: skip
+        crt_vs1 = 0.0
+        if a.crt:
+            crt_at_best = max(median_bps(v) for v in crt1.values())
+            crt_vs1 = crt_at_best / pf_at_best
+            rows1.append(Row("**awscrt / httpget prefetch, each at its best parallelism**", crt_at_best / MB,
+                             f"medians **{crt_vs1:.2f}x**"))  # fmt: skip
         print(fmt_rows(rows1))
 
         # Setting 2: a modelled remote object store.
@@ -296,14 +343,19 @@ async def main() -> None:
         seq2: list[Sample] = []
         par2: list[Sample] = []
         pf2: list[Sample] = []
+        crt2: list[Sample] = []
         servers_cpu = [0.0, 0.0]  # moto's and the relay's CPU seconds during the prefetch runs
-        for _ in range(a.runs):
+        for i in range(a.runs):
             seq2.append(await plain_download(proxied, "p", digests, 1))
             par2.append(await plain_download(proxied, "p", digests, a.concurrency))
+            if a.crt and i % 2 == 1:
+                crt2.append(await prefetch_once(proxied, "p", m, work, a.concurrency, crt=True))
             before = (procs.cpu_seconds(moto.pid), procs.cpu_seconds(proxy.pid))
             pf2.append(await prefetch_once(proxied, "p", m, work, a.concurrency))
             servers_cpu[0] += procs.cpu_seconds(moto.pid) - before[0]
             servers_cpu[1] += procs.cpu_seconds(proxy.pid) - before[1]
+            if a.crt and i % 2 == 0:
+                crt2.append(await prefetch_once(proxied, "p", m, work, a.concurrency, crt=True))
         gb_moved = a.runs * m.unique_bytes / 1e9
         budget = (min(x.cpu_s_per_gb for x in pf2), servers_cpu[1] / gb_moved, servers_cpu[0] / gb_moved)
         s2, p2, f2 = top(seq2), top(par2), top(pf2)
@@ -315,6 +367,13 @@ async def main() -> None:
         rows2.append(
             Row(f"snapscale prefetch, {a.concurrency} in parallel", f2.bps / MB, note, f2.cpu_s_per_gb)
         )
+        crt_vs2 = 0.0
+        if a.crt:
+            c2 = top(crt2)
+            crt_vs2 = median_bps(crt2) / median_bps(pf2)
+            note = f"medians: **{crt_vs2:.2f}x** httpget's; best {c2.bps / f2.bps:.2f}x"
+            rows2.append(Row(f"prefetch through awscrt, {a.concurrency} in parallel", c2.bps / MB, note,
+                             c2.cpu_s_per_gb))  # fmt: skip
         print(fmt_rows(rows2))
 
         # Setting 2, end to end: prefetch then materialize, or materialize while chunks arrive.
@@ -397,6 +456,7 @@ Made by `bench/prefetch.py`; numbers from this run:
 {r1_best:.2f}x) | {r1:.2f}x | {met(r1 >= 0.9)} |
 | setting 2 (modelled remote store): prefetch >= 5x a plain sequential download | {r2:.2f}x | {met(r2 >= 5)} |
 | materialize into tmpfs >= 1 GB/s | {mat_best / 1e9:.2f} GB/s | {met(mat_best >= 1e9)} |
+{crt_summary(a.crt, crt_vs1, crt_vs2)}
 
 Verifying (SHA-256) and caching (write to a temp file, rename) cost this client about
 {pf_cpu - plain_cpu:.1f} CPU-seconds per GB on top of the {plain_cpu:.1f} a plain download costs
@@ -423,6 +483,12 @@ whose body the kernel writes straight into one of the Prefetcher's buffers, `sha
 SHA-256 of every chunk, temp file + rename into a fresh host cache on disk. "client CPU s/GB" is
 the benchmark process's CPU time (all its threads) per GB moved, the least of the runs: what
 verification and caching cost.
+
+"prefetch through awscrt" is the same `Prefetcher.prefetch`, store and checks, with each chunk's
+GET made by awscrt's S3 client (AWS's C runtime: its own connections and threads, SigV4 signing in
+C) instead of `shared/httpget.py` (`bench/crt_store.py`): each body piece the CRT hands over is
+copied into the Prefetcher's buffer, and the chunk is verified by its SHA-256 and cached as in the
+other rows.
 
 ## Setting 1: moto's S3 server on loopback, as it is
 

@@ -54,9 +54,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 # --- part 1: pure decisions -----------------------------------------------------------------------
-def decisions_per_s(deployments: int, rounds: int) -> tuple[float, float]:
+# every knob that adds work to a decision switched on (issue 18): the scale-down delay's window,
+# activation scale, the grace counted from inactivity
+ALL_KNOBS = ScalingSpec(scale_down_delay_s=60.0, activation_scale=2, scale_to_zero_grace_from="inactive")
+
+
+def decisions_per_s(deployments: int, rounds: int, spec: ScalingSpec | None = None) -> tuple[float, float]:
     """(decide() alone, record() + decide()) per second over `deployments` windows, one thread."""
-    spec = ScalingSpec()
+    spec = spec or ScalingSpec()
     rng = random.Random(7)
     windows = [Window(spec, 0.0) for _ in range(deployments)]
     for w in windows:
@@ -313,11 +318,12 @@ def main() -> int:
     cpu = platform.processor() or platform.machine()
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"# {cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, load average {load}")
-    only_decide, with_record = decisions_per_s(args.deployments, args.rounds)
-    print(
-        f"decisions: {args.deployments} deployments x {args.rounds} rounds: "
-        f"{only_decide:,.0f} decide()/s; {with_record:,.0f} (record + decide)/s on one core"
-    )
+    for label, spec in (("default knobs", None), ("all knobs on", ALL_KNOBS)):
+        only_decide, with_record = decisions_per_s(args.deployments, args.rounds, spec)
+        print(
+            f"decisions ({label}): {args.deployments} deployments x {args.rounds} rounds: "
+            f"{only_decide:,.0f} decide()/s; {with_record:,.0f} (record + decide)/s on one core"
+        )
     with tempfile.TemporaryDirectory(prefix="bench-scaler-", dir=args.store_dir) as d:
         tmp = Path(d)
         proc, url = start_nats(tmp)

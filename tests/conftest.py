@@ -49,17 +49,22 @@ class NatsServer:
     proc: subprocess.Popen[bytes]
 
 
-def start_nats(tmp: Path) -> NatsServer:
+def nats_exe() -> Path:
     exe = VENV_BIN / "nats-server"
     if not exe.exists():
         found = shutil.which("nats-server")
         if not found:
             raise RuntimeError("nats-server not found: run `make setup`")
         exe = Path(found)
+    return exe
+
+
+def start_nats(tmp: Path, *, jetstream: bool = True) -> NatsServer:
+    exe = nats_exe()
     port = free_port()
     store = tmp / "js"
     proc = subprocess.Popen(
-        [str(exe), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+        [str(exe), "-a", "127.0.0.1", "-p", str(port), *(["-js", "-sd", str(store)] if jetstream else [])],
         stdout=subprocess.DEVNULL,
         stderr=open(tmp / "nats.log", "wb"),  # noqa: SIM115 - the server outlives this function
     )
@@ -67,9 +72,68 @@ def start_nats(tmp: Path) -> NatsServer:
     return NatsServer(url=f"nats://127.0.0.1:{port}", port=port, store_dir=store, proc=proc)
 
 
+@dataclass(frozen=True)
+class NatsCluster:
+    nodes: list[NatsServer]
+
+    @property
+    def url(self) -> str:
+        """Every node, comma-separated, as SNAPSCALE_NATS_URL lists a cluster."""
+        return ",".join(n.url for n in self.nodes)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            if n.proc.poll() is None:
+                n.proc.terminate()
+        for n in self.nodes:
+            try:
+                n.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+                n.proc.wait(5)
+
+
+def start_nats_cluster(
+    tmp: Path,
+    size: int = 3,
+    *,
+    addr: str = "127.0.0.1",
+    ports: list[tuple[int, int]] | None = None,
+    prefix: list[str] | None = None,
+) -> NatsCluster:
+    """`size` JetStream servers routed into one cluster; `ports` (client, route) per node, free
+    loopback ports by default; `prefix` runs each under a wrapper (e.g. nsenter into a netns)."""
+    exe = nats_exe()
+    ports = ports or [(free_port(), free_port()) for _ in range(size)]
+    routes = ",".join(f"nats://{addr}:{r}" for _, r in ports)
+    nodes = []
+    for i, (port, route) in enumerate(ports):
+        d = tmp / f"n{i}"
+        d.mkdir(parents=True, exist_ok=True)
+        argv = [str(exe), "-a", addr, "-p", str(port), "-n", f"n{i}", "--cluster_name", "snapscale",
+                "-cluster", f"nats://{addr}:{route}", "-routes", routes,
+                "-js", "-sd", str(d / "js")]  # fmt: skip
+        proc = subprocess.Popen(
+            [*(prefix or []), *argv],
+            stdout=subprocess.DEVNULL,
+            stderr=open(d / "nats.log", "wb"),  # noqa: SIM115 - the server outlives this function
+        )
+        nodes.append(NatsServer(url=f"nats://{addr}:{port}", port=port, store_dir=d / "js", proc=proc))
+    return NatsCluster(nodes)
+
+
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     srv = start_nats(tmp_path_factory.mktemp("nats"))
+    yield srv
+    srv.proc.terminate()
+    srv.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def no_jetstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    """A nats-server without JetStream: what an operator's verb meets on a misconfigured server."""
+    srv = start_nats(tmp_path_factory.mktemp("nats-nojs"), jetstream=False)
     yield srv
     srv.proc.terminate()
     srv.proc.wait(10)

@@ -242,12 +242,14 @@ def service_env(settings: Settings, criu: CriuBinary) -> dict[str, str]:
     return env
 
 
-def spawn(settings: Settings, criu: CriuBinary, log: Path) -> subprocess.Popen[bytes]:
+def spawn(
+    settings: Settings, criu: CriuBinary, log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """`snapscale restorer` as its own process (so a test can SIGKILL it)."""
     with open(log, "ab") as f:
         return subprocess.Popen(
             [sys.executable, "-m", "snapscale", "restorer", "--host", settings.host_id],
-            env=service_env(settings, criu),
+            env={**service_env(settings, criu), **(extra_env or {})},
             stdout=f,
             stderr=subprocess.STDOUT,
             cwd=ROOT,

@@ -34,12 +34,28 @@ PREFETCH_BYTES_ATTR = "prefetch.bytes"
 PREFETCH_CACHED_CHUNKS_ATTR = "prefetch.cached_chunks"
 PREFETCH_CACHED_BYTES_ATTR = "prefetch.cached_bytes"
 
-# The restorer's histogram (OTLP metric) and its attributes; in Prometheus its name gets `.`
-# replaced and a unit suffix, hence the dashboard's regular expression on __name__.
-TIME_TO_READY_METRIC = "snapscale.time_to_ready_s"
-TIME_TO_READY_LABELS = frozenset({"tier", "deployment"})
+# The restorer's background prefetch (a prefetch command at scale-to-zero): not a scale-up phase.
+BACKGROUND_PREFETCH_SPAN = "prefetch.background"
 
-SPAN_NAMES = frozenset({SCALE_UP_SPAN, DECISION_SPAN, TRAFFIC_SPAN, REQUEST_SPAN, *PHASE_SPANS})
+# The restorer's metrics (snapscale/restorer/metrics.py), their attributes, and the names
+# Prometheus gives them (`.` -> `_`, the unit appended: s -> _seconds, By -> _bytes, counters _total).
+SCALE_UP_DURATION_METRIC = "snapscale.scale_up.duration"
+SCALE_UP_DURATION_LABELS = frozenset({"snapscale.tier", "snapscale.deployment"})
+PHASE_DURATION_METRIC = "snapscale.scale_up.phase.duration"
+PHASE_DURATION_LABELS = frozenset({"snapscale.phase", "snapscale.tier"})
+SCALE_UP_IO_METRIC = "snapscale.scale_up.io"
+SCALE_UP_IO_LABELS = frozenset({"snapscale.source"})
+PROMETHEUS_METRICS = {
+    "snapscale_scale_up_duration_seconds": SCALE_UP_DURATION_LABELS,
+    "snapscale_scale_up_phase_duration_seconds": PHASE_DURATION_LABELS,
+    "snapscale_scale_up_io_bytes_total": SCALE_UP_IO_LABELS,
+}
+# Second-scale histogram boundaries (snapscale.shared.core.telemetry.DURATION_BUCKETS_S).
+DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+
+SPAN_NAMES = frozenset(
+    {SCALE_UP_SPAN, DECISION_SPAN, TRAFFIC_SPAN, REQUEST_SPAN, BACKGROUND_PREFETCH_SPAN, *PHASE_SPANS}
+)
 ATTRIBUTES = frozenset(
     {
         TIER_ATTR,

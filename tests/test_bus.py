@@ -12,18 +12,20 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from conftest import start_nats
+from conftest import NatsServer, start_nats, start_nats_cluster
 from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.js.errors import KeyNotFoundError, NoStreamResponseError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from snapscale.demo.procs import wait_port
+from snapscale.demo.procs import free_port, wait_port
 from snapscale.shared import bus
 from snapscale.shared.bus.messages import ScaleUpCommand, TrafficEvent
 from snapscale.shared.bus.subjects import Bucket, Verb
-from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core.errors import ConfigError, RetryableError
 from snapscale.shared.core.settings import Settings
 
 
@@ -329,3 +331,88 @@ async def test_the_loop_outlives_a_server_restart_and_ends_with_its_connection(
         for p in procs:
             p.terminate()
             p.wait(10)
+
+
+async def _until_jetstream(settings: Settings, timeout_s: float = 30.0) -> None:
+    """A new cluster answers JetStream requests once it has elected a meta leader."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nc = await bus.connect(settings, "probe")
+        try:
+            await nc.jetstream().account_info()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+        finally:
+            await nc.close()
+
+
+async def test_streams_and_buckets_follow_js_replicas_on_a_cluster(tmp_path: Path, namespace: str) -> None:
+    cluster = start_nats_cluster(tmp_path)
+    try:
+        for n in cluster.nodes:
+            await asyncio.to_thread(wait_port, n.port)
+        one = Settings(nats_url=cluster.url, namespace=namespace, js_replicas=1)
+        await _until_jetstream(one)
+        b = await bus.open_bus(one, "first")  # as a single server's services made them
+        kv_streams = [f"KV_{b.subjects.bucket(k)}" for k in Bucket]
+        names = [b.subjects.cmd_stream, b.subjects.evt_stream, *kv_streams]
+        assert {(await b.js.stream_info(n)).config.num_replicas for n in names} == {1}
+        await b.close()
+
+        b = await bus.open_bus(replace(one, js_replicas=3), "second")
+        try:
+            assert {(await b.js.stream_info(n)).config.num_replicas for n in names} == {3}
+        finally:
+            await b.close()
+    finally:
+        cluster.stop()
+
+
+async def test_a_server_list_connects_past_a_server_that_is_down(
+    nats_server: NatsServer, namespace: str
+) -> None:
+    down = f"nats://127.0.0.1:{free_port()}"
+    s = Settings(nats_url=f"{down}, {nats_server.url}", namespace=namespace)
+    assert s.nats_servers == [down, nats_server.url]
+    b = await bus.open_bus(s, "listed")
+    try:
+        assert b.nc.connected_url is not None and b.nc.connected_url.port == nats_server.port
+    finally:
+        await b.close()
+
+
+def test_js_replicas_beyond_the_cluster_is_a_config_error_naming_it() -> None:
+    with pytest.raises(ConfigError, match="SNAPSCALE_JS_REPLICAS=7"):
+        Settings(js_replicas=7)
+
+
+async def test_requests_are_sent_again_through_a_leader_election_and_only_then() -> None:
+    calls: list[int] = []
+
+    async def flaky() -> str:
+        calls.append(1)
+        if len(calls) < 3:  # what JetStream answers while a stream has no leader
+            raise NoRespondersError if len(calls) == 1 else NoStreamResponseError
+        return "stored"
+
+    assert await bus.through_elections("test", flaky) == "stored" and len(calls) == 3
+
+    async def down() -> None:
+        raise NoRespondersError
+
+    t0 = time.monotonic()
+    with pytest.raises(NoRespondersError):
+        await bus.through_elections("test", down, budget_s=0.5)
+    assert time.monotonic() - t0 < 2.0
+
+    async def missing() -> None:
+        calls.append(1)
+        raise KeyNotFoundError  # an answer, not an outage: never repeated
+
+    calls.clear()
+    with pytest.raises(KeyNotFoundError):
+        await bus.through_elections("test", missing)
+    assert len(calls) == 1

@@ -13,7 +13,15 @@ import pytest
 
 from snapscale import demo
 from snapscale.demo.live import Console
-from snapscale.demo.report import DemoState, ScaleUp, cold_restore_ratio, summary, table, to_plain
+from snapscale.demo.report import (
+    DemoState,
+    ScaleUp,
+    cleanup_lines,
+    cold_restore_ratio,
+    summary,
+    table,
+    to_plain,
+)
 from snapscale.shared.bus.messages import CheckpointEvent, ReplicaEvent, ReplicaState, Tier
 from snapscale.shared.bus.spec import DeploymentSpec
 from snapscale.shared.core.settings import Settings
@@ -216,3 +224,14 @@ def test_console_rewrites_one_line_on_a_terminal() -> None:
     c.say("ready")
     # The live line is wiped before a message, which then stands on its own line.
     assert s.getvalue().endswith("\rready\n")
+
+
+def test_the_cleanup_says_what_it_stopped_and_that_nothing_is_left() -> None:
+    lines = cleanup_lines(["sample-cpu-8259f40e7f"], 1, ["snapscale-6545"], [])
+    assert lines == [
+        "stopped replica sample-cpu-8259f40e7f, still serving at the end (1 process), "
+        "and deleted its network namespace snapscale-6545",
+        "nothing the demo started is left running",
+    ]
+    assert cleanup_lines([], 0, [], []) == ["nothing the demo started is left running"]
+    assert cleanup_lines([], 2, [], [4242])[-1] == "still running from the demo's work dir: PIDs 4242"

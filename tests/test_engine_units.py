@@ -3,6 +3,7 @@ allocation, the workload's argv and environment, the image meta file."""
 
 from __future__ import annotations
 
+import argparse
 import struct
 from pathlib import Path
 
@@ -122,12 +123,27 @@ def test_image_meta_round_trip_and_refusal() -> None:
         engine.ImageMeta.from_json(b"\xff")
 
 
-def test_sample_cpu_spec_loads() -> None:
+@pytest.mark.parametrize("name", ["sample_cpu.toml", "sample_cpu_quick.toml"])
+def test_sample_cpu_specs_load(name: str) -> None:
 
-    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / "sample_cpu.toml")
+    spec = load_spec(Path(__file__).resolve().parents[1] / "examples" / name)
     assert spec.name == "sample-cpu" and spec.gpus == 0 and spec.port == 8000
     assert spec.hooks.before_freeze == "/hooks/before_freeze" and spec.ready.http_path == "/healthz"
     assert "examples.sample_server.server" in spec.command
+
+
+def test_the_demo_cpu_sample_warms_like_a_model_server_and_the_quick_one_does_not() -> None:
+    """The demo's CPU sample compiles and warms up a model of tens of millions of parameters on
+    every cold boot (no FX-graph cache); the tests' quick one loads the tiny model and nothing else."""
+    root = Path(__file__).resolve().parents[1] / "examples"
+    demo, quick = load_spec(root / "sample_cpu.toml"), load_spec(root / "sample_cpu_quick.toml")
+    cmd = demo.command
+    assert cmd[cmd.index("--preset") + 1] == "llama-55m" and "--compile" in cmd
+    assert int(cmd[cmd.index("--warmup") + 1]) > 0
+    assert demo.env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "0"
+    assert demo.env["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
+    assert demo.ready.timeout_s >= 300 and demo.scaling.ready_timeout_s >= 300
+    assert quick.command[quick.command.index("--preset") + 1] == "tiny" and "--compile" not in quick.command
 
 
 def test_sample_gpu_spec_loads() -> None:
@@ -137,20 +153,41 @@ def test_sample_gpu_spec_loads() -> None:
     assert spec.env["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
 
 
+def _model_args(tmp_path: Path, **kw: object) -> argparse.Namespace:
+    """The sample server's arguments for the tiny model on the CPU, `kw` changed."""
+    base = dict(preset="tiny", weights=str(tmp_path / "w.pt"), device="cpu", kv_device=None,
+                dtype="fp32", compile=False, graph=False, kv_mib=1, seed=0, warmup=0)  # fmt: skip
+    return argparse.Namespace(**(base | kw))
+
+
 @pytest.mark.filterwarnings("ignore:Failed to initialize NumPy")
 def test_sample_model_keeps_its_kv_cache_where_told(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/two_gpu.py puts the KV cache on a second card with --kv-device; on the CPU both are
     the CPU, and the answer says where each part lives (the same answer as without the flag)."""
-    import argparse
-
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))  # the repo's examples/
     from examples.sample_server.server import Model
 
     def args(**kw: object) -> argparse.Namespace:
-        base = dict(preset="tiny", weights=str(tmp_path / "w.pt"), device="cpu", kv_device=None,
-                    dtype="fp32", compile=False, graph=False, kv_mib=1, seed=0)  # fmt: skip
-        return argparse.Namespace(**(base | kw))
+        return _model_args(tmp_path, **kw)
 
     plain, placed = Model(args()).generate(), Model(args(kv_device="cpu")).generate()
     assert placed["kv_device"] == "cpu" and plain["kv_device"] == "cpu"
     assert placed == plain
+
+
+@pytest.mark.filterwarnings("ignore:Failed to initialize NumPy")
+def test_sample_model_warms_up_through_the_serving_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--warmup sends requests through `generate` before ready. Its prompt is an inference tensor,
+    like every input `generate` makes: a compiled forward guards on that, and a prompt made
+    outside inference mode had the first request compile a second variant (16 s on the CPU demo
+    sample)."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from examples.sample_server.server import Model
+
+    warm = Model(_model_args(tmp_path, warmup=2))
+    assert warm.prompt.is_inference()
+    assert warm.timings["warmup_s"] > 0
+    assert "warmup_s" not in Model(_model_args(tmp_path)).timings
+    assert warm.generate() == Model(_model_args(tmp_path)).generate()

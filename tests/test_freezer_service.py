@@ -316,18 +316,22 @@ async def test_malformed_commands_are_terminated_and_the_consumer_keeps_going(
         bad_name = FreezeCommand(id="m3", deployment="gh.ost", replica="r1", issued_at=1.0)
         await send(the_bus, host, bad_name)
         await send(the_bus, host, freeze_cmd(replace_name("ghost"), "nobody"))
-        await send(the_bus, host, freeze_cmd(replace_name("ghost"), "../../etc"))
-        first, second = await next_event(events, 30), await next_event(events, 30)
+        escape = freeze_cmd(replace_name("ghost"), "../../etc")
+        await send(the_bus, host, escape)
+        m1, m2, nobody, escaped = [await next_event(events, 30) for _ in range(4)]
 
-    assert not first.ok and first.reason == "no sandbox for replica nobody on host host-a"
-    assert not second.ok and "must match" in second.reason
-    for expected in (
-        "<body>: not JSON",
-        "freeze.replica: missing",
-        "freeze.issued_at: expected a number",
-        "refused freeze command m3: deployment 'gh.ost' must match",
-    ):
+    # refused at the door, each answered by a failed event when its deployment and id can be named
+    assert (m1.command_id, m1.ok) == ("m1", False)
+    assert m1.reason == "freeze command refused: freeze.replica: missing"
+    assert m2.command_id == "m2" and "refused: freeze.issued_at: expected a number" in m2.reason
+    assert not nobody.ok and nobody.reason == "no sandbox for replica nobody on host host-a"
+    assert escaped.command_id == escape.id and not escaped.ok
+    assert "refused: freeze.replica: '../../etc' must match" in escaped.reason
+    for expected in ("<body>: not JSON", "freeze.deployment: 'gh.ost' must match"):  # m3: logged only
         assert expected in caplog.text, caplog.text
+    ledger = Ledger(settings.state_dir)  # nothing refused reached the ledger
+    assert [ledger.outcome(i) for i in ("m1", "m2", "m3", escape.id)] == [None] * 4
+    assert ledger.outcome(nobody.command_id or "") == nobody
     info = await the_bus.js.consumer_info(
         the_bus.subjects.cmd_stream, the_bus.subjects.durable("freezer", Verb.FREEZE, host)
     )

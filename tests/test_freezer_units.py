@@ -26,7 +26,7 @@ from snapscale.shared import bus
 from snapscale.shared.bus.catalog import CatalogEntry
 from snapscale.shared.bus.messages import CheckpointEvent, FreezeCommand, ReplicaEvent, ReplicaState
 from snapscale.shared.bus.subjects import Bucket
-from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.core.errors import NotFoundError
 
 
 def cmd(*, force: bool = False, id: str = "c1") -> FreezeCommand:
@@ -121,7 +121,8 @@ def test_ledger_survives_a_restart_and_sweeps_what_cannot_resume(tmp_path: Path)
 
 def test_ledger_never_lets_an_id_pick_a_path(tmp_path: Path) -> None:
     led = Ledger(tmp_path)
-    ev = CheckpointEvent(deployment="d", host="h", ok=False, ts=2.0, command_id="../../x y")
+    # (the decoder refuses such an id in a message; the ledger is safe without that)
+    ev = CheckpointEvent(deployment="d", host="h", ok=False, ts=2.0, command_id="c9")
     led.finish("../../x y", ev)
     assert led.outcome("../../x y") == ev
     assert [p.parent for p in tmp_path.rglob("*.json")] == [led.done_dir]
@@ -196,9 +197,9 @@ def test_pick_target_prefers_the_oldest_ready_replica() -> None:
     assert pick_target(reps, "d", replica=None, host="h1") == Target("r3", "h1")
     assert pick_target(reps, "d", replica="r1", host=None) == Target("r1", "h2")
     assert pick_target([], "d", replica="r7", host="h7") == Target("r7", "h7")
-    with pytest.raises(ConfigError, match=r"no ready replica of d on h3 \(replicas: r3@h1=ready"):
+    with pytest.raises(NotFoundError, match=r"no ready replica of d on h3 \(replicas: r3@h1=ready"):
         pick_target(reps, "d", replica=None, host="h3")
-    with pytest.raises(ConfigError, match="r7 of d is not in KV"):
+    with pytest.raises(NotFoundError, match="r7 of d is not in KV"):
         pick_target(reps, "d", replica="r7", host=None)
 
 
@@ -215,7 +216,7 @@ def test_format_event_says_sizes_timings_and_failures() -> None:
         timings_s={"criu_dump_s": 0.5},
     )
     text = format_event(ok)
-    assert "checkpoint ck of d" in text and "total 120.0MB" in text and "new 5.0MB" in text
+    assert "checkpoint ck of d" in text and "total 114.4MiB" in text and "new 4.8MiB" in text
     assert "criu_dump_s 0.50s" in text
     bad = CheckpointEvent(deployment="d", host="h", ok=False, ts=0.0, replica="r1", reason="criu_dump: boom")
     assert format_event(bad) == "freeze of d/r1 on h FAILED: criu_dump: boom"
@@ -234,3 +235,20 @@ def test_pick_revision_is_the_spec_current_when_the_sandbox_started() -> None:
         pick_revision(revs, 5.0)
     with pytest.raises(SpecUnknown, match="had no spec"):
         pick_revision(revs, 35.0)
+
+
+def test_an_attempt_whose_checkpoint_id_would_leave_staging_is_quarantined(tmp_path: Path) -> None:
+    led = Ledger(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    bad = Attempt("c1", "d", "r1", "../../outside", str(outside), Phase.DUMPED, started_at=1.0)
+    led.save(bad)  # written by hand: no freeze makes such an id
+    led.save(Attempt("c2", "d", "r1", "ck2", "", Phase.DUMPED, started_at=1.0))
+    again = Ledger(tmp_path)
+    assert [a.command_id for a in again.attempts()] == ["c2"]
+    assert again.attempt("c1") is None
+    again.sweep(now=2.0)
+    assert outside.is_dir(), "nothing outside staging is touched"
+    assert len(list((again.inflight_dir / "quarantine").glob("*.json"))) == 1
+    with pytest.raises(ValueError, match="checkpoint id"):
+        again.staging_dir("../x")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+import orjson
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -14,6 +15,7 @@ from snapscale.gateway.pool import DEFAULT_LIMITS, DeploymentGone, Limits, Pool,
 from snapscale.gateway.routing import NoRoute, Route, downstream_headers, route, upstream_headers
 from snapscale.shared.bus import DeploymentSpec, ReplicaEvent, ReplicaState
 from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.core.fieldcheck import FieldsError
 
 S = ReplicaState
 
@@ -231,13 +233,10 @@ def test_limits_come_from_the_spec_and_bad_ones_name_the_field() -> None:
     spec = DeploymentSpec(name="llm", command=["x"])
     assert limits_of(spec) == Limits(0, 1000, 120.0)
     assert limits_of(replace(spec, scaling=replace(spec.scaling, concurrency_limit=4))).concurrency == 4
-    bad = replace(spec, scaling=replace(spec.scaling, queue_size=-1, queue_timeout_s=float("inf")))
-    with pytest.raises(ConfigError) as e:
-        limits_of(bad)
-    assert str(e.value) == (
-        "deployment llm: scaling.queue_size: must be >= 0, got -1; "
-        "scaling.queue_timeout_s: must be a positive number of seconds, got inf"
-    )
+    plain = {"name": "llm", "command": ["x"], "scaling": {"queue_size": -1, "queue_timeout_s": 0}}
+    with pytest.raises(FieldsError) as e:
+        DeploymentSpec.from_json(orjson.dumps(plain))
+    assert [p.path for p in e.value.problems] == ["scaling.queue_size", "scaling.queue_timeout_s"]
 
 
 # --- settings -----------------------------------------------------------------------------

@@ -92,6 +92,16 @@ async def test_prefetch_command_warms_the_cache_then_restore_fetches_nothing(h: 
         assert ev.reason == "no suspended replica"
 
 
+async def test_a_command_allowing_only_the_store_tier_restores(h: Harness) -> None:
+    # neither resume nor cold allowed: the tier choice must wait for the checkpoint lookup
+    spec = await h.deploy(h.spec())
+    await h.make_checkpoint(spec)
+    async with running(h.settings, h.criu):
+        await h.restore(spec.name, "only-store", allow_tiers=[Tier.STORE])
+        ev = await h.wait("only-store")
+    assert ev.tier is Tier.STORE, ev.reason
+
+
 async def test_two_restores_of_one_checkpoint_share_one_prefetch(h: Harness) -> None:
     spec = await h.deploy(h.spec())
     frozen = await h.make_checkpoint(spec)

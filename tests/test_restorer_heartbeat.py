@@ -10,15 +10,18 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from engine_helpers import kill_tagged
 from nats.aio.msg import Msg
-from restorer_harness import Harness, follow
+from restorer_harness import Harness, follow, running
 
+from snapscale.restorer import service
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.service import Restorer
 from snapscale.shared import bus
+from snapscale.shared.bus import Bucket
 from snapscale.shared.bus.messages import HostHeartbeat, ReleaseMode, ReplicaState, decode_message
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import lifecycle as engine
@@ -74,3 +77,33 @@ async def test_release_is_followed_by_a_heartbeat_at_once(h: Harness) -> None:
         if svc.host is not None:
             for lv in list(svc.host.replicas.live.values()):
                 await engine.stop(lv.sandbox)
+
+
+async def test_beats_go_on_while_jetstream_hangs(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a NATS cluster elects a stream leader, JetStream requests hang for seconds; the beat is
+    core NATS, and a host that misses 3 s of them is counted lost by the scaler."""
+    beats: list[float] = []
+
+    async def on(m: Msg) -> None:
+        beats.append(time.monotonic())
+
+    sub = await h.bus.nc.subscribe(h.bus.subjects.evt_host(h.host), cb=on)
+    try:
+        async with running(h.settings, h.criu) as (svc, _task):  # beats every 0.5 s
+            assert svc.host is not None
+            kv = svc.host.tools.bus.kv[Bucket.HOSTS]
+
+            async def hangs(*_a: object, **_k: object) -> NoReturn:
+                await asyncio.sleep(3600)
+                raise AssertionError("unreachable")
+
+            monkeypatch.setattr(service, "deployment_keys", hangs)
+            monkeypatch.setattr(kv, "put", hangs)
+            t0 = time.monotonic()
+            await asyncio.sleep(3.0)
+            during = [t for t in beats if t > t0 + 0.6]  # a beat already under way may finish late
+            assert len(during) >= 3, f"{len(during)} beats in 2.4 s with JetStream hanging"
+    finally:
+        await sub.unsubscribe()

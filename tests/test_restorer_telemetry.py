@@ -1,9 +1,11 @@
 """The restorer's trace of a scale-up continues the command's trace context and carries the
-span names and attributes the dashboard reads (tests/span_contract.py); time-to-ready is a
-histogram by tier."""
+span names and attributes the dashboard reads (tests/span_contract.py); time-to-ready and the
+phases are histograms by tier with second-scale buckets; a background prefetch is its own span."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -13,14 +15,15 @@ import span_contract as sc
 from engine_helpers import kill_tagged
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, MetricsData
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from restorer_harness import Harness, follow, running
 
 from snapscale.shared import bus
-from snapscale.shared.bus.messages import ReplicaState, Tier
+from snapscale.shared.bus.messages import PrefetchCommand, ReplicaState, Tier
+from snapscale.shared.bus.subjects import Verb
 from snapscale.shared.core import telemetry
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine.criu import CriuBinary
@@ -43,7 +46,7 @@ def spans() -> InMemorySpanExporter:
 @pytest.fixture(scope="session")
 def reader() -> InMemoryMetricReader:
     r = InMemoryMetricReader()
-    metrics.set_meter_provider(MeterProvider(metric_readers=[r]))
+    metrics.set_meter_provider(MeterProvider(metric_readers=[r], views=telemetry.views()))
     assert metrics.get_meter_provider().__class__ is MeterProvider, "a meter provider was installed before"
     return r
 
@@ -106,16 +109,50 @@ async def test_scale_up_trace_and_time_to_ready(
 
     data = reader.get_metrics_data()
     assert data is not None
-    points = [
+    by_tier = {
+        str(p.attributes[sc.TIER_ATTR]): p for p in points(data, sc.SCALE_UP_DURATION_METRIC) if p.attributes
+    }
+    assert {"store", "cold"} <= set(by_tier)
+    for p in by_tier.values():
+        assert p.count >= 1 and p.sum > 0
+        assert set(p.attributes or {}) == sc.SCALE_UP_DURATION_LABELS
+        # seconds, not the SDK's millisecond defaults (0, 5, 10, 25, ...)
+        assert tuple(p.explicit_bounds) == sc.DURATION_BUCKETS_S
+    phases = {(str(p.attributes["snapscale.phase"]), str(p.attributes[sc.TIER_ATTR])): p
+              for p in points(data, sc.PHASE_DURATION_METRIC) if p.attributes}  # fmt: skip
+    assert {(ph, "store") for ph in sc.RESTORE_TRACE_PHASES} <= set(phases), sorted(phases)
+    assert {(ph, "cold") for ph in sc.COLD_PHASES} <= set(phases), sorted(phases)
+    assert all(tuple(p.explicit_bounds) == sc.DURATION_BUCKETS_S for p in phases.values())
+
+
+def points(data: MetricsData, name: str) -> list[HistogramDataPoint]:
+    return [
         p
         for rm in data.resource_metrics
         for sm in rm.scope_metrics
         for m in sm.metrics
-        if m.name == "snapscale.time_to_ready_s"
+        if m.name == name
         for p in m.data.data_points
+        if isinstance(p, HistogramDataPoint)
     ]
-    by_tier = {
-        str(p.attributes["tier"]): p for p in points if isinstance(p, HistogramDataPoint) and p.attributes
-    }
-    assert {"store", "cold"} <= set(by_tier)
-    assert all(p.count >= 1 and p.sum > 0 for p in by_tier.values())
+
+
+async def test_background_prefetch_is_not_the_scale_up_phase(h: Harness, spans: InMemorySpanExporter) -> None:
+    """A prefetch command (the scaler's warm-up at scale-to-zero) has its own span name, so the
+    dashboard's `prefetch` phase holds scale-ups only."""
+    spec = await h.deploy(h.spec())
+    await h.make_checkpoint(spec)
+    tracer = telemetry.tracer("test")
+    async with running(h.settings, h.criu):
+        with tracer.start_as_current_span(sc.DECISION_SPAN) as decision:
+            cmd = PrefetchCommand(id=f"p-{h.tag}", deployment=spec.name, issued_at=time.time())
+            await h.send(Verb.PREFETCH, cmd)
+        trace_id = decision.get_span_context().trace_id
+        for _ in range(300):
+            if any(s.name == sc.BACKGROUND_PREFETCH_SPAN for s in of_trace(spans, trace_id)):
+                break
+            await asyncio.sleep(0.1)
+    got = of_trace(spans, trace_id)
+    (bg,) = [s for s in got if s.name == sc.BACKGROUND_PREFETCH_SPAN]
+    assert bg.attributes is not None and int(bg.attributes[sc.PREFETCH_BYTES_ATTR]) > 0  # type: ignore[arg-type]
+    assert "prefetch" not in {s.name for s in got}

@@ -162,7 +162,7 @@ CASES: list[tuple[str, Observed, TierChoice]] = [
         TierChoice(
             Tier.COLD,
             "resume not allowed by the command; not in host cache (0.0 MB of 0.0 MB cached); "
-            "prefetch (tier restore) not allowed by the command",
+            "store not allowed by the command",
         ),
     ),
 ]

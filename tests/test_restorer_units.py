@@ -10,6 +10,7 @@ from snapscale.restorer.budget import Suspended, over_budget
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.slots import Grant, NoCapacityError, Slots
 from snapscale.shared.bus.messages import GpuInfo
+from snapscale.shared.store.backend import RetryableStoreError
 
 GPUS = [GpuInfo(i, f"GPU-{i}", "H100", 80 << 30) for i in range(3)]
 
@@ -67,19 +68,32 @@ def test_over_budget_stops_oldest_first(items: list[Suspended], budget: int, sto
 
 def test_ledger_survives_reopen_and_lists_unfinished(tmp_path: Path) -> None:
     led = Ledger(tmp_path / "l")
-    led.start(Entry("c/../1", "scale-up", "d", "r1", 100.0, run_dir="/x"))
+    led.start(Entry("c1", "scale-up", "d", "r1", 100.0, run_dir="/x"))
     led.start(Entry("c2", "scale-up", "d", "r2", 100.0))
     led.finish("c2", ok=True, outcome="ready")
     again = Ledger(tmp_path / "l")
-    got = again.get("c/../1")
+    got = again.get("c1")
     assert got is not None and got.run_dir == "/x" and not got.done
-    assert [e.id for e in again.unfinished()] == ["c/../1"]
+    assert [e.id for e in again.unfinished()] == ["c1"]
     assert again.finish("nope", ok=True, outcome="") is None
     done = again.get("c2")
     assert done is not None and done.done and done.ok and done.outcome == "ready"
     assert again.prune(older_than=200.0) == 1
-    assert again.get("c2") is None and again.get("c/../1") is not None
+    assert again.get("c2") is None and again.get("c1") is not None
     assert all(p.parent == tmp_path / "l" for p in (tmp_path / "l").iterdir())
+
+
+def test_an_entry_whose_ids_break_their_limits_is_quarantined_not_replayed(tmp_path: Path) -> None:
+    led = Ledger(tmp_path)
+    led.start(Entry("c/../1", "scale-up", "d", "r1", 1.0))  # written by hand: no command has such an id
+    led.start(Entry("c2", "scale-up", "a.b", "r2", 1.0))
+    led.start(Entry("c3", "scale-up", "d", "r3", 1.0))
+    assert all(p.parent == tmp_path for p in tmp_path.glob("*.json")), "an id never picks a path"
+    assert [e.id for e in led.unfinished()] == ["c3"]
+    assert len(list((tmp_path / "quarantine").glob("*.json"))) == 2
+    assert len(list(tmp_path.glob("*.json"))) == 1  # moved aside: not read again at the next start
+    led.quarantine("c3", "cannot be replayed")
+    assert led.unfinished() == [] and len(list((tmp_path / "quarantine").glob("*.json"))) == 3
 
 
 def test_ledger_unreadable_entry_is_treated_as_new(tmp_path: Path) -> None:
@@ -89,6 +103,15 @@ def test_ledger_unreadable_entry_is_treated_as_new(tmp_path: Path) -> None:
         p.write_bytes(b"{not json")
     assert led.get("c1") is None
     assert led.unfinished() == []
+    assert [p.name for p in (tmp_path / "quarantine").iterdir()] == [f"{_digest('c1')}.json"]
+    led.start(Entry("c1", "scale-up", "d", "r1", 1.0))  # the command again: a fresh start
+    assert led.get("c1") is not None
+
+
+def _digest(command_id: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(command_id.encode()).hexdigest()[:40]
 
 
 def test_heartbeat_counts_complete_checkpoints_and_suspended_memory() -> None:
@@ -144,11 +167,11 @@ def test_status_table() -> None:
     text = render(st, now=100.0)
     lines = text.splitlines()
     assert lines[0] == "HOSTS"
-    assert lines[2].split() == ["h1", "10s", "2/2", "0", "0", "0.0MB/0.0MB", "ck1", "c" * 12]
+    assert lines[2].split() == ["h1", "10s", "2/2", "0", "0", "0B/0B", "ck1", "c" * 12]
     assert "r1" in text and "cold" in text and "no checkpoint" in text and "60s" in text
     assert [ln.split() for ln in lines[-4:-2]] == [
-        ["h1", "ck0", "0.0MB", "partial"],
-        ["h1", "ck1", "2.0MB", "complete"],
+        ["h1", "ck0", "1B", "partial"],
+        ["h1", "ck1", "1.9MiB", "complete"],
     ]
     assert text.endswith("unreadable KV entries: replicas/x.y")
 
@@ -160,6 +183,10 @@ def test_status_table() -> None:
         (TimeoutError("deadline of 2s exceeded"), "timed out (deadline of 2s exceeded)"),
         (ValueError("bad"), "ValueError: bad"),
         (RuntimeError(), "RuntimeError"),
+        (
+            RetryableStoreError("S3 get chunks/ab: still failing after 8 tries: connection refused"),
+            "store unreachable: S3 get chunks/ab: still failing after 8 tries: connection refused",
+        ),
     ],
 )
 def test_describe(exc: BaseException, reads: str) -> None:
@@ -196,3 +223,13 @@ def test_store_problems_read_as_reasons() -> None:
         == "manifest missing from the store (manifests/d/x.json)"
     )
     assert store_problem(RetryableStoreError("S3 get x: still failing")).startswith("store unreachable: ")
+
+
+def test_a_heartbeat_interval_the_scaler_would_refuse_is_refused_at_start() -> None:
+    from snapscale.restorer.config import RestorerConfig
+    from snapscale.shared.core.errors import ConfigError
+
+    assert RestorerConfig(host="h", heartbeat_s=0.5).heartbeat_s == 0.5
+    for bad in (0.001, 7200.0):
+        with pytest.raises(ConfigError, match=r"heartbeat_s must be within \[0.01, 3600\]"):
+            RestorerConfig(host="h", heartbeat_s=bad)

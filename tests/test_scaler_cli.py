@@ -14,26 +14,12 @@ from pathlib import Path
 import pytest
 from nats.aio.msg import Msg
 
-from snapscale.scaler.traffic import parse_duration, schedule
+from snapscale.scaler.traffic import schedule
 from snapscale.shared import bus
 from snapscale.shared.bus.client import Bus
 from snapscale.shared.bus.messages import TrafficEvent, decode_message
 from snapscale.shared.bus.subjects import Bucket
-from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.core.settings import Settings
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"), [("30s", 30.0), ("2m", 120.0), ("500ms", 0.5), ("1.5", 1.5), (" 1h ", 3600.0)]
-)
-def test_parse_duration(text: str, seconds: float) -> None:
-    assert parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("bad", ["", "s", "-1s", "3 weeks", "1e3"])
-def test_parse_duration_refuses(bad: str) -> None:
-    with pytest.raises(ConfigError, match="duration"):
-        parse_duration(bad)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -102,17 +103,17 @@ def test_burst_enters_panic_and_never_scales_down_in_it() -> None:
     assert d.panic
     assert d.desired == 6  # panic avg (2 + 10) / 2 buckets; the stable avg alone says 3
     assert d.stable_avg < d.panic_avg
-    # the burst ends; within a stable window of the last panic the count holds
+    # the burst ends; within a stable window of the last panic the count holds at its high-water mark
     for at in (1.5, 2.5, 3.5, 4.5):
         w.record(at, 2.0)
-        d = decide(w, spec, 10, at + 0.1)
-        assert (d.desired, d.panic) == (10, True), at
+        d = decide(w, spec, 6, at + 0.1)
+        assert (d.desired, d.panic) == (6, True), at
     # a stable window (10 s) after the last over-threshold tick, panic ends and scale-down resumes
     for t in range(5, 12):
         w.record(float(t), 2.0)
-    d = decide(w, spec, 10, 11.0)
+    d = decide(w, spec, 6, 11.0)
     assert not d.panic
-    assert d.desired == 5  # bounded by max_scale_down_rate 2.0
+    assert d.desired == 3  # bounded by max_scale_down_rate 2.0
 
 
 def test_panic_needs_threshold() -> None:
@@ -156,20 +157,25 @@ def test_restart_holds_scale_down_for_a_stable_window() -> None:
     assert decide(w, spec, 6, 110.0).desired == 3  # then the ordinary /2 rate applies
 
 
+def act(spec: ScalingSpec, current: int, concurrency: float, arrivals: int) -> int:
+    return activation(Window(spec, 0.0), spec, current, concurrency, arrivals, 0.5)
+
+
 def test_activation_is_immediate_and_bounded() -> None:
-    assert activation(BASE, 0, 0.0, 1) == 1
-    assert activation(BASE, 0, 5.0, 0) == 5  # a queue that already holds five
-    assert activation(replace(BASE, max_replicas=3), 0, 50.0, 9) == 3
-    assert activation(BASE, 1, 5.0, 3) == 0  # replicas exist: the tick handles it
-    assert activation(BASE, 0, 0.0, 0) == 0  # an empty report is no traffic
-    assert activation(replace(BASE, max_replicas=0), 0, 1.0, 1) == 0  # disabled deployment
+    assert act(BASE, 0, 0.0, 1) == 1
+    assert act(BASE, 0, 5.0, 0) == 5  # a queue that already holds five
+    assert act(replace(BASE, max_replicas=3), 0, 50.0, 9) == 3
+    assert act(BASE, 1, 5.0, 3) == 0  # replicas exist: the tick handles it
+    assert act(BASE, 0, 0.0, 0) == 0  # an empty report is no traffic
+    assert act(BASE, 0, float("nan"), 0) == 0  # nor is one that measured nothing
+    assert act(replace(BASE, max_replicas=0), 0, 1.0, 1) == 0  # disabled deployment
 
 
 def test_activation_needs_zero_ticks() -> None:
     """The first event alone decides; the same event then keeps the replica through the next tick."""
     w = Window(BASE, 0.0)
     w.record(0.01, 1.0, arrivals=1)
-    assert activation(BASE, 0, 1.0, 1) == 1
+    assert activation(w, BASE, 0, 1.0, 1, 0.01) == 1
     assert decide(w, BASE, 1, 0.5).desired == 1
 
 
@@ -178,11 +184,26 @@ def test_out_of_order_and_bad_samples() -> None:
     w.record(5.0, 4.0)
     w.record(4.2, 4.0)  # late, still inside both windows
     w.record(-50.0, 100.0)  # older than the stable window: ignored
-    w.record(5.1, float("nan"))  # not a measurement: counts as zero
-    w.record(5.2, -3.0)
+    w.record(5.05, 1.0)
+    for bad in (float("nan"), float("inf"), -3.0, 1.7e308):  # no measurement: refused, not counted
+        assert w.record(5.1, bad) is False
+    assert w.record(5.2, 1.0, arrivals=-1) is False
     stable, panic = w.averages()
-    assert stable == pytest.approx((4.0 + 4.0 / 3) / 2)
+    assert stable == pytest.approx((4.0 + 2.5) / 2)
     assert panic == pytest.approx(stable)
+
+
+def test_an_absurd_sample_leaves_the_window_scaling() -> None:
+    """1.7e308 twice in one bucket made the sums inf, then NaN: decide raised or said nothing, for
+    good. Refused, it leaves the window as it was, and normal traffic scales as ever."""
+    w = Window(BASE, 0.0)
+    for t in (0.1, 0.2):
+        assert w.record(t, 1.7e308) is False
+    assert w.averages() == (0.0, 0.0)
+    for t in range(1, 12):
+        assert w.record(t + 0.5, 3.0 * BASE.target_concurrency * BASE.utilization) is True
+    d = decide(w, BASE, 1, 12.0)
+    assert math.isfinite(d.stable_avg) and d.desired == 3
 
 
 def test_window_drops_old_buckets_exactly() -> None:
@@ -193,9 +214,21 @@ def test_window_drops_old_buckets_exactly() -> None:
     assert w.averages() == (0.0, 0.0)
     assert w.stable_sum == 0.0
     w.record(1000.5, 3.0)
+    # the first traffic after a whole stable window without any starts both windows again
+    # (Knative's buckets after a gap); before issue 18 this read (0.3, 1.5), diluted by idle seconds
+    assert w.averages() == (3.0, 3.0)
+
+
+def test_a_gap_shorter_than_the_stable_window_counts_as_zeros() -> None:
+    w = Window(BASE, 0.0)
+    for t in range(6):
+        w.record(t + 0.5, 1.0, arrivals=1)
+    w.record(12.5, 4.0, arrivals=1)  # 7 s after the last traffic: seconds 6..11 read as zero load
     stable, panic = w.averages()
-    assert stable == pytest.approx(3.0 / 10)
-    assert panic == pytest.approx(3.0 / 2)
+    assert stable == pytest.approx((3 * 1.0 + 4.0) / 10)
+    assert panic == pytest.approx(4.0 / 2)
+    w.record(22.5, 4.0, arrivals=1)  # 10 s, a whole stable window, after it: a fresh start
+    assert w.averages() == (4.0, 4.0)
 
 
 def test_a_second_just_begun_is_not_zero_load() -> None:

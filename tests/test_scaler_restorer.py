@@ -39,7 +39,7 @@ from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine.criu import CriuBinary
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "examples" / "sample_cpu.toml"
+SAMPLE = ROOT / "examples" / "sample_cpu_quick.toml"
 
 
 def tuned(d: spec.DeploymentSpec) -> spec.DeploymentSpec:

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import pytest
 from nats.aio.msg import Msg
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -69,6 +70,7 @@ class FakeHost:
     ready_after_s: float | None = 0.05
     compat_hash: str = "k1"
     beating: bool = True
+    suspend_budget: int = 0
     live: dict[str, ReplicaSummary] = field(default_factory=dict)
     cached: list[str] = field(default_factory=list)
     got: list[object] = field(default_factory=list)
@@ -95,6 +97,7 @@ class FakeHost:
             cached_bytes={c: 1 << 20 for c in self.cached},
             replicas=list(self.live.values()),
             interval_s=0.2,
+            suspend_budget_bytes=self.suspend_budget,
         )
 
     async def record(self, ev: ReplicaEvent) -> None:
@@ -265,10 +268,14 @@ async def test_bad_traffic_is_counted_and_dropped(the_bus: Bus, settings: Settin
         subj = the_bus.subjects.traffic
         await the_bus.nc.publish(subj("llm"), b"{not json")
         await the_bus.nc.publish(subj("llm"), b'{"v": 1, "type": "traffic", "deployment": "llm", "ts": "x"}')
+        # valid JSON, absurd numbers: once they overflowed the window to inf, then NaN, for good
+        head = b'{"v":1,"type":"traffic","deployment":"llm","ts":1,"concurrency":'
+        for value in (b"1.7e308", b"1e999", b"-1"):
+            await the_bus.nc.publish(subj("llm"), head + value + b"}")
         await bus.publish_core(the_bus, subj("nope"), TrafficEvent("nope", time.time(), 1, 1.0))
         await the_bus.nc.flush()
         await eventually(
-            lambda: sc.stats().get("traffic.malformed") == 2 and sc.stats().get("traffic.unknown") == 1
+            lambda: sc.stats().get("traffic.malformed") == 5 and sc.stats().get("traffic.unknown") == 1
         )
         assert not a.commands(ScaleUpCommand)
         # the loop lives on: good traffic still scales
@@ -434,6 +441,39 @@ async def test_a_removed_deployment_is_drained_without_freeze(the_bus: Bus, sett
             the_bus, the_bus.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0)
         )
         await eventually(lambda: sc.stats().get("traffic.unknown") == 1)
+
+
+async def seed(host: FakeHost, replica: str, state: ReplicaState) -> None:
+    """A replica the host has, in its inventory and in KV, as if from before the scaler started."""
+    gpus = [f"{host.name}-g{len(host.live)}"]
+    host.live[replica] = ReplicaSummary("llm", replica, state, gpus, rss_bytes=1 << 20)
+    await host.record(ReplicaEvent("llm", replica, host.name, state, time.time(), gpu_uuids=gpus))
+
+
+@pytest.mark.parametrize("spec_first", [True, False], ids=["removed-while-running", "removed-while-down"])
+async def test_a_removed_deployment_stops_its_suspended_replicas_too(
+    the_bus: Bus, settings: Settings, spec_first: bool
+) -> None:
+    """`snapscale undeploy` leaves nothing on the hosts: a suspended replica holds host RAM, and a
+    ready one is stopped, not suspended, though release_mode and the budget would allow it. Also
+    when the spec went while no scaler ran (its replicas are still in KV)."""
+    a = FakeHost(settings, "host-a", gpus=4, suspend_budget=1 << 30)
+    if spec_first:
+        await deploy(the_bus, replace(SPEC, scaling=replace(FAST, release_mode="auto")))
+    async with running(a.run):
+        await eventually(lambda: a._bus is not None)
+        await seed(a, "llm-s1", ReplicaState.SUSPENDED)
+        await seed(a, "llm-r1", ReplicaState.READY)
+        sc = Scaler(settings, CFG)
+        async with running(sc.run):
+            await eventually(lambda: sc.leader and len(list(sc.view.of("llm"))) == 2)
+            if spec_first:
+                await the_bus.kv[Bucket.DEPLOYMENTS].delete("llm")
+            await eventually(lambda: not a.live, 10, "both replicas released")
+            await eventually(lambda: "llm" not in sc.view.specs, 5, "forgotten once drained")
+    released = {c.replica: c.mode for c in a.commands(ReleaseCommand)}  # type: ignore[attr-defined]
+    assert released == {"llm-s1": ReleaseMode.STOP, "llm-r1": ReleaseMode.STOP}
+    assert not a.commands(FreezeCommand) and not a.commands(PrefetchCommand)
 
 
 async def test_a_heartbeat_reporting_room_places_what_found_none(the_bus: Bus, settings: Settings) -> None:

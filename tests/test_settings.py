@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from snapscale.shared.bus.auth import connect_options
 from snapscale.shared.bus.spec import DeploymentSpec, load_spec
 from snapscale.shared.bus.subjects import Bucket, Subjects, Verb
 from snapscale.shared.core.errors import ConfigError
@@ -43,11 +44,41 @@ def test_from_env_reads_everything() -> None:
         ({"SNAPSCALE_STORE": "file://relative"}, "absolute path"),
         ({"SNAPSCALE_CACHE_BYTES": "lots"}, "not an integer"),
         ({"SNAPSCALE_S3_DIRECT_GET": "maybe"}, "say 1 or 0"),
+        ({"SNAPSCALE_METRICS_PORT": "70000"}, "1-65535"),
+        ({"SNAPSCALE_METRICS_PORT": "metrics"}, "not an integer"),
+        ({"SNAPSCALE_NATS_USER": "u", "SNAPSCALE_NATS_TOKEN": "t"}, "not \\['user', 'token'\\]"),
+        ({"SNAPSCALE_NATS_TOKEN": "t", "SNAPSCALE_NATS_CREDS": "/c"}, "not \\['token', 'creds'\\]"),
+        ({"SNAPSCALE_NATS_PASSWORD": "p"}, "without SNAPSCALE_NATS_USER"),
+        ({"SNAPSCALE_NATS_CERT": "/c.pem"}, "go together"),
     ],
 )
 def test_bad_env_is_a_config_error(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         Settings.from_env(env)
+
+
+def test_metrics_endpoint_is_opt_in_and_local_by_default() -> None:
+    assert Settings.from_env({}).metrics_address is None
+    assert Settings.from_env({"SNAPSCALE_METRICS_PORT": "9464"}).metrics_address == ("127.0.0.1", 9464)
+    s = Settings.from_env({"SNAPSCALE_METRICS_PORT": "9464", "SNAPSCALE_METRICS_HOST": "0.0.0.0"})
+    assert s.metrics_address == ("0.0.0.0", 9464)
+
+
+def test_nats_credentials_become_connect_options() -> None:
+    """Each credential reaches nats-py as the option it reads; secrets stay out of the repr."""
+    env = {"SNAPSCALE_NATS_USER": "scaler", "SNAPSCALE_NATS_PASSWORD": "pw"}
+    env["SNAPSCALE_NATS_INBOX"] = "_INBOX.sc"
+    s = Settings.from_env(env)
+    assert connect_options(s.nats_auth) == {"user": "scaler", "password": "pw", "inbox_prefix": "_INBOX.sc"}
+    assert "pw" not in repr(s)
+    assert connect_options(Settings.from_env({"SNAPSCALE_NATS_TOKEN": "tk"}).nats_auth) == {"token": "tk"}
+    assert connect_options(Settings.from_env({"SNAPSCALE_NATS_CREDS": "/etc/x.creds"}).nats_auth) == {
+        "user_credentials": "/etc/x.creds"
+    }
+    assert connect_options(Settings.from_env({"SNAPSCALE_NATS_NKEY": "/etc/u.nk"}).nats_auth) == {
+        "nkeys_seed": "/etc/u.nk"
+    }
+    assert connect_options(Settings.from_env({}).nats_auth) == {}  # anonymous
 
 
 def test_signing_key_required_when_used() -> None:
@@ -72,7 +103,7 @@ def test_spec_from_toml(tmp_path: Path) -> None:
     p = tmp_path / "spec.toml"
     p.write_text(
         '[deployment]\nname = "llm"\ncommand = ["python", "-m", "server"]\ngpus = 1\n'
-        '[deployment.scaling]\nstable_window_s = 30.0\nmax_replicas = 4\n'
+        "[deployment.scaling]\nstable_window_s = 30.0\nmax_replicas = 4\n"
     )
     d = load_spec(p)
     assert d.name == "llm" and d.gpus == 1
@@ -91,5 +122,30 @@ def test_spec_hash_ignores_scaling_knobs() -> None:
 def test_bad_spec_names_the_field(tmp_path: Path) -> None:
     p = tmp_path / "spec.toml"
     p.write_text('name = "llm"\ncommand = ["x"]\ngpus = "two"\n')
-    with pytest.raises(ConfigError, match=r"spec\.gpus"):
+    with pytest.raises(ConfigError, match=r"gpus: expected an integer"):
         load_spec(p)
+
+
+def test_nats_url_lists_a_cluster_and_js_replicas_is_read() -> None:
+    s = Settings.from_env(
+        {"SNAPSCALE_NATS_URL": "nats://a:4222, nats://b:4222,tls://c:4443", "SNAPSCALE_JS_REPLICAS": "3"}
+    )
+    assert s.nats_servers == ["nats://a:4222", "nats://b:4222", "tls://c:4443"]
+    assert s.js_replicas == 3
+    assert Settings.from_env({}).js_replicas == 1
+
+
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"SNAPSCALE_NATS_URL": "nats://a:4222,,nats://b:4222"}, "empty server entry"),
+        ({"SNAPSCALE_NATS_URL": "nats://a:4222,b:4222"}, "'b:4222' is not a NATS URL"),
+        ({"SNAPSCALE_NATS_URL": "http://a:4222"}, "not a NATS URL"),
+        ({"SNAPSCALE_NATS_URL": "nats://a:42x"}, "bad port"),
+        ({"SNAPSCALE_JS_REPLICAS": "0"}, "SNAPSCALE_JS_REPLICAS=0: JetStream keeps 1 to 5"),
+        ({"SNAPSCALE_JS_REPLICAS": "three"}, "not an integer"),
+    ],
+)
+def test_bad_nats_settings_name_the_variable(env: dict[str, str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        Settings.from_env(env)

@@ -107,22 +107,27 @@ def test_checkpoint_verbs(store_env: tuple[StoreSettings, dict[str, str]], tmp_p
     ok = cli(env, "verify", "demo/c1")
     assert ok.returncode == 0 and ok.stdout.startswith("ok:"), ok.stdout + ok.stderr
 
-    gc = cli(env, "gc", "--grace-s", "0", "--dry-run")
-    assert gc.returncode == 0 and "would delete 1 chunks" in gc.stdout
-    gc = cli(env, "gc", "--grace-s", "0")
+    gc = cli(env, "gc", "--grace", "0s", "--dry-run")
+    assert gc.returncode == 0 and "would delete 1 chunks" in gc.stdout and "younger than 0s" in gc.stdout
+    plan = orjson.loads(cli(env, "gc", "--grace", "0s", "--dry-run", "--json").stdout)
+    assert plan["dry_run"] and len(plan["delete"]) == 1 and plan["grace_s"] == 0.0
+    gc = cli(env, "gc", "--grace-s", "0")  # the former spelling still works
     assert "deleted 1 chunks" in gc.stdout
     assert cli(env, "verify", "demo/c1").returncode == 0  # referenced chunks survived
 
     asyncio.run(_drop_chunk(ss, sorted(m.digests())[0]))
     bad = cli(env, "verify", "demo/c1", "--shallow")
     assert bad.returncode == 1 and "missing" in bad.stdout
+    report = cli(env, "verify", "demo/c1", "--json")
+    assert report.returncode == 1 and orjson.loads(report.stdout)["missing"] == [sorted(m.digests())[0]]
 
     wrong_key = cli({**env, "SNAPSCALE_SIGNING_KEY": "other"}, "show", "demo/c1")
-    assert wrong_key.returncode == 2 and "signature does not match" in wrong_key.stderr
+    assert wrong_key.returncode == 1 and "signature does not match" in wrong_key.stderr
     assert "REFUSED" in cli({**env, "SNAPSCALE_SIGNING_KEY": "other"}, "ls").stdout
     nothing = cli(env, "show", "demo/none")
-    assert nothing.returncode == 2 and "not in the store" in nothing.stderr
-    assert "not <deployment>/<checkpoint-id>" in cli(env, "show", "../x").stderr
+    assert nothing.returncode == 3 and "not in the store" in nothing.stderr  # not found
+    bad_ref = cli(env, "show", "../x")
+    assert bad_ref.returncode == 2 and "not <deployment>/<checkpoint-id>" in bad_ref.stderr
 
 
 def test_console_script_runs_a_verb(tmp_path: Path) -> None:
@@ -138,3 +143,20 @@ def test_console_script_runs_a_verb(tmp_path: Path) -> None:
 def test_settings_from_env_reach_the_store(tmp_path: Path) -> None:
     s = Settings.from_env({"SNAPSCALE_STORE": f"file://{tmp_path}/s"})
     assert s.store.local_path == tmp_path / "s"
+
+
+def test_verify_reports_each_chunk_as_it_goes(tmp_path: Path) -> None:
+    """What `checkpoints verify` draws its progress from: one call per chunk, with its bytes."""
+    from snapscale.shared.store.checkpoint import verify_checkpoint
+
+    ss = StoreSettings(f"file://{tmp_path}/store")
+    m, _key = asyncio.run(_setup(ss, make_image(tmp_path / "img")))
+    seen: list[int] = []
+
+    async def run() -> int:
+        async with open_store(ss) as st:
+            rep = await verify_checkpoint(st, m, on_chunk=seen.append)
+            return rep.bytes_checked
+
+    checked = asyncio.run(run())
+    assert len(seen) == len(m.digests()) and sum(seen) == checked > 0

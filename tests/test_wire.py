@@ -127,3 +127,106 @@ def test_nested_field_path() -> None:
 )
 def test_transitions(old: ReplicaState, new: ReplicaState, ok: bool) -> None:
     assert can_transition(old, new) is ok
+
+
+# --- declared limits: what the decoder refuses, naming the field and the reason ---------------
+def _scale_up(**over: object) -> bytes:
+    body: dict[str, object] = {"v": 1, "type": "scale-up", "id": "c1", "deployment": "d", "replica": "r1"}
+    body["issued_at"] = 1.0
+    body.update(over)
+    return orjson.dumps(body)
+
+
+@pytest.mark.parametrize(
+    ("over", "field", "reason_part"),
+    [
+        ({"deployment": "a.b"}, "scale-up.deployment", "must match [A-Za-z0-9_-]+"),
+        ({"deployment": "llm.>"}, "scale-up.deployment", "must match"),
+        ({"replica": "../../etc"}, "scale-up.replica", "must match"),
+        ({"replica": "r/1"}, "scale-up.replica", "must match"),
+        ({"replica": ""}, "scale-up.replica", "must not be empty"),
+        ({"replica": "r" * 200_000}, "scale-up.replica", "200000 characters, over the limit of 128"),
+        ({"deployment": "d" * 65}, "scale-up.deployment", "over the limit of 64"),
+        ({"id": "a b"}, "scale-up.id", "must match"),
+        ({"checkpoint_id": "ck/1"}, "scale-up.checkpoint_id", "must match"),
+        ({"gpu_uuids": ["GPU-0", "GPU-1,GPU-2"]}, "scale-up.gpu_uuids[1]", "must match"),
+        ({"issued_at": -5}, "scale-up.issued_at", "within [0, 1e+10]"),
+        ({"deadline_s": 1.7e308}, "scale-up.deadline_s", "within"),
+        ({"deadline_s": -1}, "scale-up.deadline_s", "within [0, 604800]"),
+        ({"allow_tiers": "cold"}, "scale-up.allow_tiers", "expected a list"),
+        ({"replcia": "r2"}, "scale-up.'replcia'", "unknown field"),
+    ],
+)
+def test_declared_limits_refuse_with_the_field_and_reason(
+    over: dict[str, object], field: str, reason_part: str
+) -> None:
+    with pytest.raises(MessageError) as ei:
+        decode_command(_scale_up(**over), "scale-up")
+    assert ei.value.field == field
+    assert reason_part in ei.value.reason
+    assert len(str(ei.value)) < 300, "an error never echoes a huge value"
+
+
+def test_the_same_command_within_its_limits_decodes() -> None:
+    cmd = decode_command(_scale_up(replica="r" * 128, deployment="d" * 64, gpu_uuids=["GPU-0"]), "scale-up")
+    assert isinstance(cmd, ScaleUpCommand) and len(cmd.replica) == 128
+
+
+def test_a_number_past_a_double_is_refused_at_the_body() -> None:
+    body = _scale_up(deadline_s=0).replace(b'"deadline_s":0', b'"deadline_s":' + b"9" * 400)
+    with pytest.raises(MessageError) as ei:
+        decode_command(body, "scale-up")
+    assert ei.value.field == "<body>" and "infinity" in ei.value.reason
+
+
+def test_a_message_over_the_size_limit_is_refused_unread() -> None:
+    from snapscale.shared.bus.messages import MAX_MESSAGE_BYTES
+
+    body = _scale_up(pad=None)[:-1] + b',"x":"' + b"x" * MAX_MESSAGE_BYTES + b'"}'
+    with pytest.raises(MessageError) as ei:
+        decode_command(body, "scale-up")
+    assert ei.value.field == "<body>" and f"over the limit of {MAX_MESSAGE_BYTES}" in ei.value.reason
+
+
+@pytest.mark.parametrize("value", [1.7e308, -1.0])
+def test_traffic_concurrency_out_of_range_is_refused(value: float) -> None:
+    body = orjson.dumps({"v": 1, "type": "traffic", "deployment": "d", "ts": 1.0, "concurrency": value})
+    with pytest.raises(MessageError) as ei:
+        decode_message(body, TrafficEvent)
+    assert ei.value.field == "traffic.concurrency" and "within [0, 1e+06]" in ei.value.reason
+
+
+def test_dict_keys_are_checked_too() -> None:
+    hb = orjson.loads(encode_message(SAMPLES[-1]))  # type: ignore[arg-type]
+    hb["cached_bytes"] = {"ck-1": 5, "../ck": 6}
+    with pytest.raises(MessageError) as ei:
+        decode_message(orjson.dumps(hb), HostHeartbeat)
+    assert ei.value.field == "host.cached_bytes.../ck (key)" and "must match" in ei.value.reason
+
+
+def test_non_finite_numbers_are_refused_from_python_callers_too() -> None:
+    from snapscale.shared.core import wire
+
+    with pytest.raises(MessageError) as ei:
+        wire.from_plain(TrafficEvent, {"deployment": "d", "ts": float("nan")})
+    assert ei.value.field == "TrafficEvent.ts" and "finite" in ei.value.reason
+
+
+def test_check_token_applies_the_decoders_rule() -> None:
+    from snapscale.shared.bus.subjects import check_token
+
+    assert check_token("deployment", "llm-1_a") == "llm-1_a"
+    for bad, why in (("a.b", "must match"), ("x" * 65, "over the limit of 64"), ("", "empty")):
+        with pytest.raises(ValueError, match=why):
+            check_token("deployment", bad)
+
+
+def test_salvage_keeps_only_the_fields_that_pass_their_own_limits() -> None:
+    from snapscale.shared.bus.messages import MAX_MESSAGE_BYTES, salvage
+
+    names = ("deployment", "replica", "id")
+    body = _scale_up(deployment="a.b", replica="r-1", id=7, issued_at="now")
+    assert salvage(body, ScaleUpCommand, names) == {"replica": "r-1"}
+    assert salvage(b"[1]", ScaleUpCommand, names) == {} == salvage(b"{x", ScaleUpCommand, names)
+    huge = _scale_up()[:-1] + b',"pad":"' + b"x" * MAX_MESSAGE_BYTES + b'"}'
+    assert salvage(huge, ScaleUpCommand, names) == {}

@@ -1,6 +1,8 @@
 """A Llama-shaped decoder in plain torch (no transformers), so the sample runs on any torch install.
 
-Presets: `tiny` (CPU CI, warms in a few seconds) and `llama-0.8b` (GPU bench: 0.84 B params in bf16).
+Presets: `tiny` (CPU CI, warms in a few seconds), `llama-0.8b` (GPU bench: 0.84 B params in bf16),
+and for the size sweep `llama-3b` (3.6 B: Llama 3.2 3B's shape, embeddings untied) and `llama-8b`
+(8.0 B: Llama 3 8B's shape).
 """
 
 from __future__ import annotations
@@ -25,7 +27,11 @@ class Config:
 
 PRESETS = {
     "tiny": Config(vocab=512, hidden=64, inter=172, layers=2, heads=4, kv_heads=2),
+    # The CPU demo's model: big enough that loading and compiling it take a real server's time.
+    "llama-55m": Config(vocab=8192, hidden=512, inter=1408, layers=16, heads=8, kv_heads=4),
     "llama-0.8b": Config(vocab=32000, hidden=2048, inter=5632, layers=16, heads=32, kv_heads=4),
+    "llama-3b": Config(vocab=128256, hidden=3072, inter=8192, layers=28, heads=24, kv_heads=8),
+    "llama-8b": Config(vocab=128256, hidden=4096, inter=14336, layers=32, heads=32, kv_heads=8),
 }
 
 

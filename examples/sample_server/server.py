@@ -3,7 +3,9 @@
 Warm-up: import torch, load (or first write) weights from a file, warm up; on GPU also torch.compile,
 a captured CUDA graph and a KV-cache tensor. `/generate` answers deterministically, so an answer
 before a freeze and after a restore can be compared byte for byte. `--preset none` skips torch
-(a fast stand-in for tests of the engine's failure paths).
+(a fast stand-in for tests of the engine's failure paths). `--weights-outside` loads the weights
+through `snapscale.workload`: released in before_freeze when the engine offers to carry them, filled
+back in after_restore from where the engine says (docs/weights.md).
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import sys
 import time
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any
+
+from snapscale.workload import WeightsError, hooks
+from snapscale.workload.errors import ProtocolError
 
 T0 = time.time()
 PROMPT_LEN = 32
@@ -47,7 +52,17 @@ class Model:
         self.kv_mib = args.kv_mib
         cfg = PRESETS[args.preset]
         s = time.time()
-        sd = load_or_write_weights(args.weights, cfg, args.seed, self.dtype, self.device)
+        self.weights: Any = None
+        if getattr(args, "weights_outside", False):  # callers may build args without it
+            from snapscale.workload import Weights
+
+            if not args.weights.endswith(".safetensors"):
+                raise SystemExit(f"--weights-outside reads safetensors; --weights is {args.weights}")
+            write_weights(args.weights, cfg, args.seed, self.dtype, self.device)
+            self.weights = Weights.load(args.weights, str(self.device))
+            sd = self.weights.tensors
+        else:
+            sd = load_or_write_weights(args.weights, cfg, args.seed, self.dtype, self.device)
         with torch.device("meta"):
             model = Decoder(cfg)
         model.load_state_dict(sd, assign=True)
@@ -56,7 +71,10 @@ class Model:
         self.sync()
         t["weights_s"] = time.time() - s
         g = torch.Generator().manual_seed(args.seed + 1)
-        self.prompt = torch.randint(0, cfg.vocab, (1, PROMPT_LEN), generator=g).to(self.device)
+        with torch.inference_mode():
+            # An inference tensor, like every input `generate` makes: a compiled forward guards on
+            # that, and one made outside would have the first request compile a second variant.
+            self.prompt = torch.randint(0, cfg.vocab, (1, PROMPT_LEN), generator=g).to(self.device)
         s = time.time()
         self.fwd = torch.compile(self.model) if args.compile else self.model
         with torch.inference_mode():
@@ -84,6 +102,13 @@ class Model:
         self.kv: Any = None
         self.alloc_kv()
         t["kv_cache_s"] = time.time() - s
+        if args.warmup:
+            # A real server's last step before it says ready: requests through the serving path,
+            # so the first user's request finds nothing left to compile or allocate.
+            s = time.time()
+            for _ in range(args.warmup):
+                self.generate()
+            t["warmup_s"] = time.time() - s
         self.timings = t
 
     def sync(self) -> None:
@@ -107,6 +132,8 @@ class Model:
             self.torch.cuda.empty_cache()
 
     def generate(self) -> dict[str, Any]:
+        if self.weights is not None and self.weights.released:
+            raise WeightsReleased  # the model would read unmapped memory
         torch = self.torch
         with torch.inference_mode():
             logits = self.fwd(self.prompt)
@@ -134,20 +161,54 @@ class Model:
             }
 
 
-def load_or_write_weights(path: str, cfg: Any, seed: int, dtype: Any, device: Any) -> dict[str, Any]:
+class WeightsReleased(Exception):
+    """/generate between before_freeze and after_restore: the weights' memory is given back."""
+
+
+def write_weights(path: str, cfg: Any, seed: int, dtype: Any, device: Any) -> None:
+    """Deterministic random weights at `path`, unless a file is there already."""
+    if os.path.exists(path):
+        return
     import torch
 
     from examples.sample_server.model import random_state_dict
 
-    if not os.path.exists(path):
-        sd = random_state_dict(cfg, seed, dtype, device=str(device))
-        if path.endswith(".safetensors"):
-            from safetensors.torch import save_file
+    sd = random_state_dict(cfg, seed, dtype, device=str(device))
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save_file
 
-            save_file(sd, path)
-        else:
-            torch.save(sd, path)
-        log(f"wrote random weights to {path}")
+        save_file(sd, path)
+    else:
+        torch.save(sd, path)
+    log(f"wrote random weights to {path}")
+
+
+def release_weights(model: Any, body: bytes) -> dict[str, Any]:
+    """before_freeze: release the weights when the engine offers to carry them; our answer's share."""
+    weights = getattr(model, "weights", None)
+    if weights is None or not hooks.read_freeze_request(body) or weights.released:
+        return {}
+    rec = weights.release()
+    log(f"before_freeze: {rec.nbytes} bytes of weights released, addresses kept")
+    return hooks.freeze_answer(rec)
+
+
+def restore_weights(model: Any, body: bytes) -> None:
+    """after_restore: fill released weights back from where the engine says."""
+    weights = getattr(model, "weights", None)
+    source = hooks.read_restore_request(body)  # a bad body is refused even when nothing is released
+    if weights is None or not weights.released:
+        return
+    rep = weights.restore(source)
+    model.timings.update({f"weights_{k}": v for k, v in weights.timings.items()})
+    where = source or "their files"
+    log(f"after_restore: weights filled from {where}: {rep.bytes} bytes in {rep.seconds:.3f}s")
+
+
+def load_or_write_weights(path: str, cfg: Any, seed: int, dtype: Any, device: Any) -> dict[str, Any]:
+    import torch
+
+    write_weights(path, cfg, seed, dtype, device)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -192,11 +253,17 @@ def make_handler(model: Any) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _generate(self) -> None:
+            try:
+                self._send(200, model.generate())
+            except WeightsReleased:
+                self._send(503, {"error": "weights released for a freeze; after_restore brings them back"})
+
         def do_GET(self) -> None:
             if self.path == "/healthz":
                 self._send(200, {"ok": True})
             elif self.path == "/generate":
-                self._send(200, model.generate())
+                self._generate()
             elif self.path == "/timings":
                 self._send(200, model.timings)
             else:
@@ -204,15 +271,23 @@ def make_handler(model: Any) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
-            if length:
-                self.rfile.read(length)
+            body = self.rfile.read(length) if length else b""
+            try:
+                self._post(body)
+            except WeightsError as e:  # a body we cannot act on (400), or weights not filled (500)
+                log(f"{self.path}: {e}")
+                self._send(400 if isinstance(e, ProtocolError) else 500, {"error": str(e)})
+
+        def _post(self, body: bytes) -> None:
             if self.path == "/generate":
-                self._send(200, model.generate())
+                self._generate()
             elif self.path == "/hooks/before_freeze":
+                hooks.read_freeze_request(body)  # refuse a bad body before dropping anything
                 model.drop_kv()
                 log("before_freeze: KV cache dropped")
-                self._send(200, {"kv": False})
+                self._send(200, {"kv": False, **release_weights(model, body)})
             elif self.path == "/hooks/after_restore":
+                restore_weights(model, body)
                 if model.kv is None:
                     model.alloc_kv()
                 log("after_restore: KV cache allocated")
@@ -233,7 +308,11 @@ def make_handler(model: Any) -> type[BaseHTTPRequestHandler]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--preset", default="tiny", help="tiny | llama-0.8b | none (no torch)")
+    p.add_argument(
+        "--preset",
+        default="tiny",
+        help="tiny | llama-55m | llama-0.8b | llama-3b | llama-8b | none (no torch)",
+    )
     p.add_argument("--weights", default="/tmp/snapscale-sample-tiny.pt")
     p.add_argument("--device", default="cpu")
     p.add_argument("--kv-device", default=None, help="where the KV cache lives (default: --device)")
@@ -241,9 +320,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--graph", action="store_true", help="capture a CUDA graph of the forward pass")
     p.add_argument("--kv-mib", type=int, default=16)
+    p.add_argument("--warmup", type=int, default=0, help="generate passes before ready")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tag", default="", help="ignored; lets a test find its processes")
+    p.add_argument(
+        "--weights-outside",
+        action="store_true",
+        help="weights in a snapscale.workload arena (a .safetensors --weights): released before a freeze"
+        " when the engine offers to carry them, filled back after a restore",
+    )
     args = p.parse_args(argv)
     # PID 1 of its namespace: SIGTERM is ignored unless handled.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -1,6 +1,7 @@
-"""Operator verbs that belong to no single service: `deploy`, `checkpoints ls|show|verify|gc`.
+"""The operator's verbs on the chunk store: `checkpoints ls|show|verify|gc`. They need no NATS.
 
-Each verb builds Settings from the environment once, does its I/O, prints, returns an exit code.
+Each verb builds Settings from the environment once, does its I/O, prints (text, or JSON with
+`--json`), returns an exit code; errors are raised for `snapscale.cli.main` to report.
 """
 
 from __future__ import annotations
@@ -9,17 +10,16 @@ import argparse
 import asyncio
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
-import orjson
-
-from snapscale.gateway.pool import limits_of
-from snapscale.shared import bus
-from snapscale.shared.bus import Bucket, DeploymentSpec, load_spec
+from snapscale.cli.output import json_flag, print_json
+from snapscale.cli.progress import Display
+from snapscale.client import Progress
 from snapscale.shared.core import wire
+from snapscale.shared.core.cliargs import add_alias, duration, subcommand
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.core.settings import Settings
+from snapscale.shared.core.units import format_duration, format_size
 from snapscale.shared.store import (
     DEFAULT_GC_GRACE_S,
     MANIFESTS,
@@ -36,51 +36,37 @@ from snapscale.shared.store import (
 )
 
 
-def register(sub: argparse._SubParsersAction[Any]) -> None:
-    p = sub.add_parser("deploy", help="put a deployment spec (TOML) into KV 'deployments'")
-    p.add_argument("spec", type=Path, help="spec.toml")
-    p.set_defaults(func=_deploy)
-
-    c = sub.add_parser("checkpoints", help="list, show, verify and garbage-collect checkpoints in the store")
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    c = subcommand(
+        sub, "checkpoints", "list, show, verify and garbage-collect checkpoints in the store", "store"
+    )
     verbs = c.add_subparsers(dest="verb", metavar="VERB", required=True)
-    v = verbs.add_parser("ls", help="every manifest in the store, verified")
+    v = subcommand(verbs, "ls", "every manifest in the store, verified", "store")
     v.add_argument("--deployment", help="only this deployment")
-    v.add_argument("--json", action="store_true")
+    json_flag(v)
     v.set_defaults(func=lambda a: _run(_ls(a)))
-    v = verbs.add_parser("show", help="one checkpoint's manifest: files, sizes, timings")
+    v = subcommand(verbs, "show", "one checkpoint's manifest: files, sizes, timings", "store")
     v.add_argument("ref", help="<deployment>/<checkpoint-id> or a manifest key")
-    v.add_argument("--json", action="store_true")
+    json_flag(v)
     v.set_defaults(func=lambda a: _run(_show(a)))
-    v = verbs.add_parser("verify", help="check every chunk is in the store and hashes to its name")
+    v = subcommand(verbs, "verify", "check every chunk is in the store and hashes to its name", "store")
     v.add_argument("ref", help="<deployment>/<checkpoint-id> or a manifest key")
     v.add_argument("--shallow", action="store_true", help="only check presence, do not download")
+    json_flag(v)
     v.set_defaults(func=lambda a: _run(_verify(a)))
-    v = verbs.add_parser("gc", help="delete chunks no manifest references and nobody touched for a while")
-    v.add_argument(
-        "--grace-s",
-        type=float,
-        default=DEFAULT_GC_GRACE_S,
-        help="keep younger chunks (a freeze may be uploading)",
+    v = subcommand(
+        verbs, "gc", "delete chunks no manifest references and nobody touched for a while", "store"
     )
-    v.add_argument("--dry-run", action="store_true")
+    v.add_argument(
+        "--grace",
+        type=duration,
+        default=format_duration(DEFAULT_GC_GRACE_S),
+        help="keep younger chunks (a freeze may be uploading them)",
+    )
+    add_alias(v, "--grace-s", "grace", duration)
+    v.add_argument("--dry-run", action="store_true", help="say what would be deleted, delete nothing")
+    json_flag(v)
     v.set_defaults(func=lambda a: _run(_gc(a)))
-
-
-def _deploy(args: argparse.Namespace) -> int:
-    s = Settings.from_env()
-    d = load_spec(args.spec)
-    limits_of(d)  # the gateway's keys: refused here, not found out when a gateway reads them
-    asyncio.run(deploy(s, d))
-    print(f"deployed {d.name} (spec hash {d.spec_hash()[:12]})")
-    return 0
-
-
-async def deploy(settings: Settings, d: DeploymentSpec) -> None:
-    b = await bus.open_bus(settings, "snapscale-deploy")
-    try:
-        await b.kv[Bucket.DEPLOYMENTS].put(d.name, d.to_json())
-    finally:
-        await b.close()
 
 
 def _run(coro: Coroutine[Any, Any, int]) -> int:
@@ -96,10 +82,6 @@ def manifest_ref(ref: str) -> str:
         return manifest_key(deployment, cid.removesuffix(".json"))
     except ValueError as e:
         raise ConfigError(f"{ref!r} is not <deployment>/<checkpoint-id> or a manifest key: {e}") from None
-
-
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):.1f}"
 
 
 async def _ls(args: argparse.Namespace) -> int:
@@ -122,17 +104,17 @@ async def _ls(args: argparse.Namespace) -> int:
                 "zero_bytes": m.zero_bytes,
             })  # fmt: skip
     if args.json:
-        print(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
+        print_json(rows)
         return 0
-    print(f"{'DEPLOYMENT':<20} {'CHECKPOINT':<28} {'CREATED (UTC)':<20} {'TOTAL MiB':>10} {'UNIQUE':>8} "
-          f"{'NEW':>8} {'ZERO':>8}  COMPAT")  # fmt: skip
+    print(f"{'DEPLOYMENT':<20} {'CHECKPOINT':<28} {'CREATED (UTC)':<20} {'TOTAL':>9} {'UNIQUE':>9} "
+          f"{'NEW':>9} {'ZERO':>9}  COMPAT")  # fmt: skip
     for r in rows:
         if "refused" in r:
             print(f"{r['key']}: REFUSED: {r['refused']}")
             continue
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["created_at"]))
-        print(f"{r['deployment']:<20} {r['checkpoint_id']:<28} {created:<20} {_mib(r['total_bytes']):>10} "
-              f"{_mib(r['unique_bytes']):>8} {_mib(r['new_bytes']):>8} {_mib(r['zero_bytes']):>8}  "
+        print(f"{r['deployment']:<20} {r['checkpoint_id']:<28} {created:<20} {_iec(r['total_bytes']):>9} "
+              f"{_iec(r['unique_bytes']):>9} {_iec(r['new_bytes']):>9} {_iec(r['zero_bytes']):>9}  "
               f"{r['compat_hash'][:12]}")  # fmt: skip
     return 0
 
@@ -146,16 +128,16 @@ async def _show(args: argparse.Namespace) -> int:
     async with open_store(s.store) as st:
         m = await _load(st, s, args.ref)
     if args.json:
-        print(orjson.dumps(wire.to_plain(m), option=orjson.OPT_INDENT_2).decode())
+        print_json(m)
         return 0
     print(f"checkpoint {m.checkpoint_id} of {m.deployment} (format {m.format_version}, signature ok)")
     print(f"  created   {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(m.created_at))}")
     print(f"  compat    {m.compat_hash}")
     for k, v in sorted(m.compat.items()):
         print(f"    {k} = {v}")
-    print(f"  sizes     total {_mib(m.total_bytes)} MiB, unique {_mib(m.unique_bytes)}, "
-          f"new {_mib(m.new_bytes)}, zero {_mib(m.zero_bytes)}; "
-          f"{len(m.digests())} chunks of {_mib(m.chunk_bytes)} MiB")  # fmt: skip
+    print(f"  sizes     total {_iec(m.total_bytes)}, unique {_iec(m.unique_bytes)}, "
+          f"new {_iec(m.new_bytes)}, zero {_iec(m.zero_bytes)}; "
+          f"{len(m.digests())} chunks of {_iec(m.chunk_bytes)}")  # fmt: skip
     if m.timings_s:
         print("  timings   " + ", ".join(f"{k} {v:.3f}s" for k, v in sorted(m.timings_s.items())))
     print(f"  files ({len(m.files)}):")
@@ -166,16 +148,28 @@ async def _show(args: argparse.Namespace) -> int:
 
 async def _verify(args: argparse.Namespace) -> int:
     s = Settings.from_env()
+    show = Display()
     async with open_store(s.store) as st:
         m = await _load(st, s, args.ref)
-        rep = await verify_checkpoint(st, m, deep=not args.shallow)
+        total, done = len(m.digests()), [0, 0]  # chunks, bytes
+
+        def step(n: int) -> None:
+            done[0] += 1
+            done[1] += n
+            show(Progress(f"verify {m.deployment}/{m.checkpoint_id}", done[0], total, "chunks"))
+
+        try:
+            rep = await verify_checkpoint(st, m, deep=not args.shallow, on_chunk=step)
+        finally:
+            show.close()
+    if args.json:
+        print_json({"ok": rep.ok, "deep": not args.shallow, **wire.to_plain(rep)})
+        return 0 if rep.ok else 1
     for d in rep.missing:
         print(f"missing  {d}")
     for d in rep.corrupt:
         print(f"corrupt  {d}")
-    how = (
-        "present" if args.shallow else f"present and hash to their names ({_mib(rep.bytes_checked)} MiB read)"
-    )
+    how = "present" if args.shallow else f"present and hash to their names ({_iec(rep.bytes_checked)} read)"
     if rep.ok:
         print(f"ok: {rep.chunks} chunks {how}")
         return 0
@@ -186,8 +180,15 @@ async def _verify(args: argparse.Namespace) -> int:
 async def _gc(args: argparse.Namespace) -> int:
     s = Settings.from_env()
     async with open_store(s.store) as st:
-        plan = await collect_garbage(st, s.require_signing_key(), grace_s=args.grace_s, dry_run=args.dry_run)
+        plan = await collect_garbage(st, s.require_signing_key(), grace_s=args.grace, dry_run=args.dry_run)
+    if args.json:
+        print_json({"dry_run": args.dry_run, "grace_s": args.grace, **wire.to_plain(plan)})
+        return 0
     verb = "would delete" if args.dry_run else "deleted"
-    print(f"{verb} {len(plan.delete)} chunks ({_mib(plan.bytes_freed)} MiB); kept {plan.kept_referenced} "
-          f"referenced, {plan.kept_young} younger than {args.grace_s:.0f}s")  # fmt: skip
+    print(f"{verb} {len(plan.delete)} chunks ({_iec(plan.bytes_freed)}); kept {plan.kept_referenced} "
+          f"referenced, {plan.kept_young} younger than {format_duration(args.grace)}")  # fmt: skip
     return 0
+
+
+def _iec(n: int) -> str:
+    return format_size(n)

@@ -21,19 +21,20 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import orjson
 
 from snapscale.demo.live import Console, first_answer, follow
 from snapscale.demo.procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
-from snapscale.demo.report import DemoState, ScaleUp, summary, to_plain
+from snapscale.demo.report import DemoState, ScaleUp, cleanup_lines, summary, to_plain
 from snapscale.shared import bus
 from snapscale.shared.bus import Bucket, DeploymentSpec, Tier, load_spec
 from snapscale.shared.core import runtime, telemetry
+from snapscale.shared.core.cliargs import add_alias, duration, subcommand
 from snapscale.shared.core.errors import ConfigError, SnapscaleError
 from snapscale.shared.core.settings import Settings
+from snapscale.shared.engine import pid_alive, pids_holding
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 HOST = "demo-host"
@@ -64,21 +65,23 @@ class DemoOptions:
     host: str = HOST
 
 
-def register(sub: argparse._SubParsersAction[Any]) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="run nats-server, the services and a gateway here and show cold boot vs restore",
-    )
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    what = "run nats-server, the services and a gateway here and show cold boot vs restore"
+    p = subcommand(sub, "demo", what, "store", "telemetry")
     p.add_argument("--spec", type=Path, help="deployment spec (default: examples/sample_cpu.toml, or GPU)")
     p.add_argument("--json", type=Path, dest="json_path", help="also write the results here as JSON")
     p.add_argument("--work-dir", type=Path, help="where logs, the store and state go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
-    p.add_argument("--grace-s", type=float, default=6.0, help="no-traffic grace before scale to zero")
+    p.add_argument("--grace", dest="grace_s", type=duration, default="6s", help="no traffic this long: zero")
     p.add_argument("--concurrency", type=int, default=1, help="requests sent at once at each scale-up")
-    p.add_argument("--step-timeout-s", type=float, default=300.0, help="limit for each step")
+    p.add_argument("--step-timeout", dest="step_timeout_s", type=duration, default="5m", help="step limit")
     p.add_argument("--resume", action="store_true", help="also suspend the replica and resume it")
     p.add_argument("--ask", default="/generate", help="path to GET through the gateway at each scale-up")
-    p.add_argument("--warm-cache-s", type=float, default=15.0, help="wait at zero for the cache prefetch")
+    p.add_argument(
+        "--warm-cache", dest="warm_cache_s", type=duration, default="15s", help="wait at zero for prefetch"
+    )
+    for old in ("--grace-s", "--step-timeout-s", "--warm-cache-s"):
+        add_alias(p, old, old.removeprefix("--").replace("-", "_"), duration)
     p.set_defaults(func=_run)
 
 
@@ -109,18 +112,25 @@ def run_demo(opts: DemoOptions) -> int:
     work.mkdir(parents=True, exist_ok=True)
     procs = ProcessSet(work / "logs")
     out = Console(sys.stdout)
+    state = DemoState(deployment="")
     rc = 1
     try:
-        rc = asyncio.run(_main(opts, work, procs, out))
+        rc = asyncio.run(_main(opts, work, procs, out, state))
     finally:
         # A second Ctrl-C must not cut the cleanup short and leave sandboxes running.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         out.clear()
-        out.say("cleaning up: stopping services and nats-server")
+        out.say("cleaning up: stopping the scaler, restorer, freezer, gateway and nats-server")
         procs.stop_all()
         killed, nets = reap_sandboxes(work)
-        if killed:
-            out.say(f"stopped {len(killed)} sandbox processes left running, removed netns {', '.join(nets)}")
+        # Checked, not assumed: what the cleanup says is what /proc shows afterwards.
+        left = sorted(
+            {p for p in killed if pid_alive(p)}
+            | {p for p in pids_holding(work) if p != os.getpid()}
+            | {m.proc.pid for m in procs.procs if m.proc.poll() is None}
+        )
+        for line in cleanup_lines(state.live(), len(killed), nets, left):
+            out.say(line)
         if keep or rc != 0:
             out.say(f"logs and state kept in {work}")
         else:
@@ -129,13 +139,12 @@ def run_demo(opts: DemoOptions) -> int:
     return rc
 
 
-async def _main(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console) -> int:
+async def _main(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console, state: DemoState) -> int:
     task = asyncio.current_task()
     assert task is not None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, task.cancel)
-    state = DemoState(deployment="")
     error = ""
     try:
         await play(opts, work, procs, out, state)
@@ -193,12 +202,12 @@ def gpu_count() -> int:
         return 0
 
 
-def demo_spec(
-    d: DeploymentSpec, opts: DemoOptions, *, release_mode: str = "stop"
-) -> DeploymentSpec:
-    """The sample spec tuned for a demo: one replica, short windows, freeze after the cold boot."""
+def demo_spec(d: DeploymentSpec, opts: DemoOptions, *, release_mode: str = "stop") -> DeploymentSpec:
+    """The sample spec tuned for a demo: one replica, short windows, freeze after the cold boot;
+    the gateway holds a request as long as a step may take (a cold boot on a busy VM is slow)."""
     scaling = replace(
         d.scaling,
+        queue_timeout_s=max(d.scaling.queue_timeout_s, opts.step_timeout_s),
         target_concurrency=1.0,
         utilization=1.0,
         min_replicas=0,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snapscale.shared.bus import CheckpointEvent, HostHeartbeat, ReplicaEvent, ReplicaState, Tier
+from snapscale.shared.core import tables
 
 _COMING_UP = (ReplicaState.PENDING, ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.RESUMING)
 _GONE = (ReplicaState.STOPPED, ReplicaState.SUSPENDED, ReplicaState.FAILED)
@@ -174,7 +175,7 @@ def _fmt_phases(timings_s: dict[str, float]) -> str:
 
 
 def table(scale_ups: list[ScaleUp]) -> str:
-    """The scale-ups as an aligned text table."""
+    """The scale-ups as an aligned text table, then the reason each did not take a faster tier."""
     head = ("#", "scale-up", "replica", "tier", "to ready", "first answer", "phases")
     rows = [
         (
@@ -188,13 +189,7 @@ def table(scale_ups: list[ScaleUp]) -> str:
         )
         for i, s in enumerate(scale_ups, 1)
     ]
-    widths = [max(len(r[c]) for r in (head, *rows)) for c in range(len(head) - 1)]
-
-    def line(r: tuple[str, ...]) -> str:
-        return "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=False)) + "  " + r[-1]
-
-    out = [line(head), line((*("-" * w for w in widths), "-" * 6))]
-    out += [line(r) for r in rows]
+    out = [tables.table(head, rows, rule=True)]
     reasons = [(i, s.reason) for i, s in enumerate(scale_ups, 1) if s.reason]
     out += [f"  #{i}: {reason}" for i, reason in reasons]
     return "\n".join(out)
@@ -213,6 +208,24 @@ def summary(state: DemoState) -> str:
     if resume is not None:
         parts.append(f"cold boot / resume: {resume:.1f}x")
     return "\n".join(parts)
+
+
+def cleanup_lines(stopped: list[str], killed: int, netns: list[str], left: list[int]) -> list[str]:
+    """What the cleanup did, for a reader who wants to know that nothing leaked. `stopped`: the
+    replicas still serving when the scenario ended (the demo does not wait for the last scale to
+    zero, and the restorer leaves its sandboxes running when it stops, for its next start to
+    adopt); `killed`: their processes; `left`: what still runs from the work dir afterwards."""
+    out = []
+    if killed:
+        who = f"replica {', '.join(stopped)}" if stopped else "a sandbox"
+        nets = f", and deleted its network namespace {', '.join(netns)}" if netns else ""
+        noun = "process" if killed == 1 else "processes"
+        out.append(f"stopped {who}, still serving at the end ({killed} {noun}){nets}")
+    if left:
+        out.append(f"still running from the demo's work dir: PIDs {', '.join(map(str, left))}")
+    else:
+        out.append("nothing the demo started is left running")
+    return out
 
 
 def to_plain(state: DemoState, **extra: Any) -> dict[str, Any]:

@@ -1,41 +1,51 @@
-"""The freezer's subcommands for the `snapscale` CLI: `freezer` (the service) and `freeze` (the
-operator's verb). Thin: parse, build Settings from the environment once, run, exit code."""
+"""The freezer's subcommand for the `snapscale` CLI: `freezer`, the service. Thin: parse, build
+Settings from the environment once, run, exit code. (`snapscale freeze`, the operator's verb, is
+in snapscale/cli.)"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import sys
 from dataclasses import replace
-from typing import Any
 
 from snapscale.shared.core import runtime
+from snapscale.shared.core.cliargs import add_alias, duration, size, subcommand
 from snapscale.shared.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction[Any]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this package's subcommands to the `snapscale` parser."""
-    p = sub.add_parser("freezer", help="run the freezer service for one host (consumes cmd.freeze.<host>)")
+    p = subcommand(
+        sub, "freezer", "run the freezer service for one host (consumes cmd.freeze.<host>)",
+        "bus", "store", "host", "telemetry",
+    )  # fmt: skip
     p.add_argument("--host", help="host id (default: SNAPSCALE_HOST_ID or the hostname)")
-    p.add_argument("--ack-wait-s", type=float, default=30.0, help="JetStream ack wait; in_progress every 1/3")
-    p.add_argument("--max-deliver", type=int, default=5)
-    p.add_argument("--claim-ttl-s", type=float, default=120.0, help="auto-freeze claim lifetime")
-    p.add_argument("--drain-s", type=float, default=300.0, help="on SIGTERM, time the freeze in flight gets")
-    p.add_argument("--chunk-bytes", type=int, default=None, help="chunk size (default: the store's)")
-    p.set_defaults(func=_serve)
-
-    f = sub.add_parser("freeze", help="freeze a replica now and print the checkpoint's sizes and timings")
-    f.add_argument("deployment")
-    f.add_argument("--replica", help="default: the oldest ready replica in KV 'replicas'")
-    f.add_argument("--host", help="default: the replica's host from KV 'replicas'")
-    f.add_argument(
-        "--stop", action="store_true", help="stop the replica after the dump (default: keep serving)"
+    p.add_argument(
+        "--ack-wait", dest="ack_wait_s", type=duration, default="30s",
+        help="JetStream ack wait; a freeze in flight reports progress every third of it",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-deliver", type=int, default=5, help="deliveries of one freeze command before it is dropped"
     )
-    f.add_argument("--timeout-s", type=float, default=900.0)
-    f.set_defaults(func=_freeze)
+    p.add_argument(
+        "--claim-ttl", dest="claim_ttl_s", type=duration, default="120s",
+        help="auto-freeze claim lifetime (another host may take over a claim this old)",
+    )  # fmt: skip
+    p.add_argument(
+        "--drain", dest="drain_s", type=duration, default="300s",
+        help="on SIGTERM, the time the freeze in flight gets",
+    )  # fmt: skip
+    p.add_argument(
+        "--chunk-size", dest="chunk_bytes", type=size, default=None,
+        help="chunk size, e.g. 4MiB (default: the store's)",
+    )  # fmt: skip
+    add_alias(p, "--ack-wait-s", "ack_wait_s", duration)
+    add_alias(p, "--claim-ttl-s", "claim_ttl_s", duration)
+    add_alias(p, "--drain-s", "drain_s", duration)
+    add_alias(p, "--chunk-bytes", "chunk_bytes", size)
+    p.set_defaults(func=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -55,28 +65,8 @@ def _serve(args: argparse.Namespace) -> int:
         chunk_bytes=args.chunk_bytes,
     )
     return runtime.serve(
-        settings.service_name, settings.otlp_endpoint, lambda stop: serve(settings, opts, stop=stop)
+        settings.service_name,
+        settings.otlp_endpoint,
+        lambda stop: serve(settings, opts, stop=stop),
+        metrics_address=settings.metrics_address,
     )
-
-
-def _freeze(args: argparse.Namespace) -> int:
-    from snapscale.freezer.operator import format_event, freeze
-
-    settings = Settings.from_env()
-    runtime.setup_logging("WARNING")
-    try:
-        ev = asyncio.run(
-            freeze(
-                settings,
-                args.deployment,
-                replica=args.replica,
-                host=args.host,
-                keep_running=not args.stop,
-                timeout_s=args.timeout_s,
-            )
-        )
-    except TimeoutError as e:
-        print(f"snapscale freeze: {e}", file=sys.stderr)
-        return 1
-    print(format_event(ev))
-    return 0 if ev.ok else 1

@@ -11,7 +11,6 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from opentelemetry import trace
 
@@ -198,7 +197,7 @@ async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEve
         t0_ns = time.time_ns()
         _manifest, mkey, up = await upload_image(
             ctx.store,
-            Path(a.staging_dir),
+            ctx.ledger.staging_dir(a.checkpoint_id),  # from the id, never the path the record holds
             deployment=a.deployment,
             checkpoint_id=a.checkpoint_id,
             compat=a.compat,
@@ -213,6 +212,8 @@ async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEve
             "new": up.new_bytes,
             "zero": up.zero_bytes,
         }
+        if up.weight_bytes:  # weights outside the image (in unique and new too)
+            sizes["weights"] = up.weight_bytes
         attrs: dict[str, int] = {f"upload.{k}_bytes": v for k, v in sizes.items()}
         attrs.update({"upload.chunks": up.chunks, "upload.new_chunks": up.new_chunks})
         _phase_spans(t0_ns, time.time_ns(), up.timings_s, attrs)

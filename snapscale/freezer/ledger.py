@@ -15,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from snapscale.shared import bus
-from snapscale.shared.bus import CheckpointEvent
+from snapscale.shared.bus import ID_MAX, CheckpointEvent, Id, Name, OptId, check_token
 
 log = logging.getLogger(__name__)
 
@@ -33,20 +33,23 @@ class Phase(StrEnum):
 
 @dataclass(frozen=True)
 class Attempt:
-    command_id: str
-    deployment: str
-    replica: str
-    checkpoint_id: str
-    staging_dir: str
+    """Its ids are held to the limits of the command they came from: a record that is not is
+    quarantined when read, never resumed into a path or a KV key."""
+
+    command_id: Id
+    deployment: Name
+    replica: Id
+    checkpoint_id: Id
+    staging_dir: str  # for a person: the freezer derives it from `checkpoint_id`
     phase: Phase
     started_at: float
     keep_running: bool = True
     compat: dict[str, str] = field(default_factory=dict)
-    compat_hash: str = ""
+    compat_hash: OptId = ""
     timings_s: dict[str, float] = field(default_factory=dict)
     sizes: dict[str, int] = field(default_factory=dict)
     manifest_key: str = ""
-    previous_id: str | None = None
+    previous_id: Id | None = None
 
     def advance(self, phase: Phase, **changes: object) -> Attempt:
         return replace(self, phase=phase, **changes)  # type: ignore[arg-type]
@@ -65,7 +68,8 @@ class Ledger:
         self._outcomes = bus.Ledger(self.done_dir, CheckpointEvent, CheckpointEvent.TYPE)
 
     def staging_dir(self, checkpoint_id: str) -> Path:
-        return self.staging_root / checkpoint_id
+        """Built from a validated id only (raises ValueError for any other): never a path outside."""
+        return self.staging_root / check_token("checkpoint id", checkpoint_id, ID_MAX)
 
     # --- attempts ----------------------------------------------------------------
     def attempt(self, command_id: str) -> Attempt | None:

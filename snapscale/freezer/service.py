@@ -20,9 +20,9 @@ from snapscale.freezer import claims, job
 from snapscale.freezer.config import FreezerConfig
 from snapscale.freezer.ledger import Ledger, Phase
 from snapscale.shared import bus
-from snapscale.shared.bus import Bucket, CheckpointEvent, FreezeCommand, Verb, check_token
+from snapscale.shared.bus import Bucket, CheckpointEvent, FreezeCommand, Verb
 from snapscale.shared.core import telemetry
-from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core.errors import MessageError, RetryableError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import CriuBinary, SandboxRegistry, find_criu
 from snapscale.shared.store import open_store
@@ -60,13 +60,6 @@ class Freezer:
             "freeze.keep_running": cmd.keep_running,
         }
         with tracer.start_as_current_span("freeze", attributes=attrs) as span:
-            try:  # it names the event's subject: a dot or a wildcard in it is a malformed command
-                check_token("deployment", cmd.deployment)
-            except ValueError as e:
-                log.error("refused freeze command %s: %s", cmd.id, e)
-                span.set_status(trace_status_error(str(e)))
-                await msg.term()
-                return
             done = self.ctx.ledger.outcome(cmd.id)
             if done is not None:
                 log.info(
@@ -109,6 +102,25 @@ class Freezer:
             self.handled += 1
             if self.handled % 100 == 0:  # a long-lived freezer forgets old outcomes too
                 self.ctx.ledger.sweep()
+
+    async def refused(self, data: bytes, e: MessageError) -> None:
+        """`bus.consume`'s answer to a freeze command the decoder refused: when its deployment and
+        id pass their own limits, a failed checkpoint event says why, so a scaler waiting on that
+        freeze goes on now. Nothing of it reaches the ledger."""
+        ids = bus.salvage(data, FreezeCommand, ("deployment", "id", "replica"))
+        if "deployment" not in ids or "id" not in ids:
+            return
+        await self._announce(
+            CheckpointEvent(
+                deployment=ids["deployment"],
+                host=self.settings.host_id,
+                ok=False,
+                ts=time.time(),
+                command_id=ids["id"],
+                replica=ids.get("replica", ""),
+                reason=f"freeze command refused: {e.field}: {e.reason}",
+            )
+        )
 
     async def _failed(self, ctx: job.Context, cmd: FreezeCommand, reason: str) -> CheckpointEvent:
         await job.release_claim(ctx)
@@ -171,7 +183,7 @@ async def serve(
     """Run the freezer for `settings.host_id` until `stop` is set, then drain the freeze in flight."""
     settings.require_signing_key()
     criu = criu or find_criu(settings.criu_path)
-    b = await bus.open_bus(settings, f"snapscale-freezer-{settings.host_id}")
+    b = await bus.open_bus(settings, f"snapscale-freezer-{settings.host_id}", stop=stop)
     try:
         async with open_store(settings.store) as store:
             ledger = Ledger(settings.state_dir)
@@ -207,6 +219,7 @@ async def serve(
                 keepalive=True,
                 drain_s=opts.drain_s,
                 stop=stop,
+                refused=freezer.refused,
             )
             log.info("freezer for host %s stopped after %d commands", settings.host_id, freezer.handled)
     finally:
@@ -214,3 +227,4 @@ async def serve(
         # we published was acked by the server, so a plain close loses nothing.
         if not b.nc.is_closed:
             await b.nc.close()
+    b.raise_if_lost()  # exit non-zero: a supervisor restarts a freezer that went deaf

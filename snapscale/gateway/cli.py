@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from snapscale.shared.core import runtime
+from snapscale.shared.core.cliargs import subcommand
 from snapscale.shared.core.settings import Settings
 
 
-def register(sub: argparse._SubParsersAction[Any]) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add this package's subcommand to the `snapscale` parser."""
-    p = sub.add_parser("gateway", help="run a gateway: route, balance and hold requests, report traffic")
-    p.add_argument("--listen", help="host:port to serve on (SNAPSCALE_GATEWAY_LISTEN, default 0.0.0.0:8080)")
-    p.add_argument("--domain", help="route Host <deployment>.<domain> too (SNAPSCALE_GATEWAY_DOMAIN)")
-    p.add_argument("--id", dest="gateway_id", help="its id in traffic reports (SNAPSCALE_GATEWAY_ID)")
+    p = subcommand(
+        sub, "gateway", "run a gateway: route, balance and hold requests, report traffic",
+        "bus", "gateway", "telemetry",
+    )  # fmt: skip
+    p.add_argument("--listen", help="host:port to serve on (default: SNAPSCALE_GATEWAY_LISTEN, 0.0.0.0:8080)")
+    p.add_argument("--domain", help="also route Host <deployment>.<domain> (SNAPSCALE_GATEWAY_DOMAIN)")
+    p.add_argument("--id", dest="gateway_id", help="its id in traffic events (SNAPSCALE_GATEWAY_ID)")
     p.set_defaults(func=_serve)
 
 
@@ -27,4 +30,9 @@ def _serve(args: argparse.Namespace) -> int:
     cfg = GatewayConfig.from_env(
         settings.host_id, listen=args.listen, domain=args.domain, gateway_id=args.gateway_id
     )
-    return runtime.serve(settings.service_name, settings.otlp_endpoint, Gateway(settings, cfg).run)
+    return runtime.serve(
+        settings.service_name,
+        settings.otlp_endpoint,
+        Gateway(settings, cfg).run,
+        metrics_address=settings.metrics_address,
+    )

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from snapscale.shared.bus import DeploymentSpec, ReplicaEvent, ReplicaState, TrafficEvent
-from snapscale.shared.core.errors import ConfigError
 
 FAILURE_MEMORY_S = 60.0  # a replica failure this recent is the reason given to held requests
 _S = ReplicaState
@@ -33,17 +32,8 @@ class Limits(NamedTuple):
 
 
 def limits_of(spec: DeploymentSpec) -> Limits:
-    """The request-path limits of `spec`; `ConfigError` naming the field when one is out of range."""
+    """The request-path limits of `spec` (their ranges are the spec's: checked when it is read)."""
     s = spec.scaling
-    bad: list[str] = []
-    if s.concurrency_limit < 0:
-        bad.append(f"scaling.concurrency_limit: must be >= 0 (0: no limit), got {s.concurrency_limit}")
-    if s.queue_size < 0:
-        bad.append(f"scaling.queue_size: must be >= 0, got {s.queue_size}")
-    if not (s.queue_timeout_s > 0 and math.isfinite(s.queue_timeout_s)):
-        bad.append(f"scaling.queue_timeout_s: must be a positive number of seconds, got {s.queue_timeout_s}")
-    if bad:
-        raise ConfigError(f"deployment {spec.name}: " + "; ".join(bad))
     return Limits(s.concurrency_limit, s.queue_size, s.queue_timeout_s)
 
 

@@ -76,7 +76,7 @@ class Gateway:
         return p
 
     async def run(self, stop: asyncio.Event) -> None:
-        self._bus = await bus.open_bus(self.settings, f"snapscale-gateway-{self.cfg.gateway_id}")
+        self._bus = await bus.open_bus(self.settings, f"snapscale-gateway-{self.cfg.gateway_id}", stop=stop)
         watchers: list[KeyValue.KeyWatcher] = []
         tasks: list[asyncio.Task[None]] = []
         subs: list[Any] = []
@@ -124,6 +124,7 @@ class Gateway:
             self.client.close()
             await self._close(watchers, subs)
             log.info("gateway %s stopped: %s", self.cfg.gateway_id, dict(self.counters))
+        self.bus.raise_if_lost()  # exit non-zero: a supervisor restarts a gateway that went deaf
 
     async def _close(self, watchers: list[KeyValue.KeyWatcher], subs: list[Any]) -> None:
         for w in watchers:

@@ -1,7 +1,8 @@
 """Finding and ending what a cut-short restore or boot left behind: processes holding files of
-its run dir (the sandbox log), everything else in their network namespace, and that namespace.
+its run dir (the sandbox log) or image dir, everything else in their network namespace, and that
+namespace; at start, the namespaces this restorer's run dirs own that no live sandbox uses.
 
-Only processes tied to the given run dir are touched; other replicas on the host are not.
+Only processes tied to the given dirs or namespaces are touched; other replicas on the host are not.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from snapscale.shared.engine import (
     delete_netns,
     existing_netns,
     netns_inode,
+    netns_owner,
     pid_alive,
     pids_holding,
     pids_in_netns,
@@ -52,17 +55,48 @@ async def reap(run_dir: Path, *, extra_netns: list[str] | None = None, timeout_s
                 names.add(ns.name)
         except OSError:
             continue
-    for name in names:
+    killed = await _end(pids, sorted(names), timeout_s)
+    if killed:
+        log.warning("reaped %d leftover processes of %s: %s", len(killed), run_dir, killed)
+    return killed
+
+
+async def _end(pids: set[int], netns: list[str], timeout_s: float) -> list[int]:
+    """SIGKILL `pids` and everything inside `netns`, wait for them, then remove the namespaces."""
+    for name in netns:
         pids |= set(pids_in_netns(name))
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)  # a PID-namespace init ignores an unhandled SIGTERM
     await _gone(pids, timeout_s)
-    for name in names:
+    for name in netns:
         try:
             await delete_netns(name)
         except Exception as e:  # tidying: a namespace that will not go is logged, not fatal
             log.warning("could not delete netns %s: %s", name, e)
-    if pids:
-        log.warning("reaped %d leftover processes of %s: %s", len(pids), run_dir, sorted(pids))
     return sorted(pids)
+
+
+def owned_netns(run_root: Path, keep: set[str]) -> list[str]:
+    """The snapscale network namespaces made for a sandbox under `run_root` (this restorer's run
+    dirs), less `keep`. Namespaces are host-wide: another restorer's, or one that names no owner,
+    are never listed."""
+    root = run_root.resolve()
+    out = []
+    for ns in existing_netns():
+        owner = netns_owner(ns.name)
+        if ns.name not in keep and owner is not None and (owner == root or root in owner.parents):
+            out.append(ns.name)
+    return sorted(out)
+
+
+async def sweep(dirs: list[Path], netns: list[str], timeout_s: float = 10.0) -> list[int]:
+    """Kill every process tied to `dirs` (image or run dirs a crash left) or inside `netns`, remove
+    those namespaces, then the dirs; the PIDs killed."""
+    pids: set[int] = set()
+    for d in dirs:
+        pids |= set(await asyncio.to_thread(pids_holding, d))
+    killed = await _end(pids, netns, timeout_s)
+    for d in dirs:
+        await asyncio.to_thread(shutil.rmtree, d, True)
+    return killed

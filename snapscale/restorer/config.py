@@ -5,13 +5,19 @@ Frozen; built once by the CLI from flags and the environment. Units are in the n
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from snapscale.shared.bus import HEARTBEAT_INTERVAL_S
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.core.settings import Settings
+
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
 
 
 @dataclass(frozen=True)
@@ -28,12 +34,23 @@ class RestorerConfig:
     work_dir: Path | None = None  # run dirs and images; default <state_dir>/restorer
     hot_images: int = 2  # assembled images kept for the next restore of their checkpoint; 0: none
     image_dir: Path | None = None  # where images are assembled and kept hot (a tmpfs); default <work>
+    # SNAPSCALE_ADVERTISE_ADDR: this host's address other machines reach it at; set, each replica
+    # gets a host port forwarded to it (forwarding.py) and its endpoint is <advertise_addr>:<port>
+    advertise_addr: str | None = None
+    forward_ports: tuple[int, int] = (30000, 32767)  # SNAPSCALE_FORWARD_PORTS, lo-hi inclusive
 
     def __post_init__(self) -> None:
         if self.cpu_slots < 0:
             raise ConfigError(f"cpu_slots must be >= 0, got {self.cpu_slots}")
         if self.heartbeat_s <= 0 or self.ack_wait_s <= 0:
             raise ConfigError("heartbeat_s and ack_wait_s must be positive")
+        lo, hi = self.forward_ports
+        if not 1 <= lo <= hi <= 65535:
+            raise ConfigError(f"SNAPSCALE_FORWARD_PORTS={lo}-{hi}: want lo-hi with 1 <= lo <= hi <= 65535")
+        if self.advertise_addr is not None:
+            check_advertise_addr(self.advertise_addr)
+        if (why := HEARTBEAT_INTERVAL_S.problem(self.heartbeat_s)) is not None:
+            raise ConfigError(f"heartbeat_s {why} (a scaler refuses heartbeats outside that)")
 
     def dirs(self, settings: Settings) -> Path:
         return self.work_dir or settings.state_dir / "restorer"
@@ -56,12 +73,39 @@ class RestorerConfig:
             ("heartbeat_s", "SNAPSCALE_HEARTBEAT_S", float),
             ("hot_images", "SNAPSCALE_HOT_IMAGES", int),
             ("image_dir", "SNAPSCALE_IMAGE_DIR", Path),
+            ("advertise_addr", "SNAPSCALE_ADVERTISE_ADDR", str),
+            ("forward_ports", "SNAPSCALE_FORWARD_PORTS", parse_port_range),
         ):
             raw = e.get(key)
             if raw:
                 try:
                     kw[name] = conv(raw)
-                except ValueError:
-                    raise ConfigError(f"{key}={raw!r} is not a valid value") from None
+                except ValueError as e:
+                    raise ConfigError(f"{key}={raw!r} is not a valid value: {e}") from None
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)  # type: ignore[arg-type]
+
+
+def parse_port_range(raw: str) -> tuple[int, int]:
+    """`30000-32767` as (30000, 32767); one port `30000` as (30000, 30000). Pure."""
+    lo, sep, hi = raw.strip().partition("-")
+    try:
+        pair = (int(lo), int(hi) if sep else int(lo))
+    except ValueError:
+        raise ValueError("want a port range such as 30000-32767") from None
+    return pair
+
+
+def check_advertise_addr(addr: str) -> str:
+    """A host name or an IPv4 address, without a port: the forwarded ports are IPv4 (DNAT `ip`)."""
+    try:
+        ip = ipaddress.ip_address(addr)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(addr):
+            raise ConfigError(
+                f"SNAPSCALE_ADVERTISE_ADDR={addr!r}: want this host's IPv4 address or DNS name, no port"
+            ) from None
+        return addr
+    if ip.version != 4:
+        raise ConfigError(f"SNAPSCALE_ADVERTISE_ADDR={addr!r}: forwarded ports are IPv4 only")
+    return addr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from snapscale.shared.core.errors import ConfigError, SnapscaleError
 from snapscale.shared.engine import CriuError, EngineError
+from snapscale.shared.store import RetryableStoreError
 
 
 class DeploymentUnknownError(ConfigError):
@@ -38,6 +39,8 @@ def describe(e: BaseException) -> str:
         return f"{e.step}: {e.reason}: {criu_cause(e.log_tail)[:240]}"
     if isinstance(e, EngineError):
         return f"{e.step}: {e.reason}"
+    if isinstance(e, RetryableStoreError):  # retried already: the store is down or cut off from here
+        return f"store unreachable: {e}"
     name = type(e).__name__
     if isinstance(e, TimeoutError):
         return f"timed out ({e})" if str(e) else "timed out"

@@ -26,6 +26,7 @@ class HotImages:
         self._used: dict[str, float] = {}  # checkpoint id -> last use (monotonic)
         self._readers: dict[str, int] = {}  # checkpoint id -> restores reading it now
         # What a previous run left may be half-renamed or from checkpoints gone from the catalog.
+        self.dropped_at_start = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
         shutil.rmtree(root, ignore_errors=True)
         if keep > 0:
             root.mkdir(parents=True, exist_ok=True)

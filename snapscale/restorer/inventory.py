@@ -81,6 +81,7 @@ def heartbeat(
     suspend_budget_bytes: int,
     interval_s: float,
     compat_hashes: dict[str, str] | None = None,
+    started_at: float = 0.0,
 ) -> HostHeartbeat:
     """The inventory message. `cached` maps checkpoint id -> (bytes present, bytes needed)."""
     return HostHeartbeat(
@@ -97,4 +98,5 @@ def heartbeat(
         cpu_slots=cpu_slots,
         interval_s=interval_s,
         compat_hashes=dict(compat_hashes or {}),
+        started_at=started_at,
     )

@@ -10,21 +10,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from snapscale.shared import bus
+from snapscale.shared.bus import Id, Name, OptId
 
 LEDGER_TYPE = "restorer-command"
 
 
 @dataclass(frozen=True)
 class Entry:
-    id: str
+    """Its ids are held to the limits of the command they came from: one that is not is quarantined
+    when read, never replayed into a subject, a KV key or a path."""
+
+    id: Id
     verb: str
-    deployment: str
-    replica: str
+    deployment: Name
+    replica: OptId  # "" for a prefetch
     started_at: float
     done: bool = False
     ok: bool = False
     outcome: str = ""  # the final state and reason, for a duplicate's log line
-    run_dir: str = ""  # where a restore's sandbox lives, to clean up after a crash
+    run_dir: str = ""  # where a restore's sandbox lives, for a person: a replay derives it from the ids
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -47,6 +51,10 @@ class Ledger:
         done = replace(e, done=True, ok=ok, outcome=outcome)
         self.entries.put(command_id, done)
         return done
+
+    def quarantine(self, command_id: str, why: str) -> None:
+        """Move an entry that cannot be replayed aside, for a person; the restorer goes on."""
+        self.entries.quarantine(command_id, why)
 
     def unfinished(self) -> list[Entry]:
         return [e for e in self.entries.records() if not e.done]

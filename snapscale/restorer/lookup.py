@@ -13,7 +13,7 @@ from snapscale.restorer.errors import describe
 from snapscale.restorer.host import HostTools
 from snapscale.restorer.tiers import Candidate
 from snapscale.shared.bus import Bucket, CatalogEntry, list_entries
-from snapscale.shared.store import Manifest, ManifestError, NotFoundError, manifest_key
+from snapscale.shared.store import Manifest, ManifestError, NotFoundError, RetryableStoreError, manifest_key
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def store_problem(e: BaseException) -> str:
         return f"manifest refused: {e.reason}"
     if isinstance(e, NotFoundError):
         return f"manifest missing from the store ({e.key})"
-    return f"store unreachable: {describe(e)}"
+    return describe(e) if isinstance(e, RetryableStoreError) else f"store unreachable: {describe(e)}"
 
 
 async def find_checkpoint(t: HostTools, deployment: str, compat_hash: str, pinned: str | None) -> Found:

@@ -65,7 +65,8 @@ def _event(
         command_id=command_id,
         tier=lv.tier,
         reason=reason,
-        endpoint=lv.sandbox.endpoint if state is not ReplicaState.STOPPED else "",
+        endpoint=t.forwards.endpoint(lv.sandbox) if state is not ReplicaState.STOPPED else "",
+        local_endpoint=lv.sandbox.endpoint if state is not ReplicaState.STOPPED else "",
         checkpoint_id=lv.checkpoint_id,
         gpu_uuids=list(lv.sandbox.gpu_uuids) if state is not ReplicaState.STOPPED else [],
     )
@@ -79,6 +80,7 @@ async def stop_replica(h: Host, lv: Live, command_id: str | None, reason: str) -
     try:
         await engine.stop(lv.sandbox)
     finally:
+        await t.forwards.close(replica)
         h.replicas.live.pop(replica, None)
         t.slots.free(replica)
         t.registry.remove(replica)

@@ -1,7 +1,9 @@
 """Restart safety: take back what a previous run of the restorer left on this host.
 
 Live sandboxes in the registry are re-adopted (probed ready, or kept suspended); dead ones and
-restores a crash cut short are reaped and reported failed. Nothing here serves commands.
+restores a crash cut short are reaped and reported failed; what else a crash left (image dirs,
+run dirs, network namespaces, processes, hot images) is removed and said. Nothing here serves
+commands.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ import shutil
 from pathlib import Path
 
 from snapscale.restorer import events, inventory
-from snapscale.restorer.cleanup import reap
+from snapscale.restorer.cleanup import owned_netns, reap, sweep
 from snapscale.restorer.errors import describe
 from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.replicas import Live
+from snapscale.restorer.scaleup import request_freeze
 from snapscale.restorer.slots import Grant
 from snapscale.restorer.specs import deployed_spec
 from snapscale.shared import engine
-from snapscale.shared.bus import ReplicaEvent, ReplicaState
+from snapscale.shared.bus import ReplicaEvent, ReplicaState, Tier
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.engine import Sandbox, is_running
 
@@ -29,7 +32,8 @@ log = logging.getLogger(__name__)
 
 async def adopt(h: Host) -> None:
     """Take back the sandboxes a previous run left: live ones are re-adopted, dead ones cleaned up
-    and reported failed; restores a crash cut short are reaped and reported failed."""
+    and reported failed; restores a crash cut short are cleaned up with everything else a crash
+    left (`_sweep`) and reported failed."""
     t = h.tools
     unfinished = {}
     for e in t.ledger.unfinished():
@@ -37,7 +41,7 @@ async def adopt(h: Host) -> None:
             unfinished[e.replica] = e
         else:
             t.ledger.finish(e.id, ok=False, outcome="interrupted by a restart")
-    found = t.registry.all()
+    found = await _forwarded(t, t.registry.all())
     # probed together: one slow sandbox must not hold the others' re-adoption up
     verdicts = await asyncio.gather(*(_adopt_one(h, sb) for sb in found))
     adopted: set[str] = set()
@@ -48,19 +52,73 @@ async def adopt(h: Host) -> None:
         log.warning("replica %s not re-adopted: %s", sb.replica, why)
         with contextlib.suppress(Exception):
             await engine.stop(sb)
+        await t.forwards.close(sb.replica)
         t.registry.remove(sb.replica)
         if sb.run_dir:
             await reap(Path(sb.run_dir))
         if sb.replica not in unfinished:  # else reported once, below, with its command
             await _report_failed(t, sb.deployment, sb.replica, why)
+    cut_short = []
     for e in unfinished.values():
-        if e.replica in adopted:  # it was up (the crash came between ready and the ledger)
-            t.ledger.finish(e.id, ok=True, outcome="re-adopted after a restart")
+        if e.replica not in adopted:
+            cut_short.append(e)
             continue
-        await reap(Path(e.run_dir))
+        # it was up (the crash came during its ready probe, or between ready and the ledger)
+        lv = h.replicas.live[e.replica]
+        if lv.tier is Tier.COLD and lv.spec.freeze.after_ready and t.config.auto_freeze:
+            try:  # the cold boot's own request, by the same id: a second one is not frozen twice
+                await request_freeze(t, lv, e.id)
+            except Exception as err:  # the replica serves either way; the scaler may ask again
+                log.warning("auto-freeze request for %s failed: %s", e.replica, err)
+        t.ledger.finish(e.id, ok=True, outcome="re-adopted after a restart")
+    replayable, run_dirs = [], []
+    for e in cut_short:
+        try:  # from the ids, never the path the entry holds
+            run_dirs.append(t.run_dir(e.replica, e.id))
+        except ValueError as err:  # one entry that cannot be replayed must not keep the restorer down
+            t.ledger.quarantine(e.id, f"cannot be replayed: {err}")
+            continue
+        replayable.append(e)
+    await _sweep(h, run_dirs)
+    for e in replayable:
         reason = "the restorer restarted mid-restore; what it had started was cleaned up"
         await _report_failed(t, e.deployment, e.replica, reason, command_id=e.id)
         t.ledger.finish(e.id, ok=False, outcome=f"failed: {reason}")
+
+
+async def _forwarded(t: HostTools, found: list[Sandbox]) -> list[Sandbox]:
+    """`found` with the host ports forwarded to the live ones: kept, or given again when the kernel
+    lost them (a reboot); forwards to sandboxes gone are removed. Before any event names an endpoint."""
+    alive = [sb for sb in found if is_running(sb)]
+    now = {sb.replica: sb for sb in await t.forwards.reconcile(alive)}
+    for sb in alive:
+        if now[sb.replica] != sb:
+            t.registry.put(now[sb.replica])
+    return [now.get(sb.replica, sb) for sb in found]
+
+
+async def _sweep(h: Host, cut_short: list[Path]) -> None:
+    """Remove what a crash left besides the registry's sandboxes: the run dirs of `cut_short`
+    restores, every image dir (none is being assembled yet), the network namespaces this
+    restorer made that no live sandbox uses, and every process tied to them. One log line a kind."""
+    t = h.tools
+    images_root = t.config.images_root(t.settings)
+    images = sorted(images_root.iterdir()) if images_root.is_dir() else []
+    live_netns = {lv.sandbox.netns for lv in h.replicas.live.values()}
+    netns = owned_netns(t.work_dir / "run", keep=live_netns)
+    pids = await sweep([*images, *cut_short], netns)
+    _said("half-assembled image dirs", [p.name for p in images])
+    _said("run dirs of cut-short restores", [p.name for p in cut_short])
+    _said("network namespaces of unknown sandboxes", netns)
+    _said("processes of unknown sandboxes", [str(p) for p in pids])
+    _said("hot images", t.hot.dropped_at_start if t.hot is not None else [])
+
+
+def _said(kind: str, removed: list[str]) -> None:
+    if removed:
+        log.warning("at start: removed %d %s: %s", len(removed), kind, ", ".join(removed))
+    else:
+        log.info("at start: no %s left behind", kind)
 
 
 async def _adopt_one(h: Host, sb: Sandbox) -> str | None:
@@ -99,7 +157,8 @@ async def _adopt_one(h: Host, sb: Sandbox) -> str | None:
             command_id=last.command_id if last else None,
             tier=tier,
             reason="re-adopted after a restorer restart",
-            endpoint=sb.endpoint,
+            endpoint=t.forwards.endpoint(sb),
+            local_endpoint=sb.endpoint,
             checkpoint_id=sb.checkpoint_id,
             gpu_uuids=list(sb.gpu_uuids),
         ),

@@ -26,7 +26,7 @@ from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.lookup import Found, find_checkpoint
 from snapscale.restorer.release import wake
 from snapscale.restorer.replicas import Live
-from snapscale.restorer.tiers import Observed, TierChoice, choose
+from snapscale.restorer.tiers import Observed, TierChoice, choose, pick_suspended
 from snapscale.shared import bus as busmod
 from snapscale.shared import engine
 from snapscale.shared.bus import (
@@ -39,7 +39,8 @@ from snapscale.shared.bus import (
     Verb,
 )
 from snapscale.shared.core import telemetry
-from snapscale.shared.engine import Sandbox
+from snapscale.shared.core.pause import pause_point
+from snapscale.shared.engine import ChunkDir, EngineError, Sandbox, read_weights
 from snapscale.shared.store import Manifest
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,22 @@ async def announce(t: HostTools, a: Attempt, d: TierChoice, checkpoint_id: str |
 
 
 async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]) -> Live:
+    """Run the tiers in order until one ends ready, then forward a host port to the replica (before
+    its ready event names the endpoint); raises what the last tier raised."""
+    lv = await _tiers(h, a, compat_hash, compat)
+    t = h.tools
+    try:
+        sb = await t.forwards.open(lv.sandbox)
+    except BaseException:
+        await _stop_quietly(t, lv.sandbox)
+        raise
+    if sb != lv.sandbox:
+        t.registry.put(sb)
+        lv.sandbox = sb
+    return lv
+
+
+async def _tiers(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]) -> Live:
     """Run the tiers in order until one ends ready; raises what the last one raised."""
     root = trace.get_current_span()
     root.set_attribute("snapscale.deployment", a.spec.name)
@@ -119,9 +136,12 @@ async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]
         host_compat=compat,
         pinned=a.cmd.checkpoint_id,
     )
-    d = choose(replace(base, suspended=tuple(h.replicas.suspended_of(a.spec.name))))
-    if d.tier is Tier.RESUME:
-        assert d.resume_replica is not None
+    # Resume needs no lookup, so it is tried first; a command that allows neither resume nor a cold
+    # boot (only the restore tiers) must still get its lookup, not a NoTierError before it.
+    suspended = tuple(h.replicas.suspended_of(a.spec.name))
+    if Tier.RESUME in allow and pick_suspended(a.cmd.replica, suspended) is not None:
+        d = choose(replace(base, suspended=suspended))
+        assert d.tier is Tier.RESUME and d.resume_replica is not None
         try:
             return await _resume(h, a, d, d.resume_replica)
         except Exception as e:  # any resume failure falls through to the next tier
@@ -213,7 +233,11 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
     run_dir = t.run_dir(a.cmd.replica, a.cmd.id)
     # Assembled by an earlier restore of this checkpoint: no prefetch, no copy (docs/restorer.md).
     hot = t.hot.get(m.checkpoint_id) if t.hot is not None and d.tier is Tier.CACHE else None
+    cache = t.checkpoints.cache
+    if hot is not None and not all(cache.verified(w) for w in m.weight_digests()):
+        hot = None  # weights outside the image not hashed by this process yet: prefetch them
     ok = False
+    cache.pin(m.weight_digests())  # the workload reads them from the cache in after_restore
     try:
         if hot is not None:
             with phase(a, "materialize", **{"materialize.hot": True}):
@@ -221,6 +245,8 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
             await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
+        if m.weights:
+            check_weights(hot or image_dir, m)
         with t.hot.reading(m.checkpoint_id) if t.hot is not None else contextlib.nullcontext():
             sb, report = await engine.restore(
                 a.spec,
@@ -230,6 +256,7 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                 run_dir=run_dir,
                 criu=t.criu,
                 checkpoint_id=m.checkpoint_id,
+                weights=ChunkDir(str(cache.chunks_dir)) if m.weights else None,
             )
         _spans_from(report.timings_s, a)
         ok = True
@@ -239,11 +266,23 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
         await reap(run_dir)
         raise
     finally:
+        cache.unpin(m.weight_digests())
         kept = ok and hot is None and t.hot is not None and t.hot.adopt(m.checkpoint_id, image_dir)
         if not kept:
             await asyncio.to_thread(shutil.rmtree, image_dir, True)
     t.registry.put(sb)
     return Live(a.spec, sb, ReplicaState.READY, d.tier, t.now(), m.checkpoint_id)
+
+
+def check_weights(image_dir: Path, m: Manifest) -> None:
+    """The image's weights record needs only chunks the manifest lists (prefetch brought those)."""
+    record = read_weights(image_dir)
+    if record is None:
+        raise EngineError("restore", f"manifest {m.checkpoint_id} lists weights, its image has no record")
+    if missing := set(record.chunk_sizes()) - m.weight_digests():
+        raise EngineError(
+            "restore", f"the image's weights record needs {len(missing)} chunks its manifest does not list"
+        )
 
 
 async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool) -> None:
@@ -261,6 +300,7 @@ async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *,
                 await asyncio.shield(fetch)
             with phase(a, "materialize"):
                 await c.materialize(m, image_dir, arriving=fetch if overlap else None)
+            await pause_point("materialize")
             await fetch
         except BaseException:
             fetch.cancel()
@@ -271,6 +311,7 @@ async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *,
 async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest) -> None:
     with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
         rep = await c.prefetch(m)
+        await pause_point("prefetch")
         gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
         span.set_attributes(
             {
@@ -335,6 +376,7 @@ async def _stop_quietly(t: HostTools, sb: Sandbox) -> None:
         await engine.stop(sb)
     except Exception as e:  # stopping is best effort here; the reap after it catches stragglers
         log.warning("stopping %s failed: %s", sb.replica, e)
+    await t.forwards.close(sb.replica)
     t.registry.remove(sb.replica)
 
 

@@ -14,16 +14,18 @@ from collections.abc import Awaitable, Callable
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from snapscale.restorer import events, inventory
+from snapscale.restorer import events, inventory, metrics
 from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
 from snapscale.restorer.compat import CompatKeys, deployment_keys
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.errors import describe
+from snapscale.restorer.forwarding import Forwards
 from snapscale.restorer.host import Host, HostTools
 from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Entry, Ledger
 from snapscale.restorer.lookup import find_checkpoint
+from snapscale.restorer.refused import refused_scale_up
 from snapscale.restorer.release import release
 from snapscale.restorer.replicas import Replicas
 from snapscale.restorer.restart import adopt, prune_run_dirs
@@ -34,6 +36,7 @@ from snapscale.shared import bus as busmod
 from snapscale.shared.bus import (
     Bucket,
     DeploymentSpec,
+    HostHeartbeat,
     M,
     PrefetchCommand,
     ReleaseCommand,
@@ -45,17 +48,13 @@ from snapscale.shared.bus import (
     encode_message,
     lookup_entry,
 )
-from snapscale.shared.core import runtime, telemetry
-from snapscale.shared.core.errors import RetryableError
+from snapscale.shared.core import runtime
+from snapscale.shared.core.errors import MessageError, RetryableError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import CompatKey, CriuBinary, SandboxRegistry, find_criu
 from snapscale.shared.store import HostCache, open_store
 
 log = logging.getLogger(__name__)
-meter = telemetry.meter("snapscale.restorer")
-time_to_ready = meter.create_histogram(
-    "snapscale.time_to_ready_s", unit="s", description="restore command received -> replica ready, by tier"
-)
 LEDGER_KEEP_S = 24 * 3600.0  # the command stream keeps commands a day
 PRUNE_EVERY_S = 3600.0
 CATALOG_REFRESH_S = 15.0  # how often the inventory looks for new checkpoints of its keys
@@ -78,7 +77,7 @@ class Restorer:
         s, c = self.settings, self.config
         s.require_signing_key()
         criu = self._criu if self._criu is not None else await asyncio.to_thread(find_criu, s.criu_path)
-        b = await busmod.open_bus(s, f"restorer-{c.host}")
+        b = await busmod.open_bus(s, f"restorer-{c.host}", stop=stop)
         work = c.dirs(s)
         try:
             async with open_store(s.store) as store:
@@ -94,6 +93,7 @@ class Restorer:
                     ledger=Ledger(work / "commands"),
                     registry=SandboxRegistry(s.state_dir),  # where the freezer looks
                     checkpoints=Checkpoints(store, cache, s.signing_key),
+                    forwards=Forwards(c, s.namespace),
                     hot=HotImages(c.hot_root(s), c.hot_images),
                 )
                 h = Host(tools, Replicas())
@@ -104,7 +104,10 @@ class Restorer:
                 tasks = [
                     runtime.guard(self._heartbeats(h, stop), "restorer heartbeat"),
                     runtime.guard(
-                        self._serve(tools, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop), "scale-up"
+                        self._serve(
+                            tools, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop, self.on_refused
+                        ),
+                        "scale-up",
                     ),
                     runtime.guard(
                         self._serve(tools, Verb.RELEASE, ReleaseCommand, self.on_release, stop), "release"
@@ -124,6 +127,7 @@ class Restorer:
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
             await b.close()
+        b.raise_if_lost()  # exit non-zero: a supervisor restarts a restorer that went deaf
 
     # --- consuming ---------------------------------------------------------------
     async def _serve(
@@ -133,6 +137,7 @@ class Restorer:
         cls: type[M],
         handler: Callable[[M, Msg], Awaitable[None]],
         stop: asyncio.Event,
+        refused: busmod.Refused | None = None,
     ) -> None:
         """The bus's consumer loop on this host's `verb` commands: up to `max_inflight` at once, each
         kept alive while it runs (a restore may outlast the ack wait); on stop, `drain_s` to finish."""
@@ -148,9 +153,14 @@ class Restorer:
             keepalive=True,
             drain_s=h.config.drain_s,
             stop=stop,
+            refused=refused,
         )
 
     # --- restore -----------------------------------------------------------------
+    async def on_refused(self, data: bytes, e: MessageError) -> None:
+        """A scale-up the decoder refused: see refused.py."""
+        await refused_scale_up(self._h(), data, e)
+
     async def on_scale_up(self, cmd: ScaleUpCommand, _m: Msg) -> None:
         h = self._h()
         t, r = h.tools, h.replicas
@@ -205,6 +215,7 @@ class Restorer:
                     raise
             except asyncio.CancelledError:
                 t.slots.free(cmd.replica)
+                await t.forwards.close(cmd.replica)
                 await reap(run_dir)
                 if cmd.replica in r.cancelled_by_release:
                     r.cancelled_by_release.discard(cmd.replica)
@@ -216,6 +227,7 @@ class Restorer:
                 raise
             except Exception as e:
                 t.slots.free(cmd.replica)
+                await t.forwards.close(cmd.replica)
                 await reap(run_dir)
                 reason = describe(e)  # a failed cold boot's error already lists the tiers before it
                 root.set_status(trace.StatusCode.ERROR, reason)
@@ -229,7 +241,7 @@ class Restorer:
             root.set_attribute("snapscale.tier", lv.tier.value)
             if a.reason:
                 root.set_attribute("fallback.reason", a.reason)
-            time_to_ready.record(total, {"tier": lv.tier.value, "deployment": lv.spec.name})
+            metrics.record_ready(lv.tier, lv.spec.name, total, a.timings_s, a.bytes)
             await events.record(
                 t.bus,
                 ReplicaEvent(
@@ -241,19 +253,21 @@ class Restorer:
                     command_id=cmd.id,
                     tier=lv.tier,
                     reason=a.reason,
-                    endpoint=lv.sandbox.endpoint,
+                    endpoint=t.forwards.endpoint(lv.sandbox),
+                    local_endpoint=lv.sandbox.endpoint,
                     checkpoint_id=lv.checkpoint_id,
                     gpu_uuids=list(lv.sandbox.gpu_uuids),
                     timings_s=dict(a.timings_s),
                     bytes=dict(a.bytes),
                 ),
             )
-            t.ledger.finish(cmd.id, ok=True, outcome=f"ready by {lv.tier.value}")
+            # asked before the ledger says done: after a crash in between, adoption asks again (same id)
             if lv.tier is Tier.COLD and lv.spec.freeze.after_ready and t.config.auto_freeze:
                 try:
                     await request_freeze(t, lv, cmd.id)
                 except Exception as e:  # the replica serves either way; the scaler may ask again
                     log.warning("auto-freeze request for %s failed: %s", cmd.replica, e)
+            t.ledger.finish(cmd.id, ok=True, outcome=f"ready by {lv.tier.value}")
 
     async def _failed(self, t: HostTools, cmd: ScaleUpCommand, a: Attempt | None, reason: str) -> None:
         await events.record(
@@ -289,7 +303,8 @@ class Restorer:
             return
         t.ledger.start(Entry(cmd.id, "prefetch", cmd.deployment, "", time.time()))
         attrs = {"snapscale.deployment": cmd.deployment}
-        with tracer.start_as_current_span("prefetch", attributes=attrs) as span:
+        # not "prefetch": that is the scale-up's phase, and the dashboard's breakdown must not mix them
+        with tracer.start_as_current_span("prefetch.background", attributes=attrs) as span:
             spec = await deployed_spec(t.bus, cmd.deployment)
             compat_hash, _ = await t.compat.for_spec(spec)
             found = await find_checkpoint(t, cmd.deployment, compat_hash, cmd.checkpoint_id)
@@ -316,23 +331,40 @@ class Restorer:
 
     # --- inventory ---------------------------------------------------------------------
     async def _heartbeats(self, h: Host, stop: asyncio.Event) -> None:
+        """Beat every interval on core NATS, which any live server carries at once. What takes
+        JetStream (reading the deployments and the catalog, writing KV hosts) runs beside the beats:
+        while a NATS cluster elects a stream leader those requests hang for seconds, and a beat held
+        that long makes the scaler count the host lost."""
         t = h.tools
         pruned_at = time.monotonic()
-        catalog_read_at = float("-inf")  # monotonic time the inventory last read the catalog
-        while not stop.is_set():
-            try:
-                host_part = await t.compat.host_part()
-                keys = await deployment_keys(t.bus, t.compat)
-                if time.monotonic() >= catalog_read_at + CATALOG_REFRESH_S:
-                    catalog_read_at = time.monotonic()
-                    await learn_catalog(t, keys)
-                await publish_heartbeat(h, host_part, keys)
-            except Exception as e:  # a missed beat is logged; the next one may get through
-                log.warning("heartbeat failed: %s", e)
-            if time.monotonic() - pruned_at > PRUNE_EVERY_S:  # a long-lived restorer forgets old ids too
-                pruned_at = time.monotonic()
-                await asyncio.to_thread(t.ledger.prune, time.time() - LEDGER_KEEP_S)
-            await self._until_next_beat(stop, t.config.heartbeat_s)
+        catalog_read_at = time.monotonic()
+        keys = await _inventory_keys(t, learn=True)  # the first beat already names them
+        reading: asyncio.Task[dict[str, str]] | None = None
+        writing: asyncio.Task[None] | None = None
+        try:
+            while not stop.is_set():
+                try:
+                    if reading is not None and reading.done():
+                        keys = _keys_read(reading, keys)
+                        reading = None
+                    if reading is None:
+                        learn = time.monotonic() >= catalog_read_at + CATALOG_REFRESH_S
+                        catalog_read_at = time.monotonic() if learn else catalog_read_at
+                        reading = asyncio.create_task(_inventory_keys(t, learn), name="heartbeat keys")
+                    hb = heartbeat_of(h, await t.compat.host_part(), keys)
+                    await busmod.publish_core(t.bus, t.bus.subjects.evt_host(t.name), hb)
+                    if writing is None or writing.done():
+                        writing = asyncio.create_task(_put_host(t, hb), name="heartbeat KV write")
+                except Exception as e:  # a missed beat is logged; the next one may get through
+                    log.warning("heartbeat failed: %s", e)
+                if time.monotonic() - pruned_at > PRUNE_EVERY_S:  # a long-lived restorer forgets old ids
+                    pruned_at = time.monotonic()
+                    await asyncio.to_thread(t.ledger.prune, time.time() - LEDGER_KEEP_S)
+                await self._until_next_beat(stop, t.config.heartbeat_s)
+        finally:
+            for task in (reading, writing):
+                if task is not None:
+                    task.cancel()
 
     async def _until_next_beat(self, stop: asyncio.Event, timeout_s: float) -> None:
         """Sleep `timeout_s`, or less when stopping or when a release asked for a beat now."""
@@ -350,11 +382,11 @@ class Restorer:
         return self.host
 
 
-async def publish_heartbeat(h: Host, host_part: CompatKey, keys: dict[str, str]) -> None:
-    """The inventory on `evt.host.<host>` and in KV `hosts`: this host's key (`host_part`), its
+def heartbeat_of(h: Host, host_part: CompatKey, keys: dict[str, str]) -> HostHeartbeat:
+    """The inventory for `evt.host.<host>` and KV `hosts`: this host's key (`host_part`), its
     slots, cache and replicas, and `keys`, its compat hash for each deployment."""
     t = h.tools
-    hb = inventory.heartbeat(
+    return inventory.heartbeat(
         host=t.name,
         now=t.now(),
         compat_hash=host_part.hash(),
@@ -366,9 +398,34 @@ async def publish_heartbeat(h: Host, host_part: CompatKey, keys: dict[str, str])
         suspend_budget_bytes=t.config.suspend_budget_bytes,
         interval_s=t.config.heartbeat_s,
         compat_hashes=keys,
+        started_at=t.started_at,
     )
-    await busmod.publish_core(t.bus, t.bus.subjects.evt_host(t.name), hb)
-    await t.bus.kv[Bucket.HOSTS].put(t.name, encode_message(hb))
+
+
+async def _inventory_keys(t: HostTools, learn: bool) -> dict[str, str]:
+    """This host's compat hash per deployment; with `learn`, the catalog's manifests for them too."""
+    keys = await deployment_keys(t.bus, t.compat)
+    if learn:
+        await learn_catalog(t, keys)
+    return keys
+
+
+def _keys_read(task: asyncio.Task[dict[str, str]], last: dict[str, str]) -> dict[str, str]:
+    """A finished read's keys, or `last` when it failed (the beat goes on with what it knew)."""
+    if task.cancelled():
+        return last
+    if (e := task.exception()) is not None:
+        log.info("heartbeat: deployments unreadable (%s): the last known keys go out", e)
+        return last
+    return task.result()
+
+
+async def _put_host(t: HostTools, hb: HostHeartbeat) -> None:
+    """KV `hosts` (what a starting scaler reads); a failed write is logged, the next beat retries."""
+    try:
+        await t.bus.kv[Bucket.HOSTS].put(t.name, encode_message(hb))
+    except Exception as e:
+        log.warning("heartbeat: KV hosts write failed: %s", e)
 
 
 async def learn_catalog(t: HostTools, keys: dict[str, str]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from nats.js.errors import NoKeysError
@@ -23,6 +24,8 @@ from snapscale.shared.bus import (
 )
 from snapscale.shared.core import wire
 from snapscale.shared.core.errors import MessageError
+from snapscale.shared.core.tables import table
+from snapscale.shared.core.units import format_size
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,9 @@ class Status:
     unreadable: list[str] = field(default_factory=list)  # KV keys whose values did not decode
 
 
-async def _values(kv: KeyValue) -> list[tuple[str, bytes]]:
+async def _values(kv: KeyValue | None) -> list[tuple[str, bytes]]:
+    if kv is None:  # the bucket does not exist yet: nothing ever wrote to it
+        return []
     try:
         keys = await kv.keys()
     except NoKeysError:
@@ -47,18 +52,20 @@ async def _values(kv: KeyValue) -> list[tuple[str, bytes]]:
 
 
 async def gather(b: Bus) -> Status:
+    """What KV holds; a bucket that does not exist reads as empty (nothing is created)."""
     st = Status()
-    for k, data in await _values(b.kv[Bucket.HOSTS]):
+    for k, data in await _values(b.kv.get(Bucket.HOSTS)):
         try:
             st.hosts.append(decode_message(data, HostHeartbeat))
         except MessageError:
             st.unreadable.append(f"hosts/{k}")
-    for k, data in await _values(b.kv[Bucket.REPLICAS]):
+    for k, data in await _values(b.kv.get(Bucket.REPLICAS)):
         try:
             st.replicas.append(decode_message(data, ReplicaEvent))
         except MessageError:
             st.unreadable.append(f"replicas/{k}")
-    st.checkpoints.extend(await list_entries(b.kv[Bucket.CHECKPOINTS]))
+    if (catalog := b.kv.get(Bucket.CHECKPOINTS)) is not None:
+        st.checkpoints.extend(await list_entries(catalog))
     return st
 
 
@@ -71,19 +78,11 @@ def _age(ts: float, now: float) -> str:
     return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.0f}h"
 
 
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f}MB"
+def _size(n: int) -> str:
+    return format_size(n)
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
-    if not rows:
-        return "  (none)"
-    w = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-
-    def line(cells: list[str]) -> str:
-        return "  " + "  ".join(c.ljust(w[i]) for i, c in enumerate(cells)).rstrip()
-
-    return "\n".join([line(headers), *(line(r) for r in rows)])
+_table = partial(table, indent="  ", empty="(none)")
 
 
 def render(st: Status, now: float | None = None) -> str:
@@ -100,7 +99,7 @@ def render(st: Status, now: float | None = None) -> str:
                     f"{sum(g.free for g in h.gpus)}/{len(h.gpus)}",
                     str(h.cpu_slots),
                     str(len(h.replicas)),
-                    f"{_mb(h.suspend_used_bytes)}/{_mb(h.suspend_budget_bytes)}",
+                    f"{_size(h.suspend_used_bytes)}/{_size(h.suspend_budget_bytes)}",
                     ",".join(h.cached_checkpoints) or "-",
                     h.compat_hash[:12],
                 ]
@@ -138,7 +137,7 @@ def render(st: Status, now: float | None = None) -> str:
                     c.checkpoint_id,
                     c.compat_hash[:12],
                     _age(c.created_at, now),
-                    _mb(c.sizes.get("total", 0)),
+                    _size(c.sizes.get("total", 0)),
                     c.host or "-",
                     c.previous_id or "-",
                 ]
@@ -148,7 +147,7 @@ def render(st: Status, now: float | None = None) -> str:
     )
     out += ["", "HOST CACHES"]
     cache_rows = [
-        [h.host, cid, _mb(n), "complete" if cid in h.cached_checkpoints else "partial"]
+        [h.host, cid, _size(n), "complete" if cid in h.cached_checkpoints else "partial"]
         for h in st.hosts
         for cid, n in sorted(h.cached_bytes.items())
     ]

@@ -136,7 +136,7 @@ def choose(o: Observed) -> TierChoice:
                 reasons.append("cache not allowed by the command")
             if Tier.STORE in o.allow:
                 return TierChoice(Tier.STORE, _join(reasons), checkpoint_id=ckpt)
-            reasons.append("prefetch (tier restore) not allowed by the command")
+            reasons.append("store not allowed by the command")
         else:
             reasons.append(problem)
     if Tier.COLD not in o.allow:

@@ -29,6 +29,7 @@ from snapscale.shared.bus import (
     FreezeCommand,
     PrefetchCommand,
     ReleaseCommand,
+    ReleaseMode,
     ReplicaEvent,
     ReplicaState,
     ScaleUpCommand,
@@ -273,24 +274,38 @@ class Actor:
                 log.info("deployment %s: freezing %s before its last replica goes", dep, freeze.replica)
             sent = 0
             for c, before in cmds:
-                t = self.view.replicas[replica_key(dep, c.replica)]
-                try:
-                    # KV first: written after the command, it could land after the restorer's
-                    # `stopped` (and its delete) and bring back a record of a gone replica
-                    await self._write(t.key, t.ev, create=False)
-                    await bus.publish(
-                        self.bus, self.bus.subjects.cmd(Verb.RELEASE, t.ev.host), c, msg_id=c.id
-                    )
-                except Exception as e:
-                    log.error("replica %s: release not sent (%s); it stays ready", t.key, e)
-                    t.ev = before
-                    continue
-                sent += 1
-                self.counters["cmd.release"] += 1
-                log.info("replica %s released (%s, %s)", t.key, c.mode.value, t.ev.reason)
+                sent += await self._send_release(self.view.replicas[replica_key(dep, c.replica)], c, before)
             if to_zero and sent == len(cmds) and cmds and not retired:
                 self.view.freezing.pop(dep, None)
                 await self.prefetch(dep, now)
+
+    async def _send_release(self, t: Tracked, c: ReleaseCommand, before: ReplicaEvent) -> bool:
+        """Send a release already recorded in the view (`t.ev` releasing); undone if it fails."""
+        try:
+            # KV first: written after the command, it could land after the restorer's
+            # `stopped` (and its delete) and bring back a record of a gone replica
+            await self._write(t.key, t.ev, create=False)
+            await bus.publish(self.bus, self.bus.subjects.cmd(Verb.RELEASE, t.ev.host), c, msg_id=c.id)
+        except Exception as e:
+            log.error("replica %s: release not sent (%s); it stays %s", t.key, e, before.state.value)
+            t.ev = before
+            return False
+        self.counters["cmd.release"] += 1
+        log.info("replica %s released (%s, %s)", t.key, c.mode.value, t.ev.reason)
+        return True
+
+    async def stop_suspended(self, dep: str, now: float) -> None:
+        """A removed deployment's suspended replicas still hold host RAM (and GPU state in it):
+        stop them. Scale-down releases only ready replicas, so these need their own command."""
+        for t in self.view.suspended(dep):
+            c = ReleaseCommand(
+                id=new_id(), deployment=dep, replica=t.ev.replica, issued_at=now, mode=ReleaseMode.STOP
+            )
+            before = t.ev
+            t.ev = replace(
+                t.ev, state=ReplicaState.RELEASING, ts=now, reason="deployment removed", command_id=c.id
+            )
+            await self._send_release(t, c, before)
 
     async def prefetch(self, dep: str, now: float) -> None:
         spec = self.view.specs[dep]
@@ -304,10 +319,13 @@ class Actor:
             log.info("deployment %s at zero: host %s prefetches %s", dep, host, ckpt)
 
     # --- failures ----------------------------------------------------------------------------
-    async def fail(self, t: Tracked, now: float, reason: str, *, cleanup: bool) -> None:
-        """Forget a replica that will not serve; its slot is placed again on the next decision."""
+    async def fail(self, t: Tracked, now: float, reason: str, *, cleanup: bool, avoid: bool = True) -> None:
+        """Forget a replica that will not serve; its slot is placed again on the next decision.
+        With `avoid`, its host is skipped for the deployment for a while (not when the host is
+        not to blame, e.g. its restorer restarted)."""
         self.view.drop(t.key)
-        self.view.avoid[(t.ev.deployment, t.ev.host)] = now + self.cfg.avoid_s
+        if avoid:
+            self.view.avoid[(t.ev.deployment, t.ev.host)] = now + self.cfg.avoid_s
         self.counters["failed"] += 1
         log.warning("replica %s on %s failed: %s", t.key, t.ev.host, reason)
         ev = replace(t.ev, state=ReplicaState.FAILED, ts=now, reason=reason)

@@ -1,5 +1,7 @@
-"""The autoscaling policy: Knative-KPA-like desired replica counts from observed concurrency.
+"""The autoscaling policy: Knative-KPA desired replica counts from observed concurrency.
 
+Follows Knative's decider (knative/serving pkg/autoscaler/scaling/autoscaler.go) rule for rule
+where docs/scaling.md gives a Knative name; the deliberate differences are listed there.
 Pure: time is a parameter, nothing sleeps or does I/O. A `Window` is the only thing mutated,
 in O(1) per traffic sample; `decide` is O(1) amortised, so one core makes >100k decisions/s.
 """
@@ -7,11 +9,13 @@ in O(1) per traffic sample; `decide` is O(1) amortised, so one core makes >100k 
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import NamedTuple
 
-from snapscale.shared.bus import ScalingSpec
+from snapscale.shared.bus import MAX_CONCURRENCY, ScalingSpec
 
 BUCKET_S = 1.0  # window granularity, as Knative's 1 s metric buckets
+MAX_ARRIVALS = 10**9  # arrivals in one sample, as the wire allows
 _EMPTY = -(1 << 62)  # a slot stamp no bucket index can have (indices may be negative)
 
 
@@ -26,12 +30,14 @@ class Window:
 
     __slots__ = (
         "_cnt",
+        "_held",
         "_n_panic",
         "_n_stable",
         "_stamp",
         "_sum",
         "first_bucket",
         "head",
+        "inactive_since",
         "last_traffic",
         "max_panic",
         "observed_since",
@@ -55,7 +61,14 @@ class Window:
         self.observed_since = now  # restart safety: no scale-down before a full stable window
         self.panic_since: float | None = None
         self.panic_until = -math.inf  # panic holds until a stable window passes without panic
-        self.max_panic = 0
+        self.max_panic = 0  # the panic high-water mark: the largest count decided in this panic
+        # since when the decided count is zero (None: above zero); "inactive since forever" at
+        # first, so a new deployment with no traffic starts nothing
+        self.inactive_since: float | None = -math.inf
+        # the scale-down delay: (bucket, count) with counts strictly decreasing, so the front is
+        # the highest count decided within the delay (Knative's max.window, 1 s buckets); made
+        # on first use, so a deployment without a delay carries no queue
+        self._held: deque[tuple[int, int]] | None = None
 
     def advance(self, now: float) -> None:
         """Move the head to `now`'s bucket, dropping buckets that left either window."""
@@ -87,17 +100,28 @@ class Window:
                 self.panic_sum = 0.0
         self.head = t
 
-    def record(self, now: float, concurrency: float, arrivals: int = 0) -> None:
-        """Add one gateway sample taken at `now` (the scaler's receive time, immune to gateway skew)."""
-        if concurrency < 0 or concurrency != concurrency:  # negative or NaN: not a measurement
-            concurrency = 0.0
-        if concurrency > 0 or arrivals > 0:
-            self.last_traffic = max(self.last_traffic, now)
+    def record(self, now: float, concurrency: float, arrivals: int = 0) -> bool:
+        """Add one gateway sample taken at `now` (the scaler's receive time, immune to gateway skew).
+
+        A sample that is no measurement (`sample_problem`) is refused, False, and the window stays
+        as it was: one absurd value must not turn the running sums to inf, then NaN, and stop the
+        deployment scaling until a restart. The decoder refuses such values on the wire already;
+        this holds for any caller.
+        """
+        if sample_problem(concurrency, arrivals) is not None:
+            return False
         b = int(now // BUCKET_S)
+        if concurrency > 0 or arrivals > 0:
+            if now - self.last_traffic >= self._n_stable * BUCKET_S:
+                # the first traffic after a whole stable window without any: both windows start
+                # again here, as Knative's buckets do after a gap, so a burst after an idle spell
+                # is averaged over what was seen of it, not diluted by the idle seconds before
+                self.first_bucket = b
+            self.last_traffic = max(self.last_traffic, now)
         if b > self.head:
             self.advance(now)
         elif b <= self.head - self._n_stable:
-            return  # older than the stable window: nothing to update
+            return True  # a measurement, older than the stable window: nothing to update
         if self.first_bucket is None or b < self.first_bucket:
             self.first_bucket = b
         s = b % self._n_stable
@@ -114,6 +138,7 @@ class Window:
         self.stable_sum += delta
         if b > self.head - self._n_panic:
             self.panic_sum += delta
+        return True
 
     def averages(self) -> tuple[float, float]:
         """(stable, panic) mean concurrency; a window younger than its length averages what it saw."""
@@ -124,6 +149,41 @@ class Window:
             self.stable_sum / min(self._n_stable, seen),
             self.panic_sum / min(self._n_panic, seen),
         )
+
+    def hold(self, now: float, count: int, delay_s: float) -> int:
+        """Record the count decided at `now`; return the highest decided within `delay_s`.
+
+        Knative's scale-down delay (pkg/autoscaler/aggregation/max/window.go): an ascending-minima
+        queue over buckets, so a decision costs O(1) amortised however long the delay.
+        """
+        idx = int(now // BUCKET_S)
+        span = delay_s / BUCKET_S  # an int gap >= span is >= Knative's ceil(delay / bucket)
+        q = self._held
+        if q is None:
+            q = self._held = deque()
+        while q and count >= q[-1][1]:
+            q.pop()  # lower and older than `count`: can never be the highest again
+        while q and idx - q[0][0] >= span:
+            q.popleft()
+        if q and q[-1][0] == idx:  # a higher count already decided in this bucket keeps it
+            count = q.pop()[1]
+        q.append((idx, count))
+        return q[0][1]
+
+    def start_panic(self, now: float, stable_window_s: float) -> None:
+        """The panic desire met the threshold at `now`: panic (again) for a stable window."""
+        if self.panic_since is None:
+            self.panic_since = now
+        self.panic_until = now + stable_window_s
+
+
+def sample_problem(concurrency: float, arrivals: int) -> str | None:
+    """Why a traffic sample is no measurement (non-finite, negative or absurd); None when it is one."""
+    if not (math.isfinite(concurrency) and 0 <= concurrency <= MAX_CONCURRENCY):
+        return f"concurrency must be a number within [0, {MAX_CONCURRENCY:g}], got {concurrency:g}"
+    if not 0 <= arrivals <= MAX_ARRIVALS:
+        return f"arrivals must be within [0, {MAX_ARRIVALS:g}], got {arrivals:g}"
+    return None
 
 
 class ScaleDecision(NamedTuple):
@@ -138,62 +198,107 @@ def _clamp(n: int, spec: ScalingSpec) -> int:
     return max(spec.min_replicas, min(spec.max_replicas, n))
 
 
+def _want(avg: float, per_replica: float) -> int:
+    """Replicas for a mean concurrency: Knative's ceil(observed / target); NaN or <= 0 wants none."""
+    return math.ceil(avg / per_replica - 1e-9) if avg > 0 else 0
+
+
 def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecision:
     """The replica count a deployment should have at `now`, given `current` live replicas.
 
-    Mutates only `w`'s panic bookkeeping. Follows Knative's KPA: stable and panic desires
-    bounded by the per-tick rates; panic starts when the panic desire reaches
-    `panic_threshold` x current and ends a stable window after it was last met; in panic the
-    count never drops. Going to zero also needs `scale_to_zero_after_s` without traffic.
+    Mutates only `w`'s panic, delay and inactivity bookkeeping. Knative's decider, in its order:
+    stable and panic desires bounded by the per-tick rates around max(current, 1) and raised to
+    `activation_scale`; panic tested on the panic desire *before* the rates, with zero replicas
+    counted as one; in panic the larger of both desires and never below the panic high-water
+    mark; panic ends once a stable window has strictly passed since the threshold was last met;
+    then the scale-down delay. Going to zero also needs the scale-to-zero grace.
     """
     # Windows end at the newest bucket that can hold samples: `now`'s own bucket once a sample
     # fell into it, else the one before, so a second that has only just begun reads as no data
     # rather than as zero concurrency (which would flap a steady load down and up again).
     w.advance(now - BUCKET_S)
     stable_avg, panic_avg = w.averages()
+    # inline arithmetic rather than helpers and min()/max(): this runs per deployment per tick
     per_replica = spec.target_concurrency * spec.utilization
-    want_stable = math.ceil(stable_avg / per_replica - 1e-9) if stable_avg > 0 else 0
-    want_panic = math.ceil(panic_avg / per_replica - 1e-9) if panic_avg > 0 else 0
-    base = current if current > 0 else 1
+    dspc = math.ceil(stable_avg / per_replica - 1e-9) if stable_avg > 0 else 0
+    dppc = math.ceil(panic_avg / per_replica - 1e-9) if panic_avg > 0 else 0
+    base = current if current > 0 else 1  # Knative: "use 1 if there are zero current pods"
     up = math.ceil(spec.max_scale_up_rate * base)
     down = math.floor(base / spec.max_scale_down_rate)
-    want_stable = max(down, min(up, want_stable))
-    want_panic = max(down, min(up, want_panic))
+    want_stable = dspc if dspc < up else up
+    if want_stable < down:
+        want_stable = down
+    want_panic = dppc if dppc < up else up
+    if want_panic < down:
+        want_panic = down
+    act = spec.activation_scale
+    if act > 1:
+        if dspc > 0 and want_stable < act:
+            want_stable = act
+        if dppc > 0 and want_panic < act:
+            want_panic = act
 
-    if current > 0 and want_panic / current >= spec.panic_threshold:
-        if w.panic_since is None:
-            w.panic_since = now
-        w.panic_until = now + spec.stable_window_s
-    elif w.panic_since is not None and now >= w.panic_until:
+    if dppc / base >= spec.panic_threshold:
+        w.start_panic(now, spec.stable_window_s)
+    elif w.panic_since is not None and now > w.panic_until:
         w.panic_since = None
         w.max_panic = 0
 
-    if w.panic_since is not None:
-        w.max_panic = max(w.max_panic, want_panic, current)
+    panic = w.panic_since is not None
+    if panic:
+        # a stable desire above the panic one is provisioned too (a surge that has already
+        # reached the stable window), and nothing the panic decided is taken back during it
+        w.max_panic = max(w.max_panic, want_stable, want_panic)
         desired, reason = w.max_panic, "panic"
     else:
         desired, reason = want_stable, "stable"
 
+    if spec.scale_down_delay_s > 0:
+        held = w.hold(now, desired, spec.scale_down_delay_s)
+        if held > desired:
+            desired, reason = held, "scale-down-delay"
+
     if desired < current and now - w.observed_since < spec.stable_window_s:
         desired, reason = current, "warming-up"  # restarted: a full stable window before any scale-down
-    # within the grace a deployment keeps one replica, also one it just lost to a failure:
-    # going to zero is a decision about traffic, never a side effect of a host dying
-    if desired == 0 and now - w.last_traffic < spec.scale_to_zero_after_s:
-        desired, reason = 1, "grace"
-    clamped = _clamp(desired, spec)
-    if clamped != desired:
-        reason = "min" if clamped > desired else "max"
-    return ScaleDecision(clamped, w.panic_since is not None, stable_avg, panic_avg, reason)
+    if desired > 0:
+        w.inactive_since = None
+    else:
+        if w.inactive_since is None:
+            w.inactive_since = now  # Knative marks the revision inactive here; its grace starts
+        # within the grace a deployment keeps one replica, also one it just lost to a failure:
+        # going to zero is a decision about traffic, never a side effect of a host dying
+        since = w.last_traffic if spec.scale_to_zero_grace_from == "last-traffic" else w.inactive_since
+        if now - since < spec.scale_to_zero_after_s:
+            desired, reason = 1, "grace"
+    if desired > spec.max_replicas:
+        desired, reason = spec.max_replicas, "max"
+    if desired < spec.min_replicas:
+        desired, reason = spec.min_replicas, "min"
+    return ScaleDecision(desired, panic, stable_avg, panic_avg, reason)
 
 
-def activation(spec: ScalingSpec, current: int, concurrency: float, arrivals: int) -> int:
+def activation(
+    w: Window, spec: ScalingSpec, current: int, concurrency: float, arrivals: int, now: float
+) -> int:
     """Replicas to start at once for a traffic sample arriving while the deployment has none.
 
     Called by the service on every event, so a scale-from-zero waits for no tick. Returns 0
     when nothing should start (replicas exist, no traffic in the sample, or max_replicas is 0).
+    Sized as Knative's first decision after a scale from zero is: this sample's desire, bounded
+    by the up rate around one replica, at least `activation_scale`. It leaves its decision in
+    `w` as that decision would: zero replicas count as one, so a desire of `panic_threshold` or
+    more starts a panic, and the next ticks do not take back what it placed while it restores.
     """
-    if current > 0 or (concurrency <= 0 and arrivals <= 0):
+    if current > 0 or not (concurrency > 0 or arrivals > 0):  # NaN concurrency is no traffic
         return 0
-    per_replica = spec.target_concurrency * spec.utilization
-    want = max(1, math.ceil(max(concurrency, 0.0) / per_replica - 1e-9))
-    return _clamp(want, spec)
+    want = _want(concurrency, spec.target_concurrency * spec.utilization)
+    n = max(1, spec.activation_scale, min(math.ceil(spec.max_scale_up_rate), want))
+    if _clamp(n, spec) == 0:
+        return 0
+    if want >= spec.panic_threshold:
+        w.start_panic(now, spec.stable_window_s)
+        w.max_panic = max(w.max_panic, n)
+    if spec.scale_down_delay_s > 0:
+        w.hold(now, n, spec.scale_down_delay_s)
+    w.inactive_since = None
+    return _clamp(n, spec)

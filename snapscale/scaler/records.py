@@ -15,6 +15,8 @@ S = ReplicaState
 LIVE = frozenset({S.PENDING, S.STARTING, S.RESTORING, S.RESUMING, S.READY})
 COMING = frozenset({S.PENDING, S.STARTING, S.RESTORING, S.RESUMING})  # not ready yet: may time out
 TERMINAL = frozenset({S.STOPPED, S.FAILED})
+# what a host still holds for a deployment: a removed one is forgotten only once none is left
+HOLDING = LIVE | {S.RELEASING, S.SUSPENDED}
 
 
 @dataclass
@@ -50,6 +52,7 @@ def apply_event(cur: ReplicaEvent | None, ev: ReplicaEvent) -> ReplicaEvent | No
         ev,
         gpu_uuids=list(ev.gpu_uuids) or cur.gpu_uuids,
         endpoint=ev.endpoint or cur.endpoint,
+        local_endpoint=ev.local_endpoint or cur.local_endpoint,
         checkpoint_id=ev.checkpoint_id or cur.checkpoint_id,
         tier=ev.tier or cur.tier,
     )

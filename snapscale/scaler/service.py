@@ -26,12 +26,13 @@ from snapscale.scaler import kvsync
 from snapscale.scaler.actions import Actor
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.lease import Lease
-from snapscale.scaler.policy import activation, decide
-from snapscale.scaler.records import COMING, LIVE, TERMINAL, Tracked, apply_event
+from snapscale.scaler.policy import activation, decide, sample_problem
+from snapscale.scaler.records import COMING, HOLDING, LIVE, TERMINAL, Tracked, apply_event
 from snapscale.scaler.sources import TrafficSources
 from snapscale.scaler.view import View
 from snapscale.shared import bus
 from snapscale.shared.bus import (
+    MAX_CONCURRENCY,
     Bucket,
     Bus,
     CheckpointEvent,
@@ -95,7 +96,7 @@ class Scaler:
 
     # --- the main loop -----------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self._bus = await bus.open_bus(self.settings, f"snapscale-scaler-{self.instance}")
+        self._bus = await bus.open_bus(self.settings, f"snapscale-scaler-{self.instance}", stop=stop)
         self._actor = Actor(self._bus, self.view, self.cfg, self.counters)
         self._lease = Lease(self.bus.kv[Bucket.LEASES], self.instance, self.cfg.lease_s)
         tasks: list[asyncio.Task[None]] = []
@@ -148,6 +149,7 @@ class Scaler:
                     await self._lease.release()
             await self._close(watchers, subs)
             log.info("scaler %s stopped: %s", self.instance, dict(self.stats()))
+        self.bus.raise_if_lost()  # exit non-zero: a supervisor restarts a scaler that went deaf
 
     async def _close(self, watchers: list[KeyValue.KeyWatcher], subs: list[Any]) -> None:
         """Flush what was published, then close: every handler has stopped already, and a drain
@@ -204,6 +206,9 @@ class Scaler:
                 continue
             if ev.state not in TERMINAL:
                 self.view.track(Tracked(ev, rev, now))
+        for dep in {t.ev.deployment for t in self.view.replicas.values()} - set(self.view.specs):
+            log.info("deployment %s: replicas in KV and no spec (removed meanwhile): stopping them", dep)
+            self.view.retire(dep, now)
         if self._lease is None or not self._lease.valid():
             log.warning("scaler %s: lease lapsed while rebuilding; not leading", self.instance)
             return
@@ -212,6 +217,8 @@ class Scaler:
         for t in pending:
             if t.ev.deployment in self.view.specs:
                 await self.actor.resend(t, now)
+        # KV may still hold replicas of a restorer that restarted while no scaler was leading
+        await self._lost([t for hb in list(self.view.hosts.values()) for t in self.view.gone_from(hb)], now)
         log.info(
             "scaler %s leads with %d replicas (%d re-sent)",
             self.instance,
@@ -269,6 +276,8 @@ class Scaler:
         spec_ = self.view.specs.get(dep)
         if spec_ is None:
             return
+        if dep in self.view.retired:
+            await self.actor.stop_suspended(dep, now)
         current = self.view.live_count(dep)
         d = decide(self.view.window(dep, now), spec_.scaling, current, now)
         self.counters["decisions"] += 1
@@ -304,8 +313,7 @@ class Scaler:
             if now - t.ev.ts > self.cfg.release_timeout_s:
                 log.warning("replica %s: no answer to its release for %.0fs; forgotten", t.key, now - t.ev.ts)
                 v.drop(t.key)
-        holding = (*LIVE, ReplicaState.RELEASING)
-        for dep in [d for d in v.retired if not any(t.ev.state in holding for t in v.of(d))]:
+        for dep in [d for d in v.retired if not any(t.ev.state in HOLDING for t in v.of(d))]:
             log.info("deployment %s: removed and drained", dep)
             v.forget(dep)
 
@@ -314,17 +322,23 @@ class Scaler:
         if ev.deployment not in self.view.specs:
             self._traffic_counts["unknown"] = self._traffic_counts.get("unknown", 0) + 1
             return
-        # several gateways: each reports its own share, so the deployment's load is their sum
-        total = self.traffic_sources.observe(ev.deployment, ev.source, ev.concurrency, self.clock())
-        ev = replace(ev, concurrency=total)
         now = self.clock()
-        self.view.window(ev.deployment, now).record(now, ev.concurrency, ev.arrivals)
+        if sample_problem(ev.concurrency, ev.arrivals) is None:
+            # several gateways: each reports its own share, so the deployment's load is their sum
+            total = self.traffic_sources.observe(ev.deployment, ev.source, ev.concurrency, now)
+            ev = replace(ev, concurrency=min(total, MAX_CONCURRENCY))
+        w = self.view.window(ev.deployment, now)
+        if not w.record(now, ev.concurrency, ev.arrivals):
+            self._traffic_counts["refused"] = self._traffic_counts.get("refused", 0) + 1
+            why = sample_problem(ev.concurrency, ev.arrivals)
+            log.warning("traffic for %s refused: %s", ev.deployment, why)
+            return
         if msg.headers:
             self.view.traffic_headers[ev.deployment] = msg.headers
         if not self.acting():
             return
         current = self.view.live_count(ev.deployment)
-        n = activation(self.view.specs[ev.deployment].scaling, current, ev.concurrency, ev.arrivals)
+        n = activation(w, self.view.specs[ev.deployment].scaling, current, ev.concurrency, ev.arrivals, now)
         if n:
             self.counters["activations"] += 1
             up = self.actor.plan_up(ev.deployment, n, now, None, activation=True)
@@ -338,7 +352,13 @@ class Scaler:
         if hb.host not in self.view.hosts:
             log.info("host %s reports (%d GPUs, %d cpu slots)", hb.host, len(hb.gpus), hb.cpu_slots)
         now = self.clock()
-        self.view.heartbeat(hb, now)
+        lost = self.view.heartbeat(hb, now)
+        if lost and self.acting():
+            # its restorer restarted without them: replaced now, not after a ready or host timeout
+            await self._lost(lost, now)
+            for dep in sorted({t.ev.deployment for t in lost} - self.actor.starved):
+                if dep in self.view.specs:
+                    await self.reconcile(dep, now)
         if self.acting() and self.actor.starved and _has_room(hb):
             # A host just freed room (a release finished): place what found none now, rather than
             # at the next traffic event or tick. Without this a scale-up right after a scale to
@@ -349,12 +369,19 @@ class Scaler:
                 else:
                     self.actor.starved.discard(dep)
 
+    async def _lost(self, lost: list[Tracked], now: float) -> None:
+        """Fail replicas gone with a restart of their restorer; the host is not to blame."""
+        for t in lost:
+            reason = f"lost with a restart of the restorer on {t.ev.host}"
+            await self.actor.fail(t, now, reason, cleanup=False, avoid=False)
+
     async def _on_replica(self, ev: ReplicaEvent, _msg: Msg) -> None:
         key = replica_key(ev.deployment, ev.replica)
         t = self.view.replicas.get(key)
         if ev.state in TERMINAL:
             if t is not None:
-                if ev.state is ReplicaState.FAILED and t.ev.state in COMING:
+                failed_here = ev.state is ReplicaState.FAILED and t.ev.state in COMING
+                if failed_here and not self.view.cut_by_restart(t, ev):
                     self.view.avoid[(ev.deployment, ev.host)] = self.clock() + self.cfg.avoid_s
                 self.view.drop(key)
             return
@@ -386,7 +413,7 @@ class Scaler:
     def _on_spec(self, key: str, value: bytes | None) -> None:
         if value is None:
             log.info("deployment %s removed from KV: releasing its replicas", key)
-            self.view.retire(key)
+            self.view.retire(key, self.clock())
             return
         try:
             s = DeploymentSpec.from_json(value)

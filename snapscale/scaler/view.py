@@ -13,8 +13,12 @@ from dataclasses import dataclass, field, replace
 
 from snapscale.scaler.placement import Reservations
 from snapscale.scaler.policy import Window
-from snapscale.scaler.records import COMING, LIVE, Tracked
+from snapscale.scaler.records import COMING, HOLDING, LIVE, Tracked
 from snapscale.shared.bus import DeploymentSpec, HostHeartbeat, ReplicaEvent, ReplicaState, replica_key
+
+# states only a running restorer process holds (a pending command or a placed resume is still
+# on the stream, for whichever process consumes it next)
+HELD = frozenset({ReplicaState.STARTING, ReplicaState.RESTORING, ReplicaState.READY, ReplicaState.SUSPENDED})
 
 
 @dataclass
@@ -34,6 +38,7 @@ class View:
     catalog: dict[str, dict[str, str]] = field(default_factory=dict)  # deployment -> compat hash -> ckpt
     hosts: dict[str, HostHeartbeat] = field(default_factory=dict)
     host_seen: dict[str, float] = field(default_factory=dict)  # host -> local wall time of last heartbeat
+    host_started: dict[str, float] = field(default_factory=dict)  # host -> its restorer's start (its clock)
     replicas: dict[str, Tracked] = field(default_factory=dict)  # `<deployment>.<replica>` -> tracked
     by_deployment: dict[str, set[str]] = field(default_factory=dict)
     reserved: Reservations = field(default_factory=Reservations)
@@ -62,21 +67,22 @@ class View:
             self.windows.pop(spec.name, None)
         self.window(spec.name, now)
 
-    def retire(self, deployment: str) -> None:
-        """The deployment left KV: release what it has (no freeze, no prefetch), then forget it."""
-        spec = self.specs.get(deployment)
-        if spec is None:
-            return
-        if not any(t.ev.state in LIVE or t.ev.state is ReplicaState.RELEASING for t in self.of(deployment)):
+    def retire(self, deployment: str, now: float) -> None:
+        """The deployment left KV: stop what it has, suspended replicas too (no freeze, no
+        prefetch, no suspend), then forget it. Replicas of a deployment with no spec at all (removed
+        while no scaler ran) are retired under a stand-in spec that only drains."""
+        spec = self.specs.get(deployment) or DeploymentSpec(name=deployment, command=["(removed)"])
+        if not any(t.ev.state in HOLDING for t in self.of(deployment)):
             self.forget(deployment)
             return
         self.retired.add(deployment)
         self.specs[deployment] = replace(
-            spec, scaling=replace(spec.scaling, min_replicas=0, max_replicas=0, scale_to_zero_after_s=0.0)
+            spec,
+            scaling=replace(
+                spec.scaling, min_replicas=0, max_replicas=0, scale_to_zero_after_s=0.0, release_mode="stop"
+            ),
         )
-        w = self.windows.get(deployment)
-        if w is not None:
-            w.observed_since = -math.inf  # no restart hold: nothing should stay
+        self.window(deployment, now).observed_since = -math.inf  # no restart hold: nothing should stay
 
     def forget(self, deployment: str) -> None:
         self.specs.pop(deployment, None)
@@ -106,6 +112,9 @@ class View:
     def live(self, deployment: str) -> list[Tracked]:
         return [t for t in self.of(deployment) if t.ev.state in LIVE]
 
+    def suspended(self, deployment: str) -> list[Tracked]:
+        return [t for t in self.of(deployment) if t.ev.state is ReplicaState.SUSPENDED]
+
     def live_count(self, deployment: str) -> int:
         return sum(1 for t in self.of(deployment) if t.ev.state in LIVE)
 
@@ -131,13 +140,44 @@ class View:
             host, gpus = got
             self.reserved.give_back(host, gpus, key.split(".", 1)[1])
 
-    def heartbeat(self, hb: HostHeartbeat, now: float) -> None:
-        """A host reported: what it lists no longer needs a promise (its own flags cover it)."""
+    def heartbeat(self, hb: HostHeartbeat, now: float) -> list[Tracked]:
+        """A host reported: what it lists no longer needs a promise (its own flags cover it).
+
+        When its restorer started anew since the last report, returns `gone_from(hb)`, to be
+        failed and replaced now. Failures the restart caused say nothing about the deployment: the
+        host is no longer avoided for any.
+        """
         self.hosts[hb.host] = hb
         self.host_seen[hb.host] = now
         listed = {replica_key(r.deployment, r.replica) for r in hb.replicas}
         for key in [k for k, (h, _g) in self.held.items() if h == hb.host and k in listed]:
             self.unhold(key)
+        if self.host_started.get(hb.host) == hb.started_at:
+            return []
+        self.host_started[hb.host] = hb.started_at
+        for k in [k for k in self.avoid if k[1] == hb.host]:
+            del self.avoid[k]
+        return self.gone_from(hb)
+
+    def gone_from(self, hb: HostHeartbeat) -> list[Tracked]:
+        """The replicas this view has on `hb.host` from before its restorer started that `hb` does
+        not list: gone with an old process. A command still on its way there (pending, or a resume
+        the scaler placed) is not: whichever process consumes it next takes it."""
+        listed = {replica_key(r.deployment, r.replica) for r in hb.replicas}
+        return [
+            t
+            for t in self.replicas.values()
+            if t.ev.host == hb.host
+            and t.key not in listed
+            and t.ev.state in HELD
+            and t.ev.ts < hb.started_at
+        ]
+
+    def cut_by_restart(self, t: Tracked, ev: ReplicaEvent) -> bool:
+        """`ev` (failed) came from the restarted restorer of a replica its old process had: the
+        restart's doing, not the deployment's."""
+        started = self.host_started.get(ev.host)
+        return started is not None and t.ev.ts < started <= ev.ts
 
     def avoided(self, deployment: str, now: float) -> frozenset[str]:
         return frozenset(h for (d, h), until in self.avoid.items() if d == deployment and until > now)

@@ -14,10 +14,14 @@ from snapscale.shared.bus.client import (
     publish,
     publish_core,
     subscribe_core,
+    through_elections,
 )
-from snapscale.shared.bus.consumer import Handler, consume
+from snapscale.shared.bus.consumer import Handler, Refused, consume
 from snapscale.shared.bus.ledger import Ledger
 from snapscale.shared.bus.messages import (
+    HEARTBEAT_INTERVAL_S,
+    MAX_CONCURRENCY,
+    MAX_DEADLINE_S,
     CheckpointEvent,
     FreezeCommand,
     GpuInfo,
@@ -35,12 +39,17 @@ from snapscale.shared.bus.messages import (
     can_transition,
     decode_message,
     encode_message,
+    salvage,
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, load_spec
-from snapscale.shared.bus.subjects import Bucket, Verb, check_token, replica_key
+from snapscale.shared.bus.subjects import ID_MAX, Bucket, Id, Name, OptId, Verb, check_token, replica_key
 from snapscale.shared.bus.watch import kv_follow, kv_snapshot
 
 __all__ = [
+    "HEARTBEAT_INTERVAL_S",
+    "ID_MAX",
+    "MAX_CONCURRENCY",
+    "MAX_DEADLINE_S",
     "Bucket",
     "Bus",
     "CatalogEntry",
@@ -50,9 +59,13 @@ __all__ = [
     "GpuInfo",
     "Handler",
     "HostHeartbeat",
+    "Id",
     "Ledger",
     "M",
+    "Name",
+    "OptId",
     "PrefetchCommand",
+    "Refused",
     "ReleaseCommand",
     "ReleaseMode",
     "ReplicaEvent",
@@ -83,5 +96,7 @@ __all__ = [
     "publish_core",
     "publish_entry",
     "replica_key",
+    "salvage",
     "subscribe_core",
+    "through_elections",
 ]

@@ -6,27 +6,36 @@ Key: `<deployment>.<compat hash>`. An entry is written only after its manifest e
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
+from typing import Annotated
 
 from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from snapscale.shared.bus import client as bus
+from snapscale.shared.bus.messages import MAX_MESSAGE_BYTES, Bytes, Label, Timestamp
+from snapscale.shared.bus.subjects import NAME_MAX, Id, Name
 from snapscale.shared.core import wire
+from snapscale.shared.core.errors import MessageError
+from snapscale.shared.core.limits import Text, Token
 
+log = logging.getLogger(__name__)
 CATALOG_TYPE = "catalog-entry"
 
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    deployment: str
-    compat_hash: str
-    checkpoint_id: str
-    manifest_key: str  # the store's key of the signed manifest
-    created_at: float
-    host: str = ""
-    previous_id: str | None = None  # for rollback
-    sizes: dict[str, int] = field(default_factory=dict)
+    """Which checkpoint serves a deployment on hosts with one compatibility key."""
+
+    deployment: Name
+    compat_hash: Id
+    checkpoint_id: Id
+    manifest_key: Annotated[str, Text(1024)]  # the store's key of the signed manifest
+    created_at: Timestamp
+    host: Annotated[str, Token(NAME_MAX, empty=True)] = ""
+    previous_id: Id | None = None  # for rollback
+    sizes: dict[Label, Bytes] = field(default_factory=dict)
 
 
 def catalog_key(deployment: str, compat_hash: str) -> str:
@@ -38,7 +47,7 @@ def encode_entry(e: CatalogEntry) -> bytes:
 
 
 def decode_entry(data: bytes) -> CatalogEntry:
-    return wire.decode(data, CatalogEntry, CATALOG_TYPE)
+    return wire.decode(data, CatalogEntry, CATALOG_TYPE, max_bytes=MAX_MESSAGE_BYTES)
 
 
 async def lookup_entry(kv: KeyValue, deployment: str, compat_hash: str) -> tuple[CatalogEntry, int] | None:
@@ -68,6 +77,8 @@ async def publish_entry(kv: KeyValue, entry: CatalogEntry) -> CatalogEntry:
 
 
 async def list_entries(kv: KeyValue, deployment: str | None = None) -> list[CatalogEntry]:
+    """The entries (of `deployment`); one that does not decode is logged and left out, so a bad
+    value under one key never fails a scale-up that would otherwise boot cold."""
     try:
         keys = await kv.keys()
     except NoKeysError:
@@ -77,6 +88,10 @@ async def list_entries(kv: KeyValue, deployment: str | None = None) -> list[Cata
         if deployment is not None and not k.startswith(f"{deployment}."):
             continue
         got = await bus.kv_get(kv, k)
-        if got is not None:
+        if got is None:
+            continue
+        try:
             out.append(decode_entry(got[0]))
+        except MessageError as e:
+            log.warning("catalog entry %s unreadable, left out: %s", k, e)
     return out

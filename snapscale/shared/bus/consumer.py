@@ -3,7 +3,9 @@ handled by plain async functions, some at once, kept alive while they run, settl
 
 Why one loop: acks, naks, terms, redelivery and reconnects are where a command gets lost or done
 twice, so they are decided once. A handler returns (ack), raises `RetryableError` (nak with its
-delay) or raises anything else (term); a message that does not decode is terminated unseen.
+delay) or raises anything else (term); a message that does not decode is terminated unseen by
+the handler, after `refused` (when given) has answered it: the decoder is the door, so nothing
+of a refused message reaches the handler, its ledger or a path.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from snapscale.shared.core.errors import MessageError, RetryableError
 log = logging.getLogger(__name__)
 
 Handler = Callable[[M, Msg], Awaitable[None]]
+# answers a message the decoder refused (e.g. reports the replica it names failed); its bytes are
+# untrusted: read them only through `messages.salvage`
+Refused = Callable[[bytes, MessageError], Awaitable[None]]
 
 FETCH_WAIT_S = 1.0  # how long one pull waits for a message: also how soon a stop is noticed
 FETCH_RETRY_S = 1.0  # after a fetch failed for a reason other than no message (a reconnect)
@@ -45,6 +50,7 @@ async def consume(
     keepalive: bool = False,
     drain_s: float | None = None,
     stop: asyncio.Event | None = None,
+    refused: Refused | None = None,
 ) -> None:
     """Run a durable pull consumer on `subject` until `stop` is set or the connection is closed.
 
@@ -89,7 +95,7 @@ async def consume(
                 await asyncio.wait({stopping}, timeout=FETCH_RETRY_S)
                 continue
             for m in msgs:  # one: fetch(1)
-                t = asyncio.create_task(_run(m, cls, handler, beat_s), name=f"handle {m.subject}")
+                t = asyncio.create_task(_run(m, cls, handler, beat_s, refused), name=f"handle {m.subject}")
                 handling.add(t)
                 t.add_done_callback(handling.discard)
         if handling:
@@ -113,13 +119,15 @@ async def consume(
                 await sub.unsubscribe()
 
 
-async def _run(m: Msg, cls: type[M], handler: Handler[M], beat_s: float | None) -> None:
+async def _run(
+    m: Msg, cls: type[M], handler: Handler[M], beat_s: float | None, refused: Refused | None
+) -> None:
     if beat_s is None:
-        await _handle(m, cls, handler)
+        await _handle(m, cls, handler, refused)
         return
     beat = asyncio.create_task(_keep_alive(m, beat_s), name=f"in-progress {m.subject}")
     try:
-        await _handle(m, cls, handler)
+        await _handle(m, cls, handler, refused)
     finally:
         beat.cancel()
 
@@ -136,7 +144,7 @@ async def _keep_alive(m: Msg, every_s: float) -> None:
             log.warning("in-progress for a message on %s failed: %s", m.subject, e)
 
 
-async def _handle(m: Msg, cls: type[M], handler: Handler[M]) -> None:
+async def _handle(m: Msg, cls: type[M], handler: Handler[M], refused: Refused | None = None) -> None:
     """Decode, run the handler, settle the message: the one place acks, naks and terms are sent."""
     try:
         decoded = decode_message(m.data, cls)
@@ -147,6 +155,11 @@ async def _handle(m: Msg, cls: type[M], handler: Handler[M]) -> None:
             e,
             extra={"subject": m.subject, "field": e.field, "reason": e.reason},
         )
+        if refused is not None:
+            try:
+                await refused(m.data, e)
+            except Exception:  # answering is a courtesy: the message is terminated either way
+                log.exception("answering a refused message on %s failed", m.subject)
         await _settle(m, "terminate", m.term)
         return
     try:

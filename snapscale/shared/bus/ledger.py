@@ -3,14 +3,17 @@ redelivered command is recognised after a restart and handled once. Services kee
 record types and what the records mean; this module only stores them.
 
 One JSON file per command id, named by a digest of it (ids come off the wire: none may pick a
-path), written atomically. A record that cannot be read is logged and taken as absent: a bad file
-never stops a service, it only costs the work that record would have saved.
+path), written atomically. A record that cannot be read (not JSON, or outside its type's declared
+limits) is moved aside to `quarantine/` with a log line and taken as absent, and so is one its
+service cannot replay (`quarantine`): a bad file never stops a service, nor is it read again at
+every start; it only costs the work that record would have saved, and stays for a person.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -47,6 +50,14 @@ class Ledger(Generic[R]):
     def drop(self, command_id: str) -> None:
         (self.root / _name(command_id)).unlink(missing_ok=True)
 
+    def quarantine(self, command_id: str, why: str) -> None:
+        """Move the record of `command_id` aside (its service cannot replay it), saying why."""
+        self._move_aside(self.root / _name(command_id), why)
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.root / "quarantine"
+
     def records(self) -> list[R]:
         """Every readable record, in the order of their file names."""
         return [r for _, r in self._scan()]
@@ -71,6 +82,21 @@ class Ledger(Generic[R]):
             return wire.decode(p.read_bytes(), self.cls, self.type_name)
         except FileNotFoundError:  # never written, or dropped meanwhile
             return None
-        except (OSError, MessageError) as e:
+        except OSError as e:  # a disk problem: leave the file where it is
             log.warning("ledger record %s unreadable (%s): taken as absent", p, e)
             return None
+        except MessageError as e:
+            self._move_aside(p, str(e))
+            return None
+
+    def _move_aside(self, p: Path, why: str) -> None:
+        target = self.quarantine_dir / p.name
+        try:
+            self.quarantine_dir.mkdir(exist_ok=True)
+            os.replace(p, target)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            log.error("ledger record %s: %s; could not move it aside either (%s)", p, why, e)
+            return
+        log.error("ledger record %s quarantined as %s: %s", p.name, target, why)

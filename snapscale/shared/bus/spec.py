@@ -10,16 +10,35 @@ import hashlib
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from snapscale.shared.bus.subjects import check_token
 from snapscale.shared.core import wire
-from snapscale.shared.core.errors import ConfigError, MessageError
+from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.core.fieldcheck import Check, FieldsError, Limits, Order, Problem, Range, check
+
+DAY_S = 86400.0
+
+
+def _url_path(value: str | None) -> None:
+    if value is not None and not value.startswith("/"):
+        raise ValueError(f"must be a URL path starting with '/', got {value!r}")
+
+
+def _not_empty(value: list[str]) -> None:
+    if not value:
+        raise ValueError('is empty: say what to run, e.g. ["python", "-m", "server"]')
 
 
 @dataclass(frozen=True)
 class ReadySpec:
     """How to tell the workload is ready. Exactly one of http/tcp/file is used, in that order."""
+
+    LIMITS: ClassVar[Limits] = {
+        "http_path": Check(_url_path),
+        "timeout_s": Range(0, DAY_S, "s", above=True),
+        "interval_s": Range(0.001, 60, "s"),
+    }
 
     http_path: str | None = "/healthz"  # GET http://<endpoint><path> answering 2xx
     tcp: bool = False  # a TCP connect to the endpoint is enough
@@ -31,6 +50,12 @@ class ReadySpec:
 @dataclass(frozen=True)
 class HooksSpec:
     """HTTP POST paths on the sandbox's endpoint, each with a deadline."""
+
+    LIMITS: ClassVar[Limits] = {
+        "before_freeze": Check(_url_path),
+        "after_restore": Check(_url_path),
+        "timeout_s": Range(0, 3600, "s", above=True),
+    }
 
     before_freeze: str | None = None
     after_restore: str | None = None
@@ -47,6 +72,28 @@ class FreezeSpec:
 class ScalingSpec:
     """Knative-KPA-like autoscaling knobs; docs/scaling.md maps them to Knative, KEDA and Modal."""
 
+    # Every number declares its range here (a test checks none is left out); Knative's bounds
+    # where it has the same knob (windows 1 s-1 h, rates above 1).
+    LIMITS: ClassVar[Limits] = {
+        "target_concurrency": Range(0, 1e6, above=True),
+        "utilization": Range(0, 1, above=True),
+        "stable_window_s": Range(1, 3600, "s"),
+        "panic_window_s": Range(1, 3600, "s"),
+        "panic_threshold": Range(1, 1000),
+        "max_scale_up_rate": Range(1, 1e6, above=True),
+        "max_scale_down_rate": Range(1, 1e6, above=True),
+        "min_replicas": Range(0, 10_000),
+        "max_replicas": Range(0, 10_000),
+        "scale_to_zero_after_s": Range(0, DAY_S, "s"),
+        "ready_timeout_s": Range(0, DAY_S, "s", above=True),
+        "scale_down_delay_s": Range(0, 3600, "s"),
+        "activation_scale": Range(1, 10_000),
+        "concurrency_limit": Range(0, 1e6),
+        "queue_size": Range(0, 1e6),
+        "queue_timeout_s": Range(0, DAY_S, "s", above=True),
+    }
+    ORDER: ClassVar[Order] = (("min_replicas", "max_replicas"), ("panic_window_s", "stable_window_s"))
+
     target_concurrency: float = 1.0  # requests in flight one replica should hold
     # the request path (snapscale gateway), per gateway: at most this many requests in flight on
     # one replica (0: no limit); while no replica can take one, up to queue_size requests wait
@@ -62,13 +109,46 @@ class ScalingSpec:
     max_scale_down_rate: float = 2.0  # replicas may shrink at most by this factor per tick
     min_replicas: int = 0
     max_replicas: int = 10
-    scale_to_zero_after_s: float = 30.0  # grace with no traffic before the last replica goes
+    scale_to_zero_after_s: float = 30.0  # grace before the last replica goes, counted from:
+    # "last-traffic", the last traffic event; "inactive", when the decided count reached zero
+    # (Knative's scale-to-zero-grace-period, where the activator joins the request path then)
+    scale_to_zero_grace_from: Literal["last-traffic", "inactive"] = "last-traffic"
+    # keep the highest count decided this long before going down (Knative scale-down-delay); 0: off
+    scale_down_delay_s: float = 0.0
+    # a desire above zero is raised to this many, so a scale from zero starts at least these
+    # (Knative activation-scale); 1: off
+    activation_scale: int = 1
     ready_timeout_s: float = 300.0  # a replica not ready by then is placed elsewhere
     release_mode: Literal["auto", "stop", "suspend"] = "auto"
+
+    def problems(self) -> list[str]:
+        """The activation scale against min_replicas and max_replicas, as "field: reason"
+        (empty when fine): Knative's own checks of the same knobs, in one place so that the
+        spec's validation can take them in. A max_replicas of 0 (a disabled or removed
+        deployment, drained so) bounds no activation scale, as Knative's max-scale 0 bounds none.
+        """
+        out: list[str] = []
+        if self.activation_scale > 1:  # its range is in LIMITS; these rules relate it to others
+            if self.activation_scale < self.min_replicas:
+                out.append(
+                    f"activation_scale: {self.activation_scale} is below min_replicas {self.min_replicas}"
+                )
+            if 0 < self.max_replicas < self.activation_scale:
+                out.append(
+                    f"activation_scale: {self.activation_scale} is above max_replicas {self.max_replicas}"
+                )
+        return out
 
 
 @dataclass(frozen=True)
 class DeploymentSpec:
+    LIMITS: ClassVar[Limits] = {
+        "name": Check(lambda v: check_token("deployment", v)),
+        "command": Check(_not_empty),
+        "port": Range(1, 65535),
+        "gpus": Range(0, 64),
+    }
+
     name: str
     command: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -89,6 +169,9 @@ class DeploymentSpec:
             raise ConfigError(str(e)) from None
         if not self.command:
             raise ConfigError(f"deployment {self.name}: command is empty")
+        bad = self.scaling.problems()
+        if bad:
+            raise ConfigError(f"deployment {self.name}: " + "; ".join(f"scaling.{p}" for p in bad))
 
     def spec_hash(self) -> str:
         """What a checkpoint depends on: everything but the scaling knobs."""
@@ -110,11 +193,13 @@ class DeploymentSpec:
             raise ConfigError(f"deployment spec is not JSON: {e}") from None
 
 
-def spec_from_mapping(data: Any) -> DeploymentSpec:
-    try:
-        return wire.from_plain(DeploymentSpec, data, "spec")
-    except MessageError as e:
-        raise ConfigError(f"deployment spec: {e.field}: {e.reason}") from None
+def spec_from_mapping(data: Any, what: str = "deployment spec", root: str = "") -> DeploymentSpec:
+    """The spec `data` describes, or a `FieldsError` listing every problem at once, each with its
+    field path under `root` (unknown keys, types, ranges, `min_replicas <= max_replicas`, ...)."""
+    problems = check(DeploymentSpec, data, root)
+    if problems:
+        raise FieldsError(what, problems)
+    return wire.from_plain(DeploymentSpec, data, "spec")
 
 
 def load_spec(path: Path) -> DeploymentSpec:
@@ -123,4 +208,21 @@ def load_spec(path: Path) -> DeploymentSpec:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{path}: {e}") from None
-    return spec_from_mapping(data.get("deployment", data))
+    return spec_from_toml(data, str(path))
+
+
+def spec_from_toml(data: dict[str, Any], what: str) -> DeploymentSpec:
+    """A spec file's tables: with a `[deployment]` table, nothing may sit beside it (a `[scaling]`
+    meant as `[deployment.scaling]` would otherwise be dropped without a word)."""
+    if not isinstance(data.get("deployment"), dict):
+        return spec_from_mapping(data, what)
+    stray = [
+        Problem(k, f"outside [deployment]: did you mean deployment.{k}?") for k in data if k != "deployment"
+    ]
+    try:
+        spec = spec_from_mapping(data["deployment"], what, "deployment")
+    except FieldsError as e:
+        raise FieldsError(what, [*stray, *e.problems]) from None
+    if stray:
+        raise FieldsError(what, stray)
+    return spec

@@ -5,11 +5,19 @@ A namespace other than "snapscale" prefixes all of them, so tests (and tenants) 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Annotated
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+from snapscale.shared.core.limits import Token
+
+NAME_MAX = 64  # a deployment, host or namespace: leaves room for a replica id made from it
+ID_MAX = 128  # a replica, command or checkpoint id, a GPU UUID, a compat hash
+
+# What a field that names something on the bus is declared as: the decoder refuses anything else.
+Name = Annotated[str, Token(NAME_MAX)]  # deployment, host
+Id = Annotated[str, Token(ID_MAX)]  # replica, command id, checkpoint id, GPU UUID, compat hash
+OptId = Annotated[str, Token(ID_MAX, empty=True)]  # an id field that may name nothing ("")
 
 
 class Verb(StrEnum):
@@ -27,10 +35,12 @@ class Bucket(StrEnum):
     LEASES = "leases"
 
 
-def check_token(kind: str, value: str) -> str:
-    """A deployment, host or replica id must be one subject token (no dots, spaces or wildcards)."""
-    if not _TOKEN.match(value):
-        raise ValueError(f"{kind} {value!r} must match [A-Za-z0-9_-]+ (it becomes a NATS subject token)")
+def check_token(kind: str, value: str, max_len: int = NAME_MAX) -> str:
+    """A deployment, host or replica id must be one subject token (no dots, spaces or wildcards),
+    bounded: the rule the decoder applies to `Name` and `Id` fields, for values from elsewhere."""
+    why = Token(max_len).problem(value)
+    if why is not None:
+        raise ValueError(f"{kind}: {why}")
     return value
 
 

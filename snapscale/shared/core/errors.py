@@ -29,3 +29,11 @@ class MessageError(SnapscaleError):
         super().__init__(f"malformed message: {field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class UnavailableError(RetryableError):
+    """A server this needs cannot be reached, or lacks what it needs (NATS without JetStream)."""
+
+
+class NotFoundError(SnapscaleError):
+    """What was named (a deployment, replica, host, checkpoint) does not exist."""

@@ -34,13 +34,18 @@ def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def serve(
-    service_name: str, otlp_endpoint: str | None, body: Callable[[asyncio.Event], Awaitable[None]]
+    service_name: str,
+    otlp_endpoint: str | None,
+    body: Callable[[asyncio.Event], Awaitable[None]],
+    *,
+    metrics_address: tuple[str, int] | None = None,
 ) -> int:
     """Run a service's `body(stop)` on uvloop until SIGTERM or SIGINT sets `stop`, with telemetry set
-    up inside the loop and flushed at exit (the one way the services start)."""
+    up inside the loop and flushed at exit (the one way the services start). `metrics_address`
+    (SNAPSCALE_METRICS_HOST/PORT) opens the Prometheus `/metrics` endpoint."""
 
     async def main() -> None:
-        telemetry.setup(service_name, otlp_endpoint)
+        telemetry.setup(service_name, otlp_endpoint, metrics_address=metrics_address)
         stop = asyncio.Event()
         install_stop_signals(stop)
         try:

@@ -17,6 +17,8 @@ from snapscale.shared.core.errors import ConfigError
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_CACHE_DIR = "/var/cache/snapscale"
 DEFAULT_STATE_DIR = "/var/lib/snapscale"
+MAX_JS_REPLICAS = 5  # JetStream's own limit
+_NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 
 
 @dataclass(frozen=True)
@@ -64,10 +66,47 @@ class StoreSettings:
 
 
 @dataclass(frozen=True)
+class NatsAuth:
+    """How this process proves who it is to NATS, and how it checks the server (TLS).
+
+    The server's authorization decides what each identity may publish and subscribe to
+    (compose/nats.conf gives every role its own subjects); without any of these the connection is
+    anonymous, which only a server without authorization accepts."""
+
+    user: str | None = None  # SNAPSCALE_NATS_USER, with SNAPSCALE_NATS_PASSWORD
+    password: str | None = field(default=None, repr=False)
+    token: str | None = field(default=None, repr=False)  # SNAPSCALE_NATS_TOKEN
+    creds_file: Path | None = None  # SNAPSCALE_NATS_CREDS: a user JWT and its nkey seed (`nsc`)
+    nkey_seed_file: Path | None = None  # SNAPSCALE_NATS_NKEY: a user nkey seed (`nk -gen user`)
+    ca_file: Path | None = None  # SNAPSCALE_NATS_CA: verify the server against this CA (TLS)
+    cert_file: Path | None = None  # SNAPSCALE_NATS_CERT and SNAPSCALE_NATS_KEY: a client certificate
+    key_file: Path | None = None
+    # SNAPSCALE_NATS_INBOX: where replies come back. A role's own prefix lets the server allow it
+    # only its own replies (a host reading the inbox of all would see other hosts' commands).
+    inbox_prefix: str = "_INBOX"
+
+    def __post_init__(self) -> None:
+        ways = [n for n, v in (("user", self.user), ("token", self.token), ("creds", self.creds_file),
+                               ("nkey", self.nkey_seed_file)) if v]  # fmt: skip
+        if len(ways) > 1:
+            raise ConfigError(f"NATS credentials: set one of user/password, token, creds or nkey, not {ways}")
+        if self.password and not self.user:
+            raise ConfigError("SNAPSCALE_NATS_PASSWORD without SNAPSCALE_NATS_USER")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("SNAPSCALE_NATS_CERT and SNAPSCALE_NATS_KEY go together")
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None or self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything a snapscale process is configured with. Units are in the names."""
 
+    # One server or a cluster's, comma-separated: a client reconnects to another when one goes.
     nats_url: str = DEFAULT_NATS_URL
+    nats_auth: NatsAuth = field(default_factory=NatsAuth)
     namespace: str = "snapscale"  # subject root and KV/stream prefix; tests use their own
     store: StoreSettings = field(default_factory=lambda: StoreSettings(url=f"file://{DEFAULT_STATE_DIR}/store"))
     signing_key: bytes = b""
@@ -77,8 +116,27 @@ class Settings:
     host_id: str = field(default_factory=socket.gethostname)
     criu_path: str | None = None  # SNAPSCALE_CRIU; else found by snapscale.shared.engine.criu
     otlp_endpoint: str | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT; None exports nothing
+    metrics_port: int | None = None  # SNAPSCALE_METRICS_PORT: serve Prometheus /metrics; None: no listener
+    metrics_host: str = "127.0.0.1"  # SNAPSCALE_METRICS_HOST: the address it listens on
     service_name: str = "snapscale"
     log_level: str = "INFO"
+    js_replicas: int = 1  # copies of every stream and KV bucket JetStream keeps (3 on a cluster)
+
+    def __post_init__(self) -> None:
+        nats_servers(self.nats_url)
+        if not 1 <= self.js_replicas <= MAX_JS_REPLICAS:
+            raise ConfigError(
+                f"SNAPSCALE_JS_REPLICAS={self.js_replicas}: JetStream keeps 1 to {MAX_JS_REPLICAS} replicas"
+            )
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """The server URLs `nats_url` lists, in order."""
+        return nats_servers(self.nats_url)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return None if self.metrics_port is None else (self.metrics_host, self.metrics_port)
 
     def require_signing_key(self) -> bytes:
         if not self.signing_key:
@@ -100,6 +158,17 @@ class Settings:
         )
         kw: dict[str, object] = dict(
             nats_url=e.get("SNAPSCALE_NATS_URL", DEFAULT_NATS_URL),
+            nats_auth=NatsAuth(
+                user=e.get("SNAPSCALE_NATS_USER") or None,
+                password=e.get("SNAPSCALE_NATS_PASSWORD") or None,
+                token=e.get("SNAPSCALE_NATS_TOKEN") or None,
+                creds_file=_path(e, "SNAPSCALE_NATS_CREDS"),
+                nkey_seed_file=_path(e, "SNAPSCALE_NATS_NKEY"),
+                ca_file=_path(e, "SNAPSCALE_NATS_CA"),
+                cert_file=_path(e, "SNAPSCALE_NATS_CERT"),
+                key_file=_path(e, "SNAPSCALE_NATS_KEY"),
+                inbox_prefix=e.get("SNAPSCALE_NATS_INBOX") or "_INBOX",
+            ),
             namespace=e.get("SNAPSCALE_NAMESPACE", "snapscale"),
             store=store,
             signing_key=e.get("SNAPSCALE_SIGNING_KEY", "").encode(),
@@ -109,11 +178,37 @@ class Settings:
             host_id=e.get("SNAPSCALE_HOST_ID") or socket.gethostname(),
             criu_path=e.get("SNAPSCALE_CRIU") or None,
             otlp_endpoint=e.get("OTEL_EXPORTER_OTLP_ENDPOINT") or None,
+            metrics_port=_port(e, "SNAPSCALE_METRICS_PORT"),
+            metrics_host=e.get("SNAPSCALE_METRICS_HOST") or "127.0.0.1",
             service_name=e.get("OTEL_SERVICE_NAME", "snapscale"),
             log_level=e.get("SNAPSCALE_LOG_LEVEL", "INFO"),
+            js_replicas=_int(e, "SNAPSCALE_JS_REPLICAS", 1),
         )
         kw.update(overrides)
         return cls(**kw)  # type: ignore[arg-type]
+
+
+class NatsUrlError(ConfigError):
+    """SNAPSCALE_NATS_URL names no NATS server: an operator's verb reads it as "unavailable"."""
+
+
+def nats_servers(raw: str) -> list[str]:
+    """`nats://a:4222,nats://b:4222` as a list; raises `ConfigError` naming the entry that is wrong."""
+    out = [u.strip() for u in raw.split(",")]
+    if not raw.strip() or "" in out:
+        raise NatsUrlError(f"SNAPSCALE_NATS_URL={raw!r}: an empty server entry; list URLs, comma-separated")
+    for u in out:
+        p = urlparse(u)
+        if p.scheme not in _NATS_SCHEMES or not p.hostname:
+            raise NatsUrlError(
+                f"SNAPSCALE_NATS_URL={raw!r}: {u!r} is not a NATS URL: use nats://host:4222 "
+                "(or tls://, ws://, wss://)"
+            )
+        try:
+            p.port  # noqa: B018 - parsing it raises on a port that is not a number
+        except ValueError:
+            raise NatsUrlError(f"SNAPSCALE_NATS_URL={raw!r}: {u!r} has a bad port") from None
+    return out
 
 
 def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
@@ -125,6 +220,20 @@ def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
     if raw in ("0", "false", "no", "off"):
         return False
     raise ConfigError(f"{name}={raw!r}: say 1 or 0")
+
+
+def _path(env: Mapping[str, str], name: str) -> Path | None:
+    raw = env.get(name)
+    return Path(raw) if raw else None
+
+
+def _port(env: Mapping[str, str], name: str) -> int | None:
+    if not env.get(name):
+        return None
+    port = _int(env, name, 0)
+    if not 0 < port < 65536:
+        raise ConfigError(f"{name}={port}: a TCP port is 1-65535")
+    return port
 
 
 def _int(env: Mapping[str, str], name: str, default: int) -> int:

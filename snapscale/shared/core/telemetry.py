@@ -1,22 +1,42 @@
 """OpenTelemetry setup and trace-context propagation through NATS headers.
 
 OTLP/HTTP export only when OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise spans are recorded
-for nobody. Tests pass their own span exporter.
+for nobody. Tests pass their own span exporter. Metrics go one way: pulled from a Prometheus
+`/metrics` endpoint when SNAPSCALE_METRICS_PORT opens one, else pushed over OTLP, never both, so a
+Prometheus that also takes the collector's OTLP does not count a scale-up twice.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from opentelemetry import context, metrics, propagate, trace
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
 
+# Bucket boundaries of every histogram in seconds. A scale-up's phases take from tens of
+# milliseconds (a resume's ready probe) to minutes (a large model's cold boot); the SDK's default
+# boundaries (0, 5, 10, 25 ... 10000) are meant for milliseconds and put 0.5-30 s in two buckets.
+DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
+
 _provider: TracerProvider | None = None
+_metrics_server: Callable[[], None] | None = None
+
+
+def views() -> list[View]:
+    """The views every meter provider of snapscale gets: second-scale buckets for durations."""
+    return [
+        View(
+            instrument_type=Histogram,
+            instrument_unit="s",
+            aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S),
+        )
+    ]
 
 
 def setup(
@@ -25,12 +45,18 @@ def setup(
     *,
     exporter: SpanExporter | None = None,
     metric_reader: MetricReader | None = None,
+    metrics_address: tuple[str, int] | None = None,
 ) -> TracerProvider:
-    """Install a tracer (and meter) provider for this process. Safe to call once per process."""
+    """Install a tracer (and meter) provider for this process. Safe to call once per process.
+
+    `metrics_address` (host, port) serves the metrics on `/metrics` there for Prometheus to scrape;
+    OTLP then carries spans only."""
     global _provider
     resource = Resource.create({"service.name": service_name})
     provider = TracerProvider(resource=resource)
     readers: list[MetricReader] = [metric_reader] if metric_reader else []
+    if metrics_address is not None:
+        readers.append(_serve_metrics(*metrics_address))
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     elif otlp_endpoint:
@@ -39,18 +65,38 @@ def setup(
 
         # The exporters read OTEL_EXPORTER_OTLP_* themselves (signal paths, headers, timeouts).
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(), schedule_delay_millis=500))
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(), export_interval_millis=5000))
+        if metrics_address is None:
+            readers.append(PeriodicExportingMetricReader(OTLPMetricExporter(), export_interval_millis=5000))
     trace.set_tracer_provider(provider)
     if readers:
-        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+        metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers, views=views()))
     _provider = provider
     return provider
 
 
+def _serve_metrics(host: str, port: int) -> MetricReader:
+    """The OTel SDK's Prometheus reader behind prometheus_client's HTTP server on host:port.
+
+    The SDK's own exporter rather than prometheus_client's instruments: the services record once,
+    through OTel, and the same instruments, views and names reach OTLP and Prometheus alike."""
+    global _metrics_server
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import start_http_server
+
+    reader = PrometheusMetricReader()
+    server, _thread = start_http_server(port, addr=host)
+    _metrics_server = server.shutdown
+    return reader
+
+
 def shutdown() -> None:
+    global _metrics_server
     if _provider is not None:
         _provider.force_flush(5000)
         _provider.shutdown()
+    if _metrics_server is not None:
+        _metrics_server()
+        _metrics_server = None
 
 
 def tracer(name: str) -> trace.Tracer:

@@ -6,6 +6,13 @@ Services import these names, not the modules.
 from snapscale.shared.engine.compat import CompatKey, cuda_driver_version, host_key, read_gpus
 from snapscale.shared.engine.criu import CriuBinary, find_criu
 from snapscale.shared.engine.errors import CriuError, EngineError
+from snapscale.shared.engine.forward import (
+    Forward,
+    PortForwards,
+    forward_table_name,
+    free_host_port,
+    port_hint,
+)
 from snapscale.shared.engine.lifecycle import (
     FreezeReport,
     ImageMeta,
@@ -13,23 +20,34 @@ from snapscale.shared.engine.lifecycle import (
     freeze,
     log_key,
     read_meta,
+    read_weights,
     restore,
     resume,
     suspend,
     wait_ready,
 )
-from snapscale.shared.engine.netns import delete_netns, existing_netns, netns_inode, pids_in_netns
+from snapscale.shared.engine.netns import (
+    delete_netns,
+    existing_netns,
+    netns_inode,
+    netns_owner,
+    pids_in_netns,
+)
 from snapscale.shared.engine.procs import pid_alive, pids_holding
 from snapscale.shared.engine.registry import SandboxRegistry
 from snapscale.shared.engine.sandbox import Sandbox, is_running, launch, stop, tree_pids
+from snapscale.workload import ChunkDir
 
 __all__ = [
+    "ChunkDir",
     "CompatKey",
     "CriuBinary",
     "CriuError",
     "EngineError",
+    "Forward",
     "FreezeReport",
     "ImageMeta",
+    "PortForwards",
     "RestoreReport",
     "Sandbox",
     "SandboxRegistry",
@@ -37,17 +55,22 @@ __all__ = [
     "delete_netns",
     "existing_netns",
     "find_criu",
+    "forward_table_name",
+    "free_host_port",
     "freeze",
     "host_key",
     "is_running",
     "launch",
     "log_key",
     "netns_inode",
+    "netns_owner",
     "pid_alive",
     "pids_holding",
     "pids_in_netns",
+    "port_hint",
     "read_gpus",
     "read_meta",
+    "read_weights",
     "restore",
     "resume",
     "stop",

@@ -169,11 +169,18 @@ def dump_argv(
 
 
 def restore_argv(
-    b: CriuBinary, image_dir: Path, *, inherit: Mapping[str, int], log_path: Path, pidfile: Path
+    b: CriuBinary,
+    image_dir: Path,
+    *,
+    inherit: Mapping[str, int],
+    log_path: Path,
+    pidfile: Path,
+    log_level: int = 2,
 ) -> list[str]:
     """Pure. Detached (`-d`): the tree outlives CRIU. `inherit` maps image resource keys to our fds.
     The sandbox's mount namespace is rebuilt on the host's root, its external mounts bound back from
-    the same host paths (`--root / --ext-mount-map auto`)."""
+    the same host paths (`--root / --ext-mount-map auto`). `log_level` 4 timestamps every step
+    (criu_profile.py reads it); 2, errors only, costs nothing."""
     argv = [
         b.path,
         "restore",
@@ -182,7 +189,7 @@ def restore_argv(
         str(image_dir),
         "-o",
         str(log_path),
-        "-v2",
+        f"-v{log_level}",
         "--pidfile",
         str(pidfile),
         "--root",
@@ -228,12 +235,20 @@ async def dump(
 
 
 async def restore(
-    b: CriuBinary, image_dir: Path, *, inherit: Mapping[str, int], log_path: Path, pidfile: Path
+    b: CriuBinary,
+    image_dir: Path,
+    *,
+    inherit: Mapping[str, int],
+    log_path: Path,
+    pidfile: Path,
+    log_level: int = 2,
 ) -> CriuRun:
     """Restore detached; the fds in `inherit` must be open in this process (they are passed on)."""
     require_version(b)
     _prepare_restore(image_dir, pidfile)
-    argv = restore_argv(b, image_dir, inherit=inherit, log_path=log_path, pidfile=pidfile)
+    argv = restore_argv(
+        b, image_dir, inherit=inherit, log_path=log_path, pidfile=pidfile, log_level=log_level
+    )
     seconds = await _run(argv, "criu_restore", log_path, pass_fds=tuple(inherit.values()))
     return CriuRun(seconds=seconds, stats=read_stats(image_dir, "restore"), pid=_read_pid(pidfile, log_path))
 

@@ -2,7 +2,9 @@
 
 freeze = before_freeze hook -> CUDA lock+checkpoint -> criu dump -> (CUDA restore+unlock, after_restore
 hook when it keeps serving). restore = criu restore -> CUDA restore+unlock -> after_restore -> ready.
-Every step is timed and traced. No chunking, S3 or NATS here: callers own those.
+A workload that keeps its weights outside the image (`snapscale.workload`) is offered to release
+them in before_freeze; its record goes into the image dir, and after_restore is told where to fill
+them from (docs/weights.md). Every step is timed and traced. No chunking, S3 or NATS here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from opentelemetry import trace
 
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import criu as criu_mod
 from snapscale.shared.engine import cuda as cuda_ckpt
 from snapscale.shared.engine import netns, probe, sandbox
@@ -35,6 +38,9 @@ from snapscale.shared.engine.errors import (
     SandboxExited,
 )
 from snapscale.shared.engine.sandbox import Sandbox, launch, stop
+from snapscale.workload import FillSource, SourceFiles, WeightsError, WeightsRecord
+from snapscale.workload import hooks as weights_hooks
+from snapscale.workload.record import IMAGE_FILE as WEIGHTS_NAME
 
 __all__ = [
     "CriuError",
@@ -49,6 +55,7 @@ __all__ = [
     "SandboxExited",
     "freeze",
     "launch",
+    "read_weights",
     "restore",
     "resume",
     "stop",
@@ -71,6 +78,7 @@ class FreezeReport:
     cuda: bool
     criu_stats: dict[str, int] = field(default_factory=dict)
     zero_bytes_dropped: int = 0  # all-zero pages taken out of the image (criu_pages)
+    weights_bytes: int = 0  # weights the workload released: outside the image, in its record
 
 
 @dataclass(frozen=True)
@@ -148,8 +156,33 @@ async def wait_ready(
     )
 
 
-async def _hook(step: str, sb: Sandbox, path: str, timeout_s: float) -> None:
-    await probe.run_hook(step, sb.endpoint, path, timeout_s=timeout_s, log_tail=lambda: _tail(sb))
+async def _hook(step: str, sb: Sandbox, path: str, timeout_s: float, body: bytes = b"") -> bytes:
+    return await probe.run_hook(
+        step, sb.endpoint, path, timeout_s=timeout_s, log_tail=lambda: _tail(sb), body=body
+    )
+
+
+async def _before_freeze(sb: Sandbox, spec: DeploymentSpec, keep_running: bool) -> WeightsRecord | None:
+    """The before_freeze hook; the record of the weights the workload released, if it did.
+
+    The offer to carry weights goes only with an after_restore hook to bring them back. A record
+    that does not read is refused (nothing is dumped), after a keep-running workload is told to
+    fill its weights back from its own files.
+    """
+    hooks = spec.hooks
+    assert hooks.before_freeze is not None
+    offer = weights_hooks.freeze_request(release=True) if hooks.after_restore else b""
+    answer = await _hook("before_freeze", sb, hooks.before_freeze, hooks.timeout_s, offer)
+    try:
+        return weights_hooks.read_freeze_answer(answer)
+    except WeightsError as e:
+        if keep_running and hooks.after_restore:
+            with contextlib.suppress(EngineError):
+                body = weights_hooks.restore_request(SourceFiles())
+                await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
+        raise HookError(
+            "before_freeze", f"the workload's weights record is unusable: {e}", _tail(sb)
+        ) from None
 
 
 def _image_bytes(image_dir: Path) -> int:
@@ -176,10 +209,11 @@ async def freeze(
         raise SandboxExited("freeze", f"sandbox {sb.replica} (pid {sb.pid}) is not running", _tail(sb))
     t: dict[str, float] = {}
     hooks = spec.hooks
+    weights: WeightsRecord | None = None
     with _step(t, "freeze", sb):
         if hooks.before_freeze:
             with _step(t, "before_freeze", sb):
-                await _hook("before_freeze", sb, hooks.before_freeze, hooks.timeout_s)
+                weights = await _before_freeze(sb, spec, keep_running)
         drv: cuda_ckpt.CudaCheckpoint | None = None
         cuda_pids: list[int] = []
         if sb.gpu_uuids:
@@ -198,6 +232,9 @@ async def freeze(
                 frozen_at=time.time(),
             )
             _write_meta(image_dir, meta)
+            await pause_point("criu_dump")
+            if weights is not None:
+                _write_file(image_dir, WEIGHTS_NAME, weights.to_json())
             with _step(t, "criu_dump", sb):
                 run = await criu_mod.dump(
                     criu,
@@ -213,15 +250,21 @@ async def freeze(
             if drv is not None and cuda_pids and sandbox.is_running(sb):
                 with contextlib.suppress(CudaError):
                     await drv.resume_tree(cuda_pids)
+            if keep_running and weights is not None and hooks.after_restore and sandbox.is_running(sb):
+                with contextlib.suppress(EngineError):  # and its weights: it cannot serve without
+                    body = weights_hooks.restore_request(SourceFiles())
+                    await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
             raise
         if keep_running:
             if drv is not None and cuda_pids:
                 with _step(t, "cuda_restore", sb):
                     await drv.resume_tree(cuda_pids)
             if hooks.before_freeze and hooks.after_restore:
-                # It keeps serving: undo what before_freeze dropped (e.g. re-allocate the KV cache).
+                # It keeps serving: undo what before_freeze dropped (e.g. re-allocate the KV cache);
+                # released weights come back from the workload's own files, verified.
+                body = b"" if weights is None else weights_hooks.restore_request(SourceFiles())
                 with _step(t, "after_restore", sb):
-                    await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s)
+                    await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
         else:
             await stop(sb)
     dropped = 0
@@ -240,14 +283,33 @@ async def freeze(
         cuda=bool(cuda_pids),
         criu_stats=run.stats,
         zero_bytes_dropped=dropped,
+        weights_bytes=0 if weights is None else weights.nbytes,
     )
 
 
 def _write_meta(image_dir: Path, meta: ImageMeta) -> None:
+    _write_file(image_dir, META_NAME, meta.to_json())
+
+
+def _write_file(image_dir: Path, name: str, data: bytes) -> None:
     image_dir.mkdir(parents=True, exist_ok=True)
-    tmp = image_dir / f".{META_NAME}.tmp"
-    tmp.write_bytes(meta.to_json())
-    tmp.rename(image_dir / META_NAME)
+    tmp = image_dir / f".{name}.tmp"
+    tmp.write_bytes(data)
+    tmp.rename(image_dir / name)
+
+
+def read_weights(image_dir: Path) -> WeightsRecord | None:
+    """The record of the weights kept outside this image, or None when they are inside it."""
+    try:
+        data = (image_dir / WEIGHTS_NAME).read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise EngineError("restore", f"{WEIGHTS_NAME} in the image is unreadable: {e.strerror}") from None
+    try:
+        return WeightsRecord.from_json(data, WEIGHTS_NAME)
+    except WeightsError as e:
+        raise EngineError("restore", f"{WEIGHTS_NAME} in the image is unusable: {e}") from None
 
 
 def read_meta(image_dir: Path) -> ImageMeta:
@@ -268,32 +330,47 @@ async def restore(
     run_dir: Path,
     criu: CriuBinary,
     checkpoint_id: str | None = None,
+    weights: FillSource | None = None,
+    criu_log_level: int = 2,
 ) -> tuple[Sandbox, RestoreReport]:
     """Bring a frozen sandbox back as `replica` in a fresh netns, on `gpu_uuids`, and wait until ready.
 
+    An image whose weights are outside it has them filled in after_restore from `weights` (the
+    host cache's chunks, for a restorer), by default from the source files its record names.
+    `criu_log_level` 4 logs every CRIU step with a timestamp (engine/criu_profile.py reads it).
     On any failure whatever half-started is killed, its netns removed, and a typed error raised.
     """
     meta = read_meta(image_dir)
     if meta.deployment != spec.name:
         raise EngineError("restore", f"image is of deployment {meta.deployment!r}, not {spec.name!r}")
+    record = read_weights(image_dir)
+    after_body = b""
+    if record is not None:
+        if not spec.hooks.after_restore:
+            raise EngineError(
+                "restore", "the image's weights are outside it and the spec has no after_restore hook"
+            )
+        after_body = weights_hooks.restore_request(weights or SourceFiles())
     drv = cuda_ckpt.driver() if meta.cuda else None  # no CUDA here: fail before starting anything
     pairs = cuda_ckpt.remap_pairs(meta.gpu_uuids, gpu_uuids, drv.host_uuids()) if drv is not None else []
     t: dict[str, float] = {}
     sandbox.become_subreaper()
     with _step(t, "restore"):
-        ns = await netns.create(replica)
+        ns = await netns.create(replica, owner=run_dir)
         log_path = run_dir / sandbox.LOG_NAME
         try:
             log_fd = sandbox.open_log(log_path)
             ns_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
             try:
                 with _step(t, "criu_restore"):
+                    await pause_point("criu_restore")
                     run = await criu_mod.restore(
                         criu,
                         image_dir,
                         inherit={criu_mod.EXTNET_KEY: ns_fd, meta.log_key: log_fd},
                         log_path=run_dir / f"criu-restore-{int(time.time() * 1000)}.log",
                         pidfile=run_dir / "criu-restore.pid",
+                        log_level=criu_log_level,
                     )
             finally:
                 os.close(log_fd)
@@ -317,9 +394,12 @@ async def restore(
             if drv is not None:
                 with _step(t, "cuda_restore", sb):
                     await drv.resume_tree(sandbox.tree_pids(sb), pairs)
+            await pause_point("after_restore")
             if spec.hooks.after_restore:
                 with _step(t, "after_restore", sb):
-                    await _hook("after_restore", sb, spec.hooks.after_restore, spec.hooks.timeout_s)
+                    hooks = spec.hooks
+                    assert hooks.after_restore is not None
+                    await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, after_body)
             with _step(t, "ready_probe", sb):
                 await wait_ready(sb, spec.ready, cwd=spec.cwd)
         except BaseException:

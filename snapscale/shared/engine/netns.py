@@ -2,6 +2,9 @@
 
 The host side of the pair is `ssv<n>` at .1, the sandbox side `eth0` at .2: the replica's endpoint.
 Allocation is serialised (asyncio lock in-process, flock across processes); nothing here kills processes.
+Each namespace made for a sandbox names its owner (the sandbox's run dir) in `/run/snapscale-netns/`:
+namespaces are host-wide, so a restorer starting after a crash removes the ones its own run dirs
+own and nobody else's.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ POOL = ipaddress.IPv4Network("10.213.0.0/16")
 PREFIX = "snapscale-"
 _SLOTS = POOL.num_addresses // 4
 _LOCK_PATH = Path("/run/snapscale-netns.lock")
+OWNERS_DIR = Path("/run/snapscale-netns")  # <netns name> -> the run dir it was made for
 _alloc_locks: dict[asyncio.AbstractEventLoop, asyncio.Lock] = {}
 
 
@@ -108,17 +112,46 @@ async def _ip(*args: str) -> None:
         raise EngineError("netns", f"ip {' '.join(args)} failed: {err.decode(errors='replace').strip()}")
 
 
+def _links() -> set[str]:
+    """The interfaces of this process's network namespace. /proc/net/dev, not /sys/class/net: sysfs
+    shows the namespace of whoever mounted it, which is not ours under `nsenter --net`."""
+    lines = Path("/proc/self/net/dev").read_text().splitlines()[2:]
+    return {line.split(":", 1)[0].strip() for line in lines if ":" in line}
+
+
 def _host_links() -> set[int]:
     out = set()
-    for p in Path("/sys/class/net").iterdir():
-        m = re.fullmatch(r"ssv(\d+)", p.name)
+    for name in _links():
+        m = re.fullmatch(r"ssv(\d+)", name)
         if m:
             out.add(int(m.group(1)))
     return out
 
 
-async def create(replica: str) -> NetNs:
-    """Make a fresh netns for `replica` with its veth pair, addresses, routes and loopback up."""
+def netns_owner(name: str) -> Path | None:
+    """The run dir the namespace `name` was made for, or None when it names none."""
+    try:
+        return Path((OWNERS_DIR / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _set_owner(name: str, owner: Path | None) -> None:
+    """Written before the namespace exists (a crash in between leaves a record of nothing, never a
+    namespace without its owner); cleared when the name is taken by a sandbox that names none."""
+    path = OWNERS_DIR / name
+    if owner is None:
+        path.unlink(missing_ok=True)
+        return
+    OWNERS_DIR.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(str(owner.resolve()))
+    tmp.rename(path)
+
+
+async def create(replica: str, owner: Path | None = None) -> NetNs:
+    """Make a fresh netns for `replica` with its veth pair, addresses, routes and loopback up;
+    `owner` (the sandbox's run dir) is recorded for `netns_owner`."""
     async with _alloc_lock():
         fd = os.open(_LOCK_PATH, os.O_CREAT | os.O_RDWR, 0o600)
         try:
@@ -127,6 +160,7 @@ async def create(replica: str) -> NetNs:
             # A stable hint spreads replicas over the pool so a slot just freed is rarely reused at once.
             index = free_slot(used, hint(replica))
             ns = NetNs(name=f"{PREFIX}{index}", index=index)
+            _set_owner(ns.name, owner)
             try:
                 await _setup(ns)
             except EngineError:
@@ -152,6 +186,8 @@ async def _setup(ns: NetNs) -> None:
 async def delete_netns(name: str) -> None:
     """Remove the netns and its veth pair. Idempotent; processes still inside keep it alive."""
     ns = parse_name(name)
+    # first: once the namespace is gone its name may be taken, and the record with it
+    _set_owner(ns.name, None)
     if _link_exists(ns.host_if):
         try:
             await _ip("link", "del", ns.host_if)
@@ -162,7 +198,7 @@ async def delete_netns(name: str) -> None:
 
 
 def _link_exists(name: str) -> bool:
-    return Path("/sys/class/net", name).exists()
+    return name in _links()
 
 
 def pids_in_netns(name: str) -> list[int]:

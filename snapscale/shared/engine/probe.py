@@ -107,17 +107,17 @@ async def wait_ready(
 
 
 async def run_hook(
-    step: str, endpoint: str, path: str, *, timeout_s: float, log_tail: Callable[[], str]
-) -> float:
-    """POST the hook; a non-2xx answer, no answer or a missed deadline is a `HookError`."""
-    start = time.monotonic()
+    step: str, endpoint: str, path: str, *, timeout_s: float, log_tail: Callable[[], str], body: bytes = b""
+) -> bytes:
+    """POST the hook with `body`; its answer's body. A non-2xx answer, no answer or a missed
+    deadline is a `HookError`."""
     try:
-        status, body = await http_request("POST", endpoint, path, timeout_s=timeout_s)
+        status, answer = await http_request("POST", endpoint, path, timeout_s=timeout_s, body=body)
     except TimeoutError:
         raise HookError(step, f"POST {path} missed its {timeout_s:g}s deadline", log_tail()) from None
     except (OSError, ValueError) as e:
         raise HookError(step, f"POST {path} failed: {e!r}", log_tail()) from None
     if not 200 <= status < 300:
-        text = body[:300].decode(errors="replace").strip()
+        text = answer[:300].decode(errors="replace").strip()
         raise HookError(step, f"POST {path} answered {status}: {text}", log_tail())
-    return time.monotonic() - start
+    return answer

@@ -42,12 +42,13 @@ class Sandbox:
     deployment: str
     pid: int  # host PID of the sandbox's init (PID 1 of its own PID namespace)
     netns: str  # name under /run/netns
-    endpoint: str  # "10.213.x.y:PORT", reachable from the host
+    endpoint: str  # "10.213.x.y:PORT", reachable from the host (events call it `local_endpoint`)
     gpu_uuids: list[str] = field(default_factory=list)
     log_path: str = ""
     started_at: float = 0.0  # wall clock, seconds
     checkpoint_id: str | None = None  # None: cold-booted
     run_dir: str = ""
+    host_port: int | None = None  # the host port forwarded to `endpoint` (forward.py); None: none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +67,7 @@ class Sandbox:
                 started_at=float(d.get("started_at", 0.0)),
                 checkpoint_id=None if d.get("checkpoint_id") is None else str(d["checkpoint_id"]),
                 run_dir=str(d.get("run_dir", "")),
+                host_port=None if d.get("host_port") is None else int(d["host_port"]),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EngineError("sandbox", f"malformed sandbox record: {e!r}") from None
@@ -127,7 +129,7 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     log_path = run_dir / LOG_NAME
     log_fd = open_log(log_path)
     try:
-        ns = await netns.create(replica)
+        ns = await netns.create(replica, owner=run_dir)
     except BaseException:
         os.close(log_fd)
         raise

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
+from snapscale.shared.core import errors
 from snapscale.shared.core.errors import ConfigError, RetryableError, SnapscaleError
 from snapscale.shared.core.settings import StoreSettings
 from snapscale.shared.store.chunking import is_digest
@@ -32,7 +33,7 @@ class RetryableStoreError(RetryableError, StoreError):
     """The store failed in a way that may pass (5xx, throttling, a dropped connection)."""
 
 
-class NotFoundError(StoreError):
+class NotFoundError(StoreError, errors.NotFoundError):
     """The key does not exist."""
 
     def __init__(self, key: str) -> None:

@@ -78,6 +78,11 @@ class HostCache:
     def path(self, digest: str) -> Path:
         return self._chunks / digest
 
+    @property
+    def chunks_dir(self) -> Path:
+        """Where every chunk lies under its digest (a restored workload fills its weights from here)."""
+        return self._chunks
+
     def __contains__(self, digest: object) -> bool:
         return digest in self._lru
 

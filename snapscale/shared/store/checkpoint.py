@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from snapscale.shared.core.pause import pause_point
 from snapscale.shared.store.backend import (
     ChunkStore,
     NotFoundError,
@@ -21,15 +22,19 @@ from snapscale.shared.store.backend import (
     manifest_key,
     run_bounded,
 )
-from snapscale.shared.store.chunking import ImageScan, read_chunk, scan_image, sha256_hex
+from snapscale.shared.store.chunking import ChunkSource, ImageScan, read_chunk, scan_image, sha256_hex
 from snapscale.shared.store.manifest import (
     FORMAT_VERSION,
+    WEIGHTS_FORMAT_VERSION,
     FileEntry,
     Manifest,
     ManifestError,
+    WeightChunk,
     encode_manifest,
     load_manifest,
 )
+from snapscale.workload import WeightsError, WeightsRecord
+from snapscale.workload.record import IMAGE_FILE as WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,33 @@ class UploadReport:
     chunks: int  # distinct non-zero chunks
     new_chunks: int
     timings_s: dict[str, float] = field(default_factory=dict)
+    weight_bytes: int = 0  # of the weights outside the image (in unique_bytes too)
+
+
+def weight_sources(image_dir: Path) -> tuple[list[WeightChunk], dict[str, ChunkSource]]:
+    """The chunks of the weights kept outside this image, and where to read each (the files the
+    workload loaded them from); none when its weights are inside. Blocking."""
+    try:
+        data = (image_dir / WEIGHTS_FILE).read_bytes()
+    except FileNotFoundError:
+        return [], {}
+    try:
+        record = WeightsRecord.from_json(data, WEIGHTS_FILE)
+    except WeightsError as e:
+        raise StoreError(f"{image_dir}: {e}") from None
+    ranges = record.sources()
+    chunks = [WeightChunk(d, r.length) for d, r in sorted(ranges.items())]
+    return chunks, {d: ChunkSource(Path(r.path), r.offset, r.length) for d, r in ranges.items()}
+
+
+def _read_range(src: ChunkSource) -> bytes:
+    """A chunk's bytes from a file the workload named (it may be a link, as in a model cache)."""
+    try:
+        with open(src.path, "rb") as f:
+            f.seek(src.offset)
+            return f.read(src.length)
+    except OSError as e:
+        raise StoreError(f"weights file {src.path}: {e.strerror}") from None
 
 
 async def upload_image(
@@ -73,20 +105,24 @@ async def upload_image(
     scan: ImageScan = await asyncio.to_thread(
         scan_image, image_dir, *(() if chunk_bytes is None else (chunk_bytes,))
     )
+    weights, from_files = await asyncio.to_thread(weight_sources, image_dir)
+    sources = from_files | scan.sources  # a chunk both in the image and the weights: read the image
     t_scan = time.monotonic()
     new: list[int] = []
 
     async def ensure(digest: str) -> None:
         if await store.touch_chunk(digest):
             return
-        src = scan.sources[digest]
-        data = await asyncio.to_thread(read_chunk, src)
+        src = sources[digest]
+        read = read_chunk if digest in scan.sources else _read_range
+        data = await asyncio.to_thread(read, src)
         if sha256_hex(data) != digest:
             raise StoreError(f"{src.path} changed while uploading (chunk at offset {src.offset})")
         await store.put_chunk(digest, data)
         new.append(len(data))
 
-    await run_bounded(scan.sources, ensure, concurrency)
+    await run_bounded(sources, ensure, concurrency)
+    await pause_point("upload")  # chunks up, no manifest yet
     t_up = time.monotonic()
     if t_up - t0 > gc_grace_s / 2:
         # A GC could have collected a chunk we only touched at the start; never publish that.
@@ -96,8 +132,9 @@ async def upload_image(
         )
     timings = dict(timings_s or {})
     timings.update(chunk_s=round(t_scan - t0, 4), upload_s=round(t_up - t_scan, 4))
+    extra = sum(w.size for w in weights if w.digest not in scan.sources)
     m = Manifest(
-        format_version=FORMAT_VERSION,
+        format_version=WEIGHTS_FORMAT_VERSION if weights else FORMAT_VERSION,
         checkpoint_id=checkpoint_id,
         deployment=deployment,
         compat=dict(compat),
@@ -105,17 +142,18 @@ async def upload_image(
         chunk_bytes=scan.chunk_bytes,
         files=[FileEntry(f.path, f.size, f.mode, list(f.chunks)) for f in scan.files],
         total_bytes=scan.total_bytes,
-        unique_bytes=scan.unique_bytes,
+        unique_bytes=scan.unique_bytes + extra,
         new_bytes=sum(new),
         zero_bytes=scan.zero_bytes,
         created_at=time.time(),
         timings_s=timings,
+        weights=weights,
     )
     await store.put_manifest(key, encode_manifest(m, signing_key))
     # Close the window where a GC that listed before our touches deletes after them: check once
     # more now that the manifest protects every chunk, and put back any that went missing.
     repaired = len(new)
-    await run_bounded(scan.sources, ensure, concurrency)
+    await run_bounded(sources, ensure, concurrency)
     if len(new) != repaired:
         log.warning("checkpoint %s: %d chunks vanished during upload (GC?) and were put back",
                     checkpoint_id, len(new) - repaired)  # fmt: skip
@@ -124,9 +162,10 @@ async def upload_image(
         unique_bytes=m.unique_bytes,
         new_bytes=m.new_bytes,
         zero_bytes=m.zero_bytes,
-        chunks=len(scan.sources),
+        chunks=len(sources),
         new_chunks=len(new),
         timings_s=timings,
+        weight_bytes=m.weight_bytes,
     )
     log.info(
         "uploaded checkpoint %s of %s: %d bytes, %d unique, %d new, %d zero in %.2fs",
@@ -153,26 +192,38 @@ class VerifyReport:
 
 
 async def verify_checkpoint(
-    store: ChunkStore, manifest: Manifest, *, deep: bool = True, concurrency: int = 16
+    store: ChunkStore,
+    manifest: Manifest,
+    *,
+    deep: bool = True,
+    concurrency: int = 16,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> VerifyReport:
-    """Check every chunk is in the store (and, if `deep`, hashes to its name)."""
+    """Check every chunk is in the store (and, if `deep`, hashes to its name). `on_chunk(bytes
+    read)` is called as each chunk is done (a progress display)."""
     missing: list[str] = []
     corrupt: list[str] = []
     checked: list[int] = []
 
     async def one(d: str) -> None:
+        n = await check(d)
+        if on_chunk is not None:
+            on_chunk(n)
+
+    async def check(d: str) -> int:
         if not deep:
             if not await store.touch_chunk(d):
                 missing.append(d)
-            return
+            return 0
         try:
             data = await store.get_chunk(d)
         except NotFoundError:
             missing.append(d)
-            return
+            return 0
         checked.append(len(data))
         if await asyncio.to_thread(sha256_hex, data) != d:
             corrupt.append(d)
+        return len(data)
 
     await run_bounded(sorted(manifest.digests()), one, concurrency)
     return VerifyReport(len(manifest.digests()), sum(checked), sorted(missing), sorted(corrupt))

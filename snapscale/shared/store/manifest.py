@@ -19,6 +19,11 @@ from snapscale.shared.core.errors import MessageError, SnapscaleError
 from snapscale.shared.store.chunking import ZERO_CHUNK, chunk_count, chunk_length, is_digest
 
 FORMAT_VERSION = 1
+# A checkpoint whose weights are outside the image (docs/weights.md): its manifest lists their
+# chunks too. A reader that only knows version 1 refuses it (and boots cold) instead of restoring
+# an image whose weights it would not bring.
+WEIGHTS_FORMAT_VERSION = 2
+READS = (FORMAT_VERSION, WEIGHTS_FORMAT_VERSION)
 SIGNATURE_SCHEME = "hmac-sha256"
 
 
@@ -59,6 +64,14 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class WeightChunk:
+    """A chunk of the weights kept outside the image (the image's weights record says where)."""
+
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True)
 class Manifest:
     format_version: int
     checkpoint_id: str
@@ -73,19 +86,37 @@ class Manifest:
     zero_bytes: int  # bytes recorded as zero chunks, never stored
     created_at: float
     timings_s: dict[str, float] = field(default_factory=dict)
+    weights: list[WeightChunk] = field(default_factory=list)  # distinct; format 2 only
 
     def digests(self) -> set[str]:
-        """Distinct non-zero chunk digests."""
-        return {c for f in self.files for c in f.chunks if c != ZERO_CHUNK}
+        """Distinct non-zero chunk digests, the weights' included."""
+        return {c for f in self.files for c in f.chunks if c != ZERO_CHUNK} | self.weight_digests()
+
+    def weight_digests(self) -> set[str]:
+        return {w.digest for w in self.weights}
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.size for w in self.weights)
 
     def chunk_sizes(self) -> dict[str, int]:
-        """Each distinct non-zero chunk's length in bytes."""
+        """Each distinct non-zero chunk's length in bytes, the weights' included."""
         out: dict[str, int] = {}
         for f in self.files:
             for i, c in enumerate(f.chunks):
                 if c != ZERO_CHUNK:
                     out.setdefault(c, chunk_length(f.size, self.chunk_bytes, i))
+        for w in self.weights:
+            out.setdefault(w.digest, w.size)
         return out
+
+
+def plain(m: Manifest) -> dict[str, Any]:
+    """The signed form: without weights a manifest reads exactly as before they existed."""
+    d: dict[str, Any] = wire.to_plain(m)
+    if not m.weights:
+        del d["weights"]
+    return d
 
 
 def sign(body: bytes, key: bytes) -> str:
@@ -97,7 +128,7 @@ def encode_manifest(m: Manifest, key: bytes) -> bytes:
     if not key:
         raise SignatureError("no signing key: set SNAPSCALE_SIGNING_KEY")
     check_manifest(m)
-    body = wire.canonical(m)
+    body = orjson.dumps(plain(m), option=orjson.OPT_SORT_KEYS)
     doc = {"manifest": orjson.loads(body), "signature": {"scheme": SIGNATURE_SCHEME, "hmac": sign(body, key)}}
     return orjson.dumps(doc, option=orjson.OPT_SORT_KEYS)
 
@@ -124,8 +155,8 @@ def load_manifest(data: bytes, signing_key: bytes) -> Manifest:
     if not hmac.compare_digest(sign(body, signing_key), sig["hmac"]):
         raise SignatureError("signature does not match (tampered, or signed with another key)")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise FormatVersionError(f"unknown format version {version!r} (this build reads {FORMAT_VERSION})")
+    if version not in READS:
+        raise FormatVersionError(f"unknown format version {version!r} (this build reads {list(READS)})")
     try:
         m = wire.from_plain(Manifest, raw, "manifest")
     except MessageError as e:
@@ -148,8 +179,20 @@ def check_path(path: str) -> None:
 
 def check_manifest(m: Manifest) -> None:
     """Structural checks that make a manifest safe to materialize; raises a `ManifestError`."""
-    if m.format_version != FORMAT_VERSION:
+    if m.format_version not in READS:
         raise FormatVersionError(f"unknown format version {m.format_version!r}")
+    if (m.format_version == WEIGHTS_FORMAT_VERSION) != bool(m.weights):
+        raise FormatVersionError(
+            f"format version {m.format_version} with {len(m.weights)} weight chunks: weights go with "
+            f"version {WEIGHTS_FORMAT_VERSION}, and only with it"
+        )
+    seen_w: set[str] = set()
+    for w in m.weights:
+        if not is_digest(w.digest) or w.digest in seen_w:
+            raise ChunkListError(f"weights: {w.digest!r} is not a sha256 digest or is listed twice")
+        if w.size <= 0:
+            raise ChunkListError(f"weights: chunk {w.digest[:16]} has size {w.size}")
+        seen_w.add(w.digest)
     if m.chunk_bytes <= 0:
         raise ChunkListError(f"chunk_bytes must be positive, got {m.chunk_bytes}")
     seen: set[str] = set()

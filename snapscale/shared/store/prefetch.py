@@ -220,8 +220,9 @@ class Prefetcher:
             t.add_done_callback(landed)
 
         # Digests in file order, so a materialize that runs alongside finds early files first (the
-        # semaphore wakes waiters in order).
+        # semaphore wakes waiters in order); the weights outside the image last (read after it).
         order = list(dict.fromkeys(c for f in m.files for c in f.chunks if c in sizes))
+        order += sorted(m.weight_digests() - set(order))
         with self.cache.pinned(order):
             try:
                 await run_bounded(order, one, max(1, len(order)))
