@@ -15,8 +15,10 @@ FALLBACK_ATTR = "fallback.reason"
 
 # The scaler's span per decision that sent commands; the scale-up trace continues it.
 DECISION_SPAN = "scaler.decision"
-# What `snapscale demo` wraps each traffic event it publishes in (a gateway would do the same).
+# What `snapscale traffic` wraps each traffic event it publishes in.
 TRAFFIC_SPAN = "traffic"
+# The gateway's span per request; a request that finds no replica publishes the activation inside it.
+REQUEST_SPAN = "gateway.request"
 
 # Phases of a restore, in order; a cold boot's phases.
 RESTORE_PHASES = (
@@ -51,7 +53,9 @@ PROMETHEUS_METRICS = {
 # Second-scale histogram boundaries (snapscale.shared.core.telemetry.DURATION_BUCKETS_S).
 DURATION_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0, 120.0, 300.0)
 
-SPAN_NAMES = frozenset({SCALE_UP_SPAN, DECISION_SPAN, TRAFFIC_SPAN, BACKGROUND_PREFETCH_SPAN, *PHASE_SPANS})
+SPAN_NAMES = frozenset(
+    {SCALE_UP_SPAN, DECISION_SPAN, TRAFFIC_SPAN, REQUEST_SPAN, BACKGROUND_PREFETCH_SPAN, *PHASE_SPANS}
+)
 ATTRIBUTES = frozenset(
     {
         TIER_ATTR,

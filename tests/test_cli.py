@@ -224,3 +224,12 @@ def test_every_environment_variable_read_is_in_the_help_table() -> None:
             read |= set(re.findall(r"\"((?:SNAPSCALE|OTEL|AWS)_[A-Z0-9_]+)\"", path.read_text()))
     assert read, "the scan found nothing: the pattern is wrong"
     assert sorted(n for n in read if n not in documented) == []
+
+
+def test_bad_request_limits_are_refused_at_deploy(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "x"\ncommand = ["serve"]\n[scaling]\nqueue_size = -5\nqueue_timeout_s = 0\n')
+    r = snapscale("deploy", str(bad), "--dry-run")
+    assert r.returncode == EXIT_USAGE and "2 problems" in r.stderr
+    assert "scaling.queue_size: must be at least 0" in r.stderr
+    assert "scaling.queue_timeout_s: must be above 0" in r.stderr

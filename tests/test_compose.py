@@ -32,8 +32,9 @@ DASH_PROVIDERS = COMPOSE / "grafana" / "provisioning" / "dashboards" / "dashboar
 
 SERVICES = {
     "nats", "minio", "minio-init", "otel-collector", "tempo", "prometheus", "grafana", "scaler", "gpu-host",
+    "gateway",
 }  # fmt: skip
-SNAPSCALE_SERVICES = ("scaler", "gpu-host")
+SNAPSCALE_SERVICES = ("scaler", "gpu-host", "gateway")
 SNAPSCALE_ENV = (
     "SNAPSCALE_NATS_URL", "SNAPSCALE_STORE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
     "SNAPSCALE_SIGNING_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT", "SNAPSCALE_HOST_ID",
@@ -145,7 +146,8 @@ def test_ports_bind_to_loopback_unless_the_operator_opts_out() -> None:
     published = {n: {int(p["published"]) for p in svc.get("ports", [])} for n, svc in services.items()}
     assert {4317, 4318} <= published["otel-collector"] and 3000 in published["grafana"]
     assert 4222 in published["nats"] and {9000, 9001} <= published["minio"]
-    assert not published["scaler"] and not published["gpu-host"]
+    assert not published["scaler"]
+    assert published["gpu-host"] == {8080}, "only the gateway's port, which shares the GPU host's network"
 
 
 def test_grafana_has_no_anonymous_admin() -> None:
@@ -172,7 +174,7 @@ def test_images_are_plain_names(compose: dict[str, Any]) -> None:
 def test_long_running_services_have_healthchecks(compose: dict[str, Any]) -> None:
     services = compose["services"]
     # tempo and otel-collector ship without a shell or wget: no healthcheck can run inside them.
-    for name in ("nats", "minio", "prometheus", "grafana", "scaler", "gpu-host"):
+    for name in ("nats", "minio", "prometheus", "grafana", "scaler", "gpu-host", "gateway"):
         hc = services[name].get("healthcheck")
         assert hc and hc["test"][0] in ("CMD", "CMD-SHELL"), f"{name} lacks a healthcheck"
     # JetStream, not just the server: the healthcheck asks for it.
@@ -211,7 +213,8 @@ def test_snapscale_services_get_their_settings(compose: dict[str, Any]) -> None:
         assert s.nats_url == "nats://nats:4222" and s.namespace == "snapscale"
         assert s.signing_key == SECRETS["SNAPSCALE_SIGNING_KEY"].encode()
         assert s.otlp_endpoint == "http://otel-collector:4318"
-        assert s.metrics_address == ("0.0.0.0", 9464)
+        # the gateway shares the GPU host's network, where the restorer and freezer have 9464, 9465
+        assert s.metrics_address == ("0.0.0.0", 9466 if name == "gateway" else 9464)
         assert env["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
         # a user of nats.conf, with the password the NATS server reads for it, and its own inbox
         a = s.nats_auth
@@ -501,6 +504,20 @@ def test_dockerfile_reuses_setup_and_puts_criu_on_path() -> None:
     assert {".venv", ".criu", ".git"} <= set(ignored)
     # What the image copies must not be ignored.
     assert not {"scripts", "shared", "services", "snapscale", "examples", "compose"} & set(ignored)
+
+
+def test_the_gateway_reaches_the_replicas_and_is_reachable() -> None:
+    """Replica endpoints are host-local to the GPU host's network: the gateway shares it, and the
+    port it listens on is published there (on 127.0.0.1 unless SNAPSCALE_BIND says otherwise)."""
+    services = resolved(SECRETS)["services"]
+    gw = services["gateway"]
+    assert gw["network_mode"] == "service:gpu-host"
+    listen = gw["command"][gw["command"].index("--listen") + 1]
+    port = int(listen.rsplit(":", 1)[1])
+    assert [(int(p["target"]), p["host_ip"]) for p in services["gpu-host"]["ports"]] == [(port, "127.0.0.1")]
+    assert not gw.get("ports"), "a service on another's network publishes nothing itself"
+    scraped = (COMPOSE / "prometheus.yml").read_text()
+    assert f"gpu-host:{gw['environment']['SNAPSCALE_METRICS_PORT']}" in scraped  # its own /metrics
 
 
 CLUSTER_FILE = COMPOSE / "docker-compose.cluster.yml"

@@ -118,8 +118,8 @@ def test_demo_prints_cold_boot_then_a_faster_restore(demo_run: dict[str, Any]) -
     cold_s, restore_s = ups[0]["time_to_ready_s"], ups[1]["time_to_ready_s"]
     assert 0 < restore_s < cold_s
     assert data["cold_restore_ratio"] == pytest.approx(cold_s / restore_s, rel=1e-3)
-    # The restored replica answers exactly like the cold-booted one, KV cache included: the demo
-    # asked the cold-booted one only after its auto-freeze's after_restore hook.
+    # The restored replica answers exactly like the cold-booted one, KV cache included: the held
+    # request reached the cold-booted one the moment it was ready, before its auto-freeze began.
     answers = [u["answer"] for u in ups]
     assert '"kv_sum": "0x' in answers[0] and answers[1] == answers[0], answers
     out = proc.stdout
@@ -127,6 +127,22 @@ def test_demo_prints_cold_boot_then_a_faster_restore(demo_run: dict[str, Any]) -
     assert out.rstrip().endswith("nothing the demo started is left running"), out[-2000:]
     table = [ln for ln in out.splitlines() if ln.startswith(("1 ", "2 "))]
     assert "cold" in table[0] and ("cache" in table[1] or "store" in table[1]), out
+
+
+@pytest.mark.criu
+@pytest.mark.slow
+def test_held_requests_are_answered_moments_after_each_scale_up(demo_run: dict[str, Any]) -> None:
+    """The demo's requests go through the gateway: sent at zero, held through the cold boot and
+    through the restore, answered as soon as the replica is ready (what a user feels)."""
+    proc = demo_run["proc"]
+    assert proc.returncode == 0, f"demo failed:\n{proc.stdout}\n{proc.stderr}"
+    for up in demo_run["data"]["scale_ups"]:
+        ready, felt = up["time_to_ready_s"], up["time_to_first_answer_s"]
+        assert felt is not None, f"{up['step']}: no answer through the gateway: {up['answer']}"
+        assert up["answer"].startswith("{"), up["answer"]  # the sample's JSON, not a 503's reason
+        # measured from the same first request: the answer follows ready, by little
+        assert ready - 0.1 <= felt <= ready + 2.0, f"{up['step']}: ready {ready}s, answered {felt}s"
+    assert "first answer" in proc.stdout
 
 
 @pytest.mark.criu
@@ -165,11 +181,11 @@ def test_one_trace_per_scale_up_from_traffic_to_ready(demo_run: dict[str, Any]) 
         above = ancestors(trace, root)
         decision = [s for s in above if s.name == sc.DECISION_SPAN]
         assert decision, f"no {sc.DECISION_SPAN} above scale_up: {[s.name for s in above]}"
-        traffic_ids = {
-            (s.trace_id, s.span_id) for t in traces.values() for s in t if s.name == sc.TRAFFIC_SPAN
+        request_ids = {
+            (s.trace_id, s.span_id) for t in traces.values() for s in t if s.name == sc.REQUEST_SPAN
         }
-        linked = any(s.name == sc.TRAFFIC_SPAN for s in above) or bool(set(decision[0].links) & traffic_ids)
-        assert linked, "the decision must continue or link the traffic event that caused it"
+        linked = any(s.name == sc.REQUEST_SPAN for s in above) or bool(set(decision[0].links) & request_ids)
+        assert linked, "the decision must continue or link the request through the gateway that caused it"
         phases = {s.name for s in _descendants(trace, root)}
         want = set(sc.COLD_PHASES) if up["tier"] == "cold" else set(sc.RESTORE_TRACE_PHASES)
         assert want <= phases, f"{up['tier']} scale-up lacks phases {want - phases}"
@@ -247,7 +263,7 @@ def test_what_the_dashboard_queries_is_what_the_services_emit(demo_run: dict[str
     expected = {
         sc.SCALE_UP_SPAN,
         sc.DECISION_SPAN,
-        sc.TRAFFIC_SPAN,
+        sc.REQUEST_SPAN,
         *sc.COLD_PHASES,
         *sc.RESTORE_TRACE_PHASES,
     }

@@ -112,11 +112,18 @@ def test_a_failed_replica_is_reported_not_ready() -> None:
 
 
 def test_table_and_summary_show_tiers_times_phases_and_ratio() -> None:
-    text = summary(played())
+    st = played()
+    restore = st.scale_ups[1]
+    restore.first_request_at, restore.first_answer_at = 130.01, 131.57  # through the gateway
+    text = summary(st)
     lines = text.splitlines()
-    assert lines[0].split() == ["#", "scale-up", "replica", "tier", "to", "ready", "phases"]
+    head = ["#", "scale-up", "replica", "tier", "to", "ready", "first", "answer", "phases"]
+    assert lines[0].split() == head
     assert "cold" in lines[2] and "12.00s" in lines[2] and "ready_probe 11.40s" in lines[2]
+    assert lines[2].split()[5] == "-"  # no answer was asked for
     assert "cache" in lines[3] and "1.50s" in lines[3] and "criu_restore 0.60s" in lines[3]
+    assert lines[3].split()[4:6] == ["1.50s", "1.56s"]  # ready, and the first answer beside it
+    assert to_plain(st)["scale_ups"][1]["time_to_first_answer_s"] == pytest.approx(1.56)
     assert "checkpoint c1: total 90.0 MB, new 30.0 MB" in text
     assert "cold boot / restore: 8.0x" in text
 
@@ -217,31 +224,6 @@ def test_console_rewrites_one_line_on_a_terminal() -> None:
     c.say("ready")
     # The live line is wiped before a message, which then stands on its own line.
     assert s.getvalue().endswith("\rready\n")
-
-
-def test_a_cold_booted_replica_is_not_asked_until_its_auto_freeze_is_over() -> None:
-    """The restorer has every cold-booted replica frozen once ready (after_ready): a request
-    between the before_freeze and after_restore hooks gets the sample's `kv_sum: null`, so the
-    demo waits for the checkpoint event that names the replica, whatever its outcome."""
-    st = DemoState(deployment=DEP)
-    st.begin_step("cold", 0.0)
-    st.apply_replica(ev("r1", S.STARTING, 0.1, Tier.COLD))
-    up = st.apply_replica(ev("r1", S.READY, 5.0, Tier.COLD, endpoint="10.213.0.2:8000"))
-    assert up is not None
-    assert st.freezing(up, auto_freeze=True)
-    assert not st.freezing(up, auto_freeze=False)
-    # another replica's checkpoint does not end this one's freeze
-    st.apply_checkpoint(CheckpointEvent(deployment=DEP, host="demo-host", ok=True, ts=6.0, replica="r0"))
-    assert st.freezing(up, auto_freeze=True)
-    st.apply_checkpoint(
-        CheckpointEvent(deployment=DEP, host="demo-host", ok=False, ts=7.0, replica="r1", reason="x")
-    )
-    assert not st.freezing(up, auto_freeze=True)
-    # a restored replica is never auto-frozen
-    st.begin_step("restore", 10.0)
-    st.apply_replica(ev("r2", S.RESTORING, 10.1, Tier.CACHE))
-    restored = st.apply_replica(ev("r2", S.READY, 11.0, Tier.CACHE))
-    assert restored is not None and not st.freezing(restored, auto_freeze=True)
 
 
 def test_the_cleanup_says_what_it_stopped_and_that_nothing_is_left() -> None:

@@ -1,6 +1,6 @@
 """Who may talk on the bus: a real nats-server started with compose/nats.conf itself.
 
-A client without credentials is refused; the gateway publishes traffic and nothing else; a host
+A client without credentials is refused; the gateway publishes traffic and reads its buckets; a host
 consumes its own commands and not another host's; the scaler commands any host. The real
 restorer and scaler run under their roles' credentials (every JetStream and KV call they make is
 allowed), and the credentials reach nats-py through Settings (bus/auth.py) as they do in a service.
@@ -28,11 +28,14 @@ from restorer_harness import Harness, follow, running
 from test_httpget import self_signed
 
 from snapscale.demo.procs import free_port, wait_port
+from snapscale.gateway.config import GatewayConfig
+from snapscale.gateway.service import Gateway
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.service import Scaler
 from snapscale.shared import bus
 from snapscale.shared.bus.auth import connect_options
 from snapscale.shared.bus.messages import ReplicaState, ScaleUpCommand, Tier, TrafficEvent
+from snapscale.shared.bus.spec import DeploymentSpec
 from snapscale.shared.bus.subjects import Bucket, Subjects, Verb
 from snapscale.shared.core.settings import NatsAuth, Settings, StoreSettings
 from snapscale.shared.engine.criu import CriuBinary
@@ -133,7 +136,9 @@ async def test_no_or_wrong_credentials_are_refused(authz_url: str) -> None:
             await nats.connect(authz_url, allow_reconnect=False, connect_timeout=5, **connect_options(a))
 
 
-async def test_gateway_publishes_traffic_and_nothing_else(authz_url: str, scaler_bus: bus.Bus) -> None:
+async def test_gateway_publishes_traffic_reads_its_buckets_and_nothing_else(
+    authz_url: str, scaler_bus: bus.Bus, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     got: list[TrafficEvent] = []
 
     async def on_traffic(ev: TrafficEvent, _m: object) -> None:
@@ -151,6 +156,10 @@ async def test_gateway_publishes_traffic_and_nothing_else(authz_url: str, scaler
         cmd_subject = S.cmd(Verb.SCALE_UP, "gpu-host-1")
         await gw.nc.publish(cmd_subject, bus.encode_message(scale_up("r-gw")))
         assert await eventually(lambda: gw.denied(cmd_subject)), gw.errors
+        # it reads replica records, it never writes one
+        record = f"$KV.{S.bucket(Bucket.REPLICAS)}.llm.r-gw"
+        await gw.nc.publish(record, b"{}")
+        assert await eventually(lambda: gw.denied(record)), gw.errors
         await gw.nc.subscribe(S.cmd_all())
         sub_denied = f'subscription to "{S.cmd_all()}"'
         assert await eventually(lambda: any(sub_denied in e for e in gw.errors)), gw.errors
@@ -158,6 +167,29 @@ async def test_gateway_publishes_traffic_and_nothing_else(authz_url: str, scaler
     finally:
         await sub.unsubscribe()  # type: ignore[attr-defined]
         await gw.nc.close()
+
+    # the real gateway under its role: every call it makes (its watches, its replica events) allowed
+    operator = await bus.open_bus(role_settings(authz_url, "operator", tmp_path), "operator")
+    gateway = Gateway(
+        replace(role_settings(authz_url, "gateway", tmp_path), host_id="gw"),
+        GatewayConfig(gateway_id="gw-auth", listen_host="127.0.0.1", listen_port=0),
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(gateway.run(stop))
+    try:
+        await asyncio.wait([task, asyncio.create_task(gateway.ready.wait())], timeout=15,
+                           return_when=asyncio.FIRST_COMPLETED)  # fmt: skip
+        if task.done():
+            task.result()
+        name = f"auth{uuid.uuid4().hex[:6]}"
+        await operator.kv[Bucket.DEPLOYMENTS].put(name, DeploymentSpec(name=name, command=["x"]).to_json())
+        assert await eventually(lambda: name in gateway.pools and gateway.pools[name].deployed)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await operator.close()
+    refused = [r.getMessage() for r in caplog.records if "permissions violation" in r.getMessage().lower()]
+    assert refused == [], refused
 
 
 async def test_a_host_consumes_its_own_commands_only(

@@ -18,7 +18,7 @@ def _tracked() -> list[str]:
 
 
 def test_user_folders_link_into_the_package() -> None:
-    for name in ("scaler", "restorer", "freezer"):
+    for name in ("scaler", "restorer", "freezer", "gateway"):
         link = ROOT / "services" / name
         assert link.is_symlink() and link.resolve() == ROOT / "snapscale" / name
     assert (ROOT / "shared").is_symlink() and (ROOT / "shared").resolve() == ROOT / "snapscale" / "shared"

@@ -18,6 +18,7 @@ from snapscale import demo as demo_cli
 from snapscale.cli import store as store_cli
 from snapscale.cli import verbs as verbs_cli
 from snapscale.freezer import cli as freezer_cli
+from snapscale.gateway import cli as gateway_cli
 from snapscale.restorer import cli as restorer_cli
 from snapscale.scaler import cli as scaler_cli
 from snapscale.shared.core.cliargs import Formatter
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"snapscale {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (scaler_cli, freezer_cli, restorer_cli, verbs_cli, store_cli, demo_cli):
+    for module in (scaler_cli, freezer_cli, restorer_cli, gateway_cli, verbs_cli, store_cli, demo_cli):
         module.register(sub)
     return p
 

@@ -1,15 +1,15 @@
 """`snapscale demo`: snapscale on one machine with nothing running, start to finish.
 
-It starts a nats-server and the three services as separate processes, deploys the sample sandbox
-and plays traffic: cold boot and auto-freeze, scale to zero, restore. It never leaves anything
-running: every process it started and every sandbox under its work dir is stopped on the way out.
+It starts a nats-server, the three services and a gateway as separate processes, deploys the sample
+sandbox and sends real HTTP requests through the gateway: cold boot and auto-freeze, scale to zero,
+restore. It never leaves anything running: every process it started and every sandbox under its
+work dir is stopped on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -18,14 +18,14 @@ import signal
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import aiohttp
 import orjson
 
-from snapscale.demo.live import Console, Traffic, follow
+from snapscale.demo.live import Console, first_answer, follow
 from snapscale.demo.procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
 from snapscale.demo.report import DemoState, ScaleUp, cleanup_lines, summary, to_plain
 from snapscale.shared import bus
@@ -35,8 +35,6 @@ from snapscale.shared.core.cliargs import add_alias, duration, subcommand
 from snapscale.shared.core.errors import ConfigError, SnapscaleError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import pid_alive, pids_holding
-
-log = logging.getLogger(__name__)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 HOST = "demo-host"
@@ -58,27 +56,27 @@ class DemoOptions:
     work_dir: Path | None = None  # default: a fresh temp dir, removed at the end
     keep: bool = False  # keep the work dir (service logs, store) for a look afterwards
     grace_s: float = 6.0  # scale_to_zero_after_s for the demo's deployment
-    concurrency: float = 1.0
+    concurrency: int = 1  # requests sent at once through the gateway at each scale-up
     step_timeout_s: float = 300.0
     freeze_timeout_s: float = 300.0
     resume: bool = False  # also play suspend -> resume
-    ask_path: str = "/generate"  # what the demo GETs from each ready replica (the sample's answer)
+    ask_path: str = "/generate"  # what the demo GETs through the gateway (the sample's answer)
     warm_cache_s: float = 15.0  # how long to wait at zero for the scaler's prefetch into the host cache
     host: str = HOST
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    what = "run nats-server, the scaler, a freezer and a restorer here and show cold boot vs restore"
+    what = "run nats-server, the services and a gateway here and show cold boot vs restore"
     p = subcommand(sub, "demo", what, "store", "telemetry")
     p.add_argument("--spec", type=Path, help="deployment spec (default: examples/sample_cpu.toml, or GPU)")
     p.add_argument("--json", type=Path, dest="json_path", help="also write the results here as JSON")
     p.add_argument("--work-dir", type=Path, help="where logs, the store and state go (default: a temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the work dir afterwards")
     p.add_argument("--grace", dest="grace_s", type=duration, default="6s", help="no traffic this long: zero")
-    p.add_argument("--concurrency", type=float, default=1.0, help="requests in flight during traffic")
+    p.add_argument("--concurrency", type=int, default=1, help="requests sent at once at each scale-up")
     p.add_argument("--step-timeout", dest="step_timeout_s", type=duration, default="5m", help="step limit")
     p.add_argument("--resume", action="store_true", help="also suspend the replica and resume it")
-    p.add_argument("--ask", default="/generate", help="path to GET from each ready replica")
+    p.add_argument("--ask", default="/generate", help="path to GET through the gateway at each scale-up")
     p.add_argument(
         "--warm-cache", dest="warm_cache_s", type=duration, default="15s", help="wait at zero for prefetch"
     )
@@ -122,7 +120,7 @@ def run_demo(opts: DemoOptions) -> int:
         # A second Ctrl-C must not cut the cleanup short and leave sandboxes running.
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         out.clear()
-        out.say("cleaning up: stopping the scaler, restorer, freezer and nats-server")
+        out.say("cleaning up: stopping the scaler, restorer, freezer, gateway and nats-server")
         procs.stop_all()
         killed, nets = reap_sandboxes(work)
         # Checked, not assumed: what the cleanup says is what /proc shows afterwards.
@@ -205,9 +203,11 @@ def gpu_count() -> int:
 
 
 def demo_spec(d: DeploymentSpec, opts: DemoOptions, *, release_mode: str = "stop") -> DeploymentSpec:
-    """The sample spec tuned for a demo: one replica, short windows, freeze after the cold boot."""
+    """The sample spec tuned for a demo: one replica, short windows, freeze after the cold boot;
+    the gateway holds a request as long as a step may take (a cold boot on a busy VM is slow)."""
     scaling = replace(
         d.scaling,
+        queue_timeout_s=max(d.scaling.queue_timeout_s, opts.step_timeout_s),
         target_concurrency=1.0,
         utilization=1.0,
         min_replicas=0,
@@ -243,10 +243,12 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console, s
     # The services run from the checkout, so a spec's relative cwd (the sample's) means the same
     # wherever `snapscale demo` was started.
     me = [sys.executable, "-m", "snapscale"]
+    gw_port = free_port()
     for name, argv in (
         ("scaler", [*me, "scaler"]),
         ("restorer", [*me, "restorer", "--host", opts.host]),
         ("freezer", [*me, "freezer", "--host", opts.host]),
+        ("gateway", [*me, "gateway", "--listen", f"127.0.0.1:{gw_port}", "--id", "demo-gateway"]),
     ):
         procs.start(name, argv, dict(env, OTEL_SERVICE_NAME=f"snapscale-{name}"), cwd=EXAMPLES.parent)
 
@@ -257,44 +259,32 @@ async def play(opts: DemoOptions, work: Path, procs: ProcessSet, out: Console, s
         await _until(
             lambda: opts.host in state.hosts, 60, "the restorer's first heartbeat", procs, out, state
         )
+        await _until(lambda: port_open(gw_port), 60, "the gateway to listen", procs, out, state)
         await b.kv[Bucket.DEPLOYMENTS].put(d.name, d.to_json())
         out.say(f"deployed {d.name} from {spec_path} (spec hash {d.spec_hash()[:12]}), host {opts.host} up")
+        url = f"http://127.0.0.1:{gw_port}/{d.name}{opts.ask_path}"
+        out.say(f"gateway on 127.0.0.1:{gw_port}: each scale-up starts with GET {url}")
 
-        traffic = Traffic(b, d.name, opts.concurrency)
-        traffic_task = asyncio.create_task(traffic.run(), name="demo traffic")
-        traffic_task.add_done_callback(_log_crash)
-        try:
-            await _scale_up(state, traffic, STEP_COLD, opts, procs, out, d.freeze.after_ready)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as http:
+            await _scale_up(state, http, url, STEP_COLD, opts, procs, out)
             await _until(lambda: state.frozen() is not None or _freeze_failed(state), opts.freeze_timeout_s,
                          "the auto-freeze's checkpoint", procs, out, state)  # fmt: skip
             if state.frozen() is None:
                 raise DemoError(f"the freeze failed: {state.checkpoints[-1].reason}")
-            await _scale_down(state, traffic, STEP_QUIET, opts, procs, out, lambda: not state.live())
+            await _scale_down(state, STEP_QUIET, opts, procs, out, lambda: not state.live())
             await _warm_cache(state, opts, procs, out)
-            await _scale_up(state, traffic, STEP_RESTORE, opts, procs, out, d.freeze.after_ready)
+            await _scale_up(state, http, url, STEP_RESTORE, opts, procs, out)
             if opts.resume:
                 await b.kv[Bucket.DEPLOYMENTS].put(
                     d.name, demo_spec(d, opts, release_mode="suspend").to_json()
                 )
-                await _scale_down(
-                    state, traffic, STEP_SUSPEND, opts, procs, out, lambda: bool(state.suspended())
-                )
-                await _scale_up(state, traffic, STEP_RESUME, opts, procs, out, d.freeze.after_ready)
-            traffic.on = False
-        finally:
-            traffic_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await traffic_task
+                await _scale_down(state, STEP_SUSPEND, opts, procs, out, lambda: bool(state.suspended()))
+                await _scale_up(state, http, url, STEP_RESUME, opts, procs, out)
     finally:
         # The bus logs its own disconnect as a warning; closing on purpose is not one.
         logging.getLogger("snapscale.shared.bus.client").setLevel(logging.ERROR)
         await b.close()
         telemetry.shutdown()
-
-
-def _log_crash(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("%s crashed: %r", task.get_name(), task.exception())
 
 
 def _freeze_failed(state: DemoState) -> bool:
@@ -303,41 +293,44 @@ def _freeze_failed(state: DemoState) -> bool:
 
 async def _scale_up(
     state: DemoState,
-    traffic: Traffic,
+    http: aiohttp.ClientSession,
+    url: str,
     step: str,
     opts: DemoOptions,
     procs: ProcessSet,
     out: Console,
-    auto_freeze: bool,
 ) -> ScaleUp:
+    """A user's requests at zero: held by the gateway while the scaler brings a replica up, then
+    answered. The step ends with the first answer (no more requests: the replica may go again)."""
     state.begin_step(step, time.time())
-    traffic.on = True
-    await _until(lambda: bool(state.ready_in_step(step)) or _failed_in_step(state, step), opts.step_timeout_s,
-                 f"a ready replica ({step})", procs, out, state)  # fmt: skip
-    ups = state.ready_in_step(step)
-    if not ups:
-        failed = [s for s in state.scale_ups if s.step == step and s.failed]
-        raise DemoError(f"{step}: replica {failed[0].replica} failed: {failed[0].failed}")
+    asking = asyncio.create_task(first_answer(http, url, opts.concurrency, opts.step_timeout_s))
+    try:
+        await _until(lambda: bool(state.ready_in_step(step)) or _failed_in_step(state, step),
+                     opts.step_timeout_s, f"a ready replica ({step})", procs, out, state)  # fmt: skip
+        ups = state.ready_in_step(step)
+        if not ups:
+            failed = [s for s in state.scale_ups if s.step == step and s.failed]
+            raise DemoError(f"{step}: replica {failed[0].replica} failed: {failed[0].failed}")
+        await _until(asking.done, 60, "the first answer through the gateway", procs, out, state)
+    finally:
+        asking.cancel()
     up = ups[0]
-    tier = up.tier.value if up.tier else "?"
-    out.say(f"{step}: {up.replica} ready by {tier} in {up.time_to_ready_s or 0:.2f}s at {up.endpoint}")
-    if step != STEP_COLD and up.tier is Tier.COLD:
-        # A fallback is the system working as designed, but it is not what this step is to show.
-        out.say(f"  this comeback fell back to a cold boot: {up.reason}")
-    # As a gateway should: no request while the freezer is between the replica's hooks.
-    when = ""
-    if state.freezing(up, auto_freeze):
-        await _until(lambda: not state.freezing(up, auto_freeze), opts.freeze_timeout_s,
-                     f"the auto-freeze of {up.replica}", procs, out, state)  # fmt: skip
-        when = " (once its freeze was over)"
-    up.answer = await asyncio.to_thread(_ask, up.endpoint, opts.ask_path)
+    got = asking.result()
+    up.first_request_at, up.first_answer_at = got.sent_at, got.answered_at
+    up.answer = got.text if got.answered_at is not None else f"no answer ({got.status}: {got.text})"
     first = next((s.answer for s in state.scale_ups if s.answer), up.answer)
     same = (
         " (the same answer as the first replica)"
         if up is not state.scale_ups[0] and up.answer == first
         else ""
     )
-    out.say(f"  GET {opts.ask_path}{when}: {_short(up.answer)}{same}")
+    tier = up.tier.value if up.tier else "?"
+    out.say(f"{step}: {up.replica} ready by {tier} in {up.time_to_ready_s or 0:.2f}s at {up.endpoint}")
+    felt = f"answered {up.time_to_first_answer_s:.2f}s after it was sent" if up.time_to_first_answer_s else ""
+    out.say(f"  GET {opts.ask_path} through the gateway, {felt or 'not answered'}: {_short(up.answer)}{same}")
+    if step != STEP_COLD and up.tier is Tier.COLD:
+        # A fallback is the system working as designed, but it is not what this step is to show.
+        out.say(f"  this comeback fell back to a cold boot: {up.reason}")
     return up
 
 
@@ -368,29 +361,11 @@ def _failed_in_step(state: DemoState, step: str) -> bool:
 
 
 async def _scale_down(
-    state: DemoState,
-    traffic: Traffic,
-    step: str,
-    opts: DemoOptions,
-    procs: ProcessSet,
-    out: Console,
-    done: Callable[[], bool],
+    state: DemoState, step: str, opts: DemoOptions, procs: ProcessSet, out: Console, done: Callable[[], bool]
 ) -> None:
     state.begin_step(step, time.time())
-    traffic.on = False
     await _until(done, opts.step_timeout_s + opts.grace_s, step, procs, out, state)
     out.say(f"{step}: done after {time.time() - state.step_started_at:.1f}s")
-
-
-def _ask(endpoint: str, path: str) -> str:
-    """One GET to the replica, to show it serves: its answer (one line), or why there is none."""
-    if not endpoint:
-        return "(no endpoint)"
-    try:
-        with urllib.request.urlopen(f"http://{endpoint}{path}", timeout=30) as r:
-            return " ".join(r.read(4096).decode(errors="replace").split())
-    except Exception as e:  # showing the answer is a courtesy: the ready event already said ready
-        return f"no answer ({e})"
 
 
 async def _until(

@@ -1,6 +1,5 @@
-"""The demo's live parts: the traffic it plays, the events it follows, the status line it shows.
-
-Traffic goes out as a gateway's would (core NATS, with trace context); nothing here decides.
+"""The demo's live parts: the requests it sends through the gateway, the events it follows, the
+status line it shows. Nothing here decides.
 """
 
 from __future__ import annotations
@@ -10,27 +9,19 @@ import contextlib
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 from nats.aio.msg import Msg
 
 from snapscale.demo.report import DemoState
 from snapscale.shared import bus
-from snapscale.shared.bus import (
-    CheckpointEvent,
-    HostHeartbeat,
-    ReplicaEvent,
-    TrafficEvent,
-    decode_message,
-)
-from snapscale.shared.core import telemetry
+from snapscale.shared.bus import CheckpointEvent, HostHeartbeat, ReplicaEvent, decode_message
 from snapscale.shared.core.errors import MessageError
 
 log = logging.getLogger(__name__)
-tracer = telemetry.tracer("snapscale.demo")
 
-TRAFFIC_EVERY_S = 0.5
-REQUEST_S = 0.5  # how long the demo pretends one request takes
 
 
 async def follow(b: bus.Bus, state: DemoState, out: Console) -> None:
@@ -61,35 +52,46 @@ async def follow(b: bus.Bus, state: DemoState, out: Console) -> None:
     await b.nc.subscribe(b.subjects.evt_host_all(), cb=on_host)
 
 
-class Traffic:
-    """Traffic events as a gateway would send them, every half second while `on`."""
+@dataclass
+class FirstAnswer:
+    """A user's view of one scale-up: when the first request went out, when an answer came back."""
 
-    def __init__(self, b: bus.Bus, deployment: str, concurrency: float) -> None:
-        self.bus = b
-        self.deployment = deployment
-        self.concurrency = concurrency
-        self.on = False
-        self.sent = 0
+    sent_at: float
+    answered_at: float | None = None
+    status: int = 0
+    text: str = ""
+    tries: int = 0  # requests it took: a 503 (held too long, queue full) is sent again
 
-    async def run(self) -> None:
-        subject = self.bus.subjects.traffic(self.deployment)
-        while True:
-            if self.on:
-                # Little's law with a request taking ~0.5 s: `concurrency` requests in flight means
-                # about `concurrency` arrivals per half-second interval.
-                ev = TrafficEvent(
-                    deployment=self.deployment,
-                    ts=time.time(),
-                    arrivals=max(1, round(self.concurrency * TRAFFIC_EVERY_S / REQUEST_S)),
-                    concurrency=self.concurrency,
-                )
-                # Each event its own trace root: the scaler's decision continues the one that woke it.
-                with tracer.start_as_current_span(
-                    "traffic", attributes={"snapscale.deployment": self.deployment}
-                ):
-                    await bus.publish_core(self.bus, subject, ev)
-                self.sent += 1
-            await asyncio.sleep(TRAFFIC_EVERY_S)
+
+async def first_answer(
+    http: aiohttp.ClientSession, url: str, n: int, deadline_s: float
+) -> FirstAnswer:
+    """`n` GETs to `url` (through the gateway) at once, each sent again after a 503 with the wait its
+    Retry-After asks, until one is answered; the first answer, or the last refusal at the deadline."""
+    out = FirstAnswer(sent_at=time.time())
+    done = asyncio.Event()
+
+    async def ask() -> None:
+        while not done.is_set() and time.time() - out.sent_at < deadline_s:
+            out.tries += 1
+            try:
+                async with http.get(url) as r:
+                    body = " ".join((await r.text()).split())
+                    status, after = r.status, r.headers.get("Retry-After", "1")
+            except aiohttp.ClientError as e:
+                status, body, after = 0, f"no answer ({e})", "1"
+            if status == 200:
+                if out.answered_at is None:
+                    out.answered_at, out.status, out.text = time.time(), status, body
+                done.set()
+                return
+            out.status, out.text = status, body
+            if status == 404 and out.answered_at is None:
+                out.sent_at = time.time()  # the gateway has not seen the spec yet: not the user's wait
+            await asyncio.sleep(min(float(after) if after.isdigit() else 1.0, 5.0))
+
+    await asyncio.gather(*(ask() for _ in range(max(1, n))))
+    return out
 
 
 class Console:

@@ -31,7 +31,10 @@ class ScaleUp:
     endpoint: str = ""
     states: list[str] = field(default_factory=list)
     failed: str = ""
-    answer: str = ""  # what the replica answered the demo's request, once ready
+    answer: str = ""  # the first answer to the demo's request through the gateway
+    # what a user felt: the step's first request sent through the gateway -> its answer received
+    first_request_at: float | None = None
+    first_answer_at: float | None = None
 
     @property
     def time_to_ready_s(self) -> float | None:
@@ -39,12 +42,19 @@ class ScaleUp:
             return None
         return max(0.0, self.ready_at - self.requested_at)
 
+    @property
+    def time_to_first_answer_s(self) -> float | None:
+        if self.first_request_at is None or self.first_answer_at is None:
+            return None
+        return max(0.0, self.first_answer_at - self.first_request_at)
+
     def to_plain(self) -> dict[str, Any]:
         return {
             "step": self.step,
             "replica": self.replica,
             "tier": self.tier.value if self.tier else None,
             "time_to_ready_s": None if self.time_to_ready_s is None else round(self.time_to_ready_s, 3),
+            "time_to_first_answer_s": _round(self.time_to_first_answer_s),
             "reason": self.reason,
             "timings_s": dict(self.timings_s),
             "bytes": dict(self.bytes),
@@ -133,16 +143,6 @@ class DemoState:
         ok = [c for c in self.checkpoints if c.ok and c.checkpoint_id and not c.skipped]
         return ok[-1] if ok else None
 
-    def freezing(self, up: ScaleUp, auto_freeze: bool) -> bool:
-        """A request to `up`'s replica now could land between the freeze's before_freeze and
-        after_restore hooks, and get what a replica answers there (the sample's `kv_sum: null`):
-        with `auto_freeze` the restorer has the freezer freeze every cold-booted replica once it
-        is ready, and the freeze is over only with a checkpoint event (frozen, skipped or failed)
-        that names the replica."""
-        if not auto_freeze or up.tier is not Tier.COLD:
-            return False
-        return not any(c.replica == up.replica for c in self.checkpoints)
-
     def ready_in_step(self, step: str) -> list[ScaleUp]:
         return [s for s in self.scale_ups if s.step == step and s.ready_at is not None]
 
@@ -166,13 +166,17 @@ def cold_restore_ratio(scale_ups: list[ScaleUp], tiers: tuple[Tier, ...] = _REST
     return min(cold) / min(fast)
 
 
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 3)
+
+
 def _fmt_phases(timings_s: dict[str, float]) -> str:
     return "  ".join(f"{k} {v:.2f}s" for k, v in timings_s.items())
 
 
 def table(scale_ups: list[ScaleUp]) -> str:
     """The scale-ups as an aligned text table, then the reason each did not take a faster tier."""
-    head = ("#", "scale-up", "replica", "tier", "to ready", "phases")
+    head = ("#", "scale-up", "replica", "tier", "to ready", "first answer", "phases")
     rows = [
         (
             str(i),
@@ -180,6 +184,7 @@ def table(scale_ups: list[ScaleUp]) -> str:
             s.replica,
             s.tier.value if s.tier else "-",
             f"{s.time_to_ready_s:.2f}s" if s.time_to_ready_s is not None else (s.failed or "not ready"),
+            f"{s.time_to_first_answer_s:.2f}s" if s.time_to_first_answer_s is not None else "-",
             _fmt_phases(s.timings_s),
         )
         for i, s in enumerate(scale_ups, 1)

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from nats.aio.msg import Msg
@@ -27,9 +28,11 @@ from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.lease import Lease
 from snapscale.scaler.policy import activation, decide, sample_problem
 from snapscale.scaler.records import COMING, HOLDING, LIVE, TERMINAL, Tracked, apply_event
+from snapscale.scaler.sources import TrafficSources
 from snapscale.scaler.view import View
 from snapscale.shared import bus
 from snapscale.shared.bus import (
+    MAX_CONCURRENCY,
     Bucket,
     Bus,
     CheckpointEvent,
@@ -70,6 +73,7 @@ class Scaler:
         self._events_stop: asyncio.Event | None = None
         self._events_task: asyncio.Task[None] | None = None
         self._traffic_counts: dict[str, int] = {}
+        self.traffic_sources = TrafficSources()
         self._rebuilding: asyncio.Task[None] | None = None
         self._sending: set[asyncio.Task[list[str]]] = set()
 
@@ -106,9 +110,9 @@ class Scaler:
                 (Bucket.CHECKPOINTS, self._on_catalog),
             ):
                 w = await self.bus.kv[bucket].watchall()
-                await kvsync.snapshot(w, apply)
+                await bus.kv_snapshot(w, apply)
                 tasks.append(
-                    runtime.guard(kvsync.follow(w, apply), f"scaler-{bucket.value}", on_crash=stop.set)
+                    runtime.guard(bus.kv_follow(w, apply), f"scaler-{bucket.value}", on_crash=stop.set)
                 )
             sub, self._traffic_counts = await bus.subscribe_core(
                 self.bus, self.bus.subjects.traffic_all(), TrafficEvent, self._on_traffic
@@ -319,6 +323,10 @@ class Scaler:
             self._traffic_counts["unknown"] = self._traffic_counts.get("unknown", 0) + 1
             return
         now = self.clock()
+        if sample_problem(ev.concurrency, ev.arrivals) is None:
+            # several gateways: each reports its own share, so the deployment's load is their sum
+            total = self.traffic_sources.observe(ev.deployment, ev.source, ev.concurrency, now)
+            ev = replace(ev, concurrency=min(total, MAX_CONCURRENCY))
         w = self.view.window(ev.deployment, now)
         if not w.record(now, ev.concurrency, ev.arrivals):
             self._traffic_counts["refused"] = self._traffic_counts.get("refused", 0) + 1

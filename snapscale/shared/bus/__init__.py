@@ -43,6 +43,7 @@ from snapscale.shared.bus.messages import (
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, load_spec
 from snapscale.shared.bus.subjects import ID_MAX, Bucket, Id, Name, OptId, Verb, check_token, replica_key
+from snapscale.shared.bus.watch import kv_follow, kv_snapshot
 
 __all__ = [
     "HEARTBEAT_INTERVAL_S",
@@ -84,7 +85,9 @@ __all__ = [
     "encode_message",
     "ensure_topology",
     "kv_cas",
+    "kv_follow",
     "kv_get",
+    "kv_snapshot",
     "list_entries",
     "load_spec",
     "lookup_entry",

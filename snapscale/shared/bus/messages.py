@@ -97,6 +97,8 @@ class TrafficEvent:
     ts: Timestamp  # unix seconds at the gateway
     arrivals: Count = 0  # requests that arrived since the previous event
     concurrency: Annotated[float, Range(0, MAX_CONCURRENCY)] = 0.0  # in flight + queued, now
+    # the reporting gateway's id: with several gateways the scaler sums the latest of each source
+    source: Label = ""
 
 
 # --- commands (JetStream) -----------------------------------------------------------

@@ -88,10 +88,19 @@ class ScalingSpec:
         "ready_timeout_s": Range(0, DAY_S, "s", above=True),
         "scale_down_delay_s": Range(0, 3600, "s"),
         "activation_scale": Range(1, 10_000),
+        "concurrency_limit": Range(0, 1e6),
+        "queue_size": Range(0, 1e6),
+        "queue_timeout_s": Range(0, DAY_S, "s", above=True),
     }
     ORDER: ClassVar[Order] = (("min_replicas", "max_replicas"), ("panic_window_s", "stable_window_s"))
 
     target_concurrency: float = 1.0  # requests in flight one replica should hold
+    # the request path (snapscale gateway), per gateway: at most this many requests in flight on
+    # one replica (0: no limit); while no replica can take one, up to queue_size requests wait
+    # queue_timeout_s for one, then get a 503 with Retry-After
+    concurrency_limit: int = 0
+    queue_size: int = 1000
+    queue_timeout_s: float = 120.0
     utilization: float = 0.7  # fraction of target used to size (headroom)
     stable_window_s: float = 60.0
     panic_window_s: float = 6.0

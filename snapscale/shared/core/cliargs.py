@@ -21,7 +21,7 @@ class Env:
     name: str
     default: str
     what: str
-    group: str  # which subcommands it applies to: bus, store, host, restorer, telemetry
+    group: str  # which subcommands it applies to: bus, store, host, restorer, gateway, telemetry
 
 
 ENV: tuple[Env, ...] = (
@@ -87,6 +87,10 @@ ENV: tuple[Env, ...] = (
     ),
     Env("SNAPSCALE_FORWARD_PORTS", "30000-32767", "host ports forwarded to replicas (lo-hi)", "restorer"),
     Env("SNAPSCALE_JS_REPLICAS", "1", "servers each stream and KV bucket is kept on", "bus"),
+    Env("SNAPSCALE_GATEWAY_LISTEN", "0.0.0.0:8080", "host:port the gateway serves requests on", "gateway"),
+    Env("SNAPSCALE_GATEWAY_DOMAIN", "none: paths only", "also route Host: <deployment>.<domain>", "gateway"),
+    Env("SNAPSCALE_GATEWAY_ID", "host id + random", "the gateway's source in traffic events", "gateway"),
+    Env("SNAPSCALE_GATEWAY_REPORT_S", "0.5", "traffic report interval, in seconds (at most 1)", "gateway"),
     Env(
         "OTEL_EXPORTER_OTLP_ENDPOINT",
         "none: nothing exported",
@@ -130,7 +134,7 @@ def subcommand(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, *env: str
 ) -> argparse.ArgumentParser:
     """A subcommand whose --help shows each argument's default and the environment variables
-    of the groups `env` (bus, store, host, restorer, telemetry)."""
+    of the groups `env` (bus, store, host, restorer, gateway, telemetry)."""
     return sub.add_parser(
         name,
         help=help,
