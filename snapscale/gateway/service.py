@@ -127,12 +127,7 @@ class Gateway:
         self.bus.raise_if_lost()  # exit non-zero: a supervisor restarts a gateway that went deaf
 
     async def _close(self, watchers: list[KeyValue.KeyWatcher], subs: list[Any]) -> None:
-        for w in watchers:
-            with contextlib.suppress(Exception):
-                await w.stop()  # type: ignore[no-untyped-call]
-        for sub in subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await bus.unsubscribe_all(watchers, subs)
         with contextlib.suppress(Exception):
             await self._report()  # the last word: what is left in flight (zero, drained)
         nc = self.bus.nc

@@ -154,12 +154,7 @@ class Scaler:
     async def _close(self, watchers: list[KeyValue.KeyWatcher], subs: list[Any]) -> None:
         """Flush what was published, then close: every handler has stopped already, and a drain
         would wait on the events consumer's pull subscription, which `bus.consume` keeps."""
-        for w in watchers:
-            with contextlib.suppress(Exception):
-                await w.stop()  # type: ignore[no-untyped-call]
-        for sub in subs:
-            with contextlib.suppress(Exception):
-                await sub.unsubscribe()
+        await bus.unsubscribe_all(watchers, subs)
         nc = self.bus.nc
         if not nc.is_closed:
             try:

@@ -15,6 +15,7 @@ from snapscale.shared.bus.client import (
     publish_core,
     subscribe_core,
     through_elections,
+    unsubscribe_all,
 )
 from snapscale.shared.bus.consumer import Handler, Refused, consume
 from snapscale.shared.bus.ledger import Ledger
@@ -99,4 +100,5 @@ __all__ = [
     "salvage",
     "subscribe_core",
     "through_elections",
+    "unsubscribe_all",
 ]

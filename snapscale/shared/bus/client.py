@@ -9,12 +9,13 @@ stops and exits non-zero (`BusLost`), so its supervisor restarts it, instead of 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 from nats.aio.client import Client as NATS
@@ -379,3 +380,13 @@ async def subscribe_core(
 
     sub = await bus.nc.subscribe(subject, cb=cb)
     return sub, counters
+
+
+async def unsubscribe_all(watchers: list[KeyValue.KeyWatcher], subs: list[Any]) -> None:
+    """Stop KV watchers and core subscriptions at shutdown; one that fails is already gone."""
+    for w in watchers:
+        with contextlib.suppress(Exception):
+            await w.stop()  # type: ignore[no-untyped-call]
+    for sub in subs:
+        with contextlib.suppress(Exception):
+            await sub.unsubscribe()

@@ -79,6 +79,12 @@ ENV: tuple[Env, ...] = (
         "this host's address for other machines: a port forwarded to each replica",
         "restorer",
     ),
+    Env(
+        "SNAPSCALE_PAUSE_AT",
+        "none",
+        "tests only: <point>:<flag file> pauses a service at a phase (fault injection)",
+        "restorer",
+    ),
     Env("SNAPSCALE_FORWARD_PORTS", "30000-32767", "host ports forwarded to replicas (lo-hi)", "restorer"),
     Env("SNAPSCALE_JS_REPLICAS", "1", "servers each stream and KV bucket is kept on", "bus"),
     Env("SNAPSCALE_GATEWAY_LISTEN", "0.0.0.0:8080", "host:port the gateway serves requests on", "gateway"),
