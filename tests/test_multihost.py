@@ -1,16 +1,18 @@
 """Several GPU hosts on one machine: two host stand-ins, each a network namespace of its own with
 its restorer, freezer, cache and state dir, advertising forwarded ports; a three-node nats-server
-cluster with R3 streams; a client in a third namespace. All addresses are loopback or 10.78.x.y on
-links between namespaces this test makes (nothing is added to the machine's own namespace).
+cluster with R3 streams; `snapscale gateway` and the client in a third namespace. All addresses are
+loopback or 10.78.x.y on links between namespaces this test makes (nothing is added to the
+machine's own namespace).
 
-    client (ns c, 10.78.3.2) ──┐
-    host a (ns a, 10.78.1.2) ──┼── fabric (ns fab: routes between them; NATS n0-n2 and the scaler
-    host b (ns b, 10.78.2.2) ──┘    on 10.78.0.1; the test's body, on a thread that entered it)
+    gateway + client (ns c, 10.78.3.2) ──┐
+    host a (ns a, 10.78.1.2) ────────────┼── fabric (ns fab: routes between them; NATS n0-n2 and
+    host b (ns b, 10.78.2.2) ────────────┘    the scaler on 10.78.0.1; the test's body, on a thread
+                                              that entered it)
 
-A request to the deployment at zero is answered by a restore on the host whose cache holds the
-checkpoint (a); with a's restorer killed and its namespace removed, the next request is answered
-from b; with one NATS node killed, requests keep being answered and a scale-up sent meanwhile
-is not lost.
+Every request goes through the gateway. One to the deployment at zero is held and answered by a
+restore on the host whose cache holds the checkpoint (a); with a's restorer killed and its
+namespace removed, the next one is answered from b; with one NATS node killed, requests keep being
+answered, and the scale-up their load asks for meanwhile is not lost.
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from snapscale.shared.bus.messages import (
     ReplicaEvent,
     ReplicaState,
     Tier,
-    TrafficEvent,
     decode_message,
 )
 from snapscale.shared.bus.spec import DeploymentSpec
@@ -127,6 +128,7 @@ def tuned(d: DeploymentSpec) -> DeploymentSpec:
         panic_window_s=1.0,
         scale_to_zero_after_s=600.0,  # never within the test: every replica seen stays up
         release_mode="stop",
+        concurrency_limit=1,  # the sample serves one request at a time: the gateway queues the rest
     )
     return replace(d, scaling=scaling, freeze=replace(d.freeze, after_ready=False))
 
@@ -220,8 +222,6 @@ async def _scenario(
             assert time.monotonic() < deadline, "the NATS cluster did not take requests in 30s"
             await asyncio.sleep(0.5)
     marks = [("start", time.monotonic())]
-    traffic = {"concurrency": 0.0}
-    gw: asyncio.Task[None] | None = None
     try:
         assert (await b.js.stream_info(b.subjects.cmd_stream)).config.num_replicas == 3
         h = Harness(settings, b, criu, tag=namespace, tmp=tmp / "src")
@@ -256,20 +256,23 @@ async def _scenario(
                     dict(host_env(settings, criu, tmp, "scaler", FAB_IP), SNAPSCALE_HOST_ID="scaler"),
                     cwd=ROOT)  # fmt: skip
 
-        # ---- the request path. Today the test stands in for the gateway: it reports the waiting
-        # request as traffic, waits for a ready replica and sends the GET from the client namespace
-        # to its advertised endpoint.
-        # GATEWAY (issue 17 part A): when snapscale/gateway exists, start `snapscale gateway` in
-        # net.ns["c"] here and send each request to it (GET http://<gateway>/<deployment>/generate)
-        # instead of publishing traffic and waiting on KV below; the assertions stay as they are.
-        async def gateway_stand_in() -> None:
-            while True:
-                if traffic["concurrency"] > 0:
-                    ev = TrafficEvent(spec.name, time.time(), arrivals=1, concurrency=traffic["concurrency"])
-                    await bus.publish_core(b, b.subjects.traffic(spec.name), ev)
-                await asyncio.sleep(0.25)
+        # ---- the request path: `snapscale gateway` in the client's namespace, on its address
+        gw_addr = f"{net.addr('c')}:8080"
+        gw_env = dict(host_env(settings, criu, tmp, "gateway", net.addr("c")), SNAPSCALE_HOST_ID="gateway")
+        procs.start("gateway", ["nsenter", f"--net={NETNS_DIR / net.ns['c']}", *me, "gateway",
+                                "--listen", gw_addr, "--id", "gw-c"], gw_env, cwd=ROOT)  # fmt: skip
 
-        gw = asyncio.create_task(gateway_stand_in())
+        async def gateway_up() -> bool:
+            try:
+                await get_from(net.ns["c"], f"http://{gw_addr}/", timeout_s=2.0)
+            except urllib.error.HTTPError as e:
+                return e.code == 404  # it answers: no deployment named in "/"
+            return False
+
+        await until("the gateway listening", gateway_up, procs)
+
+        async def through_gateway(timeout_s: float = 120.0) -> bytes:
+            return await get_from(net.ns["c"], f"http://{gw_addr}/{spec.name}/generate", timeout_s)
 
         async def ready_on(host: str, n: int = 1) -> list[ReplicaEvent]:
             got: list[ReplicaEvent] = []
@@ -285,12 +288,13 @@ async def _scenario(
         async def request(ev: ReplicaEvent, timeout_s: float = 10.0) -> bytes:
             return await get_from(net.ns["c"], f"http://{ev.endpoint}/generate", timeout_s)
 
-        # 1. at zero: restored on a, from its cache, answered from the client's namespace
-        traffic["concurrency"] = 1.0
+        # 1. at zero: held by the gateway, restored on a from its cache, answered
+        asking = asyncio.create_task(through_gateway())
         [first] = await ready_on("a")
         assert first.tier is Tier.CACHE, first.reason
         assert first.endpoint.startswith(f"{net.addr('a')}:") and first.local_endpoint.startswith("10.213.")
-        assert await request(first) == frozen.answer
+        assert await asking == frozen.answer
+        assert await request(first) == frozen.answer  # its advertised endpoint, from another namespace
         marks.append(("answered from a", time.monotonic()))
 
         # 2. host a dies (restorer killed, its namespace removed): the next request is answered from b
@@ -301,10 +305,12 @@ async def _scenario(
         del_netns(net.ns["a"])
         with pytest.raises((urllib.error.URLError, TimeoutError)):
             await request(first, timeout_s=3.0)  # its endpoint is gone with its host
+        # the gateway's try on a fails to connect: the request waits for the replica placed on b
+        asking = asyncio.create_task(through_gateway())
         [second] = await ready_on("b")
         assert second.tier is Tier.STORE, second.reason  # b's cache was empty
         assert second.endpoint.startswith(f"{net.addr('b')}:")
-        assert await request(second) == frozen.answer
+        assert await asking == frozen.answer
         marks.append(("a lost, answered from b", time.monotonic()))
 
         # 3. one NATS node down (the command stream's leader): requests are answered, and the
@@ -314,9 +320,21 @@ async def _scenario(
         victim = cluster.nodes[int((leader or "n1")[1:])]
         victim.proc.kill()
         victim.proc.wait(10)
-        assert await request(second) == frozen.answer
-        traffic["concurrency"] = 2.0
-        both = await ready_on("b", 2)
+        assert await through_gateway() == frozen.answer
+        # six clients at once against one replica that serves one at a time: the gateway holds
+        # the others and reports them, and the scaler places a second replica
+        loaded = asyncio.Event()
+
+        async def client() -> None:
+            while not loaded.is_set():
+                assert await through_gateway() == frozen.answer
+
+        load = [asyncio.create_task(client()) for _ in range(6)]
+        try:
+            both = await ready_on("b", 2)
+        finally:
+            loaded.set()
+            await asyncio.gather(*load)
         for ev in both:
             assert await request(ev) == frozen.answer
         # every scale-up that reached a host ended ready: none failed on b, none left half-way
@@ -327,8 +345,4 @@ async def _scenario(
         steps = ", ".join(f"{n} +{t - p:.1f}s" for (_, p), (n, t) in itertools.pairwise(marks))
         print(f"multihost: {steps}")
     finally:
-        if gw is not None:
-            gw.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gw
         await b.close()
