@@ -14,7 +14,7 @@ typecheck:
 	$(BIN)/mypy
 
 contracts:
-	$(BIN)/lint-imports
+	$(BIN)/lint-imports --no-cache
 
 # Integration tests drive real processes (nats-server, CRIU, sandboxes) on a small shared VM:
 # a failure gets one rerun, and pytest reports every rerun (R) so a flaky test stays visible.
