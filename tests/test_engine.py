@@ -5,43 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from engine_helpers import ROOT, kill_tagged, netns_exists, procs_with, read_text, sample_spec
+from engine_fixtures import answer, made, tag
+from engine_helpers import ROOT, netns_exists, procs_with, read_text, sample_spec
 
 from snapscale.shared.engine import lifecycle as engine
-from snapscale.shared.engine import probe, sandbox
+from snapscale.shared.engine import sandbox
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.lifecycle import Sandbox
 from snapscale.shared.engine.registry import SandboxRegistry
 
 pytestmark = pytest.mark.criu
-
-
-@pytest.fixture
-async def tag() -> AsyncIterator[str]:
-    """A marker on every process the test starts; whatever still carries it afterwards is killed."""
-    t = f"enginetest-{uuid.uuid4().hex[:12]}"
-    yield t
-    kill_tagged(t)
-
-
-@pytest.fixture
-async def made() -> AsyncIterator[list[Sandbox]]:
-    sbs: list[Sandbox] = []
-    yield sbs
-    for sb in sbs:
-        await engine.stop(sb)
-
-
-async def answer(sb: Sandbox) -> bytes:
-    status, body = await probe.http_request("GET", sb.endpoint, "/generate", timeout_s=30)
-    assert status == 200, body
-    return body
+__all__ = ["made", "tag"]  # fixtures
 
 
 async def test_launch_freeze_restore_twice_concurrently(

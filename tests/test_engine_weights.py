@@ -4,14 +4,13 @@ the image, keeps serving, and restores with its weights filled from chunk files 
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import kill_tagged, procs_with, sample_spec
+from engine_fixtures import answer, made, tag
+from engine_helpers import procs_with, sample_spec
 from safetensors.torch import save_file
 from workload_helpers import chunk_dir
 
@@ -26,27 +25,7 @@ from snapscale.workload.record import IMAGE_FILE
 from snapscale.workload.stfile import read_layout
 
 pytestmark = pytest.mark.criu
-
-
-@pytest.fixture
-async def tag() -> AsyncIterator[str]:
-    t = f"weightstest-{uuid.uuid4().hex[:12]}"
-    yield t
-    kill_tagged(t)
-
-
-@pytest.fixture
-async def made() -> AsyncIterator[list[Sandbox]]:
-    sbs: list[Sandbox] = []
-    yield sbs
-    for sb in sbs:
-        await engine.stop(sb)
-
-
-async def answer(sb: Sandbox) -> bytes:
-    status, body = await probe.http_request("GET", sb.endpoint, "/generate", timeout_s=30)
-    assert status == 200, body
-    return body
+__all__ = ["made", "tag"]  # fixtures
 
 
 def weights_file(path: Path) -> bytes:
