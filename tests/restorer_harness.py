@@ -7,15 +7,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
+import pytest
 from engine_helpers import ROOT, sample_spec
 from nats.aio.msg import Msg
 
@@ -254,3 +256,18 @@ def spawn(
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+
+
+@pytest.fixture
+def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Service processes a test starts; any still running afterwards gets SIGTERM, then SIGKILL."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()

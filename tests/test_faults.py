@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from conftest import S3Server, start_nats
 from engine_helpers import ROOT, kill_tagged, procs_with
 from faultproxy import FaultProxy
 from nats.aio.msg import Msg
-from restorer_harness import Harness, follow, get, running, service_env
+from restorer_harness import Harness, follow, get, procs, running, service_env
 
 from snapscale.demo.procs import wait_port
 from snapscale.restorer.cleanup import owned_netns
@@ -50,6 +50,7 @@ from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.registry import SandboxRegistry
 
 pytestmark = pytest.mark.criu
+__all__ = ["procs"]  # fixtures
 
 S = ReplicaState
 RESTARTED = "the restorer restarted mid-restore; what it had started was cleaned up"
@@ -64,20 +65,6 @@ async def h(settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Pa
     kill_tagged(tag)
     for name in owned_netns(tmp_path, keep=set()):  # a failed test leaves the host clean anyway
         await netns.delete_netns(name)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def spawn(h: Harness, service: str, log: Path, pause: str | None = None) -> subprocess.Popen[bytes]:

@@ -9,13 +9,13 @@ import os
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from engine_helpers import kill_tagged, procs_with
-from restorer_harness import Harness, follow, get, spawn
+from restorer_harness import Harness, follow, get, procs, spawn
 
 from snapscale.shared import bus
 from snapscale.shared.bus.messages import ReleaseMode, ReplicaEvent, ReplicaState, Tier, decode_message
@@ -26,6 +26,7 @@ from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.registry import SandboxRegistry
 
 pytestmark = pytest.mark.criu
+__all__ = ["procs"]  # fixtures
 
 
 @pytest.fixture
@@ -35,20 +36,6 @@ async def h(settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Pa
     async for _ in follow(harness):
         yield harness
     kill_tagged(tag)
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 async def until(cond: object, timeout_s: float = 30.0) -> None:
