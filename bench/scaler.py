@@ -24,6 +24,7 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from snapscale.demo.procs import free_port, wait_port
+from snapscale.restorer import events
 from snapscale.scaler.policy import Window, decide
 from snapscale.shared import bus
 from snapscale.shared.bus import catalog
@@ -46,7 +47,6 @@ from snapscale.shared.bus.messages import (
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec
 from snapscale.shared.bus.subjects import Bucket, Verb
-from snapscale.shared.core.errors import RetryableError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import procs
 
@@ -126,18 +126,6 @@ class Harness:
     releases: int = 0
     other: int = 0
 
-    async def record(self, ev: ReplicaEvent) -> None:
-        kv = self.b.kv[Bucket.REPLICAS]
-        key = f"{ev.deployment}.{ev.replica}"
-        for _ in range(8):  # as the restorer does: a concurrent writer (the scaler) means read again
-            got = await bus.kv_get(kv, key)
-            try:
-                await bus.kv_cas(kv, key, encode_message(ev), got[1] if got else None)
-                break
-            except RetryableError:
-                continue
-        await bus.publish(self.b, self.b.subjects.evt_replica(ev.deployment), ev)
-
     async def seen_restore(self, m: Msg) -> None:
         """The moment the command is on the wire (a core subscription; the answer comes from the
         durable consumer, whose pull round trips would otherwise count as scaler latency)."""
@@ -153,17 +141,16 @@ class Harness:
     async def on_scale_up(self, c: ScaleUpCommand, _m: Msg) -> None:
         now = time.time()
         self.restores += 1
-        ev = ReplicaEvent(
-            c.deployment, c.replica, "bench-host", ReplicaState.READY, now, c.id, Tier.CACHE
-        )
-        await self.record(ev)
+        ev = ReplicaEvent(c.deployment, c.replica, "bench-host", ReplicaState.READY, now, c.id, Tier.CACHE)
+        await events.record(self.b, ev)
 
     async def on_release(self, c: ReleaseCommand, _m: Msg) -> None:
         d = self.deps[c.deployment]
         d.live = max(0, d.live - 1)
         self.releases += 1
-        await self.record(
-            ReplicaEvent(c.deployment, c.replica, "bench-host", ReplicaState.STOPPED, time.time(), c.id)
+        await events.record(
+            self.b,
+            ReplicaEvent(c.deployment, c.replica, "bench-host", ReplicaState.STOPPED, time.time(), c.id),
         )
         if d.live == 0:
             d.next_on = time.monotonic() + random.uniform(0.1, 0.4)

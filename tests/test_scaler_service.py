@@ -18,6 +18,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from snapscale.restorer import events
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.service import Scaler
 from snapscale.shared import bus
@@ -38,12 +39,10 @@ from snapscale.shared.bus.messages import (
     ScaleUpCommand,
     Tier,
     TrafficEvent,
-    encode_message,
 )
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec
 from snapscale.shared.bus.subjects import Bucket, Verb
 from snapscale.shared.core import telemetry
-from snapscale.shared.core.errors import RetryableError
 from snapscale.shared.core.settings import Settings
 
 FAST = ScalingSpec(
@@ -101,17 +100,8 @@ class FakeHost:
         )
 
     async def record(self, ev: ReplicaEvent) -> None:
-        """What the restorer does: KV record first (compare-and-set), then the event."""
-        kv = self.b.kv[Bucket.REPLICAS]
-        key = f"{ev.deployment}.{ev.replica}"
-        for _ in range(8):  # as the restorer does: a concurrent writer (the scaler) means read again
-            got = await bus.kv_get(kv, key)
-            try:
-                await bus.kv_cas(kv, key, encode_message(ev), got[1] if got else None)
-                break
-            except RetryableError:
-                continue
-        await bus.publish(self.b, self.b.subjects.evt_replica(ev.deployment), ev)
+        """The restorer's own recording: KV record first (compare-and-set), then the event."""
+        await events.record(self.b, ev)
 
     async def on_scale_up(self, c: ScaleUpCommand, _m: Msg) -> None:
         self.got.append(c)
