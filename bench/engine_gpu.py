@@ -81,6 +81,45 @@ def write_weights(path: Path) -> None:
     say(f"weights: {n / 1e9:.3f} B params, {path.stat().st_size / 2**30:.2f} GiB in {time.time() - s:.1f}s")
 
 
+def gpu_parser(
+    doc: str | None, *, out: str, work: str, images: str, kv_gib: int, criu: str | None
+) -> argparse.ArgumentParser:
+    """The options every GPU bench takes; each bench its own defaults."""
+    p = argparse.ArgumentParser(description=doc)
+    p.add_argument("--out", default=out)
+    p.add_argument("--work", default=work)
+    p.add_argument("--images", default=images)
+    p.add_argument("--kv-gib", type=int, default=kv_gib)
+    found = criu or "found as the engine finds it"
+    p.add_argument("--criu", default=criu, help=f"the CRIU binary (default: {found})")
+    return p
+
+
+def gpu_spec(
+    name: str, cmd: list[str], n_gpus: int, hooks: HooksSpec | None = None, **env: str
+) -> DeploymentSpec:
+    """The GPU sample as a deployment: this environment less its SNAPSCALE_ variables (plus `env`),
+    run from the repository, up to 600 s to get ready."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSCALE_")}
+    return DeploymentSpec(
+        name=name,
+        command=cmd,
+        env={**base, **env},
+        cwd=str(ROOT),
+        gpus=n_gpus,
+        hooks=hooks or HooksSpec(),
+        ready=ReadySpec(http_path="/healthz", timeout_s=600, interval_s=0.05),
+    )
+
+
+async def stop_and_write(live: list[Sandbox], t: dict[str, float], res: dict[str, Any], path: Path) -> None:
+    """Stop the sandboxes still up; write `res` with the timings `t` (rounded) to `path`."""
+    for x in live:
+        await engine.stop(x)
+    res["timings_s"] = {k: round(v, 3) for k, v in t.items()}
+    await asyncio.to_thread(path.write_text, json.dumps(res, indent=1, sort_keys=True, default=str))
+
+
 def prepare(out: Path, images: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(images, ignore_errors=True)
@@ -102,8 +141,6 @@ async def main(args: argparse.Namespace) -> int:
     weights.parent.mkdir(parents=True, exist_ok=True)
     if not weights.exists():
         write_weights(weights)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSCALE_")}
-    env["TORCHINDUCTOR_COMPILE_THREADS"] = "1"  # no compile-worker pool: fewer processes in the tree
     cmd = [
         sys.executable,
         "-m",
@@ -126,15 +163,8 @@ async def main(args: argparse.Namespace) -> int:
     hooks = HooksSpec(
         before_freeze="/hooks/before_freeze", after_restore="/hooks/after_restore", timeout_s=120
     )
-    spec = DeploymentSpec(
-        name="llama",
-        command=cmd,
-        env=env,
-        cwd=str(ROOT),
-        gpus=1,
-        hooks=hooks,
-        ready=ReadySpec(http_path="/healthz", timeout_s=600, interval_s=0.05),
-    )
+    # TORCHINDUCTOR_COMPILE_THREADS=1: no compile-worker pool, fewer processes in the tree
+    spec = gpu_spec("llama", cmd, 1, hooks, TORCHINDUCTOR_COMPILE_THREADS="1")
     spec_nohooks = replace(spec, hooks=HooksSpec())
     uuid0 = cards[0][1]
     other = cards[1][1] if len(cards) > 1 else uuid0
@@ -227,10 +257,7 @@ async def main(args: argparse.Namespace) -> int:
             await engine.stop(rsb)
             live.remove(rsb)
     finally:
-        for x in live:
-            await engine.stop(x)
-        RESULTS["timings_s"] = {k: round(v, 3) for k, v in t.items()}
-        (out / "engine_gpu.json").write_text(json.dumps(RESULTS, indent=1, sort_keys=True, default=str))
+        await stop_and_write(live, t, RESULTS, out / "engine_gpu.json")
     cold = t["cold_boot_to_first_answer_s"]
     for name in ("hooks", "full"):
         r = t[f"restore_{name}_to_first_answer_s"]
@@ -239,11 +266,7 @@ async def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="/tmp/bench-out")
-    p.add_argument("--work", default="/tmp/bench-work")
-    p.add_argument("--images", default="/dev/shm/snapscale-images")
-    p.add_argument("--kv-gib", type=int, default=4)
-    p.add_argument("--criu", default=None)
+    out, work, images = "/tmp/bench-out", "/tmp/bench-work", "/dev/shm/snapscale-images"
+    p = gpu_parser(__doc__, out=out, work=work, images=images, kv_gib=4, criu=None)
     p.add_argument("--drop-caches", action="store_true")
     sys.exit(asyncio.run(main(p.parse_args())))

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from nats.aio.msg import Msg
 
+from examples import sample_server
 from snapscale.demo.procs import free_port, wait_port
 from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.service import Restorer
@@ -53,19 +54,7 @@ BUCKET = "bench-restorer"
 def sample(preset: str, work: Path) -> DeploymentSpec:
     return DeploymentSpec(
         name="bench",
-        command=[
-            sys.executable,
-            "-m",
-            "examples.sample_server.server",
-            "--preset",
-            preset,
-            "--port",
-            "8000",
-            "--kv-mib",
-            "8",
-            "--weights",
-            str(work / "weights.pt"),
-        ],
+        command=sample_server.command(preset, weights=work / "weights.pt"),
         cwd=str(REPO),
         ready=ReadySpec(http_path="/healthz", timeout_s=300.0),
     )

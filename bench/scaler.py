@@ -24,29 +24,15 @@ from pathlib import Path
 from nats.aio.msg import Msg
 
 from snapscale.demo.procs import free_port, wait_port
+from snapscale.restorer import events
 from snapscale.scaler.policy import Window, decide
 from snapscale.shared import bus
 from snapscale.shared.bus import catalog
 from snapscale.shared.bus.catalog import CatalogEntry
 from snapscale.shared.bus.client import Bus
-from snapscale.shared.bus.messages import (
-    CheckpointEvent,
-    FreezeCommand,
-    GpuInfo,
-    HostHeartbeat,
-    PrefetchCommand,
-    ReleaseCommand,
-    ReplicaEvent,
-    ReplicaState,
-    ScaleUpCommand,
-    Tier,
-    TrafficEvent,
-    decode_command,
-    encode_message,
-)
+from snapscale.shared.bus.messages import decode_command
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec
 from snapscale.shared.bus.subjects import Bucket, Verb
-from snapscale.shared.core.errors import RetryableError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import procs
 
@@ -126,18 +112,6 @@ class Harness:
     releases: int = 0
     other: int = 0
 
-    async def record(self, ev: ReplicaEvent) -> None:
-        kv = self.b.kv[Bucket.REPLICAS]
-        key = f"{ev.deployment}.{ev.replica}"
-        for _ in range(8):  # as the restorer does: a concurrent writer (the scaler) means read again
-            got = await bus.kv_get(kv, key)
-            try:
-                await bus.kv_cas(kv, key, encode_message(ev), got[1] if got else None)
-                break
-            except RetryableError:
-                continue
-        await bus.publish(self.b, self.b.subjects.evt_replica(ev.deployment), ev)
-
     async def seen_restore(self, m: Msg) -> None:
         """The moment the command is on the wire (a core subscription; the answer comes from the
         durable consumer, whose pull round trips would otherwise count as scaler latency)."""
@@ -150,39 +124,42 @@ class Harness:
             d.woke_at = None
         d.live += 1
 
-    async def on_scale_up(self, c: ScaleUpCommand, _m: Msg) -> None:
+    async def on_scale_up(self, c: bus.ScaleUpCommand, _m: Msg) -> None:
         now = time.time()
         self.restores += 1
-        ev = ReplicaEvent(
-            c.deployment, c.replica, "bench-host", ReplicaState.READY, now, c.id, Tier.CACHE
+        ev = bus.ReplicaEvent(
+            c.deployment, c.replica, "bench-host", bus.ReplicaState.READY, now, c.id, bus.Tier.CACHE
         )
-        await self.record(ev)
+        await events.record(self.b, ev)
 
-    async def on_release(self, c: ReleaseCommand, _m: Msg) -> None:
+    async def on_release(self, c: bus.ReleaseCommand, _m: Msg) -> None:
         d = self.deps[c.deployment]
         d.live = max(0, d.live - 1)
         self.releases += 1
-        await self.record(
-            ReplicaEvent(c.deployment, c.replica, "bench-host", ReplicaState.STOPPED, time.time(), c.id)
+        await events.record(
+            self.b,
+            bus.ReplicaEvent(
+                c.deployment, c.replica, "bench-host", bus.ReplicaState.STOPPED, time.time(), c.id
+            ),
         )
         if d.live == 0:
             d.next_on = time.monotonic() + random.uniform(0.1, 0.4)
 
-    async def on_freeze(self, c: FreezeCommand, _m: Msg) -> None:
+    async def on_freeze(self, c: bus.FreezeCommand, _m: Msg) -> None:
         self.other += 1
         ck = f"ck-{c.deployment}"
         entry = CatalogEntry(c.deployment, "bench", ck, f"m/{ck}.json", time.time(), "bench-host")
         await catalog.publish_entry(self.b.kv[Bucket.CHECKPOINTS], entry)
-        ev = CheckpointEvent(c.deployment, "bench-host", True, time.time(), c.id, ck, c.replica, "bench")
+        ev = bus.CheckpointEvent(c.deployment, "bench-host", True, time.time(), c.id, ck, c.replica, "bench")
         await bus.publish(self.b, self.b.subjects.evt_checkpoint(c.deployment), ev)
 
-    async def on_prefetch(self, _c: PrefetchCommand, _m: Msg) -> None:
+    async def on_prefetch(self, _c: bus.PrefetchCommand, _m: Msg) -> None:
         self.other += 1
 
     async def heartbeats(self, stop: asyncio.Event) -> None:
-        gpus = [GpuInfo(i, f"g{i}", "H100", 80 << 30) for i in range(8)]
+        gpus = [bus.GpuInfo(i, f"g{i}", "H100", 80 << 30) for i in range(8)]
         while not stop.is_set():
-            hb = HostHeartbeat(
+            hb = bus.HostHeartbeat(
                 "bench-host", time.time(), "bench", gpus=gpus, cpu_slots=10_000, interval_s=1.0
             )
             await bus.publish_core(self.b, self.b.subjects.evt_host("bench-host"), hb)
@@ -212,10 +189,10 @@ class Harness:
             while active and owed >= 1.0:
                 owed -= 1.0
                 d = self.deps[active[self.sent % len(active)]]
-                ev = TrafficEvent(d.name, time.time(), arrivals=1, concurrency=1.0)
+                ev = bus.TrafficEvent(d.name, time.time(), arrivals=1, concurrency=1.0)
                 if d.woke_at == -1.0:
                     d.woke_at = time.time()
-                await self.b.nc.publish(self.b.subjects.traffic(d.name), encode_message(ev))
+                await self.b.nc.publish(self.b.subjects.traffic(d.name), bus.encode_message(ev))
                 self.sent += 1
 
 
@@ -254,12 +231,14 @@ async def latency(
 
     consumers = [
         asyncio.create_task(
-            bus.consume(b, *durable(Verb.SCALE_UP), ScaleUpCommand, h.on_scale_up, stop=stop)
+            bus.consume(b, *durable(Verb.SCALE_UP), bus.ScaleUpCommand, h.on_scale_up, stop=stop)
         ),
-        asyncio.create_task(bus.consume(b, *durable(Verb.RELEASE), ReleaseCommand, h.on_release, stop=stop)),
-        asyncio.create_task(bus.consume(b, *durable(Verb.FREEZE), FreezeCommand, h.on_freeze, stop=stop)),
         asyncio.create_task(
-            bus.consume(b, *durable(Verb.PREFETCH), PrefetchCommand, h.on_prefetch, stop=stop)
+            bus.consume(b, *durable(Verb.RELEASE), bus.ReleaseCommand, h.on_release, stop=stop)
+        ),
+        asyncio.create_task(bus.consume(b, *durable(Verb.FREEZE), bus.FreezeCommand, h.on_freeze, stop=stop)),
+        asyncio.create_task(
+            bus.consume(b, *durable(Verb.PREFETCH), bus.PrefetchCommand, h.on_prefetch, stop=stop)
         ),
     ]
     await b.nc.subscribe(s.cmd(Verb.SCALE_UP, "bench-host"), cb=h.seen_restore)

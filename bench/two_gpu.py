@@ -23,8 +23,16 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from bench.engine_gpu import ROOT, answer, gpu_mem_used_mib, gpus, say, write_weights
-from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+from bench.engine_gpu import (
+    answer,
+    gpu_mem_used_mib,
+    gpu_parser,
+    gpu_spec,
+    gpus,
+    say,
+    stop_and_write,
+    write_weights,
+)
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine.criu import find_criu
 from snapscale.shared.engine.lifecycle import Sandbox
@@ -50,20 +58,12 @@ async def main(a: argparse.Namespace, out: Path, work: Path, images: Path) -> in
     weights = work / "model.safetensors"
     if not await asyncio.to_thread(weights.exists):
         write_weights(weights)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSCALE_")}
     cmd = [
         sys.executable, "-m", "examples.sample_server.server", "--preset", "llama-0.8b",
         "--device", "cuda:0", "--kv-device", "cuda:1", "--dtype", "bf16", "--graph",
         "--kv-mib", str(a.kv_gib * 1024), "--weights", str(weights), "--port", "8000",
     ]  # fmt: skip
-    spec = DeploymentSpec(
-        name="two-gpu",
-        command=cmd,
-        env=env,
-        cwd=str(ROOT),
-        gpus=2,
-        ready=ReadySpec(http_path="/healthz", timeout_s=600, interval_s=0.05),
-    )
+    spec = gpu_spec("two-gpu", cmd, 2)
     u0, u1 = cards[0][1], cards[1][1]
     t: dict[str, float] = {}
     live: list[Sandbox] = []
@@ -109,19 +109,17 @@ async def main(a: argparse.Namespace, out: Path, work: Path, images: Path) -> in
             await engine.stop(rsb)
             live.remove(rsb)
     finally:
-        for x in live:
-            await engine.stop(x)
-        res["timings_s"] = {k: round(v, 3) for k, v in t.items()}
-        (out / "two_gpu.json").write_text(json.dumps(res, indent=1, sort_keys=True, default=str))
+        await stop_and_write(live, t, res, out / "two_gpu.json")
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="/tmp/two-gpu-out")
-    p.add_argument("--work", default="/tmp/two-gpu-work")
-    p.add_argument("--images", default="/dev/shm/snapscale-two-gpu")
-    p.add_argument("--kv-gib", type=int, default=2)
-    p.add_argument("--criu", default=os.environ.get("SNAPSCALE_CRIU"), help="default: $SNAPSCALE_CRIU")
-    args = p.parse_args()
+    args = gpu_parser(
+        __doc__,
+        out="/tmp/two-gpu-out",
+        work="/tmp/two-gpu-work",
+        images="/dev/shm/snapscale-two-gpu",
+        kv_gib=2,
+        criu=os.environ.get("SNAPSCALE_CRIU"),
+    ).parse_args()
     sys.exit(asyncio.run(main(args, *prepare(args))))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import rerun_report
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from spanfix import memory_spans
 
 from snapscale.demo.procs import free_port, wait_port
 from snapscale.shared import bus
@@ -192,6 +194,28 @@ def s3_settings(settings: Settings, s3_server: S3Server, namespace: str) -> Sett
     return replace(settings, store=store)
 
 
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment variables a snapscale subprocess reads `settings` back from (Settings.from_env)."""
+    env = {
+        "SNAPSCALE_NATS_URL": settings.nats_url,
+        "SNAPSCALE_NAMESPACE": settings.namespace,
+        "SNAPSCALE_STORE": settings.store.url,
+        "SNAPSCALE_SIGNING_KEY": settings.signing_key.decode(),
+        "SNAPSCALE_STATE_DIR": str(settings.state_dir),
+        "SNAPSCALE_CACHE_DIR": str(settings.cache_dir),
+        "SNAPSCALE_HOST_ID": settings.host_id,
+    }
+    if settings.store.endpoint_url:
+        env["AWS_ENDPOINT_URL"] = settings.store.endpoint_url
+    return env
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    """Every span the module's tests end (spanfix.memory_spans)."""
+    return memory_spans()
+
+
 @pytest.fixture
 async def the_bus(settings: Settings) -> AsyncIterator[bus.Bus]:
     b = await bus.open_bus(settings, "test")
@@ -212,3 +236,4 @@ def criu() -> CriuBinary:
     if "Looks good" not in chk.stdout + chk.stderr:
         pytest.skip(f"criu check fails here: {chk.stdout} {chk.stderr}")
     return b
+

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 from dataclasses import replace
 from pathlib import Path
 
+from examples import sample_server
 from snapscale.shared.bus.spec import DeploymentSpec, HooksSpec, ReadySpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,21 +24,7 @@ def sample_spec(
     ready: ReadySpec | None = None,
     command: list[str] | None = None,
 ) -> DeploymentSpec:
-    cmd = command or [
-        sys.executable,
-        "-m",
-        "examples.sample_server.server",
-        "--preset",
-        preset,
-        "--port",
-        "8000",
-        "--kv-mib",
-        "8",
-        "--tag",
-        tag,
-    ]
-    if weights is not None:
-        cmd += ["--weights", str(weights)]
+    cmd = command or sample_server.command(preset, weights=weights, tag=tag)
     spec = DeploymentSpec(
         name=name,
         command=cmd,

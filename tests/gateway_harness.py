@@ -11,17 +11,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 
 from aiohttp import web
-from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from snapscale.gateway.config import GatewayConfig
 from snapscale.gateway.service import Gateway
 from snapscale.shared.bus import Bucket, Bus, DeploymentSpec, ReplicaEvent, ReplicaState, encode_message
-from snapscale.shared.core import telemetry
 from snapscale.shared.core.settings import Settings
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -124,12 +119,3 @@ async def eventually(cond: Callable[[], bool], timeout_s: float = 10.0, what: st
         await asyncio.sleep(0.01)
 
 
-def memory_spans() -> InMemorySpanExporter:
-    """Spans of this process into memory, whether or not another test set a provider up already."""
-    mem = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.add_span_processor(SimpleSpanProcessor(mem))
-    else:
-        telemetry.setup("gateway-test", None, exporter=mem)
-    return mem

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from conftest import settings_env
 from engine_helpers import ROOT, sample_spec
 from nats.aio.msg import Msg
 
@@ -226,22 +227,10 @@ async def follow(h: Harness) -> AsyncIterator[None]:
 
 
 def service_env(settings: Settings, criu: CriuBinary) -> dict[str, str]:
-    """The environment `snapscale restorer` reads its settings from, matching `settings`."""
+    """The environment a service process (`snapscale restorer`, `freezer`, `scaler`) reads its
+    settings from, matching `settings`; none of this process's own SNAPSCALE_ variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSCALE_")}
-    env.update(
-        SNAPSCALE_NATS_URL=settings.nats_url,
-        SNAPSCALE_NAMESPACE=settings.namespace,
-        SNAPSCALE_STORE=settings.store.url,
-        SNAPSCALE_SIGNING_KEY=settings.signing_key.decode(),
-        SNAPSCALE_CACHE_DIR=str(settings.cache_dir),
-        SNAPSCALE_STATE_DIR=str(settings.state_dir),
-        SNAPSCALE_HOST_ID=settings.host_id,
-        SNAPSCALE_CRIU=criu.path,
-        SNAPSCALE_HEARTBEAT_S="0.5",
-    )
-    if settings.store.endpoint_url:
-        env["AWS_ENDPOINT_URL"] = settings.store.endpoint_url
-    return env
+    return {**env, **settings_env(settings), "SNAPSCALE_CRIU": criu.path, "SNAPSCALE_HEARTBEAT_S": "0.5"}
 
 
 def spawn(

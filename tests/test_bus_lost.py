@@ -10,7 +10,6 @@ on their own nats-server here (the session's server is shared by the other tests
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import VENV_BIN
+from restorer_harness import service_env
 
 from snapscale.demo.procs import ProcessSet, free_port, log_tail, wait_port
 from snapscale.scaler.lease import LEASE_KEY
@@ -65,17 +65,7 @@ async def test_each_service_exits_non_zero_when_the_server_closes_its_connection
     conf_server: ConfServer, settings: Settings, criu: CriuBinary, tmp_path: Path
 ) -> None:
     s = replace(settings, nats_url=conf_server.url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSCALE_")}
-    env.update(
-        SNAPSCALE_NATS_URL=s.nats_url,
-        SNAPSCALE_NAMESPACE=s.namespace,
-        SNAPSCALE_SIGNING_KEY=s.signing_key.decode(),
-        SNAPSCALE_STATE_DIR=str(tmp_path / "state"),
-        SNAPSCALE_CACHE_DIR=str(tmp_path / "cache"),
-        SNAPSCALE_STORE=f"file://{tmp_path / 'store'}",
-        SNAPSCALE_CRIU=criu.path,
-        SNAPSCALE_HOST_ID="h1",
-    )
+    env = service_env(replace(s, host_id="h1"), criu)
     me = [sys.executable, "-m", "snapscale"]
     procs = ProcessSet(tmp_path / "logs")
     try:

@@ -27,6 +27,7 @@ from engine_helpers import ROOT, kill_tagged, procs_with
 from faultproxy import FaultProxy
 from nats.aio.msg import Msg
 from restorer_harness import Harness, follow, get, procs, running, service_env
+from test_scaler_service import running as running_parts
 
 from snapscale.demo.procs import wait_port
 from snapscale.restorer.cleanup import owned_netns
@@ -159,13 +160,8 @@ def one_replica(spec: DeploymentSpec) -> DeploymentSpec:
 @contextlib.asynccontextmanager
 async def scaler(settings: Settings) -> AsyncIterator[Scaler]:
     sc = Scaler(settings, ScalerConfig(tick_s=0.2, lease_s=1.0))
-    stop = asyncio.Event()
-    task = asyncio.create_task(sc.run(stop))
-    try:
+    async with running_parts(sc.run):
         yield sc
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
 
 
 @contextlib.asynccontextmanager

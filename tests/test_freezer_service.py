@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import S3Server
+from conftest import S3Server, settings_env
 from faultproxy import FaultProxy
 from nats.aio.msg import Msg
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from examples import sample_server
 from snapscale.freezer.config import FreezerConfig
 from snapscale.freezer.ledger import Ledger, Phase
 from snapscale.freezer.service import serve
@@ -54,38 +53,12 @@ ROOT = Path(__file__).resolve().parents[1]
 FAST = FreezerConfig(ack_wait_s=3.0, claim_ttl_s=30.0, drain_s=60.0)
 
 
-@pytest.fixture(scope="session")
-def spans() -> InMemorySpanExporter:
-    """Every span this test process ends, whoever installed the tracer provider first."""
-    exp = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.add_span_processor(SimpleSpanProcessor(exp))
-    else:
-        telemetry.setup("snapscale-tests", None, exporter=exp)
-    return exp
-
-
 def sample_spec(
     name: str, tmp: Path, *, preset: str = "tiny", hooks: HooksSpec | None = None
 ) -> DeploymentSpec:
     return DeploymentSpec(
         name=name,
-        command=[
-            sys.executable,
-            "-m",
-            "examples.sample_server.server",
-            "--preset",
-            preset,
-            "--port",
-            "8000",
-            "--kv-mib",
-            "8",
-            "--weights",
-            str(tmp / "weights.pt"),
-            "--tag",
-            f"freezer-test-{name}",
-        ],
+        command=sample_server.command(preset, weights=tmp / "weights.pt", tag=f"freezer-test-{name}"),
         cwd=str(ROOT),
         hooks=hooks
         or HooksSpec(
@@ -147,6 +120,26 @@ async def checkpoint_events(b: bus.Bus, deployment: str) -> AsyncIterator[asynci
         yield q
     finally:
         await sub.unsubscribe()  # type: ignore[attr-defined]
+
+
+@contextlib.asynccontextmanager
+async def freezing(
+    settings: Settings,
+    b: bus.Bus,
+    criu: CriuBinary,
+    spec: DeploymentSpec,
+    opts: FreezerConfig = FAST,
+    on_phase: Callable[[Phase], Awaitable[None]] | None = None,
+) -> AsyncIterator[tuple[Sandbox, asyncio.Queue[CheckpointEvent]]]:
+    """`spec` deployed, its sample up as a fresh replica, a freezer serving, and the queue of the
+    deployment's checkpoint events: what every freeze test starts from."""
+    await put_spec(b, spec)
+    async with (
+        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+        running_freezer(settings, criu, opts, on_phase),
+        checkpoint_events(b, spec.name) as events,
+    ):
+        yield sb, events
 
 
 def answer(sb: Sandbox) -> dict[str, Any]:
@@ -222,12 +215,7 @@ async def test_freeze_command_makes_a_checkpoint_and_a_redelivery_does_nothing_n
     # a store throttled to 10 requests/s makes the freeze outlive its 1 s ack wait several times
     settings = replace(s3_settings, store=replace(s3_settings.store, max_requests_per_s=10))
     spec = sample_spec("sample", tmp_path)
-    await put_spec(the_bus, spec)
-    async with (
-        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-        running_freezer(settings, criu, replace(FAST, ack_wait_s=1.0)),
-        checkpoint_events(the_bus, spec.name) as events,
-    ):
+    async with freezing(settings, the_bus, criu, spec, replace(FAST, ack_wait_s=1.0)) as (sb, events):
         before = answer(sb)
         cmd = freeze_cmd(spec, sb.replica)
         tracer = telemetry.tracer("test")
@@ -347,12 +335,7 @@ async def test_failed_freeze_is_reported_with_the_step_and_the_sandbox_keeps_ser
     settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
 ) -> None:
     spec = sample_spec("failing", tmp_path, preset="none", hooks=HooksSpec(before_freeze="/hooks/fail"))
-    await put_spec(the_bus, spec)
-    async with (
-        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-        running_freezer(settings, criu),
-        checkpoint_events(the_bus, spec.name) as events,
-    ):
+    async with freezing(settings, the_bus, criu, spec) as (sb, events):
         before = answer(sb)
         await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
         ev = await next_event(events)
@@ -384,11 +367,7 @@ async def test_auto_freeze_that_loses_the_catalog_race_leaves_the_winner_listed(
             )  # fmt: skip
             await catalog.publish_entry(kv, other)
 
-    async with (
-        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-        running_freezer(settings, criu, on_phase=other_host_wins),
-        checkpoint_events(the_bus, spec.name) as events,
-    ):
+    async with freezing(settings, the_bus, criu, spec, on_phase=other_host_wins) as (sb, events):
         await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
         ev = await next_event(events)
         assert ev.ok and ev.skipped and ev.checkpoint_id == OTHER, ev
@@ -403,12 +382,7 @@ async def test_a_redeploy_after_launch_keys_the_checkpoint_by_the_spec_the_sandb
     settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
 ) -> None:
     old = sample_spec("redeployed", tmp_path, preset="none")
-    await put_spec(the_bus, old)
-    async with (
-        running_sandbox(settings, old, f"r-{uuid.uuid4().hex[:6]}") as sb,
-        running_freezer(settings, criu),
-        checkpoint_events(the_bus, old.name) as events,
-    ):
+    async with freezing(settings, the_bus, criu, old) as (sb, events):
         new = replace(old, command=[*old.command, "--seed", "7"])
         await put_spec(the_bus, new)  # the old replica keeps running the old spec
         await send(the_bus, settings.host_id, freeze_cmd(old, sb.replica))
@@ -443,11 +417,7 @@ async def test_a_store_outage_naks_the_command_and_its_redelivery_resumes_the_up
             proxy.fail_for(9.0, method="PUT")
 
     try:
-        async with (
-            running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-            running_freezer(settings, criu, on_phase=outage_once_dumped),
-            checkpoint_events(the_bus, spec.name) as events,
-        ):
+        async with freezing(settings, the_bus, criu, spec, on_phase=outage_once_dumped) as (sb, events):
             await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
             ev = await next_event(events, 90)
             assert ev.ok and not ev.skipped, ev.reason
@@ -475,11 +445,8 @@ async def test_an_outage_on_the_last_delivery_is_reported_as_failed_not_dropped(
             proxy.fail_for(30.0, method="PUT")
 
     try:
-        async with (
-            running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-            running_freezer(settings, criu, replace(FAST, max_deliver=1), on_phase=outage),
-            checkpoint_events(the_bus, spec.name) as events,
-        ):
+        opts = replace(FAST, max_deliver=1)
+        async with freezing(settings, the_bus, criu, spec, opts, on_phase=outage) as (sb, events):
             await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
             ev = await next_event(events, 90)
             assert not ev.ok and ev.reason.startswith("gave up after 1 deliveries: S3 "), ev.reason
@@ -498,12 +465,7 @@ async def test_operator_freeze_with_stop_leaves_a_checkpoint_and_no_sandbox(
     settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
 ) -> None:
     spec = sample_spec("stopped", tmp_path, preset="none")
-    await put_spec(the_bus, spec)
-    async with (
-        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-        running_freezer(settings, criu),
-        checkpoint_events(the_bus, spec.name) as events,
-    ):
+    async with freezing(settings, the_bus, criu, spec) as (sb, events):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "snapscale", "freeze", spec.name, "--replica", sb.replica,
             "--host", settings.host_id, "--stop", "--timeout-s", "60",
@@ -616,11 +578,7 @@ async def test_a_criu_failure_is_reported_with_its_log_tail_and_the_sandbox_keep
     )
     await put_spec(the_bus, spec)
     try:
-        async with (
-            running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-            running_freezer(settings, criu),
-            checkpoint_events(the_bus, spec.name) as events,
-        ):
+        async with freezing(settings, the_bus, criu, spec) as (sb, events):
             assert accepted  # the sandbox holds its connection to us
             await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
             ev = await next_event(events)
@@ -639,19 +597,7 @@ async def test_a_criu_failure_is_reported_with_its_log_tail_and_the_sandbox_keep
 
 def env_for(settings: Settings) -> dict[str, str]:
     """The environment a freezer (or operator) subprocess reads its Settings from."""
-    env = dict(os.environ)
-    env.update(
-        SNAPSCALE_NATS_URL=settings.nats_url,
-        SNAPSCALE_NAMESPACE=settings.namespace,
-        SNAPSCALE_STORE=settings.store.url,
-        SNAPSCALE_SIGNING_KEY=settings.signing_key.decode(),
-        SNAPSCALE_STATE_DIR=str(settings.state_dir),
-        SNAPSCALE_CACHE_DIR=str(settings.cache_dir),
-        SNAPSCALE_HOST_ID=settings.host_id,
-    )
-    if settings.store.endpoint_url:
-        env["AWS_ENDPOINT_URL"] = settings.store.endpoint_url
-    return env
+    return {**os.environ, **settings_env(settings)}
 
 
 @pytest.mark.criu

@@ -34,25 +34,13 @@ import orjson
 import pytest
 from engine_helpers import ROOT, kill_tagged, sample_spec
 from nats.aio.msg import Msg
+from restorer_harness import service_env
 
 from snapscale.demo.procs import ProcessSet, log_tail, reap_sandboxes
 from snapscale.restorer.ledger import LEDGER_TYPE, Entry
 from snapscale.scaler.lease import LEASE_KEY
 from snapscale.shared import bus
 from snapscale.shared.bus.catalog import CATALOG_TYPE, CatalogEntry
-from snapscale.shared.bus.messages import (
-    CheckpointEvent,
-    FreezeCommand,
-    GpuInfo,
-    HostHeartbeat,
-    PrefetchCommand,
-    ReleaseCommand,
-    ReplicaEvent,
-    ReplicaState,
-    ScaleUpCommand,
-    TrafficEvent,
-    decode_message,
-)
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec
 from snapscale.shared.bus.subjects import Bucket, Verb, replica_key
 from snapscale.shared.core import wire
@@ -94,22 +82,22 @@ class Target:
 
 def targets(b: bus.Bus, dep: str, r: int) -> list[Target]:
     s, now, ghost = b.subjects, time.time(), f"fz-ghost-{r}"
-    hb = HostHeartbeat(HOST, now, "k" * 64, gpus=[GpuInfo(0, "GPU-0", "m", 1 << 30)])
-    rev = ReplicaEvent(dep, ghost, HOST, ReplicaState.READY, now, command_id="c1")
-    cev = CheckpointEvent(dep, HOST, True, now, command_id="c1", checkpoint_id="ck1")
+    hb = bus.HostHeartbeat(HOST, now, "k" * 64, gpus=[bus.GpuInfo(0, "GPU-0", "m", 1 << 30)])
+    rev = bus.ReplicaEvent(dep, ghost, HOST, bus.ReplicaState.READY, now, command_id="c1")
+    cev = bus.CheckpointEvent(dep, HOST, True, now, command_id="c1", checkpoint_id="ck1")
     return [
-        Target("traffic", "core", s.traffic(dep), TrafficEvent(dep, now, 1, 1.0), TrafficEvent.TYPE),
-        Target("host heartbeat", "core", s.evt_host(HOST), hb, HostHeartbeat.TYPE),
-        Target("replica event", "js", s.evt_replica(dep), rev, ReplicaEvent.TYPE),
-        Target("checkpoint event", "js", s.evt_checkpoint(dep), cev, CheckpointEvent.TYPE),
+        Target("traffic", "core", s.traffic(dep), bus.TrafficEvent(dep, now, 1, 1.0), bus.TrafficEvent.TYPE),
+        Target("host heartbeat", "core", s.evt_host(HOST), hb, bus.HostHeartbeat.TYPE),
+        Target("replica event", "js", s.evt_replica(dep), rev, bus.ReplicaEvent.TYPE),
+        Target("checkpoint event", "js", s.evt_checkpoint(dep), cev, bus.CheckpointEvent.TYPE),
         Target("scale-up", "js", s.cmd(Verb.SCALE_UP, HOST),
-               ScaleUpCommand(f"fz-{r}-su", dep, ghost, now), ScaleUpCommand.TYPE),
+               bus.ScaleUpCommand(f"fz-{r}-su", dep, ghost, now), bus.ScaleUpCommand.TYPE),
         Target("release", "js", s.cmd(Verb.RELEASE, HOST),
-               ReleaseCommand(f"fz-{r}-rel", dep, ghost, now), ReleaseCommand.TYPE),
+               bus.ReleaseCommand(f"fz-{r}-rel", dep, ghost, now), bus.ReleaseCommand.TYPE),
         Target("prefetch", "js", s.cmd(Verb.PREFETCH, HOST),
-               PrefetchCommand(f"fz-{r}-pf", dep, now), PrefetchCommand.TYPE),
+               bus.PrefetchCommand(f"fz-{r}-pf", dep, now), bus.PrefetchCommand.TYPE),
         Target("freeze", "js", s.cmd(Verb.FREEZE, HOST),
-               FreezeCommand(f"fz-{r}-fr", dep, ghost, now), FreezeCommand.TYPE),
+               bus.FreezeCommand(f"fz-{r}-fr", dep, ghost, now), bus.FreezeCommand.TYPE),
         # under the deployment this round scales up: its lookup lists it
         Target("catalog entry", "kv", f"{dep}.fuzz{r}",
                CatalogEntry(dep, "a" * 64, "ck1", "manifests/x.json", now), CATALOG_TYPE),
@@ -194,17 +182,7 @@ def fuzz_spec(name: str, tag: str) -> DeploymentSpec:
 
 @contextlib.asynccontextmanager
 async def services(settings: Settings, criu: CriuBinary, tmp: Path) -> AsyncIterator[ProcessSet]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSCALE_")}
-    env.update(
-        SNAPSCALE_NATS_URL=settings.nats_url,
-        SNAPSCALE_NAMESPACE=settings.namespace,
-        SNAPSCALE_SIGNING_KEY=settings.signing_key.decode(),
-        SNAPSCALE_STATE_DIR=str(tmp / "state"),
-        SNAPSCALE_CACHE_DIR=str(tmp / "cache"),
-        SNAPSCALE_STORE=f"file://{tmp / 'store'}",
-        SNAPSCALE_CRIU=criu.path,
-        SNAPSCALE_HOST_ID=HOST,
-    )
+    env = service_env(replace(settings, host_id=HOST), criu)
     me = [sys.executable, "-m", "snapscale"]
     procs = ProcessSet(tmp / "logs")
     try:
@@ -249,18 +227,18 @@ async def test_malformed_messages_on_every_subject_are_refused_and_scale_ups_go_
     rng = random.Random(SEED)
     tag = f"fuzz-{uuid.uuid4().hex[:8]}"
     b, t0 = the_bus, time.monotonic()
-    ready: dict[str, ReplicaEvent] = {}  # deployment -> its ready event
-    checkpoints: list[CheckpointEvent] = []
+    ready: dict[str, bus.ReplicaEvent] = {}  # deployment -> its ready event
+    checkpoints: list[bus.CheckpointEvent] = []
 
     async def on_replica(m: Msg) -> None:
         with contextlib.suppress(Exception):  # the fuzz's own bad events pass here too
-            ev = decode_message(m.data, ReplicaEvent)
-            if ev.state is ReplicaState.READY:
+            ev = bus.decode_message(m.data, bus.ReplicaEvent)
+            if ev.state is bus.ReplicaState.READY:
                 ready[ev.deployment] = ev
 
     async def on_checkpoint(m: Msg) -> None:
         with contextlib.suppress(Exception):  # the fuzz's own bad events pass here too
-            checkpoints.append(decode_message(m.data, CheckpointEvent))
+            checkpoints.append(bus.decode_message(m.data, bus.CheckpointEvent))
 
     subs = [
         await b.nc.subscribe(b.subjects.evt_replica_all(), cb=on_replica),
@@ -286,7 +264,7 @@ async def test_malformed_messages_on_every_subject_are_refused_and_scale_ups_go_
                     sent[t.name] = sent.get(t.name, 0) + 1
                 await b.nc.flush()
                 # then the normal path: traffic for a deployment with no replica brings one up
-                ev = TrafficEvent(dep, time.time(), arrivals=1, concurrency=1.0)
+                ev = bus.TrafficEvent(dep, time.time(), arrivals=1, concurrency=1.0)
                 for _ in range(3):  # a gateway reports more than once; core NATS may drop one
                     await bus.publish_core(b, b.subjects.traffic(dep), ev)
                 await until(functools.partial(dict.__contains__, ready, dep), 60,
@@ -294,7 +272,9 @@ async def test_malformed_messages_on_every_subject_are_refused_and_scale_ups_go_
 
             # a freeze still works after all that
             first = ready[deps[0].name]
-            cmd = FreezeCommand(f"fz-final-{tag}", first.deployment, first.replica, time.time(), force=True)
+            cmd = bus.FreezeCommand(
+                f"fz-final-{tag}", first.deployment, first.replica, time.time(), force=True
+            )
             await bus.publish(b, b.subjects.cmd(Verb.FREEZE, HOST), cmd, msg_id=cmd.id)
             done = lambda: any(c.command_id == cmd.id for c in checkpoints)  # noqa: E731
             await until(done, 90, "the final freeze", procs)

@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 from aiohttp import web
-from gateway_harness import Handler, answering, deploy, eventually, gateway, memory_spans, record, replica
+from gateway_harness import Handler, answering, deploy, eventually, gateway, record, replica
 from nats.aio.msg import Msg
+from spanfix import memory_spans
 from yarl import URL
 
 from snapscale.shared import bus

@@ -38,6 +38,7 @@ from conftest import NatsCluster, start_nats_cluster
 from engine_helpers import ROOT
 from nsutil import NETNS_DIR, _setns, add_netns, del_netns, run_in, sh
 from restorer_harness import Harness
+from test_scaler_service import quick
 
 from snapscale.demo.procs import ProcessSet, log_tail, reap_sandboxes
 from snapscale.shared import bus
@@ -119,15 +120,10 @@ def get_from(ns: str, url: str, timeout_s: float = 10.0) -> Awaitable[bytes]:
 
 
 def tuned(d: DeploymentSpec) -> DeploymentSpec:
-    scaling = replace(
+    scaling = quick(
         d.scaling,
-        target_concurrency=1.0,
-        utilization=1.0,
         max_replicas=2,
-        stable_window_s=2.0,
-        panic_window_s=1.0,
         scale_to_zero_after_s=600.0,  # never within the test: every replica seen stays up
-        release_mode="stop",
         concurrency_limit=1,  # the sample serves one request at a time: the gateway queues the rest
     )
     return replace(d, scaling=scaling, freeze=replace(d.freeze, after_ready=False))

@@ -10,30 +10,16 @@ from pathlib import Path
 
 import pytest
 from engine_helpers import kill_tagged
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from restorer_harness import Harness, follow, get, running
 
 from snapscale.shared import bus
 from snapscale.shared.bus.messages import ReplicaState, Tier
-from snapscale.shared.core import telemetry
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine.criu import CriuBinary
 
 pytestmark = pytest.mark.criu
-
-
-@pytest.fixture(scope="module")
-def spans() -> InMemorySpanExporter:
-    exp = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.add_span_processor(SimpleSpanProcessor(exp))
-    else:
-        telemetry.setup("snapscale-tests", None, exporter=exp)
-    return exp
 
 
 @pytest.fixture

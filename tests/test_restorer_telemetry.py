@@ -13,11 +13,10 @@ from pathlib import Path
 import pytest
 import span_contract as sc
 from engine_helpers import kill_tagged
-from opentelemetry import metrics, trace
+from opentelemetry import metrics
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader, MetricsData
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from restorer_harness import Harness, follow, running
 
@@ -29,18 +28,6 @@ from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine.criu import CriuBinary
 
 pytestmark = pytest.mark.criu
-
-
-@pytest.fixture(scope="session")
-def spans() -> InMemorySpanExporter:
-    """Every span this test process ends, whoever installed the tracer provider first."""
-    exp = InMemorySpanExporter()
-    provider = trace.get_tracer_provider()
-    if isinstance(provider, TracerProvider):
-        provider.add_span_processor(SimpleSpanProcessor(exp))
-    else:
-        telemetry.setup("snapscale-tests", None, exporter=exp)
-    return exp
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,8 @@ from dataclasses import replace
 from typing import Literal
 
 import pytest
-from knative_ref import Decider, DeciderSpec, MaxWindow
+from knative_ref import Decider, MaxWindow
+from scaler_scenarios import knative_spec
 
 from snapscale.scaler.policy import BUCKET_S, Window, activation, decide
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, spec_from_mapping
@@ -43,19 +44,8 @@ def observed(spec: ScalingSpec, stable: float, panic: float) -> Window:
 
 
 def reference(spec: ScalingSpec) -> Decider:
-    return Decider(
-        DeciderSpec(
-            target=spec.target_concurrency * spec.utilization,
-            stable_window_s=spec.stable_window_s,
-            panic_window_s=spec.panic_window_s,
-            panic_threshold=spec.panic_threshold,
-            max_scale_up_rate=spec.max_scale_up_rate,
-            max_scale_down_rate=spec.max_scale_down_rate,
-            scale_down_delay_s=spec.scale_down_delay_s,
-            activation_scale=spec.activation_scale,
-            tick_s=BUCKET_S,
-        )
-    )
+    """Knative's decider with the same knobs (min, max and grace are the reconciler's, unused here)."""
+    return Decider(knative_spec(spec, BUCKET_S))
 
 
 Prior = tuple[float, int] | None  # (seconds since the panic threshold was last met, high-water mark)

@@ -19,29 +19,21 @@ from snapscale.scaler.service import Scaler
 from snapscale.scaler.view import View
 from snapscale.shared import bus
 from snapscale.shared.bus.client import Bus
-from snapscale.shared.bus.messages import (
-    HostHeartbeat,
-    ReplicaEvent,
-    ReplicaState,
-    ReplicaSummary,
-    ScaleUpCommand,
-    Tier,
-    TrafficEvent,
-    encode_message,
-)
 from snapscale.shared.bus.subjects import Bucket
 from snapscale.shared.core.settings import Settings
 
-S = ReplicaState
+S = bus.ReplicaState
 
 
-def beat(host: str, started_at: float, *listed: str) -> HostHeartbeat:
-    reps = [ReplicaSummary("llm", r, S.READY) for r in listed]
-    return HostHeartbeat(host=host, ts=started_at + 1, compat_hash="k", replicas=reps, started_at=started_at)
+def beat(host: str, started_at: float, *listed: str) -> bus.HostHeartbeat:
+    reps = [bus.ReplicaSummary("llm", r, S.READY) for r in listed]
+    return bus.HostHeartbeat(
+        host=host, ts=started_at + 1, compat_hash="k", replicas=reps, started_at=started_at
+    )
 
 
-def tracked(replica: str, state: ReplicaState, ts: float, host: str = "h1") -> Tracked:
-    return Tracked(ReplicaEvent("llm", replica, host, state, ts), None, ts)
+def tracked(replica: str, state: bus.ReplicaState, ts: float, host: str = "h1") -> Tracked:
+    return Tracked(bus.ReplicaEvent("llm", replica, host, state, ts), None, ts)
 
 
 def test_a_restart_loses_what_the_old_process_held_and_it_does_not_list() -> None:
@@ -88,16 +80,18 @@ class RestartingHost(FakeHost):
     started_at: float = field(default_factory=time.time)
     hang: bool = False
 
-    def heartbeat(self) -> HostHeartbeat:
+    def heartbeat(self) -> bus.HostHeartbeat:
         return replace(super().heartbeat(), started_at=self.started_at)
 
-    async def on_scale_up(self, c: ScaleUpCommand, m: Msg) -> None:
+    async def on_scale_up(self, c: bus.ScaleUpCommand, m: Msg) -> None:
         if not self.hang:
             await super().on_scale_up(c, m)
             return
         self.got.append(c)
         await self.record(
-            ReplicaEvent(c.deployment, c.replica, self.name, S.RESTORING, time.time(), c.id, Tier.CACHE)
+            bus.ReplicaEvent(
+                c.deployment, c.replica, self.name, S.RESTORING, time.time(), c.id, bus.Tier.CACHE
+            )
         )
 
     def restart(self) -> None:
@@ -107,7 +101,7 @@ class RestartingHost(FakeHost):
 
 
 async def traffic(b: Bus) -> None:
-    await bus.publish_core(b, b.subjects.traffic("llm"), TrafficEvent("llm", time.time(), 1, 1.0))
+    await bus.publish_core(b, b.subjects.traffic("llm"), bus.TrafficEvent("llm", time.time(), 1, 1.0))
 
 
 async def test_a_ready_replica_lost_in_a_restart_is_replaced_on_the_first_heartbeat(
@@ -124,7 +118,7 @@ async def test_a_ready_replica_lost_in_a_restart_is_replaced_on_the_first_heartb
         (first,) = [t.ev.replica for t in sc.view.of("llm")]
         host.restart()
         t0 = time.monotonic()
-        await eventually(lambda: len(host.commands(ScaleUpCommand)) == 2, 5, "replaced")
+        await eventually(lambda: len(host.commands(bus.ScaleUpCommand)) == 2, 5, "replaced")
         assert time.monotonic() - t0 < 2.0
         await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [S.READY], 5, "second ready")
         assert [t.ev.replica for t in sc.view.of("llm")] != [first]
@@ -143,13 +137,13 @@ async def test_a_restore_cut_short_by_a_restart_is_placed_again_on_the_same_host
         await eventually(lambda: sc.leader and "host-a" in sc.view.hosts)
         await traffic(the_bus)
         await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [S.RESTORING], 10, "restoring")
-        (cut,) = host.commands(ScaleUpCommand)
-        assert isinstance(cut, ScaleUpCommand)
+        (cut,) = host.commands(bus.ScaleUpCommand)
+        assert isinstance(cut, bus.ScaleUpCommand)
         host.beating = False
         host.restart()
         host.hang = False
         await host.record(
-            ReplicaEvent(
+            bus.ReplicaEvent(
                 "llm", cut.replica, "host-a", S.FAILED, time.time(), cut.id,
                 reason="the restorer restarted mid-restore; what it had started was cleaned up",
             )
@@ -157,7 +151,7 @@ async def test_a_restore_cut_short_by_a_restart_is_placed_again_on_the_same_host
         await eventually(lambda: not list(sc.view.of("llm")), 5, "the failed event seen")
         host.beating = True
         t0 = time.monotonic()
-        await eventually(lambda: len(host.commands(ScaleUpCommand)) == 2, 5, "placed again on host-a")
+        await eventually(lambda: len(host.commands(bus.ScaleUpCommand)) == 2, 5, "placed again on host-a")
         assert time.monotonic() - t0 < 3.0
         await eventually(lambda: [t.ev.state for t in sc.view.of("llm")] == [S.READY], 5, "ready")
         assert not sc.view.avoid
@@ -173,14 +167,14 @@ async def test_a_new_leader_fails_what_kv_holds_of_a_restorer_that_restarted_mea
     async with running(host.run):
         await eventually(lambda: host._bus is not None)
         await host.record(
-            ReplicaEvent("llm", "llm-old", "host-a", S.READY, time.time() - 60, gpu_uuids=["host-a-g0"])
+            bus.ReplicaEvent("llm", "llm-old", "host-a", S.READY, time.time() - 60, gpu_uuids=["host-a-g0"])
         )
         # as a restorer does: its inventory in KV too, which a starting scaler reads before anything
-        await the_bus.kv[Bucket.HOSTS].put("host-a", encode_message(host.heartbeat()))
+        await the_bus.kv[Bucket.HOSTS].put("host-a", bus.encode_message(host.heartbeat()))
         sc = Scaler(settings, CFG)
         async with running(sc.run):
             await eventually(lambda: sc.leader, 5, "leading")
-            await eventually(lambda: len(host.commands(ScaleUpCommand)) == 1, 5, "replaced")
+            await eventually(lambda: len(host.commands(bus.ScaleUpCommand)) == 1, 5, "replaced")
             assert "llm-old" not in {t.ev.replica for t in sc.view.of("llm")}
             got = await bus.kv_get(the_bus.kv[Bucket.REPLICAS], "llm.llm-old")
             assert got is None  # failed: its record is gone

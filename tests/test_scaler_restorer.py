@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from nats.aio.msg import Msg
+from test_scaler_service import quick
 
 from snapscale.demo.procs import ProcessSet, log_tail, reap_sandboxes
 from snapscale.scaler.lease import LEASE_KEY, LEASE_TYPE, LeaseRecord
@@ -44,16 +45,7 @@ SAMPLE = ROOT / "examples" / "sample_cpu_quick.toml"
 
 def tuned(d: spec.DeploymentSpec) -> spec.DeploymentSpec:
     """One replica, short windows, auto-freeze after the cold boot (as the demo tunes it)."""
-    scaling = replace(
-        d.scaling,
-        target_concurrency=1.0,
-        utilization=1.0,
-        max_replicas=1,
-        stable_window_s=2.0,
-        panic_window_s=1.0,
-        scale_to_zero_after_s=3.0,
-        release_mode="stop",
-    )
+    scaling = quick(d.scaling, max_replicas=1, scale_to_zero_after_s=3.0)
     return replace(d, scaling=scaling, freeze=replace(d.freeze, after_ready=True, keep_running=True))
 
 

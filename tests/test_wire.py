@@ -5,59 +5,42 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from snapscale.shared.bus.messages import (
-    CheckpointEvent,
-    FreezeCommand,
-    GpuInfo,
-    HostHeartbeat,
-    PrefetchCommand,
-    ReleaseCommand,
-    ReleaseMode,
-    ReplicaEvent,
-    ReplicaState,
-    ReplicaSummary,
-    ScaleUpCommand,
-    Tier,
-    TrafficEvent,
-    can_transition,
-    decode_command,
-    decode_message,
-    encode_message,
-)
+from snapscale.shared import bus
+from snapscale.shared.bus.messages import decode_command
 from snapscale.shared.core.errors import MessageError
 
 SAMPLES: list[object] = [
-    TrafficEvent(deployment="llm", ts=1.5, arrivals=3, concurrency=2.5),
-    ScaleUpCommand(id="c1", deployment="llm", replica="r1", issued_at=2.0, gpu_uuids=["GPU-a"]),
-    ReleaseCommand(id="c2", deployment="llm", replica="r1", issued_at=3.0, mode=ReleaseMode.SUSPEND),
-    PrefetchCommand(id="c3", deployment="llm", issued_at=4.0, checkpoint_id="ck1"),
-    FreezeCommand(id="c4", deployment="llm", replica="r1", issued_at=5.0, keep_running=False),
-    ReplicaEvent(
+    bus.TrafficEvent(deployment="llm", ts=1.5, arrivals=3, concurrency=2.5),
+    bus.ScaleUpCommand(id="c1", deployment="llm", replica="r1", issued_at=2.0, gpu_uuids=["GPU-a"]),
+    bus.ReleaseCommand(id="c2", deployment="llm", replica="r1", issued_at=3.0, mode=bus.ReleaseMode.SUSPEND),
+    bus.PrefetchCommand(id="c3", deployment="llm", issued_at=4.0, checkpoint_id="ck1"),
+    bus.FreezeCommand(id="c4", deployment="llm", replica="r1", issued_at=5.0, keep_running=False),
+    bus.ReplicaEvent(
         deployment="llm",
         replica="r1",
         host="h",
-        state=ReplicaState.READY,
+        state=bus.ReplicaState.READY,
         ts=6.0,
-        tier=Tier.STORE,
+        tier=bus.Tier.STORE,
         reason="no suspended replica",
         timings_s={"criu_restore": 1.25},
         bytes={"prefetched": 10},
     ),
-    CheckpointEvent(deployment="llm", host="h", ok=True, ts=7.0, sizes={"total": 5}),
-    HostHeartbeat(
+    bus.CheckpointEvent(deployment="llm", host="h", ok=True, ts=7.0, sizes={"total": 5}),
+    bus.HostHeartbeat(
         host="h",
         ts=8.0,
         compat_hash="abc",
-        gpus=[GpuInfo(index=0, uuid="GPU-a", model="H100", memory_bytes=80 << 30, free=False)],
-        replicas=[ReplicaSummary(deployment="llm", replica="r1", state=ReplicaState.SUSPENDED)],
+        gpus=[bus.GpuInfo(index=0, uuid="GPU-a", model="H100", memory_bytes=80 << 30, free=False)],
+        replicas=[bus.ReplicaSummary(deployment="llm", replica="r1", state=bus.ReplicaState.SUSPENDED)],
     ),
 ]
 
 
 @pytest.mark.parametrize("msg", SAMPLES, ids=lambda m: type(m).__name__)
 def test_round_trip(msg: object) -> None:
-    data = encode_message(msg)  # type: ignore[arg-type]
-    assert decode_message(data, type(msg)) == msg  # type: ignore[type-var]
+    data = bus.encode_message(msg)  # type: ignore[arg-type]
+    assert bus.decode_message(data, type(msg)) == msg  # type: ignore[type-var]
 
 
 @pytest.mark.parametrize(
@@ -100,33 +83,33 @@ def test_malformed_scale_up_names_the_field(body: bytes, field: str, reason_part
 def test_bool_is_not_an_int() -> None:
     body = orjson.dumps({"v": 1, "type": "traffic", "deployment": "d", "ts": 1.0, "arrivals": True})
     with pytest.raises(MessageError) as ei:
-        decode_message(body, TrafficEvent)
+        bus.decode_message(body, bus.TrafficEvent)
     assert ei.value.field == "traffic.arrivals"
 
 
 def test_nested_field_path() -> None:
-    hb = orjson.loads(encode_message(SAMPLES[-1]))  # type: ignore[arg-type]
+    hb = orjson.loads(bus.encode_message(SAMPLES[-1]))  # type: ignore[arg-type]
     hb["gpus"][0]["memory_bytes"] = "lots"
     with pytest.raises(MessageError) as ei:
-        decode_message(orjson.dumps(hb), HostHeartbeat)
+        bus.decode_message(orjson.dumps(hb), bus.HostHeartbeat)
     assert ei.value.field == "host.gpus[0].memory_bytes"
 
 
 @pytest.mark.parametrize(
     ("old", "new", "ok"),
     [
-        (ReplicaState.PENDING, ReplicaState.RESTORING, True),
-        (ReplicaState.RESTORING, ReplicaState.STARTING, True),  # fallback to cold boot
-        (ReplicaState.READY, ReplicaState.RELEASING, True),
-        (ReplicaState.READY, ReplicaState.RESTORING, False),
-        (ReplicaState.STOPPED, ReplicaState.READY, False),
-        (ReplicaState.SUSPENDED, ReplicaState.RESUMING, True),
-        (ReplicaState.STARTING, ReplicaState.FAILED, True),
-        (ReplicaState.STOPPED, ReplicaState.FAILED, False),
+        (bus.ReplicaState.PENDING, bus.ReplicaState.RESTORING, True),
+        (bus.ReplicaState.RESTORING, bus.ReplicaState.STARTING, True),  # fallback to cold boot
+        (bus.ReplicaState.READY, bus.ReplicaState.RELEASING, True),
+        (bus.ReplicaState.READY, bus.ReplicaState.RESTORING, False),
+        (bus.ReplicaState.STOPPED, bus.ReplicaState.READY, False),
+        (bus.ReplicaState.SUSPENDED, bus.ReplicaState.RESUMING, True),
+        (bus.ReplicaState.STARTING, bus.ReplicaState.FAILED, True),
+        (bus.ReplicaState.STOPPED, bus.ReplicaState.FAILED, False),
     ],
 )
-def test_transitions(old: ReplicaState, new: ReplicaState, ok: bool) -> None:
-    assert can_transition(old, new) is ok
+def test_transitions(old: bus.ReplicaState, new: bus.ReplicaState, ok: bool) -> None:
+    assert bus.can_transition(old, new) is ok
 
 
 # --- declared limits: what the decoder refuses, naming the field and the reason ---------------
@@ -168,8 +151,10 @@ def test_declared_limits_refuse_with_the_field_and_reason(
 
 
 def test_the_same_command_within_its_limits_decodes() -> None:
-    cmd = decode_command(_scale_up(replica="r" * 128, deployment="d" * 64, gpu_uuids=["GPU-0"]), "scale-up")
-    assert isinstance(cmd, ScaleUpCommand) and len(cmd.replica) == 128
+    cmd = decode_command(
+        _scale_up(replica="r" * 128, deployment="d" * 64, gpu_uuids=["GPU-0"]), "scale-up"
+    )
+    assert isinstance(cmd, bus.ScaleUpCommand) and len(cmd.replica) == 128
 
 
 def test_a_number_past_a_double_is_refused_at_the_body() -> None:
@@ -192,15 +177,15 @@ def test_a_message_over_the_size_limit_is_refused_unread() -> None:
 def test_traffic_concurrency_out_of_range_is_refused(value: float) -> None:
     body = orjson.dumps({"v": 1, "type": "traffic", "deployment": "d", "ts": 1.0, "concurrency": value})
     with pytest.raises(MessageError) as ei:
-        decode_message(body, TrafficEvent)
+        bus.decode_message(body, bus.TrafficEvent)
     assert ei.value.field == "traffic.concurrency" and "within [0, 1e+06]" in ei.value.reason
 
 
 def test_dict_keys_are_checked_too() -> None:
-    hb = orjson.loads(encode_message(SAMPLES[-1]))  # type: ignore[arg-type]
+    hb = orjson.loads(bus.encode_message(SAMPLES[-1]))  # type: ignore[arg-type]
     hb["cached_bytes"] = {"ck-1": 5, "../ck": 6}
     with pytest.raises(MessageError) as ei:
-        decode_message(orjson.dumps(hb), HostHeartbeat)
+        bus.decode_message(orjson.dumps(hb), bus.HostHeartbeat)
     assert ei.value.field == "host.cached_bytes.../ck (key)" and "must match" in ei.value.reason
 
 
@@ -208,7 +193,7 @@ def test_non_finite_numbers_are_refused_from_python_callers_too() -> None:
     from snapscale.shared.core import wire
 
     with pytest.raises(MessageError) as ei:
-        wire.from_plain(TrafficEvent, {"deployment": "d", "ts": float("nan")})
+        wire.from_plain(bus.TrafficEvent, {"deployment": "d", "ts": float("nan")})
     assert ei.value.field == "TrafficEvent.ts" and "finite" in ei.value.reason
 
 
@@ -226,7 +211,7 @@ def test_salvage_keeps_only_the_fields_that_pass_their_own_limits() -> None:
 
     names = ("deployment", "replica", "id")
     body = _scale_up(deployment="a.b", replica="r-1", id=7, issued_at="now")
-    assert salvage(body, ScaleUpCommand, names) == {"replica": "r-1"}
-    assert salvage(b"[1]", ScaleUpCommand, names) == {} == salvage(b"{x", ScaleUpCommand, names)
+    assert salvage(body, bus.ScaleUpCommand, names) == {"replica": "r-1"}
+    assert salvage(b"[1]", bus.ScaleUpCommand, names) == {} == salvage(b"{x", bus.ScaleUpCommand, names)
     huge = _scale_up()[:-1] + b',"pad":"' + b"x" * MAX_MESSAGE_BYTES + b'"}'
-    assert salvage(huge, ScaleUpCommand, names) == {}
+    assert salvage(huge, bus.ScaleUpCommand, names) == {}

@@ -7,7 +7,10 @@ KV record, so a reader that sees the event finds the state in KV.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
+from snapscale.restorer.host import HostTools
+from snapscale.restorer.replicas import Live
 from snapscale.shared import bus as busmod
 from snapscale.shared.bus import (
     Bucket,
@@ -23,6 +26,41 @@ from snapscale.shared.core.errors import MessageError, RetryableError
 
 log = logging.getLogger(__name__)
 CAS_ATTEMPTS = 8
+
+
+def event(
+    t: HostTools,
+    deployment: str,
+    replica: str,
+    state: ReplicaState,
+    *,
+    command_id: str | None = None,
+    reason: str = "",
+) -> ReplicaEvent:
+    """This host's word on a replica, now; a caller adds what else it knows (dataclasses.replace)."""
+    return ReplicaEvent(
+        deployment=deployment,
+        replica=replica,
+        host=t.name,
+        state=state,
+        ts=t.now(),
+        command_id=command_id,
+        reason=reason,
+    )
+
+
+def live_event(
+    t: HostTools, lv: Live, state: ReplicaState, command_id: str | None, reason: str = ""
+) -> ReplicaEvent:
+    """The event of a replica this host runs: its tier and checkpoint, and where to reach it unless
+    it stopped."""
+    ev = event(t, lv.spec.name, lv.sandbox.replica, state, command_id=command_id, reason=reason)
+    ev = replace(ev, tier=lv.tier, checkpoint_id=lv.checkpoint_id)
+    if state is ReplicaState.STOPPED:
+        return ev
+    sb = lv.sandbox
+    where = t.forwards.endpoint(sb)
+    return replace(ev, endpoint=where, local_endpoint=sb.endpoint, gpu_uuids=list(sb.gpu_uuids))
 
 
 async def current(b: Bus, deployment: str, replica: str) -> tuple[ReplicaEvent | None, int | None]:

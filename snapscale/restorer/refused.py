@@ -43,14 +43,7 @@ async def refused_scale_up(h: Host, data: bytes, e: MessageError) -> ReplicaEven
         last, _rev = await events.current(t.bus, deployment, replica)
     if last is None or last.host != t.name or last.state is not ReplicaState.PENDING:
         return None
-    ev = ReplicaEvent(
-        deployment=deployment,
-        replica=replica,
-        host=t.name,
-        state=ReplicaState.FAILED,
-        ts=t.now(),
-        command_id=ids.get("id"),
-        reason=f"scale-up command refused: {e.field}: {e.reason}",
-    )
+    reason = f"scale-up command refused: {e.field}: {e.reason}"
+    ev = events.event(t, deployment, replica, ReplicaState.FAILED, command_id=ids.get("id"), reason=reason)
     await events.record(t.bus, ev)
     return ev

@@ -19,11 +19,11 @@ from pathlib import Path
 from snapscale.restorer import events
 from snapscale.restorer.budget import Suspended, over_budget
 from snapscale.restorer.errors import describe
-from snapscale.restorer.host import Host, HostTools
+from snapscale.restorer.host import Host
 from snapscale.restorer.inventory import tree_rss_bytes
 from snapscale.restorer.replicas import Live
 from snapscale.shared import engine
-from snapscale.shared.bus import ReleaseCommand, ReleaseMode, ReplicaEvent, ReplicaState
+from snapscale.shared.bus import ReleaseCommand, ReleaseMode, ReplicaState
 from snapscale.shared.engine import tree_pids
 
 log = logging.getLogger(__name__)
@@ -53,30 +53,11 @@ async def _until_stopped(lv: Live, timeout_s: float = 5.0) -> None:
     raise TimeoutError(f"sandbox {lv.sandbox.replica} did not stop within {timeout_s:g}s of SIGSTOP")
 
 
-def _event(
-    t: HostTools, lv: Live, state: ReplicaState, command_id: str | None, reason: str = ""
-) -> ReplicaEvent:
-    return ReplicaEvent(
-        deployment=lv.spec.name,
-        replica=lv.sandbox.replica,
-        host=t.name,
-        state=state,
-        ts=t.now(),
-        command_id=command_id,
-        tier=lv.tier,
-        reason=reason,
-        endpoint=t.forwards.endpoint(lv.sandbox) if state is not ReplicaState.STOPPED else "",
-        local_endpoint=lv.sandbox.endpoint if state is not ReplicaState.STOPPED else "",
-        checkpoint_id=lv.checkpoint_id,
-        gpu_uuids=list(lv.sandbox.gpu_uuids) if state is not ReplicaState.STOPPED else [],
-    )
-
-
 async def stop_replica(h: Host, lv: Live, command_id: str | None, reason: str) -> None:
     """Kill the tree, free its slot and record it stopped."""
     t = h.tools
     replica = lv.sandbox.replica
-    await events.record(t.bus, _event(t, lv, ReplicaState.RELEASING, command_id, reason))
+    await events.record(t.bus, events.live_event(t, lv, ReplicaState.RELEASING, command_id, reason))
     try:
         await engine.stop(lv.sandbox)
     finally:
@@ -87,7 +68,7 @@ async def stop_replica(h: Host, lv: Live, command_id: str | None, reason: str) -
     # a stopped replica's logs go with it (a failed attempt's stay, for whoever debugs it)
     if (d := t.attempt_dir(lv.sandbox.run_dir)) is not None:
         await asyncio.to_thread(shutil.rmtree, d, True)
-    await events.record(t.bus, _event(t, lv, ReplicaState.STOPPED, command_id, reason))
+    await events.record(t.bus, events.live_event(t, lv, ReplicaState.STOPPED, command_id, reason))
     await events.remove(t.bus, lv.spec.name, replica)
 
 
@@ -95,7 +76,7 @@ async def suspend_replica(h: Host, lv: Live, command_id: str | None) -> None:
     """Suspend in place; if that fails the replica is stopped instead (and the reason recorded)."""
     t = h.tools
     replica = lv.sandbox.replica
-    await events.record(t.bus, _event(t, lv, ReplicaState.RELEASING, command_id, "suspend"))
+    await events.record(t.bus, events.live_event(t, lv, ReplicaState.RELEASING, command_id, "suspend"))
     try:
         if lv.sandbox.gpu_uuids:
             await engine.suspend(lv.sandbox)
@@ -111,7 +92,7 @@ async def suspend_replica(h: Host, lv: Live, command_id: str | None) -> None:
     lv.state = ReplicaState.SUSPENDED
     lv.since = t.now()
     lv.rss_bytes = tree_rss_bytes(lv.sandbox.pid)
-    await events.record(t.bus, _event(t, lv, ReplicaState.SUSPENDED, command_id))
+    await events.record(t.bus, events.live_event(t, lv, ReplicaState.SUSPENDED, command_id))
     await enforce_budget(h)
 
 

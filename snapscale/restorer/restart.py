@@ -146,24 +146,9 @@ async def _adopt_one(h: Host, sb: Sandbox) -> str | None:
     t.slots.adopt(Grant(sb.replica, tuple(sb.gpu_uuids), cpu_slot=not sb.gpu_uuids))
     lv = Live(spec, sb, ReplicaState.READY, tier, t.now(), sb.checkpoint_id)
     h.replicas.live[sb.replica] = lv
-    await events.record(
-        t.bus,
-        ReplicaEvent(
-            deployment=sb.deployment,
-            replica=sb.replica,
-            host=t.name,
-            state=ReplicaState.READY,
-            ts=t.now(),
-            command_id=last.command_id if last else None,
-            tier=tier,
-            reason="re-adopted after a restorer restart",
-            endpoint=t.forwards.endpoint(sb),
-            local_endpoint=sb.endpoint,
-            checkpoint_id=sb.checkpoint_id,
-            gpu_uuids=list(sb.gpu_uuids),
-        ),
-        occasion=f"readopted-{t.now():.3f}",
-    )
+    reason = "re-adopted after a restorer restart"
+    ev = events.live_event(t, lv, ReplicaState.READY, last.command_id if last else None, reason)
+    await events.record(t.bus, ev, occasion=f"readopted-{t.now():.3f}")
     return None
 
 

@@ -32,7 +32,6 @@ from snapscale.shared import engine
 from snapscale.shared.bus import (
     DeploymentSpec,
     FreezeCommand,
-    ReplicaEvent,
     ReplicaState,
     ScaleUpCommand,
     Tier,
@@ -90,21 +89,9 @@ async def announce(t: HostTools, a: Attempt, d: TierChoice, checkpoint_id: str |
     if a.announced is state:
         return
     a.announced = state
-    await events.record(
-        t.bus,
-        ReplicaEvent(
-            deployment=a.spec.name,
-            replica=a.cmd.replica,
-            host=t.name,
-            state=state,
-            ts=t.now(),
-            command_id=a.cmd.id,
-            tier=d.tier,
-            reason=d.reason,
-            checkpoint_id=checkpoint_id,
-            gpu_uuids=list(a.gpu_uuids),
-        ),
-    )
+    ev = events.event(t, a.spec.name, a.cmd.replica, state, command_id=a.cmd.id, reason=d.reason)
+    ev = replace(ev, tier=d.tier, checkpoint_id=checkpoint_id, gpu_uuids=list(a.gpu_uuids))
+    await events.record(t.bus, ev)
 
 
 async def scale_up(h: Host, a: Attempt, compat_hash: str, compat: dict[str, str]) -> Live:
@@ -211,17 +198,8 @@ async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
 
 
 async def _record_gone(t: HostTools, lv: Live, reason: str) -> None:
-    await events.record(
-        t.bus,
-        ReplicaEvent(
-            deployment=lv.spec.name,
-            replica=lv.sandbox.replica,
-            host=t.name,
-            state=ReplicaState.STOPPED,
-            ts=t.now(),
-            reason=reason,
-        ),
-    )
+    replica = lv.sandbox.replica
+    await events.record(t.bus, events.event(t, lv.spec.name, replica, ReplicaState.STOPPED, reason=reason))
     await events.remove(t.bus, lv.spec.name, lv.sandbox.replica)
 
 

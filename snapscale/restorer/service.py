@@ -10,6 +10,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 from nats.aio.msg import Msg
 from opentelemetry import trace
@@ -40,7 +41,6 @@ from snapscale.shared.bus import (
     M,
     PrefetchCommand,
     ReleaseCommand,
-    ReplicaEvent,
     ReplicaState,
     ScaleUpCommand,
     Tier,
@@ -242,25 +242,8 @@ class Restorer:
             if a.reason:
                 root.set_attribute("fallback.reason", a.reason)
             metrics.record_ready(lv.tier, lv.spec.name, total, a.timings_s, a.bytes)
-            await events.record(
-                t.bus,
-                ReplicaEvent(
-                    deployment=lv.spec.name,
-                    replica=cmd.replica,
-                    host=t.name,
-                    state=ReplicaState.READY,
-                    ts=t.now(),
-                    command_id=cmd.id,
-                    tier=lv.tier,
-                    reason=a.reason,
-                    endpoint=t.forwards.endpoint(lv.sandbox),
-                    local_endpoint=lv.sandbox.endpoint,
-                    checkpoint_id=lv.checkpoint_id,
-                    gpu_uuids=list(lv.sandbox.gpu_uuids),
-                    timings_s=dict(a.timings_s),
-                    bytes=dict(a.bytes),
-                ),
-            )
+            ev = events.live_event(t, lv, ReplicaState.READY, cmd.id, a.reason)
+            await events.record(t.bus, replace(ev, timings_s=dict(a.timings_s), bytes=dict(a.bytes)))
             # asked before the ledger says done: after a crash in between, adoption asks again (same id)
             if lv.tier is Tier.COLD and lv.spec.freeze.after_ready and t.config.auto_freeze:
                 try:
@@ -270,20 +253,10 @@ class Restorer:
             t.ledger.finish(cmd.id, ok=True, outcome=f"ready by {lv.tier.value}")
 
     async def _failed(self, t: HostTools, cmd: ScaleUpCommand, a: Attempt | None, reason: str) -> None:
-        await events.record(
-            t.bus,
-            ReplicaEvent(
-                deployment=cmd.deployment,
-                replica=cmd.replica,
-                host=t.name,
-                state=ReplicaState.FAILED,
-                ts=t.now(),
-                command_id=cmd.id,
-                reason=reason,
-                timings_s=dict(a.timings_s) if a else {},
-                bytes=dict(a.bytes) if a else {},
-            ),
-        )
+        failed = ReplicaState.FAILED
+        ev = events.event(t, cmd.deployment, cmd.replica, failed, command_id=cmd.id, reason=reason)
+        timings, got = (dict(a.timings_s), dict(a.bytes)) if a else ({}, {})
+        await events.record(t.bus, replace(ev, timings_s=timings, bytes=got))
 
     # --- release and prefetch ----------------------------------------------------------
     async def on_release(self, cmd: ReleaseCommand, _m: Msg) -> None:

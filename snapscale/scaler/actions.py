@@ -15,12 +15,12 @@ from collections import Counter
 from dataclasses import dataclass, replace
 
 from opentelemetry import trace
-from opentelemetry.trace import Link
 
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.placement import Placement, choose_releases, needs_freeze, place, prefetch_targets
 from snapscale.scaler.policy import ScaleDecision
 from snapscale.scaler.records import Tracked
+from snapscale.scaler.spans import decision_span
 from snapscale.scaler.view import Freezing, View
 from snapscale.shared import bus
 from snapscale.shared.bus import (
@@ -37,13 +37,9 @@ from snapscale.shared.bus import (
     encode_message,
     replica_key,
 )
-from snapscale.shared.core import telemetry
 from snapscale.shared.core.errors import RetryableError
 
 log = logging.getLogger(__name__)
-tracer = telemetry.tracer(__name__)
-
-
 
 WARN_EVERY_S = 30.0
 
@@ -71,35 +67,6 @@ class Actor:
         self._warned: dict[str, float] = {}
         # deployments whose last scale-up found no room: a heartbeat reporting room retries them
         self.starved: set[str] = set()
-
-    # --- spans -------------------------------------------------------------------------
-    def _span(
-        self, dep: str, what: str, d: ScaleDecision | None, current: int, child_of_traffic: bool
-    ) -> trace.Span:
-        headers = self.view.traffic_headers.get(dep)
-        ctx = telemetry.extract(headers) if headers else None
-        parent = ctx if child_of_traffic else None
-        links = []
-        if ctx is not None and not child_of_traffic:
-            sc = trace.get_current_span(ctx).get_span_context()
-            if sc.is_valid:
-                links.append(Link(sc))
-        attrs: dict[str, str | int | float | bool] = {
-            "snapscale.deployment": dep,
-            "snapscale.scale.what": what,
-            "snapscale.scale.current": current,
-        }
-        if d is not None:
-            attrs.update(
-                {
-                    "snapscale.scale.desired": d.desired,
-                    "snapscale.scale.panic": d.panic,
-                    "snapscale.scale.stable_avg": d.stable_avg,
-                    "snapscale.scale.panic_avg": d.panic_avg,
-                    "snapscale.scale.reason": d.reason,
-                }
-            )
-        return tracer.start_span("scaler.decision", context=parent, links=links, attributes=attrs)
 
     # --- scale up ------------------------------------------------------------------------
     async def scale_up(
@@ -139,7 +106,8 @@ class Actor:
             return None
         self.view.freezing.pop(dep, None)  # coming back up: a pending going-to-zero is moot
         batch = [self._start(dep, p, now) for p in placements]
-        span = self._span(dep, "activate" if activation else "scale-up", d, current, activation)
+        headers = self.view.traffic_headers.get(dep)
+        span = decision_span(headers, dep, "activate" if activation else "scale-up", d, current, activation)
         span.set_attribute("snapscale.scale.placed", len(batch))
         return UpBatch(batch, span)
 
@@ -260,7 +228,7 @@ class Actor:
             t.ev = replace(
                 t.ev, state=ReplicaState.RELEASING, ts=now, reason=f"released: {r.why}", command_id=c.id
             )
-        span = self._span(dep, "scale-down", d, live, False)
+        span = decision_span(self.view.traffic_headers.get(dep), dep, "scale-down", d, live, False)
         with trace.use_span(span, end_on_exit=True):
             if freeze is not None:
                 span.set_attribute("snapscale.scale.freeze", freeze.replica)

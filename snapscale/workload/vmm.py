@@ -16,9 +16,9 @@ import os
 from typing import Any
 
 from snapscale.workload.errors import NoVmmError, WeightsError
+from snapscale.workload.libcuda import LIBCUDA, Driver, LibcudaMissing, load_library
 from snapscale.workload.record import round_up
 
-LIBCUDA = "libcuda.so.1"
 CU_MEM_ALLOCATION_TYPE_PINNED = 1
 CU_MEM_LOCATION_TYPE_DEVICE = 1
 CU_MEM_HANDLE_TYPE_NONE = 0
@@ -66,21 +66,16 @@ def alloc_prop(device: int, *, exportable: bool) -> CUmemAllocationProp:
     )
 
 
-class Vmm:
+class Vmm(Driver):
     """One loaded libcuda's VMM calls; each failure is a `WeightsError` carrying the CUresult name."""
-
-    def __init__(self, lib: Any) -> None:
-        self._lib = lib
-        self._check("cuInit", lib.cuInit(0))
 
     @classmethod
     def load(cls, name: str = LIBCUDA) -> Vmm:
+        lacking = f"{name} has no virtual memory management (cuMemAddressReserve)"
         try:
-            lib = ctypes.CDLL(name)
-        except OSError as e:
-            raise NoVmmError("cuda", f"no CUDA: {name} cannot be loaded ({e})") from None
-        if not hasattr(lib, "cuMemAddressReserve"):
-            raise NoVmmError("cuda", f"{name} has no virtual memory management (cuMemAddressReserve)")
+            lib = load_library(name, "cuMemAddressReserve", lacking)
+        except LibcudaMissing as e:
+            raise NoVmmError("cuda", str(e)) from None
         return cls.open(lib)
 
     @classmethod
@@ -93,11 +88,7 @@ class Vmm:
 
     def _check(self, what: str, code: int) -> None:
         if code != 0:
-            name = ctypes.c_char_p()
-            ok = self._lib.cuGetErrorName(code, _ref(name)) == 0 and name.value
-            raise WeightsError(
-                what, f"failed: {name.value.decode() if ok and name.value else f'CUresult {code}'}"
-            )
+            raise WeightsError(what, f"failed: {self.error_name(code)}")
 
     def granularity(self, device: int) -> int:
         g = _size(0)
@@ -184,13 +175,7 @@ class CudaArena:
     def map(self) -> None:
         if self.handle is not None:
             raise WeightsError("arena map", "already mapped")
-        h = self.vmm.create(self.size, self.index)
-        try:
-            self.vmm.map(self.va, self.size, h, self.index)
-        except WeightsError:
-            self.vmm.release(h)
-            raise
-        self.handle = h
+        self._back(self.vmm.create(self.size, self.index))
 
     def map_fd(self, fd: int) -> None:
         """Map memory a host process filled and exported, instead of fresh memory; closes `fd`."""
@@ -200,6 +185,10 @@ class CudaArena:
             h = self.vmm.import_fd(fd)
         finally:
             os.close(fd)
+        self._back(h)
+
+    def _back(self, h: int) -> None:
+        """Map the memory handle `h` over the range; a map that fails gives `h` back."""
         try:
             self.vmm.map(self.va, self.size, h, self.index)
         except WeightsError:

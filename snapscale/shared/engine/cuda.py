@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from snapscale.shared.engine.errors import CudaError, NoCudaError
+from snapscale.workload.libcuda import CUDA_SUCCESS, LIBCUDA, Driver, LibcudaMissing, load_library
 
 log = logging.getLogger(__name__)
 
-LIBCUDA = "libcuda.so.1"
-CUDA_SUCCESS = 0
 CUDA_ERROR_INVALID_VALUE = 1
 DEFAULT_LOCK_TIMEOUT_MS = 30_000
 
@@ -137,31 +136,18 @@ def holders(pids: Iterable[int]) -> list[int]:
     return out
 
 
-class CudaCheckpoint:
+class CudaCheckpoint(Driver):
     """One loaded libcuda. Synchronous methods raise `CudaError` carrying the CUresult name."""
-
-    def __init__(self, lib: Any) -> None:
-        self._lib = lib
-        self._check("cuInit", lib.cuInit(0))
 
     @classmethod
     def load(cls, name: str = LIBCUDA) -> CudaCheckpoint:
+        lacking = "no CUDA checkpoint API: the driver is older than 550"
         try:
-            lib = ctypes.CDLL(name)
-        except OSError as e:
-            raise NoCudaError("cuda", f"no CUDA: {name} cannot be loaded ({e})") from None
-        if not hasattr(lib, "cuCheckpointProcessLock"):
-            raise NoCudaError("cuda", "no CUDA checkpoint API: the driver is older than 550")
-        try:
-            return cls(lib)
+            return cls(load_library(name, "cuCheckpointProcessLock", lacking))
+        except LibcudaMissing as e:
+            raise NoCudaError("cuda", str(e)) from None
         except CudaError as e:
             raise NoCudaError("cuda", f"no CUDA: {e.reason}", code=e.code) from None
-
-    def error_name(self, code: int) -> str:
-        ptr = ctypes.c_char_p()
-        if self._lib.cuGetErrorName(code, ctypes.byref(ptr)) != CUDA_SUCCESS or ptr.value is None:
-            return f"CUresult {code}"
-        return ptr.value.decode()
 
     def _check(self, what: str, code: int, pid: int | None = None) -> None:
         if code != CUDA_SUCCESS:

@@ -22,7 +22,7 @@ from snapscale.shared.store.backend import (
     manifest_key,
     run_bounded,
 )
-from snapscale.shared.store.chunking import ChunkSource, ImageScan, read_chunk, scan_image, sha256_hex
+from snapscale.shared.store.chunking import ImageScan, read_chunk, scan_image, sha256_hex
 from snapscale.shared.store.manifest import (
     FORMAT_VERSION,
     WEIGHTS_FORMAT_VERSION,
@@ -35,6 +35,7 @@ from snapscale.shared.store.manifest import (
 )
 from snapscale.workload import WeightsError, WeightsRecord
 from snapscale.workload.record import IMAGE_FILE as WEIGHTS_FILE
+from snapscale.workload.record import ChunkRange
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class UploadReport:
     weight_bytes: int = 0  # of the weights outside the image (in unique_bytes too)
 
 
-def weight_sources(image_dir: Path) -> tuple[list[WeightChunk], dict[str, ChunkSource]]:
+def weight_sources(image_dir: Path) -> tuple[list[WeightChunk], dict[str, ChunkRange]]:
     """The chunks of the weights kept outside this image, and where to read each (the files the
     workload loaded them from); none when its weights are inside. Blocking."""
     try:
@@ -66,10 +67,10 @@ def weight_sources(image_dir: Path) -> tuple[list[WeightChunk], dict[str, ChunkS
         raise StoreError(f"{image_dir}: {e}") from None
     ranges = record.sources()
     chunks = [WeightChunk(d, r.length) for d, r in sorted(ranges.items())]
-    return chunks, {d: ChunkSource(Path(r.path), r.offset, r.length) for d, r in ranges.items()}
+    return chunks, ranges
 
 
-def _read_range(src: ChunkSource) -> bytes:
+def _read_range(src: ChunkRange) -> bytes:
     """A chunk's bytes from a file the workload named (it may be a link, as in a model cache)."""
     try:
         with open(src.path, "rb") as f:

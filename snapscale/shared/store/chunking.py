@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from snapscale.shared.core.errors import SnapscaleError
+from snapscale.workload.record import ChunkRange
 
 # 8 MiB: see docs/store.md ("Chunk size") for the measurement behind it.
 DEFAULT_CHUNK_BYTES = 8 << 20
@@ -68,19 +69,10 @@ class ScannedFile:
 
 
 @dataclass(frozen=True)
-class ChunkSource:
-    """Where to read a chunk's bytes again when uploading it."""
-
-    path: Path
-    offset: int
-    length: int
-
-
-@dataclass(frozen=True)
 class ImageScan:
     chunk_bytes: int
     files: list[ScannedFile]
-    sources: dict[str, ChunkSource]  # one place to read each distinct non-zero chunk
+    sources: dict[str, ChunkRange]  # one place to read each distinct non-zero chunk
 
     @property
     def total_bytes(self) -> int:
@@ -119,7 +111,7 @@ def walk_image(image_dir: Path) -> Iterator[tuple[str, Path, os.stat_result]]:
             yield rel, p, st
 
 
-def read_chunk(source: ChunkSource) -> bytes:
+def read_chunk(source: ChunkRange) -> bytes:
     fd = os.open(source.path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         data = os.pread(fd, source.length, source.offset)
@@ -132,7 +124,7 @@ def read_chunk(source: ChunkSource) -> bytes:
     return data
 
 
-def _hash_one(source: ChunkSource) -> str:
+def _hash_one(source: ChunkRange) -> str:
     data = read_chunk(source)
     return ZERO_CHUNK if is_zero(data) else sha256_hex(data)
 
@@ -146,15 +138,15 @@ def scan_image(
     if not image_dir.is_dir():
         raise ImageError(str(image_dir), "is not a directory")
     entries = list(walk_image(image_dir))
-    jobs: list[ChunkSource] = []
+    jobs: list[ChunkRange] = []
     for _rel, p, st in entries:
         for i in range(chunk_count(st.st_size, chunk_bytes)):
-            jobs.append(ChunkSource(p, i * chunk_bytes, chunk_length(st.st_size, chunk_bytes, i)))
+            jobs.append(ChunkRange(str(p), i * chunk_bytes, chunk_length(st.st_size, chunk_bytes, i)))
     # hashlib releases the GIL for large buffers, so threads hash on every core.
     with ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) + 1)) as pool:
         digests = list(pool.map(_hash_one, jobs))
     files: list[ScannedFile] = []
-    sources: dict[str, ChunkSource] = {}
+    sources: dict[str, ChunkRange] = {}
     k = 0
     for rel, _p, st in entries:
         n = chunk_count(st.st_size, chunk_bytes)
