@@ -1,0 +1,104 @@
+"""The GPU fidelity workload: an API server process and an engine process, each with its own CUDA
+context and its own tensors on the GPU, talking over a loopback TCP connection they keep open
+(the shape of a model server's front end and its engine). Standard library and torch only.
+
+`GET /answer`: the API server asks the engine over the connection for a digest of its tensors'
+product, computes its own, and answers both with both PIDs as JSON. `GET /healthz` once both are up.
+Run by bench/fidelity_gpu.py as a sandbox: `python3 bench/fidelity_gpu_workload.py`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+N = 2048  # a 2048 x 2048 float32 matrix per process: 16 MiB of GPU memory each
+DEVICE = os.environ.get("FIDELITY_DEVICE", "cuda")  # "cpu": the same shape without a GPU
+
+
+def resident(seed: int) -> Any:
+    """Tensors made once at start and kept on the GPU: a restore must bring their contents back."""
+    import torch
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(N, N, device=DEVICE, generator=g)
+
+
+def digest(x: Any) -> str:
+    """A digest of a computation on the resident tensor, on the GPU, copied back as bytes."""
+    y = (x @ x).sum(dim=0)
+    return hashlib.sha256(y.cpu().numpy().tobytes()).hexdigest()[:32]
+
+
+def engine() -> None:
+    """The engine process: its own CUDA context, one client (the API server), line protocol; its
+    port goes to the API server on its stdout (a pipe)."""
+    x = resident(seed=2)
+    srv = socket.create_server(("127.0.0.1", 0))
+    print(srv.getsockname()[1], flush=True)
+    conn, _ = srv.accept()
+    with conn, conn.makefile("rw") as io:
+        for line in io:
+            if line.strip() == "digest":
+                io.write(f"{os.getpid()} {digest(x)}\n")
+                io.flush()
+
+
+class Api:
+    def __init__(self) -> None:
+        self.child = subprocess.Popen(
+            [sys.executable, __file__, "--engine"], stdout=subprocess.PIPE, text=True
+        )
+        self.x = resident(seed=1)  # the API server's own context and tensors
+        assert self.child.stdout is not None
+        line = self.child.stdout.readline()
+        if not line.strip():
+            raise SystemExit(f"the engine process exited {self.child.wait()} before it listened")
+        self.conn = socket.create_connection(("127.0.0.1", int(line)))  # kept open: frozen established
+        self.io = self.conn.makefile("rw")
+        self.lock = threading.Lock()
+
+    def answer(self) -> dict[str, Any]:
+        with self.lock:
+            self.io.write("digest\n")
+            self.io.flush()
+            engine_pid, engine_digest = self.io.readline().split()
+        return {
+            "api": {"pid": os.getpid(), "digest": digest(self.x)},
+            "engine": {"pid": int(engine_pid), "digest": engine_digest},
+        }
+
+
+def serve(api: Api, port: int) -> None:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/answer":
+                body = json.dumps(api.answer()).encode()
+            elif self.path == "/healthz":
+                body = b"ok"
+            else:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_a: object) -> None:
+            pass
+
+    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--engine"]:
+        engine()
+    else:
+        serve(Api(), 8000)
