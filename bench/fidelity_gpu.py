@@ -1,6 +1,6 @@
 """The GPU rows of the fidelity matrix (docs/fidelity.md): a sandbox whose parent (API server) and
 child (engine) processes both hold CUDA contexts and talk over a loopback TCP connection
-(bench/fidelity_gpu_workload.py), cold-booted, frozen keeping it serving, stopped, and restored:
+(tests/fidelity/gpu_workload.py), cold-booted, frozen keeping it serving, stopped, and restored:
 on the same GPU and, on a host with two, on the other one. Each answer (a digest of a computation
 on each process's resident GPU tensors, and both PIDs) must equal the cold-booted one.
 
@@ -30,7 +30,7 @@ from snapscale.shared.engine.criu import find_criu
 from snapscale.shared.engine.lifecycle import Sandbox
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOAD = ROOT / "bench" / "fidelity_gpu_workload.py"
+WORKLOAD = ROOT / "tests" / "fidelity" / "gpu_workload.py"  # beside the CPU matrix's workload
 
 
 def say(msg: str) -> None:

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -233,15 +234,18 @@ def gateway() -> str:
     raise OSError("no default route")
 
 
-def serve(rows: Rows | None, port: int) -> None:
+def serve(port: int, routes: dict[str, Callable[[dict[str, str]], bytes]]) -> None:
+    """HTTP on `port`: `/healthz`, and each route's answer to its query parameters (the GPU
+    workload, gpu_workload.py, serves its own routes with it)."""
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             url = urllib.parse.urlsplit(self.path)
-            if url.path == "/report" and rows is not None:
-                note = urllib.parse.parse_qs(url.query).get("note", [""])[0]
-                body = json.dumps(rows.report(note)).encode()
-            elif url.path == "/healthz":
+            route = routes.get(url.path)
+            if url.path == "/healthz":
                 body = b"ok"
+            elif route is not None:
+                body = route({k: v[0] for k, v in urllib.parse.parse_qs(url.query).items()})
             else:
                 self.send_error(404)
                 return
@@ -262,8 +266,9 @@ def main() -> None:
     if args[:1] == ["--external-unix"]:
         held = socket.socket(socket.AF_UNIX)
         held.connect(args[1])
-        serve(None, 8000)
-    serve(Rows(), 8000)
+        serve(8000, {})
+    rows = Rows()
+    serve(8000, {"/report": lambda q: json.dumps(rows.report(q.get("note", ""))).encode()})
 
 
 if __name__ == "__main__":

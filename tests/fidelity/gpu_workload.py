@@ -4,7 +4,7 @@ context and its own tensors on the GPU, talking over a loopback TCP connection t
 
 `GET /answer`: the API server asks the engine over the connection for a digest of its tensors'
 product, computes its own, and answers both with both PIDs as JSON. `GET /healthz` once both are up.
-Run by bench/fidelity_gpu.py as a sandbox: `python3 bench/fidelity_gpu_workload.py`.
+Run by bench/fidelity_gpu.py as a sandbox: `python3 tests/fidelity/gpu_workload.py`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ import socket
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from workload import serve  # tests/fidelity/workload.py, beside this file
 
 N = 2048  # a 2048 x 2048 float32 matrix per process: 16 MiB of GPU memory each
 DEVICE = os.environ.get("FIDELITY_DEVICE", "cuda")  # "cpu": the same shape without a GPU
@@ -76,29 +77,9 @@ class Api:
         }
 
 
-def serve(api: Api, port: int) -> None:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path == "/answer":
-                body = json.dumps(api.answer()).encode()
-            elif self.path == "/healthz":
-                body = b"ok"
-            else:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *_a: object) -> None:
-            pass
-
-    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
-
-
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--engine"]:
         engine()
     else:
-        serve(Api(), 8000)
+        api = Api()
+        serve(8000, {"/answer": lambda _q: json.dumps(api.answer()).encode()})
