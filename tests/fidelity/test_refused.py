@@ -21,7 +21,6 @@ from pathlib import Path
 import pytest
 from test_fidelity import WORKLOAD
 from test_freezer_service import checkpoint_events, freeze_cmd, next_event, put_spec, send
-from test_scaler_restorer import leader
 
 from snapscale.cli.verbs import deployments_table
 from snapscale.client import Client
@@ -107,8 +106,8 @@ async def test_a_sandbox_holding_an_outside_unix_connection_is_refused_once_show
                     dict(env, SNAPSCALE_METRICS_PORT=str(metrics_port)), cwd=ROOT)  # fmt: skip
         procs.start("scaler", [*me, "scaler", "--tick-s", "0.2", "--lease-s", "1"], env, cwd=ROOT)
 
-        async def leading() -> bool:
-            return bool(await leader(the_bus))
+        async def leading() -> bool:  # acting on events, not merely holding the lease in KV
+            return " leads with " in log_tail(procs.procs[1].log_path, 50)
 
         await until(leading, 30, "a leading scaler", procs)
         async with checkpoint_events(the_bus, spec.name) as events:
