@@ -3,9 +3,9 @@ each thing a model server holds, cold-booted, frozen by the freezer service (kee
 auto-freeze does), released, and restored by the restorer service in a fresh netns, once. Each
 test reads one row of its reports before and after. What cannot be frozen is in test_refused.py.
 
-`SANDBOX` names the sandbox seam the rows run on: "host" (engine/sandbox.py, the host-process
-sandbox). Another seam (the OCI sandbox) plugs in by adding its launcher to `LAUNCHERS`; the rows
-stay as they are. docs/fidelity.md lists the rows and what each asserts.
+The matrix runs once per sandbox seam in `LAUNCHERS` (the fixture's parameter, in each test's id):
+"host" is engine/sandbox.py's host-process sandbox. Another seam (the OCI sandbox) plugs in by
+adding its launcher there; the rows stay as they are. docs/fidelity.md lists the rows.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from snapscale.shared.engine.registry import SandboxRegistry
 from snapscale.shared.engine.sandbox import Sandbox
 
 WORKLOAD = Path(__file__).with_name("workload.py")
-SANDBOX = os.environ.get("SNAPSCALE_FIDELITY_SANDBOX", "host")
 Launch = Callable[[DeploymentSpec, str, Path], Awaitable[Sandbox]]
 
 
@@ -144,9 +143,12 @@ def module_settings(nats_url: str, tmp: Path) -> Settings:
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=sorted(LAUNCHERS))
 async def matrix(
-    nats_server: NatsServer, criu: CriuBinary, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    nats_server: NatsServer,
+    criu: CriuBinary,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Matrix]:
     tmp = tmp_path_factory.mktemp("fidelity")
     files = tmp / "files"
@@ -158,7 +160,7 @@ async def matrix(
     h = Harness(settings, b, criu, "fidelity", tmp)
     shm: list[str] = []
     await put_spec(b, spec)  # before the launch: the freezer finds the spec the sandbox started with
-    sb = await LAUNCHERS[SANDBOX](spec, f"r-{uuid.uuid4().hex[:6]}", settings.state_dir / "run" / "src")
+    sb = await LAUNCHERS[request.param](spec, f"r-{uuid.uuid4().hex[:6]}", settings.state_dir / "run" / "src")
     try:
         await engine.wait_ready(sb, spec.ready, cwd=spec.cwd)
         SandboxRegistry(settings.state_dir).put(sb)
