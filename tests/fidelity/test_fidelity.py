@@ -119,12 +119,17 @@ async def until(pred: Callable[[], Awaitable[bool]], timeout_s: float, what: str
         await asyncio.sleep(0.05)
 
 
-def fidelity_spec(name: str, files: Path, ext_port: int) -> DeploymentSpec:
+def fidelity_spec(name: str, files: Path, ext_port: int, shm: Path) -> DeploymentSpec:
     return DeploymentSpec(
         name=name,
         command=[sys.executable, str(WORKLOAD)],
         cwd=str(files),
-        env={"FIDELITY_DIR": str(files), "FIDELITY_EXT_PORT": str(ext_port), "FIDELITY_MARK": "m-42"},
+        env={
+            "FIDELITY_DIR": str(files),
+            "FIDELITY_EXT_PORT": str(ext_port),
+            "FIDELITY_MARK": "m-42",
+            "FIDELITY_SHM": str(shm),
+        },
         hooks=HooksSpec(),
         ready=ReadySpec(http_path="/healthz", timeout_s=30.0, interval_s=0.05),
     )
@@ -155,10 +160,10 @@ async def matrix(
     files.mkdir()
     settings = module_settings(nats_server.url, tmp)
     server = EchoServer()
-    spec = fidelity_spec("fidelity", files, server.port)
+    shm = Path(f"/dev/shm/fidelity-{uuid.uuid4().hex[:12]}")  # the host's /dev/shm: removed below
+    spec = fidelity_spec("fidelity", files, server.port, shm)
     b = await bus.open_bus(settings, "fidelity-test")
     h = Harness(settings, b, criu, "fidelity", tmp)
-    shm: list[str] = []
     await put_spec(b, spec)  # before the launch: the freezer finds the spec the sandbox started with
     sb = await LAUNCHERS[request.param](spec, f"r-{uuid.uuid4().hex[:6]}", settings.state_dir / "run" / "src")
     try:
@@ -166,7 +171,6 @@ async def matrix(
         SandboxRegistry(settings.state_dir).put(sb)
         await until(partial(_pinged, sb), 10, "the external connection up")
         before = await report(sb, "before-freeze")
-        shm.append(before["posix_shm"]["path"])
         frozen_at = time.time()
         async with running_freezer(settings, criu, FAST), checkpoint_events(b, spec.name) as events:
             await send(b, settings.host_id, freeze_cmd(spec, sb.replica))
@@ -197,9 +201,8 @@ async def matrix(
         await engine.stop(sb)
         server.sock.close()
         await b.close()
-        for p in shm:  # the workload's /dev/shm file (the host's /dev/shm)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(p)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(shm)
 
 
 async def _pinged(sb: Sandbox) -> bool:

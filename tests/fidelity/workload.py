@@ -2,7 +2,8 @@
 checking each on `GET /report` (JSON, one entry per row). Standard library only; run as a sandbox.
 
 Environment: FIDELITY_DIR (a directory for its files), FIDELITY_EXT_PORT (a TCP echo server on the
-sandbox's gateway, outside the sandbox), FIDELITY_MARK (echoed back: the environment row).
+sandbox's gateway, outside the sandbox), FIDELITY_MARK (echoed back: the environment row),
+FIDELITY_SHM (the POSIX shared memory's path in /dev/shm).
 `GET /report?note=<text>` appends `<text>` to its log first (the appended-file row).
 `--external-unix PATH` connects to a UNIX socket outside the sandbox and holds it (a freeze refuses).
 """
@@ -66,7 +67,7 @@ class Rows:
         self.worker.start()
         # a child process on pipes, sharing the POSIX shared memory
         # (shm_open is a file in /dev/shm; multiprocessing's SharedMemory would start a tracker)
-        self.shm_path = f"/dev/shm/fidelity-{os.getpid()}-{time.time_ns()}"
+        self.shm_path = os.environ.get("FIDELITY_SHM", f"/dev/shm/fidelity-{os.getpid()}-{time.time_ns()}")
         shm_fd = os.open(self.shm_path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         os.ftruncate(shm_fd, 4096)
         self.shm = mmap.mmap(shm_fd, 4096, mmap.MAP_SHARED)
