@@ -25,6 +25,7 @@ def test_dump_argv() -> None:
     assert argv[:4] == ["/opt/criu", "dump", "-t", "77"]
     assert "--external" in argv and "net[4026532000]:extnet" in argv and "mnt[]" in argv
     assert argv[argv.index("--network-lock") + 1] == "skip"
+    assert "--tcp-established" in argv
     assert "--leave-running" in argv
     assert "--leave-running" not in criu.dump_argv(
         B, 77, Path("/img"), netns_inode=1, leave_running=False, log_path=Path("/l")
@@ -39,6 +40,7 @@ def test_restore_argv() -> None:
     assert "fd[5]:extnet" in argv and "fd[6]:tmp/log" in argv
     assert argv[argv.index("--pidfile") + 1] == "/p"
     assert argv[argv.index("--root") + 1] == "/" and argv[argv.index("--ext-mount-map") + 1] == "auto"
+    assert "--tcp-established" in argv and argv[argv.index("--network-lock") + 1] == "skip"
 
 
 def test_old_criu_is_refused() -> None:

@@ -214,6 +214,8 @@ def test_freeze_and_prefetch_on_going_to_zero() -> None:
     per_deployment = host("d", key="host-only", keys={"llm": "k1", "other": "k9"})
     assert not needs_freeze(per_deployment, "llm", {"k1": "ck1"})
     assert needs_freeze(per_deployment, "other", {"k1": "ck1"})
+    assert not needs_freeze(hosts["c"], "llm", {"k1": "ck1"}, {"k2": "cannot be frozen"})  # refused
+    assert needs_freeze(hosts["c"], "llm", {"k1": "ck1"}, {"k1": "cannot be frozen"})  # another key's
     assert prefetch_targets(GPU1, hosts, {"k1": "ck1"}, Reservations()) == [("b", "ck1"), ("a", "ck1")]
     warm = fleet(host("a", cached=["ck1"]), host("b"), host("d"))
     assert prefetch_targets(GPU1, warm, {"k1": "ck1"}, Reservations()) == [("b", "ck1")]

@@ -159,20 +159,27 @@ def _undeploy(args: argparse.Namespace) -> int:
 
 
 def deployments_table(deps: list[Deployment]) -> str:
-    """Pure: one row per deployment (ready/all replicas, scaling bounds, spec hash)."""
+    """Pure: one row per deployment (ready/all replicas, scaling bounds, spec hash, and whether
+    it can be frozen: "cannot be frozen: <reason> since <time>" for each key a freeze was refused on)."""
     rows = []
     for d in deps:
         ready = sum(1 for r in d.replicas if r.state is ReplicaState.READY)
         suspended = sum(1 for r in d.replicas if r.state is ReplicaState.SUSPENDED)
+        freeze = "; ".join(
+            f"{r.line()} since {status_mod.since(r.since)} (key {r.compat_hash[:12]})" for r in d.refusals
+        )
         if d.spec is None:
-            rows.append([d.name, "-", f"{ready}/{len(d.replicas)}", str(suspended), "-", "-", d.problem])
+            rows.append(
+                [d.name, "-", f"{ready}/{len(d.replicas)}", str(suspended), "-", "-", d.problem, freeze]
+            )
             continue
         sc = d.spec.scaling
         rows.append([
             d.name, str(d.spec.gpus), f"{ready}/{len(d.replicas) - suspended}", str(suspended),
-            f"{sc.min_replicas}-{sc.max_replicas}", sc.release_mode, d.spec.spec_hash()[:12],
+            f"{sc.min_replicas}-{sc.max_replicas}", sc.release_mode, d.spec.spec_hash()[:12], freeze or "-",
         ])  # fmt: skip
-    return _columns(["DEPLOYMENT", "GPUS", "READY", "SUSPENDED", "REPLICAS", "RELEASE", "SPEC"], rows)
+    headers = ["DEPLOYMENT", "GPUS", "READY", "SUSPENDED", "REPLICAS", "RELEASE", "SPEC", "FREEZE"]
+    return _columns(headers, rows)
 
 
 def _columns(headers: list[str], rows: list[list[str]]) -> str:

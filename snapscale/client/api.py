@@ -30,6 +30,7 @@ from snapscale.shared.bus import (
     Bus,
     CheckpointEvent,
     DeploymentSpec,
+    FreezeRefusal,
     HostHeartbeat,
     M,
     PrefetchCommand,
@@ -88,6 +89,7 @@ class Deployment:
     spec: DeploymentSpec | None
     replicas: list[ReplicaEvent] = field(default_factory=list)
     problem: str = ""
+    refusals: list[FreezeRefusal] = field(default_factory=list)  # keys it cannot be frozen on
 
 
 @dataclass(frozen=True)
@@ -194,13 +196,15 @@ class Client:
         """Every deployment in KV, with its replicas, by name."""
         b = await self._reader()
         replicas = await _records(b.kv.get(Bucket.REPLICAS), ReplicaEvent)
+        refused = await status_mod.refusals(b)
         out: list[Deployment] = []
         for name, data in await _values(b.kv.get(Bucket.DEPLOYMENTS)):
             mine = [r for r in replicas if r.deployment == name and r.state not in GONE]
+            why = [r for r in refused if r.deployment == name]
             try:
-                out.append(Deployment(name, DeploymentSpec.from_json(data), mine))
+                out.append(Deployment(name, DeploymentSpec.from_json(data), mine, refusals=why))
             except ConfigError as e:
-                out.append(Deployment(name, None, mine, problem=str(e)))
+                out.append(Deployment(name, None, mine, problem=str(e), refusals=why))
         return out
 
     async def status(self) -> status_mod.Status:

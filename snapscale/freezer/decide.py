@@ -5,10 +5,11 @@ No I/O: the service reads the ledger, the catalog and the claim, asks here, then
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from snapscale.shared.bus import CatalogEntry, FreezeCommand
+from snapscale.shared.bus import CatalogEntry, FreezeCommand, FreezeRefusal
 
 
 class Action(StrEnum):
@@ -40,12 +41,23 @@ class ClaimVerdict(StrEnum):
     HELD = "held"  # another live holder: skip
 
 
-def before_claim(cmd: FreezeCommand, *, done: bool, catalog: CatalogEntry | None) -> FreezeDecision | None:
-    """The decision if one can be made before claiming; None means "claim (or force) and freeze"."""
+def before_claim(
+    cmd: FreezeCommand, *, done: bool, catalog: CatalogEntry | None, refused: FreezeRefusal | None = None
+) -> FreezeDecision | None:
+    """The decision if one can be made before claiming; None means "claim (or force) and freeze".
+    A key whose freeze was refused is not auto-frozen again (each cold boot would pay a failed
+    dump); the operator's forced freeze tries again."""
     if done:
         return FreezeDecision(Action.REPLAY, f"command {cmd.id} was already handled")
     if cmd.force:
         return FreezeDecision(Action.FREEZE, "forced by the operator")
+    if refused is not None:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(refused.since))
+        return FreezeDecision(
+            Action.SKIP,
+            f"{refused.line()} (since {since}, {refused.failures} failed);"
+            " `snapscale freeze` tries again, a new spec starts clean",
+        )
     if catalog is not None:
         return FreezeDecision(
             Action.SKIP,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from opentelemetry import trace
 
-from snapscale.freezer import claims
+from snapscale.freezer import claims, metrics
 from snapscale.freezer.decide import Action, ClaimVerdict, FreezeDecision, after_claim, before_claim
 from snapscale.freezer.ids import new_checkpoint_id
 from snapscale.freezer.ledger import Attempt, Ledger, Phase
@@ -26,6 +26,7 @@ from snapscale.shared.bus import (
     CheckpointEvent,
     FreezeCommand,
     lookup_entry,
+    lookup_refusal,
     publish_entry,
 )
 from snapscale.shared.core import telemetry
@@ -162,8 +163,20 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
         reason = f"{e.step}: {e.reason}"
         if e.log_tail:
             reason += f"\n{e.log_tail}"
-        log.error("freeze %s of %s/%s failed at %s: %s", ckpt, cmd.deployment, cmd.replica, e.step, e.reason)
-        return event_for(cmd, host, ok=False, reason=reason, compat=compat, compat_hash=compat_hash)
+        named = engine.refusal(e)
+        metrics.record_failure(named)
+        log.error(
+            "freeze %s of %s/%s failed at %s (%s): %s",
+            ckpt,
+            cmd.deployment,
+            cmd.replica,
+            e.step,
+            named,
+            e.reason,
+        )
+        return event_for(
+            cmd, host, ok=False, reason=reason, compat=compat, compat_hash=compat_hash, refusal=named
+        )
     attempt = attempt.advance(Phase.DUMPED, timings_s=dict(report.timings_s))
     ctx.ledger.save(attempt)
     await _notify(ctx, Phase.DUMPED)
@@ -172,7 +185,10 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
 
 async def _decide(ctx: Context, cmd: FreezeCommand, compat_hash: str) -> FreezeDecision:
     found = await lookup_entry(ctx.bus.kv[Bucket.CHECKPOINTS], cmd.deployment, compat_hash)
-    early = before_claim(cmd, done=False, catalog=found[0] if found else None)
+    refused = (
+        None if cmd.force else await lookup_refusal(ctx.bus.kv[Bucket.LEASES], cmd.deployment, compat_hash)
+    )
+    early = before_claim(cmd, done=False, catalog=found[0] if found else None, refused=refused)
     if early is not None:
         return early
     held, holder = await claims.try_claim(

@@ -17,10 +17,12 @@ from snapscale.shared.bus import (
     Bucket,
     Bus,
     CatalogEntry,
+    FreezeRefusal,
     HostHeartbeat,
     ReplicaEvent,
     decode_message,
     list_entries,
+    read_refusals,
 )
 from snapscale.shared.core import wire
 from snapscale.shared.core.errors import MessageError
@@ -33,6 +35,7 @@ class Status:
     hosts: list[HostHeartbeat] = field(default_factory=list)
     replicas: list[ReplicaEvent] = field(default_factory=list)
     checkpoints: list[CatalogEntry] = field(default_factory=list)
+    refusals: list[FreezeRefusal] = field(default_factory=list)  # keys whose freeze was refused
     unreadable: list[str] = field(default_factory=list)  # KV keys whose values did not decode
 
 
@@ -66,7 +69,18 @@ async def gather(b: Bus) -> Status:
             st.unreadable.append(f"replicas/{k}")
     if (catalog := b.kv.get(Bucket.CHECKPOINTS)) is not None:
         st.checkpoints.extend(await list_entries(catalog))
+    st.refusals.extend(await refusals(b))
     return st
+
+
+async def refusals(b: Bus) -> list[FreezeRefusal]:
+    """The deployment + key pairs that cannot be frozen (bus/refusals.py), oldest first."""
+    got = read_refusals(await _values(b.kv.get(Bucket.LEASES)))
+    return sorted(got, key=lambda r: (r.since, r.deployment))
+
+
+def since(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
 def to_json(st: Status) -> bytes:
@@ -145,6 +159,21 @@ def render(st: Status, now: float | None = None) -> str:
             ],
         )
     )
+    if st.refusals:
+        out += [
+            "",
+            "CANNOT BE FROZEN (auto-freeze skipped until the spec or the key changes, or `snapscale freeze`)",
+        ]
+        out.append(
+            _table(
+                ["DEPLOYMENT", "KEY", "WHY", "SINCE", "FAILED", "LAST HOST"],
+                [
+                    [r.deployment, r.compat_hash[:12], r.line(),
+                     f"{since(r.since)} ({_age(r.since, now)} ago)", str(r.failures), r.host]
+                    for r in st.refusals
+                ],
+            )
+        )  # fmt: skip
     out += ["", "HOST CACHES"]
     cache_rows = [
         [h.host, cid, _size(n), "complete" if cid in h.cached_checkpoints else "partial"]

@@ -200,6 +200,7 @@ class Actor:
     async def scale_down(self, dep: str, n: int, now: float, d: ScaleDecision | None) -> None:
         spec = self.view.specs[dep]
         catalog = self.view.catalog.get(dep, {})
+        refused = self.view.refused.get(dep, {})
         ready = self.view.ready(dep)
         live = self.view.live_count(dep)
         releases = choose_releases(spec, min(n, len(ready)), ready, self.view.hosts, self.view.reserved)
@@ -212,11 +213,12 @@ class Actor:
             last = releases[-1]
             fz = self.view.freezing.get(dep)
             host = self.view.hosts.get(last.host)
-            if fz is None and needs_freeze(host, dep, catalog):
+            wanted = needs_freeze(host, dep, catalog, refused)
+            if fz is None and wanted:
                 freeze = FreezeCommand(id=new_id(), deployment=dep, replica=last.replica, issued_at=now)
                 self.view.freezing[dep] = Freezing(freeze.id, last.host, now + self.cfg.freeze_timeout_s)
                 releases = releases[:-1]
-            elif fz is not None and not fz.done and now < fz.deadline and needs_freeze(host, dep, catalog):
+            elif fz is not None and not fz.done and now < fz.deadline and wanted:
                 releases = releases[:-1]  # still freezing: the last one waits
             to_zero = live - len(releases) == 0
         cmds: list[tuple[ReleaseCommand, ReplicaEvent]] = []  # with the state to go back to

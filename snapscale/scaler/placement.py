@@ -194,10 +194,19 @@ def choose_releases(
     return out
 
 
-def needs_freeze(host: HostHeartbeat | None, deployment: str, catalog: Mapping[str, str]) -> bool:
+def needs_freeze(
+    host: HostHeartbeat | None,
+    deployment: str,
+    catalog: Mapping[str, str],
+    refused: Mapping[str, object] | None = None,
+) -> bool:
     """Releasing a deployment's last replica on `host` loses its warm state unless a checkpoint
-    exists for the host's key; an unknown host cannot be frozen."""
-    return host is not None and host_key(host, deployment) not in catalog
+    exists for the host's key; an unknown host cannot be frozen, nor a key whose freeze was
+    refused (`refused`: compat hash -> record; the last replica would wait for a skip)."""
+    if host is None:
+        return False
+    key = host_key(host, deployment)
+    return key not in catalog and key not in (refused or {})
 
 
 def prefetch_targets(

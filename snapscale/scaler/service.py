@@ -105,11 +105,12 @@ class Scaler:
         try:
             now = self.clock()
             await self._load_hosts(now)
-            for bucket, apply in (
-                (Bucket.DEPLOYMENTS, self._on_spec),
-                (Bucket.CHECKPOINTS, self._on_catalog),
+            for bucket, keys, apply in (
+                (Bucket.DEPLOYMENTS, ">", self._on_spec),
+                (Bucket.CHECKPOINTS, ">", self._on_catalog),
+                (Bucket.LEASES, bus.refusal_key("*", "*"), self._on_refusal),
             ):
-                w = await self.bus.kv[bucket].watchall()
+                w = await self.bus.kv[bucket].watch(keys)
                 await bus.kv_snapshot(w, apply)
                 tasks.append(
                     runtime.guard(bus.kv_follow(w, apply), f"scaler-{bucket.value}", on_crash=stop.set)
@@ -404,6 +405,34 @@ class Scaler:
             )
         if ev.ok and ev.checkpoint_id and ev.compat_hash:
             self.view.catalog.setdefault(ev.deployment, {})[ev.compat_hash] = ev.checkpoint_id
+        if self.acting() and ev.compat_hash:
+            await self._record_refusal(ev)
+
+    async def _record_refusal(self, ev: CheckpointEvent) -> None:
+        """A refused freeze is kept per deployment and key (the freezer skips auto-freezes of it,
+        operators see it); a checkpoint made for the key clears it. KV first, the watch follows."""
+        prev = self.view.refused.get(ev.deployment, {}).get(ev.compat_hash)
+        new = bus.next_refusal(prev, ev)
+        if new == prev:
+            return
+        try:
+            await bus.store_refusal(self.bus.kv[Bucket.LEASES], ev.deployment, ev.compat_hash, new)
+        except Exception as e:  # the next failure of the key records it again
+            log.warning("deployment %s: freeze refusal not recorded: %s", ev.deployment, e)
+            return
+        self.view.set_refusal(ev.deployment, ev.compat_hash, new)
+        if new is not None and prev is None:
+            log.warning(
+                "deployment %s cannot be frozen on key %s: %s", ev.deployment, ev.compat_hash, new.refusal
+            )
+
+    def _on_refusal(self, key: str, value: bytes | None) -> None:
+        _prefix, dep, compat_hash = [*key.split(".", 2), "", ""][:3]
+        if value is None:
+            self.view.set_refusal(dep, compat_hash, None)
+            return
+        for r in bus.read_refusals([(key, value)]):
+            self.view.set_refusal(r.deployment, r.compat_hash, r)
 
     def _on_spec(self, key: str, value: bytes | None) -> None:
         if value is None:

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field, replace
 from snapscale.scaler.placement import Reservations
 from snapscale.scaler.policy import Window
 from snapscale.scaler.records import COMING, HOLDING, LIVE, Tracked
-from snapscale.shared.bus import DeploymentSpec, HostHeartbeat, ReplicaEvent, ReplicaState, replica_key
+from snapscale.shared.bus import (
+    DeploymentSpec,
+    FreezeRefusal,
+    HostHeartbeat,
+    ReplicaEvent,
+    ReplicaState,
+    replica_key,
+)
 
 # states only a running restorer process holds (a pending command or a placed resume is still
 # on the stream, for whichever process consumes it next)
@@ -44,6 +51,7 @@ class View:
     reserved: Reservations = field(default_factory=Reservations)
     held: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # key -> (host, gpus) reserved
     freezing: dict[str, Freezing] = field(default_factory=dict)
+    refused: dict[str, dict[str, FreezeRefusal]] = field(default_factory=dict)  # dep -> compat hash -> why
     avoid: dict[tuple[str, str], float] = field(default_factory=dict)  # (deployment, host) -> until
     traffic_headers: dict[str, dict[str, str]] = field(default_factory=dict)  # last traffic's trace headers
     retired: set[str] = field(default_factory=set)  # removed from KV, still releasing replicas
@@ -66,6 +74,12 @@ class View:
             # new window lengths: start over, keeping the restart rule (no scale-down for a window)
             self.windows.pop(spec.name, None)
         self.window(spec.name, now)
+
+    def set_refusal(self, deployment: str, compat_hash: str, r: FreezeRefusal | None) -> None:
+        if r is not None:
+            self.refused.setdefault(deployment, {})[compat_hash] = r
+        else:
+            self.refused.get(deployment, {}).pop(compat_hash, None)
 
     def retire(self, deployment: str, now: float) -> None:
         """The deployment left KV: stop what it has, suspended replicas too (no freeze, no

@@ -42,6 +42,14 @@ from snapscale.shared.bus.messages import (
     encode_message,
     salvage,
 )
+from snapscale.shared.bus.refusals import (
+    FreezeRefusal,
+    lookup_refusal,
+    next_refusal,
+    read_refusals,
+    refusal_key,
+    store_refusal,
+)
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, load_spec
 from snapscale.shared.bus.subjects import ID_MAX, Bucket, Id, Name, OptId, Verb, check_token, replica_key
 from snapscale.shared.bus.watch import kv_follow, kv_snapshot
@@ -57,6 +65,7 @@ __all__ = [
     "CheckpointEvent",
     "DeploymentSpec",
     "FreezeCommand",
+    "FreezeRefusal",
     "GpuInfo",
     "Handler",
     "HostHeartbeat",
@@ -92,12 +101,17 @@ __all__ = [
     "list_entries",
     "load_spec",
     "lookup_entry",
+    "lookup_refusal",
+    "next_refusal",
     "open_bus",
     "publish",
     "publish_core",
     "publish_entry",
+    "read_refusals",
+    "refusal_key",
     "replica_key",
     "salvage",
+    "store_refusal",
     "subscribe_core",
     "through_elections",
     "unsubscribe_all",

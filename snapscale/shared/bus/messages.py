@@ -193,6 +193,9 @@ class CheckpointEvent:
     sizes: dict[Label, Bytes] = field(default_factory=dict)  # total, unique, new, zero
     timings_s: dict[Label, Timing] = field(default_factory=dict)
     skipped: bool = False  # ok and nothing frozen: the key already has a checkpoint or a claimant
+    # not ok: the named reason this sandbox cannot be frozen (engine.refusal), "" for a failure that
+    # is not the workload's (no such sandbox, no spec)
+    refusal: Label = ""
 
 
 @dataclass(frozen=True)

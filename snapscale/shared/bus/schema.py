@@ -24,6 +24,7 @@ from snapscale.shared.bus.messages import (
     ScaleUpCommand,
     TrafficEvent,
 )
+from snapscale.shared.bus.refusals import REFUSAL_TYPE, FreezeRefusal
 from snapscale.shared.bus.subjects import Bucket, Subjects, Verb
 from snapscale.shared.core import schema
 
@@ -52,6 +53,8 @@ KINDS: list[tuple[type, str, str, str]] = [
      f"core NATS, restorer -> scaler; the value of KV `{Bucket.HOSTS.value}` <host>"),
     (CatalogEntry, CATALOG_TYPE, "-",
      f"the value of KV `{Bucket.CHECKPOINTS.value}` <deployment>.<compat_hash>, freezer -> all"),
+    (FreezeRefusal, REFUSAL_TYPE, "-",
+     f"the value of KV `{Bucket.LEASES.value}` unfreezable.<deployment>.<compat_hash>, scaler -> all"),
 ]  # fmt: skip
 
 

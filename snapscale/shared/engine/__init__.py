@@ -5,7 +5,7 @@ Services import these names, not the modules.
 
 from snapscale.shared.engine.compat import CompatKey, cuda_driver_version, host_key, read_gpus
 from snapscale.shared.engine.criu import CriuBinary, find_criu
-from snapscale.shared.engine.errors import CriuError, EngineError
+from snapscale.shared.engine.errors import CriuError, EngineError, refusal
 from snapscale.shared.engine.forward import (
     Forward,
     PortForwards,
@@ -71,6 +71,7 @@ __all__ = [
     "read_gpus",
     "read_meta",
     "read_weights",
+    "refusal",
     "restore",
     "resume",
     "stop",

@@ -141,8 +141,10 @@ def error_lines(log_path: Path, limit: int = 8) -> str:
 def dump_argv(
     b: CriuBinary, pid: int, image_dir: Path, *, netns_inode: int, leave_running: bool, log_path: Path
 ) -> list[str]:
-    """Pure. The netns stays outside the image (a restore gets a fresh one); `--network-lock skip`
-    because the default lock wants iptables-restore, absent here; in-flight connections are dropped.
+    """Pure. The netns stays outside the image (a restore gets a fresh one); `--network-lock skip`:
+    no dependency on iptables or nftables rules. Established TCP connections are dumped with their
+    repair state (`--tcp-established`; tcpimg.py then closes the ones that leave the sandbox); with
+    no lock, a loopback segment in flight at the instant of the dump is the one thing at risk.
     The sandbox's mounts are copies of the host's: `--external mnt[]` records them as external
     instead of dumping them (tmpfs contents included)."""
     argv = [
@@ -160,6 +162,7 @@ def dump_argv(
         "--network-lock",
         "skip",
         "--skip-in-flight",
+        "--tcp-established",
         "--external",
         "mnt[]",
     ]
@@ -179,8 +182,9 @@ def restore_argv(
 ) -> list[str]:
     """Pure. Detached (`-d`): the tree outlives CRIU. `inherit` maps image resource keys to our fds.
     The sandbox's mount namespace is rebuilt on the host's root, its external mounts bound back from
-    the same host paths (`--root / --ext-mount-map auto`). `log_level` 4 timestamps every step
-    (criu_profile.py reads it); 2, errors only, costs nothing."""
+    the same host paths (`--root / --ext-mount-map auto`). The image's TCP connections left are
+    loopback ones (tcpimg.py), restored established, no lock (see `dump_argv`). `log_level` 4
+    timestamps every step (criu_profile.py reads it); 2, errors only, costs nothing."""
     argv = [
         b.path,
         "restore",
@@ -196,6 +200,9 @@ def restore_argv(
         "/",
         "--ext-mount-map",
         "auto",
+        "--tcp-established",
+        "--network-lock",
+        "skip",
     ]
     for key, fd in inherit.items():
         argv += ["--inherit-fd", f"fd[{fd}]:{key}"]

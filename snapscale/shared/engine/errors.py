@@ -47,3 +47,29 @@ class ReadyTimeout(EngineError):
 
 class SandboxExited(EngineError):
     """The sandbox's process tree is gone (it crashed or was killed)."""
+
+
+# What CRIU says when a sandbox holds something it cannot capture -> the name an operator sees
+# ("cannot be frozen: <name>") and the freezer's failure metric counts by (a bounded set).
+_CRIU_REFUSALS = (
+    ("External socket is used", "external-unix-socket"),
+    ("Can't dump half of stream unix connection", "external-unix-socket"),
+    ("Can't dump name-less external socket", "external-unix-socket"),
+    ("Connected TCP socket", "tcp-connection"),
+    ("Unknown inet socket", "tcp-socket-state"),
+    ("In-flight connection", "unix-in-flight-connection"),
+    ("Unsupported type", "socket-type"),
+    ("has bad size", "file-changed"),
+    ("Can't dump", "criu-unsupported"),
+)
+
+
+def refusal(e: EngineError) -> str:
+    """The named reason a freeze failed: what the sandbox holds that CRIU refused, else the step
+    that failed (before_freeze, cuda_checkpoint, criu_dump...). Pure; a bounded set of names."""
+    if isinstance(e, CriuError):
+        text = f"{e.reason}\n{e.log_tail}"
+        for needle, name in _CRIU_REFUSALS:
+            if needle in text:
+                return name
+    return e.step.replace("_", "-")

@@ -25,7 +25,7 @@ from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
 from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import criu as criu_mod
 from snapscale.shared.engine import cuda as cuda_ckpt
-from snapscale.shared.engine import netns, probe, sandbox
+from snapscale.shared.engine import netns, probe, sandbox, tcpimg
 from snapscale.shared.engine import pages as criu_pages
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import (
@@ -267,6 +267,8 @@ async def freeze(
                     await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
         else:
             await stop(sb)
+    with _step(t, "close_external_tcp", sb):
+        _close_external_tcp(sb, image_dir)
     dropped = 0
     if drop_zero_pages:
         with _step(t, "drop_zero_pages", sb):
@@ -285,6 +287,16 @@ async def freeze(
         zero_bytes_dropped=dropped,
         weights_bytes=0 if weights is None else weights.nbytes,
     )
+
+
+def _close_external_tcp(sb: Sandbox, image_dir: Path) -> None:
+    """Connections that leave the sandbox come back closed, loopback ones working (tcpimg.py)."""
+    try:
+        conns = tcpimg.close_external(image_dir)
+    except criu_pages.CriuImageError as e:  # a restore would fail on the unrewritten connections
+        raise CriuError("criu_dump", f"the image's TCP connections cannot be rewritten: {e}") from None
+    if conns:
+        log.info("freeze %s: TCP connections %s", sb.replica, [(c.local, c.peer, c.loopback) for c in conns])
 
 
 def _write_meta(image_dir: Path, meta: ImageMeta) -> None:

@@ -67,7 +67,7 @@ class CriuImageError(SnapscaleError):
         self.reason = reason
 
 
-def _messages(path: Path, magic: int) -> tuple[bytes, list[bytes]]:
+def read_messages(path: Path, magic: int) -> tuple[bytes, list[bytes]]:
     """The magic header and the size-prefixed messages of a CRIU protobuf image."""
     data = path.read_bytes()
     if len(data) < 8:
@@ -119,7 +119,7 @@ class PagemapEntry:
 
 
 def parse_vmas(path: Path) -> list[Vma]:
-    _, msgs = _messages(path, MM_MAGIC)
+    _, msgs = read_messages(path, MM_MAGIC)
     if len(msgs) != 1:
         raise CriuImageError(path.name, f"{len(msgs)} mm entries, expected 1")
     vmas: list[Vma] = []
@@ -135,7 +135,7 @@ def parse_vmas(path: Path) -> list[Vma]:
 
 def parse_pagemap(path: Path) -> tuple[bytes, int, list[PagemapEntry]]:
     """(magic header, pages id, entries) of a `pagemap-*.img`."""
-    header, msgs = _messages(path, PAGEMAP_MAGIC)
+    header, msgs = read_messages(path, PAGEMAP_MAGIC)
     if not msgs:
         raise CriuImageError(path.name, "no pagemap head")
     try:

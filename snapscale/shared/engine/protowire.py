@@ -62,3 +62,25 @@ def fields(msg: bytes) -> Iterator[tuple[int, int | bytes]]:
 def encode_fields(pairs: list[tuple[int, int]]) -> bytes:
     """Varint fields, in the order given."""
     return b"".join(encode_varint(num << 3) + encode_varint(v) for num, v in pairs)
+
+
+def raw_fields(msg: bytes) -> Iterator[tuple[int, int | bytes, bytes]]:
+    """(field number, value, the field's bytes as encoded, key included) of each field in order:
+    what a rewrite keeps byte for byte when it changes only some fields."""
+    start = 0
+    for num, value in fields(msg):
+        _, pos = varint(msg, start)
+        if isinstance(value, bytes):
+            n, pos = varint(msg, pos)
+            end = pos + n
+        elif msg[start] & 7 == 0:
+            end = varint(msg, pos)[1]
+        else:
+            end = pos + (8 if msg[start] & 7 == 1 else 4)
+        yield num, value, msg[start:end]
+        start = end
+
+
+def encode_bytes_field(num: int, value: bytes) -> bytes:
+    """A length-delimited field (a sub-message, a string)."""
+    return encode_varint(num << 3 | 2) + encode_varint(len(value)) + value
