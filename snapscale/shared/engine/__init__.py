@@ -35,7 +35,8 @@ from snapscale.shared.engine.netns import (
 )
 from snapscale.shared.engine.procs import pid_alive, pids_holding
 from snapscale.shared.engine.registry import SandboxRegistry
-from snapscale.shared.engine.sandbox import Sandbox, is_running, launch, stop, tree_pids
+from snapscale.shared.engine.runtime import launch, stop
+from snapscale.shared.engine.sandbox import Sandbox, is_running, tree_pids
 from snapscale.workload import ChunkDir
 
 __all__ = [

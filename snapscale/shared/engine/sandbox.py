@@ -49,6 +49,7 @@ class Sandbox:
     checkpoint_id: str | None = None  # None: cold-booted
     run_dir: str = ""
     host_port: int | None = None  # the host port forwarded to `endpoint` (forward.py); None: none
+    container: str = ""  # the runc container id of an OCI sandbox (engine/oci/); "": a host-process one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +69,7 @@ class Sandbox:
                 checkpoint_id=None if d.get("checkpoint_id") is None else str(d["checkpoint_id"]),
                 run_dir=str(d.get("run_dir", "")),
                 host_port=None if d.get("host_port") is None else int(d["host_port"]),
+                container=str(d.get("container", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EngineError("sandbox", f"malformed sandbox record: {e!r}") from None

@@ -1,0 +1,280 @@
+"""One OCI replica: launch (`runc run`), checkpoint (`runc checkpoint`), restore (`runc restore`),
+stop (`runc delete`), and why it died.
+
+The bundle lives in the replica's run dir: `bundle/config.json` (config.py) and `bundle/rootfs`, an
+overlay of the image's unpacked rootfs (images.py, shared) under the replica's own `upper/`. The
+container's stdio are pipes, never host files (CRIU could not reopen a host path inside the
+container's mount namespace): stdin a pipe at EOF, stdout and stderr one pipe into a relay (`cat`)
+that appends to the replica's log; runc hands the restored tree its new pipes (descriptors.json).
+The upper layer travels in the checkpoint as `rootfs-upper.tar` in the image dir, so it is chunked
+and deduplicated like memory, and unpacked into a fresh upper at restore, on any host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from snapscale.shared.bus.spec import DeploymentSpec
+from snapscale.shared.core.settings import DEFAULT_STATE_DIR
+from snapscale.shared.engine import netns
+from snapscale.shared.engine.criu import CriuRun, read_stats
+from snapscale.shared.engine.errors import CriuError, EngineError
+from snapscale.shared.engine.oci import runc
+from snapscale.shared.engine.oci.config import MIB, runtime_config
+from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minors
+from snapscale.shared.engine.oci.images import ImageStore
+from snapscale.shared.engine.sandbox import LOG_NAME, Sandbox, open_log, workload_env
+
+UPPER_TAR = "rootfs-upper.tar"  # the writable layer, in the image dir
+CGROUP_PARENT = "/snapscale"
+_relays: dict[int, asyncio.Future[None]] = {}  # the log relays' waits, kept so they are reaped
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def has_cap(cap: int, status: str) -> bool:
+    """Whether the `CapEff:` line of a /proc/<pid>/status text holds `cap`. Pure."""
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def _check_dumpable(sb: Sandbox) -> None:
+    """CRIU reads every task's rlimits (prlimit): for a task of another uid the kernel asks for
+    CAP_SYS_RESOURCE, which the root of some hosts (containers, this project's dev VMs) lacks."""
+    try:
+        uid = os.stat(f"/proc/{sb.pid}").st_uid
+        mine = Path("/proc/self/status").read_text()
+    except OSError:
+        return  # the dump says what is wrong
+    if uid != os.getuid() and not has_cap(CAP_SYS_RESOURCE, mine):
+        raise CriuError(
+            "criu_dump",
+            f"this host's root lacks CAP_SYS_RESOURCE, so CRIU cannot read the rlimits of the workload's "
+            f"uid {uid}: give the restorer that capability, or run the workload as sandbox.user 0:0 "
+            "(docs/sandbox.md)",
+        )
+
+
+def _mkdirs(*dirs: Path) -> bool:
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    return True
+
+
+def _exists(p: Path) -> bool:
+    return p.exists()
+
+
+def _is_mount(p: Path) -> bool:
+    return os.path.ismount(p)
+
+
+async def _forget_relay(relay: asyncio.subprocess.Process) -> None:
+    await relay.wait()
+    _relays.pop(relay.pid, None)
+
+
+def image_store() -> ImageStore:
+    """The host's image store, beside the sandbox registry in the state dir."""
+    return ImageStore(Path(os.environ.get("SNAPSCALE_STATE_DIR", DEFAULT_STATE_DIR)) / "images")
+
+
+def cgroups_path(replica: str) -> str:
+    return f"{CGROUP_PARENT}/{replica}"
+
+
+async def _sh(*argv: str, step: str) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise EngineError(step, f"{argv[0]} exited {proc.returncode}", out.decode(errors="replace")[-2000:])
+
+
+async def _bundle(
+    spec: DeploymentSpec,
+    replica: str,
+    run_dir: Path,
+    ns_path: Path,
+    gpu_uuids: list[str],
+    upper_tar: Path | None,
+) -> Path:
+    """The replica's bundle: the image (fetched and unpacked once per host), its overlay, config.json."""
+    assert spec.sandbox.image is not None
+    image = await image_store().ensure(spec.sandbox.image)
+    upper, work, bundle = run_dir / "upper", run_dir / "work", run_dir / "bundle"
+    rootfs = bundle / "rootfs"
+    if _mkdirs(upper, work, rootfs) and upper_tar is not None and _exists(upper_tar):
+        await _sh(
+            "tar",
+            "-C",
+            str(upper),
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+            "-xpf",
+            str(upper_tar),
+            step="rootfs",
+        )
+    opts = f"lowerdir={image.rootfs},upperdir={upper},workdir={work}"
+    await _sh("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs), step="rootfs")
+    try:
+        gpu = gpu_access(host_listing(nvml_minors()), gpu_uuids) if gpu_uuids else None
+    except ValueError as e:
+        raise EngineError("launch", f"GPUs for the container: {e}") from None
+    config = runtime_config(
+        spec,
+        rootfs=str(rootfs),
+        netns_path=str(ns_path),
+        env=workload_env(spec, gpu_uuids),
+        cgroups_path=cgroups_path(replica),
+        hostname=replica,
+        gpu=gpu,
+    )
+    (bundle / "config.json").write_text(json.dumps(config, indent=1))
+    return bundle
+
+
+@contextlib.asynccontextmanager
+async def _stdio(log_path: Path) -> AsyncIterator[tuple[int, int, int]]:
+    """(stdin, stdout, stderr) for runc run/restore: pipes, the output relayed into the log."""
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+    os.close(in_w)  # the workload reads EOF
+    log_fd = open_log(log_path)
+    try:
+        relay = await asyncio.create_subprocess_exec(
+            "cat", stdin=out_r, stdout=log_fd, stderr=asyncio.subprocess.DEVNULL, start_new_session=True
+        )
+        _relays[relay.pid] = asyncio.ensure_future(_forget_relay(relay))
+        yield in_r, out_w, out_w
+    finally:
+        for fd in (out_r, in_r, out_w, log_fd):
+            os.close(fd)
+
+
+async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], run_dir: Path) -> Sandbox:
+    """Cold boot: netns, bundle, `runc run --detach`; returns once the container's init runs."""
+    log_path = run_dir / LOG_NAME
+    _mkdirs(run_dir)
+    ns = await netns.create(replica, owner=run_dir)
+    pidfile = run_dir / "container.pid"
+    try:
+        bundle = await _bundle(spec, replica, run_dir, ns.path, gpu_uuids, None)
+        async with _stdio(log_path) as fds:
+            await runc.call(runc.run_argv(runc.runc_path(), replica, bundle, pidfile), "launch", stdio=fds)
+        pid = int(pidfile.read_text())
+    except BaseException:
+        await _teardown(replica, run_dir)
+        await netns.delete_netns(ns.name)
+        raise
+    return Sandbox(
+        replica=replica,
+        deployment=spec.name,
+        pid=pid,
+        netns=ns.name,
+        endpoint=f"{ns.sandbox_ip}:{spec.port}",
+        gpu_uuids=list(gpu_uuids),
+        log_path=str(log_path),
+        started_at=time.time(),
+        run_dir=str(run_dir),
+        container=replica,
+    )
+
+
+async def checkpoint(sb: Sandbox, image_dir: Path, *, leave_running: bool, criu: str) -> CriuRun:
+    """`runc checkpoint` into `image_dir`, then the writable layer beside CRIU's files."""
+    _check_dumpable(sb)
+    work = Path(sb.run_dir) / f"criu-dump-{int(time.time() * 1000)}"
+    _mkdirs(image_dir)
+    argv = runc.checkpoint_argv(
+        runc.runc_path(), criu, sb.container, image_dir, work, leave_running=leave_running
+    )
+    seconds = await runc.call(argv, "criu_dump", log=work / "dump.log")
+    upper = Path(sb.run_dir) / "upper"
+    await _sh(
+        "tar",
+        "-C",
+        str(upper),
+        "--xattrs",
+        "--xattrs-include=*",
+        "--numeric-owner",
+        "-cf",
+        str(image_dir / UPPER_TAR),
+        ".",
+        step="criu_dump",
+    )
+    return CriuRun(seconds=seconds, stats=read_stats(work, "dump"))
+
+
+async def restore(
+    spec: DeploymentSpec,
+    image_dir: Path,
+    replica: str,
+    *,
+    gpu_uuids: list[str],
+    run_dir: Path,
+    ns: netns.NetNs,
+    criu: str,
+) -> CriuRun:
+    """`runc restore --detach` as `replica` in `ns`, its writable layer from the image."""
+    work = run_dir / f"criu-restore-{int(time.time() * 1000)}"
+    pidfile = run_dir / "container.pid"
+    pidfile.unlink(missing_ok=True)
+    try:
+        bundle = await _bundle(spec, replica, run_dir, ns.path, gpu_uuids, image_dir / UPPER_TAR)
+        argv = runc.restore_argv(runc.runc_path(), criu, replica, bundle, image_dir, work, pidfile)
+        async with _stdio(run_dir / LOG_NAME) as fds:
+            seconds = await runc.call(argv, "criu_restore", stdio=fds, log=work / "restore.log")
+        pid = int(pidfile.read_text())
+    except BaseException:
+        await _teardown(replica, run_dir)
+        raise
+    return CriuRun(seconds=seconds, stats=read_stats(work, "restore"), pid=pid)
+
+
+async def _teardown(cid: str, run_dir: Path) -> None:
+    """Forget the container (runc state, cgroups) and unmount its root. Idempotent."""
+    with contextlib.suppress(EngineError):
+        await runc.call(runc.delete_argv(runc.runc_path(), cid), "stop")
+    rootfs = run_dir / "bundle" / "rootfs"
+    if _is_mount(rootfs):
+        with contextlib.suppress(EngineError):
+            await _sh("umount", "--lazy", str(rootfs), step="stop")
+
+
+async def stop(sb: Sandbox) -> None:
+    """After the host sandbox's stop (tree killed, netns gone): runc's state, cgroup and the overlay."""
+    await _teardown(sb.container, Path(sb.run_dir))
+
+
+def exit_reason(sb: Sandbox) -> str | None:
+    """Why a dead container died, when its cgroup says: the OOM killer (cgroup v1 or v2)."""
+    rel = cgroups_path(sb.container).lstrip("/")
+    limit = None
+    for events, key, lim in (
+        (Path("/sys/fs/cgroup/memory") / rel / "memory.oom_control", "oom_kill", "memory.limit_in_bytes"),
+        (Path("/sys/fs/cgroup") / rel / "memory.events", "oom_kill", "memory.max"),
+    ):
+        try:
+            fields = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
+        except OSError:
+            continue
+        if int(fields.get(key, "0")) > 0:
+            with contextlib.suppress(OSError, ValueError):
+                limit = int((events.parent / lim).read_text()) // MIB
+            return f"out of memory: limit {limit} MiB" if limit is not None else "out of memory"
+    return None

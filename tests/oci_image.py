@@ -1,0 +1,122 @@
+"""A small OCI image for the sandbox tests, built here with umoci (no registry is reachable): its own
+/etc (passwd, group; no shadow), usrmerge links into /usr, which the specs mount read-only from the
+host for the interpreter, and /app/probe.py, a workload that serves what it can and cannot do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from snapscale.shared.bus.sandbox_spec import Mount, SandboxSpec
+from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+
+PROBE = r"""
+import ctypes, json, os, sys, http.server
+count = [0]
+hog = []
+if os.environ.get("ALLOC_MIB"):
+    for _ in range(int(os.environ["ALLOC_MIB"])):
+        hog.append(bytearray(1 << 20))
+
+def attempt(fn):
+    try:
+        return "ok: %s" % (fn(),)
+    except Exception as e:
+        return "refused: %s" % (type(e).__name__,)
+
+def write(path):
+    with open(path, "w") as f:
+        f.write("x")
+    return path
+
+def probes(q):
+    libc = ctypes.CDLL(None, use_errno=True)
+    out = {
+        "uid": os.getuid(), "gid": os.getgid(),
+        "shadow": attempt(lambda: open("/etc/shadow").read()[:10]),
+        "write_usr": attempt(lambda: write("/usr/snapscale-probe")),
+        "write_root": attempt(lambda: write("/probe-root")),
+        "write_scratch": attempt(lambda: write("/scratch/probe")),
+        "mount": "refused" if libc.mount(b"none", b"/tmp", b"tmpfs", 0, None) != 0 else "ok",
+        "caps": open("/proc/self/status").read().split("CapEff:")[1].split()[0],
+    }
+    for p in q.get("paths", []):
+        out["see:" + p] = attempt(lambda: os.listdir(p))
+    return out
+
+class H(http.server.BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def answer(self, obj):
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def do_GET(self):
+        if self.path == "/healthz":
+            return self.answer("ok")
+        if self.path == "/count":
+            count[0] += 1
+            return self.answer(count[0])
+        self.send_response(404); self.end_headers()
+    def do_POST(self):
+        q = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+        if self.path == "/probe":
+            return self.answer(probes(q))
+        if self.path == "/write":
+            with open(q["path"], "w") as f:
+                f.write(q["data"])
+            return self.answer("written")
+        if self.path == "/read":
+            return self.answer(attempt(lambda: open(q["path"]).read()))
+        self.send_response(404); self.end_headers()
+
+print("probe up as", os.getuid(), flush=True)
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
+"""
+
+
+def build_layout(root: Path) -> str:
+    """An OCI layout under `root` holding one image; its `oci:<layout>@<digest>` reference."""
+    layout, bundle = root / "layout", root / "unpacked"
+    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
+    subprocess.run(["umoci", "new", "--image", f"{layout}:probe"], check=True)
+    subprocess.run(
+        ["umoci", "unpack", "--image", f"{layout}:probe", str(bundle)], check=True, capture_output=True
+    )
+    fs = bundle / "rootfs"
+    for name in ("bin", "lib", "lib64", "sbin"):
+        (fs / name).symlink_to(f"usr/{name}")
+    for d in ("etc", "usr", "app", "data", "tmp"):
+        (fs / d).mkdir(exist_ok=True)
+    (fs / "tmp").chmod(0o1777)
+    (fs / "data").chmod(0o777)
+    (fs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/app:/bin/sh\n")
+    (fs / "etc" / "group").write_text("root:x:0:\napp:x:1000:\n")
+    (fs / "app" / "probe.py").write_text(PROBE)
+    subprocess.run(["umoci", "repack", "--image", f"{layout}:probe", str(bundle)], check=True)
+    index = json.loads((layout / "index.json").read_text())
+    return f"oci:{layout}@{index['manifests'][0]['digest']}"
+
+
+def probe_spec(
+    name: str,
+    image: str,
+    *,
+    user: str = "1000:1000",
+    memory_mib: int = 256,
+    env: dict[str, str] | None = None,
+) -> DeploymentSpec:
+    return DeploymentSpec(
+        name=name,
+        command=["/usr/bin/python3", "-I", "/app/probe.py"],
+        env=env or {},
+        cwd="/app",
+        sandbox=SandboxSpec(
+            image=image, user=user, memory_mib=memory_mib, pids=128, cpus=1.0, scratch_mib=16,
+            mounts=[Mount(src="/usr", dst="/usr")],
+        ),
+        ready=ReadySpec(http_path="/healthz", timeout_s=30.0, interval_s=0.02),
+    )  # fmt: skip
