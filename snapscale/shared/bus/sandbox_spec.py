@@ -17,7 +17,7 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from snapscale.shared.core.fieldcheck import Check, Limits, Range
 
@@ -55,21 +55,23 @@ def _abs_clean(value: str, what: str) -> None:
         raise ValueError(f"{what} must be an absolute, normalised path without ',' ({value[:60]!r})")
 
 
-def check_mounts(value: list[Mount]) -> None:
+def check_mounts(value: list[Any]) -> None:
+    """Each mount's paths (the door sees the tables, already typed as {src, dst} strings)."""
     if len(value) > 32:
         raise ValueError(f"{len(value)} mounts, at most 32")
     seen: set[str] = set()
     for i, m in enumerate(value):
+        src, dst = (m["src"], m["dst"]) if isinstance(m, dict) else (m.src, m.dst)
         try:
-            _abs_clean(m.src, "src")
-            _abs_clean(m.dst, "dst")
+            _abs_clean(src, "src")
+            _abs_clean(dst, "dst")
         except ValueError as e:
             raise ValueError(f"[{i}]: {e}") from None
-        if m.dst == "/" or any(m.dst == r or m.dst.startswith(r + "/") for r in _RESERVED_DST):
-            raise ValueError(f"[{i}]: dst {m.dst} is reserved (/, {', '.join(_RESERVED_DST)})")
-        if m.dst in seen:
-            raise ValueError(f"[{i}]: dst {m.dst} is mounted twice")
-        seen.add(m.dst)
+        if dst == "/" or any(dst == r or dst.startswith(r + "/") for r in _RESERVED_DST):
+            raise ValueError(f"[{i}]: dst {dst} is reserved (/, {', '.join(_RESERVED_DST)})")
+        if dst in seen:
+            raise ValueError(f"[{i}]: dst {dst} is mounted twice")
+        seen.add(dst)
 
 
 @dataclass(frozen=True)
