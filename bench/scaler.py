@@ -153,7 +153,9 @@ class Harness:
     async def on_scale_up(self, c: ScaleUpCommand, _m: Msg) -> None:
         now = time.time()
         self.restores += 1
-        ev = ReplicaEvent(c.deployment, c.replica, "bench-host", ReplicaState.READY, now, c.id, Tier.CACHE)
+        ev = ReplicaEvent(
+            c.deployment, c.replica, "bench-host", ReplicaState.READY, now, c.id, Tier.CACHE
+        )
         await self.record(ev)
 
     async def on_release(self, c: ReleaseCommand, _m: Msg) -> None:
