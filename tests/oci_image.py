@@ -1,13 +1,12 @@
-"""A small OCI image for the sandbox tests, built here with umoci (no registry is reachable): its own
-/etc (passwd, group; no shadow), usrmerge links into /usr, which the specs mount read-only from the
-host for the interpreter, and /app/probe.py, a workload that serves what it can and cannot do."""
+"""The sandbox tests' image (bench/oci_image.py builds it with umoci: no registry is reachable) with
+/app/probe.py, a workload that serves what it can and cannot do; the specs mount the host's /usr
+read-only for its interpreter."""
 
 from __future__ import annotations
 
-import json
-import subprocess
 from pathlib import Path
 
+from bench import oci_image as bench_image
 from snapscale.shared.bus.sandbox_spec import Mount, SandboxSpec
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
 
@@ -79,26 +78,7 @@ http.server.ThreadingHTTPServer(("0.0.0.0", 8000), H).serve_forever()
 
 
 def build_layout(root: Path) -> str:
-    """An OCI layout under `root` holding one image; its `oci:<layout>@<digest>` reference."""
-    layout, bundle = root / "layout", root / "unpacked"
-    subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
-    subprocess.run(["umoci", "new", "--image", f"{layout}:probe"], check=True)
-    subprocess.run(
-        ["umoci", "unpack", "--image", f"{layout}:probe", str(bundle)], check=True, capture_output=True
-    )
-    fs = bundle / "rootfs"
-    for name in ("bin", "lib", "lib64", "sbin"):
-        (fs / name).symlink_to(f"usr/{name}")
-    for d in ("etc", "usr", "app", "data", "tmp"):
-        (fs / d).mkdir(exist_ok=True)
-    (fs / "tmp").chmod(0o1777)
-    (fs / "data").chmod(0o777)
-    (fs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/app:/bin/sh\n")
-    (fs / "etc" / "group").write_text("root:x:0:\napp:x:1000:\n")
-    (fs / "app" / "probe.py").write_text(PROBE)
-    subprocess.run(["umoci", "repack", "--image", f"{layout}:probe", str(bundle)], check=True)
-    index = json.loads((layout / "index.json").read_text())
-    return f"oci:{layout}@{index['manifests'][0]['digest']}"
+    return bench_image.build_layout(root, {"probe.py": PROBE})
 
 
 def probe_spec(

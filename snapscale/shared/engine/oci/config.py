@@ -38,6 +38,11 @@ READONLY = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trig
 CPU_PERIOD_US = 100_000
 NOFILE = 1024  # at most the host's hard limit: raising it needs CAP_SYS_RESOURCE, which some hosts lack
 MIB = 1 << 20
+# CRIU's options beyond runc's flags, as the host sandbox's dump uses them (engine/criu.py): no
+# iptables network lock (the replica's netns is its own, and a restore's is fresh, unreachable
+# until its endpoint is published; the lock cost ~0.2 s of each restore here) and in-flight
+# connections dropped.
+CRIU_OPTIONS = "network-lock skip\nskip-in-flight\n"
 
 
 def _mounts(spec: DeploymentSpec, uid: int, gid: int) -> list[dict[str, Any]]:
@@ -92,6 +97,7 @@ def runtime_config(
     cgroups_path: str,
     hostname: str,
     gpu: GpuAccess | None = None,
+    criu_config: str | None = None,
 ) -> dict[str, Any]:
     """runc's config.json for one replica of `spec`. Pure."""
     uid, gid = spec.sandbox.uid_gid
@@ -118,6 +124,8 @@ def runtime_config(
         },
         "root": {"path": rootfs, "readonly": False},
         "hostname": hostname,
+        # runc hands CRIU this file on checkpoint and restore (CRIU_OPTIONS below)
+        "annotations": {"org.criu.config": criu_config} if criu_config else {},
         "mounts": [*_mounts(spec, uid, gid), *(gpu.mounts if gpu else [])],
         "linux": {
             "namespaces": [

@@ -26,7 +26,7 @@ from snapscale.shared.engine import netns
 from snapscale.shared.engine.criu import CriuRun, read_stats
 from snapscale.shared.engine.errors import CriuError, EngineError
 from snapscale.shared.engine.oci import runc
-from snapscale.shared.engine.oci.config import MIB, runtime_config
+from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, runtime_config
 from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minors
 from snapscale.shared.engine.oci.images import ImageStore
 from snapscale.shared.engine.sandbox import LOG_NAME, Sandbox, open_log, workload_env
@@ -143,7 +143,9 @@ async def _bundle(
         cgroups_path=cgroups_path(replica),
         hostname=replica,
         gpu=gpu,
+        criu_config=str(bundle / "criu.conf"),
     )
+    (bundle / "criu.conf").write_text(CRIU_OPTIONS)
     (bundle / "config.json").write_text(json.dumps(config, indent=1))
     return bundle
 
