@@ -246,4 +246,5 @@ if __name__ == "__main__":
     p.add_argument("--kv-gib", type=int, default=4)
     p.add_argument("--criu", default=None)
     p.add_argument("--drop-caches", action="store_true")
+    os.environ.setdefault("SNAPSCALE_SANDBOX", "host")  # dev mode: host-process sandboxes
     sys.exit(asyncio.run(main(p.parse_args())))

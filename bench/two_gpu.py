@@ -124,4 +124,5 @@ if __name__ == "__main__":
     p.add_argument("--kv-gib", type=int, default=2)
     p.add_argument("--criu", default=os.environ.get("SNAPSCALE_CRIU"), help="default: $SNAPSCALE_CRIU")
     args = p.parse_args()
+    os.environ.setdefault("SNAPSCALE_SANDBOX", "host")  # dev mode: host-process sandboxes
     sys.exit(asyncio.run(main(args, *prepare(args))))

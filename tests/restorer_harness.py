@@ -238,6 +238,7 @@ def service_env(settings: Settings, criu: CriuBinary) -> dict[str, str]:
         SNAPSCALE_HOST_ID=settings.host_id,
         SNAPSCALE_CRIU=criu.path,
         SNAPSCALE_HEARTBEAT_S="0.5",
+        SNAPSCALE_SANDBOX=os.environ.get("SNAPSCALE_SANDBOX", "oci"),  # dev mode: conftest
     )
     if settings.store.endpoint_url:
         env["AWS_ENDPOINT_URL"] = settings.store.endpoint_url

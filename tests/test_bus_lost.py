@@ -75,6 +75,7 @@ async def test_each_service_exits_non_zero_when_the_server_closes_its_connection
         SNAPSCALE_STORE=f"file://{tmp_path / 'store'}",
         SNAPSCALE_CRIU=criu.path,
         SNAPSCALE_HOST_ID="h1",
+        SNAPSCALE_SANDBOX=os.environ.get("SNAPSCALE_SANDBOX", "oci"),  # dev mode: conftest
     )
     me = [sys.executable, "-m", "snapscale"]
     procs = ProcessSet(tmp_path / "logs")

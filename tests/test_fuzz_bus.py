@@ -204,6 +204,7 @@ async def services(settings: Settings, criu: CriuBinary, tmp: Path) -> AsyncIter
         SNAPSCALE_STORE=f"file://{tmp / 'store'}",
         SNAPSCALE_CRIU=criu.path,
         SNAPSCALE_HOST_ID=HOST,
+        SNAPSCALE_SANDBOX=os.environ.get("SNAPSCALE_SANDBOX", "oci"),  # dev mode: conftest
     )
     me = [sys.executable, "-m", "snapscale"]
     procs = ProcessSet(tmp / "logs")
