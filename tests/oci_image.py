@@ -6,9 +6,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from bench import oci_image as bench_image
 from snapscale.shared.bus.sandbox_spec import Mount, SandboxSpec
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
+from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, has_cap
+
+# CRIU reads each task's rlimits; for another uid the kernel wants CAP_SYS_RESOURCE, which the root
+# of some hosts (these dev VMs, the lent GPU machines) lacks. There the checkpoint tests run the
+# workload as uid 0 (still without CAP_SYS_ADMIN, its own root, seccomp); elsewhere as the default
+# non-root user.
+CAN_DUMP_OTHER_UIDS = has_cap(CAP_SYS_RESOURCE, Path("/proc/self/status").read_text())
+DUMP_USER = "1000:1000" if CAN_DUMP_OTHER_UIDS else "0:0"
 
 PROBE = r"""
 import ctypes, json, os, sys, http.server
@@ -100,3 +110,9 @@ def probe_spec(
         ),
         ready=ReadySpec(http_path="/healthz", timeout_s=30.0, interval_s=0.02),
     )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def oci_ref(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The probe image, built once a session: its `oci:<layout>@<digest>` reference."""
+    return build_layout(tmp_path_factory.mktemp("oci-image"))

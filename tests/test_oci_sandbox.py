@@ -11,14 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from oci_image import build_layout, probe_spec
+from oci_image import CAN_DUMP_OTHER_UIDS, DUMP_USER, oci_ref, probe_spec
 
 from snapscale.shared.engine import is_running, probe
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import CriuError, SandboxExited
 from snapscale.shared.engine.lifecycle import Sandbox
-from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, has_cap
 
 pytestmark = [
     pytest.mark.criu,
@@ -27,16 +26,7 @@ pytestmark = [
         not shutil.which("runc") or not shutil.which("umoci"), reason="runc/umoci not installed"
     ),
 ]
-# CRIU reads each task's rlimits; for another uid the kernel wants CAP_SYS_RESOURCE, which the root
-# of some hosts (these dev VMs) lacks. There the checkpoint tests run the workload as uid 0 (still
-# without CAP_SYS_ADMIN, its own root, seccomp); elsewhere as the default non-root user.
-CAN_DUMP_OTHER_UIDS = has_cap(CAP_SYS_RESOURCE, Path("/proc/self/status").read_text())
-DUMP_USER = "1000:1000" if CAN_DUMP_OTHER_UIDS else "0:0"
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return build_layout(tmp_path_factory.mktemp("oci-image"))
+__all__ = ["oci_ref"]  # fixtures
 
 
 @pytest.fixture
@@ -65,9 +55,9 @@ async def _call(sb: Sandbox, method: str, path: str, body: object = None) -> obj
 
 
 async def test_a_workload_cannot_reach_past_its_root_mounts_and_limits(
-    image: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary
+    oci_ref: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary
 ) -> None:
-    spec = probe_spec("contained", image)
+    spec = probe_spec("contained", oci_ref)
     run_dir = tmp_path / "host-a" / "run" / "c1"
     sb = await engine.launch(spec, "contained-1", gpu_uuids=[], run_dir=run_dir)
     made.append(sb)
@@ -100,14 +90,14 @@ async def test_a_workload_cannot_reach_past_its_root_mounts_and_limits(
 
 
 async def test_over_its_memory_limit_only_the_workload_dies_and_says_why(
-    image: str, made: list[Sandbox], tmp_path: Path
+    oci_ref: str, made: list[Sandbox], tmp_path: Path
 ) -> None:
     other = await engine.launch(
-        probe_spec("bystander", image), "bystander-1", gpu_uuids=[], run_dir=tmp_path / "b"
+        probe_spec("bystander", oci_ref), "bystander-1", gpu_uuids=[], run_dir=tmp_path / "b"
     )
     made.append(other)
-    await engine.wait_ready(other, probe_spec("bystander", image).ready)
-    hog = probe_spec("hog", image, memory_mib=64, env={"ALLOC_MIB": "200"})
+    await engine.wait_ready(other, probe_spec("bystander", oci_ref).ready)
+    hog = probe_spec("hog", oci_ref, memory_mib=64, env={"ALLOC_MIB": "200"})
     sb = await engine.launch(hog, "hog-1", gpu_uuids=[], run_dir=tmp_path / "h")
     made.append(sb)
     with pytest.raises(SandboxExited, match="out of memory: limit 64 MiB"):
@@ -116,9 +106,9 @@ async def test_over_its_memory_limit_only_the_workload_dies_and_says_why(
 
 
 async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_another_host(
-    image: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary, monkeypatch: pytest.MonkeyPatch
+    oci_ref: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    spec = probe_spec("frozen", image, user=DUMP_USER)
+    spec = probe_spec("frozen", oci_ref, user=DUMP_USER)
     first_run = tmp_path / "host-a" / "run" / "f1"
     sb = await engine.launch(spec, "frozen-1", gpu_uuids=[], run_dir=first_run)
     made.append(sb)

@@ -29,7 +29,7 @@ from snapscale.shared.engine.oci import runc
 from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, runtime_config
 from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minors
 from snapscale.shared.engine.oci.images import ImageStore
-from snapscale.shared.engine.sandbox import LOG_NAME, Sandbox, open_log, workload_env
+from snapscale.shared.engine.sandbox import LOG_NAME, Sandbox, become_subreaper, open_log, workload_env
 
 UPPER_TAR = "rootfs-upper.tar"  # the writable layer, in the image dir
 CGROUP_PARENT = "/snapscale"
@@ -172,6 +172,7 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     """Cold boot: netns, bundle, `runc run --detach`; returns once the container's init runs."""
     log_path = run_dir / LOG_NAME
     _mkdirs(run_dir)
+    become_subreaper()  # the container's init outlives `runc run`: ours to reap when it dies
     ns = await netns.create(replica, owner=run_dir)
     pidfile = run_dir / "container.pid"
     try:
