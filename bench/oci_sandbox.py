@@ -43,10 +43,9 @@ def host_paths(weights: Path) -> list[str]:
     """What the sample reads from the host: its code, the venv and its base interpreter, /usr, the
     directories on sys.path (PYTHONPATH's too), the weights file; each real path once, none inside
     another."""
-    paths = [p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)]
-    want = sorted(
-        {str(Path(p).resolve()) for p in (ROOT, sys.prefix, sys.base_prefix, "/usr", *paths, weights)}
-    )
+    paths = [str(ROOT), sys.prefix, sys.base_prefix, "/usr", str(weights)]
+    paths += [p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)]
+    want = sorted({str(Path(p).resolve()) for p in paths})
     out: list[str] = []
     for p in want:
         if not any(p == q or p.startswith(q + "/") for q in out):

@@ -18,6 +18,7 @@ import pytest
 from oci_image import DUMP_USER, oci_ref, probe_spec
 from restorer_harness import FINAL, Harness, follow, running
 
+from snapscale.restorer.cleanup import reap
 from snapscale.shared import bus
 from snapscale.shared.bus import catalog
 from snapscale.shared.bus.catalog import CatalogEntry
@@ -27,6 +28,7 @@ from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import compat, probe
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.netns import existing_netns
 from snapscale.shared.engine.oci import runc
 from snapscale.shared.store.backend import open_store
 from snapscale.shared.store.checkpoint import upload_image
@@ -115,3 +117,23 @@ async def test_a_spec_without_an_image_fails_with_the_reason_outside_development
     assert (
         "names no sandbox.image; host-process sandboxes run only on a host in development mode" in ev.reason
     )
+
+
+async def test_what_a_crash_left_of_a_container_is_reaped(
+    oci_ref: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restorer's reap after a cut-short start: the tree, its netns, runc's state, the overlay."""
+    monkeypatch.delenv("SNAPSCALE_SANDBOX")
+    monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(tmp_path / "state"))
+    spec = probe_spec("crashed", oci_ref)
+    run_dir = tmp_path / "run" / "crashed-1"
+    sb = await engine.launch(spec, "crashed-1", gpu_uuids=[], run_dir=run_dir)
+    try:
+        await engine.wait_ready(sb, spec.ready)
+        assert not _cleared("crashed-1", run_dir)  # mounted and known to runc until reaped
+        killed = await reap(run_dir)  # as the restorer does when it finds a half-done start
+        assert sb.pid in killed
+        assert _cleared("crashed-1", run_dir)
+        assert sb.netns not in {ns.name for ns in existing_netns()}
+    finally:
+        await engine.stop(sb)

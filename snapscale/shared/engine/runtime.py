@@ -103,6 +103,16 @@ async def stop(sb: Sandbox, *, timeout_s: float = 10.0) -> None:
         await container.stop(sb)
 
 
+def container_pids(root: Path) -> list[int]:
+    """The inits of OCI sandboxes under `root` (run dirs), for a cleanup to kill."""
+    return container.init_pids(root)
+
+
+async def sweep(root: Path) -> list[str]:
+    """Containers and overlay mounts a crash left under `root` (engine/oci/container.py)."""
+    return await container.sweep(root)
+
+
 def exit_reason(sb: Sandbox) -> str | None:
     """Why a dead sandbox died, when the system recorded it (a container's OOM kill)."""
     return container.exit_reason(sb) if sb.container else None

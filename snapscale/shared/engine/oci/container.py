@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,7 @@ from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minor
 from snapscale.shared.engine.oci.images import ImageStore
 from snapscale.shared.engine.sandbox import LOG_NAME, Sandbox, become_subreaper, open_log, workload_env
 
+log = logging.getLogger(__name__)
 UPPER_TAR = "rootfs-upper.tar"  # the writable layer, in the image dir
 CGROUP_PARENT = "/snapscale"
 _relays: dict[int, asyncio.Future[None]] = {}  # the log relays' waits, kept so they are reaped
@@ -238,11 +240,14 @@ async def restore(
     pidfile = run_dir / "container.pid"
     pidfile.unlink(missing_ok=True)
     try:
+        start = time.monotonic()
         bundle = await _bundle(spec, replica, run_dir, ns.path, gpu_uuids, image_dir / UPPER_TAR)
+        prepared = time.monotonic() - start
         argv = runc.restore_argv(runc.runc_path(), criu, replica, bundle, image_dir, work, pidfile)
         async with _stdio(run_dir / LOG_NAME) as fds:
             seconds = await runc.call(argv, "criu_restore", stdio=fds, log=work / "restore.log")
         pid = int(pidfile.read_text())
+        log.info("restored container %s: bundle %.3fs, runc restore %.3fs", replica, prepared, seconds)
     except BaseException:
         await _teardown(replica, run_dir)
         raise
@@ -262,6 +267,53 @@ async def _teardown(cid: str, run_dir: Path) -> None:
 async def stop(sb: Sandbox) -> None:
     """After the host sandbox's stop (tree killed, netns gone): runc's state, cgroup and the overlay."""
     await _teardown(sb.container, Path(sb.run_dir))
+
+
+def _under(path: str, root: Path) -> bool:
+    return path == str(root) or path.startswith(f"{root}/")
+
+
+def _containers(root: Path) -> dict[str, int]:
+    """runc containers whose bundle lies under `root`: id -> host PID of their init (0: none)."""
+    out: dict[str, int] = {}
+    for state in Path(runc.STATE_ROOT).glob("*/state.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            d = json.loads(state.read_text())
+            if _under(str(d["config"]["rootfs"]), root):
+                out[state.parent.name] = int(d.get("init_process_pid") or 0)
+    return out
+
+
+def init_pids(root: Path) -> list[int]:
+    """Host PIDs of the inits of containers under `root`: a pivoted root hides them from a search of
+    open files and working dirs (procs.pids_holding); the kernel ends a PID namespace with its init."""
+    return [p for p in _containers(root).values() if p > 0]
+
+
+def _leftovers(root: Path) -> tuple[list[str], list[str]]:
+    """runc containers whose bundle lies under `root`, and the mounts under it (deepest first)."""
+    cids = list(_containers(root))
+    mounts = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            target = line.split()[1].replace("\\040", " ")
+            if _under(target, root):
+                mounts.append(target)
+    return cids, sorted(mounts, key=len, reverse=True)
+
+
+async def sweep(root: Path) -> list[str]:
+    """What a crash left of containers under `root` (a run dir, or the run root at start): their
+    runc state and cgroups, their overlay mounts. Their processes are the caller's to kill first.
+    The container ids and mount points removed."""
+    cids, mounts = await asyncio.to_thread(_leftovers, root)
+    for cid in cids:
+        with contextlib.suppress(EngineError):
+            await runc.call(runc.delete_argv(runc.runc_path(), cid), "stop")
+    for target in mounts:
+        with contextlib.suppress(EngineError):
+            await _sh("umount", "--lazy", target, step="stop")
+    return [*cids, *mounts]
 
 
 def exit_reason(sb: Sandbox) -> str | None:
