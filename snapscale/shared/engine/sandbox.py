@@ -154,7 +154,24 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     except BaseException:
         await netns.delete_netns(ns.name)
         raise
-    sb = Sandbox(
+    sb = booted(spec, replica, pid, ns, gpu_uuids=gpu_uuids, log_path=log_path, run_dir=run_dir)
+    log.info("launched %s (%s) pid %d at %s", replica, spec.name, pid, sb.endpoint)
+    return sb
+
+
+def booted(
+    spec: DeploymentSpec,
+    replica: str,
+    pid: int,
+    ns: netns.NetNs,
+    *,
+    gpu_uuids: list[str],
+    log_path: Path,
+    run_dir: Path,
+    container: str = "",
+) -> Sandbox:
+    """The record of a cold-booted sandbox whose init runs as host `pid` in `ns`."""
+    return Sandbox(
         replica=replica,
         deployment=spec.name,
         pid=pid,
@@ -164,9 +181,8 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
         log_path=str(log_path),
         started_at=time.time(),
         run_dir=str(run_dir),
+        container=container,
     )
-    log.info("launched %s (%s) pid %d at %s", replica, spec.name, pid, sb.endpoint)
-    return sb
 
 
 def open_log(path: Path) -> int:

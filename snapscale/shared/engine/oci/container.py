@@ -30,7 +30,14 @@ from snapscale.shared.engine.oci import runc
 from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, runtime_config
 from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minors
 from snapscale.shared.engine.oci.images import ImageStore
-from snapscale.shared.engine.sandbox import LOG_NAME, Sandbox, become_subreaper, open_log, workload_env
+from snapscale.shared.engine.sandbox import (
+    LOG_NAME,
+    Sandbox,
+    become_subreaper,
+    booted,
+    open_log,
+    workload_env,
+)
 
 log = logging.getLogger(__name__)
 UPPER_TAR = "rootfs-upper.tar"  # the writable layer, in the image dir
@@ -94,16 +101,12 @@ def cgroups_path(replica: str) -> str:
     return f"{CGROUP_PARENT}/{replica}"
 
 
-async def _sh(*argv: str, step: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+async def _layer(upper: Path, tar: Path, *, pack: bool, step: str) -> None:
+    """The writable layer to (`pack`) or from a tar, overlay whiteouts and xattrs included."""
+    mode = ["-cf", str(tar), "."] if pack else ["-xpf", str(tar)]
+    await runc.tool(
+        "tar", "-C", str(upper), "--xattrs", "--xattrs-include=*", "--numeric-owner", *mode, step=step
     )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise EngineError(step, f"{argv[0]} exited {proc.returncode}", out.decode(errors="replace")[-2000:])
 
 
 async def _bundle(
@@ -120,19 +123,9 @@ async def _bundle(
     upper, work, bundle = run_dir / "upper", run_dir / "work", run_dir / "bundle"
     rootfs = bundle / "rootfs"
     if _mkdirs(upper, work, rootfs) and upper_tar is not None and _exists(upper_tar):
-        await _sh(
-            "tar",
-            "-C",
-            str(upper),
-            "--xattrs",
-            "--xattrs-include=*",
-            "--numeric-owner",
-            "-xpf",
-            str(upper_tar),
-            step="rootfs",
-        )
+        await _layer(upper, upper_tar, pack=False, step="rootfs")
     opts = f"lowerdir={image.rootfs},upperdir={upper},workdir={work}"
-    await _sh("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs), step="rootfs")
+    await runc.tool("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs), step="rootfs")
     try:
         gpu = gpu_access(host_listing(nvml_minors()), gpu_uuids) if gpu_uuids else None
     except ValueError as e:
@@ -186,17 +179,8 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
         await _teardown(replica, run_dir)
         await netns.delete_netns(ns.name)
         raise
-    return Sandbox(
-        replica=replica,
-        deployment=spec.name,
-        pid=pid,
-        netns=ns.name,
-        endpoint=f"{ns.sandbox_ip}:{spec.port}",
-        gpu_uuids=list(gpu_uuids),
-        log_path=str(log_path),
-        started_at=time.time(),
-        run_dir=str(run_dir),
-        container=replica,
+    return booted(
+        spec, replica, pid, ns, gpu_uuids=gpu_uuids, log_path=log_path, run_dir=run_dir, container=replica
     )
 
 
@@ -210,18 +194,7 @@ async def checkpoint(sb: Sandbox, image_dir: Path, *, leave_running: bool, criu:
     )
     seconds = await runc.call(argv, "criu_dump", log=work / "dump.log")
     upper = Path(sb.run_dir) / "upper"
-    await _sh(
-        "tar",
-        "-C",
-        str(upper),
-        "--xattrs",
-        "--xattrs-include=*",
-        "--numeric-owner",
-        "-cf",
-        str(image_dir / UPPER_TAR),
-        ".",
-        step="criu_dump",
-    )
+    await _layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
     return CriuRun(seconds=seconds, stats=read_stats(work, "dump"))
 
 
@@ -261,7 +234,7 @@ async def _teardown(cid: str, run_dir: Path) -> None:
     rootfs = run_dir / "bundle" / "rootfs"
     if _is_mount(rootfs):
         with contextlib.suppress(EngineError):
-            await _sh("umount", "--lazy", str(rootfs), step="stop")
+            await runc.tool("umount", "--lazy", str(rootfs), step="stop")
 
 
 async def stop(sb: Sandbox) -> None:
@@ -312,7 +285,7 @@ async def sweep(root: Path) -> list[str]:
             await runc.call(runc.delete_argv(runc.runc_path(), cid), "stop")
     for target in mounts:
         with contextlib.suppress(EngineError):
-            await _sh("umount", "--lazy", target, step="stop")
+            await runc.tool("umount", "--lazy", target, step="stop")
     return [*cids, *mounts]
 
 

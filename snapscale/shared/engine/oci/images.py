@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from snapscale.shared.engine.errors import EngineError
+from snapscale.shared.engine.oci import runc
 
 DEFAULT_ROOT = Path("/var/lib/snapscale/images")
 _REF = re.compile(
@@ -80,20 +81,6 @@ def source_argv(ref: ImageRef) -> str:
     return f"docker://{ref.location}@{ref.digest}"
 
 
-async def _tool(*argv: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    out, _ = await proc.communicate()
-    if proc.returncode != 0:
-        raise EngineError(
-            "image", f"{argv[0]} {argv[1]} exited {proc.returncode}", out.decode(errors="replace")[-2000:]
-        )
-
-
 def _layout_digest(layout: Path) -> str:
     index = json.loads((layout / "index.json").read_text())
     return str(index["manifests"][0]["digest"])
@@ -132,9 +119,9 @@ class ImageStore:
             layout = tmp / "layout"
             # No trust policy file needed (a bare GPU host has none): the image is pinned by its
             # digest, checked below, or is a local archive the operator named.
-            await _tool(
+            await runc.tool(
                 "skopeo", "--insecure-policy", "copy", "--quiet", "--preserve-digests",
-                source_argv(ref), f"oci:{layout}:{TAG}",
+                source_argv(ref), f"oci:{layout}:{TAG}", step="image",
             )  # fmt: skip
             digest = _layout_digest(layout)
             if ref.digest and digest != ref.digest:
@@ -143,7 +130,9 @@ class ImageStore:
                 )
             if hit := self.cached(digest):
                 return hit  # a docker-archive already in the store
-            await _tool("umoci", "unpack", "--image", f"{layout}:{TAG}", str(tmp / "bundle"))
+            await runc.tool(
+                "umoci", "unpack", "--image", f"{layout}:{TAG}", str(tmp / "bundle"), step="image"
+            )
             os.rename(tmp, self.path(digest))
             return Image(digest, self.path(digest) / "bundle" / "rootfs")
         finally:

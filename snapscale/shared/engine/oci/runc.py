@@ -88,6 +88,19 @@ def _criu_errors(log: Path, limit: int = 8) -> str:
     return "\n".join([ln for ln in lines if "Error" in ln and "RLIMIT_NOFILE" not in ln][-limit:])
 
 
+async def tool(*argv: str, step: str) -> None:
+    """Run a helper (mount, tar, skopeo, umoci); its output is the error's detail when it fails."""
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise EngineError(step, f"{argv[0]} exited {proc.returncode}", out.decode(errors="replace")[-2000:])
+
+
 async def state(runc: str, cid: str) -> dict[str, Any] | None:
     proc = await asyncio.create_subprocess_exec(
         *_base(runc), "state", cid, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
