@@ -121,6 +121,7 @@ async def play(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     base, weights, gpus = samples(args, work)
     image = build_layout(work / "image-build")
     kinds = {"host": base, "oci": oci_spec(base, image, weights, gpu=bool(gpus))}
+    os.environ["SNAPSCALE_SANDBOX_MOUNTS"] = ":".join(m.src for m in kinds["oci"].sandbox.mounts)
     criu = find_criu(os.environ.get("SNAPSCALE_CRIU"))
     runs: list[dict[str, Any]] = []
     for n in range(args.rounds):

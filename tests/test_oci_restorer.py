@@ -64,6 +64,7 @@ async def test_a_checkpoint_frozen_on_one_host_is_restored_by_another_hosts_rest
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("SNAPSCALE_SANDBOX")  # not development mode
+    monkeypatch.setenv("SNAPSCALE_SANDBOX_MOUNTS", "/usr")  # the probe's interpreter
     spec = probe_spec("oci-moved", oci_ref, user=DUMP_USER)
     # Host a: this process's engine, its own state dir (image store).
     monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(tmp_path / "host-a"))
@@ -124,6 +125,7 @@ async def test_what_a_crash_left_of_a_container_is_reaped(
 ) -> None:
     """The restorer's reap after a cut-short start: the tree, its netns, runc's state, the overlay."""
     monkeypatch.delenv("SNAPSCALE_SANDBOX")
+    monkeypatch.setenv("SNAPSCALE_SANDBOX_MOUNTS", "/usr")
     monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(tmp_path / "state"))
     spec = probe_spec("crashed", oci_ref)
     run_dir = tmp_path / "run" / "crashed-1"

@@ -8,15 +8,17 @@ import json
 import os
 import shutil
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from oci_image import CAN_DUMP_OTHER_UIDS, DUMP_USER, oci_ref, probe_spec
 
+from snapscale.shared.bus.sandbox_spec import Mount
 from snapscale.shared.engine import is_running, probe
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine.criu import CriuBinary
-from snapscale.shared.engine.errors import CriuError, SandboxExited
+from snapscale.shared.engine.errors import CriuError, EngineError, SandboxExited
 from snapscale.shared.engine.lifecycle import Sandbox
 
 pytestmark = [
@@ -33,6 +35,7 @@ __all__ = ["oci_ref"]  # fixtures
 async def made(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[Sandbox]]:
     monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(tmp_path / "host-a"))
     monkeypatch.delenv("SNAPSCALE_SANDBOX")  # not development mode: an image is what runs
+    monkeypatch.setenv("SNAPSCALE_SANDBOX_MOUNTS", "/usr")  # the probe's interpreter
     sbs: list[Sandbox] = []
     yield sbs
     for sb in sbs:
@@ -135,3 +138,15 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
         assert await _call(back, "POST", "/read", {"path": "/data/kept"}) == "ok: from the first replica"
         assert await _call(back, "POST", "/read", {"path": "/scratch/kept"}) == "ok: scratch too"
         await engine.stop(back)
+
+
+async def test_a_mount_outside_what_the_host_allows_is_refused_before_anything_runs(
+    oci_ref: str, made: list[Sandbox], tmp_path: Path
+) -> None:
+    spec = probe_spec("peeker", oci_ref)
+    peek = replace(
+        spec, sandbox=replace(spec.sandbox, mounts=[*spec.sandbox.mounts, Mount("/etc", "/host-etc")])
+    )
+    with pytest.raises(EngineError, match=r"sandbox.mounts\[1\].src /etc is outside"):
+        made.append(await engine.launch(peek, "peeker-1", gpu_uuids=[], run_dir=tmp_path / "p"))
+    assert not _exists("/run/snapscale-runc/peeker-1")

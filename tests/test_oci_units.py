@@ -4,18 +4,20 @@ the compatibility key and the development-mode refusal."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from oci_image import probe_spec
 
+from snapscale.shared.bus.sandbox_spec import Mount, SandboxSpec
 from snapscale.shared.bus.spec import spec_from_mapping
 from snapscale.shared.core.fieldcheck import FieldsError
 from snapscale.shared.engine import compat, runtime
 from snapscale.shared.engine.errors import EngineError
 from snapscale.shared.engine.oci import images
 from snapscale.shared.engine.oci.config import runtime_config
-from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, has_cap
+from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, check_mounts, has_cap
 from snapscale.shared.engine.oci.gpu import DeviceNode, HostGpus, driver_libraries, gpu_access
 
 DIGEST = "sha256:" + "ab" * 32
@@ -191,3 +193,20 @@ def test_a_spec_without_an_image_is_refused_outside_development_mode(monkeypatch
 def test_has_cap_reads_the_effective_set() -> None:
     assert has_cap(CAP_SYS_RESOURCE, "Name:\tx\nCapEff:\t000001ffffffffff\n")
     assert not has_cap(CAP_SYS_RESOURCE, "CapEff:\t000001fffeffffff\n")
+
+
+def test_a_spec_mounts_only_what_the_host_allows() -> None:
+    spec = replace(
+        probe_spec("d", IMAGE),
+        sandbox=SandboxSpec(image=IMAGE, mounts=[Mount("/usr", "/usr"), Mount("/etc", "/host-etc")]),
+    )
+    with pytest.raises(
+        EngineError,
+        match=r"sandbox.mounts\[1\].src /etc is outside .*SNAPSCALE_SANDBOX_MOUNTS=/usr:/srv/models",
+    ):
+        check_mounts(spec, ["/usr", "/srv/models"])
+    check_mounts(spec, ["/usr", "/etc"])
+    with pytest.raises(EngineError, match=r"SNAPSCALE_SANDBOX_MOUNTS=<none>"):
+        check_mounts(spec, [])
+    with pytest.raises(EngineError, match=r"/usrx"):  # a prefix of a name is not its parent
+        check_mounts(replace(spec, sandbox=SandboxSpec(image=IMAGE, mounts=[Mount("/usrx", "/x")])), ["/usr"])

@@ -64,6 +64,12 @@ ENV: tuple[Env, ...] = (
         "host: development mode, also runs specs without sandbox.image as host processes",
         "host",
     ),
+    Env(
+        "SNAPSCALE_SANDBOX_MOUNTS",
+        "none",
+        "host dirs (colon-separated) whose contents specs' sandbox.mounts may show read-only",
+        "host",
+    ),
     Env("SNAPSCALE_CPU_SLOTS", "4", "replicas of CPU deployments at once", "restorer"),
     Env(
         "SNAPSCALE_SUSPEND_BUDGET_BYTES",

@@ -97,6 +97,26 @@ def image_store() -> ImageStore:
     return ImageStore(Path(os.environ.get("SNAPSCALE_STATE_DIR", DEFAULT_STATE_DIR)) / "images")
 
 
+MOUNTS_ENV = "SNAPSCALE_SANDBOX_MOUNTS"
+
+
+def allowed_mount_roots() -> list[str]:
+    """The host directories whose contents specs may mount read-only (`SNAPSCALE_SANDBOX_MOUNTS`,
+    colon-separated; none by default): a spec comes over the bus, the host decides what it shows."""
+    return [p.rstrip("/") or "/" for p in os.environ.get(MOUNTS_ENV, "").split(":") if p]
+
+
+def check_mounts(spec: DeploymentSpec, roots: list[str]) -> None:
+    """Every `sandbox.mounts` source lies under one of `roots`, else the launch is refused. Pure."""
+    for i, m in enumerate(spec.sandbox.mounts):
+        if not any(r == "/" or m.src == r or m.src.startswith(f"{r}/") for r in roots):
+            raise EngineError(
+                "launch",
+                f"sandbox.mounts[{i}].src {m.src} is outside the host paths this host lets workloads "
+                f"read ({MOUNTS_ENV}={':'.join(roots) or '<none>'}); see docs/sandbox.md",
+            )
+
+
 def cgroups_path(replica: str) -> str:
     return f"{CGROUP_PARENT}/{replica}"
 
@@ -119,6 +139,7 @@ async def _bundle(
 ) -> Path:
     """The replica's bundle: the image (fetched and unpacked once per host), its overlay, config.json."""
     assert spec.sandbox.image is not None
+    check_mounts(spec, allowed_mount_roots())
     image = await image_store().ensure(spec.sandbox.image)
     upper, work, bundle = run_dir / "upper", run_dir / "work", run_dir / "bundle"
     rootfs = bundle / "rootfs"
