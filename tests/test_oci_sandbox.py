@@ -20,6 +20,8 @@ from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import CriuError, EngineError, SandboxExited
 from snapscale.shared.engine.lifecycle import Sandbox
+from snapscale.shared.engine.oci import runc
+from snapscale.shared.engine.oci.images import ImageStore
 
 pytestmark = [
     pytest.mark.criu,
@@ -150,3 +152,36 @@ async def test_a_mount_outside_what_the_host_allows_is_refused_before_anything_r
     with pytest.raises(EngineError, match=r"sandbox.mounts\[1\].src /etc is outside"):
         made.append(await engine.launch(peek, "peeker-1", gpu_uuids=[], run_dir=tmp_path / "p"))
     assert not _exists("/run/snapscale-runc/peeker-1")
+
+
+async def test_the_image_store_fetches_once_by_digest_and_refuses_a_wrong_one(
+    oci_ref: str, tmp_path: Path
+) -> None:
+    store = ImageStore(tmp_path / "images")
+    first = await store.ensure(oci_ref)
+    assert first.digest == oci_ref.rsplit("@", 1)[1]
+    assert (first.rootfs / "app" / "probe.py").is_file() and (first.rootfs / "etc" / "passwd").is_file()
+    marker = first.rootfs / "etc" / "from-the-store"
+    marker.write_text("kept")  # a second ensure must not copy or unpack again
+    assert (await store.ensure(oci_ref)).rootfs == first.rootfs and marker.exists()
+    layout = oci_ref.removeprefix("oci:").rsplit("@", 1)[0]
+    archive = tmp_path / "probe.tar"
+    await runc.tool(
+        "skopeo",
+        "--insecure-policy",
+        "copy",
+        "--quiet",
+        f"oci:{layout}:app",
+        f"docker-archive:{archive}",
+        step="t",
+    )
+    from_archive = await store.ensure(f"docker-archive:{archive}")
+    assert (from_archive.rootfs / "app" / "probe.py").read_text() == (
+        first.rootfs / "app" / "probe.py"
+    ).read_text()
+    wrong = f"oci:{layout}@sha256:{'0' * 64}"
+    with pytest.raises(EngineError, match="the layout holds no manifest"):
+        await ImageStore(tmp_path / "other").ensure(wrong)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir() if not p.name.startswith(".")) == sorted(
+        {first.digest.removeprefix("sha256:"), from_archive.digest.removeprefix("sha256:")}
+    )

@@ -1,8 +1,9 @@
 """The host's content-addressed image store: `<state dir>/images/<manifest digest hex>/`.
 
 An image named by a spec (`oci:<layout>@sha256:…`, `docker-archive:<path>`, `docker://<ref>@sha256:…`)
-is copied once with skopeo into an OCI layout of its own (`layout/`, tag `img`), checked against the
-digest the spec names, and unpacked once with umoci (`bundle/rootfs`): the read-only lower layer of
+is copied once with skopeo as published (its manifest checked against the digest the spec names),
+converted into an OCI layout of its own (`layout/`, tag `img`), and unpacked once with umoci
+(`bundle/rootfs`): the read-only lower layer of
 every replica's overlay. Copies and unpacks are serialised per host (flock); a half-made one never
 takes the final name. Parsing is pure; `ImageStore.ensure` is the edge.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -81,9 +83,12 @@ def source_argv(ref: ImageRef) -> str:
     return f"docker://{ref.location}@{ref.digest}"
 
 
-def _layout_digest(layout: Path) -> str:
-    index = json.loads((layout / "index.json").read_text())
-    return str(index["manifests"][0]["digest"])
+async def _skopeo(*args: str) -> None:
+    await runc.tool("skopeo", "--insecure-policy", "copy", "--quiet", *args, step="image")
+
+
+def _file_digest(path: Path) -> str:
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class ImageStore:
@@ -116,23 +121,24 @@ class ImageStore:
     async def _fetch(self, ref: ImageRef) -> Image:
         tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.root))
         try:
-            layout = tmp / "layout"
-            # No trust policy file needed (a bare GPU host has none): the image is pinned by its
-            # digest, checked below, or is a local archive the operator named.
-            await runc.tool(
-                "skopeo", "--insecure-policy", "copy", "--quiet", "--preserve-digests",
-                source_argv(ref), f"oci:{layout}:{TAG}", step="image",
-            )  # fmt: skip
-            digest = _layout_digest(layout)
+            # As published first (`dir:` keeps the manifest's bytes: its digest is checked), then as
+            # an OCI layout for umoci, which unpacks no Docker manifest. No trust policy file is
+            # needed (a bare GPU host has none): the image is pinned by its digest, checked here, or
+            # is a local archive the operator named.
+            src, layout = tmp / "published", tmp / "layout"
+            await _skopeo("--preserve-digests", source_argv(ref), f"dir:{src}")
+            digest = await asyncio.to_thread(_file_digest, src / "manifest.json")
             if ref.digest and digest != ref.digest:
                 raise EngineError(
                     "image", f"{ref.location} gave manifest {digest}, the spec names {ref.digest}"
                 )
             if hit := self.cached(digest):
                 return hit  # a docker-archive already in the store
+            await _skopeo("--format", "oci", f"dir:{src}", f"oci:{layout}:{TAG}")
             await runc.tool(
                 "umoci", "unpack", "--image", f"{layout}:{TAG}", str(tmp / "bundle"), step="image"
             )
+            shutil.rmtree(src)
             os.rename(tmp, self.path(digest))
             return Image(digest, self.path(digest) / "bundle" / "rootfs")
         finally:
