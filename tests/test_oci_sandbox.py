@@ -122,6 +122,9 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
         assert await _call(sb, "GET", "/count") == n
     await _call(sb, "POST", "/write", {"path": "/data/kept", "data": "from the first replica"})
     await _call(sb, "POST", "/write", {"path": "/scratch/kept", "data": "scratch too"})
+    # An auto-freeze keeps it serving (runc checkpoint --leave-running), and it can be frozen again.
+    live = await engine.freeze(sb, spec, tmp_path / "image-live", keep_running=True, criu=criu)
+    assert live.keep_running and await _call(sb, "GET", "/count") == 4
     image_dir = tmp_path / "image"
     rep = await engine.freeze(sb, spec, image_dir, keep_running=False, criu=criu)
     assert not rep.keep_running and not is_running(sb)
@@ -136,7 +139,7 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
         )
         made.append(back)
         assert back.netns != sb.netns and back.container == replica
-        assert await _call(back, "GET", "/count") == 4, host
+        assert await _call(back, "GET", "/count") == 5, host
         assert await _call(back, "POST", "/read", {"path": "/data/kept"}) == "ok: from the first replica"
         assert await _call(back, "POST", "/read", {"path": "/scratch/kept"}) == "ok: scratch too"
         await engine.stop(back)
