@@ -209,3 +209,4 @@ class Client:
     def close(self) -> None:
         for endpoint in list(self._idle):
             self.forget(endpoint)
+

@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
 
 
+
 WARN_EVERY_S = 30.0
 
 
