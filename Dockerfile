@@ -11,9 +11,13 @@ ENV DEBIAN_FRONTEND=noninteractive \
 
 # iproute2 (network namespaces), util-linux (nsenter/unshare), procps (pgrep for the
 # healthcheck), and what scripts/setup uses to fetch CRIU's .debs from Debian unstable.
+# The OCI sandbox (docs/sandbox.md): runc runs and checkpoints the workloads' containers, skopeo
+# fetches their images by digest, umoci unpacks them, iptables is CRIU's network lock in runc's
+# checkpoints.
 RUN apt-get update -qq \
     && apt-get install -y -qq --no-install-recommends \
         iproute2 util-linux procps ca-certificates debian-archive-keyring \
+        runc skopeo umoci iptables \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /app

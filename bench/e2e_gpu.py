@@ -349,6 +349,7 @@ def main(args: argparse.Namespace) -> int:
     rc = 1
     t0 = time.monotonic()
     try:
+        os.environ.setdefault("SNAPSCALE_SANDBOX", "host")  # dev mode: host-process sandboxes
         asyncio.run(play(args, work, procs, results))
         rc = 0
     except BenchError as e:

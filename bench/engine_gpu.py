@@ -269,4 +269,5 @@ if __name__ == "__main__":
     out, work, images = "/tmp/bench-out", "/tmp/bench-work", "/dev/shm/snapscale-images"
     p = gpu_parser(__doc__, out=out, work=work, images=images, kv_gib=4, criu=None)
     p.add_argument("--drop-caches", action="store_true")
+    os.environ.setdefault("SNAPSCALE_SANDBOX", "host")  # dev mode: host-process sandboxes
     sys.exit(asyncio.run(main(p.parse_args())))

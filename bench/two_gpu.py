@@ -122,4 +122,5 @@ if __name__ == "__main__":
         kv_gib=2,
         criu=os.environ.get("SNAPSCALE_CRIU"),
     ).parse_args()
+    os.environ.setdefault("SNAPSCALE_SANDBOX", "host")  # dev mode: host-process sandboxes
     sys.exit(asyncio.run(main(args, *prepare(args))))

@@ -281,6 +281,7 @@ def main(args: argparse.Namespace) -> int:
     say(f"{results['preset']}: {params:.2f} B params; CRIU {criu.version}; {results.get('gpu', 'no GPU')}")
     path = out / f"weights_gpu_{args.preset}.json"
     try:
+        os.environ.setdefault("SNAPSCALE_SANDBOX", "host")  # dev mode: host-process sandboxes
         asyncio.run(play(args, weights, criu, gpus, results, path))
     finally:
         path.write_text(json.dumps(results, indent=1, sort_keys=True, default=str))

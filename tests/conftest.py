@@ -28,6 +28,9 @@ from snapscale.shared.engine.criu import CriuBinary, find_criu
 
 VENV_BIN = Path(sys.executable).parent
 REQUIRE_CRIU = os.environ.get("SNAPSCALE_REQUIRE_CRIU") == "1"
+# The tests' sample specs run as host processes: development mode for this process and every
+# service it starts. The OCI sandbox's own tests name an image (tests/test_oci_sandbox.py).
+os.environ.setdefault("SNAPSCALE_SANDBOX", "host")
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -174,6 +174,7 @@ def host_env(settings: Settings, criu: CriuBinary, tmp: Path, host: str, adverti
         SNAPSCALE_HEARTBEAT_S="0.5",
         SNAPSCALE_ADVERTISE_ADDR=advertise,
         SNAPSCALE_FORWARD_PORTS=FORWARD_PORTS,
+        SNAPSCALE_SANDBOX=os.environ.get("SNAPSCALE_SANDBOX", "oci"),  # dev mode: conftest
     )
     return env
 

@@ -179,6 +179,8 @@ def demo_env(base: dict[str, str], work: Path, nats_url: str, host: str) -> dict
         SNAPSCALE_CACHE_DIR=str(work / "cache"),
         SNAPSCALE_HOST_ID=host,
         SNAPSCALE_LOG_LEVEL=base.get("SNAPSCALE_LOG_LEVEL", "INFO"),
+        # The demo's sample specs run as host processes: a development machine (docs/sandbox.md).
+        SNAPSCALE_SANDBOX=base.get("SNAPSCALE_SANDBOX", "host"),
     )
     if not base.get("SNAPSCALE_STORE", "").startswith("s3://"):
         env["SNAPSCALE_STORE"] = f"file://{work / 'store'}"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from snapscale.shared.engine import (
+    container_pids,
     delete_netns,
     existing_netns,
     netns_inode,
@@ -24,6 +25,7 @@ from snapscale.shared.engine import (
     pid_alive,
     pids_holding,
     pids_in_netns,
+    sweep_containers,
 )
 
 log = logging.getLogger(__name__)
@@ -45,8 +47,9 @@ async def _gone(pids: set[int], timeout_s: float) -> None:
 
 
 async def reap(run_dir: Path, *, extra_netns: list[str] | None = None, timeout_s: float = 10.0) -> list[int]:
-    """Kill every process tied to `run_dir` and the snapscale netns they live in; the PIDs killed."""
-    pids = set(await asyncio.to_thread(pids_holding, run_dir))
+    """Kill every process tied to `run_dir` (an OCI sandbox's by its runc state) and the snapscale
+    netns they live in; the PIDs killed."""
+    pids = set(await asyncio.to_thread(pids_holding, run_dir)) | set(container_pids(run_dir))
     inodes = {i for i in (_net_inode(p) for p in pids) if i is not None}
     names = set(extra_netns or [])
     for ns in existing_netns():
@@ -58,6 +61,8 @@ async def reap(run_dir: Path, *, extra_netns: list[str] | None = None, timeout_s
     killed = await _end(pids, sorted(names), timeout_s)
     if killed:
         log.warning("reaped %d leftover processes of %s: %s", len(killed), run_dir, killed)
+    if gone := await sweep_containers(run_dir):  # an OCI sandbox's runc state and overlay
+        log.warning("removed leftover containers and mounts of %s: %s", run_dir, gone)
     return killed
 
 
@@ -95,8 +100,9 @@ async def sweep(dirs: list[Path], netns: list[str], timeout_s: float = 10.0) -> 
     those namespaces, then the dirs; the PIDs killed."""
     pids: set[int] = set()
     for d in dirs:
-        pids |= set(await asyncio.to_thread(pids_holding, d))
+        pids |= set(await asyncio.to_thread(pids_holding, d)) | set(container_pids(d))
     killed = await _end(pids, netns, timeout_s)
     for d in dirs:
+        await sweep_containers(d)  # before the dir goes: never delete through a mounted overlay
         await asyncio.to_thread(shutil.rmtree, d, True)
     return killed

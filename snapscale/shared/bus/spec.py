@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from snapscale.shared.bus.sandbox_spec import SandboxSpec
 from snapscale.shared.bus.subjects import check_token
 from snapscale.shared.core import wire
 from snapscale.shared.core.errors import ConfigError
@@ -157,6 +158,7 @@ class DeploymentSpec:
     gpus: int = 0  # GPUs per replica; 0 = CPU sandbox
     gpu_model: str | None = None  # None: any model
     image: list[str] = field(default_factory=list)  # files/dirs whose digest is the runtime identity
+    sandbox: SandboxSpec = field(default_factory=SandboxSpec)  # the OCI image and its containment
     ready: ReadySpec = field(default_factory=ReadySpec)
     hooks: HooksSpec = field(default_factory=HooksSpec)
     freeze: FreezeSpec = field(default_factory=FreezeSpec)

@@ -58,6 +58,18 @@ ENV: tuple[Env, ...] = (
     Env("SNAPSCALE_CACHE_DIR", "/var/cache/snapscale", "host chunk cache", "host"),
     Env("SNAPSCALE_CACHE_BYTES", "64GiB in bytes", "host cache budget, in bytes", "host"),
     Env("SNAPSCALE_CRIU", ".criu/bin/criu, else criu on PATH", "CRIU binary", "host"),
+    Env(
+        "SNAPSCALE_SANDBOX",
+        "oci",
+        "host: development mode, also runs specs without sandbox.image as host processes",
+        "host",
+    ),
+    Env(
+        "SNAPSCALE_SANDBOX_MOUNTS",
+        "none",
+        "host dirs (colon-separated) whose contents specs' sandbox.mounts may show read-only",
+        "host",
+    ),
     Env("SNAPSCALE_CPU_SLOTS", "4", "replicas of CPU deployments at once", "restorer"),
     Env(
         "SNAPSCALE_SUSPEND_BUDGET_BYTES",

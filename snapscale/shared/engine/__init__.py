@@ -35,7 +35,9 @@ from snapscale.shared.engine.netns import (
 )
 from snapscale.shared.engine.procs import pid_alive, pids_holding
 from snapscale.shared.engine.registry import SandboxRegistry
-from snapscale.shared.engine.sandbox import Sandbox, is_running, launch, stop, tree_pids
+from snapscale.shared.engine.runtime import container_pids, launch, stop
+from snapscale.shared.engine.runtime import sweep as sweep_containers
+from snapscale.shared.engine.sandbox import Sandbox, is_running, tree_pids
 from snapscale.workload import ChunkDir
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "RestoreReport",
     "Sandbox",
     "SandboxRegistry",
+    "container_pids",
     "cuda_driver_version",
     "delete_netns",
     "existing_netns",
@@ -76,6 +79,7 @@ __all__ = [
     "resume",
     "stop",
     "suspend",
+    "sweep_containers",
     "tree_pids",
     "wait_ready",
 ]

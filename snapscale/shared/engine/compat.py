@@ -1,7 +1,8 @@
 """The compatibility key: where a checkpoint may be restored. Canonical JSON, a hash, a field diff.
 
 GPU model/count and driver from NVML (no NVML -> "cpu"), the CUDA driver API version, CRIU version,
-kernel release, the sandbox's runtime fingerprint, the spec hash and the format version.
+kernel release, the sandbox's runtime fingerprint (an OCI sandbox's image digest), the spec hash
+and the format version.
 Reading the host is at the edge (`host_key`); the key itself and `diff` are pure.
 """
 
@@ -121,7 +122,10 @@ def file_digest(path: Path) -> str:
 
 
 def runtime_fingerprint(spec: DeploymentSpec) -> str:
-    """The interpreter (command[0], resolved, and its bytes) and every file the spec names as image."""
+    """An OCI sandbox's image digest (oci_identity); for a host-process sandbox (development mode)
+    the interpreter (command[0], resolved, and its bytes) and every file the spec names as image."""
+    if spec.sandbox.image is not None:
+        return hashlib.sha256(f"oci-image={oci_identity(spec.sandbox.image)}".encode()).hexdigest()
     h = hashlib.sha256()
     cwd = Path(spec.cwd) if spec.cwd else Path.cwd()
     exe = spec.command[0]
@@ -136,6 +140,14 @@ def runtime_fingerprint(spec: DeploymentSpec) -> str:
             h.update(f"\nimage={f}:".encode())
             h.update(file_digest(f).encode() if f.is_file() else b"missing")
     return h.hexdigest()
+
+
+def oci_identity(image: str) -> str:
+    """The digest the image reference names; a docker-archive (named by path) by its file's digest."""
+    if image.startswith("docker-archive:"):
+        path = Path(image.removeprefix("docker-archive:"))
+        return f"archive-sha256:{file_digest(path)}" if path.is_file() else f"missing:{path}"
+    return image.rsplit("@", 1)[1]
 
 
 def _derived(path: Path) -> bool:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,9 +22,8 @@ from opentelemetry import trace
 
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
 from snapscale.shared.core.pause import pause_point
-from snapscale.shared.engine import criu as criu_mod
 from snapscale.shared.engine import cuda as cuda_ckpt
-from snapscale.shared.engine import netns, probe, sandbox, tcpimg
+from snapscale.shared.engine import netns, probe, runtime, sandbox, tcpimg
 from snapscale.shared.engine import pages as criu_pages
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import (
@@ -37,7 +35,8 @@ from snapscale.shared.engine.errors import (
     ReadyTimeout,
     SandboxExited,
 )
-from snapscale.shared.engine.sandbox import Sandbox, launch, stop
+from snapscale.shared.engine.runtime import launch, stop
+from snapscale.shared.engine.sandbox import Sandbox
 from snapscale.workload import FillSource, SourceFiles, WeightsError, WeightsRecord
 from snapscale.workload import hooks as weights_hooks
 from snapscale.workload.record import IMAGE_FILE as WEIGHTS_NAME
@@ -145,15 +144,22 @@ def _tail(sb: Sandbox) -> str:
 async def wait_ready(
     sb: Sandbox, ready: ReadySpec, *, cwd: str | None = None, timeout_s: float | None = None
 ) -> float:
-    """Probe until ready (seconds waited); a dead sandbox fails at once, a late one with `ReadyTimeout`."""
-    return await probe.wait_ready(
-        sb.endpoint,
-        ready,
-        alive=lambda: sandbox.is_running(sb),
-        log_tail=lambda: _tail(sb),
-        base_dir=Path(cwd) if cwd else None,
-        timeout_s=timeout_s,
-    )
+    """Probe until ready (seconds waited); a dead sandbox fails at once (with the reason the system
+    recorded, e.g. its memory limit), a late one with `ReadyTimeout`."""
+    try:
+        return await probe.wait_ready(
+            sb.endpoint,
+            ready,
+            alive=lambda: sandbox.is_running(sb),
+            log_tail=lambda: _tail(sb),
+            base_dir=Path(cwd) if cwd else None,
+            timeout_s=timeout_s,
+        )
+    except SandboxExited as e:
+        why = runtime.exit_reason(sb)
+        if why is None:
+            raise
+        raise SandboxExited(e.step, f"{why} ({e.reason})", e.log_tail) from None
 
 
 async def _hook(step: str, sb: Sandbox, path: str, timeout_s: float, body: bytes = b"") -> bytes:
@@ -236,11 +242,10 @@ async def freeze(
             if weights is not None:
                 _write_file(image_dir, WEIGHTS_NAME, weights.to_json())
             with _step(t, "criu_dump", sb):
-                run = await criu_mod.dump(
-                    criu,
-                    sb.pid,
+                run = await runtime.dump(
+                    sb,
                     image_dir,
-                    netns_inode=netns.netns_inode(sb.netns),
+                    criu=criu,
                     leave_running=keep_running,
                     log_path=Path(sb.run_dir or image_dir.parent)
                     / f"criu-dump-{int(time.time() * 1000)}.log",
@@ -371,22 +376,19 @@ async def restore(
         ns = await netns.create(replica, owner=run_dir)
         log_path = run_dir / sandbox.LOG_NAME
         try:
-            log_fd = sandbox.open_log(log_path)
-            ns_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                with _step(t, "criu_restore"):
-                    await pause_point("criu_restore")
-                    run = await criu_mod.restore(
-                        criu,
-                        image_dir,
-                        inherit={criu_mod.EXTNET_KEY: ns_fd, meta.log_key: log_fd},
-                        log_path=run_dir / f"criu-restore-{int(time.time() * 1000)}.log",
-                        pidfile=run_dir / "criu-restore.pid",
-                        log_level=criu_log_level,
-                    )
-            finally:
-                os.close(log_fd)
-                os.close(ns_fd)
+            with _step(t, "criu_restore"):
+                await pause_point("criu_restore")
+                run = await runtime.restore_tree(
+                    spec,
+                    image_dir,
+                    replica,
+                    log_key=meta.log_key,
+                    gpu_uuids=gpu_uuids,
+                    run_dir=run_dir,
+                    ns=ns,
+                    criu=criu,
+                    log_level=criu_log_level,
+                )
         except BaseException:
             await stop(_placeholder(ns, replica, spec, log_path))
             raise
@@ -401,6 +403,7 @@ async def restore(
             started_at=time.time(),
             checkpoint_id=checkpoint_id,
             run_dir=str(run_dir),
+            container=replica if spec.sandbox.image is not None else "",
         )
         try:
             if drv is not None:

@@ -49,6 +49,7 @@ class Sandbox:
     checkpoint_id: str | None = None  # None: cold-booted
     run_dir: str = ""
     host_port: int | None = None  # the host port forwarded to `endpoint` (forward.py); None: none
+    container: str = ""  # the runc container id of an OCI sandbox (engine/oci/); "": a host-process one
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,6 +69,7 @@ class Sandbox:
                 checkpoint_id=None if d.get("checkpoint_id") is None else str(d["checkpoint_id"]),
                 run_dir=str(d.get("run_dir", "")),
                 host_port=None if d.get("host_port") is None else int(d["host_port"]),
+                container=str(d.get("container", "")),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise EngineError("sandbox", f"malformed sandbox record: {e!r}") from None
@@ -152,7 +154,24 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     except BaseException:
         await netns.delete_netns(ns.name)
         raise
-    sb = Sandbox(
+    sb = booted(spec, replica, pid, ns, gpu_uuids=gpu_uuids, log_path=log_path, run_dir=run_dir)
+    log.info("launched %s (%s) pid %d at %s", replica, spec.name, pid, sb.endpoint)
+    return sb
+
+
+def booted(
+    spec: DeploymentSpec,
+    replica: str,
+    pid: int,
+    ns: netns.NetNs,
+    *,
+    gpu_uuids: list[str],
+    log_path: Path,
+    run_dir: Path,
+    container: str = "",
+) -> Sandbox:
+    """The record of a cold-booted sandbox whose init runs as host `pid` in `ns`."""
+    return Sandbox(
         replica=replica,
         deployment=spec.name,
         pid=pid,
@@ -162,9 +181,8 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
         log_path=str(log_path),
         started_at=time.time(),
         run_dir=str(run_dir),
+        container=container,
     )
-    log.info("launched %s (%s) pid %d at %s", replica, spec.name, pid, sb.endpoint)
-    return sb
 
 
 def open_log(path: Path) -> int:

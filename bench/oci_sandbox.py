@@ -1,0 +1,161 @@
+"""The sample sandbox as an OCI image (runc) beside today's host-process sandbox, in the same run:
+cold boot, freeze, restore (engine.launch / freeze / restore, no services), each kind in turn for
+`--rounds` rounds; every restored replica's first answer must equal its cold boot's byte for byte.
+
+The image is small (bench/oci_image.py: its own /etc, nothing else); the sample's code and the
+host's Python environment come in as declared read-only mounts, with the weights' directory.
+GPU (default): the sample of bench/e2e_gpu.py on one card. `--cpu`: the tiny CPU sample.
+Needs root, CRIU, runc, umoci, skopeo; from the repo root:
+`python3 -m bench.oci_sandbox --out DIR [--cpu] [--rounds 3]`. Writes DIR/oci_sandbox.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.oci_image import build_layout
+from snapscale.shared.bus import spec
+from snapscale.shared.bus.sandbox_spec import Mount, SandboxSpec
+from snapscale.shared.engine import lifecycle as engine
+from snapscale.shared.engine import probe
+from snapscale.shared.engine.criu import CriuBinary, find_criu
+from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, has_cap
+
+ROOT = Path(__file__).resolve().parents[1]
+KINDS = ("host", "oci")
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def host_paths(weights: Path) -> list[str]:
+    """What the sample reads from the host: its code, the venv and its base interpreter, /usr, the
+    directories on sys.path (PYTHONPATH's too), the weights file; each real path once, none inside
+    another."""
+    paths = [str(ROOT), sys.prefix, sys.base_prefix, "/usr", str(weights)]
+    paths += [p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)]
+    want = sorted({str(Path(p).resolve()) for p in paths})
+    out: list[str] = []
+    for p in want:
+        if not any(p == q or p.startswith(q + "/") for q in out):
+            out.append(p)
+    return out
+
+
+def oci_spec(base: spec.DeploymentSpec, image: str, weights: Path, *, gpu: bool) -> spec.DeploymentSpec:
+    """`base` in an OCI sandbox; the default non-root user where this host's CRIU can dump it."""
+    user = "1000:1000" if has_cap(CAP_SYS_RESOURCE, Path("/proc/self/status").read_text()) else "0:0"
+    cpus = float(os.cpu_count() or 1)
+    sb = SandboxSpec(
+        image=image, user=user, memory_mib=(96 if gpu else 8) << 10, cpus=cpus, pids=4096, scratch_mib=0,
+        mounts=[Mount(src=p, dst=p) for p in host_paths(weights)],
+    )  # fmt: skip
+    cmd = [sys.executable if c.endswith("python") else c for c in base.command]
+    env = {**base.env, "HOME": "/tmp"}  # the image's /tmp: caches a non-root user may write
+    return replace(base, name=f"{base.name}-oci", command=cmd, cwd=str(ROOT), env=env, sandbox=sb)
+
+
+def samples(args: argparse.Namespace, work: Path) -> tuple[spec.DeploymentSpec, Path, list[str]]:
+    if args.cpu:
+        base = spec.load_spec(ROOT / "examples" / "sample_cpu_quick.toml")
+        base = replace(base, cwd=str(ROOT), command=[sys.executable, *base.command[1:]])
+        return base, Path(base.command[base.command.index("--weights") + 1]), []
+    from bench.e2e_gpu import gpu_spec, gpu_uuids, write_weights
+
+    gpus = gpu_uuids()[:1]
+    if not gpus:
+        raise SystemExit("no GPU found (NVML); use --cpu on a machine without one")
+    write_weights(work / "model.safetensors")
+    return gpu_spec(work, args.kv_gib), work / "model.safetensors", gpus
+
+
+async def answer(endpoint: str) -> bytes:
+    status, body = await probe.http_request("GET", endpoint, "/generate", timeout_s=120)
+    if status != 200:
+        raise RuntimeError(f"/generate answered {status}: {body[:200]!r}")
+    return body
+
+
+async def one_round(
+    d: spec.DeploymentSpec, kind: str, n: int, work: Path, gpus: list[str], criu: CriuBinary
+) -> dict[str, Any]:
+    base = work / f"{kind}-{n}"
+    shutil.rmtree(base, ignore_errors=True)
+    s = time.monotonic()
+    sb = await engine.launch(d, f"bench-{kind}-{n}a", gpu_uuids=gpus, run_dir=base / "run-a")
+    try:
+        await engine.wait_ready(sb, d.ready, cwd=d.cwd)
+        ref = await answer(sb.endpoint)
+        cold = time.monotonic() - s
+        fr = await engine.freeze(sb, d, base / "image", keep_running=False, criu=criu)
+    finally:
+        await engine.stop(sb)
+    s = time.monotonic()
+    back, rep = await engine.restore(
+        d, base / "image", f"bench-{kind}-{n}b", gpu_uuids=gpus, run_dir=base / "run-b", criu=criu
+    )
+    try:
+        body = await answer(back.endpoint)
+        took = time.monotonic() - s
+    finally:
+        await engine.stop(back)
+    out = {"kind": kind, "round": n, "cold_s": round(cold, 3), "restore_first_answer_s": round(took, 3),
+           "restore": rep.timings_s, "freeze": fr.timings_s, "image_bytes": fr.image_bytes,
+           "answer_identical": body == ref}  # fmt: skip
+    say(f"{kind} #{n}: cold {cold:.2f}s, restore->answer {took:.3f}s {rep.timings_s}, same: {body == ref}")
+    return out
+
+
+async def play(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    base, weights, gpus = samples(args, work)
+    image = build_layout(work / "image-build")
+    kinds = {"host": base, "oci": oci_spec(base, image, weights, gpu=bool(gpus))}
+    os.environ["SNAPSCALE_SANDBOX_MOUNTS"] = ":".join(m.src for m in kinds["oci"].sandbox.mounts)
+    criu = find_criu(os.environ.get("SNAPSCALE_CRIU"))
+    runs: list[dict[str, Any]] = []
+    for n in range(args.rounds):
+        for kind in KINDS:
+            runs.append(await one_round(kinds[kind], kind, n, work, gpus, criu))
+    med = {k: statistics.median(r["restore_first_answer_s"] for r in runs if r["kind"] == k) for k in KINDS}
+    return {"image": image, "gpus": gpus, "cpu": args.cpu, "runs": runs, "median_restore_s": med,
+            "oci_over_host": round(med["oci"] / med["host"], 3),
+            "all_identical": all(r["answer_identical"] for r in runs)}  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="/tmp/oci-sandbox-out")
+    p.add_argument("--work", default="/tmp/oci-sandbox-work", help="images, run dirs, weights")
+    p.add_argument("--cpu", action="store_true", help="the tiny CPU sample, for a machine without GPU")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--kv-gib", type=int, default=4)
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("needs root: runc, CRIU, network namespaces")
+    os.environ["SNAPSCALE_SANDBOX"] = "host"  # the host-process kind runs beside the OCI one
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("SNAPSCALE_STATE_DIR", str(work / "state"))  # the image store
+    shutil.rmtree(work / "image-build", ignore_errors=True)
+    res = asyncio.run(play(args, work))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "oci_sandbox.json").write_text(json.dumps(res, indent=1, sort_keys=True))
+    say(f"median restore -> first answer: host {res['median_restore_s']['host']:.3f}s, "
+        f"oci {res['median_restore_s']['oci']:.3f}s (oci/host {res['oci_over_host']}); "
+        f"answers identical: {res['all_identical']}")  # fmt: skip
+    return 0 if res["all_identical"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

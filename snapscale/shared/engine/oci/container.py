@@ -1,0 +1,329 @@
+"""One OCI replica: launch (`runc run`), checkpoint (`runc checkpoint`), restore (`runc restore`),
+stop (`runc delete`), and why it died.
+
+The bundle lives in the replica's run dir: `bundle/config.json` (config.py) and `bundle/rootfs`, an
+overlay of the image's unpacked rootfs (images.py, shared) under the replica's own `upper/`. The
+container's stdio are pipes, never host files (CRIU could not reopen a host path inside the
+container's mount namespace): stdin a pipe at EOF, stdout and stderr one pipe into a relay (`cat`)
+that appends to the replica's log; runc hands the restored tree its new pipes (descriptors.json).
+The upper layer travels in the checkpoint as `rootfs-upper.tar` in the image dir, so it is chunked
+and deduplicated like memory, and unpacked into a fresh upper at restore, on any host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from snapscale.shared.bus.spec import DeploymentSpec
+from snapscale.shared.core.settings import DEFAULT_STATE_DIR
+from snapscale.shared.engine import netns
+from snapscale.shared.engine.criu import CriuRun, read_stats
+from snapscale.shared.engine.errors import CriuError, EngineError
+from snapscale.shared.engine.oci import runc
+from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, runtime_config
+from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minors
+from snapscale.shared.engine.oci.images import ImageStore
+from snapscale.shared.engine.sandbox import (
+    LOG_NAME,
+    Sandbox,
+    become_subreaper,
+    booted,
+    open_log,
+    workload_env,
+)
+
+log = logging.getLogger(__name__)
+UPPER_TAR = "rootfs-upper.tar"  # the writable layer, in the image dir
+CGROUP_PARENT = "/snapscale"
+_relays: dict[int, asyncio.Future[None]] = {}  # the log relays' waits, kept so they are reaped
+
+
+CAP_SYS_RESOURCE = 24
+
+
+def has_cap(cap: int, status: str) -> bool:
+    """Whether the `CapEff:` line of a /proc/<pid>/status text holds `cap`. Pure."""
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def _check_dumpable(sb: Sandbox) -> None:
+    """CRIU reads every task's rlimits (prlimit): for a task of another uid the kernel asks for
+    CAP_SYS_RESOURCE, which the root of some hosts (containers, this project's dev VMs) lacks."""
+    try:
+        uid = os.stat(f"/proc/{sb.pid}").st_uid
+        mine = Path("/proc/self/status").read_text()
+    except OSError:
+        return  # the dump says what is wrong
+    if uid != os.getuid() and not has_cap(CAP_SYS_RESOURCE, mine):
+        raise CriuError(
+            "criu_dump",
+            f"this host's root lacks CAP_SYS_RESOURCE, so CRIU cannot read the rlimits of the workload's "
+            f"uid {uid}: give the restorer that capability, or run the workload as sandbox.user 0:0 "
+            "(docs/sandbox.md)",
+        )
+
+
+def _mkdirs(*dirs: Path) -> bool:
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    return True
+
+
+def _exists(p: Path) -> bool:
+    return p.exists()
+
+
+def _is_mount(p: Path) -> bool:
+    return os.path.ismount(p)
+
+
+async def _forget_relay(relay: asyncio.subprocess.Process) -> None:
+    await relay.wait()
+    _relays.pop(relay.pid, None)
+
+
+def image_store() -> ImageStore:
+    """The host's image store, beside the sandbox registry in the state dir."""
+    return ImageStore(Path(os.environ.get("SNAPSCALE_STATE_DIR", DEFAULT_STATE_DIR)) / "images")
+
+
+MOUNTS_ENV = "SNAPSCALE_SANDBOX_MOUNTS"
+
+
+def allowed_mount_roots() -> list[str]:
+    """The host directories whose contents specs may mount read-only (`SNAPSCALE_SANDBOX_MOUNTS`,
+    colon-separated; none by default): a spec comes over the bus, the host decides what it shows."""
+    return [p.rstrip("/") or "/" for p in os.environ.get(MOUNTS_ENV, "").split(":") if p]
+
+
+def check_mounts(spec: DeploymentSpec, roots: list[str]) -> None:
+    """Every `sandbox.mounts` source lies under one of `roots`, else the launch is refused. Pure."""
+    for i, m in enumerate(spec.sandbox.mounts):
+        if not any(r == "/" or m.src == r or m.src.startswith(f"{r}/") for r in roots):
+            raise EngineError(
+                "launch",
+                f"sandbox.mounts[{i}].src {m.src} is outside the host paths this host lets workloads "
+                f"read ({MOUNTS_ENV}={':'.join(roots) or '<none>'}); see docs/sandbox.md",
+            )
+
+
+def cgroups_path(replica: str) -> str:
+    return f"{CGROUP_PARENT}/{replica}"
+
+
+async def _layer(upper: Path, tar: Path, *, pack: bool, step: str) -> None:
+    """The writable layer to (`pack`) or from a tar, overlay whiteouts and xattrs included."""
+    mode = ["-cf", str(tar), "."] if pack else ["-xpf", str(tar)]
+    await runc.tool(
+        "tar", "-C", str(upper), "--xattrs", "--xattrs-include=*", "--numeric-owner", *mode, step=step
+    )
+
+
+async def _bundle(
+    spec: DeploymentSpec,
+    replica: str,
+    run_dir: Path,
+    ns_path: Path,
+    gpu_uuids: list[str],
+    upper_tar: Path | None,
+) -> Path:
+    """The replica's bundle: the image (fetched and unpacked once per host), its overlay, config.json."""
+    assert spec.sandbox.image is not None
+    check_mounts(spec, allowed_mount_roots())
+    image = await image_store().ensure(spec.sandbox.image)
+    upper, work, bundle = run_dir / "upper", run_dir / "work", run_dir / "bundle"
+    rootfs = bundle / "rootfs"
+    if _mkdirs(upper, work, rootfs) and upper_tar is not None and _exists(upper_tar):
+        await _layer(upper, upper_tar, pack=False, step="rootfs")
+    opts = f"lowerdir={image.rootfs},upperdir={upper},workdir={work}"
+    await runc.tool("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs), step="rootfs")
+    try:
+        gpu = gpu_access(host_listing(nvml_minors()), gpu_uuids) if gpu_uuids else None
+    except ValueError as e:
+        raise EngineError("launch", f"GPUs for the container: {e}") from None
+    config = runtime_config(
+        spec,
+        rootfs=str(rootfs),
+        netns_path=str(ns_path),
+        env=workload_env(spec, gpu_uuids),
+        cgroups_path=cgroups_path(replica),
+        hostname=replica,
+        gpu=gpu,
+        criu_config=str(bundle / "criu.conf"),
+    )
+    (bundle / "criu.conf").write_text(CRIU_OPTIONS)
+    (bundle / "config.json").write_text(json.dumps(config, indent=1))
+    return bundle
+
+
+@contextlib.asynccontextmanager
+async def _stdio(log_path: Path) -> AsyncIterator[tuple[int, int, int]]:
+    """(stdin, stdout, stderr) for runc run/restore: pipes, the output relayed into the log."""
+    out_r, out_w = os.pipe()
+    in_r, in_w = os.pipe()
+    os.close(in_w)  # the workload reads EOF
+    log_fd = open_log(log_path)
+    try:
+        relay = await asyncio.create_subprocess_exec(
+            "cat", stdin=out_r, stdout=log_fd, stderr=asyncio.subprocess.DEVNULL, start_new_session=True
+        )
+        _relays[relay.pid] = asyncio.ensure_future(_forget_relay(relay))
+        yield in_r, out_w, out_w
+    finally:
+        for fd in (out_r, in_r, out_w, log_fd):
+            os.close(fd)
+
+
+async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], run_dir: Path) -> Sandbox:
+    """Cold boot: netns, bundle, `runc run --detach`; returns once the container's init runs."""
+    log_path = run_dir / LOG_NAME
+    _mkdirs(run_dir)
+    become_subreaper()  # the container's init outlives `runc run`: ours to reap when it dies
+    ns = await netns.create(replica, owner=run_dir)
+    pidfile = run_dir / "container.pid"
+    try:
+        bundle = await _bundle(spec, replica, run_dir, ns.path, gpu_uuids, None)
+        async with _stdio(log_path) as fds:
+            await runc.call(runc.run_argv(runc.runc_path(), replica, bundle, pidfile), "launch", stdio=fds)
+        pid = int(pidfile.read_text())
+    except BaseException:
+        await _teardown(replica, run_dir)
+        await netns.delete_netns(ns.name)
+        raise
+    return booted(
+        spec, replica, pid, ns, gpu_uuids=gpu_uuids, log_path=log_path, run_dir=run_dir, container=replica
+    )
+
+
+async def checkpoint(sb: Sandbox, image_dir: Path, *, leave_running: bool, criu: str) -> CriuRun:
+    """`runc checkpoint` into `image_dir`, then the writable layer beside CRIU's files."""
+    _check_dumpable(sb)
+    work = Path(sb.run_dir) / f"criu-dump-{int(time.time() * 1000)}"
+    _mkdirs(image_dir)
+    argv = runc.checkpoint_argv(
+        runc.runc_path(), criu, sb.container, image_dir, work, leave_running=leave_running
+    )
+    seconds = await runc.call(argv, "criu_dump", log=work / "dump.log")
+    upper = Path(sb.run_dir) / "upper"
+    await _layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
+    return CriuRun(seconds=seconds, stats=read_stats(work, "dump"))
+
+
+async def restore(
+    spec: DeploymentSpec,
+    image_dir: Path,
+    replica: str,
+    *,
+    gpu_uuids: list[str],
+    run_dir: Path,
+    ns: netns.NetNs,
+    criu: str,
+) -> CriuRun:
+    """`runc restore --detach` as `replica` in `ns`, its writable layer from the image."""
+    work = run_dir / f"criu-restore-{int(time.time() * 1000)}"
+    pidfile = run_dir / "container.pid"
+    pidfile.unlink(missing_ok=True)
+    try:
+        start = time.monotonic()
+        bundle = await _bundle(spec, replica, run_dir, ns.path, gpu_uuids, image_dir / UPPER_TAR)
+        prepared = time.monotonic() - start
+        argv = runc.restore_argv(runc.runc_path(), criu, replica, bundle, image_dir, work, pidfile)
+        async with _stdio(run_dir / LOG_NAME) as fds:
+            seconds = await runc.call(argv, "criu_restore", stdio=fds, log=work / "restore.log")
+        pid = int(pidfile.read_text())
+        log.info("restored container %s: bundle %.3fs, runc restore %.3fs", replica, prepared, seconds)
+    except BaseException:
+        await _teardown(replica, run_dir)
+        raise
+    return CriuRun(seconds=seconds, stats=read_stats(work, "restore"), pid=pid)
+
+
+async def _teardown(cid: str, run_dir: Path) -> None:
+    """Forget the container (runc state, cgroups) and unmount its root. Idempotent."""
+    with contextlib.suppress(EngineError):
+        await runc.call(runc.delete_argv(runc.runc_path(), cid), "stop")
+    rootfs = run_dir / "bundle" / "rootfs"
+    if _is_mount(rootfs):
+        with contextlib.suppress(EngineError):
+            await runc.tool("umount", "--lazy", str(rootfs), step="stop")
+
+
+async def stop(sb: Sandbox) -> None:
+    """After the host sandbox's stop (tree killed, netns gone): runc's state, cgroup and the overlay."""
+    await _teardown(sb.container, Path(sb.run_dir))
+
+
+def _under(path: str, root: Path) -> bool:
+    return path == str(root) or path.startswith(f"{root}/")
+
+
+def _containers(root: Path) -> dict[str, int]:
+    """runc containers whose bundle lies under `root`: id -> host PID of their init (0: none)."""
+    out: dict[str, int] = {}
+    for state in Path(runc.STATE_ROOT).glob("*/state.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            d = json.loads(state.read_text())
+            if _under(str(d["config"]["rootfs"]), root):
+                out[state.parent.name] = int(d.get("init_process_pid") or 0)
+    return out
+
+
+def init_pids(root: Path) -> list[int]:
+    """Host PIDs of the inits of containers under `root`: a pivoted root hides them from a search of
+    open files and working dirs (procs.pids_holding); the kernel ends a PID namespace with its init."""
+    return [p for p in _containers(root).values() if p > 0]
+
+
+def _leftovers(root: Path) -> tuple[list[str], list[str]]:
+    """runc containers whose bundle lies under `root`, and the mounts under it (deepest first)."""
+    cids = list(_containers(root))
+    mounts = []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            target = line.split()[1].replace("\\040", " ")
+            if _under(target, root):
+                mounts.append(target)
+    return cids, sorted(mounts, key=len, reverse=True)
+
+
+async def sweep(root: Path) -> list[str]:
+    """What a crash left of containers under `root` (a run dir, or the run root at start): their
+    runc state and cgroups, their overlay mounts. Their processes are the caller's to kill first.
+    The container ids and mount points removed."""
+    cids, mounts = await asyncio.to_thread(_leftovers, root)
+    for cid in cids:
+        with contextlib.suppress(EngineError):
+            await runc.call(runc.delete_argv(runc.runc_path(), cid), "stop")
+    for target in mounts:
+        with contextlib.suppress(EngineError):
+            await runc.tool("umount", "--lazy", target, step="stop")
+    return [*cids, *mounts]
+
+
+def exit_reason(sb: Sandbox) -> str | None:
+    """Why a dead container died, when its cgroup says: the OOM killer (cgroup v1 or v2)."""
+    rel = cgroups_path(sb.container).lstrip("/")
+    limit = None
+    for events, key, lim in (
+        (Path("/sys/fs/cgroup/memory") / rel / "memory.oom_control", "oom_kill", "memory.limit_in_bytes"),
+        (Path("/sys/fs/cgroup") / rel / "memory.events", "oom_kill", "memory.max"),
+    ):
+        try:
+            fields = dict(line.split() for line in events.read_text().splitlines() if len(line.split()) == 2)
+        except OSError:
+            continue
+        if int(fields.get(key, "0")) > 0:
+            with contextlib.suppress(OSError, ValueError):
+                limit = int((events.parent / lim).read_text()) // MIB
+            return f"out of memory: limit {limit} MiB" if limit is not None else "out of memory"
+    return None
