@@ -14,10 +14,10 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from engine_fixtures import made
 from oci_image import DUMP_USER, PROBE, oci_ref, probe_spec
 
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
@@ -27,15 +27,7 @@ from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.lifecycle import Sandbox
 
 pytestmark = [pytest.mark.criu, pytest.mark.skipif(os.geteuid() != 0, reason="CRIU needs root")]
-__all__ = ["oci_ref"]  # fixtures
-
-
-@pytest.fixture
-async def made() -> AsyncIterator[list[Sandbox]]:
-    sbs: list[Sandbox] = []
-    yield sbs
-    for sb in sbs:
-        await engine.stop(sb)
+__all__ = ["made", "oci_ref"]  # fixtures
 
 
 async def _count(sb: Sandbox) -> object:

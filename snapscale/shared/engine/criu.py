@@ -238,28 +238,11 @@ async def _run(argv: list[str], step: str, log_path: Path, pass_fds: tuple[int, 
     return seconds
 
 
-async def dump(
-    b: CriuBinary,
-    pid: int,
-    image_dir: Path,
-    *,
-    netns_inode: int,
-    leave_running: bool,
-    log_path: Path,
-    external_files: Sequence[str] = (),
-) -> CriuRun:
-    """Dump the tree rooted at `pid` into `image_dir`. Without `leave_running` CRIU kills the tree."""
+async def dump(b: CriuBinary, argv: list[str], image_dir: Path, log_path: Path) -> CriuRun:
+    """Run a dump `dump_argv` made into `image_dir` (logging to `log_path`). Without
+    `leave_running` there, CRIU kills the tree."""
     require_version(b)
     _mkdir(image_dir)
-    argv = dump_argv(
-        b,
-        pid,
-        image_dir,
-        netns_inode=netns_inode,
-        leave_running=leave_running,
-        log_path=log_path,
-        external_files=external_files,
-    )
     seconds = await _run(argv, "criu_dump", log_path)
     return CriuRun(seconds=seconds, stats=read_stats(image_dir, "dump"))
 

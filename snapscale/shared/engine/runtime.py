@@ -63,7 +63,7 @@ async def dump(
     if sb.container:
         criu_mod.require_version(criu)
         return await container.checkpoint(sb, image_dir, leave_running=leave_running, criu=criu.path)
-    return await criu_mod.dump(
+    argv = criu_mod.dump_argv(
         criu,
         sb.pid,
         image_dir,
@@ -72,6 +72,7 @@ async def dump(
         log_path=log_path,
         external_files=external_files,
     )
+    return await criu_mod.dump(criu, argv, image_dir, log_path)
 
 
 async def restore_tree(
