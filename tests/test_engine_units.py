@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from snapscale.shared.bus.spec import DeploymentSpec, load_spec
-from snapscale.shared.engine import criu, netns, probe, sandbox
+from snapscale.shared.engine import criu, extfiles, netns, probe, sandbox
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import EngineError
@@ -30,6 +30,22 @@ def test_dump_argv() -> None:
     assert "--leave-running" not in criu.dump_argv(
         B, 77, Path("/img"), netns_inode=1, leave_running=False, log_path=Path("/l")
     )
+
+
+def test_dump_argv_names_files_held_from_outside_by_key() -> None:
+    key = extfiles.file_key(27, 0x1F2A)
+    assert key == "file[1b:1f2a]"  # CRIU's files-reg.c: both hex
+    argv = criu.dump_argv(
+        B, 77, Path("/img"), netns_inode=1, leave_running=False, log_path=Path("/l"), external_files=[key]
+    )
+    assert argv[argv.index(key) - 1] == "--external"
+
+
+def test_mount_ids_and_an_fds_mount() -> None:
+    info = "27 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n603 27 0:5 / /dev rw - devtmpfs udev rw\n"
+    assert extfiles.mount_ids(info) == {27, 603}
+    assert extfiles.fd_mount_id("pos:\t0\nflags:\t02102001\nmnt_id:\t27\nino:\t12\n") == 27
+    assert extfiles.fd_mount_id("pos:\t0\n") is None
 
 
 def test_restore_argv() -> None:

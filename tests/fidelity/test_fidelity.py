@@ -3,9 +3,9 @@ each thing a model server holds, cold-booted, frozen by the freezer service (kee
 auto-freeze does), released, and restored by the restorer service in a fresh netns, once. Each
 test reads one row of its reports before and after. What cannot be frozen is in test_refused.py.
 
-The matrix runs once per sandbox seam in `LAUNCHERS` (the fixture's parameter, in each test's id):
-"host" is engine/sandbox.py's host-process sandbox. Another seam (the OCI sandbox) plugs in by
-adding its launcher there; the rows stay as they are. docs/fidelity.md lists the rows.
+The matrix runs once per sandbox seam (seams.py; the fixture's parameter, in each test's id):
+`host`, the host-process sandbox of development mode, and `oci`, an OCI container run by runc.
+A row that differs between them says how, in its test. docs/fidelity.md lists the rows.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import seams
 from conftest import NatsServer
 from restorer_harness import Harness, follow, running
 from test_freezer_service import (
@@ -41,7 +41,6 @@ from test_freezer_service import (
 
 from snapscale.shared import bus
 from snapscale.shared.bus.messages import ReplicaState
-from snapscale.shared.bus.spec import DeploymentSpec, HooksSpec, ReadySpec
 from snapscale.shared.core.settings import Settings, StoreSettings
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine import probe, sandbox
@@ -49,15 +48,7 @@ from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.registry import SandboxRegistry
 from snapscale.shared.engine.sandbox import Sandbox
 
-WORKLOAD = Path(__file__).with_name("workload.py")
-Launch = Callable[[DeploymentSpec, str, Path], Awaitable[Sandbox]]
-
-
-async def _host_launch(spec: DeploymentSpec, replica: str, run_dir: Path) -> Sandbox:
-    return await engine.launch(spec, replica, gpu_uuids=[], run_dir=run_dir)
-
-
-LAUNCHERS: dict[str, Launch] = {"host": _host_launch}
+WORKLOAD = seams.WORKLOAD
 
 
 class EchoServer:
@@ -85,6 +76,7 @@ class EchoServer:
 
 @dataclass
 class Matrix:
+    seam: str  # seams.NAMES
     before: dict[str, Any]  # the frozen replica's report, just before the freeze
     after: dict[str, Any]  # the restored replica's first report
     later: dict[str, Any]  # its report once its external connection is back
@@ -93,7 +85,8 @@ class Matrix:
     original: Sandbox
     restored: Sandbox
     peers: list[str]  # the external server's peers, in order
-    log: str  # the appended file as it ends
+    original_log: str  # the appended file as the original left it
+    log: str  # the appended file as the restored replica sees it
 
 
 async def report(sb: Sandbox, note: str = "") -> dict[str, Any]:
@@ -119,22 +112,6 @@ async def until(pred: Callable[[], Awaitable[bool]], timeout_s: float, what: str
         await asyncio.sleep(0.05)
 
 
-def fidelity_spec(name: str, files: Path, ext_port: int, shm: Path) -> DeploymentSpec:
-    return DeploymentSpec(
-        name=name,
-        command=[sys.executable, str(WORKLOAD)],
-        cwd=str(files),
-        env={
-            "FIDELITY_DIR": str(files),
-            "FIDELITY_EXT_PORT": str(ext_port),
-            "FIDELITY_MARK": "m-42",
-            "FIDELITY_SHM": str(shm),
-        },
-        hooks=HooksSpec(),
-        ready=ReadySpec(http_path="/healthz", timeout_s=30.0, interval_s=0.05),
-    )
-
-
 def module_settings(nats_url: str, tmp: Path) -> Settings:
     """The `settings` fixture's, for a module-scoped fixture (that one is per test)."""
     return Settings(
@@ -148,7 +125,7 @@ def module_settings(nats_url: str, tmp: Path) -> Settings:
     )
 
 
-@pytest.fixture(scope="module", params=sorted(LAUNCHERS))
+@pytest.fixture(scope="module", params=seams.NAMES)
 async def matrix(
     request: pytest.FixtureRequest,
     nats_server: NatsServer,
@@ -156,53 +133,59 @@ async def matrix(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[Matrix]:
     tmp = tmp_path_factory.mktemp("fidelity")
-    files = tmp / "files"
-    files.mkdir()
     settings = module_settings(nats_server.url, tmp)
     server = EchoServer()
     shm = Path(f"/dev/shm/fidelity-{uuid.uuid4().hex[:12]}")  # the host's /dev/shm: removed below
-    spec = fidelity_spec("fidelity", files, server.port, shm)
+    seam = seams.seam(request.param, tmp, server.port, shm)
+    spec = seam.spec
     b = await bus.open_bus(settings, "fidelity-test")
     h = Harness(settings, b, criu, "fidelity", tmp)
     await put_spec(b, spec)  # before the launch: the freezer finds the spec the sandbox started with
-    sb = await LAUNCHERS[request.param](spec, f"r-{uuid.uuid4().hex[:6]}", settings.state_dir / "run" / "src")
-    try:
-        await engine.wait_ready(sb, spec.ready, cwd=spec.cwd)
-        SandboxRegistry(settings.state_dir).put(sb)
-        await until(partial(_pinged, sb), 10, "the external connection up")
-        before = await report(sb, "before-freeze")
-        frozen_at = time.time()
-        async with running_freezer(settings, criu, FAST), checkpoint_events(b, spec.name) as events:
-            await send(b, settings.host_id, freeze_cmd(spec, sb.replica))
-            ev = await next_event(events)
-        assert ev.ok and not ev.skipped and ev.checkpoint_id, ev.reason
-        await report(sb, "after-freeze")  # the original appends on after the freeze
-        await engine.stop(sb)  # released: scaled to zero
-        async with running(settings, criu) as (svc, _task):
-            async for _ in follow(h):  # subscribed to replica events until the generator ends
-                replica = f"r-{uuid.uuid4().hex[:6]}"
-                await h.restore(spec.name, replica, deadline_s=60)
-                ready = await h.wait(replica, timeout_s=60)
-                assert ready.state is ReplicaState.READY and ready.checkpoint_id == ev.checkpoint_id, (
-                    ready.reason
-                )
-                restored_at = time.time()
-                assert svc.host is not None
-                restored = svc.host.replicas.live[replica].sandbox
-                after = await report(restored, "restored")
-                await until(partial(_reconnected, restored), 10, "the external connection back")
-                await asyncio.sleep(0.2)  # the worker thread ticks every 10 ms, the pinger every 20 ms
-                later = await report(restored)
-                log = (files / "app.log").read_text()
-                yield Matrix(
-                    before, after, later, frozen_at, restored_at, sb, restored, list(server.peers), log
-                )
-    finally:
-        await engine.stop(sb)
-        server.sock.close()
-        await b.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(shm)
+    with seams.environment(seam):
+        sb = await engine.launch(
+            spec, f"r-{uuid.uuid4().hex[:6]}", gpu_uuids=[], run_dir=settings.state_dir / "run" / "src"
+        )
+        try:
+            await engine.wait_ready(sb, spec.ready, cwd=spec.cwd)
+            assert bool(sb.container) == (seam.name == "oci"), sb
+            SandboxRegistry(settings.state_dir).put(sb)
+            await until(partial(_pinged, sb), 10, "the external connection up")
+            before = await report(sb, "before-freeze")
+            frozen_at = time.time()
+            async with running_freezer(settings, criu, FAST), checkpoint_events(b, spec.name) as events:
+                await send(b, settings.host_id, freeze_cmd(spec, sb.replica))
+                ev = await next_event(events)
+            assert ev.ok and not ev.skipped and ev.checkpoint_id, ev.reason
+            await report(sb, "after-freeze")  # the original appends on after the freeze
+            original_log = (seam.files_of(sb) / "app.log").read_text()
+            await engine.stop(sb)  # released: scaled to zero
+            async with running(settings, criu) as (svc, _task):
+                async for _ in follow(h):  # subscribed to replica events until the generator ends
+                    replica = f"r-{uuid.uuid4().hex[:6]}"
+                    await h.restore(spec.name, replica, deadline_s=60)
+                    ready = await h.wait(replica, timeout_s=60)
+                    assert ready.state is ReplicaState.READY and ready.checkpoint_id == ev.checkpoint_id, (
+                        ready.reason
+                    )
+                    restored_at = time.time()
+                    assert svc.host is not None
+                    restored = svc.host.replicas.live[replica].sandbox
+                    assert restored.container == (replica if seam.name == "oci" else ""), restored
+                    after = await report(restored, "restored")
+                    await until(partial(_reconnected, restored), 10, "the external connection back")
+                    await asyncio.sleep(0.2)  # the worker thread ticks every 10 ms, the pinger every 20 ms
+                    later = await report(restored)
+                    log = (seam.files_of(restored) / "app.log").read_text()
+                    yield Matrix(
+                        seam.name, before, after, later, frozen_at, restored_at, sb, restored,
+                        list(server.peers), original_log, log,
+                    )  # fmt: skip
+        finally:
+            await engine.stop(sb)
+            server.sock.close()
+            await b.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(shm)
 
 
 async def _pinged(sb: Sandbox) -> bool:
@@ -272,7 +255,11 @@ def test_unlinked_open_file_keeps_its_contents(matrix: Matrix) -> None:
 
 def test_append_only_file_written_after_the_freeze_is_appended_to_at_its_end(matrix: Matrix) -> None:
     lines = matrix.log.splitlines()
-    assert lines[:3] == ["started", "before-freeze", "after-freeze"] and "restored" in lines[3:], lines
+    if matrix.seam == "host":  # one host file, which the original appended to after the freeze
+        assert lines[:3] == ["started", "before-freeze", "after-freeze"] and "restored" in lines[3:], lines
+    else:  # a container's writable layer travels as it was at the freeze: the original's own diverges
+        assert matrix.original_log.splitlines() == ["started", "before-freeze", "after-freeze"]
+        assert lines[:3] == ["started", "before-freeze", "restored"], lines
     assert matrix.after["appended_file"]["offset"] == len(matrix.log.split("restored\n")[0]) + len(
         "restored\n"
     )

@@ -14,7 +14,7 @@ import shutil
 import struct
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,14 +139,22 @@ def error_lines(log_path: Path, limit: int = 8) -> str:
 
 
 def dump_argv(
-    b: CriuBinary, pid: int, image_dir: Path, *, netns_inode: int, leave_running: bool, log_path: Path
+    b: CriuBinary,
+    pid: int,
+    image_dir: Path,
+    *,
+    netns_inode: int,
+    leave_running: bool,
+    log_path: Path,
+    external_files: Sequence[str] = (),
 ) -> list[str]:
     """Pure. The netns stays outside the image (a restore gets a fresh one); `--network-lock skip`:
     no dependency on iptables or nftables rules. Established TCP connections are dumped with their
     repair state (`--tcp-established`; tcpimg.py then closes the ones that leave the sandbox); with
     no lock, a loopback segment in flight at the instant of the dump is the one thing at risk.
     The sandbox's mounts are copies of the host's: `--external mnt[]` records them as external
-    instead of dumping them (tmpfs contents included)."""
+    instead of dumping them (tmpfs contents included). `external_files` are CRIU's keys of files
+    held from outside the sandbox's mount namespace (extfiles.py), dumped by key, not by path."""
     argv = [
         b.path,
         "dump",
@@ -166,6 +174,8 @@ def dump_argv(
         "--external",
         "mnt[]",
     ]
+    for key in external_files:
+        argv += ["--external", key]
     if leave_running:
         argv.append("--leave-running")
     return argv
@@ -228,15 +238,11 @@ async def _run(argv: list[str], step: str, log_path: Path, pass_fds: tuple[int, 
     return seconds
 
 
-async def dump(
-    b: CriuBinary, pid: int, image_dir: Path, *, netns_inode: int, leave_running: bool, log_path: Path
-) -> CriuRun:
-    """Dump the tree rooted at `pid` into `image_dir`. Without `leave_running` CRIU kills the tree."""
+async def dump(b: CriuBinary, argv: list[str], image_dir: Path, log_path: Path) -> CriuRun:
+    """Run a dump `dump_argv` made into `image_dir` (logging to `log_path`). Without
+    `leave_running` there, CRIU kills the tree."""
     require_version(b)
     _mkdir(image_dir)
-    argv = dump_argv(
-        b, pid, image_dir, netns_inode=netns_inode, leave_running=leave_running, log_path=log_path
-    )
     seconds = await _run(argv, "criu_dump", log_path)
     return CriuRun(seconds=seconds, stats=read_stats(image_dir, "dump"))
 

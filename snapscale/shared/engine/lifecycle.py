@@ -93,7 +93,7 @@ class ImageMeta:
     """What a restore needs to know about the frozen sandbox beyond CRIU's own image."""
 
     deployment: str
-    log_key: str  # CRIU's name for the frozen stdio log, replaced by the new replica's log
+    log_key: str  # CRIU's name for the frozen stdio log (path, or external key), replaced by the new log
     cuda: bool
     gpu_uuids: list[str]
     port: int
@@ -229,9 +229,10 @@ async def freeze(
             if drv is not None and cuda_pids:
                 with _step(t, "cuda_checkpoint", sb):
                     await drv.suspend_tree(cuda_pids, lock_timeout_ms)
+            outside = runtime.outside_files(sb)  # a restored replica's log, held from the host
             meta = ImageMeta(
                 deployment=sb.deployment,
-                log_key=log_key(sb.log_path),
+                log_key=outside[0] if outside else log_key(sb.log_path),
                 cuda=bool(cuda_pids),
                 gpu_uuids=list(sb.gpu_uuids),
                 port=spec.port,
@@ -249,6 +250,7 @@ async def freeze(
                     leave_running=keep_running,
                     log_path=Path(sb.run_dir or image_dir.parent)
                     / f"criu-dump-{int(time.time() * 1000)}.log",
+                    external_files=outside,
                 )
         except BaseException:
             # CRIU resumes the tree when a dump fails; give it its GPU back so it keeps serving.

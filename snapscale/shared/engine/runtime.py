@@ -12,7 +12,7 @@ from pathlib import Path
 
 from snapscale.shared.bus.spec import DeploymentSpec
 from snapscale.shared.engine import criu as criu_mod
-from snapscale.shared.engine import netns, sandbox
+from snapscale.shared.engine import extfiles, netns, sandbox
 from snapscale.shared.engine.criu import CriuBinary, CriuRun
 from snapscale.shared.engine.errors import EngineError
 from snapscale.shared.engine.oci import container
@@ -44,20 +44,35 @@ async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], ru
     return await sandbox.launch(spec, replica, gpu_uuids=gpu_uuids, run_dir=run_dir)
 
 
+def outside_files(sb: Sandbox) -> list[str]:
+    """CRIU's keys of the files the sandbox holds from outside its mount namespace: a restored
+    host-process sandbox's stdio log (extfiles.py); none for a container, whose stdio are pipes."""
+    return [] if sb.container else extfiles.outside_keys(sandbox.tree_pids(sb), sb.log_path)
+
+
 async def dump(
-    sb: Sandbox, image_dir: Path, *, criu: CriuBinary, leave_running: bool, log_path: Path
+    sb: Sandbox,
+    image_dir: Path,
+    *,
+    criu: CriuBinary,
+    leave_running: bool,
+    log_path: Path,
+    external_files: list[str],
 ) -> CriuRun:
+    """`external_files`: `outside_files(sb)`, as the caller recorded it in the image's meta."""
     if sb.container:
         criu_mod.require_version(criu)
         return await container.checkpoint(sb, image_dir, leave_running=leave_running, criu=criu.path)
-    return await criu_mod.dump(
+    argv = criu_mod.dump_argv(
         criu,
         sb.pid,
         image_dir,
         netns_inode=netns.netns_inode(sb.netns),
         leave_running=leave_running,
         log_path=log_path,
+        external_files=external_files,
     )
+    return await criu_mod.dump(criu, argv, image_dir, log_path)
 
 
 async def restore_tree(
@@ -73,7 +88,7 @@ async def restore_tree(
     log_level: int,
 ) -> CriuRun:
     """Restore the frozen tree into `ns` (made by the caller); `log_key` is CRIU's name for the
-    host sandbox's frozen log file, replaced by the new replica's log."""
+    host sandbox's frozen log file (its path, or its external key), replaced by the new replica's log."""
     check_runnable(spec, "restore")
     if spec.sandbox.image is not None:
         criu_mod.require_version(criu)

@@ -31,9 +31,14 @@ def run_argv(runc: str, cid: str, bundle: Path, pidfile: Path) -> list[str]:
 def checkpoint_argv(
     runc: str, criu: str, cid: str, image_dir: Path, work_dir: Path, *, leave_running: bool
 ) -> list[str]:
-    """Established TCP connections are refused by CRIU as with the host sandbox (no
-    --tcp-established); the network lock is CRIU's iptables one, inside the replica's netns."""
-    argv = [*_base(runc, criu), "checkpoint", "--image-path", str(image_dir), "--work-path", str(work_dir)]
+    """Established TCP connections are dumped with their repair state (`--tcp-established`), as
+    the host sandbox's are (engine/criu.py): the engine then closes, in the image, those that
+    leave the sandbox (tcpimg.py). No network lock: the bundle's CRIU config says `network-lock
+    skip` (oci/config.py CRIU_OPTIONS)."""
+    argv = [
+        *_base(runc, criu), "checkpoint", "--tcp-established",
+        "--image-path", str(image_dir), "--work-path", str(work_dir),
+    ]  # fmt: skip
     if leave_running:
         argv.append("--leave-running")
     return [*argv, cid]
@@ -42,8 +47,10 @@ def checkpoint_argv(
 def restore_argv(
     runc: str, criu: str, cid: str, bundle: Path, image_dir: Path, work_dir: Path, pidfile: Path
 ) -> list[str]:
+    """The image's connections left after the dump's rewrite are loopback ones: restored
+    established (`--tcp-established`), into the fresh netns runc joins by the bundle's path."""
     return [
-        *_base(runc, criu), "restore", "--detach", "--image-path", str(image_dir),
+        *_base(runc, criu), "restore", "--detach", "--tcp-established", "--image-path", str(image_dir),
         "--work-path", str(work_dir), "--bundle", str(bundle), "--pid-file", str(pidfile), cid,
     ]  # fmt: skip
 
