@@ -7,8 +7,8 @@ the CUDA checkpoint, mapped back at the same addresses and filled after the rest
 named by digest, as a restorer's host cache holds them). Each mode, on one card:
 
 1. cold boot -> first answer (the mode's reference: torch.compile, a CUDA graph, a KV cache);
-2. resume: the hooks around `engine.suspend` / `engine.resume` by hand (before_freeze with the offer
-   to carry weights, after_restore with the chunk dir; the engine's own suspend calls no hooks yet);
+2. resume: `engine.before_suspend`, `engine.suspend`, `engine.resume`, `engine.after_resume` (the
+   hooks around suspend/resume as the restorer runs them; after_restore with the chunk dir);
 3. freeze through the engine, sandbox stopped: hooks, CUDA checkpoint, CRIU dump, zero pages;
 4. restore: CRIU, CUDA restore, after_restore (the weights mapped and filled), ready, first answer;
 5. the same restore with CRIU at -v4, profiled from its log (engine/criu_profile.py).
@@ -54,7 +54,7 @@ from snapscale.shared.engine import probe
 from snapscale.shared.engine.criu import CriuBinary, find_criu
 from snapscale.shared.engine.criu_profile import profile_file
 from snapscale.shared.engine.lifecycle import Sandbox
-from snapscale.workload import ChunkDir, WeightsRecord, hooks
+from snapscale.workload import ChunkDir, WeightsRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"0.8b": "llama-0.8b", "3b": "llama-3b", "8b": "llama-8b", "tiny": "tiny"}
@@ -127,10 +127,6 @@ async def workload_timings(sb: Sandbox) -> dict[str, Any]:
     return out
 
 
-async def hook(sb: Sandbox, path: str, body: bytes) -> bytes:
-    return await probe.run_hook(path, sb.endpoint, path, timeout_s=300, log_tail=lambda: "", body=body)
-
-
 def chunk_dir(record: WeightsRecord, dest: Path) -> float:
     """The host cache's share of `record`: one file per chunk, named by digest (kept across modes
     and runs: a chunk already there is not written again). Seconds taken."""
@@ -190,9 +186,8 @@ async def run_mode(
         checks = {"cold": True}
 
         if "resume" not in args.skip and not args.cpu:
-            # What the release path could do: the hooks around suspend/resume.
-            rec = hooks.read_freeze_answer(await hook(sb, "/hooks/before_freeze",
-                                                      hooks.freeze_request(release=True)))  # fmt: skip
+            # What the restorer's suspend and resume do: the hooks around suspend/resume.
+            rec = await engine.before_suspend(sb, spec)
             if rec is not None:
                 res["chunks_written_s"] = round(chunk_dir(rec, cache), 3)
             susp = await engine.suspend(sb)
@@ -202,7 +197,7 @@ async def run_mode(
             sb = await engine.resume(sb, gpus)
             live.append(sb)
             t_cuda = time.monotonic() - s
-            await hook(sb, "/hooks/after_restore", hooks.restore_request(ChunkDir(str(cache))))
+            await engine.after_resume(sb, spec, ChunkDir(str(cache)))
             t_after = time.monotonic() - s - t_cuda
             got = await answer(sb)
             took = time.monotonic() - s

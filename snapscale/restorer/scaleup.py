@@ -1,8 +1,8 @@
 """One scale-up: bring a replica up by the fastest tier that works, falling back to a cold boot.
 
-resume -> lookup -> prefetch -> materialize -> engine restore -> ready, or launch -> ready; every
-phase a span and a timing, every fallback a reason. Whatever half-started is stopped before the
-next tier; the caller records the outcome and acks.
+resume (+ after_restore) -> lookup -> prefetch -> materialize -> engine restore -> ready, or
+launch -> ready; every phase a span and a timing, every fallback a reason. Whatever half-started
+is stopped before the next tier; the caller records the outcome and acks.
 """
 
 from __future__ import annotations
@@ -192,6 +192,9 @@ async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
             else:
                 wake(lv)
                 sb = lv.sandbox
+        if a.spec.hooks.before_freeze and a.spec.hooks.after_restore:
+            with phase(a, "after_restore"):
+                await _refill(t, a.spec, sb)
         with phase(a, "ready_probe"):
             await engine.wait_ready(sb, a.spec.ready, cwd=a.spec.cwd)
     except BaseException:
@@ -208,6 +211,18 @@ async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
         await _record_gone(t, lv, f"resumed as replica {a.cmd.replica}")
     t.registry.put(sb)
     return Live(a.spec, sb, ReplicaState.READY, Tier.RESUME, t.now(), lv.checkpoint_id)
+
+
+async def _refill(t: HostTools, spec: DeploymentSpec, sb: Sandbox) -> None:
+    """after_restore for a resumed sandbox: weights it released at the suspend are filled from the
+    host cache's chunk files when this process has every one of them hashed (a replica restored
+    from a checkpoint with weights), else from the workload's own files, verified."""
+    record = engine.suspended_weights(sb)
+    cache = t.checkpoints.cache
+    need = set(record.chunk_sizes()) if record is not None else set()
+    with cache.pinned(need):  # nothing evicts them while the workload reads them
+        cached = bool(need) and all(cache.verified(d) for d in need)
+        await engine.after_resume(sb, spec, ChunkDir(str(cache.chunks_dir)) if cached else None)
 
 
 async def _record_gone(t: HostTools, lv: Live, reason: str) -> None:

@@ -17,6 +17,8 @@ from snapscale.shared.engine.lifecycle import (
     FreezeReport,
     ImageMeta,
     RestoreReport,
+    after_resume,
+    before_suspend,
     freeze,
     log_key,
     read_meta,
@@ -24,6 +26,7 @@ from snapscale.shared.engine.lifecycle import (
     restore,
     resume,
     suspend,
+    suspended_weights,
     wait_ready,
 )
 from snapscale.shared.engine.netns import (
@@ -51,6 +54,8 @@ __all__ = [
     "RestoreReport",
     "Sandbox",
     "SandboxRegistry",
+    "after_resume",
+    "before_suspend",
     "cuda_driver_version",
     "delete_netns",
     "existing_netns",
@@ -75,6 +80,7 @@ __all__ = [
     "resume",
     "stop",
     "suspend",
+    "suspended_weights",
     "tree_pids",
     "wait_ready",
 ]

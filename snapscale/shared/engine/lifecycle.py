@@ -2,6 +2,7 @@
 
 freeze = before_freeze hook -> CUDA lock+checkpoint -> criu dump -> (CUDA restore+unlock, after_restore
 hook when it keeps serving). restore = criu restore -> CUDA restore+unlock -> after_restore -> ready.
+suspend/resume keep the processes in RAM; before_suspend/after_resume run the same hooks around them.
 A workload that keeps its weights outside the image (`snapscale.workload`) is offered to release
 them in before_freeze; its record goes into the image dir, and after_restore is told where to fill
 them from (docs/weights.md). Every step is timed and traced. No chunking, S3 or NATS here.
@@ -53,6 +54,8 @@ __all__ = [
     "RestoreReport",
     "Sandbox",
     "SandboxExited",
+    "after_resume",
+    "before_suspend",
     "freeze",
     "launch",
     "read_weights",
@@ -60,6 +63,7 @@ __all__ = [
     "resume",
     "stop",
     "suspend",
+    "suspended_weights",
     "wait_ready",
 ]
 
@@ -447,3 +451,42 @@ async def resume(sb: Sandbox, gpu_uuids: list[str]) -> Sandbox:
         await drv.resume_tree(sandbox.tree_pids(sb), pairs)
     log.info("resumed %s on %s in %.2fs", sb.replica, gpu_uuids, t["resume"])
     return sb.with_gpus(gpu_uuids)
+
+
+async def before_suspend(sb: Sandbox, spec: DeploymentSpec) -> WeightsRecord | None:
+    """The workload's half of a suspend, before the CUDA suspend (or a CPU sandbox's SIGSTOP):
+    before_freeze, offered to release its weights, whose record is kept in the run dir until
+    `after_resume` fills them back. Only for a spec with both hooks: what before_freeze drops,
+    after_restore must bring back. The record of a weights-releasing workload, or None.
+    """
+    hooks = spec.hooks
+    if not (hooks.before_freeze and hooks.after_restore):
+        return None
+    if not sb.run_dir:  # nowhere to keep a record: run the hook without the offer
+        await _hook("before_freeze", sb, hooks.before_freeze, hooks.timeout_s)
+        return None
+    record = await _before_freeze(sb, spec, keep_running=True)
+    if record is not None:
+        _write_file(Path(sb.run_dir), WEIGHTS_NAME, record.to_json())
+    return record
+
+
+def suspended_weights(sb: Sandbox) -> WeightsRecord | None:
+    """The record of the weights a suspended sandbox released (`before_suspend`), or None."""
+    return read_weights(Path(sb.run_dir)) if sb.run_dir else None
+
+
+async def after_resume(sb: Sandbox, spec: DeploymentSpec, weights: FillSource | None = None) -> float:
+    """The workload's half of a resume, after the CUDA resume (or SIGCONT): after_restore, told to
+    fill released weights from `weights` (default: the workload's own files, verified). Seconds."""
+    hooks = spec.hooks
+    if not (hooks.before_freeze and hooks.after_restore):
+        return 0.0
+    record = suspended_weights(sb)
+    body = b"" if record is None else weights_hooks.restore_request(weights or SourceFiles())
+    t: dict[str, float] = {}
+    with _step(t, "after_restore", sb):
+        await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
+    if record is not None:
+        (Path(sb.run_dir) / WEIGHTS_NAME).unlink(missing_ok=True)
+    return t["after_restore"]
