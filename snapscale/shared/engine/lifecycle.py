@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -202,12 +202,15 @@ async def freeze(
     criu: CriuBinary,
     lock_timeout_ms: int = cuda_ckpt.DEFAULT_LOCK_TIMEOUT_MS,
     drop_zero_pages: bool = True,
+    on_weights: Callable[[WeightsRecord], object] | None = None,
 ) -> FreezeReport:
     """Capture the sandbox into `image_dir`. Without `keep_running` the sandbox is gone afterwards.
 
     A failing step raises; a sandbox that should keep running is brought back to serving first.
     With `drop_zero_pages` the image loses its all-zero anonymous pages after the sandbox is
-    serving again (outside the freeze window), so a restore does not write them.
+    serving again (outside the freeze window), so a restore does not write them. `on_weights`
+    gets the record of released weights as soon as before_freeze returns it (the freezer starts
+    their upload then, beside the CUDA checkpoint and the dump).
     """
     if not sandbox.is_running(sb):
         raise SandboxExited("freeze", f"sandbox {sb.replica} (pid {sb.pid}) is not running", _tail(sb))
@@ -218,6 +221,8 @@ async def freeze(
         if hooks.before_freeze:
             with _step(t, "before_freeze", sb):
                 weights = await _before_freeze(sb, spec, keep_running)
+            if weights is not None and on_weights is not None:
+                on_weights(weights)
         drv: cuda_ckpt.CudaCheckpoint | None = None
         cuda_pids: list[int] = []
         if sb.gpu_uuids:

@@ -16,9 +16,11 @@ from snapscale.shared.store.backend import (
 from snapscale.shared.store.cache import HostCache
 from snapscale.shared.store.checkpoint import (
     DEFAULT_GC_GRACE_S,
+    EarlyUpload,
     collect_garbage,
     fetch_manifest,
     upload_image,
+    upload_weights,
     verify_checkpoint,
 )
 from snapscale.shared.store.manifest import Manifest, ManifestError
@@ -28,6 +30,7 @@ __all__ = [
     "DEFAULT_GC_GRACE_S",
     "MANIFESTS",
     "ChunkStore",
+    "EarlyUpload",
     "HostCache",
     "Manifest",
     "ManifestError",
@@ -41,5 +44,6 @@ __all__ = [
     "materialize",
     "open_store",
     "upload_image",
+    "upload_weights",
     "verify_checkpoint",
 ]
