@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any
+from typing import Any, Self
 
 from snapscale.workload.errors import NoVmmError, WeightsError
 from snapscale.workload.record import round_up
@@ -74,7 +74,7 @@ class Vmm:
         self._check("cuInit", lib.cuInit(0))
 
     @classmethod
-    def load(cls, name: str = LIBCUDA) -> Vmm:
+    def load(cls, name: str = LIBCUDA) -> Self:
         try:
             lib = ctypes.CDLL(name)
         except OSError as e:
@@ -84,7 +84,7 @@ class Vmm:
         return cls.open(lib)
 
     @classmethod
-    def open(cls, lib: Any) -> Vmm:
+    def open(cls, lib: Any) -> Self:
         """A loaded libcuda whose cuInit fails (a driver but no usable GPU) is no CUDA either."""
         try:
             return cls(lib)
