@@ -1,12 +1,16 @@
 """The fd handover without a GPU: a filling process's side (its context on the card named by UUID,
 pinned staging, copies, exportable memory) against a stand-in libcuda whose device memory holds
-bytes, and the workload's side mapping what it was handed at its arena's addresses."""
+bytes, the workload's side mapping what it was handed at its arena's addresses, and the restorer
+starting the filler beside a restore (SNAPSCALE_WEIGHTS_FILL=host)."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
+import logging
 import os
 import socket
+import stat
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -17,7 +21,11 @@ import torch
 from safetensors.torch import save_file
 from workload_helpers import GRAN, FakeVmmLib, chunk_dir
 
-from snapscale.workload import Weights, WeightsError
+from snapscale.restorer import hostfill
+from snapscale.restorer.config import RestorerConfig
+from snapscale.shared.core.errors import ConfigError
+from snapscale.shared.engine import EngineError
+from snapscale.workload import ChunkDir, Weights, WeightsError
 from snapscale.workload import handover as ho
 from snapscale.workload.record import WeightsRecord, round_up
 from snapscale.workload.vmm import CudaArena, Vmm
@@ -189,3 +197,40 @@ def test_a_gpu_is_found_by_its_uuid_or_refused() -> None:
         host.device_of("GPU-" + "0" * 32)
     with pytest.raises(WeightsError, match="is not a GPU UUID"):
         ho.uuid_bytes("GPU-12")
+
+
+async def test_a_host_fill_that_cannot_fill_fails_the_workloads_fill_not_the_restorer(
+    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The restorer's side, where there is no CUDA: the filler process (the real module) starts on
+    the socket the restorer bound, says why it cannot fill, and exits; the workload is refused at
+    once, and nothing is left behind."""
+    (tmp_path / "rec.json").write_bytes(record.to_json())
+    chunks = chunk_dir(record, tmp_path / "cache")
+    arena = CudaArena(Vmm(FakeDeviceLib()), 1, record.arena.size)
+    with caplog.at_level(logging.INFO, logger="snapscale.restorer.hostfill"):
+        async with hostfill.host_fill(record, tmp_path / "rec.json", chunks, U1, tmp_path / "run") as src:
+            assert stat.S_ISSOCK(os.stat(src.socket).st_mode)
+            with pytest.raises(WeightsError, match="fd handover"):
+                await asyncio.to_thread(ho.receive, arena, src.socket)
+    assert not arena.mapped and not (tmp_path / "run" / hostfill.SOCKET_NAME).exists()
+    assert "weights filler exited 1" in caplog.text and "CUDA" in caplog.text
+
+
+def test_the_host_fill_targets_the_card_the_arena_is_on(record: WeightsRecord) -> None:
+    assert hostfill.target_gpu(record, [U0, U1]) == U1  # the record's arena is on cuda:1
+    with pytest.raises(EngineError, match="weights arena on 'cuda:1'; this replica has 1 GPUs"):
+        hostfill.target_gpu(record, [U0])
+    cpu = replace(record, arena=replace(record.arena, device="cpu"))
+    with pytest.raises(EngineError, match="weights arena on 'cpu'"):
+        hostfill.target_gpu(cpu, [U0])
+
+
+async def test_the_host_fill_is_asked_for_and_only_for_gpu_replicas(tmp_path: Path) -> None:
+    assert RestorerConfig.from_env("h", {}).weights_fill == "workload"
+    assert RestorerConfig.from_env("h", {"SNAPSCALE_WEIGHTS_FILL": "host"}).weights_fill == "host"
+    with pytest.raises(ConfigError, match="SNAPSCALE_WEIGHTS_FILL='gpu': want workload or host"):
+        RestorerConfig.from_env("h", {"SNAPSCALE_WEIGHTS_FILL": "gpu"})
+    for fill, gpus in (("workload", [U0]), ("host", [])):  # no filler: the cache's chunk files
+        async with hostfill.weights_source(fill, tmp_path, tmp_path / "c", gpus, tmp_path / "r") as src:
+            assert src == ChunkDir(str(tmp_path / "c"))

@@ -23,6 +23,7 @@ from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
 from snapscale.restorer.errors import ColdBootError, describe
 from snapscale.restorer.host import Host, HostTools
+from snapscale.restorer.hostfill import weights_source
 from snapscale.restorer.lookup import Found, find_checkpoint
 from snapscale.restorer.release import wake
 from snapscale.restorer.replicas import Live
@@ -263,16 +264,18 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
         if m.weights:
             check_weights(hot or image_dir, m)
         with t.hot.reading(m.checkpoint_id) if t.hot is not None else contextlib.nullcontext():
-            sb, report = await engine.restore(
-                a.spec,
-                hot or image_dir,
-                a.cmd.replica,
-                gpu_uuids=a.gpu_uuids,
-                run_dir=run_dir,
-                criu=t.criu,
-                checkpoint_id=m.checkpoint_id,
-                weights=ChunkDir(str(cache.chunks_dir)) if m.weights else None,
-            )
+            fill = t.config.weights_fill if m.weights else "workload"
+            async with weights_source(fill, hot or image_dir, cache.chunks_dir, a.gpu_uuids, run_dir) as src:
+                sb, report = await engine.restore(
+                    a.spec,
+                    hot or image_dir,
+                    a.cmd.replica,
+                    gpu_uuids=a.gpu_uuids,
+                    run_dir=run_dir,
+                    criu=t.criu,
+                    checkpoint_id=m.checkpoint_id,
+                    weights=src if m.weights else None,
+                )
         _spans_from(report.timings_s, a)
         ok = True
     except BaseException as e:

@@ -1,0 +1,121 @@
+"""The host fill of a restore (SNAPSCALE_WEIGHTS_FILL=host): a filling process started beside the
+CRIU restore (`python -m snapscale.workload.handover`) fills new GPU memory with the checkpoint's
+weights from the host cache while CRIU and the CUDA restore run, and hands it to the workload as an
+fd in after_restore, so the fill is off the restore's critical path (docs/weights.md).
+
+The restorer binds the Unix socket in the replica's run dir and passes it to the filler, so the
+workload can connect whenever after_restore runs; the fd goes out once the fill is done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from snapscale.shared.engine import ChunkDir, EngineError, read_weights
+from snapscale.workload import FdHandover, FillSource, WeightsRecord
+from snapscale.workload.record import IMAGE_FILE
+
+log = logging.getLogger(__name__)
+
+SOCKET_NAME = "weights.sock"
+WAIT_S = 10.0  # for the filler to finish once after_restore returned
+
+
+def target_gpu(record: WeightsRecord, gpu_uuids: list[str]) -> str:
+    """The card the workload's arena is on after the restore: its device ordinal (as the workload
+    saw it at boot) indexes the replica's GPUs, remapped by the CUDA restore in that order. Pure."""
+    kind, _, index = record.arena.device.partition(":")
+    if kind != "cuda" or not index.isdigit() or int(index) >= len(gpu_uuids):
+        raise EngineError(
+            "restore", f"weights arena on {record.arena.device!r}; this replica has {len(gpu_uuids)} GPUs"
+        )
+    return gpu_uuids[int(index)]
+
+
+@contextlib.asynccontextmanager
+async def weights_source(
+    fill: str, image_dir: Path, chunks: Path, gpu_uuids: list[str], run_dir: Path
+) -> AsyncIterator[FillSource]:
+    """Where a restore's workload gets its weights, for the restore: the host cache's chunk files
+    (`chunks`), or with `fill` "host" on a GPU replica, memory a filler fills meanwhile."""
+    if fill != "host" or not gpu_uuids:
+        yield ChunkDir(str(chunks))
+        return
+    record = read_weights(image_dir)
+    if record is None:
+        raise EngineError("restore", f"{image_dir} has no weights record to fill from")
+    gpu = target_gpu(record, gpu_uuids)
+    async with host_fill(record, image_dir / IMAGE_FILE, chunks, gpu, run_dir) as source:
+        yield source
+
+
+@contextlib.asynccontextmanager
+async def host_fill(
+    record: WeightsRecord, record_path: Path, chunks: Path, gpu: str, run_dir: Path
+) -> AsyncIterator[FdHandover]:
+    """A filler filling `record`'s weights onto `gpu` from `chunks`, for the block: the source to
+    give the engine's restore. A filler still running after the block is stopped; what it said is
+    logged (its fill time, or why it failed: the workload's after_restore then fails too)."""
+    path = run_dir / SOCKET_NAME
+    listener = _listen(path)
+    try:
+        # The restorer's own environment: every GPU of the host visible, as NVML numbers them.
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "snapscale.workload.handover", "--record", str(record_path),
+            "--chunks", str(chunks), "--gpu", gpu, "--listen-fd", str(listener.fileno()),
+            pass_fds=(listener.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+    finally:
+        listener.close()  # the filler holds its copy
+    ok = False
+    try:
+        yield FdHandover(str(path))
+        ok = True
+    finally:
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), WAIT_S if ok else 0.001)
+            _report(record, out, proc.returncode)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            why = "late" if ok else "the restore failed"
+            log.warning("weights filler for %s stopped (%s)", run_dir.name, why)
+        _unlink(path)
+
+
+def _listen(path: Path) -> socket.socket:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _unlink(path)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        listener.listen(1)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+def _unlink(path: Path) -> None:
+    path.unlink(missing_ok=True)
+
+
+def _report(record: WeightsRecord, out: bytes, rc: int | None) -> None:
+    last = out.decode(errors="replace").strip().splitlines()[-1:] or [""]
+    try:
+        said = json.loads(last[0])
+    except ValueError:
+        said = {"output": out.decode(errors="replace")[-2000:]}
+    if rc == 0:
+        log.info("weights filled by the host: %d bytes, %s", record.nbytes, said)
+    else:
+        log.warning("weights filler exited %s: %s", rc, said)
