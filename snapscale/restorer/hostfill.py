@@ -1,7 +1,8 @@
-"""The host fill of a restore (SNAPSCALE_WEIGHTS_FILL=host): a filling process started beside the
-CRIU restore (`python -m snapscale.workload.handover`) fills new GPU memory with the checkpoint's
-weights from the host cache while CRIU and the CUDA restore run, and hands it to the workload as an
-fd in after_restore, so the fill is off the restore's critical path (docs/weights.md).
+"""Where a restored or resumed workload's weights come from. The host cache's chunk files, or with
+SNAPSCALE_WEIGHTS_FILL=host a filling process started beside the CRIU restore or the CUDA resume
+(`python -m snapscale.workload.handover`) fills new GPU memory with them from the host cache
+meanwhile, and hands it to the workload as an fd in after_restore, so the fill is off the critical
+path (docs/weights.md).
 
 The restorer binds the Unix socket in the replica's run dir and passes it to the filler, so the
 workload can connect whenever after_restore runs; the fd goes out once the fill is done.
@@ -18,7 +19,8 @@ import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from snapscale.shared.engine import ChunkDir, EngineError, read_weights
+from snapscale.shared.engine import ChunkDir, EngineError, Sandbox, read_weights, suspended_weights
+from snapscale.shared.store import HostCache
 from snapscale.workload import FdHandover, FillSource, WeightsRecord
 from snapscale.workload.record import IMAGE_FILE
 
@@ -54,6 +56,27 @@ async def weights_source(
     gpu = target_gpu(record, gpu_uuids)
     async with host_fill(record, image_dir / IMAGE_FILE, chunks, gpu, run_dir) as source:
         yield source
+
+
+@contextlib.asynccontextmanager
+async def resume_source(
+    cache: HostCache, fill: str, sb: Sandbox, gpu_uuids: list[str]
+) -> AsyncIterator[FillSource | None]:
+    """Where a resumed sandbox's released weights come from, for the resume: the host cache's chunk
+    files when this process has hashed every one (a replica restored from a checkpoint with
+    weights), pinned meanwhile; with `fill` "host" on GPUs, memory a filler fills beside the CUDA
+    resume. Else None: the workload's own files, verified."""
+    record = suspended_weights(sb)
+    need = set(record.chunk_sizes()) if record is not None else set()
+    with cache.pinned(need):  # nothing evicts them while they are read
+        if record is None or not need or not all(cache.verified(d) for d in need):
+            yield None
+        elif fill == "host" and gpu_uuids:
+            gpu, run_dir = target_gpu(record, gpu_uuids), Path(sb.run_dir)
+            async with host_fill(record, run_dir / IMAGE_FILE, cache.chunks_dir, gpu, run_dir) as source:
+                yield source
+        else:
+            yield ChunkDir(str(cache.chunks_dir))
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,7 @@ from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
 from snapscale.restorer.errors import ColdBootError, describe
 from snapscale.restorer.host import Host, HostTools
-from snapscale.restorer.hostfill import weights_source
+from snapscale.restorer.hostfill import resume_source, weights_source
 from snapscale.restorer.lookup import Found, find_checkpoint
 from snapscale.restorer.release import wake
 from snapscale.restorer.replicas import Live
@@ -41,7 +41,7 @@ from snapscale.shared.bus import (
 )
 from snapscale.shared.core import telemetry
 from snapscale.shared.core.pause import pause_point
-from snapscale.shared.engine import ChunkDir, EngineError, Sandbox, read_weights
+from snapscale.shared.engine import EngineError, Sandbox, read_weights
 from snapscale.shared.store import Manifest
 
 log = logging.getLogger(__name__)
@@ -187,15 +187,17 @@ async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
     lv.state = ReplicaState.RESUMING
     try:
         await announce(t, a, d, lv.checkpoint_id)
-        with phase(a, "cuda_restore"):
-            if lv.sandbox.gpu_uuids:
-                sb = await engine.resume(lv.sandbox, a.gpu_uuids)
-            else:
-                wake(lv)
-                sb = lv.sandbox
-        if a.spec.hooks.before_freeze and a.spec.hooks.after_restore:
-            with phase(a, "after_restore"):
-                await _refill(t, a.spec, sb)
+        fill = t.config.weights_fill
+        async with resume_source(t.checkpoints.cache, fill, lv.sandbox, a.gpu_uuids) as source:
+            with phase(a, "cuda_restore"):
+                if lv.sandbox.gpu_uuids:
+                    sb = await engine.resume(lv.sandbox, a.gpu_uuids)
+                else:
+                    wake(lv)
+                    sb = lv.sandbox
+            if a.spec.hooks.before_freeze and a.spec.hooks.after_restore:
+                with phase(a, "after_restore"):  # weights released at the suspend come back
+                    await engine.after_resume(sb, a.spec, source)
         with phase(a, "ready_probe"):
             await engine.wait_ready(sb, a.spec.ready, cwd=a.spec.cwd)
     except BaseException:
@@ -212,18 +214,6 @@ async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
         await _record_gone(t, lv, f"resumed as replica {a.cmd.replica}")
     t.registry.put(sb)
     return Live(a.spec, sb, ReplicaState.READY, Tier.RESUME, t.now(), lv.checkpoint_id)
-
-
-async def _refill(t: HostTools, spec: DeploymentSpec, sb: Sandbox) -> None:
-    """after_restore for a resumed sandbox: weights it released at the suspend are filled from the
-    host cache's chunk files when this process has every one of them hashed (a replica restored
-    from a checkpoint with weights), else from the workload's own files, verified."""
-    record = engine.suspended_weights(sb)
-    cache = t.checkpoints.cache
-    need = set(record.chunk_sizes()) if record is not None else set()
-    with cache.pinned(need):  # nothing evicts them while the workload reads them
-        cached = bool(need) and all(cache.verified(d) for d in need)
-        await engine.after_resume(sb, spec, ChunkDir(str(cache.chunks_dir)) if cached else None)
 
 
 async def _record_gone(t: HostTools, lv: Live, reason: str) -> None:
