@@ -29,14 +29,17 @@ carry [".e2e-bundle"]), one preset a call, inside its 10 minutes:
 
 For `8b`, split by mode if one call is not enough: `--skip outside`, then `--skip image` (the weights
 file is written again in each fresh machine: ~1 min for 16 GB). `--skip resume`, `--skip profile`
-drop those steps. `--cpu` runs the flow with the tiny CPU sample (no CUDA steps, no resume) where
-there is no GPU: how this bench was debugged.
+drop those steps. `--fill host` has the weights filled by a host process beside each restore and
+resume and handed over as an fd (restorer/hostfill.py), as SNAPSCALE_WEIGHTS_FILL=host. `--cpu` runs
+the flow with the tiny CPU sample (no CUDA steps, no resume) where there is no GPU: how this bench
+was debugged.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -48,13 +51,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.weights_report import table
+from snapscale.restorer import hostfill
 from snapscale.shared.bus.spec import DeploymentSpec, HooksSpec, ReadySpec
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine import probe
 from snapscale.shared.engine.criu import CriuBinary, find_criu
 from snapscale.shared.engine.criu_profile import profile_file
 from snapscale.shared.engine.lifecycle import Sandbox
-from snapscale.workload import ChunkDir, WeightsRecord
+from snapscale.workload import ChunkDir, FillSource, WeightsRecord
+from snapscale.workload.record import IMAGE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"0.8b": "llama-0.8b", "3b": "llama-3b", "8b": "llama-8b", "tiny": "tiny"}
@@ -148,6 +153,20 @@ def chunk_dir(record: WeightsRecord, dest: Path) -> float:
     return time.monotonic() - s
 
 
+def fill_source(
+    args: argparse.Namespace, record: WeightsRecord | None, record_dir: Path, cache: Path, gpus: list[str],
+    run_dir: Path | None = None,
+) -> contextlib.AbstractAsyncContextManager[FillSource | None]:  # fmt: skip
+    """The chunk dir, or with `--fill host` a filler filling from it beside the restore or resume
+    (what the restorer runs with SNAPSCALE_WEIGHTS_FILL=host)."""
+    if record is None:
+        return contextlib.nullcontext(None)
+    if args.fill != "host" or not gpus:
+        return contextlib.nullcontext(ChunkDir(str(cache)))
+    gpu = hostfill.target_gpu(record, gpus)
+    return hostfill.host_fill(record, record_dir / IMAGE_FILE, cache, gpu, run_dir or record_dir)
+
+
 def drop_caches() -> None:
     subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
 
@@ -194,10 +213,11 @@ async def run_mode(
             res["gpu_mem_suspended"] = gpu_used()
             s = time.monotonic()
             live.remove(sb)
-            sb = await engine.resume(sb, gpus)
-            live.append(sb)
-            t_cuda = time.monotonic() - s
-            await engine.after_resume(sb, spec, ChunkDir(str(cache)))
+            async with fill_source(args, rec, Path(sb.run_dir), cache, gpus) as src:
+                sb = await engine.resume(sb, gpus)
+                live.append(sb)
+                t_cuda = time.monotonic() - s
+                await engine.after_resume(sb, spec, src)
             t_after = time.monotonic() - s - t_cuda
             got = await answer(sb)
             took = time.monotonic() - s
@@ -215,7 +235,6 @@ async def run_mode(
         record = engine.read_weights(images)
         if record is not None:
             res["chunks_written_s"] = round(res.get("chunks_written_s", 0) + chunk_dir(record, cache), 3)
-        source = ChunkDir(str(cache)) if record is not None else None
 
         for step, level in (("restore", 2), ("profiled", 4)):
             if step == "profiled" and "profile" in args.skip:
@@ -224,8 +243,10 @@ async def run_mode(
                 await asyncio.to_thread(drop_caches)
             run_dir = work / step
             s = time.monotonic()
-            rsb, rr = await engine.restore(spec, images, f"{mode}-{step}", gpu_uuids=gpus, run_dir=run_dir,
-                                           criu=criu, weights=source, criu_log_level=level)  # fmt: skip
+            async with fill_source(args, record, images, cache, gpus, run_dir) as source:
+                rsb, rr = await engine.restore(spec, images, f"{mode}-{step}", gpu_uuids=gpus,
+                                               run_dir=run_dir, criu=criu, weights=source,
+                                               criu_log_level=level)  # fmt: skip
             live.append(rsb)
             got = await answer(rsb)
             took = time.monotonic() - s
@@ -315,6 +336,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache before the first restore")
     p.add_argument("--criu", default=os.environ.get("SNAPSCALE_CRIU"), help="CRIU binary (SNAPSCALE_CRIU)")
     p.add_argument("--cpu", action="store_true", help="the tiny CPU sample, no CUDA steps (no GPU here)")
+    p.add_argument("--fill", choices=("workload", "host"), default="workload",
+                   help="who fills the weights after a restore or resume: the workload from the chunk dir, "
+                   "or a host process beside it, handed over as an fd (SNAPSCALE_WEIGHTS_FILL)")  # fmt: skip
     a = p.parse_args(argv)
     if bad := a.skip - set(STEPS):
         p.error(f"--skip: unknown {sorted(bad)} (choose from {','.join(STEPS)})")
