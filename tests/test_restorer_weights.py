@@ -1,6 +1,7 @@
 """A checkpoint whose weights are outside its image, through the restorer service: the CPU sample
 with `--weights-outside` is frozen and uploaded (its weights as chunks beside the image's), then
-restored from moto's S3 and again from the warm host cache, its weights filled from the cache's
+restored from moto's S3 (the restore starting while the weights are fetched) and again from the
+warm host cache, its weights filled from the cache's
 chunk files (its weights file is gone by then), answering what it answered before the freeze; then
 suspended (the weights released, their record kept) and resumed (filled from the cache again)."""
 
@@ -53,6 +54,7 @@ async def test_weights_come_from_the_store_then_the_host_cache(h: Harness, tmp_p
         assert ev.state is ReplicaState.READY, ev.reason
         assert ev.tier is Tier.STORE
         assert ev.bytes["fetched"] >= m.weight_bytes
+        assert "weights_wait" in ev.timings_s  # the restore ran while the weights were fetched
         assert await get(ev.endpoint, "/generate") == frozen.answer
         assert svc.host is not None
         cache = svc.host.tools.checkpoints.cache
@@ -62,7 +64,7 @@ async def test_weights_come_from_the_store_then_the_host_cache(h: Harness, tmp_p
         await h.restore(spec.name, "b")
         ev2 = await h.wait("b")
         assert ev2.state is ReplicaState.READY, ev2.reason
-        assert ev2.tier is Tier.CACHE and ev2.bytes["fetched"] == 0
+        assert ev2.tier is Tier.CACHE and ev2.bytes["fetched"] == 0 and "weights_wait" not in ev2.timings_s
         assert await get(ev2.endpoint, "/generate") == frozen.answer
 
         # Suspended: before_freeze released the weights, the record waits in the run dir; the

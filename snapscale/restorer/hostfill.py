@@ -16,7 +16,7 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
 from snapscale.shared.engine import ChunkDir, EngineError, Sandbox, read_weights, suspended_weights
@@ -43,10 +43,12 @@ def target_gpu(record: WeightsRecord, gpu_uuids: list[str]) -> str:
 
 @contextlib.asynccontextmanager
 async def weights_source(
-    fill: str, image_dir: Path, chunks: Path, gpu_uuids: list[str], run_dir: Path
-) -> AsyncIterator[FillSource]:
+    fill: str, image_dir: Path, chunks: Path, gpu_uuids: list[str], run_dir: Path,
+    ready: Awaitable[object] | None = None,
+) -> AsyncIterator[FillSource]:  # fmt: skip
     """Where a restore's workload gets its weights, for the restore: the host cache's chunk files
-    (`chunks`), or with `fill` "host" on a GPU replica, memory a filler fills meanwhile."""
+    (`chunks`), or with `fill` "host" on a GPU replica, memory a filler fills meanwhile (once
+    `ready`, the weights' prefetch, is done)."""
     if fill != "host" or not gpu_uuids:
         yield ChunkDir(str(chunks))
         return
@@ -54,7 +56,7 @@ async def weights_source(
     if record is None:
         raise EngineError("restore", f"{image_dir} has no weights record to fill from")
     gpu = target_gpu(record, gpu_uuids)
-    async with host_fill(record, image_dir / IMAGE_FILE, chunks, gpu, run_dir) as source:
+    async with host_fill(record, image_dir / IMAGE_FILE, chunks, gpu, run_dir, ready) as source:
         yield source
 
 
@@ -81,38 +83,55 @@ async def resume_source(
 
 @contextlib.asynccontextmanager
 async def host_fill(
-    record: WeightsRecord, record_path: Path, chunks: Path, gpu: str, run_dir: Path
-) -> AsyncIterator[FdHandover]:
-    """A filler filling `record`'s weights onto `gpu` from `chunks`, for the block: the source to
-    give the engine's restore. A filler still running after the block is stopped; what it said is
-    logged (its fill time, or why it failed: the workload's after_restore then fails too)."""
+    record: WeightsRecord, record_path: Path, chunks: Path, gpu: str, run_dir: Path,
+    ready: Awaitable[object] | None = None,
+) -> AsyncIterator[FdHandover]:  # fmt: skip
+    """A filler filling `record`'s weights onto `gpu` from `chunks` (started once `ready` is done),
+    for the block: the source to give the engine. A filler still running after the block is
+    stopped; what it said is logged (its fill time, or why it failed: the workload's after_restore
+    then fails too)."""
     path = run_dir / SOCKET_NAME
     listener = _listen(path)
-    try:
-        # The restorer's own environment: every GPU of the host visible, as NVML numbers them.
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "snapscale.workload.handover", "--record", str(record_path),
-            "--chunks", str(chunks), "--gpu", gpu, "--listen-fd", str(listener.fileno()),
-            pass_fds=(listener.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-    finally:
-        listener.close()  # the filler holds its copy
+
+    async def start() -> asyncio.subprocess.Process:
+        try:
+            if ready is not None:
+                await ready
+            # The restorer's own environment: every GPU of the host visible, as NVML numbers them.
+            return await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "snapscale.workload.handover", "--record", str(record_path),
+                "--chunks", str(chunks), "--gpu", gpu, "--listen-fd", str(listener.fileno()),
+                pass_fds=(listener.fileno(),), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+        finally:
+            listener.close()  # the filler holds its copy; the workload connects to it meanwhile
+
+    starting = asyncio.create_task(start(), name=f"weights filler {run_dir.name}")
     ok = False
     try:
         yield FdHandover(str(path))
         ok = True
     finally:
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), WAIT_S if ok else 0.001)
-            _report(record, out, proc.returncode)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
-            why = "late" if ok else "the restore failed"
-            log.warning("weights filler for %s stopped (%s)", run_dir.name, why)
+        if not ok:
+            starting.cancel()
+        (proc,) = await asyncio.gather(starting, return_exceptions=True)
+        if isinstance(proc, asyncio.subprocess.Process):
+            await _settle(proc, record, run_dir, WAIT_S if ok else 0.001)
         _unlink(path)
+
+
+async def _settle(
+    proc: asyncio.subprocess.Process, record: WeightsRecord, run_dir: Path, wait_s: float
+) -> None:
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), wait_s)
+        _report(record, out, proc.returncode)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await proc.wait()
+        log.warning("weights filler for %s stopped before it was done", run_dir.name)
 
 
 def _listen(path: Path) -> socket.socket:

@@ -43,6 +43,7 @@ from snapscale.shared.core import telemetry
 from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import EngineError, Sandbox, read_weights
 from snapscale.shared.store import Manifest
+from snapscale.shared.store.prefetch import split_weights
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer("snapscale.restorer")
@@ -243,6 +244,7 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
     if hot is not None and not all(cache.verified(w) for w in m.weight_digests()):
         hot = None  # weights outside the image not hashed by this process yet: prefetch them
     ok = False
+    weights: asyncio.Task[None] | None = None  # their prefetch, when it runs beside the restore
     cache.pin(m.weight_digests())  # the workload reads them from the cache in after_restore
     try:
         if hot is not None:
@@ -250,21 +252,23 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                 a.bytes.update({"fetched": 0, "joined": 0, "cached": found.cached_bytes,
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
-            await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
+            weights = await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
         if m.weights:
             check_weights(hot or image_dir, m)
         with t.hot.reading(m.checkpoint_id) if t.hot is not None else contextlib.nullcontext():
             fill = t.config.weights_fill if m.weights else "workload"
-            async with weights_source(fill, hot or image_dir, cache.chunks_dir, a.gpu_uuids, run_dir) as src:
+            src_dir = hot or image_dir
+            async with weights_source(fill, src_dir, cache.chunks_dir, a.gpu_uuids, run_dir, weights) as src:
                 sb, report = await engine.restore(
                     a.spec,
-                    hot or image_dir,
+                    src_dir,
                     a.cmd.replica,
                     gpu_uuids=a.gpu_uuids,
                     run_dir=run_dir,
                     criu=t.criu,
                     checkpoint_id=m.checkpoint_id,
                     weights=src if m.weights else None,
+                    weights_ready=weights,
                 )
         _spans_from(report.timings_s, a)
         ok = True
@@ -274,6 +278,10 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
         await reap(run_dir)
         raise
     finally:
+        if weights is not None and not weights.done():  # the restore failed before it waited
+            weights.cancel()
+        if weights is not None:
+            await asyncio.gather(weights, return_exceptions=True)
         cache.unpin(m.weight_digests())
         kept = ok and hot is None and t.hot is not None and t.hot.adopt(m.checkpoint_id, image_dir)
         if not kept:
@@ -293,16 +301,21 @@ def check_weights(image_dir: Path, m: Manifest) -> None:
         )
 
 
-async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool) -> None:
+async def _assemble(
+    c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool
+) -> asyncio.Task[None] | None:
     """Prefetch `m`'s chunks into the host cache and rebuild its image dir from them.
 
     With `overlap` (none of them cached yet) each chunk is placed as soon as it lands: every one
-    arrives hashed by the cache. With some cached, materialize waits for the whole prefetch, which
-    re-hashes the cached ones before they are trusted.
+    arrives hashed by the cache; weights outside the image are fetched after the image is rebuilt
+    (not beside its copy), and that prefetch is returned running: the restore starts meanwhile and
+    waits for it before after_restore. With some cached, materialize waits for the whole prefetch,
+    which re-hashes the cached ones before they are trusted.
     """
+    image, rest = split_weights(m) if overlap and m.weights else (m, None)
     with c.pinned(m):  # nothing evicts these chunks until the image is rebuilt
         # its own task, so its span is the root's child beside materialize's, not above it
-        fetch = asyncio.create_task(_prefetch(c, a, m), name=f"prefetch {m.checkpoint_id}")
+        fetch = asyncio.create_task(_prefetch(c, a, image), name=f"prefetch {m.checkpoint_id}")
         try:
             if not overlap:
                 await asyncio.shield(fetch)
@@ -314,6 +327,9 @@ async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *,
             fetch.cancel()
             await asyncio.gather(fetch, return_exceptions=True)
             raise
+    if rest is None:
+        return None
+    return asyncio.create_task(_prefetch(c, a, rest), name=f"prefetch weights {m.checkpoint_id}")
 
 
 async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest) -> None:
@@ -331,19 +347,19 @@ async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest) -> None:
                 "prefetch.joined": rep.joined,
             }
         )
-        # a joined prefetch reports the shared download's bytes: count them once, under "joined"
-        a.bytes.update(
-            {
-                "fetched": 0 if rep.joined else rep.bytes_fetched,
-                "joined": rep.bytes_fetched if rep.joined else 0,
-                "cached": rep.cached_bytes,
-                "image": m.total_bytes,
-            }
-        )
+        # a joined prefetch reports the shared download's bytes: count them once, under "joined";
+        # an image's and its weights' prefetches add up
+        for k, n in (
+            ("fetched", 0 if rep.joined else rep.bytes_fetched),
+            ("joined", rep.bytes_fetched if rep.joined else 0),
+            ("cached", rep.cached_bytes),
+        ):
+            a.bytes[k] = a.bytes.get(k, 0) + n
+        a.bytes["image"] = m.total_bytes
 
 
 # the engine's restore steps that are phases of a scale-up, under the engine's own names
-ENGINE_PHASES = ("criu_restore", "cuda_restore", "after_restore", "ready_probe")
+ENGINE_PHASES = ("criu_restore", "cuda_restore", "weights_wait", "after_restore", "ready_probe")
 
 
 def _spans_from(timings_s: dict[str, float], a: Attempt) -> None:

@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -340,12 +340,14 @@ async def restore(
     criu: CriuBinary,
     checkpoint_id: str | None = None,
     weights: FillSource | None = None,
+    weights_ready: Awaitable[object] | None = None,
     criu_log_level: int = 2,
 ) -> tuple[Sandbox, RestoreReport]:
     """Bring a frozen sandbox back as `replica` in a fresh netns, on `gpu_uuids`, and wait until ready.
 
     An image whose weights are outside it has them filled in after_restore from `weights` (the
-    host cache's chunks, for a restorer), by default from the source files its record names.
+    host cache's chunks, for a restorer), by default from the source files its record names;
+    `weights_ready` (the weights' prefetch, still running) is awaited before after_restore.
     `criu_log_level` 4 logs every CRIU step with a timestamp (engine/criu_profile.py reads it).
     On any failure whatever half-started is killed, its netns removed, and a typed error raised.
     """
@@ -404,6 +406,9 @@ async def restore(
                 with _step(t, "cuda_restore", sb):
                     await drv.resume_tree(sandbox.tree_pids(sb), pairs)
             await pause_point("after_restore")
+            if weights_ready is not None:
+                with _step(t, "weights_wait", sb):
+                    await weights_ready
             if spec.hooks.after_restore:
                 with _step(t, "after_restore", sb):
                     hooks = spec.hooks
