@@ -5,6 +5,7 @@ weights from the host cache's chunk files."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from dataclasses import replace
@@ -27,6 +28,7 @@ from snapscale.shared.store.checkpoint import (
     verify_checkpoint,
 )
 from snapscale.shared.store.manifest import Manifest, WeightChunk, load_manifest
+from snapscale.shared.store.prefetch import part_of, split_weights
 from snapscale.workload import ChunkDir, Weights
 from snapscale.workload.record import IMAGE_FILE
 
@@ -177,3 +179,22 @@ def test_weights_in_a_manifest_are_checked(version: int, weights: list[WeightChu
 def test_a_weights_manifest_round_trips() -> None:
     m = plain_manifest([WeightChunk(D, 8)])
     assert load_manifest(mf.encode_manifest(m, KEY), KEY) == m
+
+
+async def test_a_prefetch_of_the_whole_does_not_join_a_part(
+    store: ChunkStore, loaded: Weights, tmp_path: Path
+) -> None:
+    """A restore prefetches a checkpoint's image, then its weights (split_weights); a prefetch of
+    the whole running meanwhile (another restore, a warm-up command) brings all of it."""
+    m, _ = await upload(store, image_with_weights(tmp_path, "a", loaded), "c1")
+    image, rest = split_weights(m)
+    assert image.digests() == m.digests() - m.weight_digests() and rest.digests() == m.weight_digests()
+    assert [part_of(x) for x in (m, image, rest)] == ["", "#image", "#weights"]
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(store, cache)
+    part = asyncio.ensure_future(pf.prefetch(image))
+    await asyncio.sleep(0)  # the part's job is running
+    assert pf.running() == ["demo/c1#image"]
+    whole = await pf.prefetch(m)
+    await part
+    assert not whole.joined and m.digests() <= set(cache.digests())
