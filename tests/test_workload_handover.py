@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import stat
+import tempfile
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -208,12 +209,17 @@ async def test_a_host_fill_that_cannot_fill_fails_the_workloads_fill_not_the_res
     (tmp_path / "rec.json").write_bytes(record.to_json())
     chunks = chunk_dir(record, tmp_path / "cache")
     arena = CudaArena(Vmm(FakeDeviceLib()), 1, record.arena.size)
+    run = tmp_path / ("r" * 100)  # too long a path for a Unix socket: it goes under the temp dir
+    assert hostfill.socket_path(tmp_path) == tmp_path / hostfill.SOCKET_NAME
     with caplog.at_level(logging.INFO, logger="snapscale.restorer.hostfill"):
-        async with hostfill.host_fill(record, tmp_path / "rec.json", chunks, U1, tmp_path / "run") as src:
-            assert stat.S_ISSOCK(os.stat(src.socket).st_mode)
+        async with hostfill.host_fill(record, tmp_path / "rec.json", chunks, U1, run) as src:
+            assert stat.S_ISSOCK(os.stat(src.socket).st_mode) and not src.socket.startswith(str(run))
             with pytest.raises(WeightsError, match="fd handover"):
                 await asyncio.to_thread(ho.receive, arena, src.socket)
-    assert not arena.mapped and not (tmp_path / "run" / hostfill.SOCKET_NAME).exists()
+    assert (
+        not arena.mapped
+        and os.listdir(tempfile.gettempdir()).count(os.path.basename(os.path.dirname(src.socket))) == 0
+    )
     assert "weights filler exited 1" in caplog.text and "CUDA" in caplog.text
 
 

@@ -14,8 +14,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from snapscale.workload.record import IMAGE_FILE
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "weights.sock"
+SUN_PATH_MAX = 108  # sockaddr_un.sun_path, with its terminating NUL
 WAIT_S = 10.0  # for the filler to finish once after_restore returned
 
 
@@ -90,7 +93,7 @@ async def host_fill(
     for the block: the source to give the engine. A filler still running after the block is
     stopped; what it said is logged (its fill time, or why it failed: the workload's after_restore
     then fails too)."""
-    path = run_dir / SOCKET_NAME
+    path = socket_path(run_dir)
     listener = _listen(path)
 
     async def start() -> asyncio.subprocess.Process:
@@ -134,9 +137,18 @@ async def _settle(
         log.warning("weights filler for %s stopped before it was done", run_dir.name)
 
 
+def socket_path(run_dir: Path) -> Path:
+    """The run dir's socket, or where its path is longer than a Unix socket's may be (108 bytes),
+    one in a fresh directory under the temp dir."""
+    path = run_dir / SOCKET_NAME
+    if len(os.fsencode(path)) < SUN_PATH_MAX:
+        return path
+    return Path(tempfile.mkdtemp(prefix="snapscale-fill-")) / SOCKET_NAME
+
+
 def _listen(path: Path) -> socket.socket:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _unlink(path)
+    path.unlink(missing_ok=True)  # a socket an earlier attempt left
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(path))
@@ -149,6 +161,9 @@ def _listen(path: Path) -> socket.socket:
 
 def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
+    if path.parent.name.startswith("snapscale-fill-"):
+        with contextlib.suppress(OSError):
+            path.parent.rmdir()
 
 
 def _report(record: WeightsRecord, out: bytes, rc: int | None) -> None:
