@@ -149,6 +149,20 @@ async def checkpoint_events(b: bus.Bus, deployment: str) -> AsyncIterator[asynci
         await sub.unsubscribe()  # type: ignore[attr-defined]
 
 
+@contextlib.asynccontextmanager
+async def freezing(
+    settings: Settings, b: bus.Bus, criu: CriuBinary, spec: DeploymentSpec
+) -> AsyncIterator[tuple[Sandbox, asyncio.Queue[CheckpointEvent]]]:
+    """`spec` deployed and its sample running, a freezer, and the deployment's checkpoint events."""
+    await put_spec(b, spec)
+    async with (
+        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
+        running_freezer(settings, criu),
+        checkpoint_events(b, spec.name) as events,
+    ):
+        yield sb, events
+
+
 def answer(sb: Sandbox) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://{sb.endpoint}/generate", timeout=10) as r:
         body: dict[str, Any] = json.loads(r.read())
@@ -347,12 +361,7 @@ async def test_failed_freeze_is_reported_with_the_step_and_the_sandbox_keeps_ser
     settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
 ) -> None:
     spec = sample_spec("failing", tmp_path, preset="none", hooks=HooksSpec(before_freeze="/hooks/fail"))
-    await put_spec(the_bus, spec)
-    async with (
-        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-        running_freezer(settings, criu),
-        checkpoint_events(the_bus, spec.name) as events,
-    ):
+    async with freezing(settings, the_bus, criu, spec) as (sb, events):
         before = answer(sb)
         await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
         ev = await next_event(events)
@@ -831,12 +840,7 @@ async def test_released_weights_go_up_while_the_freeze_runs(
     spec = replace(
         base, command=[*base.command[:at], str(weights), *base.command[at + 1 :], "--weights-outside"]
     )
-    await put_spec(the_bus, spec)
-    async with (
-        running_sandbox(settings, spec, f"r-{uuid.uuid4().hex[:6]}") as sb,
-        running_freezer(settings, criu),
-        checkpoint_events(the_bus, spec.name) as events,
-    ):
+    async with freezing(settings, the_bus, criu, spec) as (sb, events):
         before = answer(sb)
         await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
         ev = await next_event(events)

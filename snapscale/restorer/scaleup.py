@@ -42,8 +42,7 @@ from snapscale.shared.bus import (
 from snapscale.shared.core import telemetry
 from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import EngineError, Sandbox, read_weights
-from snapscale.shared.store import Manifest
-from snapscale.shared.store.prefetch import split_weights
+from snapscale.shared.store import Manifest, split_weights
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer("snapscale.restorer")

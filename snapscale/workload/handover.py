@@ -27,7 +27,7 @@ from typing import Any
 from snapscale.workload import fill as filling
 from snapscale.workload import record as rec
 from snapscale.workload.errors import WeightsError
-from snapscale.workload.vmm import CudaArena, Vmm
+from snapscale.workload.vmm import CudaArena, Vmm, uuid_raw
 
 _ptr, _size, _ref = ctypes.c_uint64, ctypes.c_size_t, ctypes.byref
 RECEIVE_TIMEOUT_S = 300.0
@@ -35,12 +35,8 @@ RECEIVE_TIMEOUT_S = 300.0
 
 def uuid_bytes(uuid: str) -> bytes:
     """'GPU-xxxxxxxx-xxxx-...' (as nvidia-smi and NVML write them) as CUDA's 16 bytes. Pure."""
-    hexed = uuid.removeprefix("GPU-").replace("-", "")
-    try:
-        raw = bytes.fromhex(hexed)
-    except ValueError:
-        raw = b""
-    if len(raw) != 16:
+    raw = uuid_raw(uuid)
+    if raw is None:
         raise WeightsError("gpu", f"{uuid!r} is not a GPU UUID")
     return raw
 

@@ -56,6 +56,16 @@ class CUmemAccessDesc(ctypes.Structure):
     _fields_ = [("location", CUmemLocation), ("flags", ctypes.c_int)]
 
 
+def uuid_raw(uuid: str) -> bytes | None:
+    """'GPU-xxxxxxxx-xxxx-...' (NVML, nvidia-smi) as the 16 bytes of a CUuuid; None when it is not
+    one. Pure."""
+    try:
+        raw = bytes.fromhex(uuid.removeprefix("GPU-").replace("-", ""))
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 else None
+
+
 def alloc_prop(device: int, *, exportable: bool) -> CUmemAllocationProp:
     """Pinned device memory on `device`; exportable as a POSIX fd when asked. Pure."""
     handles = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR if exportable else CU_MEM_HANDLE_TYPE_NONE

@@ -24,7 +24,7 @@ from snapscale.shared.store.checkpoint import (
     verify_checkpoint,
 )
 from snapscale.shared.store.manifest import Manifest, ManifestError
-from snapscale.shared.store.prefetch import Prefetcher
+from snapscale.shared.store.prefetch import Prefetcher, split_weights
 
 __all__ = [
     "DEFAULT_GC_GRACE_S",
@@ -43,6 +43,7 @@ __all__ = [
     "manifest_key",
     "materialize",
     "open_store",
+    "split_weights",
     "upload_image",
     "upload_weights",
     "verify_checkpoint",
