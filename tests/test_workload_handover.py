@@ -28,7 +28,7 @@ from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.engine import EngineError
 from snapscale.workload import ChunkDir, Weights, WeightsError
 from snapscale.workload import handover as ho
-from snapscale.workload.record import WeightsRecord, round_up
+from snapscale.workload.record import IMAGE_FILE, WeightsRecord, round_up
 from snapscale.workload.vmm import CudaArena, Vmm
 
 U0 = "GPU-00112233-4455-6677-8899-aabbccddeeff"
@@ -232,11 +232,16 @@ def test_the_host_fill_targets_the_card_the_arena_is_on(record: WeightsRecord) -
         hostfill.target_gpu(cpu, [U0])
 
 
-async def test_the_host_fill_is_asked_for_and_only_for_gpu_replicas(tmp_path: Path) -> None:
+async def test_the_host_fill_is_asked_for_and_only_for_gpu_replicas(
+    record: WeightsRecord, tmp_path: Path
+) -> None:
     assert RestorerConfig.from_env("h", {}).weights_fill == "workload"
     assert RestorerConfig.from_env("h", {"SNAPSCALE_WEIGHTS_FILL": "host"}).weights_fill == "host"
     with pytest.raises(ConfigError, match="SNAPSCALE_WEIGHTS_FILL='gpu': want workload or host"):
         RestorerConfig.from_env("h", {"SNAPSCALE_WEIGHTS_FILL": "gpu"})
-    for fill, gpus in (("workload", [U0]), ("host", [])):  # no filler: the cache's chunk files
+    in_host_memory = replace(record, arena=replace(record.arena, kind="host", device="cpu"))
+    (tmp_path / IMAGE_FILE).write_bytes(in_host_memory.to_json())
+    # No filler: not asked, no GPU, or weights a GPU replica keeps in host memory.
+    for fill, gpus in (("workload", [U0]), ("host", []), ("host", [U0])):
         async with hostfill.weights_source(fill, tmp_path, tmp_path / "c", gpus, tmp_path / "r") as src:
             assert src == ChunkDir(str(tmp_path / "c"))

@@ -25,6 +25,7 @@ from snapscale.shared.engine import ChunkDir, EngineError, Sandbox, read_weights
 from snapscale.shared.store import HostCache
 from snapscale.workload import FdHandover, FillSource, WeightsRecord
 from snapscale.workload.record import IMAGE_FILE
+from snapscale.workload.vmm import CudaArena
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,9 @@ async def weights_source(
     record = read_weights(image_dir)
     if record is None:
         raise EngineError("restore", f"{image_dir} has no weights record to fill from")
+    if record.arena.kind != CudaArena.kind:  # weights in host memory: the workload fills them
+        yield ChunkDir(str(chunks))
+        return
     gpu = target_gpu(record, gpu_uuids)
     async with host_fill(record, image_dir / IMAGE_FILE, chunks, gpu, run_dir, ready) as source:
         yield source
@@ -76,7 +80,7 @@ async def resume_source(
     with cache.pinned(need):  # nothing evicts them while they are read
         if record is None or not need or not all(cache.verified(d) for d in need):
             yield None
-        elif fill == "host" and gpu_uuids:
+        elif fill == "host" and gpu_uuids and record.arena.kind == CudaArena.kind:
             gpu, run_dir = target_gpu(record, gpu_uuids), Path(sb.run_dir)
             async with host_fill(record, run_dir / IMAGE_FILE, cache.chunks_dir, gpu, run_dir) as source:
                 yield source
