@@ -95,8 +95,8 @@ async def host_fill(
 ) -> AsyncIterator[FdHandover]:  # fmt: skip
     """A filler filling `record`'s weights onto `gpu` from `chunks` (started once `ready` is done),
     for the block: the source to give the engine. A filler still running after the block is
-    stopped; what it said is logged (its fill time, or why it failed: the workload's after_restore
-    then fails too)."""
+    stopped; what it said is logged (its fill time, or why it failed: the workload then fills from
+    `chunks` itself)."""
     path = socket_path(run_dir)
     listener = _listen(path)
 
@@ -117,7 +117,7 @@ async def host_fill(
     starting = asyncio.create_task(start(), name=f"weights filler {run_dir.name}")
     ok = False
     try:
-        yield FdHandover(str(path))
+        yield FdHandover(str(path), fallback=str(chunks))  # a filler that fails costs only speed
         ok = True
     finally:
         if not ok:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 import time
 from typing import Any
 
@@ -214,7 +215,16 @@ class Weights:
         t0 = time.monotonic()
         source = SourceFiles() if source is None else source
         if isinstance(source, FdHandover):
-            self._map_handed_over(source.socket)
+            try:
+                self._map_handed_over(source.socket)
+            except WeightsError as e:
+                if source.fallback is None:
+                    raise
+                # the host filler failed: this restore still serves, from the chunk files
+                print(f"snapscale.workload: fd handover failed ({e}); filling from {source.fallback}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                self.timings["handover_failed"] = 1.0
+                return self.restore(ChunkDir(source.fallback))
             rep = filling.FillReport(0, time.monotonic() - t0, [])
         else:
             self.arena.map()
