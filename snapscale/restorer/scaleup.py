@@ -243,7 +243,7 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
     if hot is not None and not all(cache.verified(w) for w in m.weight_digests()):
         hot = None  # weights outside the image not hashed by this process yet: prefetch them
     ok = False
-    weights: asyncio.Task[None] | None = None  # their prefetch, when it runs beside the restore
+    weights_fetch: asyncio.Task[None] | None = None  # when it runs beside the restore
     cache.pin(m.weight_digests())  # the workload reads them from the cache in after_restore
     try:
         if hot is not None:
@@ -251,13 +251,15 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                 a.bytes.update({"fetched": 0, "joined": 0, "cached": found.cached_bytes,
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
-            weights = await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
+            weights_fetch = await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
         if m.weights:
             check_weights(hot or image_dir, m)
         with t.hot.reading(m.checkpoint_id) if t.hot is not None else contextlib.nullcontext():
             fill = t.config.weights_fill if m.weights else "workload"
             src_dir = hot or image_dir
-            async with weights_source(fill, src_dir, cache.chunks_dir, a.gpu_uuids, run_dir, weights) as src:
+            async with weights_source(
+                fill, src_dir, cache.chunks_dir, a.gpu_uuids, run_dir, weights_fetch
+            ) as src:
                 sb, report = await engine.restore(
                     a.spec,
                     src_dir,
@@ -267,7 +269,7 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                     criu=t.criu,
                     checkpoint_id=m.checkpoint_id,
                     weights=src if m.weights else None,
-                    weights_ready=weights,
+                    weights_ready=weights_fetch,
                 )
         _spans_from(report.timings_s, a)
         ok = True
@@ -277,10 +279,10 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
         await reap(run_dir)
         raise
     finally:
-        if weights is not None and not weights.done():  # the restore failed before it waited
-            weights.cancel()
-        if weights is not None:
-            await asyncio.gather(weights, return_exceptions=True)
+        if weights_fetch is not None and not weights_fetch.done():  # failed before it waited
+            weights_fetch.cancel()
+        if weights_fetch is not None:
+            await asyncio.gather(weights_fetch, return_exceptions=True)
         cache.unpin(m.weight_digests())
         kept = ok and hot is None and t.hot is not None and t.hot.adopt(m.checkpoint_id, image_dir)
         if not kept:
