@@ -7,8 +7,8 @@ the CUDA checkpoint, mapped back at the same addresses and filled after the rest
 named by digest, as a restorer's host cache holds them). Each mode, on one card:
 
 1. cold boot -> first answer (the mode's reference: torch.compile, a CUDA graph, a KV cache);
-2. resume: the hooks around `engine.suspend` / `engine.resume` by hand (before_freeze with the offer
-   to carry weights, after_restore with the chunk dir; the engine's own suspend calls no hooks yet);
+2. resume: `engine.before_suspend`, `engine.suspend`, `engine.resume`, `engine.after_resume` (the
+   hooks around suspend/resume as the restorer runs them; after_restore with the chunk dir);
 3. freeze through the engine, sandbox stopped: hooks, CUDA checkpoint, CRIU dump, zero pages;
 4. restore: CRIU, CUDA restore, after_restore (the weights mapped and filled), ready, first answer;
 5. the same restore with CRIU at -v4, profiled from its log (engine/criu_profile.py).
@@ -29,14 +29,17 @@ carry [".e2e-bundle"]), one preset a call, inside its 10 minutes:
 
 For `8b`, split by mode if one call is not enough: `--skip outside`, then `--skip image` (the weights
 file is written again in each fresh machine: ~1 min for 16 GB). `--skip resume`, `--skip profile`
-drop those steps. `--cpu` runs the flow with the tiny CPU sample (no CUDA steps, no resume) where
-there is no GPU: how this bench was debugged.
+drop those steps. `--fill host` has the weights filled by a host process beside each restore and
+resume and handed over as an fd (restorer/hostfill.py), as SNAPSCALE_WEIGHTS_FILL=host. `--cpu` runs
+the flow with the tiny CPU sample (no CUDA steps, no resume) where there is no GPU: how this bench
+was debugged.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -48,13 +51,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.weights_report import table
+from snapscale.restorer import hostfill
 from snapscale.shared.bus.spec import DeploymentSpec, HooksSpec, ReadySpec
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine import probe
 from snapscale.shared.engine.criu import CriuBinary, find_criu
 from snapscale.shared.engine.criu_profile import profile_file
 from snapscale.shared.engine.lifecycle import Sandbox
-from snapscale.workload import ChunkDir, WeightsRecord, hooks
+from snapscale.workload import ChunkDir, FillSource, WeightsRecord
+from snapscale.workload.record import IMAGE_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = {"0.8b": "llama-0.8b", "3b": "llama-3b", "8b": "llama-8b", "tiny": "tiny"}
@@ -127,10 +132,6 @@ async def workload_timings(sb: Sandbox) -> dict[str, Any]:
     return out
 
 
-async def hook(sb: Sandbox, path: str, body: bytes) -> bytes:
-    return await probe.run_hook(path, sb.endpoint, path, timeout_s=300, log_tail=lambda: "", body=body)
-
-
 def chunk_dir(record: WeightsRecord, dest: Path) -> float:
     """The host cache's share of `record`: one file per chunk, named by digest (kept across modes
     and runs: a chunk already there is not written again). Seconds taken."""
@@ -150,6 +151,20 @@ def chunk_dir(record: WeightsRecord, dest: Path) -> float:
         for fd in fds.values():
             os.close(fd)
     return time.monotonic() - s
+
+
+def fill_source(
+    args: argparse.Namespace, record: WeightsRecord | None, record_dir: Path, cache: Path, gpus: list[str],
+    run_dir: Path | None = None,
+) -> contextlib.AbstractAsyncContextManager[FillSource | None]:  # fmt: skip
+    """The chunk dir, or with `--fill host` a filler filling from it beside the restore or resume
+    (what the restorer runs with SNAPSCALE_WEIGHTS_FILL=host)."""
+    if record is None:
+        return contextlib.nullcontext(None)
+    if args.fill != "host" or not gpus:
+        return contextlib.nullcontext(ChunkDir(str(cache)))
+    gpu = hostfill.target_gpu(record, gpus)
+    return hostfill.host_fill(record, record_dir / IMAGE_FILE, cache, gpu, run_dir or record_dir)
 
 
 def drop_caches() -> None:
@@ -190,19 +205,19 @@ async def run_mode(
         checks = {"cold": True}
 
         if "resume" not in args.skip and not args.cpu:
-            # What the release path could do: the hooks around suspend/resume.
-            rec = hooks.read_freeze_answer(await hook(sb, "/hooks/before_freeze",
-                                                      hooks.freeze_request(release=True)))  # fmt: skip
+            # What the restorer's suspend and resume do: the hooks around suspend/resume.
+            rec = await engine.before_suspend(sb, spec)
             if rec is not None:
                 res["chunks_written_s"] = round(chunk_dir(rec, cache), 3)
             susp = await engine.suspend(sb)
             res["gpu_mem_suspended"] = gpu_used()
             s = time.monotonic()
             live.remove(sb)
-            sb = await engine.resume(sb, gpus)
-            live.append(sb)
-            t_cuda = time.monotonic() - s
-            await hook(sb, "/hooks/after_restore", hooks.restore_request(ChunkDir(str(cache))))
+            async with fill_source(args, rec, Path(sb.run_dir), cache, gpus) as src:
+                sb = await engine.resume(sb, gpus)
+                live.append(sb)
+                t_cuda = time.monotonic() - s
+                await engine.after_resume(sb, spec, src)
             t_after = time.monotonic() - s - t_cuda
             got = await answer(sb)
             took = time.monotonic() - s
@@ -220,7 +235,6 @@ async def run_mode(
         record = engine.read_weights(images)
         if record is not None:
             res["chunks_written_s"] = round(res.get("chunks_written_s", 0) + chunk_dir(record, cache), 3)
-        source = ChunkDir(str(cache)) if record is not None else None
 
         for step, level in (("restore", 2), ("profiled", 4)):
             if step == "profiled" and "profile" in args.skip:
@@ -229,8 +243,10 @@ async def run_mode(
                 await asyncio.to_thread(drop_caches)
             run_dir = work / step
             s = time.monotonic()
-            rsb, rr = await engine.restore(spec, images, f"{mode}-{step}", gpu_uuids=gpus, run_dir=run_dir,
-                                           criu=criu, weights=source, criu_log_level=level)  # fmt: skip
+            async with fill_source(args, record, images, cache, gpus, run_dir) as source:
+                rsb, rr = await engine.restore(spec, images, f"{mode}-{step}", gpu_uuids=gpus,
+                                               run_dir=run_dir, criu=criu, weights=source,
+                                               criu_log_level=level)  # fmt: skip
             live.append(rsb)
             got = await answer(rsb)
             took = time.monotonic() - s
@@ -321,6 +337,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--drop-caches", action="store_true", help="drop the page cache before the first restore")
     p.add_argument("--criu", default=os.environ.get("SNAPSCALE_CRIU"), help="CRIU binary (SNAPSCALE_CRIU)")
     p.add_argument("--cpu", action="store_true", help="the tiny CPU sample, no CUDA steps (no GPU here)")
+    p.add_argument("--fill", choices=("workload", "host"), default="workload",
+                   help="who fills the weights after a restore or resume: the workload from the chunk dir, "
+                   "or a host process beside it, handed over as an fd (SNAPSCALE_WEIGHTS_FILL)")  # fmt: skip
     a = p.parse_args(argv)
     if bad := a.skip - set(STEPS):
         p.error(f"--skip: unknown {sorted(bad)} (choose from {','.join(STEPS)})")

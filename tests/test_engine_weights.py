@@ -20,7 +20,7 @@ from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine import probe
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.lifecycle import Sandbox
-from snapscale.workload import ChunkDir
+from snapscale.workload import ChunkDir, WeightsRecord
 from snapscale.workload.record import IMAGE_FILE
 from snapscale.workload.stfile import read_layout
 
@@ -56,17 +56,18 @@ async def test_weights_stay_out_of_the_image_and_come_back(
     # No after_restore hook, no offer: the workload keeps its weights and they go into the image.
     inside = tmp_path / "img-inside"
     no_offer = replace(spec, hooks=HooksSpec(before_freeze="/hooks/before_freeze", timeout_s=10))
-    rep0 = await engine.freeze(sb, no_offer, inside, keep_running=True, criu=criu)
-    assert rep0.weights_bytes == 0 and not (inside / IMAGE_FILE).exists()
+    told: list[WeightsRecord] = []  # on_weights: the freezer starts their upload from it
+    rep0 = await engine.freeze(sb, no_offer, inside, keep_running=True, criu=criu, on_weights=told.append)
+    assert rep0.weights_bytes == 0 and not (inside / IMAGE_FILE).exists() and told == []
     assert pages_hold(inside, needle)
     await probe.run_hook("after_restore", sb.endpoint, "/hooks/after_restore", timeout_s=10, log_tail=str)
     assert await answer(sb) == original
 
     # Offered: released before the dump, their record in the image dir, refilled to keep serving.
     out = tmp_path / "img-outside"
-    rep = await engine.freeze(sb, spec, out, keep_running=True, criu=criu)
+    rep = await engine.freeze(sb, spec, out, keep_running=True, criu=criu, on_weights=told.append)
     record = engine.read_weights(out)
-    assert record is not None and record.arena.kind == "host"
+    assert record is not None and record.arena.kind == "host" and told == [record]
     assert rep.weights_bytes == record.nbytes > 600_000
     assert not pages_hold(out, needle)
     assert await answer(sb) == original  # filled back from its file, verified

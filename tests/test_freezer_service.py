@@ -758,3 +758,37 @@ async def test_freezer_killed_mid_upload_resumes_after_restart_with_no_half_cata
             assert (await verify_checkpoint(store, manifest, deep=True)).ok
         assert not is_dir(attempt.staging_dir)
         assert answer(sb) == before
+
+
+async def test_released_weights_go_up_while_the_freeze_runs(
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path
+) -> None:
+    """A workload that releases its weights: their chunks start up as soon as before_freeze names
+    them (beside the dump), and the checkpoint is whole: manifest, image chunks and weights there."""
+    import torch
+    from safetensors.torch import save_file
+
+    from examples.sample_server.model import PRESETS, random_state_dict
+
+    weights = tmp_path / "tiny.safetensors"
+    save_file(random_state_dict(PRESETS["tiny"], 0, torch.float32), str(weights))
+    base = sample_spec("wfreeze", tmp_path)
+    at = base.command.index("--weights") + 1
+    spec = replace(
+        base, command=[*base.command[:at], str(weights), *base.command[at + 1 :], "--weights-outside"]
+    )
+    async with freezing(settings, the_bus, criu, spec) as (sb, events):
+        before = answer(sb)
+        await send(the_bus, settings.host_id, freeze_cmd(spec, sb.replica))
+        ev = await next_event(events)
+        assert ev.ok and not ev.skipped, ev.reason
+        assert "weights_upload_s" in ev.timings_s, ev.timings_s
+        assert ev.sizes["weights"] > 600_000 and ev.sizes["new"] >= ev.sizes["weights"]
+        found = await catalog.lookup_entry(the_bus.kv[Bucket.CHECKPOINTS], spec.name, ev.compat_hash)
+        assert found is not None
+        async with open_store(settings.store) as store:
+            m = await fetch_manifest(store, found[0].manifest_key, settings.signing_key)
+            assert m.weight_bytes == ev.sizes["weights"]
+            report = await verify_checkpoint(store, m)  # every chunk there (not re-hashed: 0.2 GB)
+            assert report.ok and report.chunks == len(m.digests()), report
+        assert answer(sb) == before  # kept serving, its weights filled back from its file

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from snapscale.freezer import claims
+from snapscale.freezer import claims, job
 from snapscale.freezer.decide import (
     Action,
     Claim,
@@ -27,6 +27,8 @@ from snapscale.shared.bus.catalog import CatalogEntry
 from snapscale.shared.bus.messages import CheckpointEvent, FreezeCommand, ReplicaEvent, ReplicaState
 from snapscale.shared.bus.subjects import Bucket
 from snapscale.shared.core.errors import NotFoundError
+from snapscale.shared.store.backend import StoreError
+from snapscale.shared.store.checkpoint import EarlyUpload
 
 
 def cmd(*, force: bool = False, id: str = "c1") -> FreezeCommand:
@@ -252,3 +254,19 @@ def test_an_attempt_whose_checkpoint_id_would_leave_staging_is_quarantined(tmp_p
     assert len(list((again.inflight_dir / "quarantine").glob("*.json"))) == 1
     with pytest.raises(ValueError, match="checkpoint id"):
         again.staging_dir("../x")
+
+
+async def test_an_early_weights_upload_that_failed_leaves_them_to_the_image_upload(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def failed() -> EarlyUpload:
+        raise StoreError("weights file /m.safetensors: No such file or directory")
+
+    async def done() -> EarlyUpload:
+        return EarlyUpload(frozenset({"d"}), 8, 1, 0.0, 0.1)
+
+    assert await job._early_result(None) is None
+    assert await job._early_result(asyncio.create_task(done())) == await done()
+    with caplog.at_level("WARNING", logger="snapscale.freezer.job"):
+        assert await job._early_result(asyncio.create_task(failed())) is None
+    assert "early upload failed, they go up with the image: weights file /m.safetensors" in caplog.text

@@ -5,6 +5,7 @@ weights from the host cache's chunk files."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from dataclasses import replace
@@ -19,8 +20,15 @@ from storefix import KEY, store
 from snapscale.shared.store import HostCache, Prefetcher
 from snapscale.shared.store import manifest as mf
 from snapscale.shared.store.backend import ChunkStore, StoreError
-from snapscale.shared.store.checkpoint import collect_garbage, upload_image, verify_checkpoint
+from snapscale.shared.store.checkpoint import (
+    EarlyUpload,
+    collect_garbage,
+    upload_image,
+    upload_weights,
+    verify_checkpoint,
+)
 from snapscale.shared.store.manifest import Manifest, WeightChunk, load_manifest
+from snapscale.shared.store.prefetch import part_of, split_weights
 from snapscale.workload import ChunkDir, Weights
 from snapscale.workload.record import IMAGE_FILE
 
@@ -55,10 +63,12 @@ def flip_byte(path: Path, at: int) -> None:
     path.write_bytes(data)
 
 
-async def upload(st: ChunkStore, img: Path, cid: str) -> tuple[Manifest, int]:
+async def upload(
+    st: ChunkStore, img: Path, cid: str, early: EarlyUpload | None = None
+) -> tuple[Manifest, int]:
     m, _key, rep = await upload_image(
         st, img, deployment="demo", checkpoint_id=cid, compat={"criu": "4.2.1"}, compat_hash="h1",
-        signing_key=KEY, chunk_bytes=1 << 16,
+        signing_key=KEY, chunk_bytes=1 << 16, early=early,
     )  # fmt: skip
     assert rep.weight_bytes == m.weight_bytes
     return m, rep.new_bytes
@@ -92,6 +102,27 @@ async def test_weights_travel_with_the_checkpoint(store: ChunkStore, loaded: Wei
     loaded.restore(ChunkDir(str(cache.chunks_dir)))
     for name, t in tensors().items():
         assert torch.equal(loaded.tensors[name], t), name
+
+
+async def test_weights_uploaded_during_the_freeze_are_not_read_again(
+    store: ChunkStore, loaded: Weights, tmp_path: Path
+) -> None:
+    record = loaded.record
+    early = await upload_weights(store, record)
+    assert early.digests == set(record.chunk_sizes()) and early.new_bytes == record.nbytes
+    assert early.new_chunks == len(early.digests)
+    # The file changes after they went up: the image's upload would refuse it if it read them again.
+    flip_byte(Path(record.files[0].path), record.tensors[0].file_offset + 10)
+    img = image_with_weights(tmp_path, "a", loaded)
+    m, new = await upload(store, img, "c1", early)
+    assert {w.digest: w.size for w in m.weights} == record.chunk_sizes()
+    assert new == early.new_bytes + sum(p.stat().st_size for p in img.iterdir())  # each sent once
+    assert (await verify_checkpoint(store, m, deep=True)).ok
+    # A second early upload of the same weights (another checkpoint) finds them all there.
+    again = await upload_weights(
+        store, replace(record, files=(replace(record.files[0], path=str(tmp_path / "x")),))
+    )
+    assert again.new_bytes == 0 and again.digests == early.digests
 
 
 async def test_a_weights_file_changed_since_the_record_is_not_uploaded(
@@ -148,3 +179,22 @@ def test_weights_in_a_manifest_are_checked(version: int, weights: list[WeightChu
 def test_a_weights_manifest_round_trips() -> None:
     m = plain_manifest([WeightChunk(D, 8)])
     assert load_manifest(mf.encode_manifest(m, KEY), KEY) == m
+
+
+async def test_a_prefetch_of_the_whole_does_not_join_a_part(
+    store: ChunkStore, loaded: Weights, tmp_path: Path
+) -> None:
+    """A restore prefetches a checkpoint's image, then its weights (split_weights); a prefetch of
+    the whole running meanwhile (another restore, a warm-up command) brings all of it."""
+    m, _ = await upload(store, image_with_weights(tmp_path, "a", loaded), "c1")
+    image, rest = split_weights(m)
+    assert image.digests() == m.digests() - m.weight_digests() and rest.digests() == m.weight_digests()
+    assert [part_of(x) for x in (m, image, rest)] == ["", "#image", "#weights"]
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(store, cache)
+    part = asyncio.ensure_future(pf.prefetch(image))
+    await asyncio.sleep(0)  # the part's job is running
+    assert pf.running() == ["demo/c1#image"]
+    whole = await pf.prefetch(m)
+    await part
+    assert not whole.joined and m.digests() <= set(cache.digests())

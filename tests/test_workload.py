@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from workload_helpers import chunk_dir
 
-from snapscale.workload import NoVmmError, Weights, WeightsError
+from snapscale.workload import FdHandover, NoVmmError, Weights, WeightsError
 from snapscale.workload import record as rec
 from snapscale.workload.arena import HostArena, HostDest
 from snapscale.workload.fill import fill
@@ -178,6 +178,20 @@ def test_restore_from_chunk_files(loaded: Weights, tmp_path: Path) -> None:
     for name, t in sample_tensors().items():
         assert torch.equal(loaded.tensors[name], t), name
     assert {"load_s", "release_s", "restore_s"} <= loaded.timings.keys()
+
+
+def test_a_failed_handover_falls_back_to_the_chunk_files_when_named(loaded: Weights, tmp_path: Path) -> None:
+    """The host filler failed (here: nothing listens; and a host arena takes no handed-over memory
+    anyway): with a fallback the weights come from the chunk files, without one the fill fails."""
+    chunks = chunk_dir(loaded.record, tmp_path / "cache")
+    loaded.release()
+    with pytest.raises(WeightsError, match="fd handover"):
+        loaded.restore(FdHandover(str(tmp_path / "no.sock")))
+    assert loaded.released
+    loaded.restore(FdHandover(str(tmp_path / "no.sock"), fallback=str(chunks)))
+    for name, t in sample_tensors().items():
+        assert torch.equal(loaded.tensors[name], t), name
+    assert loaded.timings["handover_failed"] == 1.0
 
 
 def test_a_missing_chunk_leaves_the_weights_released(loaded: Weights, tmp_path: Path) -> None:

@@ -24,7 +24,8 @@ from snapscale.workload.record import WeightsRecord
 def test_bodies_round_trip() -> None:
     assert hooks.read_freeze_request(hooks.freeze_request(release=True)) is True
     assert hooks.read_freeze_request(hooks.freeze_request(release=False)) is False
-    for src in (ChunkDir("/var/cache/chunks"), SourceFiles(verify=False), FdHandover("/run/s.sock"), None):
+    fd = (FdHandover("/run/s.sock"), FdHandover("/run/s.sock", fallback="/var/cache/chunks"))
+    for src in (ChunkDir("/var/cache/chunks"), SourceFiles(verify=False), *fd, None):
         assert hooks.read_restore_request(hooks.restore_request(src)) == src
 
 
@@ -59,6 +60,7 @@ def test_bad_freeze_requests_name_the_field(body: bytes, match: str) -> None:
         ({"source": "chunks"}, r"weights\.dir: missing"),
         ({"source": "chunks", "dir": "rel/dir"}, r"weights\.dir: expected an absolute path"),
         ({"source": "fd"}, r"weights\.socket: missing"),
+        ({"source": "fd", "socket": "/s", "dir": 7}, r"weights\.dir: expected an absolute path, got 7"),
         ({"source": "files", "verify": 1}, r"weights\.verify: expected true or false"),
         ("chunks", r"snapscale\.weights: expected an object"),
     ],

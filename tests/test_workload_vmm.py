@@ -6,116 +6,13 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any
 
 import pytest
+from workload_helpers import GRAN, FakeVmmLib
 
 from snapscale.workload import NoVmmError, WeightsError
 from snapscale.workload import vmm as vmm_mod
 from snapscale.workload.vmm import CudaArena, Vmm
-
-GRAN = 2 << 20
-
-
-class FakeVmmLib:
-    """Stands in for libcuda's VMM calls: records them and answers as the driver would, e.g.
-    CUDA_ERROR_INVALID_VALUE (1) for mapping over a mapped range or releasing an unknown handle."""
-
-    def __init__(self, fail: dict[str, int] | None = None) -> None:
-        self.calls: list[tuple[Any, ...]] = []
-        self.fail = fail or {}
-        self.reserved: dict[int, int] = {}
-        self.handles: dict[int, int] = {}  # handle -> size
-        self.mapped: dict[int, int] = {}  # va -> handle
-        self.access: dict[int, tuple[int, int]] = {}
-        self.exported: dict[int, int] = {}  # fd -> handle
-        self._next = 1
-
-    def _new(self) -> int:
-        self._next += 1
-        return self._next
-
-    def _call(self, name: str, *args: Any) -> int | None:
-        self.calls.append((name, *args))
-        return self.fail.get(name)
-
-    def cuInit(self, flags: int) -> int:
-        return self._call("cuInit") or 0
-
-    def cuGetErrorName(self, code: int, out: Any) -> int:
-        names = {1: b"CUDA_ERROR_INVALID_VALUE", 2: b"CUDA_ERROR_OUT_OF_MEMORY"}
-        if code not in names:
-            return 1
-        out._obj.value = names[code]
-        return 0
-
-    def cuMemGetAllocationGranularity(self, out: Any, prop: Any, option: int) -> int:
-        p = prop._obj
-        self.calls.append(("granularity", p.location.id, option))
-        out._obj.value = GRAN
-        return 0
-
-    def cuMemAddressReserve(self, out: Any, size: Any, align: Any, addr: Any, flags: Any) -> int:
-        if (e := self._call("reserve", size.value, align.value)) is not None:
-            return e
-        va = 0x7F0000000000 + len(self.reserved) * (1 << 36)
-        self.reserved[va] = size.value
-        out._obj.value = va
-        return 0
-
-    def cuMemAddressFree(self, va: Any, size: Any) -> int:
-        self._call("free", va.value)
-        return 0 if self.reserved.pop(va.value, None) == size.value and va.value not in self.mapped else 1
-
-    def cuMemCreate(self, out: Any, size: Any, prop: Any, flags: Any) -> int:
-        p = prop._obj
-        if (e := self._call("create", size.value, p.location.id, p.requestedHandleTypes)) is not None:
-            return e
-        h = self._new()
-        self.handles[h] = size.value
-        out._obj.value = h
-        return 0
-
-    def cuMemMap(self, va: Any, size: Any, offset: Any, handle: Any, flags: Any) -> int:
-        if (e := self._call("map", va.value, size.value, handle.value)) is not None:
-            return e
-        ok = self.reserved.get(va.value) == size.value and va.value not in self.mapped
-        if not ok or self.handles.get(handle.value) != size.value:
-            return 1
-        self.mapped[va.value] = handle.value
-        return 0
-
-    def cuMemSetAccess(self, va: Any, size: Any, desc: Any, count: Any) -> int:
-        d = desc._obj
-        if (e := self._call("access", va.value, d.location.id, d.flags, count.value)) is not None:
-            return e
-        self.access[va.value] = (d.location.id, d.flags)
-        return 0 if va.value in self.mapped else 1
-
-    def cuMemUnmap(self, va: Any, size: Any) -> int:
-        self._call("unmap", va.value)
-        return 0 if self.mapped.pop(va.value, None) is not None else 1
-
-    def cuMemRelease(self, handle: Any) -> int:
-        self._call("release", handle.value)
-        return 0 if self.handles.pop(handle.value, None) is not None else 1
-
-    def cuMemExportToShareableHandle(self, out: Any, handle: Any, kind: int, flags: Any) -> int:
-        self._call("export", handle.value, kind)
-        fd = os.open("/dev/null", os.O_RDONLY)
-        self.exported[fd] = handle.value
-        out._obj.value = fd
-        return 0
-
-    def cuMemImportFromShareableHandle(self, out: Any, os_handle: Any, kind: int) -> int:
-        self._call("import", kind)
-        src = self.exported.get(os_handle.value)
-        if src is None:
-            return 1
-        h = self._new()
-        self.handles[h] = self.handles[src]
-        out._obj.value = h
-        return 0
 
 
 def names(lib: FakeVmmLib) -> list[str]:

@@ -33,7 +33,8 @@ from snapscale.shared.core import telemetry
 from snapscale.shared.core.errors import RetryableError, SnapscaleError
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import CriuBinary, EngineError, Sandbox, SandboxRegistry, host_key
-from snapscale.shared.store import ChunkStore, upload_image
+from snapscale.shared.store import ChunkStore, EarlyUpload, upload_image, upload_weights
+from snapscale.workload import WeightsRecord
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer(__name__)
@@ -155,9 +156,22 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
     ctx.ledger.save(attempt)
     span = trace.get_current_span()
     span.set_attribute("snapscale.checkpoint_id", ckpt)
+    early: list[asyncio.Task[EarlyUpload]] = []  # the released weights' chunks, going up already
+
+    def upload_early(record: WeightsRecord) -> None:
+        up = upload_weights(ctx.store, record)
+        early.append(asyncio.create_task(up, name=f"weights of {ckpt}"))
+
     try:
-        report = await engine.freeze(sb, spec, staging, keep_running=cmd.keep_running, criu=ctx.criu)
-    except EngineError as e:
+        report = await engine.freeze(
+            sb, spec, staging, keep_running=cmd.keep_running, criu=ctx.criu, on_weights=upload_early
+        )
+    except BaseException as e:
+        for task in early:
+            task.cancel()
+        await asyncio.gather(*early, return_exceptions=True)
+        if not isinstance(e, EngineError):
+            raise
         ctx.ledger.drop_staging(ckpt)
         await release_claim(ctx)
         reason = f"{e.step}: {e.reason}"
@@ -180,7 +194,7 @@ async def run(ctx: Context, cmd: FreezeCommand) -> CheckpointEvent:
     attempt = attempt.advance(Phase.DUMPED, timings_s=dict(report.timings_s))
     ctx.ledger.save(attempt)
     await _notify(ctx, Phase.DUMPED)
-    return await _finish(ctx, cmd, attempt)
+    return await _finish(ctx, cmd, attempt, early[0] if early else None)
 
 
 async def _decide(ctx: Context, cmd: FreezeCommand, compat_hash: str) -> FreezeDecision:
@@ -206,11 +220,15 @@ async def _decide(ctx: Context, cmd: FreezeCommand, compat_hash: str) -> FreezeD
     return FreezeDecision(Action.FREEZE, "claimed")
 
 
-async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEvent:
-    """From a complete image in staging: upload, manifest, catalog. Each step is recorded."""
+async def _finish(
+    ctx: Context, cmd: FreezeCommand, a: Attempt, early: asyncio.Task[EarlyUpload] | None = None
+) -> CheckpointEvent:
+    """From a complete image in staging: upload, manifest, catalog. Each step is recorded.
+    `early`: the weights' chunks, uploading since before_freeze; if it failed, they go up here."""
     host = ctx.settings.host_id
     if a.phase is Phase.DUMPED:
         t0_ns = time.time_ns()
+        done = await _early_result(early)
         _manifest, mkey, up = await upload_image(
             ctx.store,
             ctx.ledger.staging_dir(a.checkpoint_id),  # from the id, never the path the record holds
@@ -219,8 +237,9 @@ async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEve
             compat=a.compat,
             compat_hash=a.compat_hash,
             signing_key=ctx.settings.require_signing_key(),
-            timings_s=a.timings_s,
+            timings_s=a.timings_s | ({"weights_upload_s": done.seconds} if done else {}),
             chunk_bytes=ctx.chunk_bytes,
+            early=done,
         )
         sizes = {
             "total": up.total_bytes,
@@ -271,6 +290,18 @@ async def _finish(ctx: Context, cmd: FreezeCommand, a: Attempt) -> CheckpointEve
         timings_s=timings,
         reason=f"replaces {a.previous_id}" if a.previous_id else "",
     )
+
+
+async def _early_result(early: asyncio.Task[EarlyUpload] | None) -> EarlyUpload | None:
+    """The early upload's result; None (upload_image sends those chunks, and reports what is
+    wrong with them) when there was none or it failed."""
+    if early is None:
+        return None
+    try:
+        return await early
+    except Exception as e:
+        log.warning("the weights' early upload failed, they go up with the image: %s", e)
+        return None
 
 
 async def _catalog(ctx: Context, cmd: FreezeCommand, a: Attempt) -> tuple[CatalogEntry, bool]:

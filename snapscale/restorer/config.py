@@ -18,6 +18,7 @@ from snapscale.shared.core.settings import Settings
 
 _LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _HOSTNAME = re.compile(rf"(?=.{{1,253}}$){_LABEL}(\.{_LABEL})*")
+WEIGHTS_FILLS = ("workload", "host")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ class RestorerConfig:
     # gets a host port forwarded to it (forwarding.py) and its endpoint is <advertise_addr>:<port>
     advertise_addr: str | None = None
     forward_ports: tuple[int, int] = (30000, 32767)  # SNAPSCALE_FORWARD_PORTS, lo-hi inclusive
+    # SNAPSCALE_WEIGHTS_FILL: who fills a GPU workload's weights after a restore: "workload" (from
+    # the host cache's chunk files, in after_restore) or "host" (a process beside the CRIU restore,
+    # handed over as an fd: workload/handover.py)
+    weights_fill: str = "workload"
 
     def __post_init__(self) -> None:
         if self.cpu_slots < 0:
@@ -49,6 +54,9 @@ class RestorerConfig:
             raise ConfigError(f"SNAPSCALE_FORWARD_PORTS={lo}-{hi}: want lo-hi with 1 <= lo <= hi <= 65535")
         if self.advertise_addr is not None:
             check_advertise_addr(self.advertise_addr)
+        if self.weights_fill not in WEIGHTS_FILLS:
+            want = " or ".join(WEIGHTS_FILLS)
+            raise ConfigError(f"SNAPSCALE_WEIGHTS_FILL={self.weights_fill!r}: want {want}")
         if (why := HEARTBEAT_INTERVAL_S.problem(self.heartbeat_s)) is not None:
             raise ConfigError(f"heartbeat_s {why} (a scaler refuses heartbeats outside that)")
 
@@ -75,6 +83,7 @@ class RestorerConfig:
             ("image_dir", "SNAPSCALE_IMAGE_DIR", Path),
             ("advertise_addr", "SNAPSCALE_ADVERTISE_ADDR", str),
             ("forward_ports", "SNAPSCALE_FORWARD_PORTS", parse_port_range),
+            ("weights_fill", "SNAPSCALE_WEIGHTS_FILL", str),
         ):
             raw = e.get(key)
             if raw:

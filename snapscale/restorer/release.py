@@ -1,5 +1,7 @@
 """Release: stop a replica (kill its tree, free its slot) or suspend it in place (GPU state to
-host memory, GPU freed, process kept, counted against the host's RAM budget).
+host memory, GPU freed, process kept, counted against the host's RAM budget). A suspend runs the
+workload's before_freeze hook first when its spec has after_restore to undo it: weights released
+there stay out of RAM and out of the CUDA checkpoint until the resume fills them back.
 
 A CPU sandbox has no GPU state: suspending it stops its processes (SIGSTOP) and frees its CPU slot.
 Unknown or already released replicas are a no-op. The caller records the command and acks.
@@ -78,6 +80,9 @@ async def suspend_replica(h: Host, lv: Live, command_id: str | None) -> None:
     replica = lv.sandbox.replica
     await events.record(t.bus, events.live_event(t, lv, ReplicaState.RELEASING, command_id, "suspend"))
     try:
+        # the workload drops what it can first (its KV cache, its weights: kept out of RAM and of
+        # the CUDA checkpoint's copy); the resume brings them back (scaleup._resume)
+        await engine.before_suspend(lv.sandbox, lv.spec)
         if lv.sandbox.gpu_uuids:
             await engine.suspend(lv.sandbox)
         else:

@@ -1,8 +1,8 @@
 """One scale-up: bring a replica up by the fastest tier that works, falling back to a cold boot.
 
-resume -> lookup -> prefetch -> materialize -> engine restore -> ready, or launch -> ready; every
-phase a span and a timing, every fallback a reason. Whatever half-started is stopped before the
-next tier; the caller records the outcome and acks.
+resume (+ after_restore) -> lookup -> prefetch -> materialize -> engine restore -> ready, or
+launch -> ready; every phase a span and a timing, every fallback a reason. Whatever half-started
+is stopped before the next tier; the caller records the outcome and acks.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
 from snapscale.restorer.errors import ColdBootError, describe
 from snapscale.restorer.host import Host, HostTools
+from snapscale.restorer.hostfill import resume_source, weights_source
 from snapscale.restorer.lookup import Found, find_checkpoint
 from snapscale.restorer.release import wake
 from snapscale.restorer.replicas import Live
@@ -39,8 +40,8 @@ from snapscale.shared.bus import (
 )
 from snapscale.shared.core import telemetry
 from snapscale.shared.core.pause import pause_point
-from snapscale.shared.engine import ChunkDir, EngineError, Sandbox, read_weights
-from snapscale.shared.store import Manifest
+from snapscale.shared.engine import EngineError, Sandbox, read_weights
+from snapscale.shared.store import Manifest, split_weights
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer("snapscale.restorer")
@@ -173,12 +174,17 @@ async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
     lv.state = ReplicaState.RESUMING
     try:
         await announce(t, a, d, lv.checkpoint_id)
-        with phase(a, "cuda_restore"):
-            if lv.sandbox.gpu_uuids:
-                sb = await engine.resume(lv.sandbox, a.gpu_uuids)
-            else:
-                wake(lv)
-                sb = lv.sandbox
+        fill = t.config.weights_fill
+        async with resume_source(t.checkpoints.cache, fill, lv.sandbox, a.gpu_uuids) as source:
+            with phase(a, "cuda_restore"):
+                if lv.sandbox.gpu_uuids:
+                    sb = await engine.resume(lv.sandbox, a.gpu_uuids)
+                else:
+                    wake(lv)
+                    sb = lv.sandbox
+            if a.spec.hooks.before_freeze and a.spec.hooks.after_restore:
+                with phase(a, "after_restore"):  # weights released at the suspend come back
+                    await engine.after_resume(sb, a.spec, source)
         with phase(a, "ready_probe"):
             await engine.wait_ready(sb, a.spec.ready, cwd=a.spec.cwd)
     except BaseException:
@@ -215,6 +221,7 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
     if hot is not None and not all(cache.verified(w) for w in m.weight_digests()):
         hot = None  # weights outside the image not hashed by this process yet: prefetch them
     ok = False
+    weights_fetch: asyncio.Task[None] | None = None  # when it runs beside the restore
     cache.pin(m.weight_digests())  # the workload reads them from the cache in after_restore
     try:
         if hot is not None:
@@ -222,20 +229,26 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                 a.bytes.update({"fetched": 0, "joined": 0, "cached": found.cached_bytes,
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
-            await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
+            weights_fetch = await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
         if m.weights:
             check_weights(hot or image_dir, m)
         with t.hot.reading(m.checkpoint_id) if t.hot is not None else contextlib.nullcontext():
-            sb, report = await engine.restore(
-                a.spec,
-                hot or image_dir,
-                a.cmd.replica,
-                gpu_uuids=a.gpu_uuids,
-                run_dir=run_dir,
-                criu=t.criu,
-                checkpoint_id=m.checkpoint_id,
-                weights=ChunkDir(str(cache.chunks_dir)) if m.weights else None,
-            )
+            fill = t.config.weights_fill if m.weights else "workload"
+            src_dir = hot or image_dir
+            async with weights_source(
+                fill, src_dir, cache.chunks_dir, a.gpu_uuids, run_dir, weights_fetch
+            ) as src:
+                sb, report = await engine.restore(
+                    a.spec,
+                    src_dir,
+                    a.cmd.replica,
+                    gpu_uuids=a.gpu_uuids,
+                    run_dir=run_dir,
+                    criu=t.criu,
+                    checkpoint_id=m.checkpoint_id,
+                    weights=src if m.weights else None,
+                    weights_ready=weights_fetch,
+                )
         _spans_from(report.timings_s, a)
         ok = True
     except BaseException as e:
@@ -244,6 +257,10 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
         await reap(run_dir)
         raise
     finally:
+        if weights_fetch is not None and not weights_fetch.done():  # failed before it waited
+            weights_fetch.cancel()
+        if weights_fetch is not None:
+            await asyncio.gather(weights_fetch, return_exceptions=True)
         cache.unpin(m.weight_digests())
         kept = ok and hot is None and t.hot is not None and t.hot.adopt(m.checkpoint_id, image_dir)
         if not kept:
@@ -263,16 +280,21 @@ def check_weights(image_dir: Path, m: Manifest) -> None:
         )
 
 
-async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool) -> None:
+async def _assemble(
+    c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *, overlap: bool
+) -> asyncio.Task[None] | None:
     """Prefetch `m`'s chunks into the host cache and rebuild its image dir from them.
 
     With `overlap` (none of them cached yet) each chunk is placed as soon as it lands: every one
-    arrives hashed by the cache. With some cached, materialize waits for the whole prefetch, which
-    re-hashes the cached ones before they are trusted.
+    arrives hashed by the cache; weights outside the image are fetched after the image is rebuilt
+    (not beside its copy), and that prefetch is returned running: the restore starts meanwhile and
+    waits for it before after_restore. With some cached, materialize waits for the whole prefetch,
+    which re-hashes the cached ones before they are trusted.
     """
+    image, rest = split_weights(m) if overlap and m.weights else (m, None)
     with c.pinned(m):  # nothing evicts these chunks until the image is rebuilt
         # its own task, so its span is the root's child beside materialize's, not above it
-        fetch = asyncio.create_task(_prefetch(c, a, m), name=f"prefetch {m.checkpoint_id}")
+        fetch = asyncio.create_task(_prefetch(c, a, image), name=f"prefetch {m.checkpoint_id}")
         try:
             if not overlap:
                 await asyncio.shield(fetch)
@@ -284,6 +306,9 @@ async def _assemble(c: Checkpoints, a: Attempt, m: Manifest, image_dir: Path, *,
             fetch.cancel()
             await asyncio.gather(fetch, return_exceptions=True)
             raise
+    if rest is None:
+        return None
+    return asyncio.create_task(_prefetch(c, a, rest), name=f"prefetch weights {m.checkpoint_id}")
 
 
 async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest) -> None:
@@ -301,19 +326,19 @@ async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest) -> None:
                 "prefetch.joined": rep.joined,
             }
         )
-        # a joined prefetch reports the shared download's bytes: count them once, under "joined"
-        a.bytes.update(
-            {
-                "fetched": 0 if rep.joined else rep.bytes_fetched,
-                "joined": rep.bytes_fetched if rep.joined else 0,
-                "cached": rep.cached_bytes,
-                "image": m.total_bytes,
-            }
-        )
+        # a joined prefetch reports the shared download's bytes: count them once, under "joined";
+        # an image's and its weights' prefetches add up
+        for k, n in (
+            ("fetched", 0 if rep.joined else rep.bytes_fetched),
+            ("joined", rep.bytes_fetched if rep.joined else 0),
+            ("cached", rep.cached_bytes),
+        ):
+            a.bytes[k] = a.bytes.get(k, 0) + n
+        a.bytes["image"] = m.total_bytes
 
 
 # the engine's restore steps that are phases of a scale-up, under the engine's own names
-ENGINE_PHASES = ("criu_restore", "cuda_restore", "after_restore", "ready_probe")
+ENGINE_PHASES = ("criu_restore", "cuda_restore", "weights_wait", "after_restore", "ready_probe")
 
 
 def _spans_from(timings_s: dict[str, float], a: Attempt) -> None:

@@ -38,9 +38,11 @@ class SourceFiles:
 
 @dataclass(frozen=True)
 class FdHandover:
-    """A host process filled fresh GPU memory and hands it over on the Unix socket at `socket`."""
+    """A host process filled fresh GPU memory and hands it over on the Unix socket at `socket`;
+    when that fails, the chunk files in `fallback` (if named) fill the weights instead."""
 
     socket: str
+    fallback: str | None = None
 
 
 FillSource = ChunkDir | SourceFiles | FdHandover
@@ -90,6 +92,8 @@ def restore_request(source: FillSource | None) -> bytes:
         w = {"source": "files", "verify": source.verify}
     else:
         w = {"source": "fd", "socket": source.socket}
+        if source.fallback is not None:
+            w["dir"] = source.fallback
     return _dump({"snapscale": {"protocol": PROTOCOL, "weights": w}})
 
 
@@ -110,7 +114,7 @@ def read_restore_request(body: bytes) -> FillSource | None:
             raise ProtocolError(f"{at}.verify", f"expected true or false, got {verify!r}")
         return SourceFiles(verify)
     if kind == "fd":
-        return FdHandover(_path(w, "socket", at))
+        return FdHandover(_path(w, "socket", at), _path(w, "dir", at) if "dir" in w else None)
     raise ProtocolError(f"{at}.source", f"must be 'chunks', 'files' or 'fd', got {kind!r}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from typing import Any
+from typing import Any, Self
 
 from snapscale.workload.errors import NoVmmError, WeightsError
 from snapscale.workload.libcuda import LIBCUDA, Driver, LibcudaMissing, load_library
@@ -56,6 +56,16 @@ class CUmemAccessDesc(ctypes.Structure):
     _fields_ = [("location", CUmemLocation), ("flags", ctypes.c_int)]
 
 
+def uuid_raw(uuid: str) -> bytes | None:
+    """'GPU-xxxxxxxx-xxxx-...' (NVML, nvidia-smi) as the 16 bytes of a CUuuid; None when it is not
+    one. Pure."""
+    try:
+        raw = bytes.fromhex(uuid.removeprefix("GPU-").replace("-", ""))
+    except ValueError:
+        return None
+    return raw if len(raw) == 16 else None
+
+
 def alloc_prop(device: int, *, exportable: bool) -> CUmemAllocationProp:
     """Pinned device memory on `device`; exportable as a POSIX fd when asked. Pure."""
     handles = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR if exportable else CU_MEM_HANDLE_TYPE_NONE
@@ -70,7 +80,7 @@ class Vmm(Driver):
     """One loaded libcuda's VMM calls; each failure is a `WeightsError` carrying the CUresult name."""
 
     @classmethod
-    def load(cls, name: str = LIBCUDA) -> Vmm:
+    def load(cls, name: str = LIBCUDA) -> Self:
         lacking = f"{name} has no virtual memory management (cuMemAddressReserve)"
         try:
             lib = load_library(name, "cuMemAddressReserve", lacking)
@@ -79,7 +89,7 @@ class Vmm(Driver):
         return cls.open(lib)
 
     @classmethod
-    def open(cls, lib: Any) -> Vmm:
+    def open(cls, lib: Any) -> Self:
         """A loaded libcuda whose cuInit fails (a driver but no usable GPU) is no CUDA either."""
         try:
             return cls(lib)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-import socket
+import sys
 import time
 from typing import Any
 
@@ -21,6 +21,7 @@ from snapscale.workload import fill as filling
 from snapscale.workload import record as rec
 from snapscale.workload.arena import HostArena, HostDest
 from snapscale.workload.errors import WeightsError
+from snapscale.workload.handover import receive
 from snapscale.workload.hooks import ChunkDir, FdHandover, FillSource, SourceFiles
 from snapscale.workload.stfile import read_layout
 from snapscale.workload.vmm import CudaArena, Vmm
@@ -214,7 +215,16 @@ class Weights:
         t0 = time.monotonic()
         source = SourceFiles() if source is None else source
         if isinstance(source, FdHandover):
-            self._map_handed_over(source.socket)
+            try:
+                self._map_handed_over(source.socket)
+            except WeightsError as e:
+                if source.fallback is None:
+                    raise
+                # the host filler failed: this restore still serves, from the chunk files
+                print(f"snapscale.workload: fd handover failed ({e}); filling from {source.fallback}",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                self.timings["handover_failed"] = 1.0
+                return self.restore(ChunkDir(source.fallback))
             rep = filling.FillReport(0, time.monotonic() - t0, [])
         else:
             self.arena.map()
@@ -231,21 +241,9 @@ class Weights:
         return rep
 
     def _map_handed_over(self, path: str) -> None:
-        """Receive one fd on the Unix socket at `path`, map it, and say so (one byte back)."""
         if not isinstance(self.arena, CudaArena):
             raise WeightsError("fd handover", "needs a CUDA arena; this one is host memory")
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(path)
-                _, fds, _, _ = socket.recv_fds(s, 16, 1)
-            except OSError as e:
-                raise WeightsError("fd handover", f"{path}: {e}") from None
-            if len(fds) != 1:
-                for fd in fds:
-                    os.close(fd)
-                raise WeightsError("fd handover", f"{path} sent {len(fds)} descriptors, want 1")
-            self.arena.map_fd(fds[0])
-            s.sendall(b"k")
+        receive(self.arena, path)
 
 
 def _dest(torch: Any, arena: Arena, flat: Any) -> filling.Dest:

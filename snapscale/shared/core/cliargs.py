@@ -80,6 +80,12 @@ ENV: tuple[Env, ...] = (
     Env("SNAPSCALE_HEARTBEAT_S", "3", "inventory interval, in seconds", "restorer"),
     Env("SNAPSCALE_HOT_IMAGES", "2", "assembled images kept for the next restore", "restorer"),
     Env(
+        "SNAPSCALE_WEIGHTS_FILL",
+        "workload",
+        "who fills weights kept outside an image: workload, or host (fd handover)",
+        "restorer",
+    ),
+    Env(
         "SNAPSCALE_IMAGE_DIR",
         "<state dir>/restorer",
         "where images are assembled (tmpfs: kept in RAM)",

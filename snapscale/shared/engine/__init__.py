@@ -17,6 +17,8 @@ from snapscale.shared.engine.lifecycle import (
     FreezeReport,
     ImageMeta,
     RestoreReport,
+    after_resume,
+    before_suspend,
     freeze,
     log_key,
     read_meta,
@@ -24,6 +26,7 @@ from snapscale.shared.engine.lifecycle import (
     restore,
     resume,
     suspend,
+    suspended_weights,
     wait_ready,
 )
 from snapscale.shared.engine.netns import (
@@ -53,6 +56,8 @@ __all__ = [
     "RestoreReport",
     "Sandbox",
     "SandboxRegistry",
+    "after_resume",
+    "before_suspend",
     "container_pids",
     "cuda_driver_version",
     "delete_netns",
@@ -79,6 +84,7 @@ __all__ = [
     "resume",
     "stop",
     "suspend",
+    "suspended_weights",
     "sweep_containers",
     "tree_pids",
     "wait_ready",

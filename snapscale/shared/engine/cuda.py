@@ -17,6 +17,7 @@ from typing import Any
 
 from snapscale.shared.engine.errors import CudaError, NoCudaError
 from snapscale.workload.libcuda import CUDA_SUCCESS, LIBCUDA, Driver, LibcudaMissing, load_library
+from snapscale.workload.vmm import uuid_raw
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,8 @@ class CUcheckpointRestoreArgs(ctypes.Structure):
 
 def uuid_bytes(uuid: str) -> bytes:
     """'GPU-8c1b2f3a-....' (NVML, nvidia-smi) -> the 16 bytes of a CUuuid. Pure."""
-    hexpart = uuid.removeprefix("GPU-").replace("-", "")
-    try:
-        raw = bytes.fromhex(hexpart)
-    except ValueError:
-        raw = b""
-    if len(raw) != 16:
+    raw = uuid_raw(uuid)
+    if raw is None:
         raise CudaError(
             "cuda_restore", f"{uuid!r} is not a GPU UUID (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)"
         )

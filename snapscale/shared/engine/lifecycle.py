@@ -2,6 +2,7 @@
 
 freeze = before_freeze hook -> CUDA lock+checkpoint -> criu dump -> (CUDA restore+unlock, after_restore
 hook when it keeps serving). restore = criu restore -> CUDA restore+unlock -> after_restore -> ready.
+suspend/resume keep the processes in RAM; before_suspend/after_resume run the same hooks around them.
 A workload that keeps its weights outside the image (`snapscale.workload`) is offered to release
 them in before_freeze; its record goes into the image dir, and after_restore is told where to fill
 them from (docs/weights.md). Every step is timed and traced. No chunking, S3 or NATS here.
@@ -14,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,8 @@ __all__ = [
     "RestoreReport",
     "Sandbox",
     "SandboxExited",
+    "after_resume",
+    "before_suspend",
     "freeze",
     "launch",
     "read_weights",
@@ -59,6 +62,7 @@ __all__ = [
     "resume",
     "stop",
     "suspend",
+    "suspended_weights",
     "wait_ready",
 ]
 
@@ -204,12 +208,15 @@ async def freeze(
     criu: CriuBinary,
     lock_timeout_ms: int = cuda_ckpt.DEFAULT_LOCK_TIMEOUT_MS,
     drop_zero_pages: bool = True,
+    on_weights: Callable[[WeightsRecord], object] | None = None,
 ) -> FreezeReport:
     """Capture the sandbox into `image_dir`. Without `keep_running` the sandbox is gone afterwards.
 
     A failing step raises; a sandbox that should keep running is brought back to serving first.
     With `drop_zero_pages` the image loses its all-zero anonymous pages after the sandbox is
-    serving again (outside the freeze window), so a restore does not write them.
+    serving again (outside the freeze window), so a restore does not write them. `on_weights`
+    gets the record of released weights as soon as before_freeze returns it (the freezer starts
+    their upload then, beside the CUDA checkpoint and the dump).
     """
     if not sandbox.is_running(sb):
         raise SandboxExited("freeze", f"sandbox {sb.replica} (pid {sb.pid}) is not running", _tail(sb))
@@ -220,6 +227,8 @@ async def freeze(
         if hooks.before_freeze:
             with _step(t, "before_freeze", sb):
                 weights = await _before_freeze(sb, spec, keep_running)
+            if weights is not None and on_weights is not None:
+                on_weights(weights)
         drv: cuda_ckpt.CudaCheckpoint | None = None
         cuda_pids: list[int] = []
         if sb.gpu_uuids:
@@ -350,12 +359,14 @@ async def restore(
     criu: CriuBinary,
     checkpoint_id: str | None = None,
     weights: FillSource | None = None,
+    weights_ready: Awaitable[object] | None = None,
     criu_log_level: int = 2,
 ) -> tuple[Sandbox, RestoreReport]:
     """Bring a frozen sandbox back as `replica` in a fresh netns, on `gpu_uuids`, and wait until ready.
 
     An image whose weights are outside it has them filled in after_restore from `weights` (the
-    host cache's chunks, for a restorer), by default from the source files its record names.
+    host cache's chunks, for a restorer), by default from the source files its record names;
+    `weights_ready` (the weights' prefetch, still running) is awaited before after_restore.
     `criu_log_level` 4 logs every CRIU step with a timestamp (engine/criu_profile.py reads it).
     On any failure whatever half-started is killed, its netns removed, and a typed error raised.
     """
@@ -412,6 +423,9 @@ async def restore(
                 with _step(t, "cuda_restore", sb):
                     await drv.resume_tree(sandbox.tree_pids(sb), pairs)
             await pause_point("after_restore")
+            if weights_ready is not None:
+                with _step(t, "weights_wait", sb):
+                    await weights_ready
             if spec.hooks.after_restore:
                 with _step(t, "after_restore", sb):
                     hooks = spec.hooks
@@ -464,3 +478,42 @@ async def resume(sb: Sandbox, gpu_uuids: list[str]) -> Sandbox:
         await drv.resume_tree(sandbox.tree_pids(sb), pairs)
     log.info("resumed %s on %s in %.2fs", sb.replica, gpu_uuids, t["resume"])
     return sb.with_gpus(gpu_uuids)
+
+
+async def before_suspend(sb: Sandbox, spec: DeploymentSpec) -> WeightsRecord | None:
+    """The workload's half of a suspend, before the CUDA suspend (or a CPU sandbox's SIGSTOP):
+    before_freeze, offered to release its weights, whose record is kept in the run dir until
+    `after_resume` fills them back. Only for a spec with both hooks: what before_freeze drops,
+    after_restore must bring back. The record of a weights-releasing workload, or None.
+    """
+    hooks = spec.hooks
+    if not (hooks.before_freeze and hooks.after_restore):
+        return None
+    if not sb.run_dir:  # nowhere to keep a record: run the hook without the offer
+        await _hook("before_freeze", sb, hooks.before_freeze, hooks.timeout_s)
+        return None
+    record = await _before_freeze(sb, spec, keep_running=True)
+    if record is not None:
+        _write_file(Path(sb.run_dir), WEIGHTS_NAME, record.to_json())
+    return record
+
+
+def suspended_weights(sb: Sandbox) -> WeightsRecord | None:
+    """The record of the weights a suspended sandbox released (`before_suspend`), or None."""
+    return read_weights(Path(sb.run_dir)) if sb.run_dir else None
+
+
+async def after_resume(sb: Sandbox, spec: DeploymentSpec, weights: FillSource | None = None) -> float:
+    """The workload's half of a resume, after the CUDA resume (or SIGCONT): after_restore, told to
+    fill released weights from `weights` (default: the workload's own files, verified). Seconds."""
+    hooks = spec.hooks
+    if not (hooks.before_freeze and hooks.after_restore):
+        return 0.0
+    record = suspended_weights(sb)
+    body = b"" if record is None else weights_hooks.restore_request(weights or SourceFiles())
+    t: dict[str, float] = {}
+    with _step(t, "after_restore", sb):
+        await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
+    if record is not None:
+        (Path(sb.run_dir) / WEIGHTS_NAME).unlink(missing_ok=True)
+    return t["after_restore"]

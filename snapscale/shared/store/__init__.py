@@ -16,18 +16,21 @@ from snapscale.shared.store.backend import (
 from snapscale.shared.store.cache import HostCache
 from snapscale.shared.store.checkpoint import (
     DEFAULT_GC_GRACE_S,
+    EarlyUpload,
     collect_garbage,
     fetch_manifest,
     upload_image,
+    upload_weights,
     verify_checkpoint,
 )
 from snapscale.shared.store.manifest import Manifest, ManifestError
-from snapscale.shared.store.prefetch import Prefetcher
+from snapscale.shared.store.prefetch import Prefetcher, split_weights
 
 __all__ = [
     "DEFAULT_GC_GRACE_S",
     "MANIFESTS",
     "ChunkStore",
+    "EarlyUpload",
     "HostCache",
     "Manifest",
     "ManifestError",
@@ -40,6 +43,8 @@ __all__ = [
     "manifest_key",
     "materialize",
     "open_store",
+    "split_weights",
     "upload_image",
+    "upload_weights",
     "verify_checkpoint",
 ]

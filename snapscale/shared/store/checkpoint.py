@@ -54,6 +54,17 @@ class UploadReport:
     weight_bytes: int = 0  # of the weights outside the image (in unique_bytes too)
 
 
+@dataclass(frozen=True)
+class EarlyUpload:
+    """Weight chunks made durable in the store while the freeze was still running."""
+
+    digests: frozenset[str]  # put or touched
+    new_bytes: int
+    new_chunks: int
+    started: float  # time.monotonic() at its start: the GC grace window counts from there
+    seconds: float
+
+
 def weight_sources(image_dir: Path) -> tuple[list[WeightChunk], dict[str, ChunkRange]]:
     """The chunks of the weights kept outside this image, and where to read each (the files the
     workload loaded them from); none when its weights are inside. Blocking."""
@@ -65,6 +76,10 @@ def weight_sources(image_dir: Path) -> tuple[list[WeightChunk], dict[str, ChunkR
         record = WeightsRecord.from_json(data, WEIGHTS_FILE)
     except WeightsError as e:
         raise StoreError(f"{image_dir}: {e}") from None
+    return record_sources(record)
+
+
+def record_sources(record: WeightsRecord) -> tuple[list[WeightChunk], dict[str, ChunkRange]]:
     ranges = record.sources()
     chunks = [WeightChunk(d, r.length) for d, r in sorted(ranges.items())]
     return chunks, ranges
@@ -80,6 +95,35 @@ def _read_range(src: ChunkRange) -> bytes:
         raise StoreError(f"weights file {src.path}: {e.strerror}") from None
 
 
+async def _ensure(
+    store: ChunkStore, digest: str, src: ChunkRange, read: Callable[[ChunkRange], bytes]
+) -> int:
+    """Touch the chunk when the store has it, else read, check and put it; the bytes put."""
+    if await store.touch_chunk(digest):
+        return 0
+    data = await asyncio.to_thread(read, src)
+    if sha256_hex(data) != digest:
+        raise StoreError(f"{src.path} changed while uploading (chunk at offset {src.offset})")
+    await store.put_chunk(digest, data)
+    return len(data)
+
+
+async def upload_weights(store: ChunkStore, record: WeightsRecord, *, concurrency: int = 16) -> EarlyUpload:
+    """The chunks of weights a workload released, from its files, while its freeze goes on (the
+    record is known from before_freeze on, and the weights are most of a checkpoint's bytes);
+    `upload_image(early=...)` then skips them."""
+    t0 = time.monotonic()
+    _chunks, sources = await asyncio.to_thread(record_sources, record)
+    new: list[int] = []
+
+    async def one(digest: str) -> None:
+        if n := await _ensure(store, digest, sources[digest], _read_range):
+            new.append(n)
+
+    await run_bounded(sources, one, concurrency)
+    return EarlyUpload(frozenset(sources), sum(new), len(new), t0, round(time.monotonic() - t0, 4))
+
+
 async def upload_image(
     store: ChunkStore,
     image_dir: Path,
@@ -93,11 +137,13 @@ async def upload_image(
     chunk_bytes: int | None = None,
     concurrency: int = 16,
     gc_grace_s: float = DEFAULT_GC_GRACE_S,
+    early: EarlyUpload | None = None,
 ) -> tuple[Manifest, str, UploadReport]:
     """Chunk `image_dir`, upload the chunks the store lacks, then write the signed manifest.
 
     Chunks the store already has are touched rather than uploaded, so a concurrent GC sees them
     as fresh; the manifest goes up only once every chunk is durable, so a manifest is complete.
+    Chunks in `early` (`upload_weights` during the freeze) are durable already: not sent again.
     """
     if not signing_key:
         raise ManifestError("no signing key: set SNAPSCALE_SIGNING_KEY")
@@ -112,25 +158,22 @@ async def upload_image(
     new: list[int] = []
 
     async def ensure(digest: str) -> None:
-        if await store.touch_chunk(digest):
-            return
-        src = sources[digest]
         read = read_chunk if digest in scan.sources else _read_range
-        data = await asyncio.to_thread(read, src)
-        if sha256_hex(data) != digest:
-            raise StoreError(f"{src.path} changed while uploading (chunk at offset {src.offset})")
-        await store.put_chunk(digest, data)
-        new.append(len(data))
+        if n := await _ensure(store, digest, sources[digest], read):
+            new.append(n)
 
-    await run_bounded(sources, ensure, concurrency)
+    done = early.digests if early is not None else frozenset()
+    await run_bounded([d for d in sources if d not in done], ensure, concurrency)
     await pause_point("upload")  # chunks up, no manifest yet
     t_up = time.monotonic()
-    if t_up - t0 > gc_grace_s / 2:
+    since = min(t0, early.started) if early is not None else t0
+    if t_up - since > gc_grace_s / 2:
         # A GC could have collected a chunk we only touched at the start; never publish that.
         raise StoreError(
-            f"upload took {t_up - t0:.0f}s, over half the GC grace period ({gc_grace_s:.0f}s): "
+            f"upload took {t_up - since:.0f}s, over half the GC grace period ({gc_grace_s:.0f}s): "
             "retry the freeze"
         )
+    early_new, early_chunks = (early.new_bytes, early.new_chunks) if early is not None else (0, 0)
     timings = dict(timings_s or {})
     timings.update(chunk_s=round(t_scan - t0, 4), upload_s=round(t_up - t_scan, 4))
     extra = sum(w.size for w in weights if w.digest not in scan.sources)
@@ -144,7 +187,7 @@ async def upload_image(
         files=[FileEntry(f.path, f.size, f.mode, list(f.chunks)) for f in scan.files],
         total_bytes=scan.total_bytes,
         unique_bytes=scan.unique_bytes + extra,
-        new_bytes=sum(new),
+        new_bytes=sum(new) + early_new,
         zero_bytes=scan.zero_bytes,
         created_at=time.time(),
         timings_s=timings,
@@ -164,7 +207,7 @@ async def upload_image(
         new_bytes=m.new_bytes,
         zero_bytes=m.zero_bytes,
         chunks=len(sources),
-        new_chunks=len(new),
+        new_chunks=len(new) + early_chunks,
         timings_s=timings,
         weight_bytes=m.weight_bytes,
     )

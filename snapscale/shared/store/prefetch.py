@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.store.backend import ChunkError, ChunkStore, run_bounded
 from snapscale.shared.store.cache import HostCache
-from snapscale.shared.store.manifest import Manifest
+from snapscale.shared.store.manifest import WEIGHTS_FORMAT_VERSION, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,20 @@ class PrefetchReport:
 ProgressCb = Callable[[PrefetchProgress], None]
 
 
+def split_weights(m: Manifest) -> tuple[Manifest, Manifest]:
+    """A checkpoint with weights as two prefetches: its image's chunks, then its weights (a restore
+    starts once the image is there; the weights are needed only by after_restore). Pure."""
+    return replace(m, weights=[]), replace(m, files=[])
+
+
+def part_of(m: Manifest) -> str:
+    """'' for a whole checkpoint; a part from `split_weights` is its own job: a prefetch of the
+    whole never joins one (it would return without the rest)."""
+    if m.format_version == WEIGHTS_FORMAT_VERSION and not m.weights:
+        return "#image"
+    return "#weights" if m.weights and not m.files else ""
+
+
 @dataclass
 class _Job:
     task: asyncio.Task[PrefetchReport]
@@ -84,7 +98,7 @@ class Prefetcher:
 
     async def prefetch(self, manifest: Manifest, progress_cb: ProgressCb | None = None) -> PrefetchReport:
         """All of `manifest`'s chunks verified in the cache, or `ChunkError`/`StoreError`/`CacheFullError`."""
-        key = f"{manifest.deployment}/{manifest.checkpoint_id}"
+        key = f"{manifest.deployment}/{manifest.checkpoint_id}{part_of(manifest)}"
         job = self._jobs.get(key)
         joined = job is not None
         if job is None:
