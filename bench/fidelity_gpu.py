@@ -152,4 +152,5 @@ if __name__ == "__main__":
     p.add_argument("--work", default="/tmp/bench-work")
     p.add_argument("--images", default="/dev/shm/snapscale-fidelity-images")
     p.add_argument("--criu", default=os.environ.get("SNAPSCALE_CRIU"))
+    os.environ.setdefault("SNAPSCALE_SANDBOX", "host")  # dev mode: host-process sandboxes
     sys.exit(asyncio.run(main(p.parse_args())))

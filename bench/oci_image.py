@@ -6,12 +6,17 @@ the sandbox tests (tests/oci_image.py)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
 
-def build_layout(root: Path, app: dict[str, str] | None = None) -> str:
-    """An OCI layout under `root` holding one image; its `oci:<layout>@<digest>` reference."""
+def build_layout(root: Path, app: dict[str, str] | None = None, *, ld_cache: bool = False) -> str:
+    """An OCI layout under `root` holding one image; its `oci:<layout>@<digest>` reference.
+
+    `ld_cache`: the image gets this host's /etc/ld.so.cache, right for it since its /usr is the
+    host's, mounted: what the NVIDIA toolkit's ldconfig hook gives a container, so that tools which
+    look libcuda up with `ldconfig -p` (triton, under torch.compile) find the driver's libraries."""
     layout, bundle = root / "layout", root / "unpacked"
     subprocess.run(["umoci", "init", "--layout", str(layout)], check=True)
     subprocess.run(["umoci", "new", "--image", f"{layout}:app"], check=True)
@@ -27,6 +32,8 @@ def build_layout(root: Path, app: dict[str, str] | None = None) -> str:
     (fs / "data").chmod(0o777)
     (fs / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/app:/bin/sh\n")
     (fs / "etc" / "group").write_text("root:x:0:\napp:x:1000:\n")
+    if ld_cache:
+        shutil.copyfile("/etc/ld.so.cache", fs / "etc" / "ld.so.cache")
     for name, text in (app or {}).items():
         (fs / "app" / name).write_text(text)
     subprocess.run(["umoci", "repack", "--image", f"{layout}:app", str(bundle)], check=True)

@@ -119,7 +119,7 @@ async def one_round(
 
 async def play(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     base, weights, gpus = samples(args, work)
-    image = build_layout(work / "image-build")
+    image = build_layout(work / "image-build", ld_cache=not args.cpu)
     kinds = {"host": base, "oci": oci_spec(base, image, weights, gpu=bool(gpus))}
     os.environ["SNAPSCALE_SANDBOX_MOUNTS"] = ":".join(m.src for m in kinds["oci"].sandbox.mounts)
     criu = find_criu(os.environ.get("SNAPSCALE_CRIU"))
