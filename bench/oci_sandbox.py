@@ -39,11 +39,21 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def compiler_prefix() -> list[str]:
+    """Where the C compiler lives when it is not under /usr (triton builds its launcher with it
+    under torch.compile; `CC` or `gcc` on PATH, e.g. /opt/gcc on the GPU host): its prefix."""
+    cc = shutil.which(os.environ.get("CC", "gcc"))
+    if cc is None:
+        return []
+    prefix = Path(cc).resolve().parent.parent
+    return [] if str(prefix).startswith("/usr") else [str(prefix)]
+
+
 def host_paths(weights: Path) -> list[str]:
     """What the sample reads from the host: its code, the venv and its base interpreter, /usr, the
     directories on sys.path (PYTHONPATH's too), the weights file; each real path once, none inside
     another."""
-    paths = [str(ROOT), sys.prefix, sys.base_prefix, "/usr", str(weights)]
+    paths = [str(ROOT), sys.prefix, sys.base_prefix, "/usr", str(weights), *compiler_prefix()]
     paths += [p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)]
     want = sorted({str(Path(p).resolve()) for p in paths})
     out: list[str] = []

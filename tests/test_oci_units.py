@@ -97,7 +97,7 @@ def test_runtime_config_contains_the_workload() -> None:
             "destination": "/usr",
             "type": "bind",
             "source": "/usr",
-            "options": ["rbind", "ro", "nosuid", "nodev"],
+            "options": ["bind", "ro", "nosuid", "nodev"],
         }
     ]
     [scratch] = [m for m in c["mounts"] if m["destination"] == "/scratch"]

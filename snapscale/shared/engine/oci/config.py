@@ -76,13 +76,15 @@ def _mounts(spec: DeploymentSpec, uid: int, gid: int) -> list[dict[str, Any]]:
                 ],
             }
         )
+    # Not recursive: a declared mount shows that directory alone, never a mount below it on the host
+    # (another filesystem, one CRIU cannot dump: e.g. a GPU host's /usr/local/nvidia under /usr).
     for m in sb.mounts:
         ms.append(
             {
                 "destination": m.dst,
                 "type": "bind",
                 "source": m.src,
-                "options": ["rbind", "ro", "nosuid", "nodev"],
+                "options": ["bind", "ro", "nosuid", "nodev"],
             }
         )
     return ms
