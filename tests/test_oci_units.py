@@ -16,7 +16,7 @@ from snapscale.shared.core.fieldcheck import FieldsError
 from snapscale.shared.engine import compat, runtime
 from snapscale.shared.engine.errors import EngineError
 from snapscale.shared.engine.oci import images
-from snapscale.shared.engine.oci.config import runtime_config
+from snapscale.shared.engine.oci.config import runtime_config, submounts
 from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, check_mounts, has_cap
 from snapscale.shared.engine.oci.gpu import DeviceNode, HostGpus, driver_libraries, gpu_access
 
@@ -210,3 +210,34 @@ def test_a_spec_mounts_only_what_the_host_allows() -> None:
         check_mounts(spec, [])
     with pytest.raises(EngineError, match=r"/usrx"):  # a prefix of a name is not its parent
         check_mounts(replace(spec, sandbox=SandboxSpec(image=IMAGE, mounts=[Mount("/usrx", "/x")])), ["/usr"])
+
+
+MOUNTINFO = """\
+22 1 0:21 / / rw,relatime - overlay overlay rw
+29 22 254:16 / /usr/local/nvidia ro,nosuid,nodev,relatime - squashfs /dev/vdb ro
+30 29 0:40 / /usr/local/nvidia/lib64/extra rw - tmpfs tmpfs rw
+31 22 0:41 / /usr2/x rw - tmpfs tmpfs rw
+32 22 0:42 / /models/with\\040space rw - tmpfs tmpfs rw
+"""
+
+
+def test_a_declared_mounts_submounts_are_bound_one_by_one_for_criu() -> None:
+    """A GPU host's /usr/local/nvidia (a squashfs under /usr) failed the dump while /usr was bound
+    recursively: every mount below a declared one is its own bind, which runc names to CRIU as
+    external; mounts beside it (/usr2) are not taken."""
+    below = submounts(MOUNTINFO, ["/usr", "/models", "/srv"])
+    assert below == {
+        "/usr": ["/usr/local/nvidia", "/usr/local/nvidia/lib64/extra"],
+        "/models": ["/models/with space"],
+    }
+    base = probe_spec("d", IMAGE)
+    spec = replace(base, sandbox=replace(base.sandbox, mounts=[Mount(src="/usr", dst="/host/usr")]))
+    c = runtime_config(
+        spec, rootfs="/r", netns_path="/run/netns/n", env={}, cgroups_path="/c", hostname="h", below=below
+    )
+    binds = [(m["source"], m["destination"], m["options"][0]) for m in c["mounts"] if m["type"] == "bind"]
+    assert binds == [
+        ("/usr", "/host/usr", "bind"),
+        ("/usr/local/nvidia", "/host/usr/local/nvidia", "bind"),
+        ("/usr/local/nvidia/lib64/extra", "/host/usr/local/nvidia/lib64/extra", "bind"),
+    ]

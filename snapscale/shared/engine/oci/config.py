@@ -15,7 +15,7 @@ and port forwarding stay the host's. The uid is therefore a host uid without any
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from snapscale.shared.bus.spec import DeploymentSpec
@@ -45,7 +45,30 @@ MIB = 1 << 20
 CRIU_OPTIONS = "network-lock skip\nskip-in-flight\n"
 
 
-def _mounts(spec: DeploymentSpec, uid: int, gid: int) -> list[dict[str, Any]]:
+def _unescape(field: str) -> str:
+    """A mountinfo path field: space, tab, newline and backslash come octal-escaped. Pure."""
+    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
+        field = field.replace(code, ch)
+    return field
+
+
+def submounts(mountinfo: str, roots: Sequence[str]) -> dict[str, list[str]]:
+    """Each root's host mounts strictly below it (from /proc/self/mountinfo's text), outermost
+    first: a declared mount shows them too, each bound on its own so that runc lists it to CRIU as
+    external (a recursive bind's submounts it would try to dump: e.g. a squashfs). Pure."""
+    points = [_unescape(line.split()[4]) for line in mountinfo.splitlines() if len(line.split()) > 4]
+    out: dict[str, list[str]] = {}
+    for root in roots:
+        base = root.rstrip("/")
+        below = sorted({p for p in points if p.startswith(base + "/")}, key=lambda p: (p.count("/"), p))
+        if below:
+            out[root] = below
+    return out
+
+
+def _mounts(
+    spec: DeploymentSpec, uid: int, gid: int, below: Mapping[str, Sequence[str]]
+) -> list[dict[str, Any]]:
     ms: list[dict[str, Any]] = [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
@@ -76,16 +99,16 @@ def _mounts(spec: DeploymentSpec, uid: int, gid: int) -> list[dict[str, Any]]:
                 ],
             }
         )
-    # Not recursive: a declared mount shows that directory alone, never a mount below it on the host
-    # (another filesystem, one CRIU cannot dump: e.g. a GPU host's /usr/local/nvidia under /usr).
+    # Not recursive: the mounts below a declared one (`below`, from the host's mountinfo) are bound
+    # one by one, so that runc names each to CRIU as external; a recursive bind's submounts CRIU
+    # would try to dump itself (a GPU host's /usr/local/nvidia under /usr is a squashfs: refused).
     for m in sb.mounts:
-        ms.append(
-            {
-                "destination": m.dst,
-                "type": "bind",
-                "source": m.src,
-                "options": ["bind", "ro", "nosuid", "nodev"],
-            }
+        binds = [(m.src, m.dst)] + [
+            (p, m.dst.rstrip("/") + p[len(m.src.rstrip("/")) :]) for p in below.get(m.src, ())
+        ]
+        ms.extend(
+            {"destination": dst, "type": "bind", "source": src, "options": ["bind", "ro", "nosuid", "nodev"]}
+            for src, dst in binds
         )
     return ms
 
@@ -100,8 +123,10 @@ def runtime_config(
     hostname: str,
     gpu: GpuAccess | None = None,
     criu_config: str | None = None,
+    below: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
-    """runc's config.json for one replica of `spec`. Pure."""
+    """runc's config.json for one replica of `spec`; `below`: each declared mount's host
+    submounts (`submounts`). Pure."""
     uid, gid = spec.sandbox.uid_gid
     sb = spec.sandbox
     caps = list(DEFAULT_CAPS)
@@ -128,7 +153,7 @@ def runtime_config(
         "hostname": hostname,
         # runc hands CRIU this file on checkpoint and restore (CRIU_OPTIONS below)
         "annotations": {"org.criu.config": criu_config} if criu_config else {},
-        "mounts": [*_mounts(spec, uid, gid), *(gpu.mounts if gpu else [])],
+        "mounts": [*_mounts(spec, uid, gid, below or {}), *(gpu.mounts if gpu else [])],
         "linux": {
             "namespaces": [
                 {"type": "pid"},

@@ -27,7 +27,7 @@ from snapscale.shared.engine import netns
 from snapscale.shared.engine.criu import CriuRun, read_stats
 from snapscale.shared.engine.errors import CriuError, EngineError
 from snapscale.shared.engine.oci import runc
-from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, runtime_config
+from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, runtime_config, submounts
 from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minors
 from snapscale.shared.engine.oci.images import ImageStore
 from snapscale.shared.engine.sandbox import (
@@ -42,6 +42,7 @@ from snapscale.shared.engine.sandbox import (
 log = logging.getLogger(__name__)
 UPPER_TAR = "rootfs-upper.tar"  # the writable layer, in the image dir
 CGROUP_PARENT = "/snapscale"
+MOUNTINFO = Path("/proc/self/mountinfo")  # this mount namespace: the host's, where runc binds from
 _relays: dict[int, asyncio.Future[None]] = {}  # the log relays' waits, kept so they are reaped
 
 
@@ -160,6 +161,7 @@ async def _bundle(
         hostname=replica,
         gpu=gpu,
         criu_config=str(bundle / "criu.conf"),
+        below=submounts(await asyncio.to_thread(MOUNTINFO.read_text), [m.src for m in spec.sandbox.mounts]),
     )
     (bundle / "criu.conf").write_text(CRIU_OPTIONS)
     (bundle / "config.json").write_text(json.dumps(config, indent=1))
