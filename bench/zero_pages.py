@@ -33,7 +33,7 @@ while True:
 
 
 def dump(dest: Path, zero_mib: int, data_mib: int) -> None:
-    criu = find_criu()
+    criu = find_criu(os.environ.get("SNAPSCALE_CRIU"))
     ready = dest.parent / "ready"
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(ready), str(zero_mib), str(data_mib)],
                              start_new_session=True)  # fmt: skip
