@@ -38,11 +38,13 @@ def every_ten_minutes(n: int = 6) -> Trace:
     return Trace(["llm"], [2.35], [arr], [np.full(n, 0.5)], 3600.0)
 
 
-def simulate(trace: Trace, policy: Policy, profile: Profile = FLAT) -> Result:
+def simulate(trace: Trace, policy: Policy, profile: Profile = FLAT, *, checkpoints: bool = False) -> Result:
+    """One host; `checkpoints` False: the fleet's first day, no deployment frozen yet."""
     per = [samples(trace, d) for d in range(len(trace.names))]
     # utilization 1: one held request asks for one replica (0.7 would start ceil(1 / 0.7) = 2)
+    one = ScalingSpec(utilization=1.0)
     return Sim(
-        trace, per, policy, profile, hosts=1, gpus_per_host=8, scaling=ScalingSpec(utilization=1.0)
+        trace, per, policy, profile, hosts=1, gpus_per_host=8, scaling=one, checkpoints=checkpoints
     ).run()
 
 
@@ -65,6 +67,14 @@ def test_one_request_every_ten_minutes_with_tiers() -> None:
     assert r.gpu_s == pytest.approx(6 * 61.0)
     assert dict(r.restores) == {"cold": 1, "resume": 5}
     assert r.freezes == 1
+
+
+def test_with_yesterdays_checkpoint_the_first_request_restores_from_the_store() -> None:
+    """store = hot 2.45 s + 2.35 GiB / 0.936 GiB/s (the defaults): no cold boot, no freeze."""
+    r = simulate(every_ten_minutes(), BY_NAME["tiers"], checkpoints=True)
+    assert list(r.waits) == pytest.approx([2.45 + 2.35 / 0.936] + [2.0] * 5)
+    assert dict(r.restores) == {"store": 1, "resume": 5} and r.freezes == 0
+    assert r.store_bytes == int(2.35 * GIB)
 
 
 def test_keep_alive_holds_the_replica_until_the_grace_ends() -> None:

@@ -56,6 +56,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--hosts", type=_bounded(int, 1, 100_000), default=1_000, help="GPU hosts in the fleet")
     p.add_argument("--gpus-per-host", type=_bounded(int, 1, 64), default=8, help="GPUs on each host")
     p.add_argument("--tick", type=duration, default=5.0, help="the scaler's tick (snapscale scaler --tick)")
+    p.add_argument(
+        "--no-checkpoints",
+        dest="checkpoints",
+        action="store_false",
+        help="start with an empty catalog (the fleet's first day); by default every deployment has one",
+    )
     p.add_argument("--profile", type=Path, help="TOML overriding the tier timings (docs/fleet.md)")
     p.add_argument("--out", type=Path, help="write fleet.json and the plots (PNG and SVG) here")
     p.add_argument("--json", action="store_true", help="print the JSON document instead of the table")
@@ -102,7 +108,13 @@ def run(args: argparse.Namespace) -> int:
         )
 
     c = compare(
-        tr, profile, hosts=args.hosts, gpus_per_host=args.gpus_per_host, tick_s=args.tick, progress=show
+        tr,
+        profile,
+        hosts=args.hosts,
+        gpus_per_host=args.gpus_per_host,
+        tick_s=args.tick,
+        checkpoints=args.checkpoints,
+        progress=show,
     )
     wall = time.perf_counter() - t0
     doc = report.document(c)

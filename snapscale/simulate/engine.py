@@ -83,7 +83,8 @@ class Dep:
 class Sim:
     def __init__(self, trace: Trace, samples: list[Samples], policy: Policy, profile: Profile, *,
                  hosts: int, gpus_per_host: int, sampled: tuple[int, ...] = (),
-                 cfg: ScalerConfig | None = None, scaling: ScalingSpec | None = None) -> None:  # fmt: skip
+                 cfg: ScalerConfig | None = None, scaling: ScalingSpec | None = None,
+                 checkpoints: bool = True) -> None:  # fmt: skip
         self.trace, self.samples, self.policy, self.profile = trace, samples, policy, profile
         self.cfg = cfg or ScalerConfig()
         self.fleet = Fleet(hosts, gpus_per_host, int(profile.cache_gib * GIB), profile.hot_images,
@@ -102,6 +103,9 @@ class Sim:
             Dep(replace(base, name=n), g, int(g * GIB))
             for n, g in zip(trace.names, trace.image_gib, strict=True)
         ]
+        if checkpoints and policy.freeze:  # not the fleet's first day: yesterday froze every deployment
+            for dep in self.deps:
+                dep.ckpt = f"ck-{dep.spec.name}"
         self.res = Result(policy.name, policy.label)
         self.sampled = {d: trace.names[d] for d in sampled}
         for name in self.sampled.values():

@@ -54,6 +54,7 @@ def compare(
     gpus_per_host: int,
     policies: tuple[Policy, ...] = POLICIES,
     tick_s: float = ScalerConfig.tick_s,
+    checkpoints: bool = True,
     progress: Progress | None = None,
 ) -> Comparison:
     t0 = time.perf_counter()
