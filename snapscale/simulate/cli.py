@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     doc["wall_s"] = wall
     doc["events_per_s"] = events / wall if wall > 0 else 0.0
     if args.out is not None:
-        report.plots(c, args.out)
+        report.plots(doc, args.out)
         (args.out / "fleet.json").write_text(json.dumps(doc, indent=1, allow_nan=False, default=str) + "\n")
     if args.json:
         print(json.dumps(doc, indent=1, default=str))

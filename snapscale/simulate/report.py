@@ -102,42 +102,48 @@ def document(c: Comparison) -> dict[str, Any]:
     }
 
 
-def plots(c: Comparison, out_dir: Path, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
-    """fleet-tradeoff.* (GPU-hours vs p99 wait) and fleet-replicas.* (sampled deployments over
-    the day under the last policy); Agg backend, no display needed."""
+def plots(doc: dict[str, Any], out_dir: Path, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
+    """From `document(c)` (or a fleet.json read back): fleet-tradeoff.* (GPU-hours against the
+    p50 and p99 wait) and fleet-replicas.* (the sampled deployments under the last policy)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    xs = rows(c)
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    for x in xs:
-        p99 = 0.0 if x["policy"] == ALWAYS_ON else x["wait_p99_s"]
+    for i, x in enumerate(doc["policies"]):
+        on = x["policy"] == ALWAYS_ON
+        p50, p99 = (0.0, 0.0) if on else (x["wait_p50_s"], x["wait_p99_s"])
         if p99 is None:
             continue
-        ax.scatter(x["gpu_hours"], p99, s=40)
-        ax.annotate(x["policy"], (x["gpu_hours"], p99), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    ax.set_xlabel("GPU-hours over the day")
-    ax.set_ylabel("p99 wait of requests finding no ready replica (s)")
-    ax.set_title(f"{c.deployments:,} deployments, {c.hosts:,} hosts x {c.gpus_per_host} GPUs, one day")
+        ax.scatter([x["gpu_hours"]], [p99], s=40, color=f"C{i}")
+        ax.scatter([x["gpu_hours"]], [p50], s=40, color=f"C{i}", marker="v", alpha=0.6)
+        ax.annotate(x["policy"], (x["gpu_hours"], p99), textcoords="offset points",
+                    xytext=(6, 6 + 9 * (i % 3)), fontsize=8, color=f"C{i}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    top = max((x["wait_p99_s"] or 0.0) for x in doc["policies"])
+    ax.set_ylim(-2, top * 1.35 + 1)
+    ax.set_xlabel("GPU-hours over the day (log)")
+    ax.set_ylabel("wait of requests finding no ready replica (s)\n● p99   ▼ p50")
+    ax.set_title(f"{doc['deployments']:,} deployments, {doc['hosts']:,} hosts x {doc['gpus_per_host']} GPUs")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths = _save(fig, out_dir / "fleet-tradeoff", formats)
     plt.close(fig)
-    last = c.results[-1]
-    fig, ax = plt.subplots(figsize=(6.4, 3.2), dpi=100)
-    for name in c.sampled:
-        pts = last.series.get(name, [])
+    sampled: dict[str, list[list[float]]] = doc["sampled"]
+    fig, axes = plt.subplots(len(sampled) or 1, 1, figsize=(6.4, 1.1 + 0.9 * len(sampled)), dpi=100,
+                             sharex=True, squeeze=False)  # fmt: skip
+    for ax, (name, pts) in zip(axes[:, 0], sampled.items(), strict=False):
         if pts:
-            ts = [p[0] / 3600 for p in pts] + [c.horizon_s / 3600]
+            ts = [p[0] / 3600 for p in pts] + [doc["horizon_s"] / 3600]
             ns = [p[1] for p in pts] + [pts[-1][1]]
-            ax.step(ts, ns, where="post", label=name, linewidth=0.8)
-    ax.set_xlabel("hour")
-    ax.set_ylabel("replicas")
-    ax.set_title(f"sampled deployments under {last.policy}")
-    ax.legend(fontsize=7, loc="upper right")
+            ax.step(ts, ns, where="post", linewidth=0.6)
+        ax.set_ylabel(name, fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[-1, 0].set_xlabel("hour")
+    axes[0, 0].set_title(f"replicas of sampled deployments under {doc['policies'][-1]['policy']}", fontsize=9)
     fig.tight_layout()
     paths += _save(fig, out_dir / "fleet-replicas", formats)
     plt.close(fig)
