@@ -19,7 +19,7 @@ from snapscale.scaler import service as scaler_service
 from snapscale.scaler.placement import Reservations, place
 from snapscale.shared.bus import DeploymentSpec, ScalingSpec
 from snapscale.shared.core.errors import ConfigError
-from snapscale.simulate import engine
+from snapscale.simulate import down, engine
 from snapscale.simulate.engine import Sim
 from snapscale.simulate.fleet import COMPAT, Fleet, Suspended
 from snapscale.simulate.policies import POLICIES, Policy, Result
@@ -99,7 +99,7 @@ def test_the_same_seed_gives_the_same_day_and_another_seed_another() -> None:
 
 def test_the_simulator_calls_the_services_functions() -> None:
     """The very function objects the services call, not copies."""
-    used = vars(engine)
+    used = {**vars(down), **vars(engine)}
     for module, names in (
         (scaler_service, ("decide", "activation")),
         (scaler_actions, ("place", "choose_releases", "needs_freeze", "prefetch_targets")),

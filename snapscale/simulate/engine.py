@@ -15,72 +15,36 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 
-from snapscale.freezer.decide import Action, Claim, after_claim, before_claim, judge_claim
-from snapscale.restorer.budget import Suspended as BudgetEntry
-from snapscale.restorer.budget import over_budget
 from snapscale.restorer.tiers import Candidate, Observed, choose
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.placement import (
     Placement,
-    Release,
     Reservations,
-    choose_releases,
-    needs_freeze,
     place,
-    prefetch_targets,
 )
 from snapscale.scaler.policy import Window, activation, decide
 from snapscale.shared.bus import (
-    CatalogEntry,
     DeploymentSpec,
-    FreezeCommand,
-    ReleaseMode,
     ReplicaEvent,
     ReplicaState,
     ReplicaSummary,
     ScalingSpec,
     Tier,
 )
-from snapscale.simulate.fleet import COMPAT, Fleet, Suspended
+from snapscale.simulate.down import Down
+from snapscale.simulate.fleet import COMPAT, Fleet
 from snapscale.simulate.policies import Policy, Result
 from snapscale.simulate.profile import GIB, Profile
 from snapscale.simulate.samples import Samples
+from snapscale.simulate.state import FROZEN, READY, RESUME_TICKS, WAKE, Dep, Rep
 from snapscale.simulate.trace import Trace
 
-WAKE, READY, FROZEN, PREFETCHED, RESUME_TICKS = range(5)
-CLAIM_TTL_S = 120.0  # FreezerConfig.claim_ttl_s
 Progress = Callable[[str, float, float], None]
 
 
-@dataclass
-class Rep:
-    host: str
-    gpus: list[str]
-    start: float
-    tier: str
-    ev: ReplicaEvent | None = None  # set once ready
-
-
-@dataclass
-class Dep:
-    spec: DeploymentSpec
-    gib: float
-    nbytes: int
-    window: Window | None = None
-    live: dict[str, Rep] = field(default_factory=dict)
-    n_ready: int = 0
-    noready_since: float = 0.0
-    cursor: int = 0
-    ckpt: str | None = None
-    claim: Claim | None = None
-    freeze_deadline: float | None = None  # the scaler holds the last replica for a freeze till then
-    freeze_done: bool = False
-    peak: int = 0
-
-
-class Sim:
+class Sim(Down):
     def __init__(self, trace: Trace, samples: list[Samples], policy: Policy, profile: Profile, *,
                  hosts: int, gpus_per_host: int, sampled: tuple[int, ...] = (),
                  cfg: ScalerConfig | None = None, scaling: ScalingSpec | None = None,
@@ -226,9 +190,6 @@ class Sim:
             self.push(times[nxt], WAKE, d)
 
     # --- up ------------------------------------------------------------------------------------
-    def _catalog(self, dep: Dep) -> dict[str, str]:
-        return {COMPAT: dep.ckpt} if dep.ckpt else {}
-
     def _replicas_on(self, dep: Dep) -> dict[str, int]:
         out: dict[str, int] = {}
         for r in dep.live.values():
@@ -318,92 +279,7 @@ class Sim:
             else:
                 waits.append(wait)
 
-    def _freeze(self, d: int, replica: str, host: str, t: float) -> None:
-        """Ask the freezer (FreezeJob's decision): it freezes unless the catalog has a checkpoint
-        or another freeze of the deployment holds the claim."""
-        dep = self.deps[d]
-        self.seq += 1
-        cmd = FreezeCommand(id=f"fz-{self.seq}", deployment=dep.spec.name, replica=replica, issued_at=t)
-        entry = None
-        if dep.ckpt is not None:
-            entry = CatalogEntry(dep.spec.name, COMPAT, dep.ckpt, "sim", 0.0, host)
-        verdict = before_claim(cmd, done=False, catalog=entry)
-        if verdict is None:
-            verdict = after_claim(judge_claim(dep.claim, host=host, command_id=cmd.id, now=t), dep.claim)
-            if verdict.action is Action.FREEZE:
-                dep.claim = Claim(host, cmd.id, t + CLAIM_TTL_S)
-                self.res.freezes += 1
-                self.push(t + self.profile.freeze(dep.gib), FROZEN, d)
-
-    # --- down ----------------------------------------------------------------------------------
-    def _scale_down(self, d: int, n: int, t: float) -> None:
-        """Actor.scale_down: release ready replicas; freeze before the last goes; prefetch after."""
-        dep = self.deps[d]
-        ready = [r.ev for r in dep.live.values() if r.ev is not None]
-        hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in {e.host for e in ready}}
-        releases = choose_releases(dep.spec, min(n, len(ready)), ready, hosts, Reservations())
-        if not releases:
-            return
-        to_zero = len(dep.live) == len(releases)
-        if to_zero and self.policy.freeze:
-            last = releases[-1]
-            if needs_freeze(hosts[last.host], dep.spec.name, self._catalog(dep)):
-                if dep.freeze_deadline is None:
-                    dep.freeze_deadline = t + self.cfg.freeze_timeout_s
-                    dep.freeze_done = False
-                    self._freeze(d, last.replica, last.host, t)
-                    releases = releases[:-1]
-                elif not dep.freeze_done and t < dep.freeze_deadline:
-                    releases = releases[:-1]  # still freezing: the last one waits
-            to_zero = len(dep.live) == len(releases)
-        for r in releases:
-            self._release(d, r, t)
-        if to_zero and releases:
-            dep.freeze_deadline = None
-            self._prefetch(d, t)
-
-    def _release(self, d: int, r: Release, t: float) -> None:
-        dep = self.deps[d]
-        rep = dep.live.pop(r.replica)
-        self.res.gpu_s += (t - rep.start) * len(rep.gpus)
-        self.fleet.give(rep.host, rep.gpus)
-        host = self.fleet.by_name[rep.host]
-        host.ready.pop(r.replica, None)
-        dep.n_ready -= 1
-        if dep.n_ready == 0:
-            dep.noready_since = t
-        self._series(d, t)
-        if r.mode is ReleaseMode.SUSPEND:
-            host.suspended[r.replica] = Suspended(dep.spec.name, t, dep.nbytes)
-            self.fleet.suspended_on.setdefault(dep.spec.name, set()).add(rep.host)
-            entries = [BudgetEntry(k, s.since, s.rss_bytes) for k, s in host.suspended.items()]
-            for k in over_budget(entries, self.fleet.budget):
-                self._unsuspend(rep.host, k)
-
-    def _unsuspend(self, host_name: str, replica: str) -> None:
-        host = self.fleet.by_name[host_name]
-        s = host.suspended.pop(replica)
-        if not any(o.deployment == s.deployment for o in host.suspended.values()):
-            self.fleet.suspended_on[s.deployment].discard(host_name)
-
-    def _prefetch(self, d: int, t: float) -> None:
-        dep = self.deps[d]
-        want = self.policy.prefetch_hosts
-        if want <= 0 or dep.ckpt is None:
-            return
-        names = self.fleet.candidates(dep.spec.name, dep.ckpt, {}, want, dep.spec.gpus)
-        hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
-        for host, _ck in prefetch_targets(dep.spec, hosts, self._catalog(dep), Reservations(), want):
-            self.res.prefetches += 1
-            self.res.store_bytes += dep.nbytes
-            self.push(t + self.profile.prefetch(dep.gib), PREFETCHED, d, host)
-
     # --- the end -------------------------------------------------------------------------------
-    def _series(self, d: int, t: float) -> None:
-        name = self.sampled.get(d)
-        if name is not None:
-            self.res.series[name].append((t, len(self.deps[d].live)))
-
     def _finish(self, horizon: float) -> None:
         for d, dep in enumerate(self.deps):
             for rep in dep.live.values():
