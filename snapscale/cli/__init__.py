@@ -30,6 +30,7 @@ from snapscale.shared.core.errors import (
     UnavailableError,
 )
 from snapscale.shared.core.settings import NatsUrlError
+from snapscale.simulate import cli as simulate_cli
 
 # Exit codes, the same for every verb (README, "Operator verbs"):
 EXIT_FAILED = 1  # it did not work: NATS or the store unreachable, no answer in time, a check failed
@@ -51,7 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"snapscale {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (scaler_cli, freezer_cli, restorer_cli, gateway_cli, verbs_cli, store_cli, demo_cli):
+    for module in (
+        scaler_cli,
+        freezer_cli,
+        restorer_cli,
+        gateway_cli,
+        verbs_cli,
+        store_cli,
+        demo_cli,
+        simulate_cli,
+    ):
         module.register(sub)
     return p
 

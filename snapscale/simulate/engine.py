@@ -1,0 +1,290 @@
+"""One policy over one trace on one fleet, in virtual time: a heap of timed events (a request
+finding a deployment at zero, a replica ready, a freeze or prefetch done) between scaler ticks.
+
+The decisions are the services' own functions: the scaler's `activation`, `decide`, `place`,
+`choose_releases`, `needs_freeze` and `prefetch_targets`, the restorer's `choose` and
+`over_budget`, the freezer's `before_claim`, `judge_claim` and `after_claim`. Only their I/O is
+replaced: the fleet's state stands in for heartbeats, the heap for the bus. A deployment with no
+replica and no traffic in its window is off the tick list and costs nothing until its next request.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from bisect import bisect_left
+from collections.abc import Callable
+from dataclasses import replace
+
+from snapscale.restorer.tiers import Candidate, Observed, choose
+from snapscale.scaler.config import ScalerConfig
+from snapscale.scaler.placement import (
+    Placement,
+    Reservations,
+    place,
+)
+from snapscale.scaler.policy import Window, activation, decide
+from snapscale.shared.bus import (
+    DeploymentSpec,
+    ReplicaEvent,
+    ReplicaState,
+    ReplicaSummary,
+    ScalingSpec,
+    Tier,
+)
+from snapscale.simulate.down import Down
+from snapscale.simulate.fleet import COMPAT, Fleet
+from snapscale.simulate.policies import Policy, Result
+from snapscale.simulate.profile import GIB, Profile
+from snapscale.simulate.samples import Samples
+from snapscale.simulate.state import FROZEN, READY, RESUME_TICKS, WAKE, Dep, Rep
+from snapscale.simulate.trace import Trace
+
+Progress = Callable[[str, float, float], None]
+
+
+class Sim(Down):
+    def __init__(self, trace: Trace, samples: list[Samples], policy: Policy, profile: Profile, *,
+                 hosts: int, gpus_per_host: int, sampled: tuple[int, ...] = (),
+                 cfg: ScalerConfig | None = None, scaling: ScalingSpec | None = None,
+                 checkpoints: bool = True) -> None:  # fmt: skip
+        self.trace, self.samples, self.policy, self.profile = trace, samples, policy, profile
+        self.cfg = cfg or ScalerConfig()
+        self.fleet = Fleet(hosts, gpus_per_host, int(profile.cache_gib * GIB), profile.hot_images,
+                           int(profile.suspend_budget_gib * GIB))  # fmt: skip
+        base = DeploymentSpec(name="base", command=["simulated"], gpus=1)
+        base = replace(
+            base,
+            freeze=replace(base.freeze, after_ready=policy.freeze),
+            scaling=replace(
+                scaling or base.scaling,
+                scale_to_zero_after_s=policy.scale_to_zero_after_s,
+                release_mode=policy.release_mode,
+            ),
+        )
+        self.deps = [
+            Dep(replace(base, name=n), g, int(g * GIB))
+            for n, g in zip(trace.names, trace.image_gib, strict=True)
+        ]
+        if checkpoints and policy.freeze:  # not the fleet's first day: yesterday froze every deployment
+            for dep in self.deps:
+                dep.ckpt = f"ck-{dep.spec.name}"
+        self.res = Result(policy.name, policy.label)
+        self.sampled = {d: trace.names[d] for d in sampled}
+        for name in self.sampled.values():
+            self.res.series[name] = [(0.0, 0)]
+        self.heap: list[tuple[float, int, int, int, str]] = []
+        self.seq = 0
+        self.active: set[int] = set()
+        self.now = 0.0
+
+    # --- the loop ---------------------------------------------------------------------------
+    def push(self, t: float, kind: int, d: int, what: str = "") -> None:
+        self.seq += 1
+        heapq.heappush(self.heap, (t, self.seq, kind, d, what))
+
+    def run(self, progress: Progress | None = None) -> Result:
+        t0 = time.perf_counter()
+        horizon = self.trace.horizon_s
+        for d, s in enumerate(self.samples):
+            if len(s.times):
+                self.push(s.times[0], WAKE, d)
+        tick = self.cfg.tick_s
+        k, shown = 1, t0
+        while (t := k * tick) <= horizon:
+            heap = self.heap
+            while heap and heap[0][0] <= t:
+                at, _seq, kind, d, what = heapq.heappop(heap)
+                self.now = at
+                self._event(at, kind, d, what)
+            self.now = t
+            for d in list(self.active):
+                self._tick(d, t)
+            self.res.peak_gpus = max(self.res.peak_gpus, self.fleet.gpus_in_use)
+            if progress is not None and k % 600 == 0 and (w := time.perf_counter()) - shown >= 5.0:
+                shown = w
+                progress(self.policy.name, t, horizon)
+            k += 1
+        self._finish(horizon)
+        self.res.wall_s = time.perf_counter() - t0
+        return self.res
+
+    def _event(self, t: float, kind: int, d: int, what: str) -> None:
+        self.res.events += 1
+        if kind == WAKE:
+            self._wake(d, t)
+        elif kind == READY:
+            self._ready(d, what, t)
+        elif kind == FROZEN:
+            dep = self.deps[d]
+            dep.ckpt = f"ck-{dep.spec.name}"
+            dep.claim = None
+            dep.freeze_done = True
+        elif kind == RESUME_TICKS:
+            if d not in self.active:
+                self.active.add(d)
+                self.deps[d].cursor = bisect_left(self.samples[d].secs, int(t))
+        else:  # PREFETCHED
+            dep = self.deps[d]
+            if dep.ckpt is not None:
+                self.fleet.cache_put(what, dep.ckpt, dep.nbytes)
+
+    def _window(self, dep: Dep) -> Window:
+        if dep.window is None:  # as if made when the scaler started, at 0
+            dep.window = Window(dep.spec.scaling, 0.0)
+        return dep.window
+
+    def _wake(self, d: int, t: float) -> None:
+        """A request finds the deployment at zero: the gateway reports it at once and the scaler
+        starts replicas without waiting for a tick (Scaler._on_traffic)."""
+        if d in self.active:
+            return
+        dep = self.deps[d]
+        self.active.add(d)
+        s = self.samples[d]
+        dep.cursor = bisect_left(s.secs, int(t))
+        w = self._window(dep)
+        w.record(t, 1.0, 1)
+        n = activation(w, dep.spec.scaling, len(dep.live), 1.0, 1, t)
+        if n:
+            self._scale_up(d, n, t)
+
+    def _tick(self, d: int, t: float) -> None:
+        dep = self.deps[d]
+        s = self.samples[d]
+        w = self._window(dep)
+        secs, c = s.secs, dep.cursor
+        while c < len(secs) and secs[c] < t:
+            w.record(secs[c] + 0.5, s.conc[c], s.arrivals[c])
+            c += 1
+        dep.cursor = c
+        current = len(dep.live)
+        decision = decide(w, dep.spec.scaling, current, t)
+        desired = decision.desired
+        self.res.decisions += 1
+        if desired > current:
+            self._scale_up(d, desired - current, t)
+        elif desired < current:
+            self._scale_down(d, current - desired, t)
+        if w.stable_sum != 0.0 or w.panic_sum != 0.0:
+            return
+        if not dep.live:
+            self._sleep(d, t)  # idle: its next request wakes it
+        elif decision.reason == "grace" and desired == current:
+            # Within the grace, with no traffic in the window, every tick decides the same one
+            # replica (no panic, nothing held, nothing to average): skip to the grace's end.
+            sc = dep.spec.scaling
+            since = w.last_traffic if sc.scale_to_zero_grace_from == "last-traffic" else w.inactive_since
+            if since is not None:
+                tick = self.cfg.tick_s
+                k = max(math.ceil((since + sc.scale_to_zero_after_s) / tick), math.floor(t / tick) + 1)
+                self._sleep(d, t)
+                self.push(k * tick, RESUME_TICKS, d)
+
+    def _sleep(self, d: int, t: float) -> None:
+        self.active.discard(d)
+        times = self.samples[d].times
+        nxt = bisect_left(times, t)
+        if nxt < len(times):
+            self.push(times[nxt], WAKE, d)
+
+    # --- up ------------------------------------------------------------------------------------
+    def _replicas_on(self, dep: Dep) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for r in dep.live.values():
+            out[r.host] = out.get(r.host, 0) + 1
+        return out
+
+    def _scale_up(self, d: int, n: int, t: float) -> None:
+        dep = self.deps[d]
+        if self.fleet.gpus_free < dep.spec.gpus:  # `place` finds no host with room: skip asking
+            self.res.unplaceable += n
+            return
+        on = self._replicas_on(dep)
+        names = self.fleet.candidates(dep.spec.name, dep.ckpt, on, n, dep.spec.gpus)
+        hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
+        placed = place(dep.spec, n, hosts, self._catalog(dep), on, Reservations())
+        self.res.unplaceable += n - len(placed)
+        for p in placed:
+            self._start(d, p, t)
+
+    def _start(self, d: int, p: Placement, t: float) -> None:
+        dep, fleet, prof = self.deps[d], self.fleet, self.profile
+        host = fleet.by_name[p.host]
+        fleet.take(p.host, p.gpu_uuids)
+        self.seq += 1
+        name = dep.spec.name
+        choice = choose(
+            Observed(
+                replica=p.resume or f"{name}-{self.seq}",
+                allow=self.policy.tiers,
+                host_compat_hash=COMPAT,
+                suspended=tuple(r for r, s in host.suspended.items() if s.deployment == name),
+                entry=Candidate(dep.ckpt, COMPAT) if dep.ckpt else None,
+                need_bytes=dep.nbytes,
+                cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
+            )
+        )
+        replica = choice.resume_replica or p.resume or f"{name}-{self.seq}"
+        if choice.tier is Tier.RESUME:
+            self._unsuspend(p.host, replica)
+            tier, lat = "resume", prof.resume(dep.gib)
+        elif choice.tier is Tier.CACHE:
+            assert dep.ckpt is not None
+            hot = dep.ckpt in host.hot
+            tier, lat = ("hot", prof.hot(dep.gib)) if hot else ("cache", prof.cache(dep.gib))
+            fleet.cache_put(p.host, dep.ckpt, dep.nbytes)  # a use: most recent in the LRU
+        elif choice.tier is Tier.STORE:
+            assert dep.ckpt is not None
+            tier, lat = "store", prof.store(dep.gib)
+            self.res.store_bytes += dep.nbytes
+            fleet.cache_put(p.host, dep.ckpt, dep.nbytes)
+        else:
+            tier, lat = "cold", prof.cold(dep.gib)
+        self.res.restores[tier] += 1
+        dep.live[replica] = Rep(p.host, list(p.gpu_uuids), t, tier)
+        dep.peak = max(dep.peak, len(dep.live))
+        self._series(d, t)
+        self.push(t + lat, READY, d, replica)
+
+    def _ready(self, d: int, replica: str, t: float) -> None:
+        dep = self.deps[d]
+        rep = dep.live.get(replica)
+        if rep is None or rep.ev is not None:
+            return
+        name = dep.spec.name
+        rep.ev = ReplicaEvent(name, replica, rep.host, ReplicaState.READY, t, gpu_uuids=rep.gpus)
+        self.fleet.by_name[rep.host].ready[replica] = ReplicaSummary(
+            name, replica, ReplicaState.READY, rep.gpus, t, dep.nbytes
+        )
+        if dep.n_ready == 0:
+            self._serve_waiting(d, t)
+        dep.n_ready += 1
+        if rep.tier in ("cache", "store") and dep.ckpt is not None:
+            self.fleet.make_hot(rep.host, dep.ckpt)  # the restorer keeps the image it assembled
+        if rep.tier == "cold" and dep.spec.freeze.after_ready:
+            self._freeze(d, replica, rep.host, t)
+
+    def _serve_waiting(self, d: int, t: float) -> None:
+        """The requests held since no replica was ready go to this one (the gateway's queue)."""
+        times = self.samples[d].times
+        dep = self.deps[d]
+        limit = dep.spec.scaling.queue_timeout_s
+        waits = self.res.waits
+        for i in range(bisect_left(times, dep.noready_since), bisect_left(times, t)):
+            wait = t - times[i]
+            if wait > limit:
+                self.res.timeouts += 1
+            else:
+                waits.append(wait)
+
+    # --- the end -------------------------------------------------------------------------------
+    def _finish(self, horizon: float) -> None:
+        for d, dep in enumerate(self.deps):
+            for rep in dep.live.values():
+                self.res.gpu_s += (horizon - rep.start) * len(rep.gpus)
+            if dep.n_ready == 0:  # still held at the end: counted as not served
+                times = self.samples[d].times
+                self.res.timeouts += bisect_left(times, horizon) - bisect_left(times, dep.noready_since)
+        self.res.peaks = [dep.peak for dep in self.deps]
