@@ -197,6 +197,14 @@ def test_profile_file_is_checked(tmp_path: Path) -> None:
     assert "store_gib_per_s: must be above 0" in str(e.value)
 
 
+def test_the_example_profiles_load() -> None:
+    """examples/simulate/ holds profiles, not deployment specs (tests/test_spec.py loads those)."""
+    found = sorted((Path(__file__).resolve().parents[1] / "examples" / "simulate").glob("*.toml"))
+    assert found
+    for path in found:
+        assert load_profile(path) != Profile(), path  # each sets something
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     main = "import sys; from snapscale.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", main, "simulate", *args],
