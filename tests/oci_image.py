@@ -21,7 +21,7 @@ CAN_DUMP_OTHER_UIDS = has_cap(CAP_SYS_RESOURCE, Path("/proc/self/status").read_t
 DUMP_USER = "1000:1000" if CAN_DUMP_OTHER_UIDS else "0:0"
 
 PROBE = r"""
-import ctypes, json, os, sys, http.server
+import ctypes, json, os, sys, threading, time, http.server
 count = [0]
 hog = []
 if os.environ.get("ALLOC_MIB"):
@@ -78,6 +78,14 @@ class H(http.server.BaseHTTPRequestHandler):
             with open(q["path"], "w") as f:
                 f.write(q["data"])
             return self.answer("written")
+        if self.path == "/append":  # a file kept open and grown every millisecond, from a thread
+            f = open(q["path"], "a")
+            def grow():
+                n = 0
+                while True:
+                    n += 1; f.write("%d\n" % n); f.flush(); time.sleep(0.001)
+            threading.Thread(target=grow, daemon=True).start()
+            return self.answer("appending")
         if self.path == "/read":
             return self.answer(attempt(lambda: open(q["path"]).read()))
         self.send_response(404); self.end_headers()

@@ -4,6 +4,7 @@ another (a second state dir: its own image store and run dirs, as a second host 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -143,6 +144,35 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
         assert await _call(back, "POST", "/read", {"path": "/data/kept"}) == "ok: from the first replica"
         assert await _call(back, "POST", "/read", {"path": "/scratch/kept"}) == "ok: scratch too"
         await engine.stop(back)
+
+
+async def test_a_file_growing_through_a_keep_running_freeze_travels_as_the_memory_saw_it(
+    oci_ref: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary
+) -> None:
+    """The writable layer is packed while the container is still frozen: a file the workload holds
+    open and appends a numbered line to every millisecond travels as the frozen memory knew it.
+    Packed after the workload was thawed, the layer held lines the original wrote after the dump,
+    and the restored replica, counting from its memory, wrote those numbers again."""
+    spec = probe_spec("growing", oci_ref, user=DUMP_USER)
+    sb = await engine.launch(spec, "growing-1", gpu_uuids=[], run_dir=tmp_path / "host-a" / "run" / "g1")
+    made.append(sb)
+    await engine.wait_ready(sb, spec.ready)
+    await _call(sb, "POST", "/append", {"path": "/data/growing"})
+    await _call(sb, "POST", "/read", {"path": "/data/growing"})
+    image_dir = tmp_path / "image"
+    live = await engine.freeze(sb, spec, image_dir, keep_running=True, criu=criu)
+    assert live.keep_running and is_running(sb)
+    await engine.stop(sb)
+    back, _report = await engine.restore(
+        spec, image_dir, "growing-2", gpu_uuids=[], run_dir=tmp_path / "host-a" / "run" / "g2", criu=criu
+    )
+    made.append(back)
+    await asyncio.sleep(0.1)  # the restored thread appends on
+    text = await _call(back, "POST", "/read", {"path": "/data/growing"})
+    assert isinstance(text, str) and text.startswith("ok: 1\n")
+    numbers = [int(n) for n in text.removeprefix("ok: ").split()]
+    assert numbers == list(range(1, len(numbers) + 1)), "a line number written twice"
+    assert len(numbers) > 50
 
 
 async def test_a_mount_outside_what_the_host_allows_is_refused_before_anything_runs(

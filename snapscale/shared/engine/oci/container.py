@@ -215,9 +215,20 @@ async def checkpoint(sb: Sandbox, image_dir: Path, *, leave_running: bool, criu:
     argv = runc.checkpoint_argv(
         runc.runc_path(), criu, sb.container, image_dir, work, leave_running=leave_running
     )
-    seconds = await runc.call(argv, "criu_dump", log=work / "dump.log")
     upper = Path(sb.run_dir) / "upper"
-    await _layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
+    if not leave_running:  # nothing runs after the dump: the layer is as CRIU left it
+        seconds = await runc.call(argv, "criu_dump", log=work / "dump.log")
+        await _layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
+        return CriuRun(seconds=seconds, stats=read_stats(work, "dump"))
+    # Kept running: the layer is packed while the cgroup stays frozen, so the files travel as the
+    # memory saw them (a file the workload changed after a --leave-running dump could fail the
+    # restore on CRIU's size check); the checkpoint leaves a paused container paused.
+    await runc.call(runc.pause_argv(runc.runc_path(), sb.container, pause=True), "criu_dump")
+    try:
+        seconds = await runc.call(argv, "criu_dump", log=work / "dump.log")
+        await _layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
+    finally:
+        await runc.call(runc.pause_argv(runc.runc_path(), sb.container, pause=False), "criu_dump")
     return CriuRun(seconds=seconds, stats=read_stats(work, "dump"))
 
 

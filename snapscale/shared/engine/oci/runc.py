@@ -13,7 +13,7 @@ from typing import Any
 from snapscale.shared.engine.errors import CriuError, EngineError
 
 STATE_ROOT = "/run/snapscale-runc"
-_VERBS = ("run", "checkpoint", "restore", "delete", "state")
+_VERBS = ("run", "checkpoint", "restore", "delete", "state", "pause", "resume")
 
 
 def runc_path() -> str:
@@ -53,6 +53,11 @@ def restore_argv(
         *_base(runc, criu), "restore", "--detach", "--tcp-established", "--image-path", str(image_dir),
         "--work-path", str(work_dir), "--bundle", str(bundle), "--pid-file", str(pidfile), cid,
     ]  # fmt: skip
+
+
+def pause_argv(runc: str, cid: str, *, pause: bool) -> list[str]:
+    """Freeze (`pause`) or thaw (`resume`) the container's cgroup."""
+    return [*_base(runc), "pause" if pause else "resume", cid]
 
 
 def delete_argv(runc: str, cid: str) -> list[str]:
