@@ -9,9 +9,7 @@ say `snapscale.tier` alike. Durations get second-scale buckets from telemetry's 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-
-from opentelemetry.metrics import CallbackOptions, Observation
+from collections.abc import Mapping
 
 from snapscale.shared.bus import Tier
 from snapscale.shared.core import telemetry
@@ -37,24 +35,11 @@ _duration = _meter.create_histogram(
 _phase = _meter.create_histogram(PHASE_DURATION, unit="s", description="one phase of a scale-up, by tier")
 
 
-class _IoTotals:
-    """Bytes of images that scale-ups read, by source, since the process started.
-
-    An observable counter rather than `add()`: it reports both sources from the first scrape on,
-    at 0, so the first scale-up's bytes show in `increase()`; Prometheus cannot see the first
-    increment of a series that appears with it."""
-
-    def __init__(self) -> None:
-        self.by_source = {"store": 0, "cache": 0}
-
-    def observe(self, _options: CallbackOptions) -> Iterable[Observation]:
-        return [Observation(n, {SOURCE_ATTR: src}) for src, n in self.by_source.items()]
-
-
-_io = _IoTotals()
-_meter.create_observable_counter(
-    SCALE_UP_IO, callbacks=[_io.observe], unit="By", description="image bytes scale-ups read, by source"
-)
+# Both sources at 0 from the first scrape on, so the first scale-up's bytes show in `increase()`.
+_io = telemetry.observable_totals(
+    _meter, SCALE_UP_IO, SOURCE_ATTR, unit="By", description="image bytes scale-ups read, by source",
+    keys=("store", "cache"),
+)  # fmt: skip
 
 
 def record_ready(
@@ -67,5 +52,5 @@ def record_ready(
     for name, secs in timings_s.items():
         if name in PHASES:
             _phase.record(secs, {PHASE_ATTR: name, TIER_ATTR: tier.value})
-    _io.by_source["store"] += nbytes.get("fetched", 0)
-    _io.by_source["cache"] += nbytes.get("cached", 0)
+    _io.add("store", nbytes.get("fetched", 0))
+    _io.add("cache", nbytes.get("cached", 0))

@@ -9,7 +9,7 @@ Prometheus that also takes the collector's OTLP does not count a scale-up twice.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from opentelemetry import context, metrics, propagate, trace
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
@@ -105,6 +105,32 @@ def tracer(name: str) -> trace.Tracer:
 
 def meter(name: str) -> metrics.Meter:
     return metrics.get_meter(name)
+
+
+class Totals:
+    """Counts by one attribute's value since the process started, reported as an observable counter
+    rather than through `add()`: every value in `keys` is reported from the first scrape on, at 0,
+    and a new value from its first count, so `increase()` sees the first one (Prometheus cannot see
+    the first increment of a series that appears with it)."""
+
+    def __init__(self, attr: str, keys: Iterable[str] = ()) -> None:
+        self.attr = attr
+        self.counts: dict[str, int] = dict.fromkeys(keys, 0)
+
+    def add(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def observe(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        return [metrics.Observation(n, {self.attr: k}) for k, n in sorted(self.counts.items())]
+
+
+def observable_totals(
+    m: metrics.Meter, name: str, attr: str, *, unit: str, description: str, keys: Iterable[str] = ()
+) -> Totals:
+    """A `Totals` by `attr`, exported as the observable counter `name` of meter `m`."""
+    totals = Totals(attr, keys)
+    m.create_observable_counter(name, callbacks=[totals.observe], unit=unit, description=description)
+    return totals
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
