@@ -52,11 +52,16 @@ def _unescape(field: str) -> str:
     return field
 
 
+def mount_points(mountinfo: str) -> list[str]:
+    """The mount points of a /proc/<pid>/mountinfo text, unescaped, in its order. Pure."""
+    return [_unescape(line.split()[4]) for line in mountinfo.splitlines() if len(line.split()) > 4]
+
+
 def submounts(mountinfo: str, roots: Sequence[str]) -> dict[str, list[str]]:
     """Each root's host mounts strictly below it (from /proc/self/mountinfo's text), outermost
     first: a declared mount shows them too, each bound on its own so that runc lists it to CRIU as
     external (a recursive bind's submounts it would try to dump: e.g. a squashfs). Pure."""
-    points = [_unescape(line.split()[4]) for line in mountinfo.splitlines() if len(line.split()) > 4]
+    points = mount_points(mountinfo)
     out: dict[str, list[str]] = {}
     for root in roots:
         base = root.rstrip("/")

@@ -27,7 +27,7 @@ from snapscale.shared.engine import netns
 from snapscale.shared.engine.criu import CriuRun, read_stats
 from snapscale.shared.engine.errors import CriuError, EngineError
 from snapscale.shared.engine.oci import runc
-from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, runtime_config, submounts
+from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, mount_points, runtime_config, submounts
 from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minors
 from snapscale.shared.engine.oci.images import ImageStore
 from snapscale.shared.engine.sandbox import (
@@ -300,13 +300,11 @@ def init_pids(root: Path) -> list[int]:
 def _leftovers(root: Path) -> tuple[list[str], list[str]]:
     """runc containers whose bundle lies under `root`, and the mounts under it (deepest first)."""
     cids = list(_containers(root))
-    mounts = []
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/mounts").read_text().splitlines():
-            target = line.split()[1].replace("\\040", " ")
-            if _under(target, root):
-                mounts.append(target)
-    return cids, sorted(mounts, key=len, reverse=True)
+    try:
+        points = mount_points(MOUNTINFO.read_text())
+    except OSError:
+        points = []
+    return cids, sorted([t for t in points if _under(t, root)], key=len, reverse=True)
 
 
 async def sweep(root: Path) -> list[str]:
