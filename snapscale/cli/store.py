@@ -19,7 +19,7 @@ from snapscale.shared.core import wire
 from snapscale.shared.core.cliargs import add_alias, duration, subcommand
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.core.settings import Settings
-from snapscale.shared.core.units import format_duration, format_size
+from snapscale.shared.core.units import format_duration, format_size, format_time
 from snapscale.shared.store import (
     DEFAULT_GC_GRACE_S,
     MANIFESTS,
@@ -131,7 +131,7 @@ async def _show(args: argparse.Namespace) -> int:
         print_json(m)
         return 0
     print(f"checkpoint {m.checkpoint_id} of {m.deployment} (format {m.format_version}, signature ok)")
-    print(f"  created   {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(m.created_at))}")
+    print(f"  created   {format_time(m.created_at)}")
     print(f"  compat    {m.compat_hash}")
     for k, v in sorted(m.compat.items()):
         print(f"    {k} = {v}")

@@ -23,7 +23,7 @@ from snapscale.shared.bus import ReplicaState, load_spec
 from snapscale.shared.core import telemetry, wire
 from snapscale.shared.core.cliargs import add_alias, duration, subcommand
 from snapscale.shared.core.fieldcheck import FieldsError
-from snapscale.shared.core.units import format_duration
+from snapscale.shared.core.units import format_duration, format_time
 
 EXIT_FAILED = 1
 
@@ -166,7 +166,7 @@ def deployments_table(deps: list[Deployment]) -> str:
         ready = sum(1 for r in d.replicas if r.state is ReplicaState.READY)
         suspended = sum(1 for r in d.replicas if r.state is ReplicaState.SUSPENDED)
         freeze = "; ".join(
-            f"{r.line()} since {status_mod.since(r.since)} (key {r.compat_hash[:12]})" for r in d.refusals
+            f"{r.line()} since {format_time(r.since)} (key {r.compat_hash[:12]})" for r in d.refusals
         )
         if d.spec is None:
             rows.append(

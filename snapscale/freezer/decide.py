@@ -5,11 +5,11 @@ No I/O: the service reads the ledger, the catalog and the claim, asks here, then
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 
 from snapscale.shared.bus import CatalogEntry, FreezeCommand, FreezeRefusal
+from snapscale.shared.core.units import format_time
 
 
 class Action(StrEnum):
@@ -52,7 +52,7 @@ def before_claim(
     if cmd.force:
         return FreezeDecision(Action.FREEZE, "forced by the operator")
     if refused is not None:
-        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(refused.since))
+        since = format_time(refused.since)
         return FreezeDecision(
             Action.SKIP,
             f"{refused.line()} (since {since}, {refused.failures} failed);"

@@ -27,7 +27,7 @@ from snapscale.shared.bus import (
 from snapscale.shared.core import wire
 from snapscale.shared.core.errors import MessageError
 from snapscale.shared.core.tables import table
-from snapscale.shared.core.units import format_size
+from snapscale.shared.core.units import format_size, format_time
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,6 @@ async def refusals(b: Bus) -> list[FreezeRefusal]:
     """The deployment + key pairs that cannot be frozen (bus/refusals.py), oldest first."""
     got = read_refusals(await _values(b.kv.get(Bucket.LEASES)))
     return sorted(got, key=lambda r: (r.since, r.deployment))
-
-
-def since(ts: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
 
 
 def to_json(st: Status) -> bytes:
@@ -169,7 +165,7 @@ def render(st: Status, now: float | None = None) -> str:
                 ["DEPLOYMENT", "KEY", "WHY", "SINCE", "FAILED", "LAST HOST"],
                 [
                     [r.deployment, r.compat_hash[:12], r.line(),
-                     f"{since(r.since)} ({_age(r.since, now)} ago)", str(r.failures), r.host]
+                     f"{format_time(r.since)} ({_age(r.since, now)} ago)", str(r.failures), r.host]
                     for r in st.refusals
                 ],
             )

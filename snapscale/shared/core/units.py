@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 
 from snapscale.shared.core.errors import ConfigError
 
@@ -59,3 +60,8 @@ def format_size(n: float) -> str:
         if n < 1 << (10 * (i + 1)) or unit == _IEC[-1]:
             return f"{n / (1 << (10 * i)):.1f}{unit}"
     raise AssertionError("unreachable")
+
+
+def format_time(ts: float) -> str:
+    """A wall-clock time (seconds since the epoch) as operators read it: `2026-12-04 18:03:44 UTC`."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
