@@ -15,7 +15,7 @@ import pytest
 from conftest import NatsServer, start_nats, start_nats_cluster
 from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
-from nats.js.errors import KeyNotFoundError, NoStreamResponseError
+from nats.js.errors import KeyNotFoundError, NoKeysError, NoStreamResponseError
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -122,6 +122,36 @@ async def test_kv_compare_and_set_conflict(the_bus: bus.Bus) -> None:
         await bus.kv_cas(kv, "r1", b"stale writer", rev1)
     got = await bus.kv_get(kv, "r1")
     assert got == (b"restoring", rev2)
+
+
+async def test_kv_reads_see_a_key_the_watchers_first_read_missed(
+    the_bus: bus.Bus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """nats-py's keys()/history() can end before the consumer's first message is handed over and
+    answer "no keys" for a key just written (its watcher's init race); kv_keys/kv_history check an
+    empty answer against a consumer-less read and read again. The race is made certain here by
+    having the first read of each answer as the race does."""
+    kv = the_bus.kv[Bucket.DEPLOYMENTS]
+    assert await bus.kv_keys(kv) == [] and await bus.kv_history(kv, "d") == []  # truly empty
+    await kv.put("d", b"v1")
+    await kv.put("d", b"v2")
+    await kv.put("gone", b"x")
+    await kv.delete("gone")
+    for name in ("keys", "history"):
+        real = getattr(type(kv), name)
+        missed: list[bool] = []
+
+        async def racy(self: object, *a: object, _real: object = real, _m: list[bool] = missed) -> object:
+            if not _m:
+                _m.append(True)
+                raise NoKeysError
+            return await _real(self, *a)  # type: ignore[operator]
+
+        monkeypatch.setattr(type(kv), name, racy)
+    assert await bus.kv_keys(kv) == ["d"]  # a deleted key is not listed
+    assert [e.value for e in await bus.kv_history(kv, "d")] == [b"v1", b"v2"]
+    assert [e.operation for e in await bus.kv_history(kv, "gone")] == [None, "DEL"]
+    assert await bus.kv_history(kv, "never") == []
 
 
 async def test_core_subscriber_counts_and_drops_malformed(the_bus: bus.Bus) -> None:

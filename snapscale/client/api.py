@@ -18,7 +18,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from snapscale.freezer import operator
@@ -354,10 +353,7 @@ async def _values(kv: KeyValue | None, prefix: str = "") -> list[tuple[str, byte
     """(key, value) of the bucket's keys under `prefix`, by key; a missing bucket holds none."""
     if kv is None:
         return []
-    try:
-        keys = sorted(k for k in await kv.keys() if k.startswith(prefix))
-    except NoKeysError:
-        return []
+    keys = sorted(k for k in await bus.kv_keys(kv) if k.startswith(prefix))
     got = await asyncio.gather(*(bus.kv_get(kv, k) for k in keys))
     return [(k, g[0]) for k, g in zip(keys, got, strict=True) if g is not None]
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nats.aio.msg import Msg
-from nats.js.errors import NoKeysError
 
 from snapscale.shared import bus
 from snapscale.shared.bus import (
@@ -79,12 +78,8 @@ def format_event(ev: CheckpointEvent) -> str:
 
 async def replicas_in_kv(b: bus.Bus, deployment: str) -> list[ReplicaEvent]:
     kv = b.kv[Bucket.REPLICAS]
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
     out: list[ReplicaEvent] = []
-    for k in keys:
+    for k in await bus.kv_keys(kv):
         if not k.startswith(f"{deployment}."):
             continue
         got = await bus.kv_get(kv, k)

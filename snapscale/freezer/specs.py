@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import datetime
 
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
-from snapscale.shared.bus import DeploymentSpec
+from snapscale.shared.bus import DeploymentSpec, kv_history
 from snapscale.shared.core.errors import ConfigError
 
 
@@ -36,10 +35,9 @@ def pick_revision(revisions: list[tuple[float, bytes | None]], started_at: float
 
 
 async def spec_at(kv: KeyValue, deployment: str, started_at: float) -> DeploymentSpec:
-    try:
-        history = await kv.history(deployment)
-    except NoKeysError:
-        raise SpecUnknown(f"deployment {deployment} has no spec in KV 'deployments'") from None
+    history = await kv_history(kv, deployment)
+    if not history:
+        raise SpecUnknown(f"deployment {deployment} has no spec in KV 'deployments'")
     revisions = [(_seconds(e.created), e.value if e.operation is None else None) for e in history]
     data = pick_revision(revisions, started_at)
     try:

@@ -12,10 +12,8 @@ import logging
 import platform
 import time
 
-from nats.js.errors import NoKeysError
-
 from snapscale.restorer.specs import deployed_spec
-from snapscale.shared.bus import Bucket, Bus, DeploymentSpec
+from snapscale.shared.bus import Bucket, Bus, DeploymentSpec, kv_keys
 from snapscale.shared.engine import CompatKey, CriuBinary, cuda_driver_version, host_key, read_gpus
 
 log = logging.getLogger(__name__)
@@ -64,10 +62,7 @@ def host_part(criu: CriuBinary) -> CompatKey:
 async def deployment_keys(b: Bus, keys: CompatKeys, limit: int = 256) -> dict[str, str]:
     """deployment -> this host's compat hash for it, for every deployed spec (the heartbeat's)."""
     kv = b.kv[Bucket.DEPLOYMENTS]
-    try:
-        names = sorted(await kv.keys())[:limit]
-    except NoKeysError:
-        return {}
+    names = sorted(await kv_keys(kv))[:limit]
     out: dict[str, str] = {}
     for name in names:
         try:

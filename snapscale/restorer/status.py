@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from snapscale.shared import bus as busmod
@@ -42,12 +41,8 @@ class Status:
 async def _values(kv: KeyValue | None) -> list[tuple[str, bytes]]:
     if kv is None:  # the bucket does not exist yet: nothing ever wrote to it
         return []
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
     out = []
-    for k in sorted(keys):
+    for k in sorted(await busmod.kv_keys(kv)):
         got = await busmod.kv_get(kv, k)
         if got is not None:
             out.append((k, got[0]))

@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import asyncio
 
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from snapscale.shared import bus
 
 
 async def keys(kv: KeyValue) -> list[str]:
-    try:
-        return list(await kv.keys())
-    except NoKeysError:
-        return []
+    return await bus.kv_keys(kv)
 
 
 async def values(kv: KeyValue, concurrency: int = 64) -> list[tuple[str, bytes, int]]:

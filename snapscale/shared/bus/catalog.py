@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass, field, replace
 from typing import Annotated
 
-from nats.js.errors import NoKeysError
 from nats.js.kv import KeyValue
 
 from snapscale.shared.bus import client as bus
@@ -79,12 +78,8 @@ async def publish_entry(kv: KeyValue, entry: CatalogEntry) -> CatalogEntry:
 async def list_entries(kv: KeyValue, deployment: str | None = None) -> list[CatalogEntry]:
     """The entries (of `deployment`); one that does not decode is logged and left out, so a bad
     value under one key never fails a scale-up that would otherwise boot cold."""
-    try:
-        keys = await kv.keys()
-    except NoKeysError:
-        return []
     out: list[CatalogEntry] = []
-    for k in keys:
+    for k in await bus.kv_keys(kv):
         if deployment is not None and not k.startswith(f"{deployment}."):
             continue
         got = await bus.kv_get(kv, k)

@@ -25,8 +25,10 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext, api
 from nats.js.errors import (
     BadRequestError,
+    KeyDeletedError,
     KeyNotFoundError,
     KeyWrongLastSequenceError,
+    NoKeysError,
     NoStreamResponseError,
     NotFoundError,
     ServiceUnavailableError,
@@ -353,6 +355,42 @@ async def kv_get(kv: KeyValue, key: str) -> tuple[bytes, int] | None:
     if e.value is None:
         return None
     return e.value, e.revision or 0
+
+
+# nats-py's keys() and history() read through a fresh ordered consumer and take "nothing pending
+# and nothing delivered yet" as the end of the data. A message the server has already pushed but the
+# client has not yet handed to the watcher's callback is then missed, and a key written just before
+# reads as no keys at all (about one read in 300 on a quiet machine, more under load). An empty
+# answer is checked against a read that uses no consumer, and read again.
+KV_READ_TRIES = 3
+
+
+async def kv_keys(kv: KeyValue) -> list[str]:
+    """The keys the bucket holds a value under; [] for none (deleted keys are not listed)."""
+    for _ in range(KV_READ_TRIES):
+        try:
+            return list(await kv.keys())
+        except NoKeysError:
+            pass
+        if (await kv.status()).values == 0:
+            return []
+    return []
+
+
+async def kv_history(kv: KeyValue, key: str) -> list[KeyValue.Entry]:
+    """Every kept revision of `key`, deletes included, oldest first; [] if it never had one."""
+    for _ in range(KV_READ_TRIES):
+        try:
+            return list(await kv.history(key))
+        except NoKeysError:
+            pass
+        try:
+            await kv.get(key)
+        except KeyDeletedError:
+            continue  # a delete is a revision: the history is not empty
+        except KeyNotFoundError:
+            return []
+    return []
 
 
 async def subscribe_core(
