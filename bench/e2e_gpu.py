@@ -26,7 +26,15 @@ from typing import Any
 from bench.e2e_report import Raw, Up, ratios, table
 from snapscale.demo import DemoOptions, demo_env, demo_spec
 from snapscale.demo.live import Console, follow
-from snapscale.demo.procs import ProcessSet, find_exe, free_port, log_tail, port_open, reap_sandboxes
+from snapscale.demo.procs import (
+    ProcessSet,
+    find_exe,
+    free_port,
+    log_tail,
+    port_open,
+    reap_sandboxes,
+    wait_port,
+)
 from snapscale.demo.report import DemoState
 from snapscale.restorer.config import RestorerConfig
 from snapscale.shared import bus, engine
@@ -350,6 +358,8 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     try:
         os.environ.setdefault("SNAPSCALE_SANDBOX", "host")  # dev mode: host-process sandboxes
+        if args.s3:
+            results["store"] = os.environ["SNAPSCALE_STORE"] = s3_store(procs)
         asyncio.run(play(args, work, procs, results))
         rc = 0
     except BenchError as e:
@@ -375,6 +385,25 @@ def main(args: argparse.Namespace) -> int:
         say(f"answers differ from the cold boot's at: {bad}")
         rc = 1
     return rc
+
+
+def s3_store(procs: ProcessSet) -> str:
+    """moto's S3 server on loopback, stopped with the services: the store the services are given
+    (its endpoint and credentials in this process's environment, which they inherit)."""
+    import boto3
+
+    from bench.prefetch import moto_argv
+
+    port = free_port()
+    procs.start("moto", moto_argv(port), dict(os.environ))
+    wait_port(port, timeout_s=20.0)
+    ep = f"http://127.0.0.1:{port}"
+    for k, v in (("AWS_ACCESS_KEY_ID", "bench"), ("AWS_SECRET_ACCESS_KEY", "bench"),
+                 ("AWS_DEFAULT_REGION", "us-east-1"), ("AWS_ENDPOINT_URL", ep)):  # fmt: skip
+        os.environ.setdefault(k, v)
+    boto3.client("s3", endpoint_url=ep, region_name="us-east-1").create_bucket(Bucket="e2e")
+    say(f"store: moto's S3 server at {ep}")
+    return "s3://e2e/store"
 
 
 def run_scaler() -> int:
@@ -407,6 +436,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compare", action="store_true", help="skip the warm restore without its hot image")
     p.add_argument("--hot-images", type=int, default=None, help="SNAPSCALE_HOT_IMAGES for the restorer")
     p.add_argument("--weights-outside", action="store_true", help="the sample's weights outside the image")
+    p.add_argument("--s3", action="store_true", help="the store on moto's S3 server (loopback), not files")
     p.add_argument("--scaler", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 

@@ -47,14 +47,16 @@ MB = 1e6
 MiB = 1 << 20
 
 
-def start_moto() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
+def moto_argv(port: int) -> list[str]:
     exe = Path(sys.executable).parent / "moto_server"
     # A venv has the console script; a machine given the wheels in a --target dir has only the module.
     argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-    proc = subprocess.Popen(
-        [*argv, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    return [*argv, "-H", "127.0.0.1", "-p", str(port)]
+
+
+def start_moto() -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(moto_argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, timeout_s=20.0)
     return proc, f"http://127.0.0.1:{port}"
 
