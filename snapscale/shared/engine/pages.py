@@ -21,6 +21,7 @@ import mmap
 import os
 import re
 import struct
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ _NOT_PLAIN_ANON = (
 )  # fmt: skip
 
 PIECE_PAGES = 1024  # pages a scan reads at once: 4 MiB
-COPY_BYTES = 8 << 20  # the rewrite's copies, spread over threads
+COPY_BYTES = 8 << 20  # the compaction moves this much at a time
 
 _PAGEMAP_RE = re.compile(r"pagemap-(\d+)\.img")
 _ZERO_BLOCK = bytes(BLOCK_PAGES * PAGE)
@@ -212,22 +213,37 @@ class DropReport:
     pagemaps: int  # process pagemaps rewritten
     bytes_before: int  # of their pages files
     bytes_dropped: int
+    scan_s: float = 0.0  # finding the zero blocks
+    compact_s: float = 0.0  # moving the kept pages down, writing the pagemaps
 
     @property
     def bytes_after(self) -> int:
         return self.bytes_before - self.bytes_dropped
 
 
-def _zero_blocks(fd: int, offset: int, first: int, n: int) -> list[int]:
-    """The all-zero BLOCK_PAGES blocks among `n` pages from page `first` of the entry at `offset`."""
-    buf = os.pread(fd, n * PAGE, offset + first * PAGE)
-    if len(buf) != n * PAGE:
-        raise CriuImageError("pages", f"ends inside an entry (page {first + len(buf) // PAGE})")
-    if buf == _ZERO_PIECE[: len(buf)]:  # one memcmp for a piece that is zeros throughout
+def _zero_blocks(buf: bytearray, first: int, n: int) -> list[int]:
+    """The all-zero BLOCK_PAGES blocks among the `n` pages from page `first` read into `buf`."""
+    if n * PAGE == len(buf) and buf.startswith(_ZERO_PIECE):  # one memcmp: zeros throughout
         return list(range(first, first + n, BLOCK_PAGES))
     step = BLOCK_PAGES * PAGE
     # a memcmp in place (a memoryview == is 10x slower)
-    return [first + i // PAGE for i in range(0, len(buf), step) if buf.startswith(_ZERO_BLOCK, i)]
+    return [first + i // PAGE for i in range(0, n * PAGE, step) if buf.startswith(_ZERO_BLOCK, i)]
+
+
+def _scan_share(fd: int, jobs: list[tuple[int, int, int]]) -> list[list[int]]:
+    """Each (file offset of the entry, first page, pages) job's zero blocks, read into one buffer
+    reused for every piece: a fresh 4 MiB `bytes` a read costs a page fault and a zeroing per page
+    (and an mmap/munmap, which serializes the threads), more than the read and compare together."""
+    buf = bytearray(PIECE_PAGES * PAGE)
+    out: list[list[int]] = []
+    with memoryview(buf) as whole:
+        for offset, first, n in jobs:
+            with whole[: n * PAGE] as into:
+                got = os.preadv(fd, [into], offset + first * PAGE)
+            if got != n * PAGE:  # the size was checked: only a writer beside us shortens it
+                raise CriuImageError("pages", f"ends inside an entry (page {first + got // PAGE})")
+            out.append(_zero_blocks(buf, first, n))
+    return out
 
 
 def _pieces(span: tuple[int, int]) -> list[tuple[int, int]]:
@@ -253,26 +269,64 @@ def _runs(blocks: list[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def _copy_into(src_fd: int, mm: mmap.mmap, jobs: list[tuple[int, int, int]]) -> None:
-    """Read each (source offset, destination offset, length) into the mapped output file."""
-    with memoryview(mm) as whole:
-        for src, dst, n in jobs:
-            done = 0
-            while done < n:
-                with whole[dst + done : dst + n] as rest:
-                    got = os.preadv(src_fd, [rest], src + done)
-                if got <= 0:
-                    raise CriuImageError("pages", f"ends inside the entry at {src}")
-                done += got
+@dataclass(frozen=True)
+class Compaction:
+    """What a pages file becomes: its pagemap's new entries, and the moves (source offset,
+    destination offset, length; in file order, each destination at or before its source) that
+    slide its kept pages down over the dropped ones, leaving `size` bytes."""
+
+    entries: list[PagemapEntry]
+    moves: list[tuple[int, int, int]]
+    size: int
 
 
-def _rewrite_one(image_dir: Path, pagemap: Path, vmas: list[Vma], workers: int) -> tuple[int, int]:
+def plan_compaction(
+    entries: list[PagemapEntry], offsets: list[int], zeros: list[list[tuple[int, int]]]
+) -> Compaction:
+    """The compaction of a pages file whose entries (at `offsets` in it) lose the page runs in
+    `zeros` (one sorted list of [first, last) runs per entry). Pure."""
+    new_entries: list[PagemapEntry] = []
+    moves: list[tuple[int, int, int]] = []
+    at = 0
+    for e, eoff, runs in zip(entries, offsets, zeros, strict=True):
+        kept = split_entry(e, runs)
+        new_entries += kept
+        if not e.flags & PE_PRESENT:
+            continue
+        for kp in kept:
+            src, n = eoff + (kp.vaddr - e.vaddr), kp.nr_pages * PAGE
+            if moves and moves[-1][0] + moves[-1][2] == src and moves[-1][1] + moves[-1][2] == at:
+                moves[-1] = (moves[-1][0], moves[-1][1], moves[-1][2] + n)  # contiguous: one move
+            else:
+                moves.append((src, at, n))
+            at += n
+    return Compaction(new_entries, [m for m in moves if m[0] != m[1]], at)
+
+
+def _compact_in_place(fd: int, moves: list[tuple[int, int, int]], size: int) -> None:
+    """Slide the kept pages down in the file itself, then cut it at `size`: no second copy of the
+    image is allocated (on tmpfs that allocation, its zeroing and freeing the old file cost more
+    than the copy). Moves go in file order, COPY_BYTES at a time: a destination never overlaps a
+    source not yet read. Through a shared mapping populated up front (one fault a page otherwise)."""
+    if moves:
+        base = moves[0][1] // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+        length = os.fstat(fd).st_size - base
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        with mmap.mmap(fd, length, flags=flags, offset=base) as mm:
+            for src, dst, n in moves:
+                for o in range(0, n, COPY_BYTES):  # bounded pieces: the GIL is let go between
+                    mm.move(dst - base + o, src - base + o, min(COPY_BYTES, n - o))
+    os.ftruncate(fd, size)
+
+
+def _rewrite_one(image_dir: Path, pagemap: Path, vmas: list[Vma], workers: int) -> tuple[int, int, float]:
+    """(pages bytes before, bytes dropped, seconds of them scanning) for one process's pair."""
     header, pages_id, entries = parse_pagemap(pagemap)
     pages = image_dir / f"pages-{pages_id}.img"
     size = pages.stat().st_size
     if any(e.flags & PE_PARENT for e in entries):
-        return size, 0  # pages live in a parent image: not ours to reshuffle
-    fd = os.open(pages, os.O_RDONLY)
+        return size, 0, 0.0  # pages live in a parent image: not ours to reshuffle
+    fd = os.open(pages, os.O_RDWR)
     try:
         offsets: list[int] = []
         off = 0
@@ -282,70 +336,50 @@ def _rewrite_one(image_dir: Path, pagemap: Path, vmas: list[Vma], workers: int) 
                 off += e.nr_pages * PAGE
         if off != size:
             raise CriuImageError(pages.name, f"{size} bytes, its pagemap accounts for {off}")
+        t0 = time.monotonic()
         # Scanned in 4 MiB pieces on threads: the reads run side by side (the GIL is released).
         scans = [
-            (k, p, n)
+            (offsets[k], p, n, k)
             for k, e in enumerate(entries)
             for sp in droppable_spans(e, vmas)
             for p, n in _pieces(sp)
         ]
+        shares = [scans[i::workers] for i in range(workers)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            found = list(pool.map(lambda j: _zero_blocks(fd, offsets[j[0]], j[1], j[2]), scans))
+            found = list(pool.map(lambda js: _scan_share(fd, [j[:3] for j in js]), shares))
         blocks: list[list[int]] = [[] for _ in entries]
-        for (k, _, _), got in zip(scans, found, strict=True):
-            blocks[k] += got
-        plan = [(e, offsets[k], _runs(blocks[k])) for k, e in enumerate(entries)]
-        dropped = sum(b - a for _, _, zeros in plan for a, b in zeros) * PAGE
-        if not dropped:
-            return size, 0
-        tmp = pages.with_name(f".{pages.name}.compact")
-        new_entries: list[PagemapEntry] = []
-        jobs: list[tuple[int, int, int]] = []  # source offset, destination offset, length
-        at = 0
-        for e, eoff, zeros in plan:
-            kept = split_entry(e, zeros)
-            new_entries += kept
-            if e.flags & PE_PRESENT:
-                for kp in kept:
-                    src, n = eoff + (kp.vaddr - e.vaddr), kp.nr_pages * PAGE
-                    jobs += [(src + o, at + o, min(COPY_BYTES, n - o)) for o in range(0, n, COPY_BYTES)]
-                    at += n
+        for js, got in zip(shares, found, strict=True):
+            for j, b in zip(js, got, strict=True):
+                blocks[j[3]] += b
+        plan = plan_compaction(entries, offsets, [_runs(sorted(b)) for b in blocks])
+        scan_s = time.monotonic() - t0
+        if plan.size == size:
+            return size, 0, scan_s
+        # From here on the image is rewritten: an error fails the freeze (its staging dir is
+        # dropped), it never ships. The new pagemap is written first, swapped in last.
+        tmp_map = pagemap.with_name(f".{pagemap.name}.compact")
         try:
-            out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            try:
-                if at:
-                    # Reserved first: a full filesystem says ENOSPC here, not SIGBUS in a copy below.
-                    os.posix_fallocate(out, 0, at)
-                    # Into a shared mapping, on threads: writes into one file take its inode lock
-                    # one at a time (tmpfs ~2 GB/s); page faults on a mapping do not.
-                    with mmap.mmap(out, at) as mm, ThreadPoolExecutor(max_workers=workers) as pool:
-                        share = [jobs[i::workers] for i in range(workers)]
-                        for f in [pool.submit(_copy_into, fd, mm, js) for js in share if js]:
-                            f.result()
-                os.fchmod(out, os.stat(pages).st_mode & 0o7777)
-            finally:
-                os.close(out)
-            tmp_map = pagemap.with_name(f".{pagemap.name}.compact")
-            tmp_map.write_bytes(encode_pagemap(header, pages_id, new_entries))
+            tmp_map.write_bytes(encode_pagemap(header, pages_id, plan.entries))
             os.chmod(tmp_map, os.stat(pagemap).st_mode & 0o7777)
+            _compact_in_place(fd, plan.moves, plan.size)
         except BaseException:
-            tmp.unlink(missing_ok=True)
-            pagemap.with_name(f".{pagemap.name}.compact").unlink(missing_ok=True)
+            tmp_map.unlink(missing_ok=True)
             raise
-        # Both new files are whole: swap them in back to back (the image dir is a staging dir; a
-        # crash between the two renames fails the freeze, it does not ship a mixed image).
-        os.rename(tmp, pages)
         os.rename(tmp_map, pagemap)
-        return size, dropped
+        return size, size - plan.size, scan_s
     finally:
         os.close(fd)
 
 
 def drop_zero_pages(image_dir: Path, workers: int | None = None) -> DropReport:
-    """Rewrite every process pagemap of a CRIU image dir without its droppable zero pages, scanning
-    and copying on `workers` threads (default: `default_workers()`)."""
+    """Rewrite every process pagemap of a CRIU image dir, and its pages file in place, without its
+    droppable zero pages, scanning on `workers` threads (default: `default_workers()`).
+    A `CriuImageError` leaves every pair whole (each rewritten or untouched); any other error
+    leaves the image unusable."""
     workers = workers or default_workers()
+    t0 = time.monotonic()
     n = before = dropped = 0
+    scan_s = 0.0
     for pagemap in sorted(image_dir.iterdir()):
         m = _PAGEMAP_RE.fullmatch(pagemap.name)
         if m is None:
@@ -353,8 +387,10 @@ def drop_zero_pages(image_dir: Path, workers: int | None = None) -> DropReport:
         mm = image_dir / f"mm-{m.group(1)}.img"
         if not mm.exists():
             continue  # a thread's or a zombie's: no memory of its own
-        b, d = _rewrite_one(image_dir, pagemap, parse_vmas(mm), workers)
+        b, d, s = _rewrite_one(image_dir, pagemap, parse_vmas(mm), workers)
         n += 1 if d else 0
         before += b
         dropped += d
-    return DropReport(n, before, dropped)
+        scan_s += s
+    took = time.monotonic() - t0
+    return DropReport(n, before, dropped, round(scan_s, 4), round(took - scan_s, 4))
