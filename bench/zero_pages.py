@@ -4,9 +4,10 @@
 and each run compacts a fresh copy of that image, then chunks it.
 
 With `--baseline REV` the same runs go through the pages.py of git revision REV too (read with
-`git show`, in the same process, on copies of the same image), side by side: the two must leave
-byte-identical images. `pass` is drop_zero_pages, `chunk` the scan_image after it; `scan` and
-`compact` split the pass (this tree's pass only). Ratios, not absolute times, carry across machines.
+`git show`, or from a file of that name, in the same process, on copies of the same image), side
+by side: the two must leave byte-identical images. `pass` is drop_zero_pages, `chunk` the
+scan_image after it; `scan` and `compact` split the pass (this tree's pass only). Ratios, not
+absolute times, carry across machines.
 
 Usage (root, CRIU as the engine finds it, or SNAPSCALE_CRIU): python -m bench.zero_pages
 [--zero-mib 300] [--data-mib 200] [--workers 1,2,8] [--reps 3] [--baseline da9aef0]
@@ -62,10 +63,14 @@ def dump(dest: Path, zero_mib: int, data_mib: int) -> None:
 
 
 def baseline_pass(rev: str) -> Pass:
-    """drop_zero_pages as pages.py was at git revision `rev` (this checkout's history)."""
-    src = subprocess.run(["git", "show", f"{rev}:snapscale/shared/engine/pages.py"],
-                         check=True, capture_output=True, text=True).stdout  # fmt: skip
-    mod = types.ModuleType(f"pages_at_{rev}")
+    """drop_zero_pages as pages.py was at git revision `rev` (this checkout's history), or in the
+    file `rev` (a machine without the history: `git show REV:snapscale/shared/engine/pages.py`)."""
+    if Path(rev).is_file():
+        src = Path(rev).read_text()
+    else:
+        src = subprocess.run(["git", "show", f"{rev}:snapscale/shared/engine/pages.py"],
+                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+    mod = types.ModuleType("pages_baseline")
     sys.modules[mod.__name__] = mod  # dataclasses look their module up
     exec(compile(src, f"pages.py@{rev}", "exec"), mod.__dict__)  # our own history, not input
     return mod.drop_zero_pages  # type: ignore[no-any-return]
@@ -84,7 +89,7 @@ def main() -> None:
     ap.add_argument("--data-mib", type=int, default=200)
     ap.add_argument("--workers", default="1,2,8")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--baseline", default="", help="a git revision whose pages.py runs beside")
+    ap.add_argument("--baseline", default="", help="a git revision (or a file) whose pages.py runs beside")
     a = ap.parse_args()
     passes: dict[str, Pass] = {"this tree": pages.drop_zero_pages}
     if a.baseline:
