@@ -319,6 +319,27 @@ def _compact_in_place(fd: int, moves: list[tuple[int, int, int]], size: int) -> 
     os.ftruncate(fd, size)
 
 
+def _zero_runs(
+    fd: int, entries: list[PagemapEntry], offsets: list[int], vmas: list[Vma], workers: int
+) -> list[list[tuple[int, int]]]:
+    """Each entry's droppable zero page runs, scanned in 4 MiB pieces on `workers` threads (the
+    reads run side by side: the GIL is released)."""
+    scans = [
+        (offsets[k], p, n, k)
+        for k, e in enumerate(entries)
+        for sp in droppable_spans(e, vmas)
+        for p, n in _pieces(sp)
+    ]
+    shares = [js for js in (scans[i::workers] for i in range(workers)) if js]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = list(pool.map(lambda js: _scan_share(fd, [j[:3] for j in js]), shares))
+    blocks: list[list[int]] = [[] for _ in entries]
+    for js, got in zip(shares, found, strict=True):
+        for j, b in zip(js, got, strict=True):
+            blocks[j[3]] += b
+    return [_runs(sorted(b)) for b in blocks]
+
+
 def _rewrite_one(image_dir: Path, pagemap: Path, vmas: list[Vma], workers: int) -> tuple[int, int, float]:
     """(pages bytes before, bytes dropped, seconds of them scanning) for one process's pair."""
     header, pages_id, entries = parse_pagemap(pagemap)
@@ -337,21 +358,7 @@ def _rewrite_one(image_dir: Path, pagemap: Path, vmas: list[Vma], workers: int) 
         if off != size:
             raise CriuImageError(pages.name, f"{size} bytes, its pagemap accounts for {off}")
         t0 = time.monotonic()
-        # Scanned in 4 MiB pieces on threads: the reads run side by side (the GIL is released).
-        scans = [
-            (offsets[k], p, n, k)
-            for k, e in enumerate(entries)
-            for sp in droppable_spans(e, vmas)
-            for p, n in _pieces(sp)
-        ]
-        shares = [scans[i::workers] for i in range(workers)]
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            found = list(pool.map(lambda js: _scan_share(fd, [j[:3] for j in js]), shares))
-        blocks: list[list[int]] = [[] for _ in entries]
-        for js, got in zip(shares, found, strict=True):
-            for j, b in zip(js, got, strict=True):
-                blocks[j[3]] += b
-        plan = plan_compaction(entries, offsets, [_runs(sorted(b)) for b in blocks])
+        plan = plan_compaction(entries, offsets, _zero_runs(fd, entries, offsets, vmas, workers))
         scan_s = time.monotonic() - t0
         if plan.size == size:
             return size, 0, scan_s
