@@ -1,11 +1,11 @@
-"""drop_zero_pages (engine/pages.py) on a real CRIU image, then the freezer's chunking of the result
-(store/chunking.py scan_image), by the number of threads the pass uses: a child holding
+"""drop_zero_pages (engine/zeropages.py) on a real CRIU image, then the freezer's chunking of the
+result (store/chunking.py scan_image), by the number of threads the pass uses: a child holding
 `--zero-mib` of written zero pages and `--data-mib` of random bytes is dumped once into a tmpfs,
 and each run compacts a fresh copy of that image, then chunks it.
 
-With `--baseline REV` the same runs go through the pages.py of git revision REV too (read with
-`git show`, or from a file of that name, in the same process, on copies of the same image), side
-by side: the two must leave byte-identical images. `pass` is drop_zero_pages, `chunk` the
+With `--baseline REV` the same runs go through the drop_zero_pages of git revision REV too (read
+with `git show`, or from a file of that name, in the same process, on copies of the same image),
+side by side: the two must leave byte-identical images. `pass` is drop_zero_pages, `chunk` the
 scan_image after it; `scan` and `compact` split the pass (this tree's pass only). Ratios, not
 absolute times, carry across machines.
 
@@ -28,7 +28,7 @@ import types
 from collections.abc import Callable
 from pathlib import Path
 
-from snapscale.shared.engine import pages
+from snapscale.shared.engine import zeropages
 from snapscale.shared.engine.criu import find_criu
 from snapscale.shared.store.chunking import scan_image
 
@@ -63,16 +63,22 @@ def dump(dest: Path, zero_mib: int, data_mib: int) -> None:
 
 
 def baseline_pass(rev: str) -> Pass:
-    """drop_zero_pages as pages.py was at git revision `rev` (this checkout's history), or in the
-    file `rev` (a machine without the history: `git show REV:snapscale/shared/engine/pages.py`)."""
+    """drop_zero_pages as it was at git revision `rev` (this checkout's history), or in the file
+    `rev` (a machine without the history: `git show` the module there, pages.py before zeropages.py)."""
     if Path(rev).is_file():
         src = Path(rev).read_text()
-    else:
-        src = subprocess.run(["git", "show", f"{rev}:snapscale/shared/engine/pages.py"],
-                             check=True, capture_output=True, text=True).stdout  # fmt: skip
+    else:  # zeropages.py since it left pages.py
+        for name in ("zeropages.py", "pages.py"):
+            got = subprocess.run(["git", "show", f"{rev}:snapscale/shared/engine/{name}"],
+                                 capture_output=True, text=True)  # fmt: skip
+            if got.returncode == 0 and "def drop_zero_pages" in got.stdout:
+                break
+        else:
+            sys.exit(f"no drop_zero_pages at {rev}")
+        src = got.stdout
     mod = types.ModuleType("pages_baseline")
     sys.modules[mod.__name__] = mod  # dataclasses look their module up
-    exec(compile(src, f"pages.py@{rev}", "exec"), mod.__dict__)  # our own history, not input
+    exec(compile(src, f"drop_zero_pages@{rev}", "exec"), mod.__dict__)  # our own history, not input
     return mod.drop_zero_pages  # type: ignore[no-any-return]
 
 
@@ -89,9 +95,9 @@ def main() -> None:
     ap.add_argument("--data-mib", type=int, default=200)
     ap.add_argument("--workers", default="1,2,8")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--baseline", default="", help="a git revision (or a file) whose pages.py runs beside")
+    ap.add_argument("--baseline", default="", help="a git revision or a file: its drop_zero_pages beside")
     a = ap.parse_args()
-    passes: dict[str, Pass] = {"this tree": pages.drop_zero_pages}
+    passes: dict[str, Pass] = {"this tree": zeropages.drop_zero_pages}
     if a.baseline:
         passes = {f"at {a.baseline}": baseline_pass(a.baseline), **passes}
     work = Path(tempfile.mkdtemp(prefix="zero-pages-", dir="/dev/shm"))
@@ -111,7 +117,7 @@ def main() -> None:
                     t_chunk = time.monotonic() - t - t_pass
                     took.setdefault((name, w), []).append((t_pass, t_chunk))
                     split = ""
-                    if isinstance(r, pages.DropReport):
+                    if isinstance(r, zeropages.DropReport):
                         split = f" (scan {r.scan_s:.3f}, compact {r.compact_s:.3f})"
                     before, after = r.bytes_before / 2**20, r.bytes_after / 2**20  # type: ignore[attr-defined]
                     print(f"{name}, workers {w}: pass {t_pass:.3f} s{split}, chunk {t_chunk:.3f} s, "

@@ -13,8 +13,7 @@ from engine_fixtures import answer, made, tag
 from engine_helpers import sample_spec
 
 from snapscale.shared.engine import lifecycle as engine
-from snapscale.shared.engine import pages as criu_pages
-from snapscale.shared.engine import sandbox
+from snapscale.shared.engine import sandbox, zeropages
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.lifecycle import Sandbox
 
@@ -30,11 +29,11 @@ async def test_zero_pages_go_beside_the_sandbox_coming_back_and_a_broken_pass_fa
     made.append(sb)
     await engine.wait_ready(sb, spec.ready)
     original = await answer(sb)
-    real_drop, real_hook, real_stop = criu_pages.drop_zero_pages, engine._hook, engine.stop
+    real_drop, real_hook, real_stop = zeropages.drop_zero_pages, engine._hook, engine.stop
     started = threading.Event()
     ended: list[Path] = []
 
-    def broken(image_dir: Path, workers: int | None = None) -> criu_pages.DropReport:
+    def broken(image_dir: Path, workers: int | None = None) -> zeropages.DropReport:
         started.set()
         ended.append(image_dir)
         raise OSError(errno.EIO, "Input/output error")
@@ -44,7 +43,7 @@ async def test_zero_pages_go_beside_the_sandbox_coming_back_and_a_broken_pass_fa
             assert await asyncio.to_thread(started.wait, 30), "the zero pages waited for the resume"
         return await real_hook(name, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(criu_pages, "drop_zero_pages", broken)
+    monkeypatch.setattr(zeropages, "drop_zero_pages", broken)
     monkeypatch.setattr(engine, "_hook", hook)
     with pytest.raises(engine.CriuError) as ei:
         await engine.freeze(sb, spec, tmp_path / "img-broken", keep_running=True, criu=criu)
@@ -54,7 +53,7 @@ async def test_zero_pages_go_beside_the_sandbox_coming_back_and_a_broken_pass_fa
 
     started.clear()
 
-    def drop(image_dir: Path, workers: int | None = None) -> criu_pages.DropReport:
+    def drop(image_dir: Path, workers: int | None = None) -> zeropages.DropReport:
         started.set()
         return real_drop(image_dir, workers)
 
@@ -62,7 +61,7 @@ async def test_zero_pages_go_beside_the_sandbox_coming_back_and_a_broken_pass_fa
         assert await asyncio.to_thread(started.wait, 30), "the zero pages waited for the stop"
         await real_stop(s)
 
-    monkeypatch.setattr(criu_pages, "drop_zero_pages", drop)
+    monkeypatch.setattr(zeropages, "drop_zero_pages", drop)
     monkeypatch.setattr(engine, "stop", stop)
     img = tmp_path / "img"
     rep = await engine.freeze(sb, spec, img, keep_running=False, criu=criu)

@@ -24,7 +24,7 @@ from opentelemetry import trace
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
 from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import cuda as cuda_ckpt
-from snapscale.shared.engine import netns, probe, runtime, sandbox, tcpimg
+from snapscale.shared.engine import netns, probe, runtime, sandbox, tcpimg, zeropages
 from snapscale.shared.engine import pages as criu_pages
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import (
@@ -309,14 +309,14 @@ async def freeze(
 
 async def _finish_image(sb: Sandbox, image_dir: Path, t: dict[str, float], *, drop_zero_pages: bool) -> int:
     """The dumped image's TCP connections rewritten, then (`drop_zero_pages`) its all-zero
-    anonymous pages dropped (criu_pages) on a thread; the bytes dropped. Its steps are timed in `t`."""
+    anonymous pages dropped (zeropages) on a thread; the bytes dropped. Its steps are timed in `t`."""
     with _step(t, "close_external_tcp", sb):
         _close_external_tcp(sb, image_dir)
     if not drop_zero_pages:
         return 0
     with _step(t, "drop_zero_pages", sb):
         try:
-            return (await asyncio.to_thread(criu_pages.drop_zero_pages, image_dir)).bytes_dropped
+            return (await asyncio.to_thread(zeropages.drop_zero_pages, image_dir)).bytes_dropped
         except criu_pages.CriuImageError as e:  # every pages/pagemap pair left whole
             log.warning("freeze %s: zero pages kept in the image: %s", sb.replica, e)
             return 0
