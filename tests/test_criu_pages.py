@@ -12,6 +12,7 @@ import pytest
 from criu_procs import criu_dump, criu_restore, python_child, read_status
 
 from snapscale.shared.engine import pages as cp
+from snapscale.shared.engine import zeropages as zp
 from snapscale.shared.engine.criu import CriuBinary
 
 A = 0x7F0000000000
@@ -59,6 +60,45 @@ def test_split_entry_keeps_what_is_not_zero() -> None:
     assert cp.split_entry(e, []) == [e]
 
 
+def test_compaction_in_place_slides_overlapping_ranges_down_in_order(tmp_path: Path) -> None:
+    """Kept pages move down over dropped ones inside the one file, by pieces: a move that overlaps
+    its own source (a shift shorter than the move, longer than a piece) and moves that land where
+    an earlier entry's pages were must all come out as the kept bytes, in order."""
+    big = (2 * zp.COPY_BYTES) // cp.PAGE + 48  # pages: a move of more than two pieces
+    entries = [
+        cp.PagemapEntry(A, 64, cp.PE_PRESENT),
+        cp.PagemapEntry(A + 0x1000000, 16, cp.PE_LAZY),  # no bytes in the pages file
+        cp.PagemapEntry(A + 0x2000000, big, cp.PE_PRESENT),
+        cp.PagemapEntry(A + 0x9000000, 32, cp.PE_PRESENT),
+    ]
+    zeros = [[(16, 48)], [], [(0, 16), (big - 16, big)], [(16, 32)]]
+    offsets = [0, 64 * cp.PAGE, 64 * cp.PAGE, (64 + big) * cp.PAGE]
+    data = bytearray(os.urandom((64 + big + 32) * cp.PAGE))
+    kept = bytearray()
+    for e, off, runs in zip(entries, offsets, zeros, strict=True):
+        if not e.flags & cp.PE_PRESENT:
+            continue
+        for a, b in runs:
+            data[off + a * cp.PAGE : off + b * cp.PAGE] = bytes((b - a) * cp.PAGE)
+        for k in cp.split_entry(e, runs):
+            start = off + (k.vaddr - e.vaddr)
+            kept += data[start : start + k.nr_pages * cp.PAGE]
+    plan = zp.plan_compaction(entries, offsets, zeros)
+    assert plan.size == len(kept)
+    assert [e.nr_pages for e in plan.entries] == [16, 16, 16, big - 32, 16]
+    assert all(dst < src for src, dst, _ in plan.moves)  # the first 16 pages stay where they are
+    f = tmp_path / "pages-1.img"
+    f.write_bytes(data)
+    ino = f.stat().st_ino
+    fd = os.open(f, os.O_RDWR)
+    try:
+        zp._compact_in_place(fd, plan.moves, plan.size)
+    finally:
+        os.close(fd)
+    assert f.stat().st_ino == ino  # the same file: no second copy was written
+    assert f.read_bytes() == kept
+
+
 CHILD = r"""
 import hashlib, mmap, os, sys, time
 status, backing = sys.argv[1], sys.argv[2]
@@ -102,14 +142,16 @@ def test_a_compacted_image_restores_the_same_memory(criu: CriuBinary, tmp_path: 
         child.wait(10)
         _, at_dump, _ = read_status(status)
 
-        report = cp.drop_zero_pages(images)
+        inodes = {p.name: p.stat().st_ino for p in images.glob("pages-*.img")}
+        report = zp.drop_zero_pages(images)
+        assert {p.name: p.stat().st_ino for p in images.glob("pages-*.img")} == inodes  # in place
         # 32 MiB of zeros plus 8-12 of the 16 MiB mixed (blocks count from each entry's start), and
         # whatever else the interpreter zeroed; the file-private 4 MiB must stay (the restore checks).
         assert report.pagemaps == 1
         assert report.bytes_dropped >= 39 << 20, report
         pages = sum(p.stat().st_size for p in images.glob("pages-*.img"))
         assert pages == report.bytes_after
-        assert cp.drop_zero_pages(images).bytes_dropped == 0  # nothing left to drop
+        assert zp.drop_zero_pages(images).bytes_dropped == 0  # nothing left to drop
 
         pids.append(criu_restore(criu, images, tmp_path / "pid"))
         _, after, state2 = read_status(status, after=at_dump)
@@ -165,7 +207,7 @@ def test_zero_pages_of_a_parent_and_its_forked_child_restore_right(criu: CriuBin
             time.sleep(0.02)
         at_dump = {who: read_status(Path(f"{status}.{who}"))[1] for who in ("parent", "child")}
 
-        report = cp.drop_zero_pages(images)
+        report = zp.drop_zero_pages(images)
         assert report.pagemaps == 2, report  # both processes' memory was compacted
         assert report.bytes_dropped >= 10 << 20, report
 

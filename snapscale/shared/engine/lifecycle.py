@@ -24,7 +24,7 @@ from opentelemetry import trace
 from snapscale.shared.bus.spec import DeploymentSpec, ReadySpec
 from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import cuda as cuda_ckpt
-from snapscale.shared.engine import netns, probe, runtime, sandbox, tcpimg
+from snapscale.shared.engine import netns, probe, runtime, sandbox, tcpimg, zeropages
 from snapscale.shared.engine import pages as criu_pages
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import (
@@ -213,8 +213,9 @@ async def freeze(
     """Capture the sandbox into `image_dir`. Without `keep_running` the sandbox is gone afterwards.
 
     A failing step raises; a sandbox that should keep running is brought back to serving first.
-    With `drop_zero_pages` the image loses its all-zero anonymous pages after the sandbox is
-    serving again (outside the freeze window), so a restore does not write them. `on_weights`
+    With `drop_zero_pages` the image loses its all-zero anonymous pages, so a restore does not
+    write them: on a thread from the end of the dump, beside the sandbox's resume or stop (outside
+    the freeze window; `drop_zero_pages_wait` is the part of it they did not hide). `on_weights`
     gets the record of released weights as soon as before_freeze returns it (the freezer starts
     their upload then, beside the CUDA checkpoint and the dump).
     """
@@ -271,27 +272,28 @@ async def freeze(
                     body = weights_hooks.restore_request(SourceFiles())
                     await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
             raise
-        if keep_running:
-            if drv is not None and cuda_pids:
-                with _step(t, "cuda_restore", sb):
-                    await drv.resume_tree(cuda_pids)
-            if hooks.before_freeze and hooks.after_restore:
-                # It keeps serving: undo what before_freeze dropped (e.g. re-allocate the KV cache);
-                # released weights come back from the workload's own files, verified.
-                body = b"" if weights is None else weights_hooks.restore_request(SourceFiles())
-                with _step(t, "after_restore", sb):
-                    await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
-        else:
-            await stop(sb)
-    with _step(t, "close_external_tcp", sb):
-        _close_external_tcp(sb, image_dir)
-    dropped = 0
-    if drop_zero_pages:
-        with _step(t, "drop_zero_pages", sb):
-            try:
-                dropped = (await asyncio.to_thread(criu_pages.drop_zero_pages, image_dir)).bytes_dropped
-            except criu_pages.CriuImageError as e:  # raised before anything was rewritten
-                log.warning("freeze %s: zero pages kept in the image: %s", sb.replica, e)
+        # The image is whole: it is finished (TCP connections, zero pages) while the sandbox is
+        # brought back or stopped.
+        finishing = asyncio.create_task(_finish_image(sb, image_dir, t, drop_zero_pages=drop_zero_pages))
+        try:
+            if keep_running:
+                if drv is not None and cuda_pids:
+                    with _step(t, "cuda_restore", sb):
+                        await drv.resume_tree(cuda_pids)
+                if hooks.before_freeze and hooks.after_restore:
+                    # It keeps serving: undo what before_freeze dropped (e.g. re-allocate the KV
+                    # cache); released weights come back from the workload's own files, verified.
+                    body = b"" if weights is None else weights_hooks.restore_request(SourceFiles())
+                    with _step(t, "after_restore", sb):
+                        await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
+            else:
+                await stop(sb)
+        except BaseException:
+            # A thread cannot be stopped: the image dir is the pass's until it ends.
+            await asyncio.gather(finishing, return_exceptions=True)
+            raise
+    with _step(t, "drop_zero_pages_wait", sb):  # what the steps above did not hide of it
+        dropped = await finishing
     size = _image_bytes(image_dir)
     log.info("froze %s into %s: %d bytes (%d zero dropped), %s", sb.replica, image_dir, size, dropped, t)
     return FreezeReport(
@@ -303,6 +305,23 @@ async def freeze(
         zero_bytes_dropped=dropped,
         weights_bytes=0 if weights is None else weights.nbytes,
     )
+
+
+async def _finish_image(sb: Sandbox, image_dir: Path, t: dict[str, float], *, drop_zero_pages: bool) -> int:
+    """The dumped image's TCP connections rewritten, then (`drop_zero_pages`) its all-zero
+    anonymous pages dropped (zeropages) on a thread; the bytes dropped. Its steps are timed in `t`."""
+    with _step(t, "close_external_tcp", sb):
+        _close_external_tcp(sb, image_dir)
+    if not drop_zero_pages:
+        return 0
+    with _step(t, "drop_zero_pages", sb):
+        try:
+            return (await asyncio.to_thread(zeropages.drop_zero_pages, image_dir)).bytes_dropped
+        except criu_pages.CriuImageError as e:  # every pages/pagemap pair left whole
+            log.warning("freeze %s: zero pages kept in the image: %s", sb.replica, e)
+            return 0
+        except OSError as e:  # a pair half rewritten: this image must not ship
+            raise CriuError("drop_zero_pages", f"the image cannot be compacted: {e}") from None
 
 
 def _close_external_tcp(sb: Sandbox, image_dir: Path) -> None:
