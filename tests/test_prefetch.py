@@ -433,12 +433,12 @@ async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
     held: list[str] = []
 
     class FirstLandsLate(HostCache):
-        async def insert(self, digest: str, data: bytes | memoryview) -> None:
+        async def insert(self, digest: str, data: bytes | memoryview, *, hashed: bool = False) -> None:
             if not held:
                 held.append(digest)
             if digest == held[0]:
                 await release.wait()
-            await super().insert(digest, data)
+            await super().insert(digest, data, hashed=hashed)
 
     in_flight = 0
     at_start: list[int] = []  # GETs in flight as each one starts, itself included
