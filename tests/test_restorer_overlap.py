@@ -1,6 +1,7 @@
 """A restore with nothing of its checkpoint in the host cache rebuilds the image while the chunks
-arrive (materialize starts before prefetch ends); with chunks cached already it waits for the
-prefetch, which re-hashes them before they are trusted. Real nats-server, CRIU, the CPU sample."""
+arrive (materialize starts before prefetch ends), each fetched chunk written into the image by the
+prefetch itself (none copied from the cache); with chunks cached already it waits for the prefetch,
+which re-hashes them before they are trusted. Real nats-server, CRIU, the CPU sample."""
 
 from __future__ import annotations
 
@@ -52,10 +53,12 @@ async def test_cold_cache_restore_materializes_while_chunks_arrive(
         a = await h.wait("a")
         assert a.state is ReplicaState.READY and a.tier is Tier.STORE, a.reason
         assert await get(a.endpoint, "/generate") == frozen.answer
+        assert a.bytes["landed"] > 0 and a.bytes["copied"] == 0, a.bytes
         await h.restore(spec.name, "b")
         b = await h.wait("b")
         assert b.state is ReplicaState.READY and b.tier is Tier.CACHE, b.reason
         assert await get(b.endpoint, "/generate") == frozen.answer
+        assert b.bytes["landed"] == 0, b.bytes
     pa, pb = _phases(spans, "a"), _phases(spans, "b")
     assert pa.keys() == pb.keys() == {"prefetch", "materialize"}
     # cold cache: side by side; warm cache: one after the other

@@ -102,9 +102,25 @@ async def materialize(
     them from its buffer (`landed_bytes`); only chunks from the cache are copied. On error the
     partial directory is removed.
     """
-    check_manifest(manifest)  # paths are re-checked here: this is where they touch the disk
     if sink is not None and arriving is None:
         raise ValueError("a sink needs the prefetch that fills it (arriving)")
+    try:
+        return await _materialize(cache, manifest, dest_dir, link, workers, arriving, sink)
+    finally:
+        if sink is not None:
+            sink.close()  # a prefetch waiting for it to open goes on without it
+
+
+async def _materialize(
+    cache: HostCache,
+    manifest: Manifest,
+    dest_dir: Path,
+    link: bool,
+    workers: int | None,
+    arriving: asyncio.Future[Any] | None,
+    sink: ImageSink | None,
+) -> MaterializeReport:
+    check_manifest(manifest)  # paths are re-checked here: this is where they touch the disk
     workers = workers or default_workers()
     t0 = time.monotonic()
     can_link = link and await asyncio.to_thread(_same_fs, cache.chunks_dir, dest_dir)

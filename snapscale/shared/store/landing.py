@@ -65,6 +65,7 @@ class ChunkSink(Protocol):
     beside the cache (`ImageSink`: materialize's image). On the event loop: `take` (True:
     this prefetch writes it), then `placed` or `failed`; `write` runs on a thread between them."""
 
+    async def opened(self) -> None: ...
     def take(self, digest: str) -> bool: ...
     def write(self, digest: str, data: memoryview) -> None: ...
     def placed(self, digest: str) -> None: ...
@@ -106,16 +107,19 @@ class ImageSink:
         self._state: dict[str, str | BaseException] = {}
         self._changed: dict[str, asyncio.Future[None]] = {}
         self._open = False
+        self._ready = asyncio.Event()  # open, or closed before it ever was
 
     # -- materialize's side --
     def open(self, targets: dict[str, list[Target]]) -> None:
         """The image files exist: from now on the prefetch may place these chunks."""
         self._targets = targets
         self._open = True
+        self._ready.set()
 
     def close(self) -> None:
         """No chunk is taken from now on (those landing still finish: `settle`)."""
         self._open = False
+        self._ready.set()
 
     def placed_here(self, digest: str) -> bool:
         """The prefetch wrote it into the image; raises why, if that failed."""
@@ -151,6 +155,11 @@ class ImageSink:
             raise asyncio.CancelledError
 
     # -- the prefetch's side --
+    async def opened(self) -> None:
+        """Until the image files exist (or materialize gave up): a prefetch starts fetching only then,
+        so no chunk it brings has to be copied for want of a place."""
+        await self._ready.wait()
+
     def take(self, digest: str) -> bool:
         """True: this prefetch writes the chunk here (after hashing it), then says how it went."""
         if not self._open or digest not in self._targets or digest in self._state:

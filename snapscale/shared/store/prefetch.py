@@ -103,7 +103,9 @@ class Prefetcher:
     ) -> PrefetchReport:
         """All of `manifest`'s chunks verified in the cache, or `ChunkError`/`StoreError`/`CacheFullError`.
         With `sink`, each chunk fetched from now on (this caller's, or a running prefetch's it joins)
-        is offered to it too, from the same buffer."""
+        is offered to it too, from the same buffer (once the sink is open)."""
+        if sink is not None:
+            await sink.opened()
         key = f"{manifest.deployment}/{manifest.checkpoint_id}{part_of(manifest)}"
         job = self._jobs.get(key)
         joined = job is not None
