@@ -2,8 +2,10 @@
 file store read through `get` + a copy on the event loop, materialize copying each chunk from the
 cache into the image as it arrives) against landing (the store read straight into the prefetch's
 buffer, each chunk written from it into the image once it hashed right, and into the cache from the
-same buffer). Each round starts from an empty host cache and a fresh image dir; the two ways
-alternate (ABBA); medians reported. Then what the prefetch's steps cost per GB on one thread.
+same buffer). On the file store a third way in between: the old path with the store's new reads, so
+the two changes show apart. Each round starts from an empty host cache and a fresh image dir; the
+ways alternate (ABC CBA); medians reported. Then what a fetched chunk's steps cost per GB on one
+thread, and how late the event loop ran meanwhile (what a restore beside the prefetch waits on).
 
 Usage: python -m bench.landing [--mib 1024] [--rounds 4] [--store file|s3|both] [--image-root /dev/shm]
 [--work /var/tmp] [--json OUT]. The time that counts is "image ready": when materialize returns
@@ -38,7 +40,12 @@ from snapscale.shared.store.manifest import Manifest
 from snapscale.shared.store.prefetch import Prefetcher
 
 GB = 1e9
-WAYS = ("old: prefetch, then copy from the cache", "landing: written from the prefetch's buffer")
+# (name, landing, the file store's old reads)
+WAYS = (
+    ("old: prefetch, then copy from the cache", False, True),
+    ("old, with the file store's new reads", False, False),
+    ("landing: written from the prefetch's buffer", True, False),
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class Run:
     cpu_s: float  # this process, all threads
     landed: int
     copied: int
+    loop_late_s: float  # how late 5 ms ticks on the event loop woke, summed: what a restore beside it waits
 
 
 @contextlib.contextmanager
@@ -63,20 +71,32 @@ def old_file_reads(st: ChunkStore, on: bool) -> Iterator[None]:
             del st.get_into
 
 
-async def one(st: ChunkStore, m: Manifest, work: Path, image_root: Path, landing: bool) -> Run:
+async def ticking(late: list[float]) -> None:
+    """Sleep 5 ms at a time; add up how late each wake-up came (the loop busy with something else)."""
+    while True:
+        t = time.monotonic()
+        await asyncio.sleep(0.005)
+        late.append(max(0.0, time.monotonic() - t - 0.005))
+
+
+async def one(st: ChunkStore, m: Manifest, work: Path, image_root: Path, way: int) -> Run:
+    name, landing, old_reads = WAYS[way]
     cache_dir, img = work / "cache", image_root / f"snapscale-landing-bench-{os.getpid()}"
     for d in (cache_dir, img):
         await asyncio.to_thread(shutil.rmtree, d, True)
     cache = HostCache(cache_dir, 64 << 30)
     sink = ImageSink() if landing else None
+    late: list[float] = []
+    tick = asyncio.create_task(ticking(late))
     c0, t0 = time.process_time(), time.monotonic()
-    with old_file_reads(st, not landing):
+    with old_file_reads(st, old_reads):
         fetch = asyncio.create_task(Prefetcher(st, cache).prefetch(m, sink=sink))
         made = await materialize(cache, m, img, arriving=fetch, sink=sink)
         image_s = time.monotonic() - t0
         await fetch
-    run = Run(WAYS[landing], image_s, time.monotonic() - t0, time.process_time() - c0,
-              made.landed_bytes, made.copied_bytes)  # fmt: skip
+    tick.cancel()
+    run = Run(name, image_s, time.monotonic() - t0, time.process_time() - c0,
+              made.landed_bytes, made.copied_bytes, sum(late))  # fmt: skip
     await asyncio.to_thread(shutil.rmtree, img, True)
     return run
 
@@ -133,33 +153,44 @@ async def bench_store(
     m = await fetch_manifest(st, key, bp.KEY)
     runs: list[Run] = []
     for r in range(args.rounds):
-        for landing in (False, True) if r % 2 == 0 else (True, False):
-            run = await one(st, m, work, Path(args.image_root), landing)
+        ways = range(len(WAYS)) if st_reads_differ(st) else (0, 2)
+        for way in ways if r % 2 == 0 else reversed(ways):
+            run = await one(st, m, work, Path(args.image_root), way)
             runs.append(run)
             print(f"  {run.way}: image {run.image_s:.3f}s, prefetch {run.prefetch_s:.3f}s, "
-                  f"cpu {run.cpu_s:.2f}s, landed {run.landed / 1e6:.0f} MB, copied {run.copied / 1e6:.0f} MB",
+                  f"cpu {run.cpu_s:.2f}s, loop late {run.loop_late_s:.3f}s, "
+                  f"landed {run.landed / 1e6:.0f} MB, copied {run.copied / 1e6:.0f} MB",
                   flush=True)  # fmt: skip
     return m, runs
+
+
+def st_reads_differ(st: ChunkStore) -> bool:
+    """Only the file store reads differently now; S3 read straight into the buffers before."""
+    return isinstance(st, LocalStore)
 
 
 def summary(name: str, m: Manifest, runs: list[Run]) -> dict[str, object]:
     gb = m.unique_bytes / GB
     rows: dict[str, dict[str, float]] = {}
-    for way in WAYS:
+    for way, _, _ in WAYS:
         rs = [r for r in runs if r.way == way]
+        if not rs:
+            continue
         rows[way] = {
             "image_s": statistics.median(r.image_s for r in rs),
             "prefetch_s": statistics.median(r.prefetch_s for r in rs),
             "image_s_per_gb": statistics.median(r.image_s for r in rs) / gb,
             "cpu_s_per_gb": statistics.median(r.cpu_s for r in rs) / gb,
+            "loop_late_s": statistics.median(r.loop_late_s for r in rs),
         }
-    old, new = rows[WAYS[0]], rows[WAYS[1]]
+    old, new = rows[WAYS[0][0]], rows[WAYS[2][0]]
     ratio = old["image_s"] / new["image_s"] if new["image_s"] > 0 else 0.0
-    print(f"\n{name}: {m.unique_bytes / 1e6:.0f} MB to fetch, medians of {len(runs) // 2} rounds")
-    print("| way | image ready s | prefetch done s | image s/GB | CPU s/GB |\n|---|---:|---:|---:|---:|")
+    print(f"\n{name}: {m.unique_bytes / 1e6:.0f} MB to fetch, medians of {len(runs) // len(rows)} rounds")
+    print("| way | image ready s | prefetch done s | image s/GB | CPU s/GB | event loop late s |")
+    print("|---|---:|---:|---:|---:|---:|")
     for way, row in rows.items():
         print(f"| {way} | {row['image_s']:.3f} | {row['prefetch_s']:.3f} | {row['image_s_per_gb']:.3f} | "
-              f"{row['cpu_s_per_gb']:.2f} |")  # fmt: skip
+              f"{row['cpu_s_per_gb']:.2f} | {row['loop_late_s']:.3f} |")  # fmt: skip
     print(f"old / landing (image ready): **{ratio:.2f}x**")
     return {"store": name, "bytes": m.unique_bytes, "rows": rows, "old_over_landing": ratio,
             "runs": [asdict(r) for r in runs]}  # fmt: skip
