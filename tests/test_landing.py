@@ -18,9 +18,10 @@ from faultproxy import FaultProxy
 from storefix import image_dir, proxied_store, proxy, store
 from test_prefetch import (
     CB,
-    GetInto,
     cache_is_clean,
+    chunks_done,
     counted_gets,
+    first_read_of,
     open_files_under,
     same_tree,
     small_tmpfs,
@@ -35,7 +36,7 @@ from snapscale.shared.store.chunking import ZERO_CHUNK, chunk_length
 from snapscale.shared.store.landing import ImageSink
 from snapscale.shared.store.local import LocalStore
 from snapscale.shared.store.manifest import Manifest
-from snapscale.shared.store.prefetch import Prefetcher, PrefetchProgress, PrefetchReport
+from snapscale.shared.store.prefetch import Prefetcher, PrefetchReport
 from snapscale.shared.store.s3 import S3Store
 
 __all__ = ["image_dir", "proxied_store", "proxy", "small_tmpfs", "store"]  # fixtures
@@ -128,23 +129,17 @@ async def test_chunk_corrupted_in_flight_never_reaches_the_image(
     m, _ = await uploaded(store, image_dir)
     sizes = m.chunk_sizes()
     bad = max(sizes, key=lambda d: sizes[d])
-    seen: list[str] = []
+    seen: list[int] = []
 
-    def rot_first(orig: GetInto) -> GetInto:
-        async def get(d: str, buf: memoryview) -> int:
-            n = await orig(d, buf)
-            if d == bad and not seen:
-                seen.append(d)
-                buf[n // 2] ^= 0x01  # one bit off, as a bad read would leave it
-            return n
-
-        return get
+    def rot(buf: memoryview, n: int) -> int:
+        buf[n // 2] ^= 0x01  # one bit off, as a bad read would leave it
+        return n
 
     cache = HostCache(tmp_path / "cache", 1 << 30)
     sink = Recording()
-    with wrapped_gets(store, rot_first):
+    with wrapped_gets(store, first_read_of(bad, seen, rot)):
         got, made = await restore_cold(Prefetcher(store, cache), cache, m, shm, sink)
-    assert got.refetched == 1 and seen == [bad]
+    assert got.refetched == 1 and len(seen) == 2
     assert [h for d, h in sink.written if d == bad] == [bad]  # written once: the good copy
     same_tree(image_dir, shm)
     assert made.copied_bytes == 0
@@ -177,12 +172,7 @@ async def test_a_restore_joining_a_running_prefetch_gets_its_image_landed_too(
     proxy.bytes_per_s = 16e6
     cache = HostCache(tmp_path / "cache", 1 << 30)
     pf = Prefetcher(proxied_store, cache, concurrency=2)
-    some_in = asyncio.Event()
-
-    def progress(p: PrefetchProgress) -> None:
-        if p.chunks_done >= 2:
-            some_in.set()
-
+    some_in, progress = chunks_done(2)
     gets_before = proxy.stats.by_method.get("GET", 0)
     first = asyncio.create_task(pf.prefetch(m, progress))
     await asyncio.wait_for(some_in.wait(), 20)
@@ -200,12 +190,7 @@ async def test_cancelled_cold_restore_leaves_no_image_no_open_file_and_a_clean_c
     m, _ = await uploaded(proxied_store, image_dir)
     proxy.bytes_per_s = 8e6
     cache = HostCache(tmp_path / "cache", 1 << 30)
-    some_in = asyncio.Event()
-
-    def progress(p: PrefetchProgress) -> None:
-        if p.chunks_done >= 3:
-            some_in.set()
-
+    some_in, progress = chunks_done(3)
     sink = ImageSink()
     fetching = asyncio.create_task(
         Prefetcher(proxied_store, cache, concurrency=2).prefetch(m, progress, sink)
