@@ -251,6 +251,9 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                     weights_ready=weights_fetch,
                 )
         _spans_from(report.timings_s, a)
+        # the engine's whole restore (netns and the steps between its phases too): with lookup and
+        # materialize, what is left of `total` is the restorer's own time
+        a.timings_s["engine_restore"] = report.timings_s.get("restore", 0.0)
         ok = True
     except BaseException as e:
         if hot is not None and t.hot is not None and isinstance(e, Exception):
