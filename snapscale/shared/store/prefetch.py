@@ -187,30 +187,37 @@ class Prefetcher:
 
         async def land(d: str, buf: memoryview, n: int | None) -> None:
             """Verify a fetched chunk (the first `n` bytes of `buf`; None: it came larger than the
-            manifest says), write it to the sinks that take it, then cache it. One that arrived
-            corrupt is fetched once more."""
+            manifest says) and cache it; a sink that takes it gets it first, once it hashed right.
+            One that arrived corrupt is fetched once more."""
             sinks = [s for s in job_sinks() if s.take(d)]
-            settled = False
-            try:
-                try:
-                    if n is None:
-                        raise ChunkError(d, "larger than the manifest says")
-                    errors = await on_thread(verify_and_write, d, buf[:n], sinks)
-                except ChunkError:
-                    st["refetched"] += 1
-                    log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
-                    try:
-                        n = await self.store.get_chunk_into(d, buf)
-                        errors = await on_thread(verify_and_write, d, buf[:n], sinks)
-                    except ChunkError as e:
-                        raise ChunkError(d, f"corrupt in the store, twice: {e.reason}") from None
+            settled = not sinks
+
+            async def keep(n: int | None) -> None:
+                nonlocal settled
+                if n is None:
+                    raise ChunkError(d, "larger than the manifest says")
+                if not sinks:  # hash and cache write in one hop, as a prefetch alone has it
+                    await self.cache.insert(d, buf[:n])
+                    return
+                errors = await on_thread(verify_and_write, d, buf[:n], sinks)
                 for s, err in zip(sinks, errors, strict=True):
                     if err is None:
                         s.placed(d)
                     else:
                         s.failed(d, err)
-                settled = True
+                settled = True  # the image has it: the cache write is off its way
                 await self.cache.insert(d, buf[:n], hashed=True)
+
+            try:
+                try:
+                    await keep(n)
+                except ChunkError:
+                    st["refetched"] += 1
+                    log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
+                    try:
+                        await keep(await self.store.get_chunk_into(d, buf))
+                    except ChunkError as e:
+                        raise ChunkError(d, f"corrupt in the store, twice: {e.reason}") from None
             except BaseException as e:
                 if not settled:
                     why = e if isinstance(e, Exception) else ChunkError(d, "the prefetch stopped first")
@@ -226,10 +233,10 @@ class Prefetcher:
         # One task a chunk, at most `concurrency` downloading (a semaphore hands the next GET out
         # the moment one finishes; `concurrency` workers looping over the chunks ran ~10% slower
         # against moto on the GPU machine, bench/prefetch_isolate.py --structure). A chunk is read
-        # into a buffer of the pool below and landed (hash + cache write, on threads) from it beside
-        # the downloads; 2 x concurrency buffers bound the memory. Reusing buffers, rather than a
-        # fresh bytes a chunk freed after landing, kept the prefetch level with a plain download on
-        # the GPU machine (bench/prefetch_alloc.py).
+        # into a buffer of the pool below and landed (hash + cache write, and a sink's write, on
+        # threads) from it beside the downloads; 2 x concurrency buffers bound the memory. Reusing
+        # buffers, rather than a fresh bytes a chunk freed after landing, kept the prefetch level
+        # with a plain download on the GPU machine (bench/prefetch_alloc.py).
         fetch_slots = asyncio.Semaphore(self.concurrency)
         pool = _Buffers(max(sizes.values(), default=0), 2 * self.concurrency)
         landings: set[asyncio.Task[None]] = set()
