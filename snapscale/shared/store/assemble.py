@@ -222,17 +222,15 @@ async def _placed_or_cached(
     cache: HostCache, sink: ImageSink, d: str, arriving: asyncio.Future[Any] | None
 ) -> bool:
     """True once the prefetch has written `d` into the image; False when it is to be copied from the
-    cache instead (a hit, or fetched before the files were made): `_wait_cached` then."""
+    cache instead (a hit, or a prefetch that ended without taking it): `_wait_cached` then."""
     assert arriving is not None
     while not sink.placed_here(d):  # raises why the prefetch could not write it
-        if not sink.landing(d) and (cache.verified(d) or arriving.done()):
-            if sink.claim_copy(d):
-                return False
-            continue  # taken by the prefetch just now
-        both: list[asyncio.Future[Any]] = [sink.changed(d), arriving]
-        if not sink.landing(d):
-            both.append(cache.arrival(d))
-        await asyncio.wait(both, return_when=asyncio.FIRST_COMPLETED)
+        if sink.landing(d):  # being written: only its outcome can end this (never the prefetch's end)
+            await sink.changed(d)
+            continue
+        if cache.verified(d) or arriving.done():
+            return not sink.claim_copy(d)  # neither landing nor placed: the claim holds (False)
+        await asyncio.wait([sink.changed(d), arriving, cache.arrival(d)], return_when=asyncio.FIRST_COMPLETED)
     return True
 
 
