@@ -226,3 +226,31 @@ async def test_no_room_for_the_image_fails_it_while_the_cache_gets_every_chunk(
     rep = await fetch
     assert rep.chunks_fetched == len(m.digests()) and set(cache.digests()) == m.digests()
     cache_is_clean(cache)
+
+
+async def test_one_of_two_restores_on_one_download_cancelled_leaves_the_other_whole(
+    proxied_store: S3Store, proxy: FaultProxy, image_dir: Path, tmp_path: Path, shm: Path
+) -> None:
+    """Two restores of one checkpoint share a download, each with its image; the first is cancelled
+    mid-way (its chunks may be being written): its image goes, with every file closed, and the
+    second's comes out whole."""
+    m, _ = await uploaded(proxied_store, image_dir)
+    proxy.bytes_per_s = 8e6
+    cache = HostCache(tmp_path / "cache", 1 << 30)
+    pf = Prefetcher(proxied_store, cache, concurrency=2)
+    some_in, progress = chunks_done(2)
+    a_sink, a_dir, b_dir = ImageSink(), shm / "a", shm / "b"
+    a_fetch = asyncio.create_task(pf.prefetch(m, progress, a_sink))
+    a_build = asyncio.create_task(materialize(cache, m, a_dir, arriving=a_fetch, sink=a_sink))
+    b = asyncio.create_task(restore_cold(pf, cache, m, b_dir))
+    await asyncio.wait_for(some_in.wait(), 20)
+    for t in (a_build, a_fetch):
+        t.cancel()
+    for t in (a_build, a_fetch):
+        with pytest.raises(asyncio.CancelledError):
+            await t
+    assert not await asyncio.to_thread(a_dir.exists) and open_files_under(a_dir) == []
+    _, made = await b
+    same_tree(image_dir, b_dir)
+    assert made.landed_bytes > 0 and made.landed_bytes + made.copied_bytes == nonzero_bytes(m)
+    cache_is_clean(cache)
