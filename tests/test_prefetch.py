@@ -76,6 +76,37 @@ def wrapped_gets(st: ChunkStore, wrap: Callable[[GetInto], GetInto]) -> Iterator
         del st.get_chunk_into  # the instance attribute: the method shows through again
 
 
+def first_read_of(
+    bad: str, calls: list[int], tamper: Callable[[memoryview, int], int]
+) -> Callable[[GetInto], GetInto]:
+    """For `wrapped_gets`: the first read of chunk `bad` returns `tamper(buf, n)` (it may change the
+    buffer too); `calls` gets the room every read of `bad` had."""
+
+    def wrap(orig: GetInto) -> GetInto:
+        async def get(d: str, buf: memoryview) -> int:
+            n = await orig(d, buf)
+            if d == bad:
+                calls.append(len(buf))
+                if len(calls) == 1:
+                    return tamper(buf, n)
+            return n
+
+        return get
+
+    return wrap
+
+
+def chunks_done(n: int) -> tuple[asyncio.Event, Callable[[PrefetchProgress], None]]:
+    """An event set once a prefetch reports `n` chunks done, and the progress callback that sets it."""
+    ev = asyncio.Event()
+
+    def progress(p: PrefetchProgress) -> None:
+        if p.chunks_done >= n:
+            ev.set()
+
+    return ev, progress
+
+
 @contextlib.contextmanager
 def counted_gets(st: ChunkStore) -> Iterator[dict[str, int]]:
     """get_chunk_into calls on the real store by digest, for the block."""
@@ -206,18 +237,7 @@ async def test_chunk_that_arrived_short_is_fetched_again_whole(
     sizes = m.chunk_sizes()
     bad = max(sizes, key=lambda d: sizes[d])
     calls: list[int] = []
-
-    def short_once(orig: GetInto) -> GetInto:
-        async def get(d: str, buf: memoryview) -> int:
-            n = await orig(d, buf)
-            if d == bad:
-                calls.append(len(buf))
-                if len(calls) == 1:
-                    return n // 2  # as if the first body had ended half-way
-            return n
-
-        return get
-
+    short_once = first_read_of(bad, calls, lambda _buf, n: n // 2)  # as if the body ended half-way
     with wrapped_gets(store, short_once):
         rep = await Prefetcher(store, HostCache(tmp_path / "cache", 1 << 30)).prefetch(m)
     assert rep.refetched == 1 and calls == [sizes[bad], sizes[bad]]  # the second read had room for all
@@ -302,12 +322,7 @@ async def test_cancelled_prefetch_leaves_no_partial_chunk(
     proxy.bytes_per_s = 8e6  # ~0.13 s a chunk a connection: a prefetch of seconds
     cache = HostCache(tmp_path / "cache", 1 << 30)
     pf = Prefetcher(proxied_store, cache, concurrency=4)
-    started = asyncio.Event()
-
-    def progress(p: PrefetchProgress) -> None:
-        if p.chunks_done >= 2:
-            started.set()
-
+    started, progress = chunks_done(2)
     first = asyncio.create_task(pf.prefetch(m, progress))
     joiner = asyncio.create_task(pf.prefetch(m))
     await asyncio.wait_for(started.wait(), 20)
@@ -393,12 +408,7 @@ async def test_cancelled_materialize_leaves_no_dir_and_no_open_file(
     proxy.bytes_per_s = 8e6  # chunks trickle in; materialize waits on them
     cache = HostCache(tmp_path / "cache", 1 << 30)
     pf = Prefetcher(proxied_store, cache, concurrency=2)
-    some_in = asyncio.Event()
-
-    def progress(p: PrefetchProgress) -> None:
-        if p.chunks_done >= 3:
-            some_in.set()
-
+    some_in, progress = chunks_done(3)
     fetching = asyncio.create_task(pf.prefetch(m, progress))
     out = tmp_path / "out"
     building = asyncio.create_task(materialize(cache, m, out, arriving=fetching))
@@ -433,12 +443,12 @@ async def test_a_slow_landing_does_not_hold_up_the_next_downloads(
     held: list[str] = []
 
     class FirstLandsLate(HostCache):
-        async def insert(self, digest: str, data: bytes | memoryview) -> None:
+        async def insert(self, digest: str, data: bytes | memoryview, *, hashed: bool = False) -> None:
             if not held:
                 held.append(digest)
             if digest == held[0]:
                 await release.wait()
-            await super().insert(digest, data)
+            await super().insert(digest, data, hashed=hashed)
 
     in_flight = 0
     at_start: list[int] = []  # GETs in flight as each one starts, itself included

@@ -1,6 +1,7 @@
 """A restore with nothing of its checkpoint in the host cache rebuilds the image while the chunks
-arrive (materialize starts before prefetch ends); with chunks cached already it waits for the
-prefetch, which re-hashes them before they are trusted. Real nats-server, CRIU, the CPU sample."""
+arrive (materialize starts before prefetch ends), each fetched chunk written into the image by the
+prefetch itself (none copied from the cache); with chunks cached already it waits for the prefetch,
+which re-hashes them before they are trusted. Real nats-server, CRIU, the CPU sample."""
 
 from __future__ import annotations
 
@@ -52,10 +53,12 @@ async def test_cold_cache_restore_materializes_while_chunks_arrive(
         a = await h.wait("a")
         assert a.state is ReplicaState.READY and a.tier is Tier.STORE, a.reason
         assert await get(a.endpoint, "/generate") == frozen.answer
+        assert a.bytes["landed"] > 0 and a.bytes["copied"] == 0, a.bytes
         await h.restore(spec.name, "b")
         b = await h.wait("b")
         assert b.state is ReplicaState.READY and b.tier is Tier.CACHE, b.reason
         assert await get(b.endpoint, "/generate") == frozen.answer
+        assert b.bytes["landed"] == 0, b.bytes
     pa, pb = _phases(spans, "a"), _phases(spans, "b")
     assert pa.keys() == pb.keys() == {"prefetch", "materialize"}
     # cold cache: side by side; warm cache: one after the other
@@ -63,3 +66,26 @@ async def test_cold_cache_restore_materializes_while_chunks_arrive(
     assert pa["materialize"].start_time < pa["prefetch"].end_time
     assert pb["materialize"].start_time is not None and pb["prefetch"].end_time is not None
     assert pb["materialize"].start_time >= pb["prefetch"].end_time
+
+
+async def test_partly_cold_cache_restore_lands_the_missing_chunks_and_copies_the_rest(h: Harness) -> None:
+    """Some of the checkpoint's chunks gone from the cache (found so by a restarted restorer): the
+    restore takes the store tier, overlaps as a cold one does, the missing chunks land in the image
+    and only the cached ones are copied."""
+    spec = await h.deploy(h.spec())
+    frozen = await h.make_checkpoint(spec)
+    async with running(h.settings, h.criu, hot_images=0):
+        await h.restore(spec.name, "a")
+        assert (await h.wait("a")).tier is Tier.STORE
+    chunks = h.settings.cache_dir / "chunks"
+    gone = sorted(frozen.manifest.digests())[::2]
+    for d in gone:
+        (chunks / d).unlink()
+    async with running(h.settings, h.criu, hot_images=0):
+        await h.restore(spec.name, "b")
+        b = await h.wait("b")
+        assert b.state is ReplicaState.READY and b.tier is Tier.STORE, b.reason
+        assert await get(b.endpoint, "/generate") == frozen.answer
+    sizes = frozen.manifest.chunk_sizes()
+    assert b.bytes["fetched"] == sum(sizes[d] for d in gone), b.bytes
+    assert b.bytes["landed"] > 0 and b.bytes["copied"] > 0, b.bytes

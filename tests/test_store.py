@@ -87,6 +87,8 @@ async def test_chunk_read_into_a_buffer(store: ChunkStore) -> None:
     with pytest.raises(ChunkError, match=f"{len(data)} bytes, more than the {len(data) - 1} expected"):
         await store.get_chunk_into(d, memoryview(bytearray(len(data) - 1)))
     assert await store.get_chunk(d) == data  # (S3) the connection pool is healthy afterwards
+    with pytest.raises(NotFoundError):
+        await store.get_chunk_into("0" * 64, memoryview(buf))
 
 
 async def test_s3_body_cut_mid_way_is_read_again_from_the_start(

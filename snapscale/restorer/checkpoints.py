@@ -14,7 +14,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapscale.shared.store import ChunkStore, HostCache, Manifest, Prefetcher, fetch_manifest, materialize
+from snapscale.shared.store import (
+    ChunkStore,
+    HostCache,
+    ImageSink,
+    Manifest,
+    Prefetcher,
+    fetch_manifest,
+    materialize,
+)
 
 log = logging.getLogger(__name__)
 KNOWN_MAX = 256  # manifests remembered for the inventory
@@ -28,6 +36,14 @@ class Fetched:
     cached_bytes: int
     seconds: float
     joined: bool = False  # this restore waited on a prefetch of the same checkpoint already running
+
+
+@dataclass(frozen=True)
+class Placed:
+    """How a materialize filled the image: bytes the prefetch wrote there, bytes copied from the cache."""
+
+    landed_bytes: int
+    copied_bytes: int
 
 
 class Checkpoints:
@@ -60,14 +76,22 @@ class Checkpoints:
         with self.cache.pinned(m.digests()):
             yield
 
-    async def prefetch(self, m: Manifest) -> Fetched:
-        rep = await self.prefetcher.prefetch(m)
+    async def prefetch(self, m: Manifest, sink: ImageSink | None = None) -> Fetched:
+        """With `sink`, the chunks it fetches land in the image being materialized, too."""
+        rep = await self.prefetcher.prefetch(m, sink=sink)
         return Fetched(
             rep.bytes_fetched, rep.chunks, rep.cached_chunks, rep.cached_bytes, rep.duration_s, rep.joined
         )
 
     async def materialize(
-        self, m: Manifest, dest: Path, *, arriving: asyncio.Future[Any] | None = None
-    ) -> None:
-        """With `arriving` (a running prefetch), chunks are placed as they land."""
-        await materialize(self.cache, m, dest, arriving=arriving)
+        self,
+        m: Manifest,
+        dest: Path,
+        *,
+        arriving: asyncio.Future[Any] | None = None,
+        sink: ImageSink | None = None,
+    ) -> Placed:
+        """With `arriving` (a running prefetch), chunks are placed as they land; with `sink` (given
+        to that prefetch), those it fetches are written into the image by the prefetch itself."""
+        rep = await materialize(self.cache, m, dest, arriving=arriving, sink=sink)
+        return Placed(rep.landed_bytes, rep.copied_bytes)

@@ -41,7 +41,7 @@ from snapscale.shared.bus import (
 from snapscale.shared.core import telemetry
 from snapscale.shared.core.pause import pause_point
 from snapscale.shared.engine import EngineError, Sandbox, read_weights
-from snapscale.shared.store import Manifest, split_weights
+from snapscale.shared.store import ImageSink, Manifest, split_weights
 
 log = logging.getLogger(__name__)
 tracer = telemetry.tracer("snapscale.restorer")
@@ -229,7 +229,8 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                 a.bytes.update({"fetched": 0, "joined": 0, "cached": found.cached_bytes,
                                 "image": m.total_bytes, "hot": m.total_bytes})  # fmt: skip
         else:
-            weights_fetch = await _assemble(t.checkpoints, a, m, image_dir, overlap=found.cached_bytes == 0)
+            cold = found.cached_bytes < found.need_bytes
+            weights_fetch = await _assemble(t.checkpoints, a, m, image_dir, overlap=cold)
         if m.weights:
             check_weights(hot or image_dir, m)
         with t.hot.reading(m.checkpoint_id) if t.hot is not None else contextlib.nullcontext():
@@ -250,6 +251,9 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                     weights_ready=weights_fetch,
                 )
         _spans_from(report.timings_s, a)
+        # the engine's whole restore (netns and the steps between its phases too): with lookup and
+        # materialize, what is left of `total` is the restorer's own time
+        a.timings_s["engine_restore"] = report.timings_s.get("restore", 0.0)
         ok = True
     except BaseException as e:
         if hot is not None and t.hot is not None and isinstance(e, Exception):
@@ -285,21 +289,25 @@ async def _assemble(
 ) -> asyncio.Task[None] | None:
     """Prefetch `m`'s chunks into the host cache and rebuild its image dir from them.
 
-    With `overlap` (none of them cached yet) each chunk is placed as soon as it lands: every one
-    arrives hashed by the cache; weights outside the image are fetched after the image is rebuilt
-    (not beside its copy), and that prefetch is returned running: the restore starts meanwhile and
-    waits for it before after_restore. With some cached, materialize waits for the whole prefetch,
-    which re-hashes the cached ones before they are trusted.
+    With `overlap` (some to fetch: the cache is cold or partly cold) materialize runs beside the
+    prefetch: a chunk fetched from the store is written into the image by the prefetch from its
+    buffer once it hashed right (and cached from the same buffer); one from the cache is copied once
+    the prefetch has re-hashed it. Weights outside the image are fetched after the image is rebuilt
+    (not beside it), and that prefetch is returned running: the restore starts meanwhile and waits
+    for it before after_restore. With all cached, materialize waits for the whole prefetch, which
+    re-hashes them before they are trusted.
     """
     image, rest = split_weights(m) if overlap and m.weights else (m, None)
+    sink = ImageSink() if overlap else None
     with c.pinned(m):  # nothing evicts these chunks until the image is rebuilt
         # its own task, so its span is the root's child beside materialize's, not above it
-        fetch = asyncio.create_task(_prefetch(c, a, image), name=f"prefetch {m.checkpoint_id}")
+        fetch = asyncio.create_task(_prefetch(c, a, image, sink), name=f"prefetch {m.checkpoint_id}")
         try:
             if not overlap:
                 await asyncio.shield(fetch)
             with phase(a, "materialize"):
-                await c.materialize(m, image_dir, arriving=fetch if overlap else None)
+                placed = await c.materialize(m, image_dir, arriving=fetch if overlap else None, sink=sink)
+            a.bytes.update(landed=placed.landed_bytes, copied=placed.copied_bytes)
             await pause_point("materialize")
             await fetch
         except BaseException:
@@ -311,9 +319,9 @@ async def _assemble(
     return asyncio.create_task(_prefetch(c, a, rest), name=f"prefetch weights {m.checkpoint_id}")
 
 
-async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest) -> None:
+async def _prefetch(c: Checkpoints, a: Attempt, m: Manifest, sink: ImageSink | None = None) -> None:
     with phase(a, "prefetch", **{"snapscale.checkpoint": m.checkpoint_id}) as span:
-        rep = await c.prefetch(m)
+        rep = await c.prefetch(m, sink)
         await pause_point("prefetch")
         gbps = rep.bytes_fetched / rep.seconds / 1e9 if rep.seconds > 0 else 0.0
         span.set_attributes(

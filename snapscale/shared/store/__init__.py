@@ -23,6 +23,7 @@ from snapscale.shared.store.checkpoint import (
     upload_weights,
     verify_checkpoint,
 )
+from snapscale.shared.store.landing import ImageSink
 from snapscale.shared.store.manifest import Manifest, ManifestError
 from snapscale.shared.store.prefetch import Prefetcher, split_weights
 
@@ -32,6 +33,7 @@ __all__ = [
     "ChunkStore",
     "EarlyUpload",
     "HostCache",
+    "ImageSink",
     "Manifest",
     "ManifestError",
     "NotFoundError",

@@ -23,6 +23,7 @@ from snapscale.shared.core.fsutil import copy_range
 from snapscale.shared.store.backend import ChunkError
 from snapscale.shared.store.cache import CHUNK_MODE, HostCache
 from snapscale.shared.store.chunking import ZERO_CHUNK, chunk_length
+from snapscale.shared.store.landing import ImageSink, Target
 from snapscale.shared.store.manifest import FileEntry, Manifest, check_manifest
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,7 @@ class MaterializeReport:
     copied_bytes: int
     zero_bytes: int
     duration_s: float
+    landed_bytes: int = 0  # written into the image by the prefetch that fetched them, not copied
 
     @property
     def throughput_bps(self) -> float:
@@ -90,41 +92,74 @@ async def materialize(
     link: bool = True,
     workers: int | None = None,
     arriving: asyncio.Future[Any] | None = None,
+    sink: ImageSink | None = None,
 ) -> MaterializeReport:
     """Write `manifest`'s files under `dest_dir` (created; must not exist or be empty).
 
     With `arriving` (a running prefetch), each chunk is placed as soon as it is cached; without,
-    every chunk must be cached already (`ChunkError` names a missing one). On error the partial
-    directory is removed.
+    every chunk must be cached already (`ChunkError` names a missing one). With `sink` too (given
+    to that prefetch), the files are made first and a chunk the prefetch fetches is written into
+    them from its buffer (`landed_bytes`); only chunks from the cache are copied. On error the
+    partial directory is removed.
     """
+    if sink is not None and arriving is None:
+        raise ValueError("a sink needs the prefetch that fills it (arriving)")
+    try:
+        return await _materialize(cache, manifest, dest_dir, link, workers, arriving, sink)
+    finally:
+        if sink is not None:
+            sink.close()  # a prefetch waiting for it to open goes on without it
+
+
+async def _materialize(
+    cache: HostCache,
+    manifest: Manifest,
+    dest_dir: Path,
+    link: bool,
+    workers: int | None,
+    arriving: asyncio.Future[Any] | None,
+    sink: ImageSink | None,
+) -> MaterializeReport:
     check_manifest(manifest)  # paths are re-checked here: this is where they touch the disk
     workers = workers or default_workers()
     t0 = time.monotonic()
-    await asyncio.to_thread(_prepare_dir, dest_dir)
-    digests = manifest.digests()
+    can_link = link and await asyncio.to_thread(_same_fs, cache.chunks_dir, dest_dir)
     loop = asyncio.get_running_loop()
-    linked = copied = zero = 0
+    linked = copied = landed = zero = 0
     try:
-        with cache.pinned(digests), ThreadPoolExecutor(max_workers=workers) as pool:
-            creates: list[asyncio.Future[tuple[int, mmap.mmap | None]]] = []
-            jobs: list[asyncio.Future[None]] = []
+        with cache.pinned(manifest.digests()), ThreadPoolExecutor(max_workers=workers) as pool:
+            made: list[tuple[int, mmap.mmap | None]] = []
+            jobs: list[asyncio.Future[None]] = []  # creates and copies, on the pool's threads
+
+            async def create(files: list[FileEntry]) -> None:
+                jobs.append(loop.run_in_executor(pool, _create_all, dest_dir, files, made))
+                await asyncio.shield(jobs[-1])
+
             try:
-                for f in manifest.files:
-                    target = dest_dir / f.path
-                    single = len(f.chunks) == 1 and f.chunks[0] != ZERO_CHUNK
-                    if link and single and f.mode == CHUNK_MODE:
-                        await _wait_cached(cache, f.chunks[0], arriving)
-                        lf = loop.run_in_executor(pool, _try_link, cache.path(f.chunks[0]), target)
-                        if await asyncio.shield(lf):
-                            linked += 1
-                            continue
-                    cf = loop.run_in_executor(pool, _create, target, f)
-                    creates.append(cf)
-                    fd, mm = await asyncio.shield(cf)
+                to_link = [f for f in manifest.files if can_link and _linkable(f)]
+                to_make = [f for f in manifest.files if not (can_link and _linkable(f))]
+                await create(to_make)
+                opened = len(made)  # files made after this (a link refused) are not the sink's
+                if sink is not None:
+                    sink.open(_targets(manifest, to_make, made))
+                for f in to_link:
+                    await _wait_cached(cache, f.chunks[0], arriving)
+                    if await asyncio.shield(
+                        loop.run_in_executor(pool, _try_link, cache.path(f.chunks[0]), dest_dir / f.path)
+                    ):
+                        linked += 1
+                        continue
+                    await create([f])
+                    to_make.append(f)
+                for k, (f, (fd, mm)) in enumerate(zip(to_make, made, strict=True)):
+                    into = sink if k < opened else None
                     for i, d in enumerate(f.chunks):
                         n = chunk_length(f.size, manifest.chunk_bytes, i)
                         if d == ZERO_CHUNK:
                             zero += n  # the file was created sparse at full size: already zeros
+                            continue
+                        if into is not None and await _placed_or_cached(cache, into, d, arriving):
+                            landed += n
                             continue
                         await _wait_cached(cache, d, arriving)
                         copied += n
@@ -136,26 +171,67 @@ async def materialize(
                         )
                 await asyncio.gather(*jobs)
             finally:
-                # Never close an fd a copy thread may still write to (its number could be reused
-                # by another open): let every thread finish first, even when cancelled.
-                await _settle([*creates, *jobs])
-                for cf in creates:
-                    if not cf.cancelled() and cf.exception() is None:
-                        fd, mm = cf.result()
-                        if mm is not None:
-                            mm.close()
-                        os.close(fd)
+                # Never close an fd a copy or landing thread may still write to (its number could be
+                # reused by another open): let every one finish first, even when cancelled.
+                if sink is not None:
+                    sink.close()
+                    await sink.settle()
+                await _settle(jobs)
+                for fd, mm in made:
+                    if mm is not None:
+                        mm.close()
+                    os.close(fd)
     except BaseException:
         await asyncio.to_thread(shutil.rmtree, dest_dir, True)
         raise
     report = MaterializeReport(
-        len(manifest.files), manifest.total_bytes, linked, copied, zero, time.monotonic() - t0
+        len(manifest.files), manifest.total_bytes, linked, copied, zero, time.monotonic() - t0, landed
     )
     log.info(
-        "materialized %s into %s: %d files (%d linked), %d bytes in %.2fs",
-        manifest.checkpoint_id, dest_dir, report.files, linked, report.bytes_total, report.duration_s,
+        "materialized %s into %s: %d files (%d linked), %d bytes (%d landed, %d copied) in %.2fs",
+        manifest.checkpoint_id, dest_dir, report.files, linked, report.bytes_total, landed, copied,
+        report.duration_s,
     )  # fmt: skip
     return report
+
+
+def _linkable(f: FileEntry) -> bool:
+    return len(f.chunks) == 1 and f.chunks[0] != ZERO_CHUNK and f.mode == CHUNK_MODE
+
+
+def _same_fs(chunks: Path, dest: Path) -> bool:
+    """Prepare `dest` (a fresh dir); True when a cached chunk can be hard-linked into it."""
+    _prepare_dir(dest)
+    return os.stat(chunks).st_dev == os.stat(dest).st_dev
+
+
+def _targets(
+    m: Manifest, files: list[FileEntry], made: list[tuple[int, mmap.mmap | None]]
+) -> dict[str, list[Target]]:
+    """Every place of every non-zero chunk in the files made."""
+    out: dict[str, list[Target]] = {}
+    for f, (fd, mm) in zip(files, made, strict=True):
+        for i, d in enumerate(f.chunks):
+            if d != ZERO_CHUNK:
+                n = chunk_length(f.size, m.chunk_bytes, i)
+                out.setdefault(d, []).append(Target(fd, mm, i * m.chunk_bytes, n))
+    return out
+
+
+async def _placed_or_cached(
+    cache: HostCache, sink: ImageSink, d: str, arriving: asyncio.Future[Any] | None
+) -> bool:
+    """True once the prefetch has written `d` into the image; False when it is to be copied from the
+    cache instead (a hit, or a prefetch that ended without taking it): `_wait_cached` then."""
+    assert arriving is not None
+    while not sink.placed_here(d):  # raises why the prefetch could not write it
+        if sink.landing(d):  # being written: only its outcome can end this (never the prefetch's end)
+            await sink.changed(d)
+            continue
+        if cache.verified(d) or arriving.done():
+            return not sink.claim_copy(d)  # neither landing nor placed: the claim holds (False)
+        await asyncio.wait([sink.changed(d), arriving, cache.arrival(d)], return_when=asyncio.FIRST_COMPLETED)
+    return True
 
 
 async def _settle(futs: list[asyncio.Future[Any]]) -> None:
@@ -214,6 +290,13 @@ def _try_link(src: Path, target: Path) -> bool:
             return False  # another filesystem (e.g. tmpfs image dir): copy instead
         raise
     return True
+
+
+def _create_all(dest: Path, files: list[FileEntry], made: list[tuple[int, mmap.mmap | None]]) -> None:
+    """Create `files` under `dest`, appending each one's (fd, mapping) to `made` as it is made (so a
+    failure part-way leaves the made ones to close)."""
+    for f in files:
+        made.append(_create(dest / f.path, f))
 
 
 def _create(target: Path, f: FileEntry) -> tuple[int, mmap.mmap | None]:

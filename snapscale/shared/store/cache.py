@@ -130,9 +130,10 @@ class HostCache:
             self.unpin(ds)
 
     # -- entries --
-    async def insert(self, digest: str, data: bytes | memoryview) -> None:
-        """Verify `data` against `digest` and store it; `ChunkError` if it does not match. The caller
-        may reuse `data`'s memory once this returns (or raises): no thread holds it by then."""
+    async def insert(self, digest: str, data: bytes | memoryview, *, hashed: bool = False) -> None:
+        """Verify `data` against `digest` and store it; `ChunkError` if it does not match (`hashed`:
+        the caller hashed these very bytes already). The caller may reuse `data`'s memory once this
+        returns (or raises): no thread holds it by then."""
         if digest in self._verified:
             self._lru.move_to_end(digest)
             return
@@ -149,7 +150,7 @@ class HostCache:
                 return
         self._reserved += len(data)
         loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(None, self._write_verified, digest, data)
+        fut = loop.run_in_executor(None, self._write_chunk if hashed else self._write_verified, digest, data)
         self._writing.add(fut)
         fut.add_done_callback(self._writing.discard)
         try:

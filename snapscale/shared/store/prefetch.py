@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.store.backend import ChunkError, ChunkStore, run_bounded
 from snapscale.shared.store.cache import HostCache
+from snapscale.shared.store.landing import ChunkSink, on_thread, verify_and_write
 from snapscale.shared.store.manifest import WEIGHTS_FORMAT_VERSION, Manifest
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ def part_of(m: Manifest) -> str:
 class _Job:
     task: asyncio.Task[PrefetchReport]
     callbacks: list[ProgressCb] = field(default_factory=list)
+    sinks: list[ChunkSink] = field(default_factory=list)
     waiters: int = 0
 
 
@@ -96,8 +98,14 @@ class Prefetcher:
     def running(self) -> list[str]:
         return list(self._jobs)
 
-    async def prefetch(self, manifest: Manifest, progress_cb: ProgressCb | None = None) -> PrefetchReport:
-        """All of `manifest`'s chunks verified in the cache, or `ChunkError`/`StoreError`/`CacheFullError`."""
+    async def prefetch(
+        self, manifest: Manifest, progress_cb: ProgressCb | None = None, sink: ChunkSink | None = None
+    ) -> PrefetchReport:
+        """All of `manifest`'s chunks verified in the cache, or `ChunkError`/`StoreError`/`CacheFullError`.
+        With `sink`, each chunk fetched from now on (this caller's, or a running prefetch's it joins)
+        is offered to it too, from the same buffer (once the sink is open)."""
+        if sink is not None:
+            await sink.opened()
         key = f"{manifest.deployment}/{manifest.checkpoint_id}{part_of(manifest)}"
         job = self._jobs.get(key)
         joined = job is not None
@@ -107,6 +115,8 @@ class Prefetcher:
             job.task.add_done_callback(lambda _t: self._jobs.pop(key, None))
         if progress_cb is not None:
             job.callbacks.append(progress_cb)
+        if sink is not None:
+            job.sinks.append(sink)
         job.waiters += 1
         try:
             report = await asyncio.shield(job.task)
@@ -120,6 +130,8 @@ class Prefetcher:
         finally:
             if progress_cb is not None and progress_cb in job.callbacks:
                 job.callbacks.remove(progress_cb)
+            if sink is not None and sink in job.sinks:
+                job.sinks.remove(sink)
         job.waiters -= 1
         return replace(report, joined=True) if joined else report
 
@@ -135,6 +147,10 @@ class Prefetcher:
         def job_cbs() -> list[ProgressCb]:
             job = self._jobs.get(key)
             return job.callbacks if job is not None else []
+
+        def job_sinks() -> list[ChunkSink]:
+            job = self._jobs.get(key)
+            return job.sinks if job is not None else []
 
         t0 = time.monotonic()
         st = {"done": 0, "bytes_done": 0, "fetched": 0, "chunks_fetched": 0, "cached_chunks": 0,
@@ -170,19 +186,44 @@ class Prefetcher:
             return False
 
         async def land(d: str, buf: memoryview, n: int | None) -> None:
-            """Verify and cache a fetched chunk (the first `n` bytes of `buf`; None: it came larger
-            than the manifest says). One that arrived corrupt is fetched once more."""
-            try:
+            """Verify a fetched chunk (the first `n` bytes of `buf`; None: it came larger than the
+            manifest says) and cache it; a sink that takes it gets it first, once it hashed right.
+            One that arrived corrupt is fetched once more."""
+            sinks = [s for s in job_sinks() if s.take(d)]
+            settled = not sinks
+
+            async def keep(n: int | None) -> None:
+                nonlocal settled
                 if n is None:
                     raise ChunkError(d, "larger than the manifest says")
-                await self.cache.insert(d, buf[:n])
-            except ChunkError:
-                st["refetched"] += 1
-                log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
+                if not sinks:  # hash and cache write in one hop, as a prefetch alone has it
+                    await self.cache.insert(d, buf[:n])
+                    return
+                errors = await on_thread(verify_and_write, d, buf[:n], sinks)
+                for s, err in zip(sinks, errors, strict=True):
+                    if err is None:
+                        s.placed(d)
+                    else:
+                        s.failed(d, err)
+                settled = True  # the image has it: the cache write is off its way
+                await self.cache.insert(d, buf[:n], hashed=True)
+
+            try:
                 try:
-                    await self.cache.insert(d, buf[: await self.store.get_chunk_into(d, buf)])
-                except ChunkError as e:
-                    raise ChunkError(d, f"corrupt in the store, twice: {e.reason}") from None
+                    await keep(n)
+                except ChunkError:
+                    st["refetched"] += 1
+                    log.warning("prefetch %s: chunk %s arrived corrupt, fetching once more", key, d[:16])
+                    try:
+                        await keep(await self.store.get_chunk_into(d, buf))
+                    except ChunkError as e:
+                        raise ChunkError(d, f"corrupt in the store, twice: {e.reason}") from None
+            except BaseException as e:
+                if not settled:
+                    why = e if isinstance(e, Exception) else ChunkError(d, "the prefetch stopped first")
+                    for s in sinks:
+                        s.failed(d, why)
+                raise
             st["fetched"] += sizes[d]
             st["chunks_fetched"] += 1
             st["done"] += 1
@@ -192,10 +233,10 @@ class Prefetcher:
         # One task a chunk, at most `concurrency` downloading (a semaphore hands the next GET out
         # the moment one finishes; `concurrency` workers looping over the chunks ran ~10% slower
         # against moto on the GPU machine, bench/prefetch_isolate.py --structure). A chunk is read
-        # into a buffer of the pool below and landed (hash + cache write, on threads) from it beside
-        # the downloads; 2 x concurrency buffers bound the memory. Reusing buffers, rather than a
-        # fresh bytes a chunk freed after landing, kept the prefetch level with a plain download on
-        # the GPU machine (bench/prefetch_alloc.py).
+        # into a buffer of the pool below and landed (hash + cache write, and a sink's write, on
+        # threads) from it beside the downloads; 2 x concurrency buffers bound the memory. Reusing
+        # buffers, rather than a fresh bytes a chunk freed after landing, kept the prefetch level
+        # with a plain download on the GPU machine (bench/prefetch_alloc.py).
         fetch_slots = asyncio.Semaphore(self.concurrency)
         pool = _Buffers(max(sizes.values(), default=0), 2 * self.concurrency)
         landings: set[asyncio.Task[None]] = set()
