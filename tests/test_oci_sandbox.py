@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from oci_image import CAN_DUMP_OTHER_UIDS, DUMP_USER, oci_ref, probe_spec
 
+from snapscale.restorer.cleanup import owned_netns
 from snapscale.shared.bus.sandbox_spec import Mount
-from snapscale.shared.engine import is_running, probe
+from snapscale.shared.engine import is_running, netns, probe, runtime
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import CriuError, EngineError, SandboxExited
@@ -51,6 +52,10 @@ def _read(p: Path) -> str:
 
 def _exists(p: str) -> bool:
     return os.path.exists(p)
+
+
+def _mounted(p: Path) -> bool:
+    return os.path.ismount(p)
 
 
 async def _call(sb: Sandbox, method: str, path: str, body: object = None) -> object:
@@ -185,6 +190,26 @@ async def test_a_mount_outside_what_the_host_allows_is_refused_before_anything_r
     with pytest.raises(EngineError, match=r"sandbox.mounts\[1\].src /etc is outside"):
         made.append(await engine.launch(peek, "peeker-1", gpu_uuids=[], run_dir=tmp_path / "p"))
     assert not _exists("/run/snapscale-runc/peeker-1")
+
+
+async def test_a_restore_whose_root_fails_while_its_netns_is_made_leaves_neither(
+    oci_ref: str, made: list[Sandbox], tmp_path: Path
+) -> None:
+    """A restore makes the container's root while its netns is being made: when the root fails
+    (here a mount the host does not allow), the netns made beside it is removed too."""
+    spec = probe_spec("unmade", oci_ref)
+    bad = replace(
+        spec, sandbox=replace(spec.sandbox, mounts=[*spec.sandbox.mounts, Mount("/etc", "/host-etc")])
+    )
+    run_dir = tmp_path / "host-a" / "run" / "u1"
+    with pytest.raises(EngineError, match=r"sandbox.mounts\[1\].src /etc is outside"):
+        await runtime.prepare_restore(bad, tmp_path / "image", "unmade-1", gpu_uuids=[], run_dir=run_dir)
+    assert owned_netns(tmp_path, keep=set()) == []
+    ok = await runtime.prepare_restore(spec, tmp_path / "image", "unmade-2", gpu_uuids=[], run_dir=run_dir)
+    assert owned_netns(tmp_path, keep=set()) == [ok.ns.name] and _mounted(run_dir / "bundle" / "rootfs")
+    await runtime.discard(ok, run_dir)
+    await netns.delete_netns(ok.ns.name)
+    assert not _mounted(run_dir / "bundle" / "rootfs")
 
 
 async def test_the_image_store_fetches_once_by_digest_and_refuses_a_wrong_one(
