@@ -151,6 +151,34 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
         await engine.stop(back)
 
 
+async def test_a_restored_container_stays_in_its_cgroup_and_is_held_to_its_memory_limit(
+    oci_ref: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary
+) -> None:
+    """CRIU leaves the restored tree in the cgroup runc made and joined it to (the bundle's CRIU
+    config says `manage-cgroups=ignore`: no cgroup yard of CRIU's own, 2-24 ms of each restore on
+    this cgroup v1 VM); the memory limit holds after the restore as before the freeze."""
+    spec = probe_spec("held", oci_ref, user=DUMP_USER, memory_mib=64)
+    sb = await engine.launch(spec, "held-1", gpu_uuids=[], run_dir=tmp_path / "host-a" / "run" / "h1")
+    made.append(sb)
+    await engine.wait_ready(sb, spec.ready)
+    await engine.freeze(sb, spec, tmp_path / "image", keep_running=False, criu=criu)
+    run_dir = tmp_path / "host-a" / "run" / "h2"
+    back, _report = await engine.restore(
+        spec, tmp_path / "image", "held-2", gpu_uuids=[], run_dir=run_dir, criu=criu
+    )
+    made.append(back)
+    assert "/snapscale/held-2" in _read(Path(f"/proc/{back.pid}/cgroup"))
+    assert "cgyard" not in "".join(_read(p) for p in run_dir.glob("criu-restore-*/restore.log"))
+    assert await _call(back, "POST", "/alloc", {"mib": 8}) == 8
+    with pytest.raises((ConnectionError, OSError, ValueError)):  # killed mid-answer
+        await _call(back, "POST", "/alloc", {"mib": 200})
+    for _ in range(100):
+        if not is_running(back):
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.exit_reason(back) == "out of memory: limit 64 MiB"
+
+
 async def test_a_file_growing_through_a_keep_running_freeze_travels_as_the_memory_saw_it(
     oci_ref: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary
 ) -> None:
