@@ -29,6 +29,7 @@ from snapscale.shared.bus.sandbox_spec import Mount, SandboxSpec
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine import probe
 from snapscale.shared.engine.criu import CriuBinary, find_criu
+from snapscale.shared.engine.criu_profile import profile_file
 from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, has_cap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +98,20 @@ async def answer(endpoint: str) -> bytes:
     return body
 
 
+def criu_profile(run_dir: Path) -> dict[str, Any]:
+    """Where the restore's CRIU spent its time (engine/criu_profile.py), from its log when it has
+    timestamps: runc always logs at -v4 (restore.log in its work dir); the host sandbox at
+    `--criu-log-level`. `unlogged_s` (criu_restore less what CRIU logged) is runc's own work and
+    CRIU's start for a container, CRIU's start for the host sandbox."""
+    logs = sorted(run_dir.glob("criu-restore-*/restore.log")) + sorted(run_dir.glob("criu-restore-*.log"))
+    prof = profile_file(logs[0]) if logs else None
+    if prof is None or prof.logged_s <= 0:  # -v2: no timestamps
+        return {}
+    return {"logged_s": prof.logged_s, "phases_s": prof.phases_s, "slowest": prof.slowest[:5]}
+
+
 async def one_round(
-    d: spec.DeploymentSpec, kind: str, n: int, work: Path, gpus: list[str], criu: CriuBinary
+    d: spec.DeploymentSpec, kind: str, n: int, work: Path, gpus: list[str], criu: CriuBinary, log_level: int
 ) -> dict[str, Any]:
     base = work / f"{kind}-{n}"
     shutil.rmtree(base, ignore_errors=True)
@@ -113,16 +126,20 @@ async def one_round(
         await engine.stop(sb)
     s = time.monotonic()
     back, rep = await engine.restore(
-        d, base / "image", f"bench-{kind}-{n}b", gpu_uuids=gpus, run_dir=base / "run-b", criu=criu
-    )
+        d, base / "image", f"bench-{kind}-{n}b", gpu_uuids=gpus, run_dir=base / "run-b", criu=criu,
+        criu_log_level=log_level,
+    )  # fmt: skip
     try:
         body = await answer(back.endpoint)
         took = time.monotonic() - s
     finally:
         await engine.stop(back)
+    prof = criu_profile(base / "run-b")
+    if prof:
+        prof["unlogged_s"] = round(rep.timings_s["criu_restore"] - prof["logged_s"], 4)
     out = {"kind": kind, "round": n, "cold_s": round(cold, 3), "restore_first_answer_s": round(took, 3),
            "restore": rep.timings_s, "freeze": fr.timings_s, "image_bytes": fr.image_bytes,
-           "answer_identical": body == ref}  # fmt: skip
+           "answer_identical": body == ref, "criu_profile": prof}  # fmt: skip
     say(f"{kind} #{n}: cold {cold:.2f}s, restore->answer {took:.3f}s {rep.timings_s}, same: {body == ref}")
     return out
 
@@ -136,7 +153,7 @@ async def play(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for n in range(args.rounds):
         for kind in KINDS:
-            runs.append(await one_round(kinds[kind], kind, n, work, gpus, criu))
+            runs.append(await one_round(kinds[kind], kind, n, work, gpus, criu, args.criu_log_level))
     med = {k: statistics.median(r["restore_first_answer_s"] for r in runs if r["kind"] == k) for k in KINDS}
     return {"image": image, "gpus": gpus, "cpu": args.cpu, "runs": runs, "median_restore_s": med,
             "oci_over_host": round(med["oci"] / med["host"], 3),
@@ -150,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="the tiny CPU sample, for a machine without GPU")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kv-gib", type=int, default=4)
+    p.add_argument(
+        "--criu-log-level", type=int, default=2, choices=(2, 4),
+        help="the host sandbox's CRIU log level (4: timestamps for its profile; runc always logs at 4)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         raise SystemExit("needs root: runc, CRIU, network namespaces")

@@ -88,6 +88,10 @@ class H(http.server.BaseHTTPRequestHandler):
             return self.answer("appending")
         if self.path == "/read":
             return self.answer(attempt(lambda: open(q["path"]).read()))
+        if self.path == "/alloc":  # memory taken after ready, touched page by page
+            for _ in range(int(q["mib"])):
+                hog.append(bytearray(1 << 20))
+            return self.answer(len(hog))
         self.send_response(404); self.end_headers()
 
 print("probe up as", os.getuid(), flush=True)

@@ -120,6 +120,41 @@ async def test_a_spec_without_an_image_fails_with_the_reason_outside_development
     )
 
 
+async def test_a_ready_container_killed_over_its_memory_limit_is_reported_failed_with_the_reason(
+    oci_ref: str,
+    settings: Settings,
+    the_bus: bus.Bus,
+    criu: CriuBinary,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A replica ready for a while takes more memory than its limit: the kernel kills it inside its
+    cgroup; the restorer reports it failed with the OOM reason (and frees what it held) while the
+    replica beside it and the restorer carry on."""
+    monkeypatch.delenv("SNAPSCALE_SANDBOX")
+    monkeypatch.setenv("SNAPSCALE_SANDBOX_MOUNTS", "/usr")
+    monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(settings.state_dir))
+    h = Harness(settings, the_bus, criu, f"oci-{uuid.uuid4().hex[:8]}", tmp_path)
+    hog = await h.deploy(probe_spec(f"late-hog-{h.tag}", oci_ref, memory_mib=64))
+    other = await h.deploy(probe_spec(f"bystander-{h.tag}", oci_ref))
+    async with _following(h), running(settings, criu, cpu_slots=2) as (svc, _task):
+        await h.restore(hog.name, "hog-1")
+        await h.restore(other.name, "by-1")
+        ready = [await h.wait(r, FINAL) for r in ("hog-1", "by-1")]
+        assert [e.state for e in ready] == [ReplicaState.READY] * 2, ready
+        assert await _call(ready[0].local_endpoint, "POST", "/alloc", {"mib": 8}) == 8  # under its limit
+        with pytest.raises((ConnectionError, OSError, ValueError)):  # killed mid-answer
+            await _call(ready[0].local_endpoint, "POST", "/alloc", {"mib": 200})
+        ev = await h.wait("hog-1", frozenset({ReplicaState.FAILED}), timeout_s=10)
+        assert ev.reason == "the sandbox died while ready: out of memory: limit 64 MiB", ev.reason
+        assert svc.host is not None and "hog-1" not in svc.host.replicas.live
+        runs = settings.state_dir / "restorer" / "run"
+        assert _cleared("hog-1", runs / "hog-1.")  # its container, cgroup and overlay are gone
+        assert await _call(ready[1].local_endpoint, "GET", "/count") == 1  # the bystander serves on
+        await h.restore(hog.name, "hog-2")  # and the restorer too, in the slot the dead one freed
+        assert (await h.wait("hog-2", FINAL)).state is ReplicaState.READY
+
+
 async def test_what_a_crash_left_of_a_container_is_reaped(
     oci_ref: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

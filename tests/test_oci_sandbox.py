@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from oci_image import CAN_DUMP_OTHER_UIDS, DUMP_USER, oci_ref, probe_spec
 
+from snapscale.restorer.cleanup import owned_netns
 from snapscale.shared.bus.sandbox_spec import Mount
-from snapscale.shared.engine import is_running, probe
+from snapscale.shared.engine import is_running, netns, probe, runtime
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine.criu import CriuBinary
 from snapscale.shared.engine.errors import CriuError, EngineError, SandboxExited
@@ -51,6 +52,10 @@ def _read(p: Path) -> str:
 
 def _exists(p: str) -> bool:
     return os.path.exists(p)
+
+
+def _mounted(p: Path) -> bool:
+    return os.path.ismount(p)
 
 
 async def _call(sb: Sandbox, method: str, path: str, body: object = None) -> object:
@@ -146,6 +151,34 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
         await engine.stop(back)
 
 
+async def test_a_restored_container_stays_in_its_cgroup_and_is_held_to_its_memory_limit(
+    oci_ref: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary
+) -> None:
+    """CRIU leaves the restored tree in the cgroup runc made and joined it to (the bundle's CRIU
+    config says `manage-cgroups=ignore`: no cgroup yard of CRIU's own, 2-24 ms of each restore on
+    this cgroup v1 VM); the memory limit holds after the restore as before the freeze."""
+    spec = probe_spec("held", oci_ref, user=DUMP_USER, memory_mib=64)
+    sb = await engine.launch(spec, "held-1", gpu_uuids=[], run_dir=tmp_path / "host-a" / "run" / "h1")
+    made.append(sb)
+    await engine.wait_ready(sb, spec.ready)
+    await engine.freeze(sb, spec, tmp_path / "image", keep_running=False, criu=criu)
+    run_dir = tmp_path / "host-a" / "run" / "h2"
+    back, _report = await engine.restore(
+        spec, tmp_path / "image", "held-2", gpu_uuids=[], run_dir=run_dir, criu=criu
+    )
+    made.append(back)
+    assert "/snapscale/held-2" in _read(Path(f"/proc/{back.pid}/cgroup"))
+    assert "cgyard" not in "".join(_read(p) for p in run_dir.glob("criu-restore-*/restore.log"))
+    assert await _call(back, "POST", "/alloc", {"mib": 8}) == 8
+    with pytest.raises((ConnectionError, OSError, ValueError)):  # killed mid-answer
+        await _call(back, "POST", "/alloc", {"mib": 200})
+    for _ in range(100):
+        if not is_running(back):
+            break
+        await asyncio.sleep(0.05)
+    assert runtime.exit_reason(back) == "out of memory: limit 64 MiB"
+
+
 async def test_a_file_growing_through_a_keep_running_freeze_travels_as_the_memory_saw_it(
     oci_ref: str, made: list[Sandbox], tmp_path: Path, criu: CriuBinary
 ) -> None:
@@ -185,6 +218,26 @@ async def test_a_mount_outside_what_the_host_allows_is_refused_before_anything_r
     with pytest.raises(EngineError, match=r"sandbox.mounts\[1\].src /etc is outside"):
         made.append(await engine.launch(peek, "peeker-1", gpu_uuids=[], run_dir=tmp_path / "p"))
     assert not _exists("/run/snapscale-runc/peeker-1")
+
+
+async def test_a_restore_whose_root_fails_while_its_netns_is_made_leaves_neither(
+    oci_ref: str, made: list[Sandbox], tmp_path: Path
+) -> None:
+    """A restore makes the container's root while its netns is being made: when the root fails
+    (here a mount the host does not allow), the netns made beside it is removed too."""
+    spec = probe_spec("unmade", oci_ref)
+    bad = replace(
+        spec, sandbox=replace(spec.sandbox, mounts=[*spec.sandbox.mounts, Mount("/etc", "/host-etc")])
+    )
+    run_dir = tmp_path / "host-a" / "run" / "u1"
+    with pytest.raises(EngineError, match=r"sandbox.mounts\[1\].src /etc is outside"):
+        await runtime.prepare_restore(bad, tmp_path / "image", "unmade-1", gpu_uuids=[], run_dir=run_dir)
+    assert owned_netns(tmp_path, keep=set()) == []
+    ok = await runtime.prepare_restore(spec, tmp_path / "image", "unmade-2", gpu_uuids=[], run_dir=run_dir)
+    assert owned_netns(tmp_path, keep=set()) == [ok.ns.name] and _mounted(run_dir / "bundle" / "rootfs")
+    await runtime.discard(ok, run_dir)
+    await netns.delete_netns(ok.ns.name)
+    assert not _mounted(run_dir / "bundle" / "rootfs")
 
 
 async def test_the_image_store_fetches_once_by_digest_and_refuses_a_wrong_one(

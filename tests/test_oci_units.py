@@ -15,10 +15,11 @@ from snapscale.shared.bus.spec import spec_from_mapping
 from snapscale.shared.core.fieldcheck import FieldsError
 from snapscale.shared.engine import compat, runtime
 from snapscale.shared.engine.errors import EngineError
-from snapscale.shared.engine.oci import images
+from snapscale.shared.engine.oci import gpu, images
 from snapscale.shared.engine.oci.config import runtime_config, submounts
-from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, check_mounts, has_cap
-from snapscale.shared.engine.oci.gpu import DeviceNode, HostGpus, driver_libraries, gpu_access
+from snapscale.shared.engine.oci.container import CAP_SYS_RESOURCE, has_cap
+from snapscale.shared.engine.oci.gpu import DeviceNode, HostGpus, HostListing, driver_libraries, gpu_access
+from snapscale.shared.engine.oci.rootfs import check_mounts
 
 DIGEST = "sha256:" + "ab" * 32
 IMAGE = f"oci:/srv/images/sample@{DIGEST}"
@@ -147,6 +148,35 @@ def test_gpu_access_gives_only_the_assigned_cards_and_the_driver_libraries() -> 
     spec = probe_spec("d", IMAGE)
     c = runtime_config(spec, rootfs="/r", netns_path="/n", env={}, cgroups_path="/c", hostname="h", gpu=acc)
     assert [d["path"] for d in c["linux"]["devices"]] == ["/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia1"]
+
+
+async def test_the_hosts_gpu_listing_is_read_once_and_again_only_for_a_gpu_it_lacks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NVML's init and `ldconfig -p` sat on every GPU restore's critical path: the listing is read
+    at the first GPU launch of a process, and again only when a launch names a GPU it lacks (a
+    card added or reset since). The listing here stands in for a GPU host's (no GPU on this VM)."""
+    cards = {"GPU-a": 0}
+    reads: list[dict[str, int]] = []
+
+    def read() -> HostGpus:
+        reads.append(dict(cards))
+        nodes = [DeviceNode("/dev/nvidiactl", 195, 255)]
+        nodes += [DeviceNode(f"/dev/nvidia{m}", 195, m) for m in cards.values()]
+        return HostGpus(nodes=nodes, ldconfig=LDCONFIG, minors=dict(cards))
+
+    monkeypatch.setattr(gpu, "_read_host", read)
+    listing = HostListing()
+    for _ in range(3):
+        acc = await listing.access(["GPU-a"])
+        assert [d["path"] for d in acc.devices] == ["/dev/nvidiactl", "/dev/nvidia0"]
+    assert len(reads) == 1
+    cards["GPU-b"] = 1  # a card the kept listing lacks: read again, then given
+    assert [d["path"] for d in (await listing.access(["GPU-b"])).devices][-1] == "/dev/nvidia1"
+    assert len(reads) == 2
+    with pytest.raises(ValueError, match="GPU-c is not on this host"):
+        await listing.access(["GPU-c"])
+    assert len(reads) == 3
 
 
 def test_image_refs_parse_and_a_layout_tag_is_found_by_digest() -> None:

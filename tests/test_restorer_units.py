@@ -233,3 +233,29 @@ def test_a_heartbeat_interval_the_scaler_would_refuse_is_refused_at_start() -> N
     for bad in (0.001, 7200.0):
         with pytest.raises(ConfigError, match=r"heartbeat_s must be within \[0.01, 3600\]"):
             RestorerConfig(host="h", heartbeat_s=bad)
+
+
+def test_the_death_watch_takes_only_ready_or_suspended_replicas_that_died() -> None:
+    """A replica being started or stopped (a release kills its tree first) is not the watch's:
+    reporting it failed would race the release's own `stopped`."""
+    from snapscale.restorer.deaths import dead, death_reason
+    from snapscale.restorer.replicas import Live
+    from snapscale.shared.bus.messages import ReplicaState
+    from snapscale.shared.bus.spec import DeploymentSpec
+    from snapscale.shared.engine import Sandbox
+
+    spec = DeploymentSpec(name="d", command=["true"])
+    lives = {
+        f"{state.value}-{alive}": Live(
+            spec, Sandbox(f"{state.value}-{alive}", "d", 1, "ns", ""), state, None, 0.0
+        )
+        for state in ReplicaState
+        for alive in (True, False)
+    }
+    found = dead(lives.values(), lambda sb: sb.replica.endswith("True"))
+    assert sorted(lv.sandbox.replica for lv in found) == ["ready-False", "suspended-False"]
+    assert death_reason(ReplicaState.READY, "out of memory: limit 64 MiB") == (
+        "the sandbox died while ready: out of memory: limit 64 MiB"
+    )
+    said = death_reason(ReplicaState.SUSPENDED, None)
+    assert said == "the sandbox died while suspended: its process exited"

@@ -53,10 +53,10 @@ def live_event(
     t: HostTools, lv: Live, state: ReplicaState, command_id: str | None, reason: str = ""
 ) -> ReplicaEvent:
     """The event of a replica this host runs: its tier and checkpoint, and where to reach it unless
-    it stopped."""
+    it stopped or failed."""
     ev = event(t, lv.spec.name, lv.sandbox.replica, state, command_id=command_id, reason=reason)
     ev = replace(ev, tier=lv.tier, checkpoint_id=lv.checkpoint_id)
-    if state is ReplicaState.STOPPED:
+    if state in (ReplicaState.STOPPED, ReplicaState.FAILED):
         return ev
     sb = lv.sandbox
     where = t.forwards.endpoint(sb)

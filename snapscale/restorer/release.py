@@ -55,11 +55,16 @@ async def _until_stopped(lv: Live, timeout_s: float = 5.0) -> None:
     raise TimeoutError(f"sandbox {lv.sandbox.replica} did not stop within {timeout_s:g}s of SIGSTOP")
 
 
-async def stop_replica(h: Host, lv: Live, command_id: str | None, reason: str) -> None:
-    """Kill the tree, free its slot and record it stopped."""
+async def stop_replica(
+    h: Host, lv: Live, command_id: str | None, reason: str, *, final: ReplicaState = ReplicaState.STOPPED
+) -> None:
+    """Kill the tree, free its slot and record it `final`: stopped, or failed for one whose sandbox
+    died (deaths.py). While it is being stopped it is `releasing`, which no death watch takes."""
     t = h.tools
     replica = lv.sandbox.replica
-    await events.record(t.bus, events.live_event(t, lv, ReplicaState.RELEASING, command_id, reason))
+    lv.state = ReplicaState.RELEASING
+    if final is ReplicaState.STOPPED:
+        await events.record(t.bus, events.live_event(t, lv, ReplicaState.RELEASING, command_id, reason))
     try:
         await engine.stop(lv.sandbox)
     finally:
@@ -70,7 +75,7 @@ async def stop_replica(h: Host, lv: Live, command_id: str | None, reason: str) -
     # a stopped replica's logs go with it (a failed attempt's stay, for whoever debugs it)
     if (d := t.attempt_dir(lv.sandbox.run_dir)) is not None:
         await asyncio.to_thread(shutil.rmtree, d, True)
-    await events.record(t.bus, events.live_event(t, lv, ReplicaState.STOPPED, command_id, reason))
+    await events.record(t.bus, events.live_event(t, lv, final, command_id, reason))
     await events.remove(t.bus, lv.spec.name, replica)
 
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 from nats.aio.msg import Msg
 from opentelemetry import trace
 
-from snapscale.restorer import events, inventory, metrics
+from snapscale.restorer import deaths, events, inventory, metrics
 from snapscale.restorer.checkpoints import Checkpoints
 from snapscale.restorer.cleanup import reap
 from snapscale.restorer.compat import CompatKeys, deployment_keys
@@ -103,6 +103,7 @@ class Restorer:
                 await asyncio.to_thread(prune_run_dirs, h, time.time() - LEDGER_KEEP_S)
                 tasks = [
                     runtime.guard(self._heartbeats(h, stop), "restorer heartbeat"),
+                    runtime.guard(deaths.watch(h, stop), "replica deaths"),
                     runtime.guard(
                         self._serve(
                             tools, Verb.SCALE_UP, ScaleUpCommand, self.on_scale_up, stop, self.on_refused
@@ -120,8 +121,8 @@ class Restorer:
                 log.info("restorer %s serving (%d GPUs, %d CPU slots)", c.host, len(gpus), c.cpu_slots)
                 await stop.wait()
                 # drain: each consumer stops fetching and gives the commands it has in flight drain_s to
-                # finish, then cancels them (redelivered); the heartbeat (tasks[0]) goes on till then
-                await asyncio.wait(tasks[1:])
+                # finish, then cancels them (redelivered); the heartbeat and the death watch go on till then
+                await asyncio.wait(tasks[2:])
                 for t in tasks:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)

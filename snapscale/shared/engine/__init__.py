@@ -38,7 +38,7 @@ from snapscale.shared.engine.netns import (
 )
 from snapscale.shared.engine.procs import pid_alive, pids_holding
 from snapscale.shared.engine.registry import SandboxRegistry
-from snapscale.shared.engine.runtime import container_pids, launch, stop
+from snapscale.shared.engine.runtime import container_pids, exit_reason, launch, stop
 from snapscale.shared.engine.runtime import sweep as sweep_containers
 from snapscale.shared.engine.sandbox import Sandbox, is_running, tree_pids
 from snapscale.workload import ChunkDir
@@ -62,6 +62,7 @@ __all__ = [
     "cuda_driver_version",
     "delete_netns",
     "existing_netns",
+    "exit_reason",
     "find_criu",
     "forward_table_name",
     "free_host_port",

@@ -405,7 +405,11 @@ async def restore(
     t: dict[str, float] = {}
     sandbox.become_subreaper()
     with _step(t, "restore"):
-        ns = await netns.create(replica, owner=run_dir)
+        with _step(t, "sandbox_prepare"):  # the netns and, for a container, its root, at once
+            prepared = await runtime.prepare_restore(
+                spec, image_dir, replica, gpu_uuids=gpu_uuids, run_dir=run_dir
+            )
+        ns = prepared.ns
         log_path = run_dir / sandbox.LOG_NAME
         try:
             with _step(t, "criu_restore"):
@@ -414,14 +418,15 @@ async def restore(
                     spec,
                     image_dir,
                     replica,
+                    prepared=prepared,
                     log_key=meta.log_key,
                     gpu_uuids=gpu_uuids,
                     run_dir=run_dir,
-                    ns=ns,
                     criu=criu,
                     log_level=criu_log_level,
                 )
         except BaseException:
+            await runtime.discard(prepared, run_dir)
             await stop(_placeholder(ns, replica, spec, log_path))
             raise
         sb = Sandbox(

@@ -6,8 +6,10 @@ sandbox died go through here; lifecycle.py does the rest (hooks, CUDA, readiness
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from snapscale.shared.bus.spec import DeploymentSpec
@@ -16,6 +18,7 @@ from snapscale.shared.engine import extfiles, netns, sandbox
 from snapscale.shared.engine.criu import CriuBinary, CriuRun
 from snapscale.shared.engine.errors import EngineError
 from snapscale.shared.engine.oci import container
+from snapscale.shared.engine.oci.rootfs import Root
 from snapscale.shared.engine.sandbox import Sandbox
 
 MODE_ENV = "SNAPSCALE_SANDBOX"
@@ -75,25 +78,83 @@ async def dump(
     return await criu_mod.dump(criu, argv, image_dir, log_path)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """Where a restore's tree comes back: its fresh network namespace and, for an OCI sandbox, its
+    root (the image's overlay with the checkpoint's writable layer; None for a host-process one)."""
+
+    ns: netns.NetNs
+    root: Root | None
+
+
+async def prepare_restore(
+    spec: DeploymentSpec, image_dir: Path, replica: str, *, gpu_uuids: list[str], run_dir: Path
+) -> Prepared:
+    """The netns and a container's root, made at once: neither needs the other, and the root (the
+    writable layer's unpack, the overlay, the host's GPUs) sat after the netns on the critical path.
+    Neither is cancelled half-way (a half-made netns would be left): on a failure or a cancellation
+    both run to their end and what was made is undone."""
+    check_runnable(spec, "restore")
+    if spec.sandbox.image is None:
+        return Prepared(await netns.create(replica, owner=run_dir), None)
+    ns_task = asyncio.ensure_future(netns.create(replica, owner=run_dir))
+    root_task = asyncio.ensure_future(container.prepare_restore(spec, image_dir, run_dir, gpu_uuids))
+    both = asyncio.gather(ns_task, root_task, return_exceptions=True)
+    try:
+        ns, root = await asyncio.shield(both)
+    except asyncio.CancelledError:
+        await both
+        await _undo(ns_task, root_task, run_dir)
+        raise
+    for got in (ns, root):
+        if isinstance(got, BaseException):
+            await _undo(ns_task, root_task, run_dir)
+            raise got
+    assert isinstance(ns, netns.NetNs) and isinstance(root, Root)
+    return Prepared(ns, root)
+
+
+async def _undo(ns_task: asyncio.Future[netns.NetNs], root_task: asyncio.Future[Root], run_dir: Path) -> None:
+    """What a failed or cancelled `prepare_restore` made (a root that failed undid itself)."""
+    if ns_task.exception() is None:
+        await netns.delete_netns(ns_task.result().name)
+    if root_task.exception() is None:
+        await container.discard(run_dir)
+
+
+async def discard(prepared: Prepared, run_dir: Path) -> None:
+    """A prepared root that no tree was restored into (the netns is the caller's to remove)."""
+    if prepared.root is not None:
+        await container.discard(run_dir)
+
+
 async def restore_tree(
     spec: DeploymentSpec,
     image_dir: Path,
     replica: str,
     *,
+    prepared: Prepared,
     log_key: str,
     gpu_uuids: list[str],
     run_dir: Path,
-    ns: netns.NetNs,
     criu: CriuBinary,
     log_level: int,
 ) -> CriuRun:
-    """Restore the frozen tree into `ns` (made by the caller); `log_key` is CRIU's name for the
+    """Restore the frozen tree into `prepared` (`prepare_restore`); `log_key` is CRIU's name for the
     host sandbox's frozen log file (its path, or its external key), replaced by the new replica's log."""
     check_runnable(spec, "restore")
-    if spec.sandbox.image is not None:
+    ns = prepared.ns
+    if prepared.root is not None:
         criu_mod.require_version(criu)
         return await container.restore(
-            spec, image_dir, replica, gpu_uuids=gpu_uuids, run_dir=run_dir, ns=ns, criu=criu.path
+            spec,
+            image_dir,
+            replica,
+            root=prepared.root,
+            gpu_uuids=gpu_uuids,
+            run_dir=run_dir,
+            ns=ns,
+            criu=criu.path,
         )
     log_fd = sandbox.open_log(run_dir / sandbox.LOG_NAME)
     ns_fd = os.open(ns.path, os.O_RDONLY | os.O_CLOEXEC)

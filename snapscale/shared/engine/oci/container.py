@@ -1,8 +1,9 @@
 """One OCI replica: launch (`runc run`), checkpoint (`runc checkpoint`), restore (`runc restore`),
 stop (`runc delete`), and why it died.
 
-The bundle lives in the replica's run dir: `bundle/config.json` (config.py) and `bundle/rootfs`, an
-overlay of the image's unpacked rootfs (images.py, shared) under the replica's own `upper/`. The
+The bundle lives in the replica's run dir (rootfs.py): `bundle/config.json` (config.py) and
+`bundle/rootfs`, an overlay of the image's unpacked rootfs (images.py, shared) under the replica's
+own `upper/`; a restore's root is prepared while its netns is made (`prepare_restore`). The
 container's stdio are pipes, never host files (CRIU could not reopen a host path inside the
 container's mount namespace): stdin a pipe at EOF, stdout and stderr one pipe into a relay (`cat`)
 that appends to the replica's log; runc hands the restored tree its new pipes (descriptors.json).
@@ -22,27 +23,30 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from snapscale.shared.bus.spec import DeploymentSpec
-from snapscale.shared.core.settings import DEFAULT_STATE_DIR
 from snapscale.shared.engine import netns
 from snapscale.shared.engine.criu import CriuRun, read_stats
 from snapscale.shared.engine.errors import CriuError, EngineError
 from snapscale.shared.engine.oci import runc
-from snapscale.shared.engine.oci.config import CRIU_OPTIONS, MIB, mount_points, runtime_config, submounts
-from snapscale.shared.engine.oci.gpu import gpu_access, host_listing, nvml_minors
-from snapscale.shared.engine.oci.images import ImageStore
+from snapscale.shared.engine.oci.config import MIB, mount_points
+from snapscale.shared.engine.oci.rootfs import (
+    MOUNTINFO,
+    UPPER_TAR,
+    Root,
+    cgroups_path,
+    layer,
+    mkdirs,
+    prepare,
+    write_bundle,
+)
 from snapscale.shared.engine.sandbox import (
     LOG_NAME,
     Sandbox,
     become_subreaper,
     booted,
     open_log,
-    workload_env,
 )
 
 log = logging.getLogger(__name__)
-UPPER_TAR = "rootfs-upper.tar"  # the writable layer, in the image dir
-CGROUP_PARENT = "/snapscale"
-MOUNTINFO = Path("/proc/self/mountinfo")  # this mount namespace: the host's, where runc binds from
 _relays: dict[int, asyncio.Future[None]] = {}  # the log relays' waits, kept so they are reaped
 
 
@@ -74,16 +78,6 @@ def _check_dumpable(sb: Sandbox) -> None:
         )
 
 
-def _mkdirs(*dirs: Path) -> bool:
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    return True
-
-
-def _exists(p: Path) -> bool:
-    return p.exists()
-
-
 def _is_mount(p: Path) -> bool:
     return os.path.ismount(p)
 
@@ -91,81 +85,6 @@ def _is_mount(p: Path) -> bool:
 async def _forget_relay(relay: asyncio.subprocess.Process) -> None:
     await relay.wait()
     _relays.pop(relay.pid, None)
-
-
-def image_store() -> ImageStore:
-    """The host's image store, beside the sandbox registry in the state dir."""
-    return ImageStore(Path(os.environ.get("SNAPSCALE_STATE_DIR", DEFAULT_STATE_DIR)) / "images")
-
-
-MOUNTS_ENV = "SNAPSCALE_SANDBOX_MOUNTS"
-
-
-def allowed_mount_roots() -> list[str]:
-    """The host directories whose contents specs may mount read-only (`SNAPSCALE_SANDBOX_MOUNTS`,
-    colon-separated; none by default): a spec comes over the bus, the host decides what it shows."""
-    return [p.rstrip("/") or "/" for p in os.environ.get(MOUNTS_ENV, "").split(":") if p]
-
-
-def check_mounts(spec: DeploymentSpec, roots: list[str]) -> None:
-    """Every `sandbox.mounts` source lies under one of `roots`, else the launch is refused. Pure."""
-    for i, m in enumerate(spec.sandbox.mounts):
-        if not any(r == "/" or m.src == r or m.src.startswith(f"{r}/") for r in roots):
-            raise EngineError(
-                "launch",
-                f"sandbox.mounts[{i}].src {m.src} is outside the host paths this host lets workloads "
-                f"read ({MOUNTS_ENV}={':'.join(roots) or '<none>'}); see docs/sandbox.md",
-            )
-
-
-def cgroups_path(replica: str) -> str:
-    return f"{CGROUP_PARENT}/{replica}"
-
-
-async def _layer(upper: Path, tar: Path, *, pack: bool, step: str) -> None:
-    """The writable layer to (`pack`) or from a tar, overlay whiteouts and xattrs included."""
-    mode = ["-cf", str(tar), "."] if pack else ["-xpf", str(tar)]
-    await runc.tool(
-        "tar", "-C", str(upper), "--xattrs", "--xattrs-include=*", "--numeric-owner", *mode, step=step
-    )
-
-
-async def _bundle(
-    spec: DeploymentSpec,
-    replica: str,
-    run_dir: Path,
-    ns_path: Path,
-    gpu_uuids: list[str],
-    upper_tar: Path | None,
-) -> Path:
-    """The replica's bundle: the image (fetched and unpacked once per host), its overlay, config.json."""
-    assert spec.sandbox.image is not None
-    check_mounts(spec, allowed_mount_roots())
-    image = await image_store().ensure(spec.sandbox.image)
-    upper, work, bundle = run_dir / "upper", run_dir / "work", run_dir / "bundle"
-    rootfs = bundle / "rootfs"
-    if _mkdirs(upper, work, rootfs) and upper_tar is not None and _exists(upper_tar):
-        await _layer(upper, upper_tar, pack=False, step="rootfs")
-    opts = f"lowerdir={image.rootfs},upperdir={upper},workdir={work}"
-    await runc.tool("mount", "-t", "overlay", "overlay", "-o", opts, str(rootfs), step="rootfs")
-    try:
-        gpu = gpu_access(host_listing(nvml_minors()), gpu_uuids) if gpu_uuids else None
-    except ValueError as e:
-        raise EngineError("launch", f"GPUs for the container: {e}") from None
-    config = runtime_config(
-        spec,
-        rootfs=str(rootfs),
-        netns_path=str(ns_path),
-        env=workload_env(spec, gpu_uuids),
-        cgroups_path=cgroups_path(replica),
-        hostname=replica,
-        gpu=gpu,
-        criu_config=str(bundle / "criu.conf"),
-        below=submounts(await asyncio.to_thread(MOUNTINFO.read_text), [m.src for m in spec.sandbox.mounts]),
-    )
-    (bundle / "criu.conf").write_text(CRIU_OPTIONS)
-    (bundle / "config.json").write_text(json.dumps(config, indent=1))
-    return bundle
 
 
 @contextlib.asynccontextmanager
@@ -189,12 +108,14 @@ async def _stdio(log_path: Path) -> AsyncIterator[tuple[int, int, int]]:
 async def launch(spec: DeploymentSpec, replica: str, *, gpu_uuids: list[str], run_dir: Path) -> Sandbox:
     """Cold boot: netns, bundle, `runc run --detach`; returns once the container's init runs."""
     log_path = run_dir / LOG_NAME
-    _mkdirs(run_dir)
+    mkdirs(run_dir)
     become_subreaper()  # the container's init outlives `runc run`: ours to reap when it dies
     ns = await netns.create(replica, owner=run_dir)
     pidfile = run_dir / "container.pid"
     try:
-        bundle = await _bundle(spec, replica, run_dir, ns.path, gpu_uuids, None)
+        bundle = write_bundle(
+            spec, replica, await prepare(spec, run_dir, gpu_uuids, None), ns.path, gpu_uuids
+        )
         async with _stdio(log_path) as fds:
             await runc.call(runc.run_argv(runc.runc_path(), replica, bundle, pidfile), "launch", stdio=fds)
         pid = int(pidfile.read_text())
@@ -211,14 +132,14 @@ async def checkpoint(sb: Sandbox, image_dir: Path, *, leave_running: bool, criu:
     """`runc checkpoint` into `image_dir`, then the writable layer beside CRIU's files."""
     _check_dumpable(sb)
     work = Path(sb.run_dir) / f"criu-dump-{int(time.time() * 1000)}"
-    _mkdirs(image_dir)
+    mkdirs(image_dir)
     argv = runc.checkpoint_argv(
         runc.runc_path(), criu, sb.container, image_dir, work, leave_running=leave_running
     )
     upper = Path(sb.run_dir) / "upper"
     if not leave_running:  # nothing runs after the dump: the layer is as CRIU left it
         seconds = await runc.call(argv, "criu_dump", log=work / "dump.log")
-        await _layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
+        await layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
         return CriuRun(seconds=seconds, stats=read_stats(work, "dump"))
     # Kept running: the layer is packed while the cgroup stays frozen, so the files travel as the
     # memory saw them (a file the workload changed after a --leave-running dump could fail the
@@ -226,10 +147,25 @@ async def checkpoint(sb: Sandbox, image_dir: Path, *, leave_running: bool, criu:
     await runc.call(runc.pause_argv(runc.runc_path(), sb.container, pause=True), "criu_dump")
     try:
         seconds = await runc.call(argv, "criu_dump", log=work / "dump.log")
-        await _layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
+        await layer(upper, image_dir / UPPER_TAR, pack=True, step="criu_dump")
     finally:
         await runc.call(runc.pause_argv(runc.runc_path(), sb.container, pause=False), "criu_dump")
     return CriuRun(seconds=seconds, stats=read_stats(work, "dump"))
+
+
+async def prepare_restore(spec: DeploymentSpec, image_dir: Path, run_dir: Path, gpu_uuids: list[str]) -> Root:
+    """The root a restore of `image_dir` runs in (rootfs.prepare), its writable layer from the
+    image; undone, on failure, with `discard`."""
+    try:
+        return await prepare(spec, run_dir, gpu_uuids, image_dir / UPPER_TAR)
+    except BaseException:
+        await discard(run_dir)
+        raise
+
+
+async def discard(run_dir: Path) -> None:
+    """A prepared root no container was restored into: its overlay unmounted."""
+    await _teardown("", run_dir)
 
 
 async def restore(
@@ -237,24 +173,23 @@ async def restore(
     image_dir: Path,
     replica: str,
     *,
+    root: Root,
     gpu_uuids: list[str],
     run_dir: Path,
     ns: netns.NetNs,
     criu: str,
 ) -> CriuRun:
-    """`runc restore --detach` as `replica` in `ns`, its writable layer from the image."""
+    """`runc restore --detach` as `replica` in `ns`, in `root` (`prepare_restore`)."""
     work = run_dir / f"criu-restore-{int(time.time() * 1000)}"
     pidfile = run_dir / "container.pid"
     pidfile.unlink(missing_ok=True)
     try:
-        start = time.monotonic()
-        bundle = await _bundle(spec, replica, run_dir, ns.path, gpu_uuids, image_dir / UPPER_TAR)
-        prepared = time.monotonic() - start
+        bundle = write_bundle(spec, replica, root, ns.path, gpu_uuids)
         argv = runc.restore_argv(runc.runc_path(), criu, replica, bundle, image_dir, work, pidfile)
         async with _stdio(run_dir / LOG_NAME) as fds:
             seconds = await runc.call(argv, "criu_restore", stdio=fds, log=work / "restore.log")
         pid = int(pidfile.read_text())
-        log.info("restored container %s: bundle %.3fs, runc restore %.3fs", replica, prepared, seconds)
+        log.info("restored container %s: runc restore %.3fs", replica, seconds)
     except BaseException:
         await _teardown(replica, run_dir)
         raise
@@ -262,9 +197,10 @@ async def restore(
 
 
 async def _teardown(cid: str, run_dir: Path) -> None:
-    """Forget the container (runc state, cgroups) and unmount its root. Idempotent."""
-    with contextlib.suppress(EngineError):
-        await runc.call(runc.delete_argv(runc.runc_path(), cid), "stop")
+    """Forget the container `cid` (runc state, cgroups; none: "") and unmount its root. Idempotent."""
+    if cid:
+        with contextlib.suppress(EngineError):
+            await runc.call(runc.delete_argv(runc.runc_path(), cid), "stop")
     rootfs = run_dir / "bundle" / "rootfs"
     if _is_mount(rootfs):
         with contextlib.suppress(EngineError):

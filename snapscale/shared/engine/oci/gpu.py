@@ -1,11 +1,13 @@
 """What a GPU sandbox needs from its host, as the NVIDIA container toolkit would give it: the
 control device nodes, the assigned cards' /dev/nvidiaN only, and the driver's user-space libraries
 (from `ldconfig -p`) bound read-only at their host paths. Pure, given the host's listing;
-`host_listing` reads it (the edge).
+`host_listing` reads it (the edge), `HostListing` keeps it for the process: it is a fact of the
+host's driver, and reading it (NVML's init, `ldconfig -p`) sat on every restore's critical path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import stat
@@ -126,3 +128,30 @@ def nvml_minors() -> dict[str, int]:
         return out
     finally:
         pynvml.nvmlShutdown()
+
+
+class HostListing:
+    """This host's GPU listing, read once per process (off the event loop) and read again only when
+    a launch names a GPU it does not hold (a card reset or added since): NVML's init and
+    `ldconfig -p` cost every GPU restore tens of milliseconds or more, for a listing that changes
+    only with the driver."""
+
+    def __init__(self) -> None:
+        self._host: HostGpus | None = None
+        self.reads = 0
+
+    async def access(self, assigned: list[str]) -> GpuAccess:
+        """`gpu_access` for `assigned` from the kept listing; ValueError as `gpu_access` says.
+        Two first calls at once may both read the host: harmless, and no lock bound to a loop."""
+        if self._host is not None:
+            try:
+                return gpu_access(self._host, assigned)
+            except ValueError:
+                pass  # read the host again before refusing
+        self._host = await asyncio.to_thread(_read_host)
+        self.reads += 1
+        return gpu_access(self._host, assigned)
+
+
+def _read_host() -> HostGpus:
+    return host_listing(nvml_minors())
