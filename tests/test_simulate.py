@@ -16,6 +16,7 @@ from snapscale.freezer import job as freezer_job
 from snapscale.restorer import scaleup as restorer_scaleup
 from snapscale.scaler import actions as scaler_actions
 from snapscale.scaler import service as scaler_service
+from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.placement import Reservations, place
 from snapscale.shared.bus import DeploymentSpec, ScalingSpec
 from snapscale.shared.core.errors import ConfigError
@@ -95,6 +96,24 @@ def test_the_same_seed_gives_the_same_day_and_another_seed_another() -> None:
     a, b = once(7), once(7)
     assert a == b
     assert once(8) != a
+
+
+def test_skipping_steady_decisions_changes_nothing() -> None:
+    """A deployment is not decided on the ticks `steady_until` rules out: on a seeded trace on a
+    crowded fleet, every policy's outcome equals deciding every deployment every tick."""
+
+    def run(policy: Policy, tr: Trace, skip: bool) -> Result:
+        per = [samples(tr, d) for d in range(len(tr.names))]
+        cfg = ScalerConfig(tick_s=2.5)
+        sim = Sim(tr, per, policy, Profile(), hosts=3, gpus_per_host=4, sampled=(0, 5), skip=skip, cfg=cfg)
+        return sim.run()
+
+    tr = generate(GenSpec(deployments=80, requests=6000, horizon_s=2 * 3600.0, seed=3))
+    for policy in POLICIES:
+        every, skipping = run(policy, tr, False), run(policy, tr, True)
+        assert skipping.decisions < every.decisions * 0.8, policy.name
+        skipping.decisions, skipping.events, skipping.wall_s = every.decisions, every.events, every.wall_s
+        assert skipping == every, policy.name
 
 
 def test_the_simulator_calls_the_services_functions() -> None:

@@ -170,6 +170,30 @@ class Window:
         q.append((idx, count))
         return q[0][1]
 
+    def stable_until(self, per_replica: float, want: int) -> float:
+        """With no sample recorded, the earliest `now` at which `decide` would read a stable desire
+        other than `want` as the window expires and dilutes (math.inf: never). The desire only
+        falls (the sum loses buckets, the seen span grows), so this is where it first falls; near
+        an empty window, where decide's rounding clamps to zero, it answers at once."""
+        s = self.stable_sum
+        if s == 0.0 and want == 0:
+            return math.inf
+        ns, h, first = self._n_stable, self.head, self.first_bucket
+        stamp, sums, cnts = self._stamp, self._sum, self._cnt
+        for _ in range(ns + 1):
+            h += 1
+            j = h - ns
+            slot = j % ns
+            if stamp[slot] == j:
+                s -= sums[slot] / cnts[slot]
+            if s < 1e-6 or first is None:
+                break
+            seen = h - first + 1
+            avg = s / (ns if seen > ns else seen)
+            if math.ceil(avg / per_replica - 1e-9) != want:
+                break
+        return (h + 1) * BUCKET_S  # decide at `now` reads the bucket before now's: h ends at h + 1
+
     def start_panic(self, now: float, stable_window_s: float) -> None:
         """The panic desire met the threshold at `now`: panic (again) for a stable window."""
         if self.panic_since is None:
@@ -302,3 +326,28 @@ def activation(
         w.hold(now, n, spec.scale_down_delay_s)
     w.inactive_since = None
     return _clamp(n, spec)
+
+
+def steady_until(w: Window, spec: ScalingSpec, current: int, decision: ScaleDecision, now: float) -> float:
+    """Until when `decide` keeps answering `decision` for `current` replicas if no traffic sample
+    is recorded: the earliest time it may answer otherwise (`now`: it cannot tell; math.inf:
+    never). Deciding before then changes nothing a later decision reads (the window's expiry is
+    caught up by Window.advance), so a caller may skip those decisions. Without a new sample both
+    desires can only fall: a panic is not restarted once its desire is below the threshold, its
+    high-water mark stays, and the stable desire's next fall is `Window.stable_until`.
+    """
+    if decision.desired != current or spec.scale_down_delay_s > 0:
+        return now  # a scale to make, or a delay queue that every decision feeds
+    per_replica = spec.target_concurrency * spec.utilization
+    if w.panic_since is not None:
+        dppc = math.ceil(decision.panic_avg / per_replica - 1e-9) if decision.panic_avg > 0 else 0
+        if decision.reason != "panic" or dppc / max(current, 1) >= spec.panic_threshold:
+            return now  # each decision would push the panic's end out again
+        return w.panic_until  # then it ends and the stable desire takes over
+    if decision.reason == "grace":  # the stable desire is zero and stays so: until the grace ends
+        since = w.last_traffic if spec.scale_to_zero_grace_from == "last-traffic" else w.inactive_since
+        return now if since is None else since + spec.scale_to_zero_after_s
+    if decision.reason != "stable":
+        return now
+    dspc = math.ceil(decision.stable_avg / per_replica - 1e-9) if decision.stable_avg > 0 else 0
+    return w.stable_until(per_replica, dspc)

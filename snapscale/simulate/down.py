@@ -27,7 +27,7 @@ class Down:
     policy: Policy
     profile: Profile
     cfg: ScalerConfig
-    seq: int
+    ids: int
     sampled: dict[int, str]
 
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
@@ -40,8 +40,8 @@ class Down:
         """Ask the freezer (FreezeJob's decision): it freezes unless the catalog has a checkpoint
         or another freeze of the deployment holds the claim."""
         dep = self.deps[d]
-        self.seq += 1
-        cmd = FreezeCommand(id=f"fz-{self.seq}", deployment=dep.spec.name, replica=replica, issued_at=t)
+        self.ids += 1
+        cmd = FreezeCommand(id=f"fz-{self.ids}", deployment=dep.spec.name, replica=replica, issued_at=t)
         entry = None
         if dep.ckpt is not None:
             entry = CatalogEntry(dep.spec.name, COMPAT, dep.ckpt, "sim", 0.0, host)
