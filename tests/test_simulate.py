@@ -17,7 +17,7 @@ from snapscale.restorer import scaleup as restorer_scaleup
 from snapscale.scaler import actions as scaler_actions
 from snapscale.scaler import service as scaler_service
 from snapscale.scaler.config import ScalerConfig
-from snapscale.scaler.placement import Reservations, place
+from snapscale.scaler.placement import Reservations, place, prefetch_targets
 from snapscale.shared.bus import DeploymentSpec, ScalingSpec
 from snapscale.shared.core.errors import ConfigError
 from snapscale.simulate import down, engine
@@ -147,10 +147,10 @@ def test_a_run_goes_through_placement_and_the_tier_choice(monkeypatch: pytest.Mo
 
 
 def test_candidates_choose_what_the_whole_fleet_would() -> None:
-    """`place` over the few candidate hosts answers as over every host's heartbeat."""
+    """`place` and `prefetch_targets` over the few candidate hosts answer as over every host's heartbeat."""
     rnd = random.Random(3)
     spec = DeploymentSpec(name="d1", command=["x"], gpus=1)
-    for _ in range(60):
+    for _ in range(300):
         fleet = Fleet(12, 4, 8 * GIB, 2, 8 * GIB)
         for h in fleet.hosts:
             busy = rnd.randrange(0, 5)
@@ -159,8 +159,7 @@ def test_candidates_choose_what_the_whole_fleet_would() -> None:
             if rnd.random() < 0.3:
                 fleet.cache_put(h.name, "ck-d1", GIB)
             if rnd.random() < 0.2:
-                h.suspended[f"r{h.name}"] = Suspended("d1", 0.0, GIB)
-                fleet.suspended_on.setdefault("d1", set()).add(h.name)
+                fleet.suspend(h.name, f"r{h.name}", Suspended("d1", 0.0, GIB))
         ckpt = "ck-d1" if rnd.random() < 0.7 else None
         on = {h.name: 1 for h in rnd.sample(fleet.hosts, rnd.randrange(0, 3))}
         n = rnd.randrange(1, 6)
@@ -170,6 +169,12 @@ def test_candidates_choose_what_the_whole_fleet_would() -> None:
         assert place(spec, n, few, catalog, on, Reservations()) == place(
             spec, n, everyone, catalog, on, Reservations()
         )
+        if ckpt is not None:
+            want = rnd.randrange(1, 4)
+            few = {h: everyone[h] for h in fleet.prefetch_candidates(ckpt, want, 1)}
+            assert prefetch_targets(spec, few, catalog, Reservations(), want) == prefetch_targets(
+                spec, everyone, catalog, Reservations(), want
+            )
 
 
 def test_csv_loader(tmp_path: Path) -> None:

@@ -173,26 +173,29 @@ class Window:
     def stable_until(self, per_replica: float, want: int) -> float:
         """With no sample recorded, the earliest `now` at which `decide` would read a stable desire
         other than `want` as the window expires and dilutes (math.inf: never). The desire only
-        falls (the sum loses buckets, the seen span grows), so this is where it first falls; near
-        an empty window, where decide's rounding clamps to zero, it answers at once."""
-        s = self.stable_sum
-        if s == 0.0 and want == 0:
-            return math.inf
-        ns, h, first = self._n_stable, self.head, self.first_bucket
-        stamp, sums, cnts = self._stamp, self._sum, self._cnt
-        for _ in range(ns + 1):
-            h += 1
-            j = h - ns
-            slot = j % ns
-            if stamp[slot] == j:
-                s -= sums[slot] / cnts[slot]
-            if s < 1e-6 or first is None:
-                break
+        falls (the sum loses buckets, the seen span grows), so each stretch between two expiries
+        is checked at its end, and walked only if it falls inside; near an empty window, where
+        decide's rounding clamps to zero, it answers at once."""
+        s, h, first = self.stable_sum, self.head, self.first_bucket
+        if first is None or (s == 0.0 and want == 0):
+            return math.inf if want == 0 else (h + 2) * BUCKET_S
+        ns, sums, cnts = self._n_stable, self._sum, self._cnt
+
+        def desire(s: float, h: int) -> int:
             seen = h - first + 1
-            avg = s / (ns if seen > ns else seen)
-            if math.ceil(avg / per_replica - 1e-9) != want:
+            return math.ceil(s / (ns if seen > ns else seen) / per_replica - 1e-9) if s > 0 else 0
+
+        for j in sorted([j for j in self._stamp if h - ns < j <= h]):
+            gone = j + ns  # the first head without bucket j; before it only dilution moves the desire
+            if gone - 1 > h and desire(s, gone - 1) != want:
+                while desire(s, h + 1) == want:
+                    h += 1
+                return (h + 2) * BUCKET_S
+            s -= sums[j % ns] / cnts[j % ns]
+            h = gone
+            if s < 1e-6 or desire(s, h) != want:
                 break
-        return (h + 1) * BUCKET_S  # decide at `now` reads the bucket before now's: h ends at h + 1
+        return (h + 1) * BUCKET_S  # decide at `now` reads the buckets up to now's previous: h + 1
 
     def start_panic(self, now: float, stable_window_s: float) -> None:
         """The panic desire met the threshold at `now`: panic (again) for a stable window."""

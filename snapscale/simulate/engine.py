@@ -236,7 +236,7 @@ class Sim(Down):
                 replica=p.resume or f"{name}-{self.ids}",
                 allow=self.policy.tiers,
                 host_compat_hash=COMPAT,
-                suspended=tuple(r for r, s in host.suspended.items() if s.deployment == name),
+                suspended=tuple(host.suspended_of.get(name, ())),
                 entry=Candidate(dep.ckpt, COMPAT) if dep.ckpt else None,
                 need_bytes=dep.nbytes,
                 cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
@@ -244,7 +244,7 @@ class Sim(Down):
         )
         replica = choice.resume_replica or p.resume or f"{name}-{self.ids}"
         if choice.tier is Tier.RESUME:
-            self._unsuspend(p.host, replica)
+            fleet.unsuspend(p.host, replica)
             tier, lat = "resume", prof.resume(dep.gib)
         elif choice.tier is Tier.CACHE:
             assert dep.ckpt is not None
@@ -271,9 +271,8 @@ class Sim(Down):
             return
         name = dep.spec.name
         rep.ev = ReplicaEvent(name, replica, rep.host, ReplicaState.READY, t, gpu_uuids=rep.gpus)
-        self.fleet.by_name[rep.host].ready[replica] = ReplicaSummary(
-            name, replica, ReplicaState.READY, rep.gpus, t, dep.nbytes
-        )
+        summary = ReplicaSummary(name, replica, ReplicaState.READY, rep.gpus, t, dep.nbytes)
+        self.fleet.set_ready(rep.host, summary)
         if dep.n_ready == 0:
             self._serve_waiting(d, t)
         dep.n_ready += 1
