@@ -108,8 +108,8 @@ class Window:
         deployment scaling until a restart. The decoder refuses such values on the wire already;
         this holds for any caller.
         """
-        if sample_problem(concurrency, arrivals) is not None:
-            return False
+        if not (0.0 <= concurrency <= MAX_CONCURRENCY and 0 <= arrivals <= MAX_ARRIVALS):
+            return False  # what sample_problem names (NaN fails every comparison), without its text
         b = int(now // BUCKET_S)
         if concurrency > 0 or arrivals > 0:
             if now - self.last_traffic >= self._n_stable * BUCKET_S:

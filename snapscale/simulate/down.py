@@ -93,9 +93,10 @@ class Down:
         if r.mode is ReleaseMode.SUSPEND:
             self.fleet.suspend(rep.host, r.replica, Suspended(dep.spec.name, t, dep.nbytes))
             host = self.fleet.by_name[rep.host]
-            entries = [BudgetEntry(k, s.since, s.rss_bytes) for k, s in host.suspended.items()]
-            for k in over_budget(entries, self.fleet.budget):
-                self.fleet.unsuspend(rep.host, k)
+            if host.suspended_bytes > self.fleet.budget:  # within it, over_budget stops none
+                entries = [BudgetEntry(k, s.since, s.rss_bytes) for k, s in host.suspended.items()]
+                for k in over_budget(entries, self.fleet.budget):
+                    self.fleet.unsuspend(rep.host, k)
 
     def _prefetch(self, d: int, t: float) -> None:
         dep = self.deps[d]

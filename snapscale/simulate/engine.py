@@ -156,12 +156,14 @@ class Sim(Down):
     def _tick(self, d: int, t: float) -> None:
         dep = self.deps[d]
         s = self.samples[d]
-        w = self._window(dep)
-        secs, c = s.secs, dep.cursor
-        while c < len(secs) and secs[c] < t:
-            w.record(secs[c] + 0.5, s.conc[c], s.arrivals[c])
-            c += 1
-        dep.cursor = c
+        w = dep.window or self._window(dep)
+        secs, c, n = s.secs, dep.cursor, len(s.secs)
+        if c < n and secs[c] < t:
+            record, conc, arrivals = w.record, s.conc, s.arrivals
+            while c < n and secs[c] < t:
+                record(secs[c] + 0.5, conc[c], arrivals[c])
+                c += 1
+            dep.cursor = c
         current = len(dep.live)
         decision = decide(w, dep.spec.scaling, current, t)
         desired = decision.desired
@@ -173,7 +175,8 @@ class Sim(Down):
         if not dep.live:
             if w.stable_sum == 0.0 and w.panic_sum == 0.0:
                 self._sleep(d, t)  # idle: its next request wakes it
-        elif desired == current and self.skip:
+        elif desired == current and self.skip and not (c < n and secs[c] < (self.k + 1) * self.cfg.tick_s):
+            # (a sample for the next tick: it decides anyway)
             self._rest(d, steady_until(w, dep.spec.scaling, current, decision, t), c)
 
     def _rest(self, d: int, until: float, c: int) -> None:

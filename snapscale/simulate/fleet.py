@@ -59,6 +59,7 @@ class Fleet:
             busy = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES, free=False) for i in range(gpus_per_host)]
             self.hosts.append(SimHost(name, free, busy, list(free), gpus_per_host))
         self.by_name = {h.name: h for h in self.hosts}
+        self.gpu_index = {g.uuid: g.index for h in self.hosts for g in h.gpus}
         self.cache_bytes = cache_bytes
         self.hot_images = hot_images
         self.budget = budget
@@ -89,7 +90,7 @@ class Fleet:
     def _mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
         before = h.free
         for u in uuids:
-            i = int(u.rsplit("-g", 1)[1])
+            i = self.gpu_index[u]
             h.view[i] = h.busy[i] if taken else h.gpus[i]
         n = len(uuids) if taken else -len(uuids)
         h.free -= n
