@@ -102,7 +102,12 @@ class Fleet:
         self.by_name[host].ready_of.setdefault(summary.deployment, {})[summary.replica] = summary
 
     def drop_ready(self, host: str, deployment: str, replica: str) -> None:
-        self.by_name[host].ready_of.get(deployment, {}).pop(replica, None)
+        h = self.by_name[host]
+        mine = h.ready_of.get(deployment)
+        if mine is not None:
+            mine.pop(replica, None)
+            if not mine:  # an empty map per host and deployment ever seen would add up
+                del h.ready_of[deployment]
 
     def suspend(self, host: str, replica: str, s: Suspended) -> None:
         h = self.by_name[host]
