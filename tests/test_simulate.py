@@ -16,7 +16,8 @@ from snapscale.freezer import job as freezer_job
 from snapscale.restorer import scaleup as restorer_scaleup
 from snapscale.scaler import actions as scaler_actions
 from snapscale.scaler import service as scaler_service
-from snapscale.scaler.placement import Reservations, place
+from snapscale.scaler.config import ScalerConfig
+from snapscale.scaler.placement import Reservations, place, prefetch_targets
 from snapscale.shared.bus import DeploymentSpec, ScalingSpec
 from snapscale.shared.core.errors import ConfigError
 from snapscale.simulate import down, engine
@@ -97,6 +98,24 @@ def test_the_same_seed_gives_the_same_day_and_another_seed_another() -> None:
     assert once(8) != a
 
 
+def test_skipping_steady_decisions_changes_nothing() -> None:
+    """A deployment is not decided on the ticks `steady_until` rules out: on a seeded trace on a
+    crowded fleet, every policy's outcome equals deciding every deployment every tick."""
+
+    def run(policy: Policy, tr: Trace, skip: bool) -> Result:
+        per = [samples(tr, d) for d in range(len(tr.names))]
+        cfg = ScalerConfig(tick_s=2.5)
+        sim = Sim(tr, per, policy, Profile(), hosts=3, gpus_per_host=4, sampled=(0, 5), skip=skip, cfg=cfg)
+        return sim.run()
+
+    tr = generate(GenSpec(deployments=80, requests=6000, horizon_s=2 * 3600.0, seed=3))
+    for policy in POLICIES:
+        every, skipping = run(policy, tr, False), run(policy, tr, True)
+        assert skipping.decisions < every.decisions * 0.8, policy.name
+        skipping.decisions, skipping.events, skipping.wall_s = every.decisions, every.events, every.wall_s
+        assert skipping == every, policy.name
+
+
 def test_the_simulator_calls_the_services_functions() -> None:
     """The very function objects the services call, not copies."""
     used = {**vars(down), **vars(engine)}
@@ -128,10 +147,10 @@ def test_a_run_goes_through_placement_and_the_tier_choice(monkeypatch: pytest.Mo
 
 
 def test_candidates_choose_what_the_whole_fleet_would() -> None:
-    """`place` over the few candidate hosts answers as over every host's heartbeat."""
+    """`place` and `prefetch_targets` over the few candidate hosts answer as over every host's heartbeat."""
     rnd = random.Random(3)
     spec = DeploymentSpec(name="d1", command=["x"], gpus=1)
-    for _ in range(60):
+    for _ in range(300):
         fleet = Fleet(12, 4, 8 * GIB, 2, 8 * GIB)
         for h in fleet.hosts:
             busy = rnd.randrange(0, 5)
@@ -140,8 +159,7 @@ def test_candidates_choose_what_the_whole_fleet_would() -> None:
             if rnd.random() < 0.3:
                 fleet.cache_put(h.name, "ck-d1", GIB)
             if rnd.random() < 0.2:
-                h.suspended[f"r{h.name}"] = Suspended("d1", 0.0, GIB)
-                fleet.suspended_on.setdefault("d1", set()).add(h.name)
+                fleet.suspend(h.name, f"r{h.name}", Suspended("d1", 0.0, GIB))
         ckpt = "ck-d1" if rnd.random() < 0.7 else None
         on = {h.name: 1 for h in rnd.sample(fleet.hosts, rnd.randrange(0, 3))}
         n = rnd.randrange(1, 6)
@@ -151,6 +169,12 @@ def test_candidates_choose_what_the_whole_fleet_would() -> None:
         assert place(spec, n, few, catalog, on, Reservations()) == place(
             spec, n, everyone, catalog, on, Reservations()
         )
+        if ckpt is not None:
+            want = rnd.randrange(1, 4)
+            few = {h: everyone[h] for h in fleet.prefetch_candidates(ckpt, want, 1)}
+            assert prefetch_targets(spec, few, catalog, Reservations(), want) == prefetch_targets(
+                spec, everyone, catalog, Reservations(), want
+            )
 
 
 def test_csv_loader(tmp_path: Path) -> None:

@@ -10,7 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from snapscale.shared.bus import DeploymentSpec, HostHeartbeat, ReleaseMode, ReplicaEvent, ReplicaState
+from snapscale.shared.bus import (
+    DeploymentSpec,
+    GpuInfo,
+    HostHeartbeat,
+    ReleaseMode,
+    ReplicaEvent,
+    ReplicaState,
+)
 
 RANK = {"resume": 0, "cached": 1, "partial": 2, "any": 3}
 
@@ -66,12 +73,15 @@ def host_key(hb: HostHeartbeat, deployment: str) -> str:
 
 def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -> list[str]:
     """Free GPUs of the model the deployment asks for, not promised to a command in flight."""
-    held = reserved.gpus.get(hb.host, set())
-    return [
-        g.uuid
-        for g in sorted(hb.gpus, key=lambda g: g.index)
-        if g.free and g.uuid not in held and (spec.gpu_model is None or g.model == spec.gpu_model)
-    ]
+    held = reserved.gpus.get(hb.host, ())
+    model = spec.gpu_model
+    free = [g for g in hb.gpus if g.free and g.uuid not in held and (model is None or g.model == model)]
+    free.sort(key=_index)  # stable: filtering first orders them as sorting first would
+    return [g.uuid for g in free]
+
+
+def _index(g: GpuInfo) -> int:
+    return g.index
 
 
 def free_cpu(hb: HostHeartbeat, reserved: Reservations) -> int:

@@ -108,8 +108,8 @@ class Window:
         deployment scaling until a restart. The decoder refuses such values on the wire already;
         this holds for any caller.
         """
-        if sample_problem(concurrency, arrivals) is not None:
-            return False
+        if not (0.0 <= concurrency <= MAX_CONCURRENCY and 0 <= arrivals <= MAX_ARRIVALS):
+            return False  # what sample_problem names (NaN fails every comparison), without its text
         b = int(now // BUCKET_S)
         if concurrency > 0 or arrivals > 0:
             if now - self.last_traffic >= self._n_stable * BUCKET_S:
@@ -169,6 +169,33 @@ class Window:
             count = q.pop()[1]
         q.append((idx, count))
         return q[0][1]
+
+    def stable_until(self, per_replica: float, want: int) -> float:
+        """With no sample recorded, the earliest `now` at which `decide` would read a stable desire
+        other than `want` as the window expires and dilutes (math.inf: never). The desire only
+        falls (the sum loses buckets, the seen span grows), so each stretch between two expiries
+        is checked at its end, and walked only if it falls inside; near an empty window, where
+        decide's rounding clamps to zero, it answers at once."""
+        s, h, first = self.stable_sum, self.head, self.first_bucket
+        if first is None or (s == 0.0 and want == 0):
+            return math.inf if want == 0 else (h + 2) * BUCKET_S
+        ns, sums, cnts = self._n_stable, self._sum, self._cnt
+
+        def desire(s: float, h: int) -> int:
+            seen = h - first + 1
+            return math.ceil(s / (ns if seen > ns else seen) / per_replica - 1e-9) if s > 0 else 0
+
+        for j in sorted([j for j in self._stamp if h - ns < j <= h]):
+            gone = j + ns  # the first head without bucket j; before it only dilution moves the desire
+            if gone - 1 > h and desire(s, gone - 1) != want:
+                while desire(s, h + 1) == want:
+                    h += 1
+                return (h + 2) * BUCKET_S
+            s -= sums[j % ns] / cnts[j % ns]
+            h = gone
+            if s < 1e-6 or desire(s, h) != want:
+                break
+        return (h + 1) * BUCKET_S  # decide at `now` reads the buckets up to now's previous: h + 1
 
     def start_panic(self, now: float, stable_window_s: float) -> None:
         """The panic desire met the threshold at `now`: panic (again) for a stable window."""
@@ -302,3 +329,28 @@ def activation(
         w.hold(now, n, spec.scale_down_delay_s)
     w.inactive_since = None
     return _clamp(n, spec)
+
+
+def steady_until(w: Window, spec: ScalingSpec, current: int, decision: ScaleDecision, now: float) -> float:
+    """Until when `decide` keeps answering `decision` for `current` replicas if no traffic sample
+    is recorded: the earliest time it may answer otherwise (`now`: it cannot tell; math.inf:
+    never). Deciding before then changes nothing a later decision reads (the window's expiry is
+    caught up by Window.advance), so a caller may skip those decisions. Without a new sample both
+    desires can only fall: a panic is not restarted once its desire is below the threshold, its
+    high-water mark stays, and the stable desire's next fall is `Window.stable_until`.
+    """
+    if decision.desired != current or spec.scale_down_delay_s > 0:
+        return now  # a scale to make, or a delay queue that every decision feeds
+    per_replica = spec.target_concurrency * spec.utilization
+    if w.panic_since is not None:
+        dppc = math.ceil(decision.panic_avg / per_replica - 1e-9) if decision.panic_avg > 0 else 0
+        if decision.reason != "panic" or dppc / max(current, 1) >= spec.panic_threshold:
+            return now  # each decision would push the panic's end out again
+        return w.panic_until  # then it ends and the stable desire takes over
+    if decision.reason == "grace":  # the stable desire is zero and stays so: until the grace ends
+        since = w.last_traffic if spec.scale_to_zero_grace_from == "last-traffic" else w.inactive_since
+        return now if since is None else since + spec.scale_to_zero_after_s
+    if decision.reason != "stable":
+        return now
+    dspc = math.ceil(decision.stable_avg / per_replica - 1e-9) if decision.stable_avg > 0 else 0
+    return w.stable_until(per_replica, dspc)

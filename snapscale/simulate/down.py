@@ -27,7 +27,7 @@ class Down:
     policy: Policy
     profile: Profile
     cfg: ScalerConfig
-    seq: int
+    ids: int
     sampled: dict[int, str]
 
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
@@ -40,8 +40,8 @@ class Down:
         """Ask the freezer (FreezeJob's decision): it freezes unless the catalog has a checkpoint
         or another freeze of the deployment holds the claim."""
         dep = self.deps[d]
-        self.seq += 1
-        cmd = FreezeCommand(id=f"fz-{self.seq}", deployment=dep.spec.name, replica=replica, issued_at=t)
+        self.ids += 1
+        cmd = FreezeCommand(id=f"fz-{self.ids}", deployment=dep.spec.name, replica=replica, issued_at=t)
         entry = None
         if dep.ckpt is not None:
             entry = CatalogEntry(dep.spec.name, COMPAT, dep.ckpt, "sim", 0.0, host)
@@ -85,31 +85,25 @@ class Down:
         rep = dep.live.pop(r.replica)
         self.res.gpu_s += (t - rep.start) * len(rep.gpus)
         self.fleet.give(rep.host, rep.gpus)
-        host = self.fleet.by_name[rep.host]
-        host.ready.pop(r.replica, None)
+        self.fleet.drop_ready(rep.host, dep.spec.name, r.replica)
         dep.n_ready -= 1
         if dep.n_ready == 0:
             dep.noready_since = t
         self._series(d, t)
         if r.mode is ReleaseMode.SUSPEND:
-            host.suspended[r.replica] = Suspended(dep.spec.name, t, dep.nbytes)
-            self.fleet.suspended_on.setdefault(dep.spec.name, set()).add(rep.host)
-            entries = [BudgetEntry(k, s.since, s.rss_bytes) for k, s in host.suspended.items()]
-            for k in over_budget(entries, self.fleet.budget):
-                self._unsuspend(rep.host, k)
-
-    def _unsuspend(self, host_name: str, replica: str) -> None:
-        host = self.fleet.by_name[host_name]
-        s = host.suspended.pop(replica)
-        if not any(o.deployment == s.deployment for o in host.suspended.values()):
-            self.fleet.suspended_on[s.deployment].discard(host_name)
+            self.fleet.suspend(rep.host, r.replica, Suspended(dep.spec.name, t, dep.nbytes))
+            host = self.fleet.by_name[rep.host]
+            if host.suspended_bytes > self.fleet.budget:  # within it, over_budget stops none
+                entries = [BudgetEntry(k, s.since, s.rss_bytes) for k, s in host.suspended.items()]
+                for k in over_budget(entries, self.fleet.budget):
+                    self.fleet.unsuspend(rep.host, k)
 
     def _prefetch(self, d: int, t: float) -> None:
         dep = self.deps[d]
         want = self.policy.prefetch_hosts
         if want <= 0 or dep.ckpt is None:
             return
-        names = self.fleet.candidates(dep.spec.name, dep.ckpt, {}, want, dep.spec.gpus)
+        names = self.fleet.prefetch_candidates(dep.ckpt, want, dep.spec.gpus)
         hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
         for host, _ck in prefetch_targets(dep.spec, hosts, self._catalog(dep), Reservations(), want):
             self.res.prefetches += 1

@@ -24,7 +24,7 @@ from snapscale.scaler.placement import (
     Reservations,
     place,
 )
-from snapscale.scaler.policy import Window, activation, decide
+from snapscale.scaler.policy import Window, activation, decide, steady_until
 from snapscale.shared.bus import (
     DeploymentSpec,
     ReplicaEvent,
@@ -48,7 +48,7 @@ class Sim(Down):
     def __init__(self, trace: Trace, samples: list[Samples], policy: Policy, profile: Profile, *,
                  hosts: int, gpus_per_host: int, sampled: tuple[int, ...] = (),
                  cfg: ScalerConfig | None = None, scaling: ScalingSpec | None = None,
-                 checkpoints: bool = True) -> None:  # fmt: skip
+                 checkpoints: bool = True, skip: bool = True) -> None:  # fmt: skip
         self.trace, self.samples, self.policy, self.profile = trace, samples, policy, profile
         self.cfg = cfg or ScalerConfig()
         self.fleet = Fleet(hosts, gpus_per_host, int(profile.cache_gib * GIB), profile.hot_images,
@@ -75,9 +75,12 @@ class Sim(Down):
         for name in self.sampled.values():
             self.res.series[name] = [(0.0, 0)]
         self.heap: list[tuple[float, int, int, int, str]] = []
-        self.seq = 0
+        self.seq = 0  # orders the heap's events at one time
+        self.ids = 0  # replica and command ids: the same whichever events were pushed
         self.active: set[int] = set()
         self.now = 0.0
+        self.skip = skip  # False: decide every active deployment every tick (the reference)
+        self.k = 0  # the tick's index: its time is k * tick
 
     # --- the loop ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
@@ -98,8 +101,8 @@ class Sim(Down):
                 at, _seq, kind, d, what = heapq.heappop(heap)
                 self.now = at
                 self._event(at, kind, d, what)
-            self.now = t
-            for d in list(self.active):
+            self.now, self.k = t, k
+            for d in sorted(self.active):  # an order that does not depend on who skipped
                 self._tick(d, t)
             self.res.peak_gpus = max(self.res.peak_gpus, self.fleet.gpus_in_use)
             if progress is not None and k % 600 == 0 and (w := time.perf_counter()) - shown >= 5.0:
@@ -122,9 +125,9 @@ class Sim(Down):
             dep.claim = None
             dep.freeze_done = True
         elif kind == RESUME_TICKS:
-            if d not in self.active:
+            if self.deps[d].resume_at == t:
+                self.deps[d].resume_at = None
                 self.active.add(d)
-                self.deps[d].cursor = bisect_left(self.samples[d].secs, int(t))
         else:  # PREFETCHED
             dep = self.deps[d]
             if dep.ckpt is not None:
@@ -153,12 +156,14 @@ class Sim(Down):
     def _tick(self, d: int, t: float) -> None:
         dep = self.deps[d]
         s = self.samples[d]
-        w = self._window(dep)
-        secs, c = s.secs, dep.cursor
-        while c < len(secs) and secs[c] < t:
-            w.record(secs[c] + 0.5, s.conc[c], s.arrivals[c])
-            c += 1
-        dep.cursor = c
+        w = dep.window or self._window(dep)
+        secs, c, n = s.secs, dep.cursor, len(s.secs)
+        if c < n and secs[c] < t:
+            record, conc, arrivals = w.record, s.conc, s.arrivals
+            while c < n and secs[c] < t:
+                record(secs[c] + 0.5, conc[c], arrivals[c])
+                c += 1
+            dep.cursor = c
         current = len(dep.live)
         decision = decide(w, dep.spec.scaling, current, t)
         desired = decision.desired
@@ -167,20 +172,34 @@ class Sim(Down):
             self._scale_up(d, desired - current, t)
         elif desired < current:
             self._scale_down(d, current - desired, t)
-        if w.stable_sum != 0.0 or w.panic_sum != 0.0:
-            return
         if not dep.live:
-            self._sleep(d, t)  # idle: its next request wakes it
-        elif decision.reason == "grace" and desired == current:
-            # Within the grace, with no traffic in the window, every tick decides the same one
-            # replica (no panic, nothing held, nothing to average): skip to the grace's end.
-            sc = dep.spec.scaling
-            since = w.last_traffic if sc.scale_to_zero_grace_from == "last-traffic" else w.inactive_since
-            if since is not None:
-                tick = self.cfg.tick_s
-                k = max(math.ceil((since + sc.scale_to_zero_after_s) / tick), math.floor(t / tick) + 1)
-                self._sleep(d, t)
-                self.push(k * tick, RESUME_TICKS, d)
+            if w.stable_sum == 0.0 and w.panic_sum == 0.0:
+                self._sleep(d, t)  # idle: its next request wakes it
+        elif desired == current and self.skip and not (c < n and secs[c] < (self.k + 1) * self.cfg.tick_s):
+            # (a sample for the next tick: it decides anyway)
+            self._rest(d, steady_until(w, dep.spec.scaling, current, decision, t), c)
+
+    def _rest(self, d: int, until: float, c: int) -> None:
+        """Skip the ticks that would decide the same (`steady_until`) until the one that records
+        the deployment's next sample: the first tick after its second."""
+        tick, secs = self.cfg.tick_s, self.samples[d].secs
+        k = self._first_tick(until, strict=False)
+        if c < len(secs):
+            k = min(k, self._first_tick(float(secs[c]), strict=True))
+        if k > self.k + 1:
+            self.active.discard(d)
+            self.deps[d].resume_at = k * tick
+            self.push(k * tick, RESUME_TICKS, d)
+
+    def _first_tick(self, at: float, *, strict: bool) -> int:
+        """The index of the first tick at (or, strict, after) `at`; past the horizon: one past it."""
+        tick = self.cfg.tick_s
+        if at > self.trace.horizon_s:
+            return int(self.trace.horizon_s // tick) + 1
+        k = max(self.k, math.floor(at / tick) - 1)
+        while k * tick < at or (strict and k * tick == at):
+            k += 1
+        return k
 
     def _sleep(self, d: int, t: float) -> None:
         self.active.discard(d)
@@ -213,22 +232,22 @@ class Sim(Down):
         dep, fleet, prof = self.deps[d], self.fleet, self.profile
         host = fleet.by_name[p.host]
         fleet.take(p.host, p.gpu_uuids)
-        self.seq += 1
+        self.ids += 1
         name = dep.spec.name
         choice = choose(
             Observed(
-                replica=p.resume or f"{name}-{self.seq}",
+                replica=p.resume or f"{name}-{self.ids}",
                 allow=self.policy.tiers,
                 host_compat_hash=COMPAT,
-                suspended=tuple(r for r, s in host.suspended.items() if s.deployment == name),
+                suspended=tuple(host.suspended_of.get(name, ())),
                 entry=Candidate(dep.ckpt, COMPAT) if dep.ckpt else None,
                 need_bytes=dep.nbytes,
                 cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
             )
         )
-        replica = choice.resume_replica or p.resume or f"{name}-{self.seq}"
+        replica = choice.resume_replica or p.resume or f"{name}-{self.ids}"
         if choice.tier is Tier.RESUME:
-            self._unsuspend(p.host, replica)
+            fleet.unsuspend(p.host, replica)
             tier, lat = "resume", prof.resume(dep.gib)
         elif choice.tier is Tier.CACHE:
             assert dep.ckpt is not None
@@ -255,9 +274,8 @@ class Sim(Down):
             return
         name = dep.spec.name
         rep.ev = ReplicaEvent(name, replica, rep.host, ReplicaState.READY, t, gpu_uuids=rep.gpus)
-        self.fleet.by_name[rep.host].ready[replica] = ReplicaSummary(
-            name, replica, ReplicaState.READY, rep.gpus, t, dep.nbytes
-        )
+        summary = ReplicaSummary(name, replica, ReplicaState.READY, rep.gpus, t, dep.nbytes)
+        self.fleet.set_ready(rep.host, summary)
         if dep.n_ready == 0:
             self._serve_waiting(d, t)
         dep.n_ready += 1

@@ -1,15 +1,20 @@
 """The simulated hosts: GPUs, host cache, hot images, suspended replicas, and the heartbeat each
 would send, which is what the scaler's placement reads.
 
-`candidates` narrows the fleet to the hosts `place` and `prefetch_targets` could choose, so a
-decision costs a few heartbeats, not a thousand; tests/test_simulate.py checks it chooses what
-the whole fleet would.
+`candidates` and `prefetch_candidates` narrow the fleet to the hosts `place` and
+`prefetch_targets` could choose, so a decision costs a heartbeat or two, not a thousand;
+tests/test_simulate.py checks they choose what the whole fleet would. What a heartbeat lists is
+kept per host as it changes (free GPUs, each deployment's replicas, suspended bytes), so building
+one copies, it does not search.
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
+import itertools
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from snapscale.shared.bus import GpuInfo, HostHeartbeat, ReplicaState, ReplicaSummary
@@ -30,19 +35,16 @@ class SimHost:
     name: str
     gpus: list[GpuInfo]  # free ones as reported
     busy: list[GpuInfo]  # the same GPUs, taken
-    taken: list[bool]
+    view: list[GpuInfo]  # each GPU as the heartbeat reports it now
+    free: int
     cache: OrderedDict[str, int] = field(default_factory=OrderedDict)  # checkpoint -> bytes, LRU first
     cache_used: int = 0
     hot: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    suspended: dict[str, Suspended] = field(default_factory=dict)
-    ready: dict[str, ReplicaSummary] = field(default_factory=dict)  # replica -> summary (rss for releases)
-
-    @property
-    def free(self) -> int:
-        return self.taken.count(False)
-
-    def suspended_bytes(self) -> int:
-        return sum(s.rss_bytes for s in self.suspended.values())
+    suspended: dict[str, Suspended] = field(default_factory=dict)  # replica -> what the budget reads
+    suspended_bytes: int = 0
+    # deployment -> replica -> summary, as the heartbeat lists them (suspended first)
+    suspended_of: dict[str, dict[str, ReplicaSummary]] = field(default_factory=dict)
+    ready_of: dict[str, dict[str, ReplicaSummary]] = field(default_factory=dict)
 
 
 class Fleet:
@@ -55,8 +57,9 @@ class Fleet:
             name = f"h{h:0{width}d}"
             free = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES) for i in range(gpus_per_host)]
             busy = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES, free=False) for i in range(gpus_per_host)]
-            self.hosts.append(SimHost(name, free, busy, [False] * gpus_per_host))
+            self.hosts.append(SimHost(name, free, busy, list(free), gpus_per_host))
         self.by_name = {h.name: h for h in self.hosts}
+        self.gpu_index = {g.uuid: g.index for h in self.hosts for g in h.gpus}
         self.cache_bytes = cache_bytes
         self.hot_images = hot_images
         self.budget = budget
@@ -79,20 +82,50 @@ class Fleet:
         bisect.insort(self.by_free[h.free], h.name)
 
     def take(self, host: str, uuids: list[str]) -> None:
-        h = self.by_name[host]
-        before = h.free
-        for u in uuids:
-            h.taken[int(u.rsplit("-g", 1)[1])] = True
-        self.gpus_in_use += len(uuids)
-        self._refile(h, before)
+        self._mark(self.by_name[host], uuids, True)
 
     def give(self, host: str, uuids: list[str]) -> None:
-        h = self.by_name[host]
+        self._mark(self.by_name[host], uuids, False)
+
+    def _mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
         before = h.free
         for u in uuids:
-            h.taken[int(u.rsplit("-g", 1)[1])] = False
-        self.gpus_in_use -= len(uuids)
+            i = self.gpu_index[u]
+            h.view[i] = h.busy[i] if taken else h.gpus[i]
+        n = len(uuids) if taken else -len(uuids)
+        h.free -= n
+        self.gpus_in_use += n
         self._refile(h, before)
+
+    # --- replicas ------------------------------------------------------------------------------
+    def set_ready(self, host: str, summary: ReplicaSummary) -> None:
+        self.by_name[host].ready_of.setdefault(summary.deployment, {})[summary.replica] = summary
+
+    def drop_ready(self, host: str, deployment: str, replica: str) -> None:
+        h = self.by_name[host]
+        mine = h.ready_of.get(deployment)
+        if mine is not None:
+            mine.pop(replica, None)
+            if not mine:  # an empty map per host and deployment ever seen would add up
+                del h.ready_of[deployment]
+
+    def suspend(self, host: str, replica: str, s: Suspended) -> None:
+        h = self.by_name[host]
+        h.suspended[replica] = s
+        h.suspended_bytes += s.rss_bytes
+        summary = ReplicaSummary(s.deployment, replica, ReplicaState.SUSPENDED, rss_bytes=s.rss_bytes)
+        h.suspended_of.setdefault(s.deployment, {})[replica] = summary
+        self.suspended_on.setdefault(s.deployment, set()).add(host)
+
+    def unsuspend(self, host: str, replica: str) -> None:
+        h = self.by_name[host]
+        s = h.suspended.pop(replica)
+        h.suspended_bytes -= s.rss_bytes
+        mine = h.suspended_of[s.deployment]
+        del mine[replica]
+        if not mine:
+            del h.suspended_of[s.deployment]
+            self.suspended_on[s.deployment].discard(host)
 
     # --- cache and hot images ---------------------------------------------------------------
     def cache_put(self, host: str, ckpt: str, nbytes: int) -> None:
@@ -121,40 +154,59 @@ class Fleet:
         """The host's heartbeat as far as `deployment`'s decisions read it: its own replicas and
         its own checkpoint in the cache (placement looks at nothing else of it)."""
         h = self.by_name[host]
-        reps = [
-            ReplicaSummary(deployment, r, ReplicaState.SUSPENDED, rss_bytes=s.rss_bytes)
-            for r, s in h.suspended.items()
-            if s.deployment == deployment
-        ]
-        reps.extend(s for s in h.ready.values() if s.deployment == deployment)
-        cached = ckpt is not None and ckpt in h.cache
+        sus, ready = h.suspended_of.get(deployment), h.ready_of.get(deployment)
+        reps = list(sus.values()) if sus else []
+        if ready:
+            reps.extend(ready.values())
+        size = h.cache.get(ckpt) if ckpt is not None else None
         return HostHeartbeat(
             host=host,
             ts=now,
             compat_hash=COMPAT,
-            gpus=[b if t else f for f, b, t in zip(h.gpus, h.busy, h.taken, strict=True)],
-            cached_checkpoints=[ckpt] if cached and ckpt is not None else [],
-            cached_bytes={ckpt: h.cache[ckpt]} if cached and ckpt is not None else {},
+            gpus=list(h.view),
+            cached_checkpoints=[ckpt] if ckpt is not None and size is not None else [],
+            cached_bytes={ckpt: size} if ckpt is not None and size is not None else {},
             replicas=reps,
             suspend_budget_bytes=self.budget,
-            suspend_used_bytes=h.suspended_bytes(),
+            suspend_used_bytes=h.suspended_bytes,
         )
+
+    def _emptiest(self, n: int, gpus: int, skip: Collection[str]) -> list[str]:
+        """The n hosts with the most free GPUs (at least `gpus`), then by name, not in `skip`."""
+        out: list[str] = []
+        for k in range(len(self.by_free) - 1, max(0, gpus - 1), -1):
+            for name in self.by_free[k]:
+                if name not in skip:
+                    out.append(name)
+                    if len(out) >= n:
+                        return out
+        return out
 
     def candidates(
         self, deployment: str, ckpt: str | None, replicas_on: dict[str, int], n: int, gpus: int
     ) -> list[str]:
-        """The hosts that can rank first for `n` placements: those resuming, caching or already
-        running the deployment, and the n emptiest others (by free GPUs, then name: the order
-        `place` breaks ties in among hosts alike in everything else)."""
-        out = set(self.suspended_on.get(deployment, ())) | set(replicas_on)
-        if ckpt is not None:
-            out |= self.cached_on.get(ckpt, set())
-        got = 0
-        for k in range(len(self.by_free) - 1, max(0, gpus - 1), -1):
-            for name in self.by_free[k]:
-                if name not in out:
-                    out.add(name)
-                    got += 1
-                    if got >= n:
-                        return sorted(out)
-        return sorted(out)
+        """The hosts `place` can choose for `n` placements: the n first by the key it ranks hosts
+        by (resume, cached, any; then this deployment's replicas on it, cached bytes, free GPUs,
+        name) among those with room. A placement makes only its own host's key worse, so a host
+        outside the n first is never reached: each new host `place` picks is the best left."""
+        sus = self.suspended_on.get(deployment, set())
+        cached = self.cached_on.get(ckpt, set()) if ckpt is not None else set()
+        known = sus | cached | replicas_on.keys()
+        keyed: list[tuple[int, int, int, int, str]] = []
+        for name in known:
+            h = self.by_name[name]
+            if h.free < gpus:
+                continue
+            have = h.cache[ckpt] if ckpt is not None and name in cached else 0
+            rank = 0 if name in sus else 1 if name in cached else 3
+            keyed.append((rank, replicas_on.get(name, 0), -have, -h.free, name))
+        for name in self._emptiest(n, gpus, known):
+            keyed.append((3, 0, 0, -self.by_name[name].free, name))
+        return [key[-1] for key in heapq.nsmallest(n, keyed)]
+
+    def prefetch_candidates(self, ckpt: str, want: int, gpus: int) -> list[str]:
+        """The hosts `prefetch_targets` can choose for `want` hosts: up to `want` that cache the
+        checkpoint (they only count) and the `want` emptiest others (its order: most free GPUs,
+        then name; no host here holds part of a checkpoint)."""
+        cached = self.cached_on.get(ckpt, set())
+        return [*itertools.islice(cached, want), *self._emptiest(want, gpus, cached)]

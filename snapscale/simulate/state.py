@@ -34,4 +34,5 @@ class Dep:
     claim: Claim | None = None
     freeze_deadline: float | None = None  # the scaler holds the last replica for a freeze till then
     freeze_done: bool = False
+    resume_at: float | None = None  # asleep with replicas: the tick that decides it next
     peak: int = 0
