@@ -19,6 +19,7 @@ from engine_helpers import ROOT, kill_tagged, procs_with
 from nats.aio.msg import Msg
 from restorer_harness import Harness, follow, running, service_env
 
+from snapscale.restorer.deaths import STOPPED_BY_FREEZE
 from snapscale.shared import bus
 from snapscale.shared.bus.messages import (
     FreezeCommand,
@@ -33,8 +34,9 @@ from snapscale.shared.bus.messages import (
 from snapscale.shared.bus.spec import FreezeSpec, ReadySpec
 from snapscale.shared.bus.subjects import Bucket, Verb
 from snapscale.shared.core.settings import Settings
-from snapscale.shared.engine import compat, sandbox
+from snapscale.shared.engine import compat, lifecycle, sandbox
 from snapscale.shared.engine.criu import CriuBinary
+from snapscale.shared.engine.registry import SandboxRegistry
 
 pytestmark = pytest.mark.criu
 
@@ -151,6 +153,22 @@ async def test_release_while_starting_stops_it(h: Harness) -> None:
         await h.release(slow.name, "nobody", ReleaseMode.STOP)
         await asyncio.sleep(0.5)
         assert h.of("nobody") == []
+
+
+async def test_a_replica_a_freeze_stops_is_reported_stopped_not_failed(h: Harness) -> None:
+    """`snapscale freeze` without keep-running ends a ready replica on purpose (the freezer runs the
+    engine on the restorer's sandbox): the restorer's death watch reports it stopped, frees its
+    slot, and does not call it a failure."""
+    d = await h.deploy(h.spec("frozen-stop"))
+    async with running(h.settings, h.criu) as (svc, _):
+        await h.restore(d.name, "fs1")
+        assert (await h.wait("fs1")).state is ReplicaState.READY
+        sb = SandboxRegistry(h.settings.state_dir).get("fs1")
+        assert sb is not None
+        await lifecycle.freeze(sb, d, h.tmp / "fs1-img", keep_running=False, criu=h.criu)
+        ev = await h.wait("fs1", frozenset({ReplicaState.STOPPED, ReplicaState.FAILED}))
+        assert ev.state is ReplicaState.STOPPED and ev.reason == STOPPED_BY_FREEZE, ev
+        assert svc.host is not None and svc.host.tools.slots.held == {} and svc.host.replicas.live == {}
 
 
 async def test_suspend_budget_stops_the_oldest(h: Harness) -> None:

@@ -4,7 +4,8 @@ OOM killer ends inside its cgroup. A watch on this host's live replicas notices 
 removed) and reports it `failed` with why (`out of memory: limit <N> MiB`, from the container's
 cgroup, read before runc deletes it), so the scaler places the deployment again and the gateways
 stop routing to it. Before, only a restart of the restorer noticed (restart.py): the replica stayed
-`ready` in KV, its slot taken, its endpoint dead.
+`ready` in KV, its slot taken, its endpoint dead. A replica that a freeze ended on purpose (without
+keep-running; the engine marks its run dir) is reported `stopped` instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from snapscale.shared.engine import Sandbox
 
 log = logging.getLogger(__name__)
 WATCH_S = 1.0  # a /proc read per live replica: cheap
+STOPPED_BY_FREEZE = "frozen and stopped: a freeze that did not keep it running"
 WATCHED = frozenset({ReplicaState.READY, ReplicaState.SUSPENDED})  # being started or stopped: not ours
 
 
@@ -42,9 +44,13 @@ async def reap_dead(h: Host) -> list[str]:
     for lv in dead(list(h.replicas.live.values()), engine.is_running):
         if h.replicas.live.get(lv.sandbox.replica) is not lv or lv.state not in WATCHED:
             continue  # a release took it while an earlier one was being reaped
-        reason = death_reason(lv.state, engine.exit_reason(lv.sandbox))
-        log.warning("replica %s: %s", lv.sandbox.replica, reason, extra={"deployment": lv.spec.name})
-        await stop_replica(h, lv, None, reason, final=ReplicaState.FAILED)
+        if engine.stopped_by_freeze(lv.sandbox):  # `snapscale freeze` without keep-running
+            reason, final = STOPPED_BY_FREEZE, ReplicaState.STOPPED
+            log.info("replica %s: %s", lv.sandbox.replica, reason, extra={"deployment": lv.spec.name})
+        else:
+            reason, final = death_reason(lv.state, engine.exit_reason(lv.sandbox)), ReplicaState.FAILED
+            log.warning("replica %s: %s", lv.sandbox.replica, reason, extra={"deployment": lv.spec.name})
+        await stop_replica(h, lv, None, reason, final=final)
         out.append(lv.sandbox.replica)
     return out
 

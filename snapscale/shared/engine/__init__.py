@@ -38,7 +38,7 @@ from snapscale.shared.engine.netns import (
 )
 from snapscale.shared.engine.procs import pid_alive, pids_holding
 from snapscale.shared.engine.registry import SandboxRegistry
-from snapscale.shared.engine.runtime import container_pids, exit_reason, launch, stop
+from snapscale.shared.engine.runtime import container_pids, exit_reason, launch, stop, stopped_by_freeze
 from snapscale.shared.engine.runtime import sweep as sweep_containers
 from snapscale.shared.engine.sandbox import Sandbox, is_running, tree_pids
 from snapscale.workload import ChunkDir
@@ -84,6 +84,7 @@ __all__ = [
     "restore",
     "resume",
     "stop",
+    "stopped_by_freeze",
     "suspend",
     "suspended_weights",
     "sweep_containers",

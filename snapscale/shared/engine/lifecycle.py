@@ -288,6 +288,7 @@ async def freeze(
                         await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
             else:
                 await stop(sb)
+                runtime.mark_stopped_by_freeze(sb, image_dir)
         except BaseException:
             # A thread cannot be stopped: the image dir is the pass's until it ends.
             await asyncio.gather(finishing, return_exceptions=True)

@@ -189,6 +189,20 @@ async def sweep(root: Path) -> list[str]:
     return await container.sweep(root)
 
 
+FROZEN_MARK = "stopped-by-freeze"  # in the run dir: the tree ended as a freeze's last step
+
+
+def mark_stopped_by_freeze(sb: Sandbox, image_dir: Path) -> None:
+    """Say, in the sandbox's run dir, that a freeze ended it on purpose (the image it went into), so
+    a watch on the replica reports it stopped, not failed."""
+    if sb.run_dir:
+        (Path(sb.run_dir) / FROZEN_MARK).write_text(str(image_dir))
+
+
+def stopped_by_freeze(sb: Sandbox) -> bool:
+    return bool(sb.run_dir) and (Path(sb.run_dir) / FROZEN_MARK).exists()
+
+
 def exit_reason(sb: Sandbox) -> str | None:
     """Why a dead sandbox died, when the system recorded it (a container's OOM kill)."""
     return container.exit_reason(sb) if sb.container else None
