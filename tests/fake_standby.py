@@ -4,6 +4,7 @@ filled, so a test in another process can read what it was handed."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Any
@@ -20,6 +21,10 @@ class ExportingLib(FakeDeviceLib):
         rc = super().cuMemExportToShareableHandle(out, handle, kind, flags)
         os.write(out._obj.value, bytes(self.memory.get(handle.value, b"")))
         return rc
+
+    def cuMemcpyHtoD_v2(self, dst: Any, src: Any, n: Any) -> int:
+        print(json.dumps({"copy": n.value}), flush=True)  # the test follows the fill by these
+        return super().cuMemcpyHtoD_v2(dst, src, n)
 
 
 if __name__ == "__main__":

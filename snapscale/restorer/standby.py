@@ -111,9 +111,10 @@ class Fillers:
             t.add_done_callback(self._starting.discard)
         return f if f is not None else await self._spawn(gpu)
 
-    def standby_pid(self, gpu: str) -> int | None:
+    def waiting(self, gpu: str) -> Filler | None:
+        """`gpu`'s standby, if one is started and alive."""
         f = self._ready.get(gpu)
-        return f.proc.pid if f is not None and f.alive else None
+        return f if f is not None and f.alive else None
 
     async def _replace(self, gpu: str) -> None:
         try:

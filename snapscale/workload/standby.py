@@ -18,8 +18,11 @@ restorer's end closing (it stopped, or died) ends a standby that has no job yet.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -34,6 +37,7 @@ from snapscale.workload.errors import WeightsError
 
 JOB_MAX = 1 << 16  # bytes of a job line (paths and a flag)
 ALL, STOP = "all", "stop"
+PR_SET_PDEATHSIG = 1
 
 
 class ChunkGate:
@@ -118,9 +122,17 @@ def take_job(sock: socket.socket) -> tuple[dict[str, Any], socket.socket, bytes]
     return job, listener, rest
 
 
+def _die_with_parent() -> None:
+    """A standby mid-job when the restorer dies goes with it (an idle one sees its socket close)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def run(args: argparse.Namespace, lib: Any = None) -> dict[str, Any]:
     """Get ready on the GPU, say so, wait for a job and do it; `lib` stands in for libcuda (tests)."""
     t0 = time.monotonic()
+    _die_with_parent()
     sock = socket.socket(fileno=args.job_fd)
     try:
         vmm = ho.HostVmm.open(lib) if lib is not None else ho.HostVmm.load()
