@@ -225,3 +225,17 @@ def test_the_standby_is_on_unless_turned_off() -> None:
     assert RestorerConfig.from_env("h", {"SNAPSCALE_FILL_STANDBY": "0"}).fill_standby is False
     with pytest.raises(ConfigError, match="SNAPSCALE_FILL_STANDBY='yes' is not a valid value: want 0 or 1"):
         RestorerConfig.from_env("h", {"SNAPSCALE_FILL_STANDBY": "yes"})
+
+
+async def test_an_idle_standby_ends_when_the_restorers_end_of_its_socket_closes() -> None:
+    """What a restorer that died leaves: nothing (the kernel closes its end of every job socket)."""
+    fillers = Fillers([U1], standby=True, command=FAKE)
+    await fillers.start()
+    try:
+        f = await ready_standby(fillers, U1)
+        f.close()
+        assert await asyncio.wait_for(f.proc.wait(), 10) == 1
+        await f.ended()
+        assert b"the restorer closed the socket" in f.lines[-1]
+    finally:
+        await fillers.close()
