@@ -13,14 +13,14 @@ import mmap
 import os
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
-from workload_helpers import GRAN, U1, chunk_dir
+from workload_helpers import GRAN, U1, chunk_dir, expected
 
 from snapscale.restorer import hostfill
 from snapscale.restorer.config import RestorerConfig
@@ -45,15 +45,6 @@ def record(tmp_path: Path) -> WeightsRecord:
     r = replace(r, arena=arena)
     (tmp_path / "rec.json").write_bytes(r.to_json())
     return r
-
-
-def expected(r: WeightsRecord) -> dict[str, bytes]:
-    out = {}
-    for t in r.tensors:
-        with open(r.files[t.file].path, "rb") as f:
-            f.seek(t.file_offset)
-            out[t.name] = f.read(t.nbytes)
-    return out
 
 
 def take_memory(path: str, size: int) -> bytes:
@@ -101,123 +92,121 @@ def filler_said(caplog: pytest.LogCaptureFixture) -> dict[str, object]:
     return said
 
 
-async def test_a_restore_hands_its_fill_to_the_standby_started_before_it(
-    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+@pytest.fixture
+async def fillers() -> AsyncIterator[Fillers]:
+    """Standbys for U1, the stand-in's second card; stopped after the test."""
     fillers = Fillers([U1], standby=True, command=FAKE)
     await fillers.start()
     try:
-        standby = await ready_standby(fillers, U1)
-        await asyncio.sleep(0.2)  # the job comes later: its wait shows in the report
-        chunks = chunk_dir(record, tmp_path / "cache")
-        job = hostfill.Job(record, tmp_path / "rec.json", chunks, U1, tmp_path / "run")
-        with caplog.at_level(logging.INFO, logger=LOGGER):
-            async with hostfill.host_fill(job, fillers) as fill:
-                assert isinstance(fill.source, FdHandover) and fill.ready is not None
-                mem = await asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
-                await fill.ready
-        assert_filled(record, mem)
-        said = filler_said(caplog)
-        # the job's filler is the standby, which was ready and waiting when the job came
-        assert said["pid"] == standby.proc.pid and float(str(said["standby_s"])) >= 0.2
-        assert said["streamed"] is False
-        assert standby.proc.returncode == 0  # one job a process
-        fresh = await ready_standby(fillers, U1)  # and a fresh one took its place
-        assert fresh.proc.pid != standby.proc.pid
+        yield fillers
     finally:
         await fillers.close()
+
+
+def warm_job(record: WeightsRecord, tmp_path: Path) -> hostfill.Job:
+    """A job whose chunks are all in (a warm restore, a resume)."""
+    chunks = chunk_dir(record, tmp_path / "cache")
+    return hostfill.Job(record, tmp_path / "rec.json", chunks, U1, tmp_path / "run")
+
+
+def streaming(record: WeightsRecord, tmp_path: Path) -> tuple[HostCache, asyncio.Future[None], hostfill.Job]:
+    """An empty host cache, a weights prefetch not done, and a job that streams from them."""
+    cache = HostCache(tmp_path / "hc", 1 << 30)
+    prefetch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    rec_path, run = tmp_path / "rec.json", tmp_path / "run"
+    return cache, prefetch, hostfill.Job(record, rec_path, cache.chunks_dir, U1, run, cache, prefetch)
+
+
+async def test_a_restore_hands_its_fill_to_the_standby_started_before_it(
+    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture, fillers: Fillers
+) -> None:
+    standby = await ready_standby(fillers, U1)
+    await asyncio.sleep(0.2)  # the job comes later: its wait shows in the report
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        async with hostfill.host_fill(warm_job(record, tmp_path), fillers) as fill:
+            assert isinstance(fill.source, FdHandover) and fill.ready is not None
+            mem = await asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
+            await fill.ready
+    assert_filled(record, mem)
+    said = filler_said(caplog)
+    # the job's filler is the standby, which was ready and waiting when the job came
+    assert said["pid"] == standby.proc.pid and float(str(said["standby_s"])) >= 0.2
+    assert said["streamed"] is False
+    assert standby.proc.returncode == 0  # one job a process
+    fresh = await ready_standby(fillers, U1)  # and a fresh one took its place
+    assert fresh.proc.pid != standby.proc.pid
+    await fillers.close()
     assert fresh.proc.returncode is not None and fillers.waiting(U1) is None  # stopped at close
 
 
 async def test_a_dead_standby_is_replaced_and_the_job_still_filled(
-    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture, fillers: Fillers
 ) -> None:
-    fillers = Fillers([U1], standby=True, command=FAKE)
-    await fillers.start()
-    try:
-        dead = await ready_standby(fillers, U1)
-        dead.proc.kill()
-        await dead.proc.wait()
-        chunks = chunk_dir(record, tmp_path / "cache")
-        job = hostfill.Job(record, tmp_path / "rec.json", chunks, U1, tmp_path / "run")
-        with caplog.at_level(logging.INFO):
-            async with hostfill.host_fill(job, fillers) as fill:
-                assert isinstance(fill.source, FdHandover)
-                mem = await asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
-        assert_filled(record, mem)
-        assert f"standby filler {dead.proc.pid} for {U1} had exited" in caplog.text
-        assert filler_said(caplog)["pid"] not in (dead.proc.pid, None)
-        fresh = await ready_standby(fillers, U1)
-        assert fresh.proc.pid != dead.proc.pid
-    finally:
-        await fillers.close()
-
-
-async def cache_with(record: WeightsRecord, root: Path, chunks: Path, digests: list[str]) -> HostCache:
-    cache = HostCache(root, 1 << 30)
-    for d in digests:
-        await cache.insert(d, (chunks / d).read_bytes())
-    return cache
+    dead = await ready_standby(fillers, U1)
+    dead.proc.kill()
+    await dead.proc.wait()
+    with caplog.at_level(logging.INFO):
+        async with hostfill.host_fill(warm_job(record, tmp_path), fillers) as fill:
+            assert isinstance(fill.source, FdHandover)
+            mem = await asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
+    assert_filled(record, mem)
+    assert f"standby filler {dead.proc.pid} for {U1} had exited" in caplog.text
+    assert filler_said(caplog)["pid"] not in (dead.proc.pid, None)
+    fresh = await ready_standby(fillers, U1)
+    assert fresh.proc.pid != dead.proc.pid
 
 
 async def test_a_cold_restores_fill_reads_chunks_as_they_land_before_the_last(
-    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture, fillers: Fillers
 ) -> None:
     src = chunk_dir(record, tmp_path / "src")
     order = list(dict.fromkeys(os.path.basename(s.path) for s in chunk_plan(record, str) if s.path))
     first, last = order[:-1], order[-1]
-    cache = await cache_with(record, tmp_path / "hc", src, [])
-    prefetch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    fillers = Fillers([U1], standby=True, command=FAKE)
-    await fillers.start()
-    try:
-        f = await ready_standby(fillers, U1)
-        rec_path, run = tmp_path / "rec.json", tmp_path / "run"
-        job = hostfill.Job(record, rec_path, cache.chunks_dir, U1, run, cache, prefetch)
-        with caplog.at_level(logging.INFO, logger=LOGGER):
-            async with hostfill.host_fill(job, fillers) as fill:
-                assert isinstance(fill.source, FdHandover) and fill.ready is not None
-                taking = asyncio.create_task(
-                    asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
-                )
-                for d in first:  # the prefetch lands them one by one
-                    await cache.insert(d, (src / d).read_bytes())
-                # the filler copies what is in while the last chunk is still on its way
-                await until(lambda: sum(b'"copy"' in x for x in f.lines) >= len(first))
-                assert not f.filled.is_set() and not taking.done()
-                await cache.insert(last, (src / last).read_bytes())
-                prefetch.set_result(None)
-                mem = await taking
-                await fill.ready
-        assert_filled(record, mem)
-        assert filler_said(caplog)["streamed"] is True
-    finally:
-        await fillers.close()
+    cache, prefetch, job = streaming(record, tmp_path)
+    f = await ready_standby(fillers, U1)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        async with hostfill.host_fill(job, fillers) as fill:
+            assert isinstance(fill.source, FdHandover) and fill.ready is not None
+            taking = asyncio.create_task(
+                asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
+            )
+            for d in first:  # the prefetch lands them one by one
+                await cache.insert(d, (src / d).read_bytes())
+            # the filler copies what is in while the last chunk is still on its way
+            await until(lambda: sum(b'"copy"' in x for x in f.lines) >= len(first))
+            assert not f.filled.is_set() and not taking.done()
+            await cache.insert(last, (src / last).read_bytes())
+            prefetch.set_result(None)
+            mem = await taking
+            await fill.ready
+    assert_filled(record, mem)
+    assert filler_said(caplog)["streamed"] is True
 
 
 async def test_a_streamed_fill_whose_prefetch_fails_stops_and_the_workload_fills_itself(
-    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture, fillers: Fillers
 ) -> None:
-    cache = HostCache(tmp_path / "hc", 1 << 30)
-    prefetch: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    fillers = Fillers([U1], standby=True, command=FAKE)
-    await fillers.start()
-    try:
-        f = await ready_standby(fillers, U1)
-        rec_path, run = tmp_path / "rec.json", tmp_path / "run"
-        job = hostfill.Job(record, rec_path, cache.chunks_dir, U1, run, cache, prefetch)
-        with caplog.at_level(logging.INFO, logger=LOGGER):
-            async with hostfill.host_fill(job, fillers) as fill:
-                assert isinstance(fill.source, FdHandover) and fill.ready is not None
-                prefetch.set_exception(OSError("the store went away"))
-                with pytest.raises(OSError, match="the store went away"):
-                    await fill.ready  # the engine fails the restore with the prefetch's error
-                await until(lambda: f.filled.is_set())
-                with pytest.raises(ConnectionRefusedError):  # at once: the workload falls back
-                    await asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
-        assert "weights filler exited 1" in caplog.text and "stopped the fill" in caplog.text
-    finally:
-        await fillers.close()
+    _, prefetch, job = streaming(record, tmp_path)
+    f = await ready_standby(fillers, U1)
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        async with hostfill.host_fill(job, fillers) as fill:
+            assert isinstance(fill.source, FdHandover) and fill.ready is not None
+            prefetch.set_exception(OSError("the store went away"))
+            with pytest.raises(OSError, match="the store went away"):
+                await fill.ready  # the engine fails the restore with the prefetch's error
+            await until(lambda: f.filled.is_set())
+            with pytest.raises(ConnectionRefusedError):  # at once: the workload falls back
+                await asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
+    assert "weights filler exited 1" in caplog.text and "stopped the fill" in caplog.text
+
+
+async def test_an_idle_standby_ends_when_the_restorers_end_of_its_socket_closes(fillers: Fillers) -> None:
+    """What a restorer that died leaves: nothing (the kernel closes its end of every job socket)."""
+    f = await ready_standby(fillers, U1)
+    f.close()
+    assert await asyncio.wait_for(f.proc.wait(), 10) == 1
+    await f.ended()
+    assert b"the restorer closed the socket" in f.lines[-1]
 
 
 def test_the_standby_is_on_unless_turned_off() -> None:
@@ -225,17 +214,3 @@ def test_the_standby_is_on_unless_turned_off() -> None:
     assert RestorerConfig.from_env("h", {"SNAPSCALE_FILL_STANDBY": "0"}).fill_standby is False
     with pytest.raises(ConfigError, match="SNAPSCALE_FILL_STANDBY='yes' is not a valid value: want 0 or 1"):
         RestorerConfig.from_env("h", {"SNAPSCALE_FILL_STANDBY": "yes"})
-
-
-async def test_an_idle_standby_ends_when_the_restorers_end_of_its_socket_closes() -> None:
-    """What a restorer that died leaves: nothing (the kernel closes its end of every job socket)."""
-    fillers = Fillers([U1], standby=True, command=FAKE)
-    await fillers.start()
-    try:
-        f = await ready_standby(fillers, U1)
-        f.close()
-        assert await asyncio.wait_for(f.proc.wait(), 10) == 1
-        await f.ended()
-        assert b"the restorer closed the socket" in f.lines[-1]
-    finally:
-        await fillers.close()

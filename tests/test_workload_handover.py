@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from workload_helpers import GRAN, U0, U1, FakeDeviceLib, chunk_dir
+from workload_helpers import GRAN, U0, U1, FakeDeviceLib, chunk_dir, expected
 
 from snapscale.restorer import hostfill
 from snapscale.restorer.config import RestorerConfig
@@ -43,15 +43,6 @@ def record(tmp_path: Path) -> WeightsRecord:
     r = Weights.load(str(tmp_path / "m.safetensors"), "cpu", chunk_bytes=16384).record
     arena = replace(r.arena, kind="cuda-vmm", device="cuda:1", size=round_up(r.arena.size, GRAN))
     return replace(r, arena=arena)
-
-
-def expected(r: WeightsRecord) -> dict[str, bytes]:
-    out = {}
-    for t in r.tensors:
-        with open(r.files[t.file].path, "rb") as f:
-            f.seek(t.file_offset)
-            out[t.name] = f.read(t.nbytes)
-    return out
 
 
 def listening(path: Path) -> socket.socket:

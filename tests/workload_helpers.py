@@ -25,6 +25,16 @@ def chunk_dir(r: WeightsRecord, dest: Path) -> Path:
     return dest
 
 
+def expected(r: WeightsRecord) -> dict[str, bytes]:
+    """Each tensor's bytes, read from the file the record names."""
+    out = {}
+    for t in r.tensors:
+        with open(r.files[t.file].path, "rb") as f:
+            f.seek(t.file_offset)
+            out[t.name] = f.read(t.nbytes)
+    return out
+
+
 GRAN = 2 << 20
 
 

@@ -212,14 +212,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def outcome(work: Callable[[], dict[str, Any]]) -> int:
+    """Do `work`; print what it returned, or why it failed, as the one last JSON line; exit status."""
     try:
-        out = run(parse(argv))
+        out = work()
     except (WeightsError, OSError) as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 1
     print(json.dumps(out), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return outcome(lambda: run(parse(argv)))
 
 
 if __name__ == "__main__":

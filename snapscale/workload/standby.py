@@ -165,13 +165,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None, lib: Any = None) -> int:
-    try:
-        out = run(parse(argv), lib)
-    except (WeightsError, OSError) as e:
-        print(json.dumps({"error": str(e)}), flush=True)
-        return 1
-    print(json.dumps(out), flush=True)
-    return 0
+    return ho.outcome(lambda: run(parse(argv), lib))
 
 
 if __name__ == "__main__":
