@@ -23,8 +23,9 @@ from safetensors.torch import save_file
 from workload_helpers import GRAN, U1, chunk_dir, expected
 
 from snapscale.restorer import hostfill
+from snapscale.restorer.cleanup import sweep
 from snapscale.restorer.config import RestorerConfig
-from snapscale.restorer.standby import Filler, Fillers
+from snapscale.restorer.standby import FILLERS_DIR, Filler, Fillers
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.store import HostCache
 from snapscale.workload import FdHandover, Weights
@@ -143,17 +144,38 @@ async def test_a_dead_standby_is_replaced_and_the_job_still_filled(
     record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture, fillers: Fillers
 ) -> None:
     dead = await ready_standby(fillers, U1)
-    dead.proc.kill()
-    await dead.proc.wait()
     with caplog.at_level(logging.INFO):
+        dead.proc.kill()
+        await dead.proc.wait()
+        fresh = await ready_standby(fillers, U1)  # replaced in the background, before any job
+        assert fresh.proc.pid != dead.proc.pid
+        assert f"standby filler {dead.proc.pid} for {U1} exited -9 while waiting" in caplog.text
         async with hostfill.host_fill(warm_job(record, tmp_path), fillers) as fill:
             assert isinstance(fill.source, FdHandover)
             mem = await asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
     assert_filled(record, mem)
-    assert f"standby filler {dead.proc.pid} for {U1} had exited" in caplog.text
-    assert filler_said(caplog)["pid"] not in (dead.proc.pid, None)
-    fresh = await ready_standby(fillers, U1)
-    assert fresh.proc.pid != dead.proc.pid
+    assert filler_said(caplog)["pid"] == fresh.proc.pid
+
+
+async def test_a_standby_found_dead_at_a_job_is_replaced_by_one_started_then(
+    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fillers = Fillers([U1], standby=True, command=FAKE)
+    await fillers.start()
+    try:
+        dead = await ready_standby(fillers, U1)
+        fillers._closing = True  # nothing replaces it in the background: the job finds it dead
+        dead.proc.kill()
+        await dead.proc.wait()
+        fillers._closing = False
+        with caplog.at_level(logging.INFO):
+            async with hostfill.host_fill(warm_job(record, tmp_path), fillers) as fill:
+                assert isinstance(fill.source, FdHandover)
+                mem = await asyncio.to_thread(take_memory, fill.source.socket, record.arena.size)
+        assert_filled(record, mem)
+        assert filler_said(caplog)["pid"] not in (dead.proc.pid, None)
+    finally:
+        await fillers.close()
 
 
 async def test_a_cold_restores_fill_reads_chunks_as_they_land_before_the_last(
@@ -214,3 +236,17 @@ def test_the_standby_is_on_unless_turned_off() -> None:
     assert RestorerConfig.from_env("h", {"SNAPSCALE_FILL_STANDBY": "0"}).fill_standby is False
     with pytest.raises(ConfigError, match="SNAPSCALE_FILL_STANDBY='yes' is not a valid value: want 0 or 1"):
         RestorerConfig.from_env("h", {"SNAPSCALE_FILL_STANDBY": "yes"})
+
+
+async def test_a_restarted_restorers_sweep_ends_the_fillers_a_crash_left(tmp_path: Path) -> None:
+    """Every filler holds the fillers dir open: the sweep a restart runs (cleanup.sweep, as
+    restart.py calls it on that dir) finds and ends them."""
+    home = tmp_path / "work" / FILLERS_DIR
+    left = Fillers([U1], standby=True, home=home, command=FAKE)  # as a crashed restorer's
+    await left.start()
+    f = await ready_standby(left, U1)
+    try:
+        assert await sweep([home], []) == [f.proc.pid]
+        assert await asyncio.wait_for(f.proc.wait(), 10) == -9 and not home.exists()
+    finally:
+        await left.close()

@@ -33,7 +33,7 @@ from snapscale.restorer.restart import adopt, prune_run_dirs
 from snapscale.restorer.scaleup import SCALE_UP_SPAN, Attempt, request_freeze, scale_up, tracer
 from snapscale.restorer.slots import Slots
 from snapscale.restorer.specs import deployed_spec
-from snapscale.restorer.standby import Fillers
+from snapscale.restorer.standby import FILLERS_DIR, Fillers
 from snapscale.shared import bus as busmod
 from snapscale.shared.bus import (
     Bucket,
@@ -86,7 +86,7 @@ class Restorer:
                 cache = HostCache(s.cache_dir, s.cache_bytes)
                 gpus = await asyncio.to_thread(inventory.probe_gpus)
                 fillers = (
-                    Fillers([g.uuid for g in gpus], standby=c.fill_standby)
+                    Fillers([g.uuid for g in gpus], standby=c.fill_standby, home=work / FILLERS_DIR)
                     if c.weights_fill == "host"
                     else None
                 )

@@ -18,9 +18,10 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from snapscale.shared.store import HostCache
 from snapscale.workload.standby import ALL, STOP
@@ -28,6 +29,7 @@ from snapscale.workload.standby import ALL, STOP
 log = logging.getLogger(__name__)
 
 COMMAND = (sys.executable, "-m", "snapscale.workload.standby")
+FILLERS_DIR = "fillers"  # under the restorer's work dir: every filler holds it open
 
 
 @dataclass(eq=False)  # by identity: kept in a set
@@ -83,16 +85,23 @@ class Filler:
 class Fillers:
     """Filling processes by GPU: standbys kept ready when `standby`, else started per job."""
 
-    def __init__(self, gpus: Iterable[str], *, standby: bool, command: Sequence[str] = COMMAND) -> None:
+    def __init__(
+        self, gpus: Iterable[str], *, standby: bool, home: Path | None = None,
+        command: Sequence[str] = COMMAND,
+    ) -> None:  # fmt: skip
         self.gpus = list(gpus)
         self.standby = standby
+        self.home = home  # each filler holds it open: a restart's sweep finds what a crash left
         self.command = tuple(command)
+        self._closing = False
         self._ready: dict[str, Filler] = {}
         self._starting: set[asyncio.Task[None]] = set()
         self._all: set[Filler] = set()
 
     async def start(self) -> None:
         """Start a standby per GPU (when asked for); returns once they are spawned, not ready."""
+        if self.home is not None:
+            self.home.mkdir(parents=True, exist_ok=True)
         if self.standby:
             await asyncio.gather(*(self._replace(g) for g in self.gpus))
 
@@ -106,10 +115,13 @@ class Fillers:
             await self._reap(f)
             f = None
         if self.standby:
-            t = asyncio.create_task(self._replace(gpu), name=f"standby filler {gpu}")
-            self._starting.add(t)
-            t.add_done_callback(self._starting.discard)
+            self._background(self._replace(gpu), f"standby filler {gpu}")
         return f if f is not None else await self._spawn(gpu)
+
+    def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        t = asyncio.create_task(work, name=name)
+        self._starting.add(t)
+        t.add_done_callback(self._starting.discard)
 
     def waiting(self, gpu: str) -> Filler | None:
         """`gpu`'s standby, if one is started and alive."""
@@ -123,17 +135,36 @@ class Fillers:
             log.warning("cannot start a standby filler for %s: %s", gpu, e)
             return
         old = self._ready.get(gpu)
-        if old is not None and old.alive:  # one raced us in: keep it, stop ours
+        if self._closing or (old is not None and old.alive):  # one raced us in: keep it, stop ours
             await self.finish(f, 0.0)
         else:
             self._ready[gpu] = f
+            self._background(self._mind(f), f"mind standby {f.proc.pid}")
+
+    async def _mind(self, f: Filler) -> None:
+        """Replace `f` if it dies while waiting, once it had been ready (one that never got ready
+        is not restarted here, so a filler that cannot start does not loop: the next job starts
+        one itself)."""
+        await f.ended()
+        if self._ready.get(f.gpu) is not f or self._closing:
+            return  # it took a job, or we are stopping
+        del self._ready[f.gpu]
+        self._all.discard(f)
+        f.close()
+        said = b"".join(f.lines).decode(errors="replace").strip()[-500:]
+        log.warning("standby filler %d for %s exited %s while waiting: %s", f.proc.pid, f.gpu,
+                    f.proc.returncode, said)  # fmt: skip
+        if f.lines and f.lines[0].startswith(b'{"standby"'):
+            await self._replace(f.gpu)
 
     async def _spawn(self, gpu: str) -> Filler:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # The restorer's own environment: every GPU of the host visible, as NVML numbers them.
+            home = ("--home", str(self.home)) if self.home is not None else ()
             proc = await asyncio.create_subprocess_exec(
-                *self.command, "--gpu", gpu, "--job-fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),),
+                *self.command, "--gpu", gpu, "--job-fd", str(theirs.fileno()), *home,
+                pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
             )  # fmt: skip
@@ -170,6 +201,7 @@ class Fillers:
 
     async def close(self) -> None:
         """Stop every standby (and any filler still running)."""
+        self._closing = True
         for t in list(self._starting):
             t.cancel()
         await asyncio.gather(*self._starting, return_exceptions=True)

@@ -10,9 +10,12 @@ With "stream", the chunks are still arriving in the host cache: the restorer the
 digest a line as each is in and verified, and `all` once every one is (or `stop`: it gave up); the
 fill reads each chunk file once it was named (`ChunkGate`). It prints one JSON line with what the
 fill took and exits: one job per process, the restorer starts the next standby meanwhile. The
-restorer's end closing (it stopped, or died) ends a standby that has no job yet.
+restorer's end closing (it stopped, or died) ends a standby that has no job yet; one mid-job dies
+with the restorer (PR_SET_PDEATHSIG); either way it holds `--home` open, so a restarted restorer's
+sweep would find it.
 
-    python -m snapscale.workload.standby --gpu GPU-<uuid> --job-fd N [--threads 8] [--timeout-s 120]
+    python -m snapscale.workload.standby --gpu GPU-<uuid> --job-fd N [--home DIR] [--threads 8]
+        [--timeout-s 120]
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ def run(args: argparse.Namespace, lib: Any = None) -> dict[str, Any]:
     """Get ready on the GPU, say so, wait for a job and do it; `lib` stands in for libcuda (tests)."""
     t0 = time.monotonic()
     _die_with_parent()
+    # held open for its life: a restarted restorer's sweep finds it by this (procs.pids_holding)
+    home = os.open(args.home, os.O_RDONLY | os.O_DIRECTORY) if args.home else -1  # noqa: F841
     sock = socket.socket(fileno=args.job_fd)
     try:
         vmm = ho.HostVmm.open(lib) if lib is not None else ho.HostVmm.load()
@@ -159,6 +164,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", required=True, help="the GPU's UUID (GPU-...), as NVML numbers them")
     p.add_argument("--job-fd", type=int, required=True, help="a connected Unix stream socket, inherited")
+    p.add_argument("--home", default="", help="a directory held open while it runs (the restorer's sweep)")
     p.add_argument("--threads", type=int, default=filling.DEFAULT_THREADS)
     p.add_argument("--timeout-s", type=float, default=120.0, help="for chunks to arrive, and to hand over")
     return p.parse_args(argv)
