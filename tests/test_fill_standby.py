@@ -28,7 +28,7 @@ from snapscale.restorer.config import RestorerConfig
 from snapscale.restorer.standby import FILLERS_DIR, Filler, Fillers
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.store import HostCache
-from snapscale.workload import FdHandover, Weights
+from snapscale.workload import ChunkDir, FdHandover, Weights
 from snapscale.workload.record import WeightsRecord, chunk_plan, round_up
 
 FAKE = (sys.executable, str(Path(__file__).with_name("fake_standby.py")))
@@ -229,6 +229,17 @@ async def test_an_idle_standby_ends_when_the_restorers_end_of_its_socket_closes(
     assert await asyncio.wait_for(f.proc.wait(), 10) == 1
     await f.ended()
     assert b"the restorer closed the socket" in f.lines[-1]
+
+
+async def test_no_filler_to_be_had_leaves_the_workload_its_chunk_files(
+    record: WeightsRecord, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fillers = Fillers([U1], standby=False, command=(str(tmp_path / "no-such-python"),))
+    job = warm_job(record, tmp_path)
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        async with hostfill.host_fill(job, fillers) as fill:
+            assert fill.source == ChunkDir(str(job.chunks)) and fill.ready is None
+    assert "no weights filler for run" in caplog.text
 
 
 def test_the_standby_is_on_unless_turned_off() -> None:

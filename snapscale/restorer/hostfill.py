@@ -125,18 +125,29 @@ async def host_fill(job: Job, fillers: Fillers) -> AsyncIterator[Fill]:
     filler still running after the block is stopped; what it said is logged (its fill time, or why
     it failed: the workload then fills from the chunk files itself)."""
     chunks, stream = job.chunks, job.cache is not None and job.prefetch is not None
+    try:
+        f: Filler | None = await fillers.take(job.gpu)
+    except OSError as e:  # no filler to be had: the workload fills from the chunk files
+        log.warning("no weights filler for %s: %s", job.run_dir.name, e)
+        f = None
+    if f is None:
+        yield Fill(ChunkDir(str(chunks)), job.prefetch)
+        return
     path = socket_path(job.run_dir)
-    listener = _listen(path)
     names: asyncio.Task[None] | None = None
     try:
-        f = await fillers.take(job.gpu)
+        listener = _listen(path)
         try:
             f.hand(job.record_path, chunks, listener, stream)
         except OSError as e:  # it died meanwhile: the workload's connect is refused, it fills itself
             log.warning("weights filler %d for %s took no job: %s", f.proc.pid, job.run_dir.name, e)
-    finally:
-        listener.close()  # the filler holds its copy; the workload connects to it meanwhile
-    if job.cache is not None and job.prefetch is not None:
+        finally:
+            listener.close()  # the filler holds its copy; the workload connects to it meanwhile
+    except BaseException:
+        await fillers.finish(f, 0.0)
+        _unlink(path)
+        raise
+    if stream and job.cache is not None and job.prefetch is not None:
         digests = job.record.chunk_sizes()
         names = asyncio.create_task(announce(f, job.cache, digests, job.prefetch), name=f"names {f.proc.pid}")
     ok = False
