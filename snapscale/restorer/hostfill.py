@@ -60,7 +60,7 @@ class Fill:
 @contextlib.asynccontextmanager
 async def weights_source(
     fill: str, image_dir: Path, cache: HostCache, gpu_uuids: list[str], run_dir: Path,
-    fillers: Fillers | None, prefetch: Awaitable[object] | None = None,
+    fillers: Fillers | None, prefetch: asyncio.Future[Any] | None = None,
 ) -> AsyncIterator[Fill]:  # fmt: skip
     """Where a restore's workload gets its weights, for the restore: the host cache's chunk files,
     or with `fill` "host" on a GPU replica, memory a filler fills meanwhile, streaming each chunk
@@ -115,7 +115,7 @@ class Job:
     gpu: str
     run_dir: Path
     cache: HostCache | None = None
-    prefetch: Awaitable[object] | None = None
+    prefetch: asyncio.Future[Any] | None = None  # a Task: awaited by the fill and the names
 
 
 @contextlib.asynccontextmanager
@@ -170,7 +170,7 @@ class _Filled:
     """Awaitable (once or not at all): the weights' prefetch (its failure raised), then the
     filler's fill done (or failed: the workload then fills itself)."""
 
-    def __init__(self, prefetch: Awaitable[object] | None, f: Filler) -> None:
+    def __init__(self, prefetch: asyncio.Future[Any] | None, f: Filler) -> None:
         self.prefetch = prefetch
         self.f = f
 

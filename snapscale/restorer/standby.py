@@ -18,7 +18,7 @@ import json
 import logging
 import socket
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -213,7 +213,7 @@ def _noted(note: Callable[[str], None], d: str, _f: object) -> None:
     note(d)
 
 
-async def announce(f: Filler, cache: HostCache, digests: Iterable[str], ready: Awaitable[object]) -> None:
+async def announce(f: Filler, cache: HostCache, digests: Iterable[str], ready: asyncio.Future[Any]) -> None:
     """A streaming job's names: each of `digests` as it is in `cache` and verified, then `all` once
     `ready` (the weights' prefetch) is done, or `stop` if it failed."""
     arrived: list[str] = []
@@ -225,8 +225,7 @@ async def announce(f: Filler, cache: HostCache, digests: Iterable[str], ready: A
 
     for d in set(digests):
         cache.arrival(d).add_done_callback(functools.partial(_noted, note, d))
-    done = asyncio.ensure_future(ready)
-    done.add_done_callback(lambda _f: wake.set())
+    ready.add_done_callback(lambda _f: wake.set())
     try:
         while True:
             await wake.wait()
@@ -234,8 +233,8 @@ async def announce(f: Filler, cache: HostCache, digests: Iterable[str], ready: A
             batch, arrived[:] = arrived[:], []
             if batch:
                 await f.send(("\n".join(batch) + "\n").encode())
-            if done.done():
-                ok = not done.cancelled() and done.exception() is None
+            if ready.done():
+                ok = not ready.cancelled() and ready.exception() is None
                 await f.send(f"{ALL if ok else STOP}\n".encode())
                 return
     except OSError:
