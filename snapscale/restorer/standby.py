@@ -106,17 +106,24 @@ class Fillers:
             await asyncio.gather(*(self._replace(g) for g in self.gpus))
 
     async def take(self, gpu: str) -> Filler:
-        """A filler for a job on `gpu`: its standby if alive (a fresh standby follows in the
-        background), else one started now."""
+        """A filler for a job on `gpu`: its standby if alive, else one started now. A fresh standby
+        follows in the background once this one has ended: not while its fill and the restore
+        it serves use the card and the cores."""
         f = self._ready.pop(gpu, None)
         if f is not None and not f.alive:
             log.warning("standby filler %d for %s had exited (%s): starting one now", f.proc.pid, gpu,
                         f.proc.returncode)  # fmt: skip
             await self._reap(f)
             f = None
+        f = f if f is not None else await self._spawn(gpu)
         if self.standby:
-            self._background(self._replace(gpu), f"standby filler {gpu}")
-        return f if f is not None else await self._spawn(gpu)
+            self._background(self._after(f), f"standby filler {gpu}")
+        return f
+
+    async def _after(self, f: Filler) -> None:
+        await f.ended()
+        if not self._closing:
+            await self._replace(f.gpu)
 
     def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         t = asyncio.create_task(work, name=name)
