@@ -48,7 +48,7 @@ def target_gpu(record: WeightsRecord, gpu_uuids: list[str]) -> str:
     return gpu_uuids[int(index)]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Fill:
     """What a restore hands the engine for its weights: the source, and what to wait for before
     after_restore (the weights' prefetch, and a filler's fill), None when nothing."""
