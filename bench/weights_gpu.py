@@ -46,12 +46,14 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench.weights_report import table
 from snapscale.restorer import hostfill
+from snapscale.restorer.standby import Fillers
 from snapscale.shared.bus.spec import DeploymentSpec, HooksSpec, ReadySpec
 from snapscale.shared.engine import lifecycle as engine
 from snapscale.shared.engine import probe
@@ -164,7 +166,15 @@ def fill_source(
     if args.fill != "host" or not gpus:
         return contextlib.nullcontext(ChunkDir(str(cache)))
     gpu = hostfill.target_gpu(record, gpus)
-    return hostfill.host_fill(record, record_dir / IMAGE_FILE, cache, gpu, run_dir or record_dir)
+    job = hostfill.Job(record, record_dir / IMAGE_FILE, cache, gpu, run_dir or record_dir)
+    return _host_fill(job, Fillers([gpu], standby=False))
+
+
+@contextlib.asynccontextmanager
+async def _host_fill(job: hostfill.Job, fillers: Fillers) -> AsyncIterator[FillSource | None]:
+    """A filler started for the job (no standby: the bench's runs are one restore or resume each)."""
+    async with hostfill.host_fill(job, fillers) as fill:
+        yield fill.source  # the workload's after_restore waits for the fd itself
 
 
 def drop_caches() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,16 @@ async def test_only_the_namespaces_of_this_run_root_are_swept(tmp_path: Path) ->
             with contextlib.suppress(Exception):
                 await netns.delete_netns(n.name)
     assert all(netns.netns_owner(n.name) is None for n in made)  # deleting forgets the owner
+
+
+async def test_a_create_cancelled_mid_way_leaves_no_namespace(tmp_path: Path) -> None:
+    """The namespace is made on a thread, which a cancel cannot stop: what it made is undone."""
+    replica = f"cancelled-{os.getpid()}"
+    t = asyncio.create_task(netns.create(replica, owner=tmp_path / "run"))
+    await asyncio.sleep(0.002)  # the thread is under way
+    t.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t
+    await asyncio.sleep(0.5)  # a thread left running would have made it by now
+    names = {n.name for n in netns.existing_netns()}
+    assert f"{netns.PREFIX}{netns.hint(replica)}" not in names, "netns leaked"

@@ -6,7 +6,6 @@ starting the filler beside a restore (SNAPSCALE_WEIGHTS_FILL=host)."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import os
 import socket
@@ -20,100 +19,18 @@ from typing import Any
 import pytest
 import torch
 from safetensors.torch import save_file
-from workload_helpers import GRAN, FakeVmmLib, chunk_dir
+from workload_helpers import GRAN, U0, U1, FakeDeviceLib, chunk_dir, expected
 
 from snapscale.restorer import hostfill
 from snapscale.restorer.config import RestorerConfig
+from snapscale.restorer.standby import Fillers
 from snapscale.shared.core.errors import ConfigError
 from snapscale.shared.engine import EngineError
-from snapscale.workload import ChunkDir, Weights, WeightsError
+from snapscale.shared.store import HostCache
+from snapscale.workload import ChunkDir, FdHandover, Weights, WeightsError
 from snapscale.workload import handover as ho
 from snapscale.workload.record import IMAGE_FILE, WeightsRecord, round_up
 from snapscale.workload.vmm import CudaArena, Vmm
-
-U0 = "GPU-00112233-4455-6677-8899-aabbccddeeff"
-U1 = "GPU-ffeeddcc-bbaa-9988-7766-554433221100"
-
-
-class FakeDeviceLib(FakeVmmLib):
-    """FakeVmmLib whose allocations hold bytes (shared by an exported fd's importers), with two
-    cards, pinned host memory and copies."""
-
-    def __init__(self, fail: dict[str, int] | None = None) -> None:
-        super().__init__(fail)
-        self.memory: dict[int, bytearray] = {}  # handle -> its bytes
-        self.pinned: dict[int, Any] = {}  # address -> buffer
-        self.current: int | None = None
-        self.by_inode: dict[int, int] = {}
-
-    def _at(self, dst: int, n: int) -> tuple[bytearray, int]:
-        for va, h in self.mapped.items():
-            if va <= dst and dst + n <= va + self.handles[h]:
-                mem = self.memory.setdefault(h, bytearray(self.handles[h]))
-                return mem, dst - va
-        raise AssertionError(f"no mapping holds {dst:#x}+{n}")
-
-    # An exported fd is a memfd here, known by its inode: it arrives under another number.
-    def cuMemExportToShareableHandle(self, out: Any, handle: Any, kind: int, flags: Any) -> int:
-        self._call("export", handle.value, kind)
-        fd = os.memfd_create("allocation")
-        self.by_inode[os.fstat(fd).st_ino] = handle.value
-        out._obj.value = fd
-        return 0
-
-    def cuMemImportFromShareableHandle(self, out: Any, os_handle: Any, kind: int) -> int:
-        self._call("import", kind)
-        src = self.by_inode.get(os.fstat(os_handle.value).st_ino)
-        if src is None or src not in self.handles:
-            return 1
-        h = self._new()
-        self.handles[h] = self.handles[src]
-        self.memory[h] = self.memory.setdefault(src, bytearray(self.handles[src]))
-        out._obj.value = h
-        return 0
-
-    def cuDeviceGetCount(self, out: Any) -> int:
-        out._obj.value = 2
-        return 0
-
-    def cuDeviceGet(self, out: Any, i: int) -> int:
-        out._obj.value = i
-        return 0
-
-    def cuDeviceGetUuid(self, out: Any, dev: Any) -> int:
-        ctypes.memmove(out._obj, ho.uuid_bytes((U0, U1)[dev.value]), 16)
-        return 0
-
-    def cuDevicePrimaryCtxRetain(self, out: Any, dev: int) -> int:
-        out._obj.value = 0x1000 + dev
-        return 0
-
-    def cuCtxSetCurrent(self, ctx: Any) -> int:
-        self.current = ctx.value
-        return 0
-
-    def cuMemHostAlloc(self, out: Any, size: Any, flags: Any) -> int:
-        buf = ctypes.create_string_buffer(size.value)
-        self.pinned[ctypes.addressof(buf)] = buf
-        out._obj.value = ctypes.addressof(buf)
-        return self._call("host_alloc", size.value) or 0
-
-    def cuMemFreeHost(self, p: Any) -> int:
-        return 0 if self.pinned.pop(p.value, None) is not None else 1
-
-    def cuMemcpyHtoD_v2(self, dst: Any, src: Any, n: Any) -> int:
-        assert self.current is not None, "a copy without a current context"
-        mem, at = self._at(dst.value, n.value)
-        mem[at : at + n.value] = ctypes.string_at(src.value, n.value)
-        return self._call("copy", n.value) or 0
-
-    def cuMemsetD8_v2(self, dst: Any, value: Any, n: Any) -> int:
-        mem, at = self._at(dst.value, n.value)
-        mem[at : at + n.value] = bytes([value.value]) * n.value
-        return 0
-
-    def cuCtxSynchronize(self) -> int:
-        return 0
 
 
 @pytest.fixture
@@ -126,15 +43,6 @@ def record(tmp_path: Path) -> WeightsRecord:
     r = Weights.load(str(tmp_path / "m.safetensors"), "cpu", chunk_bytes=16384).record
     arena = replace(r.arena, kind="cuda-vmm", device="cuda:1", size=round_up(r.arena.size, GRAN))
     return replace(r, arena=arena)
-
-
-def expected(r: WeightsRecord) -> dict[str, bytes]:
-    out = {}
-    for t in r.tensors:
-        with open(r.files[t.file].path, "rb") as f:
-            f.seek(t.file_offset)
-            out[t.name] = f.read(t.nbytes)
-    return out
 
 
 def listening(path: Path) -> socket.socket:
@@ -212,8 +120,13 @@ async def test_a_host_fill_that_cannot_fill_fails_the_workloads_fill_not_the_res
     run = tmp_path / ("r" * 100)  # too long a path for a Unix socket: it goes under the temp dir
     assert hostfill.socket_path(tmp_path) == tmp_path / hostfill.SOCKET_NAME
     with caplog.at_level(logging.INFO, logger="snapscale.restorer.hostfill"):
-        async with hostfill.host_fill(record, tmp_path / "rec.json", chunks, U1, run) as src:
+        job = hostfill.Job(record, tmp_path / "rec.json", chunks, U1, run)
+        async with hostfill.host_fill(job, Fillers([U1], standby=False)) as fill:
+            src = fill.source
+            assert isinstance(src, FdHandover)
             assert stat.S_ISSOCK(os.stat(src.socket).st_mode) and not src.socket.startswith(str(run))
+            assert fill.ready is not None
+            await fill.ready  # the filler failed: nothing to wait for
             with pytest.raises(WeightsError, match="fd handover"):
                 await asyncio.to_thread(ho.receive, arena, src.socket)
     assert (
@@ -240,8 +153,10 @@ async def test_the_host_fill_is_asked_for_and_only_for_gpu_replicas(
     with pytest.raises(ConfigError, match="SNAPSCALE_WEIGHTS_FILL='gpu': want workload or host"):
         RestorerConfig.from_env("h", {"SNAPSCALE_WEIGHTS_FILL": "gpu"})
     in_host_memory = replace(record, arena=replace(record.arena, kind="host", device="cpu"))
+    cache = HostCache(tmp_path / "c", 1 << 30)
     (tmp_path / IMAGE_FILE).write_bytes(in_host_memory.to_json())
     # No filler: not asked, no GPU, or weights a GPU replica keeps in host memory.
     for fill, gpus in (("workload", [U0]), ("host", []), ("host", [U0])):
-        async with hostfill.weights_source(fill, tmp_path, tmp_path / "c", gpus, tmp_path / "r") as src:
-            assert src == ChunkDir(str(tmp_path / "c"))
+        fillers = Fillers(gpus, standby=False)
+        async with hostfill.weights_source(fill, tmp_path, cache, gpus, tmp_path / "r", fillers) as src:
+            assert src.source == ChunkDir(str(cache.chunks_dir)) and src.ready is None

@@ -43,6 +43,9 @@ class RestorerConfig:
     # the host cache's chunk files, in after_restore) or "host" (a process beside the CRIU restore,
     # handed over as an fd: workload/handover.py)
     weights_fill: str = "workload"
+    # SNAPSCALE_FILL_STANDBY: with the host fill, a filler per GPU kept started and waiting (one CUDA
+    # context each, ~0.5 GiB of GPU memory) so a restore's fill starts at once: restorer/standby.py
+    fill_standby: bool = True
 
     def __post_init__(self) -> None:
         if self.cpu_slots < 0:
@@ -84,6 +87,7 @@ class RestorerConfig:
             ("advertise_addr", "SNAPSCALE_ADVERTISE_ADDR", str),
             ("forward_ports", "SNAPSCALE_FORWARD_PORTS", parse_port_range),
             ("weights_fill", "SNAPSCALE_WEIGHTS_FILL", str),
+            ("fill_standby", "SNAPSCALE_FILL_STANDBY", parse_flag),
         ):
             raw = e.get(key)
             if raw:
@@ -93,6 +97,13 @@ class RestorerConfig:
                     raise ConfigError(f"{key}={raw!r} is not a valid value: {e}") from None
         kw.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**kw)  # type: ignore[arg-type]
+
+
+def parse_flag(raw: str) -> bool:
+    """`1` as True, `0` as False. Pure."""
+    if raw.strip() not in ("0", "1"):
+        raise ValueError("want 0 or 1")
+    return raw.strip() == "1"
 
 
 def parse_port_range(raw: str) -> tuple[int, int]:

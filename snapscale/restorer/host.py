@@ -21,6 +21,7 @@ from snapscale.restorer.hot import HotImages
 from snapscale.restorer.ledger import Ledger
 from snapscale.restorer.replicas import Replicas
 from snapscale.restorer.slots import Slots
+from snapscale.restorer.standby import Fillers
 from snapscale.shared.bus import ID_MAX, Bus, check_token
 from snapscale.shared.core.settings import Settings
 from snapscale.shared.engine import CriuBinary, SandboxRegistry
@@ -41,6 +42,7 @@ class HostTools:
     checkpoints: Checkpoints
     forwards: Forwards  # host ports forwarded to the sandboxes (none without an advertise address)
     hot: HotImages | None = None  # assembled images kept for the next restore of the same checkpoint
+    fillers: Fillers | None = None  # weights fillers by GPU (SNAPSCALE_WEIGHTS_FILL=host)
     started_at: float = field(default_factory=time.time)  # in every heartbeat: a restart shows
 
     @property

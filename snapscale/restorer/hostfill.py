@@ -1,8 +1,9 @@
 """Where a restored or resumed workload's weights come from. The host cache's chunk files, or with
-SNAPSCALE_WEIGHTS_FILL=host a filling process started beside the CRIU restore or the CUDA resume
-(`python -m snapscale.workload.handover`) fills new GPU memory with them from the host cache
-meanwhile, and hands it to the workload as an fd in after_restore, so the fill is off the critical
-path (docs/weights.md).
+SNAPSCALE_WEIGHTS_FILL=host a filling process (the GPU's standby, restorer/standby.py) given its
+job as the CRIU restore or the CUDA resume starts fills new GPU memory with them from the host
+cache meanwhile (on a cold restore each chunk as soon as it is in), and hands it to the workload as
+an fd in after_restore, so the fill is off the critical path (docs/weights.md). The engine waits
+for the fill before after_restore: its `weights_wait` phase shows what the filler still took.
 
 The restorer binds the Unix socket in the replica's run dir and passes it to the filler, so the
 workload can connect whenever after_restore runs; the fd goes out once the fill is done.
@@ -16,11 +17,13 @@ import json
 import logging
 import os
 import socket
-import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Generator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from snapscale.restorer.standby import Filler, Fillers, announce
 from snapscale.shared.engine import ChunkDir, EngineError, Sandbox, read_weights, suspended_weights
 from snapscale.shared.store import HostCache
 from snapscale.workload import FdHandover, FillSource, WeightsRecord
@@ -45,32 +48,43 @@ def target_gpu(record: WeightsRecord, gpu_uuids: list[str]) -> str:
     return gpu_uuids[int(index)]
 
 
+@dataclass(frozen=True)
+class Fill:
+    """What a restore hands the engine for its weights: the source, and what to wait for before
+    after_restore (the weights' prefetch, and a filler's fill), None when nothing."""
+
+    source: FillSource
+    ready: Awaitable[object] | None = None
+
+
 @contextlib.asynccontextmanager
 async def weights_source(
-    fill: str, image_dir: Path, chunks: Path, gpu_uuids: list[str], run_dir: Path,
-    ready: Awaitable[object] | None = None,
-) -> AsyncIterator[FillSource]:  # fmt: skip
-    """Where a restore's workload gets its weights, for the restore: the host cache's chunk files
-    (`chunks`), or with `fill` "host" on a GPU replica, memory a filler fills meanwhile (once
-    `ready`, the weights' prefetch, is done)."""
-    if fill != "host" or not gpu_uuids:
-        yield ChunkDir(str(chunks))
+    fill: str, image_dir: Path, cache: HostCache, gpu_uuids: list[str], run_dir: Path,
+    fillers: Fillers | None, prefetch: asyncio.Future[Any] | None = None,
+) -> AsyncIterator[Fill]:  # fmt: skip
+    """Where a restore's workload gets its weights, for the restore: the host cache's chunk files,
+    or with `fill` "host" on a GPU replica, memory a filler fills meanwhile, streaming each chunk
+    as it is in while `prefetch`, the weights' prefetch, runs."""
+    chunks = cache.chunks_dir
+    if fill != "host" or not gpu_uuids or fillers is None:
+        yield Fill(ChunkDir(str(chunks)), prefetch)
         return
     record = read_weights(image_dir)
     if record is None:
         raise EngineError("restore", f"{image_dir} has no weights record to fill from")
     if record.arena.kind != CudaArena.kind:  # weights in host memory: the workload fills them
-        yield ChunkDir(str(chunks))
+        yield Fill(ChunkDir(str(chunks)), prefetch)
         return
     gpu = target_gpu(record, gpu_uuids)
-    async with host_fill(record, image_dir / IMAGE_FILE, chunks, gpu, run_dir, ready) as source:
+    job = Job(record, image_dir / IMAGE_FILE, chunks, gpu, run_dir, cache, prefetch)
+    async with host_fill(job, fillers) as source:
         yield source
 
 
 @contextlib.asynccontextmanager
 async def resume_source(
-    cache: HostCache, fill: str, sb: Sandbox, gpu_uuids: list[str]
-) -> AsyncIterator[FillSource | None]:
+    cache: HostCache, fill: str, sb: Sandbox, gpu_uuids: list[str], fillers: Fillers | None
+) -> AsyncIterator[Fill | None]:
     """Where a resumed sandbox's released weights come from, for the resume: the host cache's chunk
     files when this process has hashed every one (a replica restored from a checkpoint with
     weights), pinned meanwhile; with `fill` "host" on GPUs, memory a filler fills beside the CUDA
@@ -80,65 +94,93 @@ async def resume_source(
     with cache.pinned(need):  # nothing evicts them while they are read
         if record is None or not need or not all(cache.verified(d) for d in need):
             yield None
-        elif fill == "host" and gpu_uuids and record.arena.kind == CudaArena.kind:
+        elif fill == "host" and gpu_uuids and record.arena.kind == CudaArena.kind and fillers is not None:
             gpu, run_dir = target_gpu(record, gpu_uuids), Path(sb.run_dir)
-            async with host_fill(record, run_dir / IMAGE_FILE, cache.chunks_dir, gpu, run_dir) as source:
+            job = Job(record, run_dir / IMAGE_FILE, cache.chunks_dir, gpu, run_dir)
+            async with host_fill(job, fillers) as source:
                 yield source
         else:
-            yield ChunkDir(str(cache.chunks_dir))
+            yield Fill(ChunkDir(str(cache.chunks_dir)))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One filler's work: `record`'s weights onto `gpu` from the chunk files in `chunks`; with
+    `cache` (whose chunks they are) and `prefetch` (still fetching them), each chunk streamed as it
+    is in."""
+
+    record: WeightsRecord
+    record_path: Path
+    chunks: Path
+    gpu: str
+    run_dir: Path
+    cache: HostCache | None = None
+    prefetch: asyncio.Future[Any] | None = None  # a Task: awaited by the fill and the names
 
 
 @contextlib.asynccontextmanager
-async def host_fill(
-    record: WeightsRecord, record_path: Path, chunks: Path, gpu: str, run_dir: Path,
-    ready: Awaitable[object] | None = None,
-) -> AsyncIterator[FdHandover]:  # fmt: skip
-    """A filler filling `record`'s weights onto `gpu` from `chunks` (started once `ready` is done),
-    for the block: the source to give the engine. A filler still running after the block is
-    stopped; what it said is logged (its fill time, or why it failed: the workload then fills from
-    `chunks` itself)."""
-    path = socket_path(run_dir)
-    listener = _listen(path)
-
-    async def start() -> asyncio.subprocess.Process:
+async def host_fill(job: Job, fillers: Fillers) -> AsyncIterator[Fill]:
+    """A filler (the GPU's standby when there is one) filling `job`, for the block: the source to
+    give the engine, and what to wait for before after_restore (the prefetch, then the fill). A
+    filler still running after the block is stopped; what it said is logged (its fill time, or why
+    it failed: the workload then fills from the chunk files itself)."""
+    chunks, stream = job.chunks, job.cache is not None and job.prefetch is not None
+    try:
+        f: Filler | None = await fillers.take(job.gpu)
+    except OSError as e:  # no filler to be had: the workload fills from the chunk files
+        log.warning("no weights filler for %s: %s", job.run_dir.name, e)
+        f = None
+    if f is None:
+        yield Fill(ChunkDir(str(chunks)), job.prefetch)
+        return
+    path = socket_path(job.run_dir)
+    names: asyncio.Task[None] | None = None
+    try:
+        listener = _listen(path)
         try:
-            if ready is not None:
-                await ready
-            # The restorer's own environment: every GPU of the host visible, as NVML numbers them.
-            return await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "snapscale.workload.handover", "--record", str(record_path),
-                "--chunks", str(chunks), "--gpu", gpu, "--listen-fd", str(listener.fileno()),
-                pass_fds=(listener.fileno(),), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )  # fmt: skip
+            f.hand(job.record_path, chunks, listener, stream)
+        except OSError as e:  # it died meanwhile: the workload's connect is refused, it fills itself
+            log.warning("weights filler %d for %s took no job: %s", f.proc.pid, job.run_dir.name, e)
         finally:
             listener.close()  # the filler holds its copy; the workload connects to it meanwhile
-
-    starting = asyncio.create_task(start(), name=f"weights filler {run_dir.name}")
+    except BaseException:
+        await fillers.finish(f, 0.0)
+        _unlink(path)
+        raise
+    if stream and job.cache is not None and job.prefetch is not None:
+        digests = job.record.chunk_sizes()
+        names = asyncio.create_task(announce(f, job.cache, digests, job.prefetch), name=f"names {f.proc.pid}")
     ok = False
     try:
-        yield FdHandover(str(path), fallback=str(chunks))  # a filler that fails costs only speed
+        yield Fill(FdHandover(str(path), fallback=str(chunks)), _Filled(job.prefetch, f))
         ok = True
     finally:
-        if not ok:
-            starting.cancel()
-        (proc,) = await asyncio.gather(starting, return_exceptions=True)
-        if isinstance(proc, asyncio.subprocess.Process):
-            await _settle(proc, record, run_dir, WAIT_S if ok else 0.001)
+        if names is not None:
+            names.cancel()
+            await asyncio.gather(names, return_exceptions=True)
+        out, rc = await fillers.finish(f, WAIT_S if ok else 0.0)
+        if rc is None:
+            log.warning("weights filler for %s stopped before it was done", job.run_dir.name)
+        else:
+            _report(job.record, out, rc)
         _unlink(path)
 
 
-async def _settle(
-    proc: asyncio.subprocess.Process, record: WeightsRecord, run_dir: Path, wait_s: float
-) -> None:
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), wait_s)
-        _report(record, out, proc.returncode)
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        log.warning("weights filler for %s stopped before it was done", run_dir.name)
+class _Filled:
+    """Awaitable (once or not at all): the weights' prefetch (its failure raised), then the
+    filler's fill done (or failed: the workload then fills itself)."""
+
+    def __init__(self, prefetch: asyncio.Future[Any] | None, f: Filler) -> None:
+        self.prefetch = prefetch
+        self.f = f
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self._wait().__await__()
+
+    async def _wait(self) -> None:
+        if self.prefetch is not None:
+            await self.prefetch
+        await self.f.filled.wait()
 
 
 def socket_path(run_dir: Path) -> Path:

@@ -22,6 +22,7 @@ from snapscale.restorer.replicas import Live
 from snapscale.restorer.scaleup import request_freeze
 from snapscale.restorer.slots import Grant
 from snapscale.restorer.specs import deployed_spec
+from snapscale.restorer.standby import FILLERS_DIR
 from snapscale.shared import engine
 from snapscale.shared.bus import ReplicaEvent, ReplicaState, Tier
 from snapscale.shared.core.errors import ConfigError
@@ -100,13 +101,15 @@ async def _forwarded(t: HostTools, found: list[Sandbox]) -> list[Sandbox]:
 async def _sweep(h: Host, cut_short: list[Path]) -> None:
     """Remove what a crash left besides the registry's sandboxes: the run dirs of `cut_short`
     restores, every image dir (none is being assembled yet), the network namespaces this
-    restorer made that no live sandbox uses, and every process tied to them. One log line a kind."""
+    restorer made that no live sandbox uses, and every process tied to them, weights fillers
+    included (they hold the fillers dir open). One log line a kind."""
     t = h.tools
     images_root = t.config.images_root(t.settings)
     images = sorted(images_root.iterdir()) if images_root.is_dir() else []
     live_netns = {lv.sandbox.netns for lv in h.replicas.live.values()}
     netns = owned_netns(t.work_dir / "run", keep=live_netns)
-    pids = await sweep([*images, *cut_short], netns)
+    fillers = t.work_dir / FILLERS_DIR  # weights fillers a crash left (each holds it open)
+    pids = await sweep([*images, *cut_short, fillers], netns)
     _said("half-assembled image dirs", [p.name for p in images])
     _said("run dirs of cut-short restores", [p.name for p in cut_short])
     _said("network namespaces of unknown sandboxes", netns)

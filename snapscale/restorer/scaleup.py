@@ -175,16 +175,20 @@ async def _resume(h: Host, a: Attempt, d: TierChoice, old: str) -> Live:
     try:
         await announce(t, a, d, lv.checkpoint_id)
         fill = t.config.weights_fill
-        async with resume_source(t.checkpoints.cache, fill, lv.sandbox, a.gpu_uuids) as source:
+        cache = t.checkpoints.cache
+        async with resume_source(cache, fill, lv.sandbox, a.gpu_uuids, t.fillers) as src:
             with phase(a, "cuda_restore"):
                 if lv.sandbox.gpu_uuids:
                     sb = await engine.resume(lv.sandbox, a.gpu_uuids)
                 else:
                     wake(lv)
                     sb = lv.sandbox
+            if src is not None and src.ready is not None:
+                with phase(a, "weights_wait"):  # a filler's fill not done yet
+                    await src.ready
             if a.spec.hooks.before_freeze and a.spec.hooks.after_restore:
                 with phase(a, "after_restore"):  # weights released at the suspend come back
-                    await engine.after_resume(sb, a.spec, source)
+                    await engine.after_resume(sb, a.spec, src.source if src is not None else None)
         with phase(a, "ready_probe"):
             await engine.wait_ready(sb, a.spec.ready, cwd=a.spec.cwd)
     except BaseException:
@@ -237,7 +241,7 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
             fill = t.config.weights_fill if m.weights else "workload"
             src_dir = hot or image_dir
             async with weights_source(
-                fill, src_dir, cache.chunks_dir, a.gpu_uuids, run_dir, weights_fetch
+                fill, src_dir, cache, a.gpu_uuids, run_dir, t.fillers, weights_fetch
             ) as src:
                 sb, report = await engine.restore(
                     a.spec,
@@ -247,8 +251,8 @@ async def _from_checkpoint(t: HostTools, a: Attempt, d: TierChoice, found: Found
                     run_dir=run_dir,
                     criu=t.criu,
                     checkpoint_id=m.checkpoint_id,
-                    weights=src if m.weights else None,
-                    weights_ready=weights_fetch,
+                    weights=src.source if m.weights else None,
+                    weights_ready=src.ready,
                 )
         _spans_from(report.timings_s, a)
         # the engine's whole restore (netns and the steps between its phases too): with lookup and

@@ -33,6 +33,7 @@ from snapscale.restorer.restart import adopt, prune_run_dirs
 from snapscale.restorer.scaleup import SCALE_UP_SPAN, Attempt, request_freeze, scale_up, tracer
 from snapscale.restorer.slots import Slots
 from snapscale.restorer.specs import deployed_spec
+from snapscale.restorer.standby import FILLERS_DIR, Fillers
 from snapscale.shared import bus as busmod
 from snapscale.shared.bus import (
     Bucket,
@@ -79,10 +80,16 @@ class Restorer:
         criu = self._criu if self._criu is not None else await asyncio.to_thread(find_criu, s.criu_path)
         b = await busmod.open_bus(s, f"restorer-{c.host}", stop=stop)
         work = c.dirs(s)
+        fillers: Fillers | None = None
         try:
             async with open_store(s.store) as store:
                 cache = HostCache(s.cache_dir, s.cache_bytes)
                 gpus = await asyncio.to_thread(inventory.probe_gpus)
+                fillers = (
+                    Fillers([g.uuid for g in gpus], standby=c.fill_standby, home=work / FILLERS_DIR)
+                    if c.weights_fill == "host"
+                    else None
+                )
                 tools = HostTools(
                     settings=s,
                     config=c,
@@ -95,11 +102,14 @@ class Restorer:
                     checkpoints=Checkpoints(store, cache, s.signing_key),
                     forwards=Forwards(c, s.namespace),
                     hot=HotImages(c.hot_root(s), c.hot_images),
+                    fillers=fillers,
                 )
                 h = Host(tools, Replicas())
                 self.host = h
                 tools.ledger.prune(time.time() - LEDGER_KEEP_S)
                 await adopt(h)
+                if fillers is not None:
+                    await fillers.start()  # after adoption's sweep: ours are not leftovers
                 await asyncio.to_thread(prune_run_dirs, h, time.time() - LEDGER_KEEP_S)
                 tasks = [
                     runtime.guard(self._heartbeats(h, stop), "restorer heartbeat"),
@@ -127,6 +137,8 @@ class Restorer:
                     t.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
         finally:
+            if fillers is not None:
+                await fillers.close()
             await b.close()
         b.raise_if_lost()  # exit non-zero: a supervisor restarts a restorer that went deaf
 

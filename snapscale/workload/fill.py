@@ -11,7 +11,7 @@ import hashlib
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -20,6 +20,8 @@ from snapscale.workload.errors import WeightsError
 from snapscale.workload.record import ZERO_CHUNK, Segment
 
 DEFAULT_THREADS = 8
+
+Gate = Callable[[str], None]  # blocks until the file at this path may be read (streaming fill)
 
 
 class Dest(Protocol):
@@ -58,7 +60,24 @@ def digest_of(data: memoryview) -> str:
     return ZERO_CHUNK if d == _zero_digest(len(data)) else d
 
 
-def _read(fd: int, view: memoryview, seg: Segment, hashing: bool) -> str | None:
+def _open(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise WeightsError(path, f"cannot open: {e.strerror}") from None
+
+
+def _read(fd: int | Gate, view: memoryview, seg: Segment, hashing: bool) -> str | None:
+    """Read `seg` into `view`: from `fd`, or (a gate: the file may not exist yet) from the file once
+    the gate lets it through."""
+    if callable(fd):
+        assert seg.path is not None
+        fd(seg.path)
+        own = _open(seg.path)
+        try:
+            return _read(own, view, seg, hashing)
+        finally:
+            os.close(own)
     done = 0
     while done < seg.length:
         n = os.preadv(fd, [view[done : seg.length]], seg.src + done)
@@ -75,13 +94,16 @@ def _read(fd: int, view: memoryview, seg: Segment, hashing: bool) -> str | None:
 
 
 def fill(
-    dest: Dest, segments: Sequence[Segment], *, threads: int = DEFAULT_THREADS, hashing: bool = False
-) -> FillReport:
-    """Write every segment into `dest`; with `hashing`, return each one's digest. Raises
-    `WeightsError` for a short file or a digest that does not match; `dest` is settled either way."""
+    dest: Dest, segments: Sequence[Segment], *, threads: int = DEFAULT_THREADS, hashing: bool = False,
+    gate: Gate | None = None,
+) -> FillReport:  # fmt: skip
+    """Write every segment into `dest`; with `hashing`, return each one's digest. With `gate`, each
+    file is opened only once the gate let it through (files that arrive while the fill runs), else
+    all are opened first. Raises `WeightsError` for a short or missing file or a digest that does
+    not match; `dest` is settled either way."""
     t0 = time.monotonic()
     digests: list[str | None] = [None] * len(segments)
-    fds: dict[str, int] = {}
+    fds: dict[str, int | Gate] = {}
     total = 0
     try:
         for i, s in enumerate(segments):
@@ -89,10 +111,7 @@ def fill(
                 dest.zero(s.dst, s.length)
                 digests[i] = ZERO_CHUNK if hashing else None
             elif s.path not in fds:
-                try:
-                    fds[s.path] = os.open(s.path, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as e:
-                    raise WeightsError(s.path, f"cannot open: {e.strerror}") from None
+                fds[s.path] = gate if gate is not None else _open(s.path)
         data = [i for i, s in enumerate(segments) if s.path is not None]
         total = sum(segments[i].length for i in data)
         with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="weights-fill") as pool:
@@ -105,12 +124,14 @@ def fill(
             dest.finish()
         finally:
             for fd in fds.values():
-                os.close(fd)
+                if isinstance(fd, int):
+                    os.close(fd)
     return FillReport(total, time.monotonic() - t0, digests)
 
 
 def _direct(
-    dest: Dest, segs: Sequence[Segment], data: list[int], fds: dict[str, int], pool: ThreadPoolExecutor,
+    dest: Dest, segs: Sequence[Segment], data: list[int], fds: dict[str, int | Gate],
+    pool: ThreadPoolExecutor,
     hashing: bool, digests: list[str | None],
 ) -> None:  # fmt: skip
     """Host memory: each thread reads its segment in place."""
@@ -128,7 +149,8 @@ def _direct(
 
 
 def _staged(
-    dest: Dest, segs: Sequence[Segment], data: list[int], fds: dict[str, int], pool: ThreadPoolExecutor,
+    dest: Dest, segs: Sequence[Segment], data: list[int], fds: dict[str, int | Gate],
+    pool: ThreadPoolExecutor,
     hashing: bool, digests: list[str | None], nbuf: int,
 ) -> None:  # fmt: skip
     """A device: reads into a ring of staging buffers, each copied to the device as soon as its read

@@ -21,6 +21,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,11 +119,13 @@ class DeviceDest:
 
 def serve_filled(
     vmm: HostVmm, record: rec.WeightsRecord, chunks: str, device: int, listener: socket.socket,
-    *, threads: int = filling.DEFAULT_THREADS, timeout_s: float = 120.0,
+    *, threads: int = filling.DEFAULT_THREADS, timeout_s: float = 120.0, gate: filling.Gate | None = None,
+    on_filled: Callable[[], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """New exportable memory of the record's arena size on `device`, filled from the chunk files in
-    `chunks` as the arena expects it, handed to the first peer on `listener`; ours is unmapped and
-    released once the peer has mapped it (the order the probe ran). What it took."""
+    `chunks` as the arena expects it (each file once `gate` lets it through, if given: a streaming
+    fill), handed to the first peer on `listener`; ours is unmapped and released once the peer has
+    mapped it (the order the probe ran); `on_filled` is called once the fill is done. What it took."""
     t0 = time.monotonic()
     size = record.arena.size
     gran = vmm.granularity(device)
@@ -135,8 +138,10 @@ def serve_filled(
             vmm.map(va, size, handle, device)
             try:
                 plan = rec.chunk_plan(record, lambda d: os.path.join(chunks, d))
-                report = filling.fill(DeviceDest(vmm, va), plan, threads=threads)
+                report = filling.fill(DeviceDest(vmm, va), plan, threads=threads, gate=gate)
                 t_fill = time.monotonic()
+                if on_filled is not None:
+                    on_filled()
                 fd = vmm.export_fd(handle)
                 try:
                     hand_over(listener, fd, timeout_s)
@@ -207,14 +212,19 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def outcome(work: Callable[[], dict[str, Any]]) -> int:
+    """Do `work`; print what it returned, or why it failed, as the one last JSON line; exit status."""
     try:
-        out = run(parse(argv))
+        out = work()
     except (WeightsError, OSError) as e:
         print(json.dumps({"error": str(e)}), flush=True)
         return 1
     print(json.dumps(out), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return outcome(lambda: run(parse(argv)))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,12 @@ ENV: tuple[Env, ...] = (
         "restorer",
     ),
     Env(
+        "SNAPSCALE_FILL_STANDBY",
+        "1",
+        "with the host fill, a filler per GPU kept waiting (a CUDA context each); 0: off",
+        "restorer",
+    ),
+    Env(
         "SNAPSCALE_IMAGE_DIR",
         "<state dir>/restorer",
         "where images are assembled (tmpfs: kept in RAM)",

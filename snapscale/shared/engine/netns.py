@@ -10,11 +10,13 @@ own and nobody else's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import ipaddress
 import logging
 import os
 import re
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,13 +105,16 @@ def free_slot(used: set[int], hint: int) -> int:
     raise EngineError("netns", f"all {_SLOTS} sandbox subnets in {POOL} are in use")
 
 
-async def _ip(*args: str) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        "ip", *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
-    )
-    _, err = await proc.communicate()
-    if proc.returncode != 0:
-        raise EngineError("netns", f"ip {' '.join(args)} failed: {err.decode(errors='replace').strip()}")
+def _ip(*commands: tuple[str, ...], netns: str | None = None) -> None:
+    """`ip [-n NETNS] -batch -`: the commands in order in one process, stopping at the first that
+    fails. Their words are names and addresses made here (no spaces, no quotes). Blocking."""
+    args = ("-n", netns, "-batch", "-") if netns else ("-batch", "-")
+    script = "".join(" ".join(c) + "\n" for c in commands).encode()
+    r = subprocess.run(["ip", *args], input=script, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, check=False)  # fmt: skip
+    if r.returncode != 0:
+        said, what = r.stderr.decode(errors="replace").strip(), "; ".join(map(" ".join, commands))
+        raise EngineError("netns", f"ip {' '.join(args)} ({what}) failed: {said}")
 
 
 def _links() -> set[str]:
@@ -151,50 +156,68 @@ def _set_owner(name: str, owner: Path | None) -> None:
 
 async def create(replica: str, owner: Path | None = None) -> NetNs:
     """Make a fresh netns for `replica` with its veth pair, addresses, routes and loopback up;
-    `owner` (the sandbox's run dir) is recorded for `netns_owner`."""
+    `owner` (the sandbox's run dir) is recorded for `netns_owner`. All of it on one thread: on a
+    busy event loop (a prefetch beside a restore) every await would wait for the loop
+    (`python -m bench.netns`)."""
     async with _alloc_lock():
-        fd = os.open(_LOCK_PATH, os.O_CREAT | os.O_RDWR, 0o600)
+        work = asyncio.ensure_future(asyncio.to_thread(_create, replica, owner))
         try:
-            await asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX)
-            used = {n.index for n in existing_netns()} | _host_links()
-            # A stable hint spreads replicas over the pool so a slot just freed is rarely reused at once.
-            index = free_slot(used, hint(replica))
-            ns = NetNs(name=f"{PREFIX}{index}", index=index)
-            _set_owner(ns.name, owner)
-            try:
-                await _setup(ns)
-            except EngineError:
-                await delete_netns(ns.name)
-                raise
-        finally:
-            os.close(fd)  # closing drops the flock
+            ns = await asyncio.shield(work)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):  # the thread runs on: undo what it made
+                await delete_netns((await work).name)
+            raise
     log.debug("netns %s for %s: endpoint ip %s", ns.name, replica, ns.sandbox_ip)
     return ns
 
 
-async def _setup(ns: NetNs) -> None:
-    await _ip("netns", "add", ns.name)
-    await _ip("link", "add", ns.host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
-    await _ip("addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if)
-    await _ip("link", "set", ns.host_if, "up")
-    await _ip("-n", ns.name, "addr", "add", f"{ns.sandbox_ip}/30", "dev", "eth0")
-    await _ip("-n", ns.name, "link", "set", "eth0", "up")
-    await _ip("-n", ns.name, "link", "set", "lo", "up")
-    await _ip("-n", ns.name, "route", "add", "default", "via", ns.host_ip)
+def _create(replica: str, owner: Path | None) -> NetNs:
+    fd = os.open(_LOCK_PATH, os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        used = {n.index for n in existing_netns()} | _host_links()
+        # A stable hint spreads replicas over the pool so a slot just freed is rarely reused at once.
+        index = free_slot(used, hint(replica))
+        ns = NetNs(name=f"{PREFIX}{index}", index=index)
+        _set_owner(ns.name, owner)
+        try:
+            _ip(
+                ("netns", "add", ns.name),
+                ("link", "add", ns.host_if, "type", "veth", "peer", "name", "eth0", "netns", ns.name),
+                ("addr", "add", f"{ns.host_ip}/30", "dev", ns.host_if),
+                ("link", "set", ns.host_if, "up"),
+            )
+            _ip(
+                ("addr", "add", f"{ns.sandbox_ip}/30", "dev", "eth0"),
+                ("link", "set", "eth0", "up"),
+                ("link", "set", "lo", "up"),
+                ("route", "add", "default", "via", ns.host_ip),
+                netns=ns.name,
+            )
+        except EngineError:
+            _delete(ns.name)
+            raise
+    finally:
+        os.close(fd)  # closing drops the flock
+    return ns
 
 
 async def delete_netns(name: str) -> None:
     """Remove the netns and its veth pair. Idempotent; processes still inside keep it alive."""
+    await asyncio.to_thread(_delete, name)
+
+
+def _delete(name: str) -> None:
     ns = parse_name(name)
     # first: once the namespace is gone its name may be taken, and the record with it
     _set_owner(ns.name, None)
     if _link_exists(ns.host_if):
         try:
-            await _ip("link", "del", ns.host_if)
+            _ip(("link", "del", ns.host_if))
         except EngineError as e:
             log.warning("%s", e)
     if ns.path.exists():
-        await _ip("netns", "del", ns.name)
+        _ip(("netns", "del", ns.name))
 
 
 def _link_exists(name: str) -> bool:
