@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -28,4 +29,8 @@ class ExportingLib(FakeDeviceLib):
 
 
 if __name__ == "__main__":
-    sys.exit(standby.main(lib=ExportingLib()))
+    rc = standby.main(lib=ExportingLib())
+    hold = os.environ.get("FAKE_STANDBY_HOLD_EXIT")  # a test's file: exit only once it exists
+    while hold and not os.path.exists(hold):
+        time.sleep(0.01)
+    sys.exit(rc)

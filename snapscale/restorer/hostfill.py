@@ -158,11 +158,21 @@ async def host_fill(job: Job, fillers: Fillers) -> AsyncIterator[Fill]:
         if names is not None:
             names.cancel()
             await asyncio.gather(names, return_exceptions=True)
-        out, rc = await fillers.finish(f, WAIT_S if ok else 0.0)
+        if ok:  # the workload holds the memory: the filler's release and exit are off its path
+            fillers.later(_settle(job, f, fillers, path, WAIT_S), f"settle filler {f.proc.pid}")
+        else:
+            await _settle(job, f, fillers, path, 0.0)
+
+
+async def _settle(job: Job, f: Filler, fillers: Fillers, path: Path, wait_s: float) -> None:
+    """Wait up to `wait_s` for `f` to end (killed after) and log what it said."""
+    try:
+        out, rc = await fillers.finish(f, wait_s)
         if rc is None:
             log.warning("weights filler for %s stopped before it was done", job.run_dir.name)
         else:
             _report(job.record, out, rc)
+    finally:
         _unlink(path)
 
 

@@ -125,6 +125,10 @@ class Fillers:
         if not self._closing:
             await self._replace(f.gpu)
 
+    def later(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in the background, cancelled by `close` (a filler's exit after its job)."""
+        self._background(work, name)
+
     def _background(self, work: Coroutine[Any, Any, None], name: str) -> None:
         t = asyncio.create_task(work, name=name)
         self._starting.add(t)
@@ -196,6 +200,9 @@ class Fillers:
         except TimeoutError:
             await self._reap(f)
             return b"".join(f.lines), None
+        except asyncio.CancelledError:  # `close` stops its background settles: the filler with them
+            await self._reap(f)
+            raise
         finally:
             self._all.discard(f)
 
