@@ -176,6 +176,8 @@ def place(
         res.take(p)
         spread[host] = spread.get(host, 0) + 1
         out.append(p)
+        if len(out) == n:
+            break  # no next placement reads the offers
         changed = [h for h, x in offers.items() if p.resume in x.suspended] if p.resume else [host]
         for h in changed:
             if (o := _offer(hosts[h], spec, catalog, res)) is None:
@@ -190,7 +192,17 @@ class Release:
     replica: str
     host: str
     mode: ReleaseMode
-    why: str
+    # what `why` says, kept as numbers and formatted only when read (a log line, the event)
+    left: int | None = None  # the host's suspend budget left; None: not asked (stop, or no host)
+    rss: int = 0
+    reporting: bool = True  # the host's heartbeat was there
+
+    @property
+    def why(self) -> str:
+        if self.left is not None:
+            op = ">=" if self.mode is ReleaseMode.SUSPEND else "<"
+            return f"suspend budget left {self.left} B {op} rss {self.rss} B"
+        return "release_mode=stop" if self.reporting else "host not reporting"
 
 
 def choose_releases(
@@ -215,19 +227,17 @@ def choose_releases(
     budget_used = dict(reserved.suspend_bytes)
     out: list[Release] = []
     for r in order[: max(0, n)]:
-        mode, why = ReleaseMode.STOP, "release_mode=stop"
         hb = hosts.get(r.host)
         if spec.scaling.release_mode != "stop" and hb is not None:
             rss = next((s.rss_bytes for s in hb.replicas if s.replica == r.replica), 0)
             left = hb.suspend_budget_bytes - hb.suspend_used_bytes - budget_used.get(r.host, 0)
             if hb.suspend_budget_bytes > 0 and left >= max(rss, 1):
-                mode, why = ReleaseMode.SUSPEND, f"suspend budget left {left} B >= rss {rss} B"
+                out.append(Release(r.replica, r.host, ReleaseMode.SUSPEND, left, rss))
                 budget_used[r.host] = budget_used.get(r.host, 0) + rss
             else:
-                why = f"suspend budget left {left} B < rss {rss} B"
-        elif hb is None:
-            why = "host not reporting"
-        out.append(Release(r.replica, r.host, mode, why))
+                out.append(Release(r.replica, r.host, ReleaseMode.STOP, left, rss))
+        else:
+            out.append(Release(r.replica, r.host, ReleaseMode.STOP, reporting=hb is not None))
     return out
 
 

@@ -58,7 +58,11 @@ class Down:
         """Actor.scale_down: release ready replicas; freeze before the last goes; prefetch after."""
         dep = self.deps[d]
         ready = [r.ev for r in dep.live.values() if r.ev is not None]
-        hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in {e.host for e in ready}}
+        if self.policy.release_mode == "stop" and not self.policy.freeze:
+            # choose_releases reads only that a stopping host reports, and nothing else runs
+            hosts = {e.host: self.fleet.reporting[e.host] for e in ready}
+        else:
+            hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in {e.host for e in ready}}
         releases = choose_releases(dep.spec, min(n, len(ready)), ready, hosts, Reservations())
         if not releases:
             return

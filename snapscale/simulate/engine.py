@@ -240,7 +240,7 @@ class Sim(Down):
                 allow=self.policy.tiers,
                 host_compat_hash=COMPAT,
                 suspended=tuple(host.suspended_of.get(name, ())),
-                entry=Candidate(dep.ckpt, COMPAT) if dep.ckpt else None,
+                entry=self._entry(dep),
                 need_bytes=dep.nbytes,
                 cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
             )
@@ -266,6 +266,12 @@ class Sim(Down):
         dep.peak = max(dep.peak, len(dep.live))
         self._series(d, t)
         self.push(t + lat, READY, d, replica)
+
+    def _entry(self, dep: Dep) -> Candidate | None:
+        """The catalog's entry for the fleet's one key, made once per checkpoint."""
+        if dep.entry is None or dep.entry.checkpoint_id != dep.ckpt:
+            dep.entry = Candidate(dep.ckpt, COMPAT) if dep.ckpt else None
+        return dep.entry
 
     def _ready(self, d: int, replica: str, t: float) -> None:
         dep = self.deps[d]

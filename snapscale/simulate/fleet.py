@@ -59,6 +59,8 @@ class Fleet:
             busy = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES, free=False) for i in range(gpus_per_host)]
             self.hosts.append(SimHost(name, free, busy, list(free), gpus_per_host))
         self.by_name = {h.name: h for h in self.hosts}
+        # a bare heartbeat per host: where a decision reads only that the host reports
+        self.reporting = {h.name: HostHeartbeat(h.name, 0.0, COMPAT) for h in self.hosts}
         self.gpu_index = {g.uuid: g.index for h in self.hosts for g in h.gpus}
         self.cache_bytes = cache_bytes
         self.hot_images = hot_images
