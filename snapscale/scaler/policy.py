@@ -85,15 +85,26 @@ class Window:
         else:
             stamp, sums, cnts = self._stamp, self._sum, self._cnt
             panic, stable = self.panic_sum, self.stable_sum  # locals: this runs per sample
-            for j in range(h - np_ + 1, t - np_ + 1):
+            if t == h + 1:  # one bucket on, as a sample a second moves it: no loops to set up
+                j = t - np_
                 s = j % ns
                 if stamp[s] == j:
                     panic -= sums[s] / cnts[s]
-            for j in range(h - ns + 1, t - ns + 1):
+                j = t - ns
                 s = j % ns
                 if stamp[s] == j:
                     stable -= sums[s] / cnts[s]
                     stamp[s] = _EMPTY
+            else:
+                for j in range(h - np_ + 1, t - np_ + 1):
+                    s = j % ns
+                    if stamp[s] == j:
+                        panic -= sums[s] / cnts[s]
+                for j in range(h - ns + 1, t - ns + 1):
+                    s = j % ns
+                    if stamp[s] == j:
+                        stable -= sums[s] / cnts[s]
+                        stamp[s] = _EMPTY
             # running sums drift by float rounding; an empty window must read exactly zero
             self.stable_sum = stable if stable >= 1e-9 else 0.0
             self.panic_sum = panic if panic >= 1e-9 else 0.0
