@@ -21,6 +21,8 @@ from snapscale.shared.bus import (
 )
 
 RANK = {"resume": 0, "cached": 1, "partial": 2, "any": 3}
+# enum members as module constants: on Python 3.11 `ReplicaState.SUSPENDED` is a slow class lookup
+_SUSPENDED, _SUSPEND, _STOP = ReplicaState.SUSPENDED, ReleaseMode.SUSPEND, ReleaseMode.STOP
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ def _offer(
     suspended = [
         r.replica
         for r in hb.replicas
-        if r.deployment == spec.name and r.state is ReplicaState.SUSPENDED and r.replica not in res.resuming
+        if r.deployment == spec.name and r.state is _SUSPENDED and r.replica not in res.resuming
     ]
     have = hb.cached_bytes.get(ckpt, 0) if ckpt else 0
     if suspended:
@@ -200,7 +202,7 @@ class Release:
     @property
     def why(self) -> str:
         if self.left is not None:
-            op = ">=" if self.mode is ReleaseMode.SUSPEND else "<"
+            op = ">=" if self.mode is _SUSPEND else "<"
             return f"suspend budget left {self.left} B {op} rss {self.rss} B"
         return "release_mode=stop" if self.reporting else "host not reporting"
 
@@ -232,12 +234,12 @@ def choose_releases(
             rss = next((s.rss_bytes for s in hb.replicas if s.replica == r.replica), 0)
             left = hb.suspend_budget_bytes - hb.suspend_used_bytes - budget_used.get(r.host, 0)
             if hb.suspend_budget_bytes > 0 and left >= max(rss, 1):
-                out.append(Release(r.replica, r.host, ReleaseMode.SUSPEND, left, rss))
+                out.append(Release(r.replica, r.host, _SUSPEND, left, rss))
                 budget_used[r.host] = budget_used.get(r.host, 0) + rss
             else:
-                out.append(Release(r.replica, r.host, ReleaseMode.STOP, left, rss))
+                out.append(Release(r.replica, r.host, _STOP, left, rss))
         else:
-            out.append(Release(r.replica, r.host, ReleaseMode.STOP, reporting=hb is not None))
+            out.append(Release(r.replica, r.host, _STOP, reporting=hb is not None))
     return out
 
 

@@ -42,6 +42,8 @@ from snapscale.simulate.state import FROZEN, READY, RESUME_TICKS, WAKE, Dep, Rep
 from snapscale.simulate.trace import Trace
 
 Progress = Callable[[str, float, float], None]
+# enum members as module constants: on Python 3.11 `Tier.CACHE` is a slow class lookup
+_RESUME, _CACHE, _STORE, _READY = Tier.RESUME, Tier.CACHE, Tier.STORE, ReplicaState.READY
 
 
 class Sim(Down):
@@ -246,15 +248,15 @@ class Sim(Down):
             )
         )
         replica = choice.resume_replica or p.resume or f"{name}-{self.ids}"
-        if choice.tier is Tier.RESUME:
+        if choice.tier is _RESUME:
             fleet.unsuspend(p.host, replica)
             tier, lat = "resume", prof.resume(dep.gib)
-        elif choice.tier is Tier.CACHE:
+        elif choice.tier is _CACHE:
             assert dep.ckpt is not None
             hot = dep.ckpt in host.hot
             tier, lat = ("hot", prof.hot(dep.gib)) if hot else ("cache", prof.cache(dep.gib))
             fleet.cache_put(p.host, dep.ckpt, dep.nbytes)  # a use: most recent in the LRU
-        elif choice.tier is Tier.STORE:
+        elif choice.tier is _STORE:
             assert dep.ckpt is not None
             tier, lat = "store", prof.store(dep.gib)
             self.res.store_bytes += dep.nbytes
@@ -279,8 +281,8 @@ class Sim(Down):
         if rep is None or rep.ev is not None:
             return
         name = dep.spec.name
-        rep.ev = ReplicaEvent(name, replica, rep.host, ReplicaState.READY, t, gpu_uuids=rep.gpus)
-        summary = ReplicaSummary(name, replica, ReplicaState.READY, rep.gpus, t, dep.nbytes)
+        rep.ev = ReplicaEvent(name, replica, rep.host, _READY, t, gpu_uuids=rep.gpus)
+        summary = ReplicaSummary(name, replica, _READY, rep.gpus, t, dep.nbytes)
         self.fleet.set_ready(rep.host, summary)
         if dep.n_ready == 0:
             self._serve_waiting(d, t)
