@@ -16,6 +16,8 @@ from snapscale.simulate.profile import Profile
 from snapscale.simulate.state import FROZEN, PREFETCHED, Dep
 
 CLAIM_TTL_S = 120.0  # FreezerConfig.claim_ttl_s
+# nothing in flight: the simulator's commands land at once (the functions only read it, `place` copies)
+NOTHING_RESERVED = Reservations()
 _SUSPEND = ReleaseMode.SUSPEND  # a module constant: the class lookup is slow on Python 3.11
 
 
@@ -64,7 +66,7 @@ class Down:
             hosts = {e.host: self.fleet.reporting[e.host] for e in ready}
         else:
             hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in {e.host for e in ready}}
-        releases = choose_releases(dep.spec, min(n, len(ready)), ready, hosts, Reservations())
+        releases = choose_releases(dep.spec, min(n, len(ready)), ready, hosts, NOTHING_RESERVED)
         if not releases:
             return
         to_zero = len(dep.live) == len(releases)
@@ -110,7 +112,7 @@ class Down:
             return
         names = self.fleet.prefetch_candidates(dep.ckpt, want, dep.spec.gpus)
         hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
-        for host, _ck in prefetch_targets(dep.spec, hosts, self._catalog(dep), Reservations(), want):
+        for host, _ck in prefetch_targets(dep.spec, hosts, self._catalog(dep), NOTHING_RESERVED, want):
             self.res.prefetches += 1
             self.res.store_bytes += dep.nbytes
             self.push(t + self.profile.prefetch(dep.gib), PREFETCHED, d, host)

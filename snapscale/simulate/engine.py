@@ -17,11 +17,10 @@ from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import replace
 
-from snapscale.restorer.tiers import Candidate, Observed, choose
+from snapscale.restorer.tiers import Candidate, Observed, TierChoice, choose
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.placement import (
     Placement,
-    Reservations,
     place,
 )
 from snapscale.scaler.policy import Window, activation, decide, steady_until
@@ -33,9 +32,9 @@ from snapscale.shared.bus import (
     ScalingSpec,
     Tier,
 )
-from snapscale.simulate.down import Down
+from snapscale.simulate.down import NOTHING_RESERVED, Down
 from snapscale.simulate.fleet import COMPAT, Fleet
-from snapscale.simulate.policies import Policy, Result
+from snapscale.simulate.policies import COLD_ONLY, Policy, Result
 from snapscale.simulate.profile import GIB, Profile
 from snapscale.simulate.samples import Samples
 from snapscale.simulate.state import FROZEN, READY, RESUME_TICKS, WAKE, Dep, Rep
@@ -44,6 +43,8 @@ from snapscale.simulate.trace import Trace
 Progress = Callable[[str, float, float], None]
 # enum members as module constants: on Python 3.11 `Tier.CACHE` is a slow class lookup
 _RESUME, _CACHE, _STORE, _READY = Tier.RESUME, Tier.CACHE, Tier.STORE, ReplicaState.READY
+# what choose answers a command that allows cold boots only, whatever the host holds (a test checks)
+_COLD_BOOT: TierChoice = choose(Observed("", COLD_ONLY, COMPAT))
 
 
 class Sim(Down):
@@ -225,7 +226,7 @@ class Sim(Down):
         on = self._replicas_on(dep)
         names = self.fleet.candidates(dep.spec.name, dep.ckpt, on, n, dep.spec.gpus)
         hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
-        placed = place(dep.spec, n, hosts, self._catalog(dep), on, Reservations())
+        placed = place(dep.spec, n, hosts, self._catalog(dep), on, NOTHING_RESERVED)
         self.res.unplaceable += n - len(placed)
         for p in placed:
             self._start(d, p, t)
@@ -236,17 +237,20 @@ class Sim(Down):
         fleet.take(p.host, p.gpu_uuids)
         self.ids += 1
         name = dep.spec.name
-        choice = choose(
-            Observed(
-                replica=p.resume or f"{name}-{self.ids}",
-                allow=self.policy.tiers,
-                host_compat_hash=COMPAT,
-                suspended=tuple(host.suspended_of.get(name, ())),
-                entry=self._entry(dep),
-                need_bytes=dep.nbytes,
-                cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
+        if self.policy.tiers == COLD_ONLY:  # choose answers a command allowing only cold boots with one
+            choice = _COLD_BOOT
+        else:
+            choice = choose(
+                Observed(
+                    replica=p.resume or f"{name}-{self.ids}",
+                    allow=self.policy.tiers,
+                    host_compat_hash=COMPAT,
+                    suspended=tuple(host.suspended_of.get(name, ())),
+                    entry=self._entry(dep),
+                    need_bytes=dep.nbytes,
+                    cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
+                )
             )
-        )
         replica = choice.resume_replica or p.resume or f"{name}-{self.ids}"
         if choice.tier is _RESUME:
             fleet.unsuspend(p.host, replica)
