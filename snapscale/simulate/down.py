@@ -32,6 +32,7 @@ class Down:
     cfg: ScalerConfig
     ids: int
     sampled: dict[int, str]
+    stop_only: bool
 
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
         raise NotImplementedError
@@ -61,7 +62,7 @@ class Down:
         """Actor.scale_down: release ready replicas; freeze before the last goes; prefetch after."""
         dep = self.deps[d]
         ready = [r.ev for r in dep.live.values() if r.ev is not None]
-        if self.policy.release_mode == "stop" and not self.policy.freeze:
+        if self.stop_only:
             # choose_releases reads only that a stopping host reports, and nothing else runs
             hosts = {e.host: self.fleet.reporting[e.host] for e in ready}
         else:
@@ -92,7 +93,8 @@ class Down:
         rep = dep.live.pop(r.replica)
         self.res.gpu_s += (t - rep.start) * len(rep.gpus)
         self.fleet.give(rep.host, rep.gpus)
-        self.fleet.drop_ready(rep.host, dep.spec.name, r.replica)
+        if not self.stop_only:
+            self.fleet.drop_ready(rep.host, dep.spec.name, r.replica)
         dep.n_ready -= 1
         if dep.n_ready == 0:
             dep.noready_since = t

@@ -84,6 +84,9 @@ class Sim(Down):
         self.now = 0.0
         self.skip = skip  # False: decide every active deployment every tick (the reference)
         self.k = 0  # the tick's index: its time is k * tick
+        # stop, never freeze: no decision reads a ready replica in a heartbeat (`place` reads the
+        # suspended ones, `choose_releases` the RSS only to suspend), so none is listed
+        self.stop_only = policy.release_mode == "stop" and not policy.freeze
 
     # --- the loop ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
@@ -286,8 +289,8 @@ class Sim(Down):
             return
         name = dep.spec.name
         rep.ev = ReplicaEvent(name, replica, rep.host, _READY, t, gpu_uuids=rep.gpus)
-        summary = ReplicaSummary(name, replica, _READY, rep.gpus, t, dep.nbytes)
-        self.fleet.set_ready(rep.host, summary)
+        if not self.stop_only:
+            self.fleet.set_ready(rep.host, ReplicaSummary(name, replica, _READY, rep.gpus, t, dep.nbytes))
         if dep.n_ready == 0:
             self._serve_waiting(d, t)
         dep.n_ready += 1

@@ -161,16 +161,18 @@ class Fleet:
         if ready:
             reps.extend(ready.values())
         size = h.cache.get(ckpt) if ckpt is not None else None
-        return HostHeartbeat(
-            host=host,
-            ts=now,
-            compat_hash=COMPAT,
-            gpus=list(h.view),
-            cached_checkpoints=[ckpt] if ckpt is not None and size is not None else [],
-            cached_bytes={ckpt: size} if ckpt is not None and size is not None else {},
-            replicas=reps,
-            suspend_budget_bytes=self.budget,
-            suspend_used_bytes=h.suspended_bytes,
+        cached = [ckpt] if ckpt is not None and size is not None else []
+        return HostHeartbeat(  # positional, in field order: this runs per decision
+            host,
+            now,
+            COMPAT,
+            {},
+            list(h.view),
+            cached,
+            {ckpt: size} if ckpt is not None and size is not None else {},
+            reps,
+            self.budget,
+            h.suspended_bytes,
         )
 
     def _emptiest(self, n: int, gpus: int, skip: Collection[str]) -> list[str]:
