@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from snapscale.shared.bus import Tier
 from snapscale.shared.core.errors import SnapscaleError
+from snapscale.shared.core.quickinit import quick_init
 
 SHORT_HASH = 12
 # the members as module constants: on Python 3.11 `Tier.CACHE` is a slow class lookup (~0.3 us),
@@ -29,6 +30,7 @@ class Candidate:
     created_at: float = 0.0
 
 
+@quick_init  # one per restore
 @dataclass(frozen=True)
 class Observed:
     """What the restorer knows when it decides. Fields it did not look at stay at their defaults."""
@@ -48,6 +50,7 @@ class Observed:
     earlier: tuple[str, ...] = ()  # why they failed, in order
 
 
+@quick_init  # one per restore
 @dataclass(frozen=True)
 class TierChoice:
     tier: Tier

@@ -19,12 +19,14 @@ from snapscale.shared.bus import (
     ReplicaEvent,
     ReplicaState,
 )
+from snapscale.shared.core.quickinit import quick_init
 
 RANK = {"resume": 0, "cached": 1, "partial": 2, "any": 3}
 # enum members as module constants: on Python 3.11 `ReplicaState.SUSPENDED` is a slow class lookup
 _SUSPENDED, _SUSPEND, _STOP = ReplicaState.SUSPENDED, ReleaseMode.SUSPEND, ReleaseMode.STOP
 
 
+@quick_init  # one per replica placed or released
 @dataclass(frozen=True)
 class Placement:
     host: str
@@ -189,6 +191,7 @@ def place(
     return out
 
 
+@quick_init  # one per replica placed or released
 @dataclass(frozen=True)
 class Release:
     replica: str
