@@ -178,19 +178,39 @@ def ready(replica: str, h: str, ts: float) -> ReplicaEvent:
 
 
 @pytest.mark.parametrize(
-    ("name", "mode", "hosts", "want"),
+    ("name", "mode", "hosts", "want", "why"),
     [
-        ("stop when asked", "stop", fleet(host("a", budget=10 << 30)), ReleaseMode.STOP),
-        ("suspend with budget", "auto", fleet(host("a", budget=10 << 30)), ReleaseMode.SUSPEND),
-        ("stop without budget", "auto", fleet(host("a", budget=0)), ReleaseMode.STOP),
-        ("stop when budget is used", "suspend", fleet(host("a", budget=4, used=4)), ReleaseMode.STOP),
-        ("stop on an unknown host", "auto", {}, ReleaseMode.STOP),
+        ("stop when asked", "stop", fleet(host("a", budget=10 << 30)), ReleaseMode.STOP, "release_mode=stop"),
+        (
+            "suspend with budget",
+            "auto",
+            fleet(host("a", budget=10 << 30)),
+            ReleaseMode.SUSPEND,
+            f"suspend budget left {10 << 30} B >= rss 0 B",
+        ),
+        (
+            "stop without budget",
+            "auto",
+            fleet(host("a", budget=0)),
+            ReleaseMode.STOP,
+            "suspend budget left 0 B < rss 0 B",
+        ),
+        (
+            "stop when budget is used",
+            "suspend",
+            fleet(host("a", budget=4, used=4)),
+            ReleaseMode.STOP,
+            "suspend budget left 0 B < rss 0 B",
+        ),
+        ("stop on an unknown host", "auto", {}, ReleaseMode.STOP, "host not reporting"),
     ],
 )
-def test_release_mode_table(name: str, mode: str, hosts: dict[str, HostHeartbeat], want: ReleaseMode) -> None:
+def test_release_mode_table(
+    name: str, mode: str, hosts: dict[str, HostHeartbeat], want: ReleaseMode, why: str
+) -> None:
     spec = replace(GPU1, scaling=ScalingSpec(release_mode=mode))  # type: ignore[arg-type]
     got = choose_releases(spec, 1, [ready("r1", "a", 1.0)], hosts, Reservations())
-    assert [r.mode for r in got] == [want], name
+    assert [(r.mode, r.why) for r in got] == [(want, why)], name  # `why` is formatted when read
 
 
 def test_release_order_keeps_spread_then_newest() -> None:

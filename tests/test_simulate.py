@@ -14,16 +14,17 @@ import pytest
 from snapscale.freezer import claims as freezer_claims
 from snapscale.freezer import job as freezer_job
 from snapscale.restorer import scaleup as restorer_scaleup
+from snapscale.restorer.tiers import Candidate, Observed, choose
 from snapscale.scaler import actions as scaler_actions
 from snapscale.scaler import service as scaler_service
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.placement import Reservations, place, prefetch_targets
-from snapscale.shared.bus import DeploymentSpec, ScalingSpec
+from snapscale.shared.bus import DeploymentSpec, ScalingSpec, Tier
 from snapscale.shared.core.errors import ConfigError
 from snapscale.simulate import down, engine
 from snapscale.simulate.engine import Sim
 from snapscale.simulate.fleet import COMPAT, Fleet, Suspended
-from snapscale.simulate.policies import POLICIES, Policy, Result
+from snapscale.simulate.policies import COLD_ONLY, POLICIES, Policy, Result
 from snapscale.simulate.profile import GIB, Profile, load_profile
 from snapscale.simulate.samples import samples
 from snapscale.simulate.trace import GenSpec, Trace, generate, load_azure, load_csv
@@ -144,6 +145,24 @@ def test_a_run_goes_through_placement_and_the_tier_choice(monkeypatch: pytest.Mo
         monkeypatch.setattr(engine, name, spy(name, getattr(engine, name)))
     r = simulate(every_ten_minutes(2), BY_NAME["tiers"])
     assert calls["place"] == 2 and calls["choose"] == 2 and calls["decide"] == r.decisions > 0
+
+
+def test_cold_only_policies_take_the_answer_choose_gives_whatever_the_host_holds() -> None:
+    """The simulator asks `choose` nothing for a cold-only policy: its answer cannot vary."""
+    for suspended in ((), ("r1",), ("r2", "r1")):
+        for entry in (None, Candidate("ck", COMPAT), Candidate("ck", "other-key")):
+            for cached in (0, GIB):
+                o = Observed(
+                    "r1",
+                    COLD_ONLY,
+                    COMPAT,
+                    suspended=suspended,
+                    entry=entry,
+                    need_bytes=GIB,
+                    cached_bytes=cached,
+                )
+                assert choose(o) == engine._COLD_BOOT
+    assert engine._COLD_BOOT.tier is Tier.COLD and engine._COLD_BOOT.resume_replica is None
 
 
 def test_candidates_choose_what_the_whole_fleet_would() -> None:

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import attrgetter
+from typing import NamedTuple
 
 from snapscale.shared.bus import (
     DeploymentSpec,
-    GpuInfo,
     HostHeartbeat,
     ReleaseMode,
     ReplicaEvent,
     ReplicaState,
 )
+from snapscale.shared.core.quickinit import quick_init
 
 RANK = {"resume": 0, "cached": 1, "partial": 2, "any": 3}
+# enum members as module constants: on Python 3.11 `ReplicaState.SUSPENDED` is a slow class lookup
+_SUSPENDED, _SUSPEND, _STOP = ReplicaState.SUSPENDED, ReleaseMode.SUSPEND, ReleaseMode.STOP
 
 
+@quick_init  # one per replica placed or released
 @dataclass(frozen=True)
 class Placement:
     host: str
@@ -76,12 +81,11 @@ def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -
     held = reserved.gpus.get(hb.host, ())
     model = spec.gpu_model
     free = [g for g in hb.gpus if g.free and g.uuid not in held and (model is None or g.model == model)]
-    free.sort(key=_index)  # stable: filtering first orders them as sorting first would
+    free.sort(key=_INDEX)  # stable: filtering first orders them as sorting first would
     return [g.uuid for g in free]
 
 
-def _index(g: GpuInfo) -> int:
-    return g.index
+_INDEX = attrgetter("index")
 
 
 def free_cpu(hb: HostHeartbeat, reserved: Reservations) -> int:
@@ -99,6 +103,43 @@ def _fit(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -> tup
     return (slots, []) if slots > 0 else None
 
 
+class _Offer(NamedTuple):
+    """What one host offers the next replica: `place` ranks these, then refreshes the host it took."""
+
+    rank: int
+    have: int
+    room: int
+    gpus: list[str]
+    suspended: list[str]
+    ckpt: str | None
+    why: str
+
+
+def _offer(
+    hb: HostHeartbeat, spec: DeploymentSpec, catalog: Mapping[str, str], res: Reservations
+) -> _Offer | None:
+    fit = _fit(hb, spec, res)
+    if fit is None:
+        return None
+    room, gpus = fit
+    ckpt = catalog.get(host_key(hb, spec.name))
+    suspended = [
+        r.replica
+        for r in hb.replicas
+        if r.deployment == spec.name and r.state is _SUSPENDED and r.replica not in res.resuming
+    ]
+    have = hb.cached_bytes.get(ckpt, 0) if ckpt else 0
+    if suspended:
+        why = "resume"
+    elif ckpt and ckpt in hb.cached_checkpoints:
+        why = "cached"
+    elif have > 0:
+        why = "partial"
+    else:
+        why = "any"
+    return _Offer(RANK[why], have, room, gpus, suspended, ckpt, why)
+
+
 def place(
     spec: DeploymentSpec,
     n: int,
@@ -113,57 +154,60 @@ def place(
     `catalog` maps a compat hash to the checkpoint serving this deployment on hosts with that
     key; `replicas_on` counts the deployment's live replicas per host; `avoid` names hosts that
     just failed this deployment. `reserved` is not changed: the caller takes each placement
-    once its command is on its way.
+    once its command is on its way. Each host's offer is worked out once; a placement changes
+    only its own host's (and, resuming, the hosts listing that replica), so n placements over
+    H hosts cost H + n offers, not n x H.
     """
     res = reserved.copy()
     spread = dict(replicas_on)
     out: list[Placement] = []
+    offers: dict[str, _Offer] = {}
+    for host, hb in hosts.items():
+        if host not in avoid and (o := _offer(hb, spec, catalog, res)) is not None:
+            offers[host] = o
     for _ in range(n):
-        best: tuple[tuple[int, int, int, int, str], Placement] | None = None
-        for host, hb in hosts.items():
-            if host in avoid:
-                continue
-            fit = _fit(hb, spec, res)
-            if fit is None:
-                continue
-            room, gpus = fit
-            ckpt = catalog.get(host_key(hb, spec.name))
-            suspended = [
-                r.replica
-                for r in hb.replicas
-                if r.deployment == spec.name
-                and r.state is ReplicaState.SUSPENDED
-                and r.replica not in res.resuming
-            ]
-            have = hb.cached_bytes.get(ckpt, 0) if ckpt else 0
-            if suspended:
-                why = "resume"
-            elif ckpt and ckpt in hb.cached_checkpoints:
-                why = "cached"
-            elif have > 0:
-                why = "partial"
-            else:
-                why = "any"
-            # tier first (seconds of latency), then spread, then the most cached bytes and room
-            key = (RANK[why], spread.get(host, 0), -have, -room, host)
-            if best is None or key < best[0]:
-                p = Placement(host, gpus, why, suspended[0] if suspended else None, ckpt)
-                best = (key, p)
+        # tier first (seconds of latency), then spread, then the most cached bytes and room
+        best: tuple[int, int, int, int, str] | None = None
+        for host, o in offers.items():
+            key = (o.rank, spread.get(host, 0), -o.have, -o.room, host)
+            if best is None or key < best:
+                best = key
         if best is None:
             break
-        p = best[1]
+        host = best[-1]
+        o = offers[host]
+        p = Placement(host, o.gpus, o.why, o.suspended[0] if o.suspended else None, o.ckpt)
         res.take(p)
-        spread[p.host] = spread.get(p.host, 0) + 1
+        spread[host] = spread.get(host, 0) + 1
         out.append(p)
+        if len(out) == n:
+            break  # no next placement reads the offers
+        changed = [h for h, x in offers.items() if p.resume in x.suspended] if p.resume else [host]
+        for h in changed:
+            if (o := _offer(hosts[h], spec, catalog, res)) is None:
+                del offers[h]
+            else:
+                offers[h] = o
     return out
 
 
+@quick_init  # one per replica placed or released
 @dataclass(frozen=True)
 class Release:
     replica: str
     host: str
     mode: ReleaseMode
-    why: str
+    # what `why` says, kept as numbers and formatted only when read (a log line, the event)
+    left: int | None = None  # the host's suspend budget left; None: not asked (stop, or no host)
+    rss: int = 0
+    reporting: bool = True  # the host's heartbeat was there
+
+    @property
+    def why(self) -> str:
+        if self.left is not None:
+            op = ">=" if self.mode is _SUSPEND else "<"
+            return f"suspend budget left {self.left} B {op} rss {self.rss} B"
+        return "release_mode=stop" if self.reporting else "host not reporting"
 
 
 def choose_releases(
@@ -188,19 +232,17 @@ def choose_releases(
     budget_used = dict(reserved.suspend_bytes)
     out: list[Release] = []
     for r in order[: max(0, n)]:
-        mode, why = ReleaseMode.STOP, "release_mode=stop"
         hb = hosts.get(r.host)
         if spec.scaling.release_mode != "stop" and hb is not None:
             rss = next((s.rss_bytes for s in hb.replicas if s.replica == r.replica), 0)
             left = hb.suspend_budget_bytes - hb.suspend_used_bytes - budget_used.get(r.host, 0)
             if hb.suspend_budget_bytes > 0 and left >= max(rss, 1):
-                mode, why = ReleaseMode.SUSPEND, f"suspend budget left {left} B >= rss {rss} B"
+                out.append(Release(r.replica, r.host, _SUSPEND, left, rss))
                 budget_used[r.host] = budget_used.get(r.host, 0) + rss
             else:
-                why = f"suspend budget left {left} B < rss {rss} B"
-        elif hb is None:
-            why = "host not reporting"
-        out.append(Release(r.replica, r.host, mode, why))
+                out.append(Release(r.replica, r.host, _STOP, left, rss))
+        else:
+            out.append(Release(r.replica, r.host, _STOP, reporting=hb is not None))
     return out
 
 

@@ -84,20 +84,30 @@ class Window:
             self.stable_sum = self.panic_sum = 0.0
         else:
             stamp, sums, cnts = self._stamp, self._sum, self._cnt
-            for j in range(h - np_ + 1, t - np_ + 1):
+            panic, stable = self.panic_sum, self.stable_sum  # locals: this runs per sample
+            if t == h + 1:  # one bucket on, as a sample a second moves it: no loops to set up
+                j = t - np_
                 s = j % ns
                 if stamp[s] == j:
-                    self.panic_sum -= sums[s] / cnts[s]
-            for j in range(h - ns + 1, t - ns + 1):
+                    panic -= sums[s] / cnts[s]
+                j = t - ns
                 s = j % ns
                 if stamp[s] == j:
-                    self.stable_sum -= sums[s] / cnts[s]
+                    stable -= sums[s] / cnts[s]
                     stamp[s] = _EMPTY
+            else:
+                for j in range(h - np_ + 1, t - np_ + 1):
+                    s = j % ns
+                    if stamp[s] == j:
+                        panic -= sums[s] / cnts[s]
+                for j in range(h - ns + 1, t - ns + 1):
+                    s = j % ns
+                    if stamp[s] == j:
+                        stable -= sums[s] / cnts[s]
+                        stamp[s] = _EMPTY
             # running sums drift by float rounding; an empty window must read exactly zero
-            if self.stable_sum < 1e-9:
-                self.stable_sum = 0.0
-            if self.panic_sum < 1e-9:
-                self.panic_sum = 0.0
+            self.stable_sum = stable if stable >= 1e-9 else 0.0
+            self.panic_sum = panic if panic >= 1e-9 else 0.0
         self.head = t
 
     def record(self, now: float, concurrency: float, arrivals: int = 0) -> bool:
@@ -111,30 +121,34 @@ class Window:
         if not (0.0 <= concurrency <= MAX_CONCURRENCY and 0 <= arrivals <= MAX_ARRIVALS):
             return False  # what sample_problem names (NaN fails every comparison), without its text
         b = int(now // BUCKET_S)
+        ns = self._n_stable
         if concurrency > 0 or arrivals > 0:
-            if now - self.last_traffic >= self._n_stable * BUCKET_S:
+            if now - self.last_traffic >= ns * BUCKET_S:
                 # the first traffic after a whole stable window without any: both windows start
                 # again here, as Knative's buckets do after a gap, so a burst after an idle spell
                 # is averaged over what was seen of it, not diluted by the idle seconds before
                 self.first_bucket = b
-            self.last_traffic = max(self.last_traffic, now)
+            if now > self.last_traffic:
+                self.last_traffic = now
         if b > self.head:
             self.advance(now)
-        elif b <= self.head - self._n_stable:
+        elif b <= self.head - ns:
             return True  # a measurement, older than the stable window: nothing to update
-        if self.first_bucket is None or b < self.first_bucket:
+        first = self.first_bucket
+        if first is None or b < first:
             self.first_bucket = b
-        s = b % self._n_stable
-        if self._stamp[s] != b:
-            self._stamp[s] = b
-            self._sum[s] = 0.0
-            self._cnt[s] = 0
-            old = 0.0
+        s = b % ns
+        stamp, sums, cnts = self._stamp, self._sum, self._cnt
+        if stamp[s] != b:
+            stamp[s] = b
+            sums[s] = 0.0 + concurrency
+            cnts[s] = 1
+            delta = sums[s]  # its mean, less the empty bucket's 0
         else:
-            old = self._sum[s] / self._cnt[s]
-        self._sum[s] += concurrency
-        self._cnt[s] += 1
-        delta = self._sum[s] / self._cnt[s] - old
+            old = sums[s] / cnts[s]
+            sums[s] += concurrency
+            cnts[s] += 1
+            delta = sums[s] / cnts[s] - old
         self.stable_sum += delta
         if b > self.head - self._n_panic:
             self.panic_sum += delta

@@ -16,6 +16,9 @@ from snapscale.simulate.profile import Profile
 from snapscale.simulate.state import FROZEN, PREFETCHED, Dep
 
 CLAIM_TTL_S = 120.0  # FreezerConfig.claim_ttl_s
+# nothing in flight: the simulator's commands land at once (the functions only read it, `place` copies)
+NOTHING_RESERVED = Reservations()
+_SUSPEND = ReleaseMode.SUSPEND  # a module constant: the class lookup is slow on Python 3.11
 
 
 class Down:
@@ -29,6 +32,7 @@ class Down:
     cfg: ScalerConfig
     ids: int
     sampled: dict[int, str]
+    stop_only: bool
 
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
         raise NotImplementedError
@@ -58,8 +62,12 @@ class Down:
         """Actor.scale_down: release ready replicas; freeze before the last goes; prefetch after."""
         dep = self.deps[d]
         ready = [r.ev for r in dep.live.values() if r.ev is not None]
-        hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in {e.host for e in ready}}
-        releases = choose_releases(dep.spec, min(n, len(ready)), ready, hosts, Reservations())
+        if self.stop_only:
+            # choose_releases reads only that a stopping host reports, and nothing else runs
+            hosts = {e.host: self.fleet.reporting[e.host] for e in ready}
+        else:
+            hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in {e.host for e in ready}}
+        releases = choose_releases(dep.spec, min(n, len(ready)), ready, hosts, NOTHING_RESERVED)
         if not releases:
             return
         to_zero = len(dep.live) == len(releases)
@@ -85,12 +93,13 @@ class Down:
         rep = dep.live.pop(r.replica)
         self.res.gpu_s += (t - rep.start) * len(rep.gpus)
         self.fleet.give(rep.host, rep.gpus)
-        self.fleet.drop_ready(rep.host, dep.spec.name, r.replica)
+        if not self.stop_only:
+            self.fleet.drop_ready(rep.host, dep.spec.name, r.replica)
         dep.n_ready -= 1
         if dep.n_ready == 0:
             dep.noready_since = t
         self._series(d, t)
-        if r.mode is ReleaseMode.SUSPEND:
+        if r.mode is _SUSPEND:
             self.fleet.suspend(rep.host, r.replica, Suspended(dep.spec.name, t, dep.nbytes))
             host = self.fleet.by_name[rep.host]
             if host.suspended_bytes > self.fleet.budget:  # within it, over_budget stops none
@@ -105,7 +114,7 @@ class Down:
             return
         names = self.fleet.prefetch_candidates(dep.ckpt, want, dep.spec.gpus)
         hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
-        for host, _ck in prefetch_targets(dep.spec, hosts, self._catalog(dep), Reservations(), want):
+        for host, _ck in prefetch_targets(dep.spec, hosts, self._catalog(dep), NOTHING_RESERVED, want):
             self.res.prefetches += 1
             self.res.store_bytes += dep.nbytes
             self.push(t + self.profile.prefetch(dep.gib), PREFETCHED, d, host)

@@ -17,11 +17,10 @@ from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import replace
 
-from snapscale.restorer.tiers import Candidate, Observed, choose
+from snapscale.restorer.tiers import Candidate, Observed, TierChoice, choose
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.placement import (
     Placement,
-    Reservations,
     place,
 )
 from snapscale.scaler.policy import Window, activation, decide, steady_until
@@ -33,15 +32,19 @@ from snapscale.shared.bus import (
     ScalingSpec,
     Tier,
 )
-from snapscale.simulate.down import Down
+from snapscale.simulate.down import NOTHING_RESERVED, Down
 from snapscale.simulate.fleet import COMPAT, Fleet
-from snapscale.simulate.policies import Policy, Result
+from snapscale.simulate.policies import COLD_ONLY, Policy, Result
 from snapscale.simulate.profile import GIB, Profile
 from snapscale.simulate.samples import Samples
 from snapscale.simulate.state import FROZEN, READY, RESUME_TICKS, WAKE, Dep, Rep
 from snapscale.simulate.trace import Trace
 
 Progress = Callable[[str, float, float], None]
+# enum members as module constants: on Python 3.11 `Tier.CACHE` is a slow class lookup
+_RESUME, _CACHE, _STORE, _READY = Tier.RESUME, Tier.CACHE, Tier.STORE, ReplicaState.READY
+# what choose answers a command that allows cold boots only, whatever the host holds (a test checks)
+_COLD_BOOT: TierChoice = choose(Observed("", COLD_ONLY, COMPAT))
 
 
 class Sim(Down):
@@ -81,6 +84,9 @@ class Sim(Down):
         self.now = 0.0
         self.skip = skip  # False: decide every active deployment every tick (the reference)
         self.k = 0  # the tick's index: its time is k * tick
+        # stop, never freeze: no decision reads a ready replica in a heartbeat (`place` reads the
+        # suspended ones, `choose_releases` the RSS only to suspend), so none is listed
+        self.stop_only = policy.release_mode == "stop" and not policy.freeze
 
     # --- the loop ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
@@ -223,7 +229,7 @@ class Sim(Down):
         on = self._replicas_on(dep)
         names = self.fleet.candidates(dep.spec.name, dep.ckpt, on, n, dep.spec.gpus)
         hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
-        placed = place(dep.spec, n, hosts, self._catalog(dep), on, Reservations())
+        placed = place(dep.spec, n, hosts, self._catalog(dep), on, NOTHING_RESERVED)
         self.res.unplaceable += n - len(placed)
         for p in placed:
             self._start(d, p, t)
@@ -234,27 +240,30 @@ class Sim(Down):
         fleet.take(p.host, p.gpu_uuids)
         self.ids += 1
         name = dep.spec.name
-        choice = choose(
-            Observed(
-                replica=p.resume or f"{name}-{self.ids}",
-                allow=self.policy.tiers,
-                host_compat_hash=COMPAT,
-                suspended=tuple(host.suspended_of.get(name, ())),
-                entry=Candidate(dep.ckpt, COMPAT) if dep.ckpt else None,
-                need_bytes=dep.nbytes,
-                cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
+        if self.policy.tiers == COLD_ONLY:  # choose answers a command allowing only cold boots with one
+            choice = _COLD_BOOT
+        else:
+            choice = choose(
+                Observed(
+                    replica=p.resume or f"{name}-{self.ids}",
+                    allow=self.policy.tiers,
+                    host_compat_hash=COMPAT,
+                    suspended=tuple(host.suspended_of.get(name, ())),
+                    entry=self._entry(dep),
+                    need_bytes=dep.nbytes,
+                    cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
+                )
             )
-        )
         replica = choice.resume_replica or p.resume or f"{name}-{self.ids}"
-        if choice.tier is Tier.RESUME:
+        if choice.tier is _RESUME:
             fleet.unsuspend(p.host, replica)
             tier, lat = "resume", prof.resume(dep.gib)
-        elif choice.tier is Tier.CACHE:
+        elif choice.tier is _CACHE:
             assert dep.ckpt is not None
             hot = dep.ckpt in host.hot
             tier, lat = ("hot", prof.hot(dep.gib)) if hot else ("cache", prof.cache(dep.gib))
             fleet.cache_put(p.host, dep.ckpt, dep.nbytes)  # a use: most recent in the LRU
-        elif choice.tier is Tier.STORE:
+        elif choice.tier is _STORE:
             assert dep.ckpt is not None
             tier, lat = "store", prof.store(dep.gib)
             self.res.store_bytes += dep.nbytes
@@ -267,15 +276,21 @@ class Sim(Down):
         self._series(d, t)
         self.push(t + lat, READY, d, replica)
 
+    def _entry(self, dep: Dep) -> Candidate | None:
+        """The catalog's entry for the fleet's one key, made once per checkpoint."""
+        if dep.entry is None or dep.entry.checkpoint_id != dep.ckpt:
+            dep.entry = Candidate(dep.ckpt, COMPAT) if dep.ckpt else None
+        return dep.entry
+
     def _ready(self, d: int, replica: str, t: float) -> None:
         dep = self.deps[d]
         rep = dep.live.get(replica)
         if rep is None or rep.ev is not None:
             return
         name = dep.spec.name
-        rep.ev = ReplicaEvent(name, replica, rep.host, ReplicaState.READY, t, gpu_uuids=rep.gpus)
-        summary = ReplicaSummary(name, replica, ReplicaState.READY, rep.gpus, t, dep.nbytes)
-        self.fleet.set_ready(rep.host, summary)
+        rep.ev = ReplicaEvent(name, replica, rep.host, _READY, t, gpu_uuids=rep.gpus)
+        if not self.stop_only:
+            self.fleet.set_ready(rep.host, ReplicaSummary(name, replica, _READY, rep.gpus, t, dep.nbytes))
         if dep.n_ready == 0:
             self._serve_waiting(d, t)
         dep.n_ready += 1

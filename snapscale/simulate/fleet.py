@@ -59,6 +59,8 @@ class Fleet:
             busy = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES, free=False) for i in range(gpus_per_host)]
             self.hosts.append(SimHost(name, free, busy, list(free), gpus_per_host))
         self.by_name = {h.name: h for h in self.hosts}
+        # a bare heartbeat per host: where a decision reads only that the host reports
+        self.reporting = {h.name: HostHeartbeat(h.name, 0.0, COMPAT) for h in self.hosts}
         self.gpu_index = {g.uuid: g.index for h in self.hosts for g in h.gpus}
         self.cache_bytes = cache_bytes
         self.hot_images = hot_images
@@ -159,16 +161,18 @@ class Fleet:
         if ready:
             reps.extend(ready.values())
         size = h.cache.get(ckpt) if ckpt is not None else None
-        return HostHeartbeat(
-            host=host,
-            ts=now,
-            compat_hash=COMPAT,
-            gpus=list(h.view),
-            cached_checkpoints=[ckpt] if ckpt is not None and size is not None else [],
-            cached_bytes={ckpt: size} if ckpt is not None and size is not None else {},
-            replicas=reps,
-            suspend_budget_bytes=self.budget,
-            suspend_used_bytes=h.suspended_bytes,
+        cached = [ckpt] if ckpt is not None and size is not None else []
+        return HostHeartbeat(  # positional, in field order: this runs per decision
+            host,
+            now,
+            COMPAT,
+            {},
+            list(h.view),
+            cached,
+            {ckpt: size} if ckpt is not None and size is not None else {},
+            reps,
+            self.budget,
+            h.suspended_bytes,
         )
 
     def _emptiest(self, n: int, gpus: int, skip: Collection[str]) -> list[str]:

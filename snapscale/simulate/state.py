@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from snapscale.freezer.decide import Claim
+from snapscale.restorer.tiers import Candidate
 from snapscale.scaler.policy import Window
 from snapscale.shared.bus import DeploymentSpec, ReplicaEvent
 
@@ -36,3 +37,4 @@ class Dep:
     freeze_done: bool = False
     resume_at: float | None = None  # asleep with replicas: the tick that decides it next
     peak: int = 0
+    entry: Candidate | None = None  # the catalog entry of `ckpt` as the restorer reads it

@@ -17,6 +17,7 @@ from typing import Annotated, ClassVar, Literal, Protocol, TypeVar
 from snapscale.shared.bus.subjects import Id, Name, OptId
 from snapscale.shared.core import wire
 from snapscale.shared.core.limits import Range, Text
+from snapscale.shared.core.quickinit import quick_init
 
 MAX_MESSAGE_BYTES = 256 * 1024  # a heartbeat of a host with hundreds of replicas fits many times
 MAX_CONCURRENCY = 1e6  # requests in flight for one deployment: more is a broken gateway, not load
@@ -153,6 +154,7 @@ Command = ScaleUpCommand | ReleaseCommand | PrefetchCommand | FreezeCommand
 
 
 # --- events -------------------------------------------------------------------------
+@quick_init  # built per replica and per placement (the simulator: millions)
 @dataclass(frozen=True)
 class ReplicaEvent:
     """A replica changed state. `reason` says why a faster tier was not taken, or why it failed."""
@@ -207,6 +209,7 @@ class GpuInfo:
     free: bool = True
 
 
+@quick_init  # built per replica and per placement (the simulator: millions)
 @dataclass(frozen=True)
 class ReplicaSummary:
     deployment: Name
@@ -217,6 +220,7 @@ class ReplicaSummary:
     rss_bytes: Bytes = 0
 
 
+@quick_init  # built per replica and per placement (the simulator: millions)
 @dataclass(frozen=True)
 class HostHeartbeat:
     """A restorer's inventory: published on `evt.host.<host>` and put in KV `hosts`."""
