@@ -47,6 +47,14 @@ async def _call(endpoint: str, method: str, path: str, body: object = None) -> o
     return json.loads(out)
 
 
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """A host outside development mode whose workloads may mount /usr (the probe's interpreter)."""
+    monkeypatch.delenv("SNAPSCALE_SANDBOX")
+    monkeypatch.setenv("SNAPSCALE_SANDBOX_MOUNTS", "/usr")
+    return monkeypatch
+
+
 _following = contextlib.asynccontextmanager(follow)  # the harness's event follower, as a block
 
 
@@ -61,13 +69,11 @@ async def test_a_checkpoint_frozen_on_one_host_is_restored_by_another_hosts_rest
     the_bus: bus.Bus,
     criu: CriuBinary,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    host: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("SNAPSCALE_SANDBOX")  # not development mode
-    monkeypatch.setenv("SNAPSCALE_SANDBOX_MOUNTS", "/usr")  # the probe's interpreter
     spec = probe_spec("oci-moved", oci_ref, user=DUMP_USER)
     # Host a: this process's engine, its own state dir (image store).
-    monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(tmp_path / "host-a"))
+    host.setenv("SNAPSCALE_STATE_DIR", str(tmp_path / "host-a"))
     sb = await engine.launch(spec, "moved-src", gpu_uuids=[], run_dir=tmp_path / "host-a" / "src")
     try:
         await engine.wait_ready(sb, spec.ready)
@@ -89,7 +95,7 @@ async def test_a_checkpoint_frozen_on_one_host_is_restored_by_another_hosts_rest
     shutil.rmtree(tmp_path / "host-a")  # nothing of host a is left for b to lean on
     # Host b: the restorer service, with its own state dir and an empty image store.
     b = replace(settings, host_id="host-b", state_dir=tmp_path / "host-b", cache_dir=tmp_path / "cache-b")
-    monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(b.state_dir))
+    host.setenv("SNAPSCALE_STATE_DIR", str(b.state_dir))
     h = Harness(b, the_bus, criu, f"oci-{uuid.uuid4().hex[:8]}", tmp_path)
     await the_bus.kv[Bucket.DEPLOYMENTS].put(spec.name, spec.to_json())
     async with _following(h), running(b, criu):
@@ -106,9 +112,8 @@ async def test_a_checkpoint_frozen_on_one_host_is_restored_by_another_hosts_rest
 
 
 async def test_a_spec_without_an_image_fails_with_the_reason_outside_development_mode(
-    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, the_bus: bus.Bus, criu: CriuBinary, tmp_path: Path, host: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("SNAPSCALE_SANDBOX")
     h = Harness(settings, the_bus, criu, f"oci-{uuid.uuid4().hex[:8]}", tmp_path)
     spec = await h.deploy(h.spec("hostproc"))
     async with _following(h), running(settings, criu):
@@ -126,14 +131,12 @@ async def test_a_ready_container_killed_over_its_memory_limit_is_reported_failed
     the_bus: bus.Bus,
     criu: CriuBinary,
     tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    host: pytest.MonkeyPatch,
 ) -> None:
     """A replica ready for a while takes more memory than its limit: the kernel kills it inside its
     cgroup; the restorer reports it failed with the OOM reason (and frees what it held) while the
     replica beside it and the restorer carry on."""
-    monkeypatch.delenv("SNAPSCALE_SANDBOX")
-    monkeypatch.setenv("SNAPSCALE_SANDBOX_MOUNTS", "/usr")
-    monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(settings.state_dir))
+    host.setenv("SNAPSCALE_STATE_DIR", str(settings.state_dir))
     h = Harness(settings, the_bus, criu, f"oci-{uuid.uuid4().hex[:8]}", tmp_path)
     hog = await h.deploy(probe_spec(f"late-hog-{h.tag}", oci_ref, memory_mib=64))
     other = await h.deploy(probe_spec(f"bystander-{h.tag}", oci_ref))
@@ -156,12 +159,10 @@ async def test_a_ready_container_killed_over_its_memory_limit_is_reported_failed
 
 
 async def test_what_a_crash_left_of_a_container_is_reaped(
-    oci_ref: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    oci_ref: str, tmp_path: Path, host: pytest.MonkeyPatch
 ) -> None:
     """The restorer's reap after a cut-short start: the tree, its netns, runc's state, the overlay."""
-    monkeypatch.delenv("SNAPSCALE_SANDBOX")
-    monkeypatch.setenv("SNAPSCALE_SANDBOX_MOUNTS", "/usr")
-    monkeypatch.setenv("SNAPSCALE_STATE_DIR", str(tmp_path / "state"))
+    host.setenv("SNAPSCALE_STATE_DIR", str(tmp_path / "state"))
     spec = probe_spec("crashed", oci_ref)
     run_dir = tmp_path / "run" / "crashed-1"
     sb = await engine.launch(spec, "crashed-1", gpu_uuids=[], run_dir=run_dir)
