@@ -51,7 +51,7 @@ _COLD_BOOT: TierChoice = choose(Observed("", COLD_ONLY, COMPAT))
 
 # a young-generation collection per this many allocations, not Python's 700: a run allocates
 # millions of short-lived messages, nearly none in a cycle, so most collections free nothing
-GC_GEN0 = 100_000
+GC_GEN0 = 1_000_000
 
 
 @contextmanager
