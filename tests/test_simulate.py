@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pytest
@@ -18,8 +20,8 @@ from snapscale.restorer.tiers import Candidate, Observed, choose
 from snapscale.scaler import actions as scaler_actions
 from snapscale.scaler import service as scaler_service
 from snapscale.scaler.config import ScalerConfig
-from snapscale.scaler.placement import Reservations, place, prefetch_targets
-from snapscale.shared.bus import DeploymentSpec, ScalingSpec, Tier
+from snapscale.scaler.placement import Reservations, choose_releases, needs_freeze, place, prefetch_targets
+from snapscale.shared.bus import DeploymentSpec, ReplicaEvent, ReplicaState, ReplicaSummary, ScalingSpec, Tier
 from snapscale.shared.core.errors import ConfigError
 from snapscale.simulate import down, engine
 from snapscale.simulate.engine import Sim
@@ -194,6 +196,47 @@ def test_candidates_choose_what_the_whole_fleet_would() -> None:
             assert prefetch_targets(spec, few, catalog, Reservations(), want) == prefetch_targets(
                 spec, everyone, catalog, Reservations(), want
             )
+
+
+def test_a_release_reads_its_lighter_heartbeat_as_the_full_one() -> None:
+    """`release_heartbeat` leaves out the GPUs, the cache and the suspended replicas:
+    `choose_releases` and `needs_freeze` answer on it what they answer on the full heartbeat,
+    over random fleets with other deployments' replicas, suspended ones and tight budgets."""
+    rnd = random.Random(5)
+    for _ in range(300):
+        fleet = Fleet(6, 4, 8 * GIB, 2, rnd.choice([0, 2, 4]) * GIB)
+        mode: Literal["auto", "stop", "suspend"] = rnd.choice(["auto", "stop", "suspend"])
+        spec = DeploymentSpec(name="d1", command=["x"], gpus=1, scaling=ScalingSpec(release_mode=mode))
+        ready: list[ReplicaEvent] = []
+        for i, h in enumerate(fleet.hosts):
+            if rnd.random() < 0.4:
+                fleet.suspend(h.name, f"s{i}", Suspended(rnd.choice(["d1", "d2"]), 0.0, GIB))
+            for j in range(rnd.randrange(0, 3)):
+                dep, rep = rnd.choice(["d1", "d2"]), f"r{i}-{j}"
+                nbytes = rnd.randrange(1, 3) * GIB
+                fleet.set_ready(h.name, ReplicaSummary(dep, rep, ReplicaState.READY, [], 1.0, nbytes))
+                if dep == "d1":
+                    ready.append(ReplicaEvent(dep, rep, h.name, ReplicaState.READY, rnd.random()))
+        ckpt = "ck-d1" if rnd.random() < 0.5 else None
+        catalog = {COMPAT: ckpt} if ckpt else {}
+        on = {e.host for e in ready}
+        full = {h: fleet.heartbeat(h, "d1", ckpt, 2.0) for h in on}
+        light = {h: fleet.release_heartbeat(h, "d1", 2.0) for h in on}
+        n = rnd.randrange(0, len(ready) + 2)
+        got = choose_releases(spec, n, ready, light, Reservations())
+        assert got == choose_releases(spec, n, ready, full, Reservations())
+        assert [r.why for r in got] == [r.why for r in choose_releases(spec, n, ready, full, Reservations())]
+        for name in on:
+            assert needs_freeze(light[name], "d1", catalog) == needs_freeze(full[name], "d1", catalog)
+
+
+def test_a_run_collects_cycles_less_often_and_puts_the_collector_back() -> None:
+    before = gc.get_threshold()
+    seen: list[tuple[tuple[int, int, int], int]] = []
+    with engine.few_collections():
+        seen.append((gc.get_threshold(), gc.get_freeze_count()))
+    assert seen[0][0][0] == engine.GC_GEN0 and seen[0][1] > 0
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
 
 
 def test_csv_loader(tmp_path: Path) -> None:

@@ -66,7 +66,8 @@ class Down:
             # choose_releases reads only that a stopping host reports, and nothing else runs
             hosts = {e.host: self.fleet.reporting[e.host] for e in ready}
         else:
-            hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in {e.host for e in ready}}
+            beat = self.fleet.release_heartbeat
+            hosts = {h: beat(h, dep.spec.name, t) for h in {e.host for e in ready}}
         releases = choose_releases(dep.spec, min(n, len(ready)), ready, hosts, NOTHING_RESERVED)
         if not releases:
             return

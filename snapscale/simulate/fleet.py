@@ -175,6 +175,26 @@ class Fleet:
             h.suspended_bytes,
         )
 
+    def release_heartbeat(self, host: str, deployment: str, now: float) -> HostHeartbeat:
+        """The host's heartbeat as far as a release of `deployment`'s ready replicas reads it:
+        `choose_releases` reads the released replica's summary (a ready one: its id is never a
+        suspended one's) and the suspend budget, `needs_freeze` the compat key; neither reads
+        the GPUs, the cache or the suspended replicas, so none is copied."""
+        h = self.by_name[host]
+        ready = h.ready_of.get(deployment)
+        return HostHeartbeat(  # positional, in field order: this runs per release
+            host,
+            now,
+            COMPAT,
+            {},
+            [],
+            [],
+            {},
+            list(ready.values()) if ready else [],
+            self.budget,
+            h.suspended_bytes,
+        )
+
     def _emptiest(self, n: int, gpus: int, skip: Collection[str]) -> list[str]:
         """The n hosts with the most free GPUs (at least `gpus`), then by name, not in `skip`."""
         out: list[str] = []
