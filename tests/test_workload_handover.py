@@ -87,12 +87,11 @@ def test_a_fill_that_fails_hands_nothing_over_and_the_workload_is_told(
     lib = FakeDeviceLib()
     chunks = chunk_dir(record, tmp_path / "cache")
     os.unlink(chunks / sorted(record.chunk_sizes())[0])  # evicted under it
-    listener = listening(tmp_path / "w.sock")
-    args = ho.parse(["--record", str(tmp_path / "rec.json"), "--chunks", str(chunks), "--gpu", U0,
-                     "--listen-fd", str(listener.detach())])  # fmt: skip
-    (tmp_path / "rec.json").write_bytes(record.to_json())
-    with pytest.raises(WeightsError, match="cannot open"):
-        ho.run(args, lib)
+    host = ho.HostVmm(lib)
+    dev = host.device_of(U0)
+    host.use_device(dev)
+    with listening(tmp_path / "w.sock") as listener, pytest.raises(WeightsError, match="cannot open"):
+        ho.serve_filled(host, record, str(chunks), dev, listener)
     arena = CudaArena(Vmm(lib), 0, record.arena.size)
     with pytest.raises(WeightsError, match="fd handover"):
         ho.receive(arena, str(tmp_path / "w.sock"))  # closed: refused at once, not a hang

@@ -4,25 +4,18 @@ hands it over as a POSIX fd on a Unix socket; the workload (`FdHandover`) maps i
 addresses, ~1 ms on its critical path instead of the fill (the probe in docs/weights.md: 1.09-1.20 s
 restore -> answer for 4 GiB, the fill in parallel).
 
-    python -m snapscale.workload.handover --record IMG/snapscale-weights.json --chunks DIR \\
-        --gpu GPU-<uuid> --listen-fd N [--threads 8] [--timeout-s 120]
-
-The caller binds and listens on the socket and passes it as fd N, so the workload can connect the
-moment after_restore runs; the fd goes out once the fill is done. Prints one JSON line (bytes,
-seconds). Standard library and libcuda: no torch, so it is filling within ~0.1 s of its start.
+The filling process is `snapscale.workload.standby` (started ahead of the job, its context made);
+this module is its fill (`serve_filled`), the handover on both sides (`hand_over`, `receive`) and
+its one-JSON-line report (`outcome`). Standard library and libcuda: no torch.
 """
-
 from __future__ import annotations
 
-import argparse
 import ctypes
 import json
 import os
 import socket
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from snapscale.workload import fill as filling
@@ -186,32 +179,6 @@ def receive(arena: CudaArena, path: str) -> None:
         s.sendall(b"k")
 
 
-def run(args: argparse.Namespace, lib: Any = None) -> dict[str, Any]:
-    """Fill and hand over as `args` say; `lib` stands in for libcuda (tests)."""
-    listener = socket.socket(fileno=args.listen_fd)
-    try:
-        record = rec.WeightsRecord.from_json(Path(args.record).read_bytes(), args.record)
-        vmm = HostVmm.open(lib) if lib is not None else HostVmm.load()
-        device = vmm.device_of(args.gpu)
-        vmm.use_device(device)
-        return serve_filled(
-            vmm, record, args.chunks, device, listener, threads=args.threads, timeout_s=args.timeout_s
-        )
-    finally:
-        listener.close()
-
-
-def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--record", required=True, help="the image's snapscale-weights.json")
-    p.add_argument("--chunks", required=True, help="chunk files named by digest (the host cache)")
-    p.add_argument("--gpu", required=True, help="the target GPU's UUID (GPU-...)")
-    p.add_argument("--listen-fd", type=int, required=True, help="a listening Unix socket, inherited")
-    p.add_argument("--threads", type=int, default=filling.DEFAULT_THREADS)
-    p.add_argument("--timeout-s", type=float, default=120.0, help="for the workload to connect and map")
-    return p.parse_args(argv)
-
-
 def outcome(work: Callable[[], dict[str, Any]]) -> int:
     """Do `work`; print what it returned, or why it failed, as the one last JSON line; exit status."""
     try:
@@ -221,11 +188,3 @@ def outcome(work: Callable[[], dict[str, Any]]) -> int:
         return 1
     print(json.dumps(out), flush=True)
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    return outcome(lambda: run(parse(argv)))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
