@@ -312,8 +312,8 @@ async def _assemble(
             with phase(a, "materialize"):
                 placed = await c.materialize(m, image_dir, arriving=fetch if overlap else None, sink=sink)
             a.bytes.update(landed=placed.landed_bytes, copied=placed.copied_bytes)
+            await fetch  # its last cache writes (a landed chunk is cached after it is placed)
             await pause_point("materialize")
-            await fetch
         except BaseException:
             fetch.cancel()
             await asyncio.gather(fetch, return_exceptions=True)
