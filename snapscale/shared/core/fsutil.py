@@ -29,6 +29,19 @@ def write_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
         os.close(dfd)
 
 
+def read_into(fd: int, view: memoryview, offset: int = 0) -> int:
+    """Read from `offset` of `fd` until `view` is full or the file ends: the bytes read. Each
+    slice taken of `view` is released before returning (it may be a mapping's, to be closed)."""
+    done = 0
+    while done < len(view):
+        with view[done:] as rest:
+            n = os.preadv(fd, [rest], offset + done)
+        if n == 0:
+            break
+        done += n
+    return done
+
+
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int, length: int) -> int:
     """Copy up to `length` bytes from `src_off` of `src_fd` to `dst_off` of `dst_fd`, in the kernel
     where the filesystems allow (`copy_file_range`), else through `pread`/`pwrite`. The bytes

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from snapscale.shared.core.fsutil import copy_range
+from snapscale.shared.core.fsutil import copy_range, read_into
 from snapscale.shared.store.backend import ChunkError
 from snapscale.shared.store.cache import CHUNK_MODE, HostCache
 from snapscale.shared.store.chunking import ZERO_CHUNK, chunk_length
@@ -70,14 +70,8 @@ def _read_into(src: Path, mm_fd: int, mm: mmap.mmap, offset: int, length: int) -
     os.posix_fallocate(mm_fd, offset, length)
     sfd = os.open(src, os.O_RDONLY)
     try:
-        done = 0
         with memoryview(mm) as whole, whole[offset : offset + length] as dst:
-            while done < length:
-                with dst[done:] as rest:
-                    n = os.preadv(sfd, [rest], done)
-                if n == 0:
-                    break
-                done += n
+            done = read_into(sfd, dst)
         if done != length:
             raise ChunkError(src.name, f"cached chunk is {done} bytes, the manifest says {length}")
     finally:

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from snapscale.shared.core.fsutil import read_into
 from snapscale.shared.store.backend import ChunkStore, NotFoundError, ObjectInfo, TooBigError, check_key
 
 TMP_DIR = ".tmp"
@@ -123,12 +124,7 @@ def _read_into(path: Path, key: str, buf: memoryview) -> int:
         size = os.fstat(fd).st_size
         if size > len(buf):
             raise TooBigError(f"{key}: {size} bytes, more than the {len(buf)} expected")
-        done = 0
-        while done < size:
-            n = os.preadv(fd, [buf[done:size]], done)
-            if n == 0:
-                break  # shrank meanwhile: the caller's hash check catches a short chunk
-            done += n
-        return done
+        with buf[:size] as part:
+            return read_into(fd, part)  # short if it shrank meanwhile: the hash check catches it
     finally:
         os.close(fd)
