@@ -1,6 +1,8 @@
 """The sample sandbox as an OCI image (runc) beside today's host-process sandbox, in the same run:
 cold boot, freeze, restore (engine.launch / freeze / restore, no services), each kind in turn for
-`--rounds` rounds; every restored replica's first answer must equal its cold boot's byte for byte.
+`--rounds` rounds, the order alternating; every restored replica's first answer must equal its cold
+boot's byte for byte. The host kind gets a fresh HOME and TMPDIR each round, as the container gets a
+fresh /tmp, so both compile from nothing and freeze the same process state.
 
 The image is small (bench/oci_image.py: its own /etc, nothing else); the sample's code and the
 host's Python environment come in as declared read-only mounts, with the weights' directory.
@@ -115,6 +117,9 @@ async def one_round(
 ) -> dict[str, Any]:
     base = work / f"{kind}-{n}"
     shutil.rmtree(base, ignore_errors=True)
+    if kind == "host":  # a fresh HOME and TMPDIR (torch.compile's caches), as the container's /tmp is
+        (base / "tmp").mkdir(parents=True)
+        d = replace(d, env={**d.env, "HOME": str(base / "tmp"), "TMPDIR": str(base / "tmp")})
     s = time.monotonic()
     sb = await engine.launch(d, f"bench-{kind}-{n}a", gpu_uuids=gpus, run_dir=base / "run-a")
     try:
@@ -152,10 +157,11 @@ async def play(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     criu = find_criu(os.environ.get("SNAPSCALE_CRIU"))
     runs: list[dict[str, Any]] = []
     for n in range(args.rounds):
-        for kind in KINDS:
+        for kind in KINDS if n % 2 == 0 else KINDS[::-1]:  # neither kind always second
             runs.append(await one_round(kinds[kind], kind, n, work, gpus, criu, args.criu_log_level))
     med = {k: statistics.median(r["restore_first_answer_s"] for r in runs if r["kind"] == k) for k in KINDS}
     return {"image": image, "gpus": gpus, "cpu": args.cpu, "runs": runs, "median_restore_s": med,
+            "host_cgroup": Path("/proc/self/cgroup").read_text().splitlines(),
             "oci_over_host": round(med["oci"] / med["host"], 3),
             "all_identical": all(r["answer_identical"] for r in runs)}  # fmt: skip
 
