@@ -58,6 +58,16 @@ def _mounted(p: Path) -> bool:
     return os.path.ismount(p)
 
 
+def _volatile(mount_point: Path) -> bool:
+    """Whether /proc/self/mountinfo says the overlay at `mount_point` skips syncs (`volatile`,
+    shown as `fsync=volatile` since Linux 6.x)."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(mount_point):
+            return bool({"volatile", "fsync=volatile"} & set(fields[-1].split(",")))
+    raise AssertionError(f"{mount_point} is not mounted")
+
+
 async def _call(sb: Sandbox, method: str, path: str, body: object = None) -> object:
     data = b"" if body is None else json.dumps(body).encode()
     status, out = await probe.http_request(method, sb.endpoint, path, timeout_s=10, body=data)
@@ -123,6 +133,9 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
     first_run = tmp_path / "host-a" / "run" / "f1"
     sb = await engine.launch(spec, "frozen-1", gpu_uuids=[], run_dir=first_run)
     made.append(sb)
+    # Its writable layer is the replica's alone and travels as a tar: the overlay never syncs the
+    # host's disk (an unmount after a freeze would write back the whole image CRIU just wrote).
+    assert _volatile(first_run / "bundle" / "rootfs")
     await engine.wait_ready(sb, spec.ready)
     for n in (1, 2, 3):
         assert await _call(sb, "GET", "/count") == n
@@ -133,7 +146,7 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
     assert live.keep_running and await _call(sb, "GET", "/count") == 4
     image_dir = tmp_path / "image"
     rep = await engine.freeze(sb, spec, image_dir, keep_running=False, criu=criu)
-    assert not rep.keep_running and not is_running(sb)
+    assert not rep.keep_running and not is_running(sb) and "stop" in rep.timings_s
     assert (image_dir / "rootfs-upper.tar").is_file()  # the writable layer travels in the image
     shutil.rmtree(first_run)  # scaled to zero: nothing of the first replica is left
     for host, replica in (("host-a", "frozen-2"), ("host-b", "frozen-3")):
@@ -145,6 +158,7 @@ async def test_a_container_is_frozen_scaled_to_zero_and_restored_here_and_on_ano
         )
         made.append(back)
         assert back.netns != sb.netns and back.container == replica
+        assert _volatile(tmp_path / host / "run" / replica / "bundle" / "rootfs")
         assert await _call(back, "GET", "/count") == 5, host
         assert await _call(back, "POST", "/read", {"path": "/data/kept"}) == "ok: from the first replica"
         assert await _call(back, "POST", "/read", {"path": "/scratch/kept"}) == "ok: scratch too"

@@ -287,7 +287,8 @@ async def freeze(
                     with _step(t, "after_restore", sb):
                         await _hook("after_restore", sb, hooks.after_restore, hooks.timeout_s, body)
             else:
-                await stop(sb)
+                with _step(t, "stop", sb):
+                    await stop(sb)
                 runtime.mark_stopped_by_freeze(sb, image_dir)
         except BaseException:
             # A thread cannot be stopped: the image dir is the pass's until it ends.
