@@ -255,6 +255,7 @@ def test_gpu_host_can_checkpoint(compose: dict[str, Any]) -> None:
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     targets = {v["target"]: v for v in gpu["volumes"] if isinstance(v, dict)}
     assert targets["/run/netns"]["bind"]["propagation"] == "rshared"
+    assert "/run" in gpu["tmpfs"]  # CRIU's kdat cache (engine/kdat.py)
     assert "/sys/fs/cgroup" in targets
     assert gpu["command"] == ["/app/compose/gpu-host.sh"]
     script = COMPOSE / "gpu-host.sh"

@@ -24,7 +24,7 @@ from snapscale.shared.bus import Bucket, CheckpointEvent, FreezeCommand, Verb
 from snapscale.shared.core import telemetry
 from snapscale.shared.core.errors import MessageError, RetryableError
 from snapscale.shared.core.settings import Settings
-from snapscale.shared.engine import CriuBinary, SandboxRegistry, find_criu
+from snapscale.shared.engine import CriuBinary, SandboxRegistry, find_criu, warn_kdat_cache
 from snapscale.shared.store import open_store
 
 log = logging.getLogger(__name__)
@@ -183,6 +183,7 @@ async def serve(
     """Run the freezer for `settings.host_id` until `stop` is set, then drain the freeze in flight."""
     settings.require_signing_key()
     criu = criu or find_criu(settings.criu_path)
+    warn_kdat_cache()
     b = await bus.open_bus(settings, f"snapscale-freezer-{settings.host_id}", stop=stop)
     try:
         async with open_store(settings.store) as store:

@@ -52,7 +52,7 @@ from snapscale.shared.bus import (
 from snapscale.shared.core import runtime
 from snapscale.shared.core.errors import MessageError, RetryableError
 from snapscale.shared.core.settings import Settings
-from snapscale.shared.engine import CompatKey, CriuBinary, SandboxRegistry, find_criu
+from snapscale.shared.engine import CompatKey, CriuBinary, SandboxRegistry, find_criu, warn_kdat_cache
 from snapscale.shared.store import HostCache, open_store
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ class Restorer:
         s, c = self.settings, self.config
         s.require_signing_key()
         criu = self._criu if self._criu is not None else await asyncio.to_thread(find_criu, s.criu_path)
+        await asyncio.to_thread(warn_kdat_cache)
         b = await busmod.open_bus(s, f"restorer-{c.host}", stop=stop)
         work = c.dirs(s)
         fillers: Fillers | None = None

@@ -13,6 +13,7 @@ from snapscale.shared.engine.forward import (
     free_host_port,
     port_hint,
 )
+from snapscale.shared.engine.kdat import warn as warn_kdat_cache
 from snapscale.shared.engine.lifecycle import (
     FreezeReport,
     ImageMeta,
@@ -90,4 +91,5 @@ __all__ = [
     "sweep_containers",
     "tree_pids",
     "wait_ready",
+    "warn_kdat_cache",
 ]
