@@ -82,7 +82,11 @@ def oci_spec(base: spec.DeploymentSpec, image: str, weights: Path, *, gpu: bool)
 def samples(args: argparse.Namespace, work: Path) -> tuple[spec.DeploymentSpec, Path, list[str]]:
     if args.cpu:
         base = spec.load_spec(ROOT / "examples" / "sample_cpu_quick.toml")
-        base = replace(base, cwd=str(ROOT), command=[sys.executable, *base.command[1:]])
+        cmd = [sys.executable, *base.command[1:]]
+        if args.cpu_kv_mib:  # a KV cache kept through the freeze: pages for the restore to read
+            cmd[cmd.index("--kv-mib") + 1] = str(args.cpu_kv_mib)
+            base = replace(base, hooks=spec.HooksSpec())
+        base = replace(base, cwd=str(ROOT), command=cmd)
         return base, Path(base.command[base.command.index("--weights") + 1]), []
     from bench.e2e_gpu import gpu_spec, gpu_uuids, write_weights
 
@@ -172,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true", help="the tiny CPU sample, for a machine without GPU")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--kv-gib", type=int, default=4)
+    p.add_argument(
+        "--cpu-kv-mib", type=int, default=0,
+        help="with --cpu: the sample's KV cache in MiB, kept through the freeze (no hooks), so the "
+        "image holds that many pages for the restore to read (default: the quick sample's 16, dropped)",
+    )  # fmt: skip
     p.add_argument(
         "--criu-log-level", type=int, default=2, choices=(2, 4),
         help="the host sandbox's CRIU log level (4: timestamps for its profile; runc always logs at 4)",
