@@ -189,7 +189,9 @@ async def main() -> None:
                 "pool + landing": functools.partial(pooled, ep, m, work, par, True, 0),
                 "pool + landing, 4 MiB reads": functools.partial(pooled, ep, m, work, par, True, 4 << 20),
                 "blocks as received + landing": functools.partial(blocks_as_received, ep, m, work, par),
-                "prefetch + lean cache write": functools.partial(bp.prefetch_once, ep, "p", m, work, par, LeanCache),  # noqa: E501
+                "prefetch + lean cache write": functools.partial(
+                    bp.prefetch_once, ep, "p", m, work, par, LeanCache
+                ),
             }
             if a.only:
                 variants = {k: v for k, v in variants.items() if k in a.only.split(",")}

@@ -67,7 +67,9 @@ async def main() -> None:
                     futex_wait_s += float(took.group(1))
             per_gb = {k: round(n / gb) for k, n in sorted(loop_calls.items())}
             print(f"{v:9} event-loop thread, calls/GB {per_gb}; in futex {futex_wait_s / gb:.3f} s/GB")
-            print(f"{'':9} other threads, calls/GB {({k: round(n / gb) for k, n in sorted(other.items())})}")
+            print(
+                f"{'':9} other threads, calls/GB { ({k: round(n / gb) for k, n in sorted(other.items())}) }"
+            )
 
 
 if __name__ == "__main__":

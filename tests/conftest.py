@@ -239,4 +239,3 @@ def criu() -> CriuBinary:
     if "Looks good" not in chk.stdout + chk.stderr:
         pytest.skip(f"criu check fails here: {chk.stdout} {chk.stderr}")
     return b
-

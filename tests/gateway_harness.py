@@ -117,5 +117,3 @@ async def eventually(cond: Callable[[], bool], timeout_s: float = 10.0, what: st
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout_s}s: {what}")
         await asyncio.sleep(0.01)
-
-

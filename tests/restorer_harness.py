@@ -230,9 +230,14 @@ def service_env(settings: Settings, criu: CriuBinary) -> dict[str, str]:
     """The environment a service process (`snapscale restorer`, `freezer`, `scaler`) reads its
     settings from, matching `settings`; none of this process's own SNAPSCALE_ variables."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SNAPSCALE_")}
-    return {**env, **settings_env(settings), "SNAPSCALE_CRIU": criu.path, "SNAPSCALE_HEARTBEAT_S": "0.5",
+    return {
+        **env,
+        **settings_env(settings),
+        "SNAPSCALE_CRIU": criu.path,
+        "SNAPSCALE_HEARTBEAT_S": "0.5",
         # dev mode where conftest sets it (host-process sandboxes); otherwise OCI, the default
-        "SNAPSCALE_SANDBOX": os.environ.get("SNAPSCALE_SANDBOX", "oci")}
+        "SNAPSCALE_SANDBOX": os.environ.get("SNAPSCALE_SANDBOX", "oci"),
+    }
 
 
 def spawn(

@@ -21,4 +21,3 @@ def memory_spans() -> InMemorySpanExporter:
     else:
         telemetry.setup("snapscale-tests", None, exporter=mem)
     return mem
-

@@ -185,7 +185,7 @@ async def test_every_promql_query_answers_after_two_scale_ups(
         wait_port(metrics_port, timeout_s=30)
         await prom.wait('up{job="snapscale"}', lambda v: v == 1.0)
         # Both sources of the bytes counter exist at 0 before any scale-up, so its first increase counts.
-        await prom.wait(f'count({sc.SCALE_UP_IO_METRIC.replace(".", "_")}_bytes_total)', lambda v: v == 2.0)
+        await prom.wait(f"count({sc.SCALE_UP_IO_METRIC.replace('.', '_')}_bytes_total)", lambda v: v == 2.0)
 
         # Two scale-ups by one tier with a scrape between: a rate needs a series to change after it
         # appeared (Prometheus cannot see the first increment of a new series).

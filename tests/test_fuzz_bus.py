@@ -302,7 +302,7 @@ async def test_malformed_messages_on_every_subject_are_refused_and_scale_ups_go_
     for name, (service, pattern) in refusal_patterns(settings.namespace).items():
         assert len(re.findall(pattern, logs[service])) == sent[name], (name, sent[name], SEED)
     for service, text in logs.items():
-        assert "Traceback" not in text, f"{service}:\n{text[text.index('Traceback') - 2000:][:4000]}"
+        assert "Traceback" not in text, f"{service}:\n{text[text.index('Traceback') - 2000 :][:4000]}"
     assert sum(sent.values()) == len(KINDS) * 9
     # every scale-up came up, by the normal path
     assert sorted(ready) == sorted(d.name for d in deps)

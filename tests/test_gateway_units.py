@@ -276,7 +276,6 @@ def test_bad_settings_name_the_variable_and_why(env: dict[str, str], message: st
     assert str(e.value).startswith(message)
 
 
-
 async def test_a_scale_up_trace_that_comes_before_the_record_stays() -> None:
     """The replica event (with the trace) may arrive before its KV record: the record keeps it."""
     pool = Pool("llm", DEFAULT_LIMITS)

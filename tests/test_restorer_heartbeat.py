@@ -79,9 +79,7 @@ async def test_release_is_followed_by_a_heartbeat_at_once(h: Harness) -> None:
                 await engine.stop(lv.sandbox)
 
 
-async def test_beats_go_on_while_jetstream_hangs(
-    h: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_beats_go_on_while_jetstream_hangs(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     """While a NATS cluster elects a stream leader, JetStream requests hang for seconds; the beat is
     core NATS, and a host that misses 3 s of them is counted lost by the scaler."""
     beats: list[float] = []

@@ -151,9 +151,7 @@ def test_declared_limits_refuse_with_the_field_and_reason(
 
 
 def test_the_same_command_within_its_limits_decodes() -> None:
-    cmd = decode_command(
-        _scale_up(replica="r" * 128, deployment="d" * 64, gpu_uuids=["GPU-0"]), "scale-up"
-    )
+    cmd = decode_command(_scale_up(replica="r" * 128, deployment="d" * 64, gpu_uuids=["GPU-0"]), "scale-up")
     assert isinstance(cmd, bus.ScaleUpCommand) and len(cmd.replica) == 128
 
 

@@ -23,7 +23,6 @@ from snapscale.shared.core.errors import MessageError
 log = logging.getLogger(__name__)
 
 
-
 async def follow(b: bus.Bus, state: DemoState, out: Console) -> None:
     """Replica and checkpoint events (JetStream, from the start) and host heartbeats into `state`."""
 
@@ -63,9 +62,7 @@ class FirstAnswer:
     tries: int = 0  # requests it took: a 503 (held too long, queue full) is sent again
 
 
-async def first_answer(
-    http: aiohttp.ClientSession, url: str, n: int, deadline_s: float
-) -> FirstAnswer:
+async def first_answer(http: aiohttp.ClientSession, url: str, n: int, deadline_s: float) -> FirstAnswer:
     """`n` GETs to `url` (through the gateway) at once, each sent again after a 503 with the wait its
     Retry-After asks, until one is answered; the first answer, or the last refusal at the deadline."""
     out = FirstAnswer(sent_at=time.time())

@@ -209,4 +209,3 @@ class Client:
     def close(self) -> None:
         for endpoint in list(self._idle):
             self.forget(endpoint)
-

@@ -32,7 +32,6 @@ class Tracked:
         return replica_key(self.ev.deployment, self.ev.replica)
 
 
-
 def apply_event(cur: ReplicaEvent | None, ev: ReplicaEvent) -> ReplicaEvent | None:
     """The replica's state after `ev`, or None when the event changes nothing.
 

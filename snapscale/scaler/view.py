@@ -181,10 +181,7 @@ class View:
         return [
             t
             for t in self.replicas.values()
-            if t.ev.host == hb.host
-            and t.key not in listed
-            and t.ev.state in HELD
-            and t.ev.ts < hb.started_at
+            if t.ev.host == hb.host and t.key not in listed and t.ev.state in HELD and t.ev.ts < hb.started_at
         ]
 
     def cut_by_restart(self, t: Tracked, ev: ReplicaEvent) -> bool:

@@ -8,6 +8,7 @@ The filling process is `snapscale.workload.standby` (started ahead of the job, i
 this module is its fill (`serve_filled`), the handover on both sides (`hand_over`, `receive`) and
 its one-JSON-line report (`outcome`). Standard library and libcuda: no torch.
 """
+
 from __future__ import annotations
 
 import ctypes

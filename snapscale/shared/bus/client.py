@@ -150,7 +150,6 @@ class Bus:
             raise BusLost(self.lost)
 
 
-
 async def open_bus(
     settings: Settings,
     name: str,
@@ -191,6 +190,7 @@ async def open_bus(
         raise
     opened = Bus(nc=nc, js=js, subjects=subjects, kv=kv)
     return opened
+
 
 async def require_jetstream(js: JetStreamContext, url: str) -> None:
     try:
@@ -333,6 +333,7 @@ async def kv_cas(kv: KeyValue, key: str, value: bytes, last_revision: int | None
 
     Raises `RetryableError` when someone else wrote first; re-read and decide again.
     """
+
     async def once() -> int:
         if last_revision is None:
             return await kv.create(key, value)

@@ -56,7 +56,9 @@ class StoreSettings:
         u = urlparse(url)
         if u.scheme == "file":
             if not u.path.startswith("/"):
-                raise ConfigError(f"SNAPSCALE_STORE={url!r}: a file store needs an absolute path, file:///path")
+                raise ConfigError(
+                    f"SNAPSCALE_STORE={url!r}: a file store needs an absolute path, file:///path"
+                )
         elif u.scheme == "s3":
             if not u.netloc:
                 raise ConfigError(f"SNAPSCALE_STORE={url!r}: an S3 store needs a bucket, s3://bucket/prefix")
@@ -108,7 +110,9 @@ class Settings:
     nats_url: str = DEFAULT_NATS_URL
     nats_auth: NatsAuth = field(default_factory=NatsAuth)
     namespace: str = "snapscale"  # subject root and KV/stream prefix; tests use their own
-    store: StoreSettings = field(default_factory=lambda: StoreSettings(url=f"file://{DEFAULT_STATE_DIR}/store"))
+    store: StoreSettings = field(
+        default_factory=lambda: StoreSettings(url=f"file://{DEFAULT_STATE_DIR}/store")
+    )
     signing_key: bytes = b""
     cache_dir: Path = Path(DEFAULT_CACHE_DIR)
     cache_bytes: int = 64 << 30
