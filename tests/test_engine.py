@@ -78,6 +78,10 @@ async def test_launch_freeze_restore_twice_concurrently(
         steps = {"sandbox_prepare", "criu_restore", "after_restore", "ready_probe", "restore"}
         assert steps <= r.timings_s.keys()
         assert r.criu_stats.get("pages_restored", 0) > 1000
+    # each restore's CRIU stats in its own run dir: read from the shared image, one could be read
+    # while the other was writing it (an empty stats dict, once in a full run)
+    assert not (img2 / "stats-restore").exists()
+    assert all((tmp_path / f"run-{i}" / "stats-restore").is_file() for i in (1, 2))
     # Each replica writes to its own log (the frozen log fd was swapped for a fresh one).
     for s in (a, b):
         assert "after_restore: KV cache allocated" in read_text(s.log_path)

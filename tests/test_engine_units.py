@@ -50,9 +50,11 @@ def test_mount_ids_and_an_fds_mount() -> None:
 
 def test_restore_argv() -> None:
     argv = criu.restore_argv(
-        B, Path("/img"), inherit={"extnet": 5, "tmp/log": 6}, log_path=Path("/l"), pidfile=Path("/p")
+        B, Path("/img"), inherit={"extnet": 5, "tmp/log": 6}, log_path=Path("/run-a/l"), pidfile=Path("/p")
     )
     assert argv[:3] == ["/opt/criu", "restore", "-d"]
+    # stats-restore in the replica's dir, not in an image others may be restoring from at once
+    assert argv[argv.index("-D") + 1] == "/img" and argv[argv.index("-W") + 1] == "/run-a"
     assert "fd[5]:extnet" in argv and "fd[6]:tmp/log" in argv
     assert argv[argv.index("--pidfile") + 1] == "/p"
     assert argv[argv.index("--root") + 1] == "/" and argv[argv.index("--ext-mount-map") + 1] == "auto"

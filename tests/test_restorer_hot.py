@@ -57,7 +57,7 @@ async def test_second_restore_reuses_the_assembled_image(h: Harness) -> None:
         assert await get(b.endpoint, "/generate") == frozen.answer
         assert await get(a.endpoint, "/generate") == frozen.answer  # both serve, from one image
 
-        # two restores reading the one hot image at once (CRIU writes its stats-restore there)
+        # two restores reading the one hot image at once
         await asyncio.gather(h.restore(spec.name, "b2"), h.restore(spec.name, "b3"))
         for r in ("b2", "b3"):
             ev = await h.wait(r)

@@ -194,13 +194,17 @@ def restore_argv(
     The sandbox's mount namespace is rebuilt on the host's root, its external mounts bound back from
     the same host paths (`--root / --ext-mount-map auto`). The image's TCP connections left are
     loopback ones (tcpimg.py), restored established, no lock (see `dump_argv`). `log_level` 4
-    timestamps every step (criu_profile.py reads it); 2, errors only, costs nothing."""
+    timestamps every step (criu_profile.py reads it); 2, errors only, costs nothing. CRIU's work
+    dir (its `stats-restore`) is the log's dir, the replica's own: several restores may read one
+    image dir at once (a hot image), and one's stats must not be read while another writes them."""
     argv = [
         b.path,
         "restore",
         "-d",
         "-D",
         str(image_dir),
+        "-W",
+        str(log_path.parent),
         "-o",
         str(log_path),
         f"-v{log_level}",
@@ -263,7 +267,9 @@ async def restore(
         b, image_dir, inherit=inherit, log_path=log_path, pidfile=pidfile, log_level=log_level
     )
     seconds = await _run(argv, "criu_restore", log_path, pass_fds=tuple(inherit.values()))
-    return CriuRun(seconds=seconds, stats=read_stats(image_dir, "restore"), pid=_read_pid(pidfile, log_path))
+    return CriuRun(
+        seconds=seconds, stats=read_stats(log_path.parent, "restore"), pid=_read_pid(pidfile, log_path)
+    )
 
 
 def _mkdir(d: Path) -> None:
