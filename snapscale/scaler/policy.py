@@ -31,6 +31,7 @@ class Window:
     __slots__ = (
         "_cnt",
         "_held",
+        "_low",
         "_n_panic",
         "_n_stable",
         "_stamp",
@@ -54,6 +55,9 @@ class Window:
         self._cnt = [0] * self._n_stable
         self._stamp = [_EMPTY] * self._n_stable
         self.head = int(now // BUCKET_S)
+        # no bucket below this holds a sample still in the window (a lower bound: expiring
+        # buckets one at a time leaves it behind), so a jump of the head walks from here
+        self._low = self.head + 1
         self.first_bucket: int | None = None  # the first bucket that got a sample
         self.stable_sum = 0.0
         self.panic_sum = 0.0
@@ -82,6 +86,7 @@ class Window:
             # so no bucket index from here on matches one, and a slot is refilled when its stamp
             # differs) and only the sums start again, without allocating the ring anew
             self.stable_sum = self.panic_sum = 0.0
+            self._low = t + 1
         else:
             stamp, sums, cnts = self._stamp, self._sum, self._cnt
             panic, stable = self.panic_sum, self.stable_sum  # locals: this runs per sample
@@ -95,16 +100,20 @@ class Window:
                 if stamp[s] == j:
                     stable -= sums[s] / cnts[s]
                     stamp[s] = _EMPTY
-            else:  # a bucket past h holds no sample yet: the panic walk stops at h
-                for j in range(h - np_ + 1, min(t - np_, h) + 1):
+            else:  # walk the buckets that leave from the lowest that can hold a sample, and
+                # the panic window's only up to h (no bucket past it holds a sample yet)
+                low = self._low
+                for j in range(max(h - np_ + 1, low), min(t - np_, h) + 1):
                     s = j % ns
                     if stamp[s] == j:
                         panic -= sums[s] / cnts[s]
-                for j in range(h - ns + 1, t - ns + 1):
+                for j in range(max(h - ns + 1, low), t - ns + 1):
                     s = j % ns
                     if stamp[s] == j:
                         stable -= sums[s] / cnts[s]
                         stamp[s] = _EMPTY
+                if low <= t - ns:
+                    self._low = t - ns + 1
             # running sums drift by float rounding; an empty window must read exactly zero
             self.stable_sum = stable if stable >= 1e-9 else 0.0
             self.panic_sum = panic if panic >= 1e-9 else 0.0
@@ -141,6 +150,8 @@ class Window:
         stamp, sums, cnts = self._stamp, self._sum, self._cnt
         if stamp[s] != b:
             stamp[s] = b
+            if b < self._low:
+                self._low = b
             sums[s] = 0.0 + concurrency
             cnts[s] = 1
             delta = sums[s]  # its mean, less the empty bucket's 0
