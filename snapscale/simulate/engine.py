@@ -109,6 +109,7 @@ class Sim(Down):
         # stop, never freeze: no decision reads a ready replica in a heartbeat (`place` reads the
         # suspended ones, `choose_releases` the RSS only to suspend), so none is listed
         self.stop_only = policy.release_mode == "stop" and not policy.freeze
+        self.cold_only = policy.tiers == COLD_ONLY
 
     # --- the loop ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
@@ -127,13 +128,12 @@ class Sim(Down):
                 self.push(s.times[0], WAKE, d)
         tick = self.cfg.tick_s
         k, shown = 1, t0
-        tick_one = self._tick
+        tick_one, event, pop, heap = self._tick, self._event, heapq.heappop, self.heap
         while (t := k * tick) <= horizon:
-            heap = self.heap
             while heap and heap[0][0] <= t:
-                at, _seq, kind, d, what = heapq.heappop(heap)
+                at, _seq, kind, d, what = pop(heap)
                 self.now = at
-                self._event(at, kind, d, what)
+                event(at, kind, d, what)
             self.now, self.k = t, k
             order = sorted(self.active)  # an order that does not depend on who skipped
             self.res.decisions += len(order)  # one decision each
@@ -268,7 +268,7 @@ class Sim(Down):
         fleet.take(p.host, p.gpu_uuids)
         self.ids += 1
         name = dep.spec.name
-        if self.policy.tiers == COLD_ONLY:  # choose answers a command allowing only cold boots with one
+        if self.cold_only:  # choose answers a command allowing only cold boots with one
             choice = _COLD_BOOT
         else:
             choice = choose(

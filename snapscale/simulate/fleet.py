@@ -78,11 +78,6 @@ class Fleet:
         return self.gpus_total - self.gpus_in_use
 
     # --- GPUs ----------------------------------------------------------------------------
-    def _refile(self, h: SimHost, before: int) -> None:
-        lst = self.by_free[before]
-        del lst[bisect.bisect_left(lst, h.name)]
-        bisect.insort(self.by_free[h.free], h.name)
-
     def take(self, host: str, uuids: list[str]) -> None:
         self._mark(self.by_name[host], uuids, True)
 
@@ -90,14 +85,19 @@ class Fleet:
         self._mark(self.by_name[host], uuids, False)
 
     def _mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
-        before = h.free
+        """Each GPU's view as taken or free, the counts, and the host refiled by its free count."""
+        before, index, view = h.free, self.gpu_index, h.view
+        src = h.busy if taken else h.gpus
         for u in uuids:
-            i = self.gpu_index[u]
-            h.view[i] = h.busy[i] if taken else h.gpus[i]
+            i = index[u]
+            view[i] = src[i]
         n = len(uuids) if taken else -len(uuids)
-        h.free -= n
+        h.free = after = before - n
         self.gpus_in_use += n
-        self._refile(h, before)
+        name = h.name
+        lst = self.by_free[before]
+        del lst[bisect.bisect_left(lst, name)]
+        bisect.insort(self.by_free[after], name)
 
     # --- replicas ------------------------------------------------------------------------------
     def set_ready(self, host: str, summary: ReplicaSummary) -> None:
@@ -230,7 +230,8 @@ class Fleet:
 
     def prefetch_candidates(self, ckpt: str, want: int, gpus: int) -> list[str]:
         """The hosts `prefetch_targets` can choose for `want` hosts: up to `want` that cache the
-        checkpoint (they only count) and the `want` emptiest others (its order: most free GPUs,
-        then name; no host here holds part of a checkpoint)."""
+        checkpoint (they only count) and as many of the emptiest others as those leave to choose
+        (its order: most free GPUs, then name; no host here holds part of a checkpoint)."""
         cached = self.cached_on.get(ckpt, set())
-        return [*itertools.islice(cached, want), *self._emptiest(want, gpus, cached)]
+        have = list(itertools.islice(cached, want))
+        return have + self._emptiest(want - len(have), gpus, cached) if len(have) < want else have
