@@ -233,7 +233,7 @@ def choose_releases(
     per_host: dict[str, int] = {}
     for r in ready:
         per_host[r.host] = per_host.get(r.host, 0) + 1
-    order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica))
+    order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica)) if len(ready) > 1 else ready
     budget_used = dict(reserved.suspend_bytes)
     out: list[Release] = []
     for r in order[: max(0, n)]:

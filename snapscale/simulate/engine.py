@@ -218,7 +218,7 @@ class Sim(Down):
         the deployment's next sample: the first tick after its second."""
         tick, secs = self.cfg.tick_s, self.samples[d].secs
         k = self._first_tick(until, strict=False)
-        if c < len(secs):
+        if c < len(secs) and secs[c] < k * tick:  # else the sample's tick is k or later
             k = min(k, self._first_tick(float(secs[c]), strict=True))
         if k > self.k + 1:
             self.active.discard(d)

@@ -11,7 +11,6 @@ one copies, it does not search.
 from __future__ import annotations
 
 import bisect
-import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Collection
@@ -226,7 +225,8 @@ class Fleet:
             keyed.append((rank, replicas_on.get(name, 0), -have, -h.free, name))
         for name in self._emptiest(n, gpus, known):
             keyed.append((3, 0, 0, -self.by_name[name].free, name))
-        return [key[-1] for key in heapq.nsmallest(n, keyed)]
+        keyed.sort()  # a few keys: sorting them is cheaper than heapq.nsmallest's heap
+        return [key[-1] for key in keyed[:n]]
 
     def prefetch_candidates(self, ckpt: str, want: int, gpus: int) -> list[str]:
         """The hosts `prefetch_targets` can choose for `want` hosts: up to `want` that cache the
