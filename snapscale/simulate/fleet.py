@@ -44,6 +44,7 @@ class SimHost:
     # deployment -> replica -> summary, as the heartbeat lists them (suspended first)
     suspended_of: dict[str, dict[str, ReplicaSummary]] = field(default_factory=dict)
     ready_of: dict[str, dict[str, ReplicaSummary]] = field(default_factory=dict)
+    idx: int = 0  # its place in the fleet: the names' order (zero-padded), compared as ints
 
 
 class Fleet:
@@ -56,7 +57,7 @@ class Fleet:
             name = f"h{h:0{width}d}"
             free = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES) for i in range(gpus_per_host)]
             busy = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES, free=False) for i in range(gpus_per_host)]
-            self.hosts.append(SimHost(name, free, busy, list(free), gpus_per_host))
+            self.hosts.append(SimHost(name, free, busy, list(free), gpus_per_host, idx=h))
         self.by_name = {h.name: h for h in self.hosts}
         # a bare heartbeat per host: where a decision reads only that the host reports
         self.reporting = {h.name: HostHeartbeat(h.name, 0.0, COMPAT) for h in self.hosts}
@@ -64,9 +65,9 @@ class Fleet:
         self.cache_bytes = cache_bytes
         self.hot_images = hot_images
         self.budget = budget
-        # hosts by free GPU count, each list sorted by name: the best empty hosts, found in O(1)
-        self.by_free: list[list[str]] = [[] for _ in range(gpus_per_host + 1)]
-        self.by_free[gpus_per_host] = [h.name for h in self.hosts]
+        # hosts (their idx) by free GPU count, each list sorted by name: the best empty hosts in O(1)
+        self.by_free: list[list[int]] = [[] for _ in range(gpus_per_host + 1)]
+        self.by_free[gpus_per_host] = [h.idx for h in self.hosts]
         self.cached_on: dict[str, set[str]] = {}  # checkpoint -> hosts holding it whole
         self.suspended_on: dict[str, set[str]] = {}  # deployment -> hosts with one suspended
         self.gpus_in_use = 0
@@ -93,10 +94,10 @@ class Fleet:
         n = len(uuids) if taken else -len(uuids)
         h.free = after = before - n
         self.gpus_in_use += n
-        name = h.name
+        i = h.idx
         lst = self.by_free[before]
-        del lst[bisect.bisect_left(lst, name)]
-        bisect.insort(self.by_free[after], name)
+        del lst[bisect.bisect_left(lst, i)]
+        bisect.insort(self.by_free[after], i)
 
     # --- replicas ------------------------------------------------------------------------------
     def set_ready(self, host: str, summary: ReplicaSummary) -> None:
@@ -197,9 +198,10 @@ class Fleet:
     def _emptiest(self, n: int, gpus: int, skip: Collection[str]) -> list[str]:
         """The n hosts with the most free GPUs (at least `gpus`), then by name, not in `skip`."""
         out: list[str] = []
+        hosts = self.hosts
         for k in range(len(self.by_free) - 1, max(0, gpus - 1), -1):
-            for name in self.by_free[k]:
-                if name not in skip:
+            for i in self.by_free[k]:
+                if (name := hosts[i].name) not in skip:
                     out.append(name)
                     if len(out) >= n:
                         return out
