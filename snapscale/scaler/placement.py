@@ -230,16 +230,22 @@ def choose_releases(
     A replica is suspended when `release_mode` allows it and its host has the RAM budget left,
     else stopped.
     """
-    per_host: dict[str, int] = {}
-    for r in ready:
-        per_host[r.host] = per_host.get(r.host, 0) + 1
-    order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica)) if len(ready) > 1 else ready
+    order = ready
+    if len(ready) > 1:
+        per_host: dict[str, int] = {}
+        for r in ready:
+            per_host[r.host] = per_host.get(r.host, 0) + 1
+        order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica))
     budget_used = dict(reserved.suspend_bytes)
     out: list[Release] = []
     for r in order[: max(0, n)]:
         hb = hosts.get(r.host)
         if spec.scaling.release_mode != "stop" and hb is not None:
-            rss = next((s.rss_bytes for s in hb.replicas if s.replica == r.replica), 0)
+            rss = 0
+            for s in hb.replicas:  # a loop, not next() over a generator: this runs per release
+                if s.replica == r.replica:
+                    rss = s.rss_bytes
+                    break
             left = hb.suspend_budget_bytes - hb.suspend_used_bytes - budget_used.get(r.host, 0)
             if hb.suspend_budget_bytes > 0 and left >= max(rss, 1):
                 out.append(Release(r.replica, r.host, _SUSPEND, left, rss))
