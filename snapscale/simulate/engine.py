@@ -99,8 +99,11 @@ class Sim(Down):
         self.sampled = {d: trace.names[d] for d in sampled}
         for name in self.sampled.values():
             self.res.series[name] = [(0.0, 0)]
+        # the timed events: the wakes of sleeping deployments (thousands, each popped once a
+        # sleep) in a heap of their own, so the others' heap stays small; one order over both
         self.heap: list[tuple[float, int, int, int, str]] = []
-        self.seq = 0  # orders the heap's events at one time
+        self.wakes: list[tuple[float, int, int, int, str]] = []
+        self.seq = 0  # orders the events at one time, across both heaps
         self.ids = 0  # replica and command ids: the same whichever events were pushed
         self.active: set[int] = set()
         self.now = 0.0
@@ -114,7 +117,7 @@ class Sim(Down):
     # --- the loop ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
         self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, kind, d, what))
+        heapq.heappush(self.wakes if kind == WAKE else self.heap, (t, self.seq, kind, d, what))
 
     def run(self, progress: Progress | None = None) -> Result:
         with few_collections():
@@ -128,10 +131,13 @@ class Sim(Down):
                 self.push(s.times[0], WAKE, d)
         tick = self.cfg.tick_s
         k, shown = 1, t0
-        tick_one, event, pop, heap = self._tick, self._event, heapq.heappop, self.heap
+        tick_one, event, pop, heap, wakes = self._tick, self._event, heapq.heappop, self.heap, self.wakes
         while (t := k * tick) <= horizon:
-            while heap and heap[0][0] <= t:
-                at, _seq, kind, d, what = pop(heap)
+            while True:  # the events due by t in (time, push order), the two heaps merged
+                first = heap if heap and (not wakes or heap[0] < wakes[0]) else wakes
+                if not first or first[0][0] > t:
+                    break
+                at, _seq, kind, d, what = pop(first)
                 self.now = at
                 event(at, kind, d, what)
             self.now, self.k = t, k
