@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 import random
 
+import pytest
+
 from snapscale.scaler.policy import Window, activation, decide, steady_until
 from snapscale.shared.bus.spec import ScalingSpec
 
@@ -111,3 +113,75 @@ def test_steady_until_a_lone_sample_holds_one_replica_until_it_leaves_the_window
     assert (d.desired, d.reason) == (1, "stable")
     assert steady_until(w, spec, 1, d, 9.0) == 14.0
     assert decide(w, spec, 1, 13.9).desired == 1 and decide(w, spec, 1, 14.0).desired == 0
+
+
+def _walked_stable_until(w: Window, per_replica: float, want: int) -> float:
+    """`Window.stable_until` as round 3 had it: the ring's stamps sorted, each stretch between
+    two expiries walked second by second. The reference the production function must equal."""
+    s, h, first = w.stable_sum, w.head, w.first_bucket
+    if first is None or (s == 0.0 and want == 0):
+        return math.inf if want == 0 else (h + 2) * 1.0
+    ns, sums, cnts = w._n_stable, w._sum, w._cnt
+
+    def desire(s: float, h: int) -> int:
+        seen = h - first + 1
+        return math.ceil(s / (ns if seen > ns else seen) / per_replica - 1e-9) if s > 0 else 0
+
+    for j in sorted([j for j in w._stamp if h - ns < j <= h]):
+        gone = j + ns
+        if gone - 1 > h and desire(s, gone - 1) != want:
+            while desire(s, h + 1) == want:
+                h += 1
+            return (h + 2) * 1.0
+        s -= sums[j % ns] / cnts[j % ns]
+        h = gone
+        if s < 1e-6 or desire(s, h) != want:
+            break
+    return (h + 1) * 1.0
+
+
+def test_stable_until_equals_the_second_by_second_walk() -> None:
+    """On random windows (young ones, where dilution moves the desire, and full ones), at random
+    decision times: the bisecting, unsorted `stable_until` answers what the walk answered."""
+    rnd = random.Random(11)
+    bisected = 0
+    for _ in range(400):
+        spec = _spec(rnd)
+        w = Window(spec, 0.0)
+        t = rnd.uniform(0, 30)
+        for _ in range(rnd.randrange(1, 40)):
+            w.record(t, rnd.choice([0.0, rnd.uniform(0.01, 1.0), rnd.uniform(1, 40)]), 1)
+            t += rnd.choice([0.3, 1.0, rnd.uniform(0, 25)])
+        for _ in range(3):
+            d = decide(w, spec, 1, t)
+            per = spec.target_concurrency * spec.utilization
+            want = math.ceil(d.stable_avg / per - 1e-9) if d.stable_avg > 0 else 0
+            got = w.stable_until(per, want)
+            assert got == _walked_stable_until(w, per, want)
+            bisected += w.first_bucket is not None and got < math.inf and got - w.head > 2
+            t += rnd.uniform(0, 8)
+    assert bisected > 50  # the stretches inside a window were reached, not only the ends
+
+
+def test_the_window_sums_equal_a_recount_across_gaps() -> None:
+    """The running sums after random samples and gaps (within a panic window, within the stable
+    one, longer: the ring is not cleared, its stale stamps must never count) equal the sums
+    recounted from the samples themselves."""
+    rnd = random.Random(12)
+    for _ in range(200):
+        spec = _spec(rnd)
+        w = Window(spec, 0.0)
+        ns, np_ = w._n_stable, w._n_panic
+        seen: dict[int, list[float]] = {}
+        t = 0.0
+        for _ in range(rnd.randrange(5, 120)):
+            t += rnd.choice([0.4, 1.0, rnd.uniform(1, np_ + 2), rnd.uniform(ns - 2, 3 * ns)])
+            c = rnd.choice([0.0, rnd.uniform(0.01, 9)])
+            w.record(t, c, 1 if c > 0 else 0)
+            seen.setdefault(int(t), []).append(c)
+            if rnd.random() < 0.3:
+                t += rnd.uniform(0, ns + 3)
+                decide(w, spec, 1, t)
+            for n, got in ((ns, w.stable_sum), (np_, w.panic_sum)):
+                want = sum(sum(v) / len(v) for b, v in seen.items() if w.head - n < b <= w.head)
+                assert got == pytest.approx(want, abs=1e-6)

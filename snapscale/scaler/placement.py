@@ -80,7 +80,10 @@ def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -
     """Free GPUs of the model the deployment asks for, not promised to a command in flight."""
     held = reserved.gpus.get(hb.host, ())
     model = spec.gpu_model
-    free = [g for g in hb.gpus if g.free and g.uuid not in held and (model is None or g.model == model)]
+    if held or model is not None:
+        free = [g for g in hb.gpus if g.free and g.uuid not in held and (model is None or g.model == model)]
+    else:  # nothing promised on the host, any model: the common case, one test a GPU
+        free = [g for g in hb.gpus if g.free]
     free.sort(key=_INDEX)  # stable: filtering first orders them as sorting first would
     return [g.uuid for g in free]
 
@@ -158,7 +161,7 @@ def place(
     only its own host's (and, resuming, the hosts listing that replica), so n placements over
     H hosts cost H + n offers, not n x H.
     """
-    res = reserved.copy()
+    res = reserved  # copied before the first placement is taken into it: the caller's stays
     spread = dict(replicas_on)
     out: list[Placement] = []
     offers: dict[str, _Offer] = {}
@@ -177,11 +180,13 @@ def place(
         host = best[-1]
         o = offers[host]
         p = Placement(host, o.gpus, o.why, o.suspended[0] if o.suspended else None, o.ckpt)
-        res.take(p)
-        spread[host] = spread.get(host, 0) + 1
         out.append(p)
         if len(out) == n:
-            break  # no next placement reads the offers
+            break  # no next placement reads the offers, the reservations or the spread
+        if res is reserved:
+            res = reserved.copy()
+        res.take(p)
+        spread[host] = spread.get(host, 0) + 1
         changed = [h for h, x in offers.items() if p.resume in x.suspended] if p.resume else [host]
         for h in changed:
             if (o := _offer(hosts[h], spec, catalog, res)) is None:
@@ -225,16 +230,22 @@ def choose_releases(
     A replica is suspended when `release_mode` allows it and its host has the RAM budget left,
     else stopped.
     """
-    per_host: dict[str, int] = {}
-    for r in ready:
-        per_host[r.host] = per_host.get(r.host, 0) + 1
-    order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica))
+    order = ready
+    if len(ready) > 1:
+        per_host: dict[str, int] = {}
+        for r in ready:
+            per_host[r.host] = per_host.get(r.host, 0) + 1
+        order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica))
     budget_used = dict(reserved.suspend_bytes)
     out: list[Release] = []
     for r in order[: max(0, n)]:
         hb = hosts.get(r.host)
         if spec.scaling.release_mode != "stop" and hb is not None:
-            rss = next((s.rss_bytes for s in hb.replicas if s.replica == r.replica), 0)
+            rss = 0
+            for s in hb.replicas:  # a loop, not next() over a generator: this runs per release
+                if s.replica == r.replica:
+                    rss = s.rss_bytes
+                    break
             left = hb.suspend_budget_bytes - hb.suspend_used_bytes - budget_used.get(r.host, 0)
             if hb.suspend_budget_bytes > 0 and left >= max(rss, 1):
                 out.append(Release(r.replica, r.host, _SUSPEND, left, rss))

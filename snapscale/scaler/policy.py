@@ -31,6 +31,7 @@ class Window:
     __slots__ = (
         "_cnt",
         "_held",
+        "_low",
         "_n_panic",
         "_n_stable",
         "_stamp",
@@ -54,6 +55,9 @@ class Window:
         self._cnt = [0] * self._n_stable
         self._stamp = [_EMPTY] * self._n_stable
         self.head = int(now // BUCKET_S)
+        # no bucket below this holds a sample still in the window (a lower bound: expiring
+        # buckets one at a time leaves it behind), so a jump of the head walks from here
+        self._low = self.head + 1
         self.first_bucket: int | None = None  # the first bucket that got a sample
         self.stable_sum = 0.0
         self.panic_sum = 0.0
@@ -78,10 +82,11 @@ class Window:
             return
         ns, np_ = self._n_stable, self._n_panic
         if t - h >= ns:
-            self._sum = [0.0] * ns
-            self._cnt = [0] * ns
-            self._stamp = [_EMPTY] * ns
+            # every bucket left both windows: the ring's slots keep their stale stamps (all <= h,
+            # so no bucket index from here on matches one, and a slot is refilled when its stamp
+            # differs) and only the sums start again, without allocating the ring anew
             self.stable_sum = self.panic_sum = 0.0
+            self._low = t + 1
         else:
             stamp, sums, cnts = self._stamp, self._sum, self._cnt
             panic, stable = self.panic_sum, self.stable_sum  # locals: this runs per sample
@@ -95,16 +100,20 @@ class Window:
                 if stamp[s] == j:
                     stable -= sums[s] / cnts[s]
                     stamp[s] = _EMPTY
-            else:
-                for j in range(h - np_ + 1, t - np_ + 1):
+            else:  # walk the buckets that leave from the lowest that can hold a sample, and
+                # the panic window's only up to h (no bucket past it holds a sample yet)
+                low = self._low
+                for j in range(max(h - np_ + 1, low), min(t - np_, h) + 1):
                     s = j % ns
                     if stamp[s] == j:
                         panic -= sums[s] / cnts[s]
-                for j in range(h - ns + 1, t - ns + 1):
+                for j in range(max(h - ns + 1, low), t - ns + 1):
                     s = j % ns
                     if stamp[s] == j:
                         stable -= sums[s] / cnts[s]
                         stamp[s] = _EMPTY
+                if low <= t - ns:
+                    self._low = t - ns + 1
             # running sums drift by float rounding; an empty window must read exactly zero
             self.stable_sum = stable if stable >= 1e-9 else 0.0
             self.panic_sum = panic if panic >= 1e-9 else 0.0
@@ -141,6 +150,8 @@ class Window:
         stamp, sums, cnts = self._stamp, self._sum, self._cnt
         if stamp[s] != b:
             stamp[s] = b
+            if b < self._low:
+                self._low = b
             sums[s] = 0.0 + concurrency
             cnts[s] = 1
             delta = sums[s]  # its mean, less the empty bucket's 0
@@ -188,7 +199,7 @@ class Window:
         """With no sample recorded, the earliest `now` at which `decide` would read a stable desire
         other than `want` as the window expires and dilutes (math.inf: never). The desire only
         falls (the sum loses buckets, the seen span grows), so each stretch between two expiries
-        is checked at its end, and walked only if it falls inside; near an empty window, where
+        is checked at its end, and bisected only if it falls inside; near an empty window, where
         decide's rounding clamps to zero, it answers at once."""
         s, h, first = self.stable_sum, self.head, self.first_bucket
         if first is None or (s == 0.0 and want == 0):
@@ -199,12 +210,20 @@ class Window:
             seen = h - first + 1
             return math.ceil(s / (ns if seen > ns else seen) / per_replica - 1e-9) if s > 0 else 0
 
-        for j in sorted([j for j in self._stamp if h - ns < j <= h]):
+        stamp, cut = self._stamp, (h + 1) % ns  # slot order from `cut` on is bucket order
+        for j in [j for j in stamp[cut:] + stamp[:cut] if j > h - ns]:
             gone = j + ns  # the first head without bucket j; before it only dilution moves the desire
             if gone - 1 > h and desire(s, gone - 1) != want:
-                while desire(s, h + 1) == want:
-                    h += 1
-                return (h + 2) * BUCKET_S
+                # the first head in (h, gone - 1] whose desire is not `want`: they are `want` up
+                # to it and not after (the desire only falls), so a bisection finds it
+                lo, hi = h + 1, gone - 1
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if desire(s, mid) == want:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                return (lo + 1) * BUCKET_S
             s -= sums[j % ns] / cnts[j % ns]
             h = gone
             if s < 1e-6 or desire(s, h) != want:

@@ -99,8 +99,11 @@ class Sim(Down):
         self.sampled = {d: trace.names[d] for d in sampled}
         for name in self.sampled.values():
             self.res.series[name] = [(0.0, 0)]
+        # the timed events: the wakes of sleeping deployments (thousands, each popped once a
+        # sleep) in a heap of their own, so the others' heap stays small; one order over both
         self.heap: list[tuple[float, int, int, int, str]] = []
-        self.seq = 0  # orders the heap's events at one time
+        self.wakes: list[tuple[float, int, int, int, str]] = []
+        self.seq = 0  # orders the events at one time, across both heaps
         self.ids = 0  # replica and command ids: the same whichever events were pushed
         self.active: set[int] = set()
         self.now = 0.0
@@ -109,11 +112,12 @@ class Sim(Down):
         # stop, never freeze: no decision reads a ready replica in a heartbeat (`place` reads the
         # suspended ones, `choose_releases` the RSS only to suspend), so none is listed
         self.stop_only = policy.release_mode == "stop" and not policy.freeze
+        self.cold_only = policy.tiers == COLD_ONLY
 
     # --- the loop ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
         self.seq += 1
-        heapq.heappush(self.heap, (t, self.seq, kind, d, what))
+        heapq.heappush(self.wakes if kind == WAKE else self.heap, (t, self.seq, kind, d, what))
 
     def run(self, progress: Progress | None = None) -> Result:
         with few_collections():
@@ -127,13 +131,15 @@ class Sim(Down):
                 self.push(s.times[0], WAKE, d)
         tick = self.cfg.tick_s
         k, shown = 1, t0
-        tick_one = self._tick
+        tick_one, event, pop, heap, wakes = self._tick, self._event, heapq.heappop, self.heap, self.wakes
         while (t := k * tick) <= horizon:
-            heap = self.heap
-            while heap and heap[0][0] <= t:
-                at, _seq, kind, d, what = heapq.heappop(heap)
+            while True:  # the events due by t in (time, push order), the two heaps merged
+                first = heap if heap and (not wakes or heap[0] < wakes[0]) else wakes
+                if not first or first[0][0] > t:
+                    break
+                at, _seq, kind, d, what = pop(first)
                 self.now = at
-                self._event(at, kind, d, what)
+                event(at, kind, d, what)
             self.now, self.k = t, k
             order = sorted(self.active)  # an order that does not depend on who skipped
             self.res.decisions += len(order)  # one decision each
@@ -218,7 +224,7 @@ class Sim(Down):
         the deployment's next sample: the first tick after its second."""
         tick, secs = self.cfg.tick_s, self.samples[d].secs
         k = self._first_tick(until, strict=False)
-        if c < len(secs):
+        if c < len(secs) and secs[c] < k * tick:  # else the sample's tick is k or later
             k = min(k, self._first_tick(float(secs[c]), strict=True))
         if k > self.k + 1:
             self.active.discard(d)
@@ -268,7 +274,7 @@ class Sim(Down):
         fleet.take(p.host, p.gpu_uuids)
         self.ids += 1
         name = dep.spec.name
-        if self.policy.tiers == COLD_ONLY:  # choose answers a command allowing only cold boots with one
+        if self.cold_only:  # choose answers a command allowing only cold boots with one
             choice = _COLD_BOOT
         else:
             choice = choose(

@@ -11,7 +11,6 @@ one copies, it does not search.
 from __future__ import annotations
 
 import bisect
-import heapq
 import itertools
 from collections import OrderedDict
 from collections.abc import Collection
@@ -45,6 +44,7 @@ class SimHost:
     # deployment -> replica -> summary, as the heartbeat lists them (suspended first)
     suspended_of: dict[str, dict[str, ReplicaSummary]] = field(default_factory=dict)
     ready_of: dict[str, dict[str, ReplicaSummary]] = field(default_factory=dict)
+    idx: int = 0  # its place in the fleet: the names' order (zero-padded), compared as ints
 
 
 class Fleet:
@@ -57,7 +57,7 @@ class Fleet:
             name = f"h{h:0{width}d}"
             free = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES) for i in range(gpus_per_host)]
             busy = [GpuInfo(i, f"{name}-g{i}", "H200", GPU_BYTES, free=False) for i in range(gpus_per_host)]
-            self.hosts.append(SimHost(name, free, busy, list(free), gpus_per_host))
+            self.hosts.append(SimHost(name, free, busy, list(free), gpus_per_host, idx=h))
         self.by_name = {h.name: h for h in self.hosts}
         # a bare heartbeat per host: where a decision reads only that the host reports
         self.reporting = {h.name: HostHeartbeat(h.name, 0.0, COMPAT) for h in self.hosts}
@@ -65,9 +65,9 @@ class Fleet:
         self.cache_bytes = cache_bytes
         self.hot_images = hot_images
         self.budget = budget
-        # hosts by free GPU count, each list sorted by name: the best empty hosts, found in O(1)
-        self.by_free: list[list[str]] = [[] for _ in range(gpus_per_host + 1)]
-        self.by_free[gpus_per_host] = [h.name for h in self.hosts]
+        # hosts (their idx) by free GPU count, each list sorted by name: the best empty hosts in O(1)
+        self.by_free: list[list[int]] = [[] for _ in range(gpus_per_host + 1)]
+        self.by_free[gpus_per_host] = [h.idx for h in self.hosts]
         self.cached_on: dict[str, set[str]] = {}  # checkpoint -> hosts holding it whole
         self.suspended_on: dict[str, set[str]] = {}  # deployment -> hosts with one suspended
         self.gpus_in_use = 0
@@ -78,11 +78,6 @@ class Fleet:
         return self.gpus_total - self.gpus_in_use
 
     # --- GPUs ----------------------------------------------------------------------------
-    def _refile(self, h: SimHost, before: int) -> None:
-        lst = self.by_free[before]
-        del lst[bisect.bisect_left(lst, h.name)]
-        bisect.insort(self.by_free[h.free], h.name)
-
     def take(self, host: str, uuids: list[str]) -> None:
         self._mark(self.by_name[host], uuids, True)
 
@@ -90,14 +85,19 @@ class Fleet:
         self._mark(self.by_name[host], uuids, False)
 
     def _mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
-        before = h.free
+        """Each GPU's view as taken or free, the counts, and the host refiled by its free count."""
+        before, index, view = h.free, self.gpu_index, h.view
+        src = h.busy if taken else h.gpus
         for u in uuids:
-            i = self.gpu_index[u]
-            h.view[i] = h.busy[i] if taken else h.gpus[i]
+            i = index[u]
+            view[i] = src[i]
         n = len(uuids) if taken else -len(uuids)
-        h.free -= n
+        h.free = after = before - n
         self.gpus_in_use += n
-        self._refile(h, before)
+        i = h.idx
+        lst = self.by_free[before]
+        del lst[bisect.bisect_left(lst, i)]
+        bisect.insort(self.by_free[after], i)
 
     # --- replicas ------------------------------------------------------------------------------
     def set_ready(self, host: str, summary: ReplicaSummary) -> None:
@@ -198,9 +198,10 @@ class Fleet:
     def _emptiest(self, n: int, gpus: int, skip: Collection[str]) -> list[str]:
         """The n hosts with the most free GPUs (at least `gpus`), then by name, not in `skip`."""
         out: list[str] = []
+        hosts = self.hosts
         for k in range(len(self.by_free) - 1, max(0, gpus - 1), -1):
-            for name in self.by_free[k]:
-                if name not in skip:
+            for i in self.by_free[k]:
+                if (name := hosts[i].name) not in skip:
                     out.append(name)
                     if len(out) >= n:
                         return out
@@ -226,11 +227,13 @@ class Fleet:
             keyed.append((rank, replicas_on.get(name, 0), -have, -h.free, name))
         for name in self._emptiest(n, gpus, known):
             keyed.append((3, 0, 0, -self.by_name[name].free, name))
-        return [key[-1] for key in heapq.nsmallest(n, keyed)]
+        keyed.sort()  # a few keys: sorting them is cheaper than heapq.nsmallest's heap
+        return [key[-1] for key in keyed[:n]]
 
     def prefetch_candidates(self, ckpt: str, want: int, gpus: int) -> list[str]:
         """The hosts `prefetch_targets` can choose for `want` hosts: up to `want` that cache the
-        checkpoint (they only count) and the `want` emptiest others (its order: most free GPUs,
-        then name; no host here holds part of a checkpoint)."""
+        checkpoint (they only count) and as many of the emptiest others as those leave to choose
+        (its order: most free GPUs, then name; no host here holds part of a checkpoint)."""
         cached = self.cached_on.get(ckpt, set())
-        return [*itertools.islice(cached, want), *self._emptiest(want, gpus, cached)]
+        have = list(itertools.islice(cached, want))
+        return have + self._emptiest(want - len(have), gpus, cached) if len(have) < want else have
