@@ -27,25 +27,45 @@ from snapscale.shared.bus.spec import ScalingSpec
 REPO = Path(__file__).resolve().parent.parent
 
 
+def _git_source(rev: str, rel: str) -> bytes | None:
+    r = subprocess.run(["git", "show", f"{rev}:{rel}"], cwd=REPO, capture_output=True, check=False)
+    return r.stdout if r.returncode == 0 else None
+
+
+def _module(name: str, src: bytes) -> ModuleType:
+    fd, path = tempfile.mkstemp(suffix=".py", prefix=f"{name}_")
+    os.write(fd, src)
+    os.close(fd)
+    try:
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        os.unlink(path)
+
+
 def load_policy(rev: str | None) -> ModuleType:
-    """snapscale/scaler/policy.py as of `rev` (None: this checkout) as its own module."""
+    """snapscale/scaler/policy.py as of `rev` (None: this checkout) as its own module, with that
+    commit's `Window`: inside policy.py until it moved to window.py, from that commit's window.py
+    since (put in place of this checkout's while policy.py is loaded)."""
     if rev is None:
-        path = REPO / "snapscale" / "scaler" / "policy.py"
-    else:
-        src = subprocess.run(
-            ["git", "show", f"{rev}:snapscale/scaler/policy.py"], cwd=REPO, check=True, capture_output=True
-        ).stdout
-        fd, name = tempfile.mkstemp(suffix=".py", prefix="policy_")
-        os.write(fd, src)
-        os.close(fd)
-        path = Path(name)
-    spec = importlib.util.spec_from_file_location(f"policy_{rev or 'here'}", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    if rev is not None:
-        path.unlink()
-    return mod
+        return _module("policy_here", (REPO / "snapscale" / "scaler" / "policy.py").read_bytes())
+    src = _git_source(rev, "snapscale/scaler/policy.py")
+    assert src is not None, f"{rev} has no snapscale/scaler/policy.py"
+    window = _git_source(rev, "snapscale/scaler/window.py")
+    key = "snapscale.scaler.window"
+    saved = sys.modules.get(key)
+    try:
+        if window is not None:
+            sys.modules[key] = _module(f"window_{rev}", window)
+        return _module(f"policy_{rev}", src)
+    finally:
+        if saved is not None:
+            sys.modules[key] = saved
+        else:
+            sys.modules.pop(key, None)
 
 
 def best_rounds(policy: ModuleType, deployments: int, rounds: int) -> tuple[float, float, float, float]:

@@ -25,7 +25,8 @@ from nats.aio.msg import Msg
 
 from snapscale.demo.procs import free_port, wait_port
 from snapscale.restorer import events
-from snapscale.scaler.policy import Window, decide
+from snapscale.scaler.policy import decide
+from snapscale.scaler.window import Window
 from snapscale.shared import bus
 from snapscale.shared.bus import catalog
 from snapscale.shared.bus.catalog import CatalogEntry

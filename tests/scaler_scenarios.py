@@ -25,7 +25,8 @@ from typing import Literal
 
 from knative_ref import DeciderSpec, Revision
 
-from snapscale.scaler.policy import Window, activation, decide
+from snapscale.scaler.policy import activation, decide
+from snapscale.scaler.window import Window
 from snapscale.shared.bus.spec import ScalingSpec
 
 SAMPLE_S = 0.1

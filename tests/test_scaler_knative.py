@@ -15,7 +15,8 @@ import pytest
 from knative_ref import Decider, MaxWindow
 from scaler_scenarios import knative_spec
 
-from snapscale.scaler.policy import BUCKET_S, Window, activation, decide
+from snapscale.scaler.policy import activation, decide
+from snapscale.scaler.window import BUCKET_S, Window
 from snapscale.shared.bus.spec import DeploymentSpec, ScalingSpec, spec_from_mapping
 from snapscale.shared.core import wire
 from snapscale.shared.core.errors import ConfigError

@@ -7,7 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from snapscale.scaler.policy import ScaleDecision, Window, activation, decide
+from snapscale.scaler.policy import ScaleDecision, activation, decide
+from snapscale.scaler.window import Window
 from snapscale.shared.bus.spec import ScalingSpec
 
 # target 1 x utilization 1.0: desired == ceil(concurrency), which keeps the tables readable

@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from snapscale.scaler.policy import Window, activation, decide, steady_until
+from snapscale.scaler.policy import activation, decide, steady_until
+from snapscale.scaler.window import Window
 from snapscale.shared.bus.spec import ScalingSpec
 
 

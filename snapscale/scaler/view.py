@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 from snapscale.scaler.placement import Reservations
-from snapscale.scaler.policy import Window
 from snapscale.scaler.records import COMING, HOLDING, LIVE, Tracked
+from snapscale.scaler.window import Window
 from snapscale.shared.bus import (
     DeploymentSpec,
     FreezeRefusal,

@@ -25,7 +25,8 @@ from snapscale.scaler.placement import (
     Placement,
     place,
 )
-from snapscale.scaler.policy import Window, activation, decide, steady_until
+from snapscale.scaler.policy import activation, decide, steady_until
+from snapscale.scaler.window import Window
 from snapscale.shared.bus import (
     DeploymentSpec,
     ReplicaEvent,

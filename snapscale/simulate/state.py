@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from snapscale.freezer.decide import Claim
 from snapscale.restorer.tiers import Candidate
-from snapscale.scaler.policy import Window
+from snapscale.scaler.window import Window
 from snapscale.shared.bus import DeploymentSpec, ReplicaEvent
 
 WAKE, READY, FROZEN, PREFETCHED, RESUME_TICKS = range(5)
