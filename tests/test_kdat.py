@@ -1,9 +1,10 @@
 """CRIU keeps its probe of the kernel only on a tmpfs /run (engine/kdat.py): which filesystem holds
-/run, read from mountinfo texts, and what an operator is told."""
+/run, read from mountinfo texts (engine/mountinfo.py), and what an operator is told."""
 
 from __future__ import annotations
 
-from snapscale.shared.engine.kdat import cache_warning, fs_type_of
+from snapscale.shared.engine.kdat import cache_warning
+from snapscale.shared.engine.mountinfo import fs_type_of
 
 ROOT = "22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw"
 RUN_TMPFS = "25 22 0:21 / /run rw,nosuid,nodev shared:5 - tmpfs tmpfs rw,mode=755"

@@ -10,33 +10,12 @@ start (`warn`); the rest is pure.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+
+from snapscale.shared.engine.mountinfo import SELF, fs_type_of
 
 log = logging.getLogger(__name__)
 
 KDAT_DIR = "/run"  # CRIU's KDAT_RUNDIR: not configurable at run time
-
-
-def _unescape(field: str) -> str:
-    return field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
-
-
-def fs_type_of(mountinfo: str, path: str) -> str | None:
-    """The filesystem type of the mount that holds `path`: of the mounts in /proc/self/mountinfo's
-    text whose mount point is `path` or above it, the deepest, the last of equals (mounted over the
-    others); None when the text names none."""
-    best: tuple[str, str] | None = None
-    for line in mountinfo.splitlines():
-        head, sep, tail = line.partition(" - ")
-        fields = head.split()
-        if not sep or len(fields) < 5 or not tail.split():
-            continue
-        point = _unescape(fields[4])
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and (
-            best is None or len(point) >= len(best[0])
-        ):
-            best = (point, tail.split()[0])
-    return None if best is None else best[1]
 
 
 def cache_warning(mountinfo: str) -> str | None:
@@ -54,7 +33,7 @@ def cache_warning(mountinfo: str) -> str | None:
 def warn() -> str | None:
     """Log `cache_warning` for this process's mount namespace (where CRIU runs); the warning."""
     try:
-        text = Path("/proc/self/mountinfo").read_text()
+        text = SELF.read_text()
     except OSError:
         return None
     msg = cache_warning(text)

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from snapscale.shared.bus.spec import DeploymentSpec
+from snapscale.shared.engine.mountinfo import mount_points
 from snapscale.shared.engine.oci.gpu import GpuAccess
 from snapscale.shared.engine.oci.seccomp import default_profile
 
@@ -47,18 +48,6 @@ MIB = 1 << 20
 # runc's default (soft) CRIU mounted a yard of every controller to move the tasks where they
 # already were: 2-24 ms of each restore on a cgroup v1 host.
 CRIU_OPTIONS = "network-lock skip\nskip-in-flight\nmanage-cgroups=ignore\n"
-
-
-def _unescape(field: str) -> str:
-    """A mountinfo path field: space, tab, newline and backslash come octal-escaped. Pure."""
-    for code, ch in (("\\040", " "), ("\\011", "\t"), ("\\012", "\n"), ("\\134", "\\")):
-        field = field.replace(code, ch)
-    return field
-
-
-def mount_points(mountinfo: str) -> list[str]:
-    """The mount points of a /proc/<pid>/mountinfo text, unescaped, in its order. Pure."""
-    return [_unescape(line.split()[4]) for line in mountinfo.splitlines() if len(line.split()) > 4]
 
 
 def submounts(mountinfo: str, roots: Sequence[str]) -> dict[str, list[str]]:

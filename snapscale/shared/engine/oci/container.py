@@ -26,10 +26,10 @@ from snapscale.shared.bus.spec import DeploymentSpec
 from snapscale.shared.engine import netns
 from snapscale.shared.engine.criu import CriuRun, read_stats
 from snapscale.shared.engine.errors import CriuError, EngineError
+from snapscale.shared.engine.mountinfo import SELF, mount_points
 from snapscale.shared.engine.oci import runc
-from snapscale.shared.engine.oci.config import MIB, mount_points
+from snapscale.shared.engine.oci.config import MIB
 from snapscale.shared.engine.oci.rootfs import (
-    MOUNTINFO,
     UPPER_TAR,
     Root,
     cgroups_path,
@@ -237,7 +237,7 @@ def _leftovers(root: Path) -> tuple[list[str], list[str]]:
     """runc containers whose bundle lies under `root`, and the mounts under it (deepest first)."""
     cids = list(_containers(root))
     try:
-        points = mount_points(MOUNTINFO.read_text())
+        points = mount_points(SELF.read_text())
     except OSError:
         points = []
     return cids, sorted([t for t in points if _under(t, root)], key=len, reverse=True)

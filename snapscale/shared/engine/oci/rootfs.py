@@ -19,6 +19,7 @@ from pathlib import Path
 
 from snapscale.shared.bus.spec import DeploymentSpec
 from snapscale.shared.core.settings import DEFAULT_STATE_DIR
+from snapscale.shared.engine import mountinfo
 from snapscale.shared.engine.errors import EngineError
 from snapscale.shared.engine.oci import runc
 from snapscale.shared.engine.oci.config import CRIU_OPTIONS, runtime_config, submounts
@@ -28,7 +29,6 @@ from snapscale.shared.engine.sandbox import workload_env
 
 UPPER_TAR = "rootfs-upper.tar"  # the writable layer, in the image dir
 CGROUP_PARENT = "/snapscale"
-MOUNTINFO = Path("/proc/self/mountinfo")  # this mount namespace: the host's, where runc binds from
 MOUNTS_ENV = "SNAPSCALE_SANDBOX_MOUNTS"
 HOST_GPUS = HostListing()  # this process's reading of the host's GPUs
 
@@ -126,7 +126,7 @@ async def prepare(spec: DeploymentSpec, run_dir: Path, gpu_uuids: list[str], upp
         gpu = await HOST_GPUS.access(gpu_uuids) if gpu_uuids else None
     except ValueError as e:
         raise EngineError("launch", f"GPUs for the container: {e}") from None
-    below = submounts(await asyncio.to_thread(MOUNTINFO.read_text), [m.src for m in spec.sandbox.mounts])
+    below = submounts(await asyncio.to_thread(mountinfo.SELF.read_text), [m.src for m in spec.sandbox.mounts])
     return Root(bundle=bundle, rootfs=rootfs, gpu=gpu, below=below)
 
 
