@@ -40,7 +40,7 @@ from snapscale.simulate.fleet import COMPAT, Fleet
 from snapscale.simulate.policies import COLD_ONLY, Policy, Result
 from snapscale.simulate.profile import GIB, Profile
 from snapscale.simulate.samples import Samples
-from snapscale.simulate.state import FROZEN, READY, RESUME_TICKS, WAKE, Dep, Rep
+from snapscale.simulate.state import FROZEN, READY, WAKE, Dep, Rep
 from snapscale.simulate.trace import Trace
 
 Progress = Callable[[str, float, float], None]
@@ -105,6 +105,9 @@ class Sim(Down):
         self.heap: list[tuple[float, int, int, int, str]] = []
         self.wakes: list[tuple[float, int, int, int, str]] = []
         self.seq = 0  # orders the events at one time, across both heaps
+        # deployments resting with replicas, by the index of the tick that decides them next:
+        # those ticks are known in advance, so they need no heap (see `_run`)
+        self.resumes: dict[int, list[int]] = {}
         self.ids = 0  # replica and command ids: the same whichever events were pushed
         self.active: set[int] = set()
         self.now = 0.0
@@ -133,6 +136,7 @@ class Sim(Down):
         tick = self.cfg.tick_s
         k, shown = 1, t0
         tick_one, event, pop, heap, wakes = self._tick, self._event, heapq.heappop, self.heap, self.wakes
+        resumes, deps, active = self.resumes, self.deps, self.active
         while (t := k * tick) <= horizon:
             while True:  # the events due by t in (time, push order), the two heaps merged
                 first = heap if heap and (not wakes or heap[0] < wakes[0]) else wakes
@@ -142,6 +146,16 @@ class Sim(Down):
                 self.now = at
                 event(at, kind, d, what)
             self.now, self.k = t, k
+            # the resumes due at this tick, after the other events due by it: a resume only puts
+            # a resting deployment back on the tick list, which none of those events reads for
+            # it (a resting deployment has replicas, so no wake of it is pending)
+            due = resumes.pop(k, None)
+            if due is not None:
+                self.res.events += len(due)  # timed events, as the others are
+                for d in due:
+                    if deps[d].resume_at == t:
+                        deps[d].resume_at = None
+                        active.add(d)
             order = sorted(self.active)  # an order that does not depend on who skipped
             self.res.decisions += len(order)  # one decision each
             for d in order:
@@ -166,10 +180,6 @@ class Sim(Down):
             dep.ckpt = f"ck-{dep.spec.name}"
             dep.claim = None
             dep.freeze_done = True
-        elif kind == RESUME_TICKS:
-            if self.deps[d].resume_at == t:
-                self.deps[d].resume_at = None
-                self.active.add(d)
         else:  # PREFETCHED
             dep = self.deps[d]
             if dep.ckpt is not None:
@@ -230,7 +240,7 @@ class Sim(Down):
         if k > self.k + 1:
             self.active.discard(d)
             self.deps[d].resume_at = k * tick
-            self.push(k * tick, RESUME_TICKS, d)
+            self.resumes.setdefault(k, []).append(d)
 
     def _first_tick(self, at: float, *, strict: bool) -> int:
         """The index of the first tick at (or, strict, after) `at`; past the horizon: one past it."""
