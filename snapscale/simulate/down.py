@@ -93,13 +93,15 @@ class Down:
         dep = self.deps[d]
         rep = dep.live.pop(r.replica)
         self.res.gpu_s += (t - rep.start) * len(rep.gpus)
-        self.fleet.give(rep.host, rep.gpus)
+        fleet = self.fleet
+        fleet.mark(fleet.by_name[rep.host], rep.gpus, False)
         if not self.stop_only:
-            self.fleet.drop_ready(rep.host, dep.spec.name, r.replica)
+            fleet.drop_ready(rep.host, dep.spec.name, r.replica)
         dep.n_ready -= 1
         if dep.n_ready == 0:
             dep.noready_since = t
-        self._series(d, t)
+        if d in self.sampled:
+            self._series(d, t)
         if r.mode is _SUSPEND:
             self.fleet.suspend(rep.host, r.replica, Suspended(dep.spec.name, t, dep.nbytes))
             host = self.fleet.by_name[rep.host]

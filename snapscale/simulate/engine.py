@@ -113,6 +113,7 @@ class Sim(Down):
         self.now = 0.0
         self.skip = skip  # False: decide every active deployment every tick (the reference)
         self.k = 0  # the tick's index: its time is k * tick
+        self.t_next = 0.0  # the next tick's time, (k + 1) * tick
         # stop, never freeze: no decision reads a ready replica in a heartbeat (`place` reads the
         # suspended ones, `choose_releases` the RSS only to suspend), so none is listed
         self.stop_only = policy.release_mode == "stop" and not policy.freeze
@@ -135,8 +136,10 @@ class Sim(Down):
                 self.push(s.times[0], WAKE, d)
         tick = self.cfg.tick_s
         k, shown = 1, t0
-        tick_one, event, pop, heap, wakes = self._tick, self._event, heapq.heappop, self.heap, self.wakes
-        resumes, deps, active = self.resumes, self.deps, self.active
+        tick_one, pop, heap, wakes = self._tick, heapq.heappop, self.heap, self.wakes
+        wake, ready, other = self._wake, self._ready, self._event
+        resumes, deps, active, res = self.resumes, self.deps, self.active, self.res
+        events = 0
         while (t := k * tick) <= horizon:
             while True:  # the events due by t in (time, push order), the two heaps merged
                 first = heap if heap and (not wakes or heap[0] < wakes[0]) else wakes
@@ -144,38 +147,42 @@ class Sim(Down):
                     break
                 at, _seq, kind, d, what = pop(first)
                 self.now = at
-                event(at, kind, d, what)
-            self.now, self.k = t, k
+                events += 1
+                if kind == READY:  # the kinds by how often they come
+                    ready(d, what, at)
+                elif kind == WAKE:
+                    wake(d, at)
+                else:
+                    other(at, kind, d, what)
+            self.now, self.k, self.t_next = t, k, (k + 1) * tick
             # the resumes due at this tick, after the other events due by it: a resume only puts
             # a resting deployment back on the tick list, which none of those events reads for
             # it (a resting deployment has replicas, so no wake of it is pending)
             due = resumes.pop(k, None)
             if due is not None:
-                self.res.events += len(due)  # timed events, as the others are
+                events += len(due)  # timed events, as the others are
                 for d in due:
                     if deps[d].resume_at == t:
                         deps[d].resume_at = None
                         active.add(d)
-            order = sorted(self.active)  # an order that does not depend on who skipped
-            self.res.decisions += len(order)  # one decision each
+            order = sorted(active)  # an order that does not depend on who skipped
+            res.decisions += len(order)  # one decision each
             for d in order:
                 tick_one(d, t)
-            self.res.peak_gpus = max(self.res.peak_gpus, self.fleet.gpus_in_use)
+            if self.fleet.gpus_in_use > res.peak_gpus:
+                res.peak_gpus = self.fleet.gpus_in_use
             if progress is not None and k % 600 == 0 and (w := time.perf_counter()) - shown >= 5.0:
                 shown = w
                 progress(self.policy.name, t, horizon)
             k += 1
+        res.events += events
         self._finish(horizon)
         self.res.wall_s = time.perf_counter() - t0
         return self.res
 
     def _event(self, t: float, kind: int, d: int, what: str) -> None:
-        self.res.events += 1
-        if kind == WAKE:
-            self._wake(d, t)
-        elif kind == READY:
-            self._ready(d, what, t)
-        elif kind == FROZEN:
+        """The rarer timed events (`_run` calls `_wake` and `_ready` itself)."""
+        if kind == FROZEN:
             dep = self.deps[d]
             dep.ckpt = f"ck-{dep.spec.name}"
             dep.claim = None
@@ -209,7 +216,8 @@ class Sim(Down):
         dep = self.deps[d]
         s = self.samples[d]
         w = dep.window or self._window(dep)
-        secs, c, n = s.secs, dep.cursor, len(s.secs)
+        secs, c = s.secs, dep.cursor
+        n = len(secs)
         if c < n and secs[c] < t:
             record, conc, arrivals = w.record, s.conc, s.arrivals
             while c < n and secs[c] < t:
@@ -226,7 +234,7 @@ class Sim(Down):
         if not dep.live:
             if w.stable_sum == 0.0 and w.panic_sum == 0.0:
                 self._sleep(d, t)  # idle: its next request wakes it
-        elif desired == current and self.skip and not (c < n and secs[c] < (self.k + 1) * self.cfg.tick_s):
+        elif desired == current and self.skip and not (c < n and secs[c] < self.t_next):
             # (a sample for the next tick: it decides anyway)
             self._rest(d, steady_until(w, dep.spec.scaling, current, decision, t), c)
 
@@ -267,22 +275,24 @@ class Sim(Down):
         return out
 
     def _scale_up(self, d: int, n: int, t: float) -> None:
-        dep = self.deps[d]
-        if self.fleet.gpus_free < dep.spec.gpus:  # `place` finds no host with room: skip asking
+        dep, fleet = self.deps[d], self.fleet
+        spec = dep.spec
+        if fleet.gpus_total - fleet.gpus_in_use < spec.gpus:  # `place` finds no host with room
             self.res.unplaceable += n
             return
-        on = self._replicas_on(dep)
-        names = self.fleet.candidates(dep.spec.name, dep.ckpt, on, n, dep.spec.gpus)
-        hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
-        placed = place(dep.spec, n, hosts, self._catalog(dep), on, NOTHING_RESERVED)
-        self.res.unplaceable += n - len(placed)
+        on = self._replicas_on(dep) if dep.live else {}
+        name, ckpt, beat = spec.name, dep.ckpt, fleet.heartbeat
+        hosts = {h: beat(h, name, ckpt, t) for h in fleet.candidates(name, ckpt, on, n, spec.gpus)}
+        placed = place(spec, n, hosts, {COMPAT: ckpt} if ckpt else {}, on, NOTHING_RESERVED)
+        if len(placed) < n:
+            self.res.unplaceable += n - len(placed)
         for p in placed:
             self._start(d, p, t)
 
     def _start(self, d: int, p: Placement, t: float) -> None:
         dep, fleet, prof = self.deps[d], self.fleet, self.profile
         host = fleet.by_name[p.host]
-        fleet.take(p.host, p.gpu_uuids)
+        fleet.mark(host, p.gpu_uuids, True)
         self.ids += 1
         name = dep.spec.name
         if self.cold_only:  # choose answers a command allowing only cold boots with one
@@ -316,10 +326,14 @@ class Sim(Down):
         else:
             tier, lat = "cold", prof.cold(dep.gib)
         self.res.restores[tier] += 1
-        dep.live[replica] = Rep(p.host, list(p.gpu_uuids), t, tier)
-        dep.peak = max(dep.peak, len(dep.live))
-        self._series(d, t)
-        self.push(t + lat, READY, d, replica)
+        live = dep.live
+        live[replica] = Rep(p.host, list(p.gpu_uuids), t, tier)
+        if len(live) > dep.peak:
+            dep.peak = len(live)
+        if d in self.sampled:
+            self._series(d, t)
+        self.seq += 1
+        heapq.heappush(self.heap, (t + lat, self.seq, READY, d, replica))  # push's, inlined
 
     def _entry(self, dep: Dep) -> Candidate | None:
         """The catalog's entry for the fleet's one key, made once per checkpoint."""

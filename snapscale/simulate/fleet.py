@@ -10,8 +10,8 @@ one copies, it does not search.
 
 from __future__ import annotations
 
-import bisect
 import itertools
+from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -79,12 +79,9 @@ class Fleet:
 
     # --- GPUs ----------------------------------------------------------------------------
     def take(self, host: str, uuids: list[str]) -> None:
-        self._mark(self.by_name[host], uuids, True)
+        self.mark(self.by_name[host], uuids, True)
 
-    def give(self, host: str, uuids: list[str]) -> None:
-        self._mark(self.by_name[host], uuids, False)
-
-    def _mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
+    def mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
         """Each GPU's view as taken or free, the counts, and the host refiled by its free count."""
         before, index, view = h.free, self.gpu_index, h.view
         src = h.busy if taken else h.gpus
@@ -96,8 +93,8 @@ class Fleet:
         self.gpus_in_use += n
         i = h.idx
         lst = self.by_free[before]
-        del lst[bisect.bisect_left(lst, i)]
-        bisect.insort(self.by_free[after], i)
+        del lst[bisect_left(lst, i)]
+        insort(self.by_free[after], i)
 
     # --- replicas ------------------------------------------------------------------------------
     def set_ready(self, host: str, summary: ReplicaSummary) -> None:
