@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from snapscale.shared.bus import GpuInfo, HostHeartbeat, ReplicaState, ReplicaSummary
 
+_NONE: frozenset[str] = frozenset()
 COMPAT = "sim-key"  # one GPU model, driver and runtime across the fleet: one compatibility key
 GPU_BYTES = 141 * 10**9
 
@@ -211,8 +212,10 @@ class Fleet:
         by (resume, cached, any; then this deployment's replicas on it, cached bytes, free GPUs,
         name) among those with room. A placement makes only its own host's key worse, so a host
         outside the n first is never reached: each new host `place` picks is the best left."""
-        sus = self.suspended_on.get(deployment, set())
-        cached = self.cached_on.get(ckpt, set()) if ckpt is not None else set()
+        sus = self.suspended_on.get(deployment, _NONE)
+        cached = self.cached_on.get(ckpt, _NONE) if ckpt is not None else _NONE
+        if not (sus or cached or replicas_on):  # no host is known to it: the emptiest, in that order
+            return self._emptiest(n, gpus, _NONE)
         known = sus | cached | replicas_on.keys()
         keyed: list[tuple[int, int, int, int, str]] = []
         for name in known:
