@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left, insort
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from snapscale.shared.bus import GpuInfo, HostHeartbeat, ReplicaState, ReplicaSummary
@@ -237,3 +237,29 @@ class Fleet:
         cached = self.cached_on.get(ckpt, set())
         have = list(itertools.islice(cached, want))
         return have + self._emptiest(want - len(have), gpus, cached) if len(have) < want else have
+
+
+class ReleaseBeats(Mapping[str, HostHeartbeat]):
+    """Every host's release heartbeat (`Fleet.release_heartbeat`) for one deployment at one moment,
+    each built when first read: a scale-down hands `choose_releases` the fleet's heartbeats, as
+    the scaler does, and it reads only the released replicas' hosts."""
+
+    __slots__ = ("_deployment", "_fleet", "_now", "built")
+
+    def __init__(self, fleet: Fleet, deployment: str, now: float) -> None:
+        self._fleet, self._deployment, self._now = fleet, deployment, now
+        self.built: dict[str, HostHeartbeat] = {}  # read so far
+
+    def __getitem__(self, host: str) -> HostHeartbeat:
+        hb = self.built.get(host)
+        if hb is None:
+            if host not in self._fleet.by_name:
+                raise KeyError(host)
+            hb = self.built[host] = self._fleet.release_heartbeat(host, self._deployment, self._now)
+        return hb
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fleet.by_name)
+
+    def __len__(self) -> int:
+        return len(self._fleet.by_name)
