@@ -118,6 +118,7 @@ class Sim(Down):
         # suspended ones, `choose_releases` the RSS only to suspend), so none is listed
         self.stop_only = policy.release_mode == "stop" and not policy.freeze
         self.cold_only = policy.tiers == COLD_ONLY
+        self.latencies: dict[tuple[str, float], float] = {}  # (tier, image GiB) -> seconds
 
     # --- the loop ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
@@ -290,17 +291,18 @@ class Sim(Down):
             self._start(d, p, t)
 
     def _start(self, d: int, p: Placement, t: float) -> None:
-        dep, fleet, prof = self.deps[d], self.fleet, self.profile
+        dep, fleet = self.deps[d], self.fleet
         host = fleet.by_name[p.host]
         fleet.mark(host, p.gpu_uuids, True)
         self.ids += 1
         name = dep.spec.name
+        asked = p.resume or f"{name}-{self.ids}"
         if self.cold_only:  # choose answers a command allowing only cold boots with one
             choice = _COLD_BOOT
         else:
             choice = choose(
                 Observed(
-                    replica=p.resume or f"{name}-{self.ids}",
+                    replica=asked,
                     allow=self.policy.tiers,
                     host_compat_hash=COMPAT,
                     suspended=tuple(host.suspended_of.get(name, ())),
@@ -309,22 +311,22 @@ class Sim(Down):
                     cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
                 )
             )
-        replica = choice.resume_replica or p.resume or f"{name}-{self.ids}"
+        replica = choice.resume_replica or asked
         if choice.tier is _RESUME:
             fleet.unsuspend(p.host, replica)
-            tier, lat = "resume", prof.resume(dep.gib)
+            tier = "resume"
         elif choice.tier is _CACHE:
             assert dep.ckpt is not None
-            hot = dep.ckpt in host.hot
-            tier, lat = ("hot", prof.hot(dep.gib)) if hot else ("cache", prof.cache(dep.gib))
+            tier = "hot" if dep.ckpt in host.hot else "cache"
             fleet.cache_put(p.host, dep.ckpt, dep.nbytes)  # a use: most recent in the LRU
         elif choice.tier is _STORE:
             assert dep.ckpt is not None
-            tier, lat = "store", prof.store(dep.gib)
+            tier = "store"
             self.res.store_bytes += dep.nbytes
             fleet.cache_put(p.host, dep.ckpt, dep.nbytes)
         else:
-            tier, lat = "cold", prof.cold(dep.gib)
+            tier = "cold"
+        lat = self._latency(tier, dep.gib)
         self.res.restores[tier] += 1
         live = dep.live
         live[replica] = Rep(p.host, list(p.gpu_uuids), t, tier)
@@ -334,6 +336,15 @@ class Sim(Down):
             self._series(d, t)
         self.seq += 1
         heapq.heappush(self.heap, (t + lat, self.seq, READY, d, replica))  # push's, inlined
+
+    def _latency(self, tier: str, gib: float) -> float:
+        """The profile's time for a restore of this tier and image size, worked out once."""
+        lat = self.latencies.get((tier, gib))
+        if lat is None:
+            prof = self.profile
+            at = {"resume": prof.resume, "hot": prof.hot, "cache": prof.cache, "store": prof.store}
+            lat = self.latencies[tier, gib] = at.get(tier, prof.cold)(gib)
+        return lat
 
     def _entry(self, dep: Dep) -> Candidate | None:
         """The catalog's entry for the fleet's one key, made once per checkpoint."""
