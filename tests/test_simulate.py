@@ -25,7 +25,7 @@ from snapscale.shared.bus import DeploymentSpec, ReplicaEvent, ReplicaState, Rep
 from snapscale.shared.core.errors import ConfigError
 from snapscale.simulate import down, engine
 from snapscale.simulate.engine import Sim
-from snapscale.simulate.fleet import COMPAT, Fleet, Suspended
+from snapscale.simulate.fleet import COMPAT, Fleet, ReleaseBeats, Suspended
 from snapscale.simulate.policies import COLD_ONLY, POLICIES, Policy, Result
 from snapscale.simulate.profile import GIB, Profile, load_profile
 from snapscale.simulate.samples import samples
@@ -228,6 +228,11 @@ def test_a_release_reads_its_lighter_heartbeat_as_the_full_one() -> None:
         assert [r.why for r in got] == [r.why for r in choose_releases(spec, n, ready, full, Reservations())]
         for name in on:
             assert needs_freeze(light[name], "d1", catalog) == needs_freeze(full[name], "d1", catalog)
+        # the scale-down's lazy map: the same answer, with only the released replicas' hosts built
+        lazy = ReleaseBeats(fleet, "d1", 2.0)
+        assert choose_releases(spec, n, ready, lazy, Reservations()) == got
+        assert set(lazy.built) == {r.host for r in got}
+        assert lazy["h0"] == fleet.release_heartbeat("h0", "d1", 2.0) and len(lazy) == len(fleet.hosts)
 
 
 def test_a_run_collects_cycles_less_often_and_puts_the_collector_back() -> None:

@@ -4,13 +4,15 @@ how, the freeze before the last one goes, the budget on suspended replicas, the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from snapscale.freezer.decide import Action, Claim, after_claim, before_claim, judge_claim
 from snapscale.restorer.budget import Suspended as BudgetEntry
 from snapscale.restorer.budget import over_budget
 from snapscale.scaler.config import ScalerConfig
 from snapscale.scaler.placement import Release, Reservations, choose_releases, needs_freeze, prefetch_targets
-from snapscale.shared.bus import CatalogEntry, FreezeCommand, ReleaseMode
-from snapscale.simulate.fleet import COMPAT, Fleet, Suspended
+from snapscale.shared.bus import CatalogEntry, FreezeCommand, HostHeartbeat, ReleaseMode
+from snapscale.simulate.fleet import COMPAT, Fleet, ReleaseBeats, Suspended
 from snapscale.simulate.policies import Policy, Result
 from snapscale.simulate.profile import Profile
 from snapscale.simulate.state import FROZEN, PREFETCHED, Dep
@@ -62,12 +64,10 @@ class Down:
         """Actor.scale_down: release ready replicas; freeze before the last goes; prefetch after."""
         dep = self.deps[d]
         ready = [r.ev for r in dep.live.values() if r.ev is not None]
-        if self.stop_only:
-            # choose_releases reads only that a stopping host reports, and nothing else runs
-            hosts = {e.host: self.fleet.reporting[e.host] for e in ready}
-        else:
-            beat = self.fleet.release_heartbeat
-            hosts = {h: beat(h, dep.spec.name, t) for h in {e.host for e in ready}}
+        # stop only: choose_releases reads only that a host reports, and nothing else runs
+        hosts: Mapping[str, HostHeartbeat] = (
+            self.fleet.reporting if self.stop_only else ReleaseBeats(self.fleet, dep.spec.name, t)
+        )
         releases = choose_releases(dep.spec, min(n, len(ready)), ready, hosts, NOTHING_RESERVED)
         if not releases:
             return
@@ -93,13 +93,15 @@ class Down:
         dep = self.deps[d]
         rep = dep.live.pop(r.replica)
         self.res.gpu_s += (t - rep.start) * len(rep.gpus)
-        self.fleet.give(rep.host, rep.gpus)
+        fleet = self.fleet
+        fleet.mark(fleet.by_name[rep.host], rep.gpus, False)
         if not self.stop_only:
-            self.fleet.drop_ready(rep.host, dep.spec.name, r.replica)
+            fleet.drop_ready(rep.host, dep.spec.name, r.replica)
         dep.n_ready -= 1
         if dep.n_ready == 0:
             dep.noready_since = t
-        self._series(d, t)
+        if d in self.sampled:
+            self._series(d, t)
         if r.mode is _SUSPEND:
             self.fleet.suspend(rep.host, r.replica, Suspended(dep.spec.name, t, dep.nbytes))
             host = self.fleet.by_name[rep.host]

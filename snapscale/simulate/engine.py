@@ -40,7 +40,7 @@ from snapscale.simulate.fleet import COMPAT, Fleet
 from snapscale.simulate.policies import COLD_ONLY, Policy, Result
 from snapscale.simulate.profile import GIB, Profile
 from snapscale.simulate.samples import Samples
-from snapscale.simulate.state import FROZEN, READY, RESUME_TICKS, WAKE, Dep, Rep
+from snapscale.simulate.state import FROZEN, READY, WAKE, Dep, Rep
 from snapscale.simulate.trace import Trace
 
 Progress = Callable[[str, float, float], None]
@@ -105,15 +105,20 @@ class Sim(Down):
         self.heap: list[tuple[float, int, int, int, str]] = []
         self.wakes: list[tuple[float, int, int, int, str]] = []
         self.seq = 0  # orders the events at one time, across both heaps
+        # deployments resting with replicas, by the index of the tick that decides them next:
+        # those ticks are known in advance, so they need no heap (see `_run`)
+        self.resumes: dict[int, list[int]] = {}
         self.ids = 0  # replica and command ids: the same whichever events were pushed
         self.active: set[int] = set()
         self.now = 0.0
         self.skip = skip  # False: decide every active deployment every tick (the reference)
         self.k = 0  # the tick's index: its time is k * tick
+        self.t_next = 0.0  # the next tick's time, (k + 1) * tick
         # stop, never freeze: no decision reads a ready replica in a heartbeat (`place` reads the
         # suspended ones, `choose_releases` the RSS only to suspend), so none is listed
         self.stop_only = policy.release_mode == "stop" and not policy.freeze
         self.cold_only = policy.tiers == COLD_ONLY
+        self.latencies: dict[tuple[str, float], float] = {}  # (tier, image GiB) -> seconds
 
     # --- the loop ---------------------------------------------------------------------------
     def push(self, t: float, kind: int, d: int, what: str = "") -> None:
@@ -132,7 +137,10 @@ class Sim(Down):
                 self.push(s.times[0], WAKE, d)
         tick = self.cfg.tick_s
         k, shown = 1, t0
-        tick_one, event, pop, heap, wakes = self._tick, self._event, heapq.heappop, self.heap, self.wakes
+        tick_one, pop, heap, wakes = self._tick, heapq.heappop, self.heap, self.wakes
+        wake, ready, other = self._wake, self._ready, self._event
+        resumes, deps, active, res = self.resumes, self.deps, self.active, self.res
+        events = 0
         while (t := k * tick) <= horizon:
             while True:  # the events due by t in (time, push order), the two heaps merged
                 first = heap if heap and (not wakes or heap[0] < wakes[0]) else wakes
@@ -140,36 +148,46 @@ class Sim(Down):
                     break
                 at, _seq, kind, d, what = pop(first)
                 self.now = at
-                event(at, kind, d, what)
-            self.now, self.k = t, k
-            order = sorted(self.active)  # an order that does not depend on who skipped
-            self.res.decisions += len(order)  # one decision each
+                events += 1
+                if kind == READY:  # the kinds by how often they come
+                    ready(d, what, at)
+                elif kind == WAKE:
+                    wake(d, at)
+                else:
+                    other(at, kind, d, what)
+            self.now, self.k, self.t_next = t, k, (k + 1) * tick
+            # the resumes due at this tick, after the other events due by it: a resume only puts
+            # a resting deployment back on the tick list, which none of those events reads for
+            # it (a resting deployment has replicas, so no wake of it is pending)
+            due = resumes.pop(k, None)
+            if due is not None:
+                events += len(due)  # timed events, as the others are
+                for d in due:
+                    if deps[d].resume_at == t:
+                        deps[d].resume_at = None
+                        active.add(d)
+            order = sorted(active)  # an order that does not depend on who skipped
+            res.decisions += len(order)  # one decision each
             for d in order:
                 tick_one(d, t)
-            self.res.peak_gpus = max(self.res.peak_gpus, self.fleet.gpus_in_use)
+            if self.fleet.gpus_in_use > res.peak_gpus:
+                res.peak_gpus = self.fleet.gpus_in_use
             if progress is not None and k % 600 == 0 and (w := time.perf_counter()) - shown >= 5.0:
                 shown = w
                 progress(self.policy.name, t, horizon)
             k += 1
+        res.events += events
         self._finish(horizon)
         self.res.wall_s = time.perf_counter() - t0
         return self.res
 
     def _event(self, t: float, kind: int, d: int, what: str) -> None:
-        self.res.events += 1
-        if kind == WAKE:
-            self._wake(d, t)
-        elif kind == READY:
-            self._ready(d, what, t)
-        elif kind == FROZEN:
+        """The rarer timed events (`_run` calls `_wake` and `_ready` itself)."""
+        if kind == FROZEN:
             dep = self.deps[d]
             dep.ckpt = f"ck-{dep.spec.name}"
             dep.claim = None
             dep.freeze_done = True
-        elif kind == RESUME_TICKS:
-            if self.deps[d].resume_at == t:
-                self.deps[d].resume_at = None
-                self.active.add(d)
         else:  # PREFETCHED
             dep = self.deps[d]
             if dep.ckpt is not None:
@@ -199,7 +217,8 @@ class Sim(Down):
         dep = self.deps[d]
         s = self.samples[d]
         w = dep.window or self._window(dep)
-        secs, c, n = s.secs, dep.cursor, len(s.secs)
+        secs, c = s.secs, dep.cursor
+        n = len(secs)
         if c < n and secs[c] < t:
             record, conc, arrivals = w.record, s.conc, s.arrivals
             while c < n and secs[c] < t:
@@ -216,7 +235,7 @@ class Sim(Down):
         if not dep.live:
             if w.stable_sum == 0.0 and w.panic_sum == 0.0:
                 self._sleep(d, t)  # idle: its next request wakes it
-        elif desired == current and self.skip and not (c < n and secs[c] < (self.k + 1) * self.cfg.tick_s):
+        elif desired == current and self.skip and not (c < n and secs[c] < self.t_next):
             # (a sample for the next tick: it decides anyway)
             self._rest(d, steady_until(w, dep.spec.scaling, current, decision, t), c)
 
@@ -230,7 +249,7 @@ class Sim(Down):
         if k > self.k + 1:
             self.active.discard(d)
             self.deps[d].resume_at = k * tick
-            self.push(k * tick, RESUME_TICKS, d)
+            self.resumes.setdefault(k, []).append(d)
 
     def _first_tick(self, at: float, *, strict: bool) -> int:
         """The index of the first tick at (or, strict, after) `at`; past the horizon: one past it."""
@@ -257,30 +276,33 @@ class Sim(Down):
         return out
 
     def _scale_up(self, d: int, n: int, t: float) -> None:
-        dep = self.deps[d]
-        if self.fleet.gpus_free < dep.spec.gpus:  # `place` finds no host with room: skip asking
+        dep, fleet = self.deps[d], self.fleet
+        spec = dep.spec
+        if fleet.gpus_total - fleet.gpus_in_use < spec.gpus:  # `place` finds no host with room
             self.res.unplaceable += n
             return
-        on = self._replicas_on(dep)
-        names = self.fleet.candidates(dep.spec.name, dep.ckpt, on, n, dep.spec.gpus)
-        hosts = {h: self.fleet.heartbeat(h, dep.spec.name, dep.ckpt, t) for h in names}
-        placed = place(dep.spec, n, hosts, self._catalog(dep), on, NOTHING_RESERVED)
-        self.res.unplaceable += n - len(placed)
+        on = self._replicas_on(dep) if dep.live else {}
+        name, ckpt, beat = spec.name, dep.ckpt, fleet.heartbeat
+        hosts = {h: beat(h, name, ckpt, t) for h in fleet.candidates(name, ckpt, on, n, spec.gpus)}
+        placed = place(spec, n, hosts, {COMPAT: ckpt} if ckpt else {}, on, NOTHING_RESERVED)
+        if len(placed) < n:
+            self.res.unplaceable += n - len(placed)
         for p in placed:
             self._start(d, p, t)
 
     def _start(self, d: int, p: Placement, t: float) -> None:
-        dep, fleet, prof = self.deps[d], self.fleet, self.profile
+        dep, fleet = self.deps[d], self.fleet
         host = fleet.by_name[p.host]
-        fleet.take(p.host, p.gpu_uuids)
+        fleet.mark(host, p.gpu_uuids, True)
         self.ids += 1
         name = dep.spec.name
+        asked = p.resume or f"{name}-{self.ids}"
         if self.cold_only:  # choose answers a command allowing only cold boots with one
             choice = _COLD_BOOT
         else:
             choice = choose(
                 Observed(
-                    replica=p.resume or f"{name}-{self.ids}",
+                    replica=asked,
                     allow=self.policy.tiers,
                     host_compat_hash=COMPAT,
                     suspended=tuple(host.suspended_of.get(name, ())),
@@ -289,27 +311,40 @@ class Sim(Down):
                     cached_bytes=dep.nbytes if dep.ckpt in host.cache else 0,
                 )
             )
-        replica = choice.resume_replica or p.resume or f"{name}-{self.ids}"
+        replica = choice.resume_replica or asked
         if choice.tier is _RESUME:
             fleet.unsuspend(p.host, replica)
-            tier, lat = "resume", prof.resume(dep.gib)
+            tier = "resume"
         elif choice.tier is _CACHE:
             assert dep.ckpt is not None
-            hot = dep.ckpt in host.hot
-            tier, lat = ("hot", prof.hot(dep.gib)) if hot else ("cache", prof.cache(dep.gib))
+            tier = "hot" if dep.ckpt in host.hot else "cache"
             fleet.cache_put(p.host, dep.ckpt, dep.nbytes)  # a use: most recent in the LRU
         elif choice.tier is _STORE:
             assert dep.ckpt is not None
-            tier, lat = "store", prof.store(dep.gib)
+            tier = "store"
             self.res.store_bytes += dep.nbytes
             fleet.cache_put(p.host, dep.ckpt, dep.nbytes)
         else:
-            tier, lat = "cold", prof.cold(dep.gib)
+            tier = "cold"
+        lat = self._latency(tier, dep.gib)
         self.res.restores[tier] += 1
-        dep.live[replica] = Rep(p.host, list(p.gpu_uuids), t, tier)
-        dep.peak = max(dep.peak, len(dep.live))
-        self._series(d, t)
-        self.push(t + lat, READY, d, replica)
+        live = dep.live
+        live[replica] = Rep(p.host, list(p.gpu_uuids), t, tier)
+        if len(live) > dep.peak:
+            dep.peak = len(live)
+        if d in self.sampled:
+            self._series(d, t)
+        self.seq += 1
+        heapq.heappush(self.heap, (t + lat, self.seq, READY, d, replica))  # push's, inlined
+
+    def _latency(self, tier: str, gib: float) -> float:
+        """The profile's time for a restore of this tier and image size, worked out once."""
+        lat = self.latencies.get((tier, gib))
+        if lat is None:
+            prof = self.profile
+            at = {"resume": prof.resume, "hot": prof.hot, "cache": prof.cache, "store": prof.store}
+            lat = self.latencies[tier, gib] = at.get(tier, prof.cold)(gib)
+        return lat
 
     def _entry(self, dep: Dep) -> Candidate | None:
         """The catalog's entry for the fleet's one key, made once per checkpoint."""

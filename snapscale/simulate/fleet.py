@@ -10,14 +10,15 @@ one copies, it does not search.
 
 from __future__ import annotations
 
-import bisect
 import itertools
+from bisect import bisect_left, insort
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from snapscale.shared.bus import GpuInfo, HostHeartbeat, ReplicaState, ReplicaSummary
 
+_NONE: frozenset[str] = frozenset()
 COMPAT = "sim-key"  # one GPU model, driver and runtime across the fleet: one compatibility key
 GPU_BYTES = 141 * 10**9
 
@@ -79,12 +80,9 @@ class Fleet:
 
     # --- GPUs ----------------------------------------------------------------------------
     def take(self, host: str, uuids: list[str]) -> None:
-        self._mark(self.by_name[host], uuids, True)
+        self.mark(self.by_name[host], uuids, True)
 
-    def give(self, host: str, uuids: list[str]) -> None:
-        self._mark(self.by_name[host], uuids, False)
-
-    def _mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
+    def mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
         """Each GPU's view as taken or free, the counts, and the host refiled by its free count."""
         before, index, view = h.free, self.gpu_index, h.view
         src = h.busy if taken else h.gpus
@@ -96,8 +94,8 @@ class Fleet:
         self.gpus_in_use += n
         i = h.idx
         lst = self.by_free[before]
-        del lst[bisect.bisect_left(lst, i)]
-        bisect.insort(self.by_free[after], i)
+        del lst[bisect_left(lst, i)]
+        insort(self.by_free[after], i)
 
     # --- replicas ------------------------------------------------------------------------------
     def set_ready(self, host: str, summary: ReplicaSummary) -> None:
@@ -214,8 +212,10 @@ class Fleet:
         by (resume, cached, any; then this deployment's replicas on it, cached bytes, free GPUs,
         name) among those with room. A placement makes only its own host's key worse, so a host
         outside the n first is never reached: each new host `place` picks is the best left."""
-        sus = self.suspended_on.get(deployment, set())
-        cached = self.cached_on.get(ckpt, set()) if ckpt is not None else set()
+        sus = self.suspended_on.get(deployment, _NONE)
+        cached = self.cached_on.get(ckpt, _NONE) if ckpt is not None else _NONE
+        if not (sus or cached or replicas_on):  # no host is known to it: the emptiest, in that order
+            return self._emptiest(n, gpus, _NONE)
         known = sus | cached | replicas_on.keys()
         keyed: list[tuple[int, int, int, int, str]] = []
         for name in known:
@@ -237,3 +237,29 @@ class Fleet:
         cached = self.cached_on.get(ckpt, set())
         have = list(itertools.islice(cached, want))
         return have + self._emptiest(want - len(have), gpus, cached) if len(have) < want else have
+
+
+class ReleaseBeats(Mapping[str, HostHeartbeat]):
+    """Every host's release heartbeat (`Fleet.release_heartbeat`) for one deployment at one moment,
+    each built when first read: a scale-down hands `choose_releases` the fleet's heartbeats, as
+    the scaler does, and it reads only the released replicas' hosts."""
+
+    __slots__ = ("_deployment", "_fleet", "_now", "built")
+
+    def __init__(self, fleet: Fleet, deployment: str, now: float) -> None:
+        self._fleet, self._deployment, self._now = fleet, deployment, now
+        self.built: dict[str, HostHeartbeat] = {}  # read so far
+
+    def __getitem__(self, host: str) -> HostHeartbeat:
+        hb = self.built.get(host)
+        if hb is None:
+            if host not in self._fleet.by_name:
+                raise KeyError(host)
+            hb = self.built[host] = self._fleet.release_heartbeat(host, self._deployment, self._now)
+        return hb
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fleet.by_name)
+
+    def __len__(self) -> int:
+        return len(self._fleet.by_name)

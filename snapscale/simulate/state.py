@@ -9,7 +9,7 @@ from snapscale.restorer.tiers import Candidate
 from snapscale.scaler.window import Window
 from snapscale.shared.bus import DeploymentSpec, ReplicaEvent
 
-WAKE, READY, FROZEN, PREFETCHED, RESUME_TICKS = range(5)
+WAKE, READY, FROZEN, PREFETCHED = range(4)  # the timed events' kinds (resumes: `Sim.resumes`)
 
 
 @dataclass
