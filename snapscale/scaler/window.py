@@ -72,47 +72,51 @@ class Window:
 
     def advance(self, now: float) -> None:
         """Move the head to `now`'s bucket, dropping buckets that left either window."""
-        t = int(now // BUCKET_S)
+        t = math.floor(now // BUCKET_S)  # an integral float's floor: int()'s value, without a type call
         h = self.head
         if t <= h:
             return
-        ns, np_ = self._n_stable, self._n_panic
+        ns = self._n_stable
         if t - h >= ns:
             # every bucket left both windows: the ring's slots keep their stale stamps (all <= h,
             # so no bucket index from here on matches one, and a slot is refilled when its stamp
             # differs) and only the sums start again, without allocating the ring anew
             self.stable_sum = self.panic_sum = 0.0
             self._low = t + 1
-        else:
-            stamp, sums, cnts = self._stamp, self._sum, self._cnt
-            panic, stable = self.panic_sum, self.stable_sum  # locals: this runs per sample
-            if t == h + 1:  # one bucket on, as a sample a second moves it: no loops to set up
-                j = t - np_
+            self.head = t
+            return
+        stamp, sums, cnts = self._stamp, self._sum, self._cnt
+        panic, stable, np_ = self.panic_sum, self.stable_sum, self._n_panic  # locals: runs per sample
+        if t == h + 1:  # one bucket on, as a sample a second moves it: no loops to set up
+            j = t - np_
+            s = j % ns
+            if stamp[s] == j:
+                panic -= sums[s] / cnts[s]
+            j = t - ns
+            s = j % ns
+            if stamp[s] == j:
+                stable -= sums[s] / cnts[s]
+                stamp[s] = _EMPTY
+        else:  # walk the buckets that leave from the lowest that can hold a sample, and the
+            # panic window's only up to h (no bucket past it holds a sample yet); conditional
+            # expressions rather than min()/max(), whose calls cost more than these loops' bodies
+            low = self._low
+            lo, hi = h - np_ + 1, t - np_
+            for j in range(lo if lo > low else low, (hi if hi < h else h) + 1):
                 s = j % ns
                 if stamp[s] == j:
                     panic -= sums[s] / cnts[s]
-                j = t - ns
+            lo, hi = h - ns + 1, t - ns
+            for j in range(lo if lo > low else low, hi + 1):
                 s = j % ns
                 if stamp[s] == j:
                     stable -= sums[s] / cnts[s]
                     stamp[s] = _EMPTY
-            else:  # walk the buckets that leave from the lowest that can hold a sample, and
-                # the panic window's only up to h (no bucket past it holds a sample yet)
-                low = self._low
-                for j in range(max(h - np_ + 1, low), min(t - np_, h) + 1):
-                    s = j % ns
-                    if stamp[s] == j:
-                        panic -= sums[s] / cnts[s]
-                for j in range(max(h - ns + 1, low), t - ns + 1):
-                    s = j % ns
-                    if stamp[s] == j:
-                        stable -= sums[s] / cnts[s]
-                        stamp[s] = _EMPTY
-                if low <= t - ns:
-                    self._low = t - ns + 1
-            # running sums drift by float rounding; an empty window must read exactly zero
-            self.stable_sum = stable if stable >= 1e-9 else 0.0
-            self.panic_sum = panic if panic >= 1e-9 else 0.0
+            if low <= hi:
+                self._low = hi + 1
+        # running sums drift by float rounding; an empty window must read exactly zero
+        self.stable_sum = stable if stable >= 1e-9 else 0.0
+        self.panic_sum = panic if panic >= 1e-9 else 0.0
         self.head = t
 
     def record(self, now: float, concurrency: float, arrivals: int = 0) -> bool:
