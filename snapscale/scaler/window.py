@@ -129,19 +129,22 @@ class Window:
         """
         if not (0.0 <= concurrency <= MAX_CONCURRENCY and 0 <= arrivals <= MAX_ARRIVALS):
             return False  # what sample_problem names (NaN fails every comparison), without its text
-        b = int(now // BUCKET_S)
+        b = math.floor(now // BUCKET_S)  # as in advance: int()'s value without a type call
         ns = self._n_stable
         if concurrency > 0 or arrivals > 0:
-            if now - self.last_traffic >= ns * BUCKET_S:
+            last = self.last_traffic
+            if now - last >= ns * BUCKET_S:
                 # the first traffic after a whole stable window without any: both windows start
                 # again here, as Knative's buckets do after a gap, so a burst after an idle spell
                 # is averaged over what was seen of it, not diluted by the idle seconds before
                 self.first_bucket = b
-            if now > self.last_traffic:
+            if now > last:
                 self.last_traffic = now
-        if b > self.head:
+        h = self.head
+        if b > h:
             self.advance(now)
-        elif b <= self.head - ns:
+            h = b
+        elif b <= h - ns:
             return True  # a measurement, older than the stable window: nothing to update
         first = self.first_bucket
         if first is None or b < first:
@@ -152,16 +155,16 @@ class Window:
             stamp[s] = b
             if b < self._low:
                 self._low = b
-            sums[s] = 0.0 + concurrency
+            sums[s] = delta = 0.0 + concurrency  # its mean, less the empty bucket's 0
             cnts[s] = 1
-            delta = sums[s]  # its mean, less the empty bucket's 0
         else:
-            old = sums[s] / cnts[s]
-            sums[s] += concurrency
-            cnts[s] += 1
-            delta = sums[s] / cnts[s] - old
+            n = cnts[s]
+            old = sums[s]
+            sums[s] = total = old + concurrency
+            cnts[s] = n + 1
+            delta = total / (n + 1) - old / n
         self.stable_sum += delta
-        if b > self.head - self._n_panic:
+        if b > h - self._n_panic:
             self.panic_sum += delta
         return True
 
