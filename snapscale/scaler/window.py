@@ -214,7 +214,19 @@ class Window:
             return math.ceil(s / (ns if seen > ns else seen) / per_replica - 1e-9) if s > 0 else 0
 
         stamp, cut = self._stamp, (h + 1) % ns  # slot order from `cut` on is bucket order
-        for j in [j for j in stamp[cut:] + stamp[:cut] if j > h - ns]:
+        gone_by = h - ns  # outside the comprehension: computed once, and `h` stays a plain local
+        live = [j for j in stamp[cut:] + stamp[:cut] if j > gone_by]
+        if h - first + 1 >= ns and desire(s, h) == want:
+            # a full window (the common case): nothing dilutes, every head of a stretch reads the
+            # desire its start read, so only an expiry can change it; the loop below, with its
+            # in-stretch test (always `want` here) left out and `desire` inline: one test a bucket
+            for j in live:
+                s -= sums[j % ns] / cnts[j % ns]
+                h = j + ns
+                if s < 1e-6 or math.ceil(s / ns / per_replica - 1e-9) != want:
+                    break
+            return (h + 1) * BUCKET_S
+        for j in live:
             gone = j + ns  # the first head without bucket j; before it only dilution moves the desire
             if gone - 1 > h and desire(s, gone - 1) != want:
                 # the first head in (h, gone - 1] whose desire is not `want`: they are `want` up
