@@ -28,8 +28,6 @@ class Window:
         "_cnt",
         "_held",
         "_low",
-        "_n_panic",
-        "_n_stable",
         "_stamp",
         "_sum",
         "first_bucket",
@@ -37,6 +35,8 @@ class Window:
         "inactive_since",
         "last_traffic",
         "max_panic",
+        "n_panic",
+        "n_stable",
         "observed_since",
         "panic_since",
         "panic_sum",
@@ -45,11 +45,11 @@ class Window:
     )
 
     def __init__(self, spec: ScalingSpec, now: float) -> None:
-        self._n_stable = max(1, math.ceil(spec.stable_window_s / BUCKET_S))
-        self._n_panic = min(self._n_stable, max(1, math.ceil(spec.panic_window_s / BUCKET_S)))
-        self._sum = [0.0] * self._n_stable
-        self._cnt = [0] * self._n_stable
-        self._stamp = [_EMPTY] * self._n_stable
+        self.n_stable = max(1, math.ceil(spec.stable_window_s / BUCKET_S))
+        self.n_panic = min(self.n_stable, max(1, math.ceil(spec.panic_window_s / BUCKET_S)))
+        self._sum = [0.0] * self.n_stable
+        self._cnt = [0] * self.n_stable
+        self._stamp = [_EMPTY] * self.n_stable
         self.head = int(now // BUCKET_S)
         # no bucket below this holds a sample still in the window (a lower bound: expiring
         # buckets one at a time leaves it behind), so a jump of the head walks from here
@@ -76,7 +76,7 @@ class Window:
         h = self.head
         if t <= h:
             return
-        ns = self._n_stable
+        ns = self.n_stable
         if t - h >= ns:
             # every bucket left both windows: the ring's slots keep their stale stamps (all <= h,
             # so no bucket index from here on matches one, and a slot is refilled when its stamp
@@ -86,7 +86,7 @@ class Window:
             self.head = t
             return
         stamp, sums, cnts = self._stamp, self._sum, self._cnt
-        panic, stable, np_ = self.panic_sum, self.stable_sum, self._n_panic  # locals: runs per sample
+        panic, stable, np_ = self.panic_sum, self.stable_sum, self.n_panic  # locals: runs per sample
         if t == h + 1:  # one bucket on, as a sample a second moves it: no loops to set up
             j = t - np_
             s = j % ns
@@ -130,7 +130,7 @@ class Window:
         if not (0.0 <= concurrency <= MAX_CONCURRENCY and 0 <= arrivals <= MAX_ARRIVALS):
             return False  # what sample_problem names (NaN fails every comparison), without its text
         b = math.floor(now // BUCKET_S)  # as in advance: int()'s value without a type call
-        ns = self._n_stable
+        ns = self.n_stable
         if concurrency > 0 or arrivals > 0:
             last = self.last_traffic
             if now - last >= ns * BUCKET_S:
@@ -164,18 +164,19 @@ class Window:
             cnts[s] = n + 1
             delta = total / (n + 1) - old / n
         self.stable_sum += delta
-        if b > h - self._n_panic:
+        if b > h - self.n_panic:
             self.panic_sum += delta
         return True
 
     def averages(self) -> tuple[float, float]:
-        """(stable, panic) mean concurrency; a window younger than its length averages what it saw."""
+        """(stable, panic) mean concurrency; a window younger than its length averages what it saw.
+        policy.decide has this inline (it runs per deployment per tick): change both together."""
         if self.first_bucket is None:
             return 0.0, 0.0
         seen = self.head - self.first_bucket + 1
         return (
-            self.stable_sum / min(self._n_stable, seen),
-            self.panic_sum / min(self._n_panic, seen),
+            self.stable_sum / min(self.n_stable, seen),
+            self.panic_sum / min(self.n_panic, seen),
         )
 
     def hold(self, now: float, count: int, delay_s: float) -> int:
@@ -207,7 +208,7 @@ class Window:
         s, h, first = self.stable_sum, self.head, self.first_bucket
         if first is None or (s == 0.0 and want == 0):
             return math.inf if want == 0 else (h + 2) * BUCKET_S
-        ns, sums, cnts = self._n_stable, self._sum, self._cnt
+        ns, sums, cnts = self.n_stable, self._sum, self._cnt
 
         def desire(s: float, h: int) -> int:
             seen = h - first + 1
