@@ -142,16 +142,24 @@ def activation(
     if current > 0 or not (concurrency > 0 or arrivals > 0):  # NaN concurrency is no traffic
         return 0
     want = _want(concurrency, spec.target_concurrency * spec.utilization)
-    n = max(1, spec.activation_scale, min(math.ceil(spec.max_scale_up_rate), want))
-    if _clamp(n, spec) == 0:
+    # max(1, activation_scale, min(up, want)) and one clamp, as comparisons: it runs per wake
+    up = math.ceil(spec.max_scale_up_rate)
+    n = want if want < up else up
+    if n < spec.activation_scale:
+        n = spec.activation_scale
+    if n < 1:
+        n = 1
+    start = _clamp(n, spec)
+    if start == 0:
         return 0
     if want >= spec.panic_threshold:
         w.start_panic(now, spec.stable_window_s)
-        w.max_panic = max(w.max_panic, n)
+        if n > w.max_panic:
+            w.max_panic = n
     if spec.scale_down_delay_s > 0:
         w.hold(now, n, spec.scale_down_delay_s)
     w.inactive_since = None
-    return _clamp(n, spec)
+    return start
 
 
 def steady_until(w: Window, spec: ScalingSpec, current: int, decision: ScaleDecision, now: float) -> float:
