@@ -33,7 +33,9 @@ class ScaleDecision(NamedTuple):
 
 
 def _clamp(n: int, spec: ScalingSpec) -> int:
-    return max(spec.min_replicas, min(spec.max_replicas, n))
+    hi, lo = spec.max_replicas, spec.min_replicas  # max(lo, min(hi, n)), without builtin calls
+    n = n if n < hi else hi
+    return n if n > lo else lo
 
 
 def _want(avg: float, per_replica: float) -> int:
@@ -175,7 +177,8 @@ def steady_until(w: Window, spec: ScalingSpec, current: int, decision: ScaleDeci
     per_replica = spec.target_concurrency * spec.utilization
     if w.panic_since is not None:
         dppc = math.ceil(decision.panic_avg / per_replica - 1e-9) if decision.panic_avg > 0 else 0
-        if decision.reason != "panic" or dppc / max(current, 1) >= spec.panic_threshold:
+        # (current if current > 0 else 1): max(current, 1) as decide's base, without a builtin call
+        if decision.reason != "panic" or dppc / (current if current > 0 else 1) >= spec.panic_threshold:
             return now  # each decision would push the panic's end out again
         return w.panic_until  # then it ends and the stable desire takes over
     if decision.reason == "grace":  # the stable desire is zero and stays so: until the grace ends
