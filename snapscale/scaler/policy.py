@@ -32,6 +32,10 @@ class ScaleDecision(NamedTuple):
     reason: str  # which rule settled the number, for logs and spans
 
 
+# ScaleDecision(...) for decide, per tick: skips the NamedTuple's Python-level __new__, which only calls this
+_new_decision = tuple.__new__
+
+
 def _clamp(n: int, spec: ScalingSpec) -> int:
     hi, lo = spec.max_replicas, spec.min_replicas  # max(lo, min(hi, n)), without builtin calls
     n = n if n < hi else hi
@@ -126,7 +130,7 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecis
         desired, reason = spec.max_replicas, "max"
     if desired < spec.min_replicas:
         desired, reason = spec.min_replicas, "min"
-    return ScaleDecision(desired, panic, stable_avg, panic_avg, reason)
+    return _new_decision(ScaleDecision, (desired, panic, stable_avg, panic_avg, reason))
 
 
 def activation(
