@@ -122,7 +122,7 @@ def _walked_stable_until(w: Window, per_replica: float, want: int) -> float:
     s, h, first = w.stable_sum, w.head, w.first_bucket
     if first is None or (s == 0.0 and want == 0):
         return math.inf if want == 0 else (h + 2) * 1.0
-    ns, sums, cnts = w._n_stable, w._sum, w._cnt
+    ns, sums, cnts = w.n_stable, w._sum, w._cnt
 
     def desire(s: float, h: int) -> int:
         seen = h - first + 1
@@ -172,7 +172,7 @@ def test_the_window_sums_equal_a_recount_across_gaps() -> None:
     for _ in range(200):
         spec = _spec(rnd)
         w = Window(spec, 0.0)
-        ns, np_ = w._n_stable, w._n_panic
+        ns, np_ = w.n_stable, w.n_panic
         seen: dict[int, list[float]] = {}
         t = 0.0
         for _ in range(rnd.randrange(5, 120)):

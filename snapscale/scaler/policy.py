@@ -32,8 +32,14 @@ class ScaleDecision(NamedTuple):
     reason: str  # which rule settled the number, for logs and spans
 
 
+# ScaleDecision(...) for decide, per tick: skips the NamedTuple's Python-level __new__, which only calls this
+_new_decision = tuple.__new__
+
+
 def _clamp(n: int, spec: ScalingSpec) -> int:
-    return max(spec.min_replicas, min(spec.max_replicas, n))
+    hi, lo = spec.max_replicas, spec.min_replicas  # max(lo, min(hi, n)), without builtin calls
+    n = n if n < hi else hi
+    return n if n > lo else lo
 
 
 def _want(avg: float, per_replica: float) -> int:
@@ -55,7 +61,15 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecis
     # fell into it, else the one before, so a second that has only just begun reads as no data
     # rather than as zero concurrency (which would flap a steady load down and up again).
     w.advance(now - BUCKET_S)
-    stable_avg, panic_avg = w.averages()
+    first = w.first_bucket  # Window.averages, inline: this runs per deployment per tick
+    if first is None:
+        stable_avg = panic_avg = 0.0
+    else:
+        seen = w.head - first + 1
+        n = w.n_stable
+        stable_avg = w.stable_sum / (n if n < seen else seen)
+        n = w.n_panic
+        panic_avg = w.panic_sum / (n if n < seen else seen)
     # inline arithmetic rather than helpers and min()/max(): this runs per deployment per tick
     per_replica = spec.target_concurrency * spec.utilization
     dspc = math.ceil(stable_avg / per_replica - 1e-9) if stable_avg > 0 else 0
@@ -86,8 +100,12 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecis
     if panic:
         # a stable desire above the panic one is provisioned too (a surge that has already
         # reached the stable window), and nothing the panic decided is taken back during it
-        w.max_panic = max(w.max_panic, want_stable, want_panic)
-        desired, reason = w.max_panic, "panic"
+        desired = w.max_panic
+        if want_stable > desired:
+            desired = want_stable
+        if want_panic > desired:
+            desired = want_panic
+        w.max_panic, reason = desired, "panic"
     else:
         desired, reason = want_stable, "stable"
 
@@ -112,7 +130,7 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecis
         desired, reason = spec.max_replicas, "max"
     if desired < spec.min_replicas:
         desired, reason = spec.min_replicas, "min"
-    return ScaleDecision(desired, panic, stable_avg, panic_avg, reason)
+    return _new_decision(ScaleDecision, (desired, panic, stable_avg, panic_avg, reason))
 
 
 def activation(
@@ -130,16 +148,24 @@ def activation(
     if current > 0 or not (concurrency > 0 or arrivals > 0):  # NaN concurrency is no traffic
         return 0
     want = _want(concurrency, spec.target_concurrency * spec.utilization)
-    n = max(1, spec.activation_scale, min(math.ceil(spec.max_scale_up_rate), want))
-    if _clamp(n, spec) == 0:
+    # max(1, activation_scale, min(up, want)) and one clamp, as comparisons: it runs per wake
+    up = math.ceil(spec.max_scale_up_rate)
+    n = want if want < up else up
+    if n < spec.activation_scale:
+        n = spec.activation_scale
+    if n < 1:
+        n = 1
+    start = _clamp(n, spec)
+    if start == 0:
         return 0
     if want >= spec.panic_threshold:
         w.start_panic(now, spec.stable_window_s)
-        w.max_panic = max(w.max_panic, n)
+        if n > w.max_panic:
+            w.max_panic = n
     if spec.scale_down_delay_s > 0:
         w.hold(now, n, spec.scale_down_delay_s)
     w.inactive_since = None
-    return _clamp(n, spec)
+    return start
 
 
 def steady_until(w: Window, spec: ScalingSpec, current: int, decision: ScaleDecision, now: float) -> float:
@@ -155,7 +181,8 @@ def steady_until(w: Window, spec: ScalingSpec, current: int, decision: ScaleDeci
     per_replica = spec.target_concurrency * spec.utilization
     if w.panic_since is not None:
         dppc = math.ceil(decision.panic_avg / per_replica - 1e-9) if decision.panic_avg > 0 else 0
-        if decision.reason != "panic" or dppc / max(current, 1) >= spec.panic_threshold:
+        # (current if current > 0 else 1): max(current, 1) as decide's base, without a builtin call
+        if decision.reason != "panic" or dppc / (current if current > 0 else 1) >= spec.panic_threshold:
             return now  # each decision would push the panic's end out again
         return w.panic_until  # then it ends and the stable desire takes over
     if decision.reason == "grace":  # the stable desire is zero and stays so: until the grace ends

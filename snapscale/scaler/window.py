@@ -28,8 +28,6 @@ class Window:
         "_cnt",
         "_held",
         "_low",
-        "_n_panic",
-        "_n_stable",
         "_stamp",
         "_sum",
         "first_bucket",
@@ -37,6 +35,8 @@ class Window:
         "inactive_since",
         "last_traffic",
         "max_panic",
+        "n_panic",
+        "n_stable",
         "observed_since",
         "panic_since",
         "panic_sum",
@@ -45,11 +45,11 @@ class Window:
     )
 
     def __init__(self, spec: ScalingSpec, now: float) -> None:
-        self._n_stable = max(1, math.ceil(spec.stable_window_s / BUCKET_S))
-        self._n_panic = min(self._n_stable, max(1, math.ceil(spec.panic_window_s / BUCKET_S)))
-        self._sum = [0.0] * self._n_stable
-        self._cnt = [0] * self._n_stable
-        self._stamp = [_EMPTY] * self._n_stable
+        self.n_stable = max(1, math.ceil(spec.stable_window_s / BUCKET_S))
+        self.n_panic = min(self.n_stable, max(1, math.ceil(spec.panic_window_s / BUCKET_S)))
+        self._sum = [0.0] * self.n_stable
+        self._cnt = [0] * self.n_stable
+        self._stamp = [_EMPTY] * self.n_stable
         self.head = int(now // BUCKET_S)
         # no bucket below this holds a sample still in the window (a lower bound: expiring
         # buckets one at a time leaves it behind), so a jump of the head walks from here
@@ -72,47 +72,51 @@ class Window:
 
     def advance(self, now: float) -> None:
         """Move the head to `now`'s bucket, dropping buckets that left either window."""
-        t = int(now // BUCKET_S)
+        t = math.floor(now // BUCKET_S)  # an integral float's floor: int()'s value, without a type call
         h = self.head
         if t <= h:
             return
-        ns, np_ = self._n_stable, self._n_panic
+        ns = self.n_stable
         if t - h >= ns:
             # every bucket left both windows: the ring's slots keep their stale stamps (all <= h,
             # so no bucket index from here on matches one, and a slot is refilled when its stamp
             # differs) and only the sums start again, without allocating the ring anew
             self.stable_sum = self.panic_sum = 0.0
             self._low = t + 1
-        else:
-            stamp, sums, cnts = self._stamp, self._sum, self._cnt
-            panic, stable = self.panic_sum, self.stable_sum  # locals: this runs per sample
-            if t == h + 1:  # one bucket on, as a sample a second moves it: no loops to set up
-                j = t - np_
+            self.head = t
+            return
+        stamp, sums, cnts = self._stamp, self._sum, self._cnt
+        panic, stable, np_ = self.panic_sum, self.stable_sum, self.n_panic  # locals: runs per sample
+        if t == h + 1:  # one bucket on, as a sample a second moves it: no loops to set up
+            j = t - np_
+            s = j % ns
+            if stamp[s] == j:
+                panic -= sums[s] / cnts[s]
+            j = t - ns
+            s = j % ns
+            if stamp[s] == j:
+                stable -= sums[s] / cnts[s]
+                stamp[s] = _EMPTY
+        else:  # walk the buckets that leave from the lowest that can hold a sample, and the
+            # panic window's only up to h (no bucket past it holds a sample yet); conditional
+            # expressions rather than min()/max(), whose calls cost more than these loops' bodies
+            low = self._low
+            lo, hi = h - np_ + 1, t - np_
+            for j in range(lo if lo > low else low, (hi if hi < h else h) + 1):
                 s = j % ns
                 if stamp[s] == j:
                     panic -= sums[s] / cnts[s]
-                j = t - ns
+            lo, hi = h - ns + 1, t - ns
+            for j in range(lo if lo > low else low, hi + 1):
                 s = j % ns
                 if stamp[s] == j:
                     stable -= sums[s] / cnts[s]
                     stamp[s] = _EMPTY
-            else:  # walk the buckets that leave from the lowest that can hold a sample, and
-                # the panic window's only up to h (no bucket past it holds a sample yet)
-                low = self._low
-                for j in range(max(h - np_ + 1, low), min(t - np_, h) + 1):
-                    s = j % ns
-                    if stamp[s] == j:
-                        panic -= sums[s] / cnts[s]
-                for j in range(max(h - ns + 1, low), t - ns + 1):
-                    s = j % ns
-                    if stamp[s] == j:
-                        stable -= sums[s] / cnts[s]
-                        stamp[s] = _EMPTY
-                if low <= t - ns:
-                    self._low = t - ns + 1
-            # running sums drift by float rounding; an empty window must read exactly zero
-            self.stable_sum = stable if stable >= 1e-9 else 0.0
-            self.panic_sum = panic if panic >= 1e-9 else 0.0
+            if low <= hi:
+                self._low = hi + 1
+        # running sums drift by float rounding; an empty window must read exactly zero
+        self.stable_sum = stable if stable >= 1e-9 else 0.0
+        self.panic_sum = panic if panic >= 1e-9 else 0.0
         self.head = t
 
     def record(self, now: float, concurrency: float, arrivals: int = 0) -> bool:
@@ -125,19 +129,22 @@ class Window:
         """
         if not (0.0 <= concurrency <= MAX_CONCURRENCY and 0 <= arrivals <= MAX_ARRIVALS):
             return False  # what sample_problem names (NaN fails every comparison), without its text
-        b = int(now // BUCKET_S)
-        ns = self._n_stable
+        b = math.floor(now // BUCKET_S)  # as in advance: int()'s value without a type call
+        ns = self.n_stable
         if concurrency > 0 or arrivals > 0:
-            if now - self.last_traffic >= ns * BUCKET_S:
+            last = self.last_traffic
+            if now - last >= ns * BUCKET_S:
                 # the first traffic after a whole stable window without any: both windows start
                 # again here, as Knative's buckets do after a gap, so a burst after an idle spell
                 # is averaged over what was seen of it, not diluted by the idle seconds before
                 self.first_bucket = b
-            if now > self.last_traffic:
+            if now > last:
                 self.last_traffic = now
-        if b > self.head:
+        h = self.head
+        if b > h:
             self.advance(now)
-        elif b <= self.head - ns:
+            h = b
+        elif b <= h - ns:
             return True  # a measurement, older than the stable window: nothing to update
         first = self.first_bucket
         if first is None or b < first:
@@ -148,27 +155,28 @@ class Window:
             stamp[s] = b
             if b < self._low:
                 self._low = b
-            sums[s] = 0.0 + concurrency
+            sums[s] = delta = 0.0 + concurrency  # its mean, less the empty bucket's 0
             cnts[s] = 1
-            delta = sums[s]  # its mean, less the empty bucket's 0
         else:
-            old = sums[s] / cnts[s]
-            sums[s] += concurrency
-            cnts[s] += 1
-            delta = sums[s] / cnts[s] - old
+            n = cnts[s]
+            old = sums[s]
+            sums[s] = total = old + concurrency
+            cnts[s] = n + 1
+            delta = total / (n + 1) - old / n
         self.stable_sum += delta
-        if b > self.head - self._n_panic:
+        if b > h - self.n_panic:
             self.panic_sum += delta
         return True
 
     def averages(self) -> tuple[float, float]:
-        """(stable, panic) mean concurrency; a window younger than its length averages what it saw."""
+        """(stable, panic) mean concurrency; a window younger than its length averages what it saw.
+        policy.decide has this inline (it runs per deployment per tick): change both together."""
         if self.first_bucket is None:
             return 0.0, 0.0
         seen = self.head - self.first_bucket + 1
         return (
-            self.stable_sum / min(self._n_stable, seen),
-            self.panic_sum / min(self._n_panic, seen),
+            self.stable_sum / min(self.n_stable, seen),
+            self.panic_sum / min(self.n_panic, seen),
         )
 
     def hold(self, now: float, count: int, delay_s: float) -> int:
@@ -200,14 +208,26 @@ class Window:
         s, h, first = self.stable_sum, self.head, self.first_bucket
         if first is None or (s == 0.0 and want == 0):
             return math.inf if want == 0 else (h + 2) * BUCKET_S
-        ns, sums, cnts = self._n_stable, self._sum, self._cnt
+        ns, sums, cnts = self.n_stable, self._sum, self._cnt
 
         def desire(s: float, h: int) -> int:
             seen = h - first + 1
             return math.ceil(s / (ns if seen > ns else seen) / per_replica - 1e-9) if s > 0 else 0
 
         stamp, cut = self._stamp, (h + 1) % ns  # slot order from `cut` on is bucket order
-        for j in [j for j in stamp[cut:] + stamp[:cut] if j > h - ns]:
+        gone_by = h - ns  # outside the comprehension: computed once, and `h` stays a plain local
+        live = [j for j in stamp[cut:] + stamp[:cut] if j > gone_by]
+        if h - first + 1 >= ns and desire(s, h) == want:
+            # a full window (the common case): nothing dilutes, every head of a stretch reads the
+            # desire its start read, so only an expiry can change it; the loop below, with its
+            # in-stretch test (always `want` here) left out and `desire` inline: one test a bucket
+            for j in live:
+                s -= sums[j % ns] / cnts[j % ns]
+                h = j + ns
+                if s < 1e-6 or math.ceil(s / ns / per_replica - 1e-9) != want:
+                    break
+            return (h + 1) * BUCKET_S
+        for j in live:
             gone = j + ns  # the first head without bucket j; before it only dilution moves the desire
             if gone - 1 > h and desire(s, gone - 1) != want:
                 # the first head in (h, gone - 1] whose desire is not `want`: they are `want` up
