@@ -161,6 +161,21 @@ def test_never_double_books_gpus_across_batches_and_in_flight() -> None:
     assert [p.gpu_uuids for p in place(GPU1, 1, hosts, {}, {}, reserved)] == [first[0].gpu_uuids]
 
 
+def test_a_gpu_listed_twice_is_handed_out_once() -> None:
+    # a heartbeat may repeat a uuid: once placed, every listing of it is taken, not just the first
+    hb = host("a", free=3)
+    twice = replace(hb, gpus=[*hb.gpus, replace(hb.gpus[0], index=5)])
+    got = place(GPU1, 4, {"a": twice}, {}, {}, Reservations())
+    assert [p.gpu_uuids for p in got] == [["a-g0"], ["a-g1"], ["a-g2"]]
+
+
+def test_a_resumed_replica_leaves_every_host_listing_it() -> None:
+    # two hosts report the same suspended replica (one of them stale): it is resumed once
+    hosts = fleet(host("a", replicas=[SUSPENDED_ON_C]), host("c", replicas=[SUSPENDED_ON_C]))
+    got = place(GPU1, 3, hosts, {}, {}, Reservations())
+    assert [(p.why, p.resume) for p in got] == [("resume", "llm-old"), ("any", None), ("any", None)]
+
+
 def test_resume_is_not_offered_twice() -> None:
     hosts = fleet(host("c", free=2, replicas=[SUSPENDED_ON_C]))
     got = place(GPU1, 2, hosts, {}, {}, Reservations())

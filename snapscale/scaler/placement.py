@@ -22,6 +22,7 @@ from snapscale.shared.bus import (
 from snapscale.shared.core.quickinit import quick_init
 
 RANK = {"resume": 0, "cached": 1, "partial": 2, "any": 3}
+_WHY = tuple(RANK)  # by rank
 # enum members as module constants: on Python 3.11 `ReplicaState.SUSPENDED` is a slow class lookup
 _SUSPENDED, _SUSPEND, _STOP = ReplicaState.SUSPENDED, ReleaseMode.SUSPEND, ReleaseMode.STOP
 
@@ -112,19 +113,25 @@ class _Offer(NamedTuple):
     rank: int
     have: int
     room: int
-    gpus: list[str]
+    free: list[str]  # its free GPUs in index order (none for a CPU deployment): the first go next
     suspended: list[str]
     ckpt: str | None
-    why: str
+    cached: bool  # `ckpt` is whole in the host's cache
 
 
 def _offer(
     hb: HostHeartbeat, spec: DeploymentSpec, catalog: Mapping[str, str], res: Reservations
 ) -> _Offer | None:
-    fit = _fit(hb, spec, res)
-    if fit is None:
-        return None
-    room, gpus = fit
+    if spec.gpus > 0:
+        free = free_gpus(hb, spec, res)
+        room = len(free)
+        if room < spec.gpus:
+            return None
+    else:
+        free = []
+        room = free_cpu(hb, res)
+        if room <= 0:
+            return None
     ckpt = catalog.get(host_key(hb, spec.name))
     suspended = [
         r.replica
@@ -132,15 +139,32 @@ def _offer(
         if r.deployment == spec.name and r.state is _SUSPENDED and r.replica not in res.resuming
     ]
     have = hb.cached_bytes.get(ckpt, 0) if ckpt else 0
-    if suspended:
-        why = "resume"
-    elif ckpt and ckpt in hb.cached_checkpoints:
-        why = "cached"
-    elif have > 0:
-        why = "partial"
-    else:
-        why = "any"
-    return _Offer(RANK[why], have, room, gpus, suspended, ckpt, why)
+    cached = bool(ckpt) and ckpt in hb.cached_checkpoints
+    return _Offer(_rank(suspended, cached, have), have, room, free, suspended, ckpt, cached)
+
+
+def _rank(suspended: list[str], cached: bool, have: int) -> int:
+    """RANK of the offer's tier: resume, cached, partial, any."""
+    return 0 if suspended else 1 if cached else 2 if have > 0 else 3
+
+
+def _after(o: _Offer, p: Placement, here: bool, gpus: int) -> _Offer | None:
+    """`o` once `p` is reserved, as `_offer` would work it out again: on `p`'s host (`here`) its
+    GPUs (or one CPU slot) are no longer free, and no host offers the replica it resumes.
+    Derived from `o` so that `place` need not copy and re-read the reservations."""
+    free, room = o.free, o.room
+    if here:
+        if gpus > 0:
+            free = [g for g in free if g not in p.gpu_uuids]
+            room = len(free)
+            if room < gpus:
+                return None
+        else:
+            room -= 1
+            if room <= 0:
+                return None
+    suspended = [r for r in o.suspended if r != p.resume] if p.resume else o.suspended
+    return _Offer(_rank(suspended, o.cached, o.have), o.have, room, free, suspended, o.ckpt, o.cached)
 
 
 def place(
@@ -159,14 +183,13 @@ def place(
     just failed this deployment. `reserved` is not changed: the caller takes each placement
     once its command is on its way. Each host's offer is worked out once; a placement changes
     only its own host's (and, resuming, the hosts listing that replica), so n placements over
-    H hosts cost H + n offers, not n x H.
+    H hosts cost H offers and n updates of one, not n x H.
     """
-    res = reserved  # copied before the first placement is taken into it: the caller's stays
     spread = dict(replicas_on)
     out: list[Placement] = []
     offers: dict[str, _Offer] = {}
     for host, hb in hosts.items():
-        if host not in avoid and (o := _offer(hb, spec, catalog, res)) is not None:
+        if host not in avoid and (o := _offer(hb, spec, catalog, reserved)) is not None:
             offers[host] = o
     for _ in range(n):
         # tier first (seconds of latency), then spread, then the most cached bytes and room
@@ -179,20 +202,18 @@ def place(
             break
         host = best[-1]
         o = offers[host]
-        p = Placement(host, o.gpus, o.why, o.suspended[0] if o.suspended else None, o.ckpt)
+        resume = o.suspended[0] if o.suspended else None
+        p = Placement(host, o.free[: spec.gpus], _WHY[o.rank], resume, o.ckpt)
         out.append(p)
         if len(out) == n:
-            break  # no next placement reads the offers, the reservations or the spread
-        if res is reserved:
-            res = reserved.copy()
-        res.take(p)
+            break  # no next placement reads the offers or the spread
         spread[host] = spread.get(host, 0) + 1
-        changed = [h for h, x in offers.items() if p.resume in x.suspended] if p.resume else [host]
+        changed = [h for h, x in offers.items() if resume in x.suspended] if resume else [host]
         for h in changed:
-            if (o := _offer(hosts[h], spec, catalog, res)) is None:
+            if (x := _after(offers[h], p, h == host, spec.gpus)) is None:
                 del offers[h]
             else:
-                offers[h] = o
+                offers[h] = x
     return out
 
 
