@@ -234,6 +234,25 @@ def test_release_order_keeps_spread_then_newest() -> None:
     assert [r.replica for r in got] == ["r2", "r4"]
 
 
+def test_one_release_is_the_first_of_the_order() -> None:
+    rs = [ready("r3", "b", 9.0), ready("r5", "a", 5.0), ready("r2", "a", 5.0), ready("r1", "a", 1.0)]
+    hosts = fleet(host("a"), host("b"))
+
+    def order(n: int) -> list[str]:
+        return [r.replica for r in choose_releases(GPU1, n, rs, hosts, Reservations())]
+
+    assert order(4) == ["r2", "r5", "r1", "r3"] and order(1) == ["r2"]
+
+
+def test_suspends_leave_the_callers_reservations_alone() -> None:
+    rss = [ReplicaSummary("llm", f"r{i}", ReplicaState.READY, rss_bytes=1 << 30) for i in (1, 2)]
+    reserved = Reservations(suspend_bytes={"a": 1})
+    hosts = fleet(host("a", budget=8 << 30, replicas=rss))
+    got = choose_releases(GPU1, 2, [ready("r1", "a", 1.0), ready("r2", "a", 2.0)], hosts, reserved)
+    assert [r.mode for r in got] == [ReleaseMode.SUSPEND] * 2 and got[1].left == (7 << 30) - 1
+    assert reserved.suspend_bytes == {"a": 1}
+
+
 def test_suspend_budget_is_shared_within_a_batch() -> None:
     rss = [ReplicaSummary("llm", f"r{i}", ReplicaState.READY, rss_bytes=3 << 30) for i in (1, 2)]
     hosts = fleet(host("a", budget=4 << 30, replicas=rss))

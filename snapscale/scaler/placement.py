@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import NamedTuple
 
 from snapscale.shared.bus import (
@@ -90,6 +90,7 @@ def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -
 
 
 _INDEX = attrgetter("index")
+_KEY = itemgetter(0)
 
 
 def free_cpu(hb: HostHeartbeat, reserved: Reservations) -> int:
@@ -251,17 +252,31 @@ def choose_releases(
     A replica is suspended when `release_mode` allows it and its host has the RAM budget left,
     else stopped.
     """
+    out: list[Release] = []
+    if n <= 0 or not ready:
+        return out
     order = ready
     if len(ready) > 1:
         per_host: dict[str, int] = {}
         for r in ready:
             per_host[r.host] = per_host.get(r.host, 0) + 1
-        order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica))
-    budget_used = dict(reserved.suspend_bytes)
-    out: list[Release] = []
-    for r in order[: max(0, n)]:
+        keyed = [((-per_host[r.host], -r.ts, r.replica), r) for r in ready]
+        if n == 1:  # the common scale-down step: the least key is the sorted order's first
+            least = keyed[0]
+            for k in keyed:
+                if k[0] < least[0]:
+                    least = k
+            order = [least[1]]
+        else:
+            keyed.sort(key=_KEY)
+            order = [r for _k, r in keyed]
+    budget_used = reserved.suspend_bytes  # copied before the first suspend adds to it
+    suspending = spec.scaling.release_mode != "stop"
+    for r in order[:n]:
         hb = hosts.get(r.host)
-        if spec.scaling.release_mode != "stop" and hb is not None:
+        if hb is None:
+            out.append(Release(r.replica, r.host, _STOP, None, 0, False))
+        elif suspending:
             rss = 0
             for s in hb.replicas:  # a loop, not next() over a generator: this runs per release
                 if s.replica == r.replica:
@@ -270,11 +285,13 @@ def choose_releases(
             left = hb.suspend_budget_bytes - hb.suspend_used_bytes - budget_used.get(r.host, 0)
             if hb.suspend_budget_bytes > 0 and left >= max(rss, 1):
                 out.append(Release(r.replica, r.host, _SUSPEND, left, rss))
+                if budget_used is reserved.suspend_bytes:
+                    budget_used = dict(budget_used)
                 budget_used[r.host] = budget_used.get(r.host, 0) + rss
             else:
                 out.append(Release(r.replica, r.host, _STOP, left, rss))
         else:
-            out.append(Release(r.replica, r.host, _STOP, reporting=hb is not None))
+            out.append(Release(r.replica, r.host, _STOP))
     return out
 
 
