@@ -81,12 +81,11 @@ def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -
     """Free GPUs of the model the deployment asks for, not promised to a command in flight."""
     held = reserved.gpus.get(hb.host, ())
     model = spec.gpu_model
+    # stable: sorting first orders them as filtering first would, and saves a list a call
+    gpus = sorted(hb.gpus, key=_INDEX)
     if held or model is not None:
-        free = [g for g in hb.gpus if g.free and g.uuid not in held and (model is None or g.model == model)]
-    else:  # nothing promised on the host, any model: the common case, one test a GPU
-        free = [g for g in hb.gpus if g.free]
-    free.sort(key=_INDEX)  # stable: filtering first orders them as sorting first would
-    return [g.uuid for g in free]
+        return [g.uuid for g in gpus if g.free and g.uuid not in held and (model is None or g.model == model)]
+    return [g.uuid for g in gpus if g.free]  # nothing promised on the host, any model: the common case
 
 
 _INDEX = attrgetter("index")
@@ -134,11 +133,15 @@ def _offer(
         if room <= 0:
             return None
     ckpt = catalog.get(host_key(hb, spec.name))
-    suspended = [
-        r.replica
-        for r in hb.replicas
-        if r.deployment == spec.name and r.state is _SUSPENDED and r.replica not in res.resuming
-    ]
+    suspended = (
+        [
+            r.replica
+            for r in hb.replicas
+            if r.deployment == spec.name and r.state is _SUSPENDED and r.replica not in res.resuming
+        ]
+        if hb.replicas  # most hosts offered run none of the deployment: no comprehension to call
+        else []
+    )
     have = hb.cached_bytes.get(ckpt, 0) if ckpt else 0
     cached = bool(ckpt) and ckpt in hb.cached_checkpoints
     return _Offer(_rank(suspended, cached, have), have, room, free, suspended, ckpt, cached)
