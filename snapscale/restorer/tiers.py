@@ -138,7 +138,9 @@ def choose(o: Observed) -> TierChoice:
             if cached and _CACHE in o.allow:
                 return TierChoice(_CACHE, _join(reasons), None, ckpt)
             if _CACHE in o.allow:
-                reasons.append(f"not in host cache ({_mb(o.cached_bytes)} of {_mb(o.need_bytes)} cached)")
+                # one f-string, not a helper per number: this is every store restore's reason
+                have, need = o.cached_bytes / 1e6, o.need_bytes / 1e6
+                reasons.append(f"not in host cache ({have:.1f} MB of {need:.1f} MB cached)")
             else:
                 reasons.append("cache not allowed by the command")
             if _STORE in o.allow:
@@ -164,7 +166,3 @@ class NoTierError(SnapscaleError):
 
 def _join(reasons: list[str]) -> str:
     return "; ".join([r for r in reasons if r])  # a list: join builds one from a generator anyway
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
