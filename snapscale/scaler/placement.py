@@ -62,14 +62,6 @@ class Reservations:
             self.cpu[host] -= 1
         self.resuming.discard(replica)
 
-    def copy(self) -> Reservations:
-        return Reservations(
-            {h: set(g) for h, g in self.gpus.items()},
-            dict(self.cpu),
-            set(self.resuming),
-            dict(self.suspend_bytes),
-        )
-
 
 def host_key(hb: HostHeartbeat, deployment: str) -> str:
     """The host's compatibility hash for this deployment (the key covers the spec and runtime,
@@ -122,7 +114,7 @@ class _Offer(NamedTuple):
 def _offer(
     hb: HostHeartbeat, spec: DeploymentSpec, catalog: Mapping[str, str], res: Reservations
 ) -> _Offer | None:
-    if spec.gpus > 0:
+    if spec.gpus > 0:  # _fit, keeping the whole free list for _after (and one call less an offer)
         free = free_gpus(hb, spec, res)
         room = len(free)
         if room < spec.gpus:
