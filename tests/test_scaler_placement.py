@@ -238,10 +238,12 @@ def test_one_release_is_the_first_of_the_order() -> None:
     rs = [ready("r3", "b", 9.0), ready("r5", "a", 5.0), ready("r2", "a", 5.0), ready("r1", "a", 1.0)]
     hosts = fleet(host("a"), host("b"))
 
-    def order(n: int) -> list[str]:
+    def order(n: int, rs: list[ReplicaEvent] = rs) -> list[str]:
         return [r.replica for r in choose_releases(GPU1, n, rs, hosts, Reservations())]
 
     assert order(4) == ["r2", "r5", "r1", "r3"] and order(1) == ["r2"]
+    # one of two: the newest, then by id, on one host or two
+    assert order(1, rs[:2]) == ["r3"] and order(1, rs[1:3]) == ["r2"] and order(1, rs[2:0:-1]) == ["r2"]
 
 
 def test_suspends_leave_the_callers_reservations_alone() -> None:

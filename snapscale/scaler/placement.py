@@ -251,7 +251,11 @@ def choose_releases(
     if n <= 0 or not ready:
         return out
     order = ready
-    if len(ready) > 1:
+    if len(ready) == 2 and n == 1:  # the common scale-down step, one of two to release
+        # their hosts hold as many of them either way (1 and 1, or 2 and 2): the newest goes
+        a, b = ready
+        order = [a if (-a.ts, a.replica) <= (-b.ts, b.replica) else b]
+    elif len(ready) > 1:
         per_host: dict[str, int] = {}
         for r in ready:
             per_host[r.host] = per_host.get(r.host, 0) + 1
