@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 _NOTHING = object()  # a default_factory field left out: call its factory
-_DISPLAYS: dict[object, str] = {list: "[]", dict: "{}"}
 
 
 def quick_init(cls: type[T]) -> type[T]:
@@ -37,7 +36,8 @@ def quick_init(cls: type[T]) -> type[T]:
             env[f"_f_{f.name}"] = f.default_factory
             params.append(f"{f.name}=_NOTHING")
             # a display, not a call, for the common factories: the same fresh object, faster
-            new = _DISPLAYS.get(f.default_factory, f"_f_{f.name}()")
+            make = f.default_factory
+            new = "[]" if make is list else "{}" if make is dict else f"_f_{f.name}()"
             body.append(f"    if {f.name} is _NOTHING: {f.name} = {new}")
         else:
             params.append(f.name)
