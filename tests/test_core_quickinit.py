@@ -38,6 +38,17 @@ def test_builds_the_same_fields_defaults_and_fresh_factories() -> None:
         Quick("x", nope=1)  # type: ignore[call-arg]
 
 
+def test_any_other_factory_is_still_called_fresh() -> None:
+    @quick_init
+    @dataclass(frozen=True)
+    class Made:
+        s: set[int] = field(default_factory=set)
+        seven: list[int] = field(default_factory=lambda: [7])
+
+    one, two = Made(), Made()
+    assert one == Made(set(), [7]) and one.s is not two.s and one.seven is not two.seven
+
+
 def test_a_message_stays_frozen_comparable_and_replaceable() -> None:
     hb = HostHeartbeat("h1", 1.0, "k")
     assert hb == HostHeartbeat(host="h1", ts=1.0, compat_hash="k") and hb.interval_s == 5.0

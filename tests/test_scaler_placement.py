@@ -161,6 +161,21 @@ def test_never_double_books_gpus_across_batches_and_in_flight() -> None:
     assert [p.gpu_uuids for p in place(GPU1, 1, hosts, {}, {}, reserved)] == [first[0].gpu_uuids]
 
 
+def test_a_gpu_listed_twice_is_handed_out_once() -> None:
+    # a heartbeat may repeat a uuid: once placed, every listing of it is taken, not just the first
+    hb = host("a", free=3)
+    twice = replace(hb, gpus=[*hb.gpus, replace(hb.gpus[0], index=5)])
+    got = place(GPU1, 4, {"a": twice}, {}, {}, Reservations())
+    assert [p.gpu_uuids for p in got] == [["a-g0"], ["a-g1"], ["a-g2"]]
+
+
+def test_a_resumed_replica_leaves_every_host_listing_it() -> None:
+    # two hosts report the same suspended replica (one of them stale): it is resumed once
+    hosts = fleet(host("a", replicas=[SUSPENDED_ON_C]), host("c", replicas=[SUSPENDED_ON_C]))
+    got = place(GPU1, 3, hosts, {}, {}, Reservations())
+    assert [(p.why, p.resume) for p in got] == [("resume", "llm-old"), ("any", None), ("any", None)]
+
+
 def test_resume_is_not_offered_twice() -> None:
     hosts = fleet(host("c", free=2, replicas=[SUSPENDED_ON_C]))
     got = place(GPU1, 2, hosts, {}, {}, Reservations())
@@ -217,6 +232,27 @@ def test_release_order_keeps_spread_then_newest() -> None:
     rs = [ready("r1", "a", 1.0), ready("r2", "a", 5.0), ready("r3", "b", 9.0), ready("r4", "a", 3.0)]
     got = choose_releases(GPU1, 2, rs, fleet(host("a"), host("b")), Reservations())
     assert [r.replica for r in got] == ["r2", "r4"]
+
+
+def test_one_release_is_the_first_of_the_order() -> None:
+    rs = [ready("r3", "b", 9.0), ready("r5", "a", 5.0), ready("r2", "a", 5.0), ready("r1", "a", 1.0)]
+    hosts = fleet(host("a"), host("b"))
+
+    def order(n: int, rs: list[ReplicaEvent] = rs) -> list[str]:
+        return [r.replica for r in choose_releases(GPU1, n, rs, hosts, Reservations())]
+
+    assert order(4) == ["r2", "r5", "r1", "r3"] and order(1) == ["r2"]
+    # one of two: the newest, then by id, on one host or two
+    assert order(1, rs[:2]) == ["r3"] and order(1, rs[1:3]) == ["r2"] and order(1, rs[2:0:-1]) == ["r2"]
+
+
+def test_suspends_leave_the_callers_reservations_alone() -> None:
+    rss = [ReplicaSummary("llm", f"r{i}", ReplicaState.READY, rss_bytes=1 << 30) for i in (1, 2)]
+    reserved = Reservations(suspend_bytes={"a": 1})
+    hosts = fleet(host("a", budget=8 << 30, replicas=rss))
+    got = choose_releases(GPU1, 2, [ready("r1", "a", 1.0), ready("r2", "a", 2.0)], hosts, reserved)
+    assert [r.mode for r in got] == [ReleaseMode.SUSPEND] * 2 and got[1].left == (7 << 30) - 1
+    assert reserved.suspend_bytes == {"a": 1}
 
 
 def test_suspend_budget_is_shared_within_a_batch() -> None:

@@ -70,7 +70,7 @@ def compat_diff(a: Mapping[str, str], b: Mapping[str, str]) -> list[str]:
 
 def pick_suspended(replica: str, suspended: Iterable[str]) -> str | None:
     """The replica itself if it is suspended here, else the first suspended one of the deployment."""
-    s = list(suspended)
+    s = suspended if isinstance(suspended, tuple) else tuple(suspended)  # choose's: no copy per restore
     if replica in s:
         return replica
     return s[0] if s else None
@@ -121,12 +121,12 @@ def choose(o: Observed) -> TierChoice:
     """
     reasons = list(o.earlier)
     # a retry goes on from where the last attempt failed: faster tiers were already explained
-    restore_tried = bool(_RESTORES & o.tried)
+    restore_tried = bool(o.tried) and not _RESTORES.isdisjoint(o.tried)  # no set built per restore
     if not o.tried:
         if _RESUME not in o.allow:
             reasons.append("resume not allowed by the command")
         elif (r := pick_suspended(o.replica, o.suspended)) is not None:
-            return TierChoice(_RESUME, "", resume_replica=r)
+            return TierChoice(_RESUME, "", r)
         else:
             reasons.append("no suspended replica")
     if not restore_tried:
@@ -136,13 +136,15 @@ def choose(o: Observed) -> TierChoice:
             ckpt = o.entry.checkpoint_id
             cached = o.cached_bytes >= o.need_bytes
             if cached and _CACHE in o.allow:
-                return TierChoice(_CACHE, _join(reasons), checkpoint_id=ckpt)
+                return TierChoice(_CACHE, _join(reasons), None, ckpt)
             if _CACHE in o.allow:
-                reasons.append(f"not in host cache ({_mb(o.cached_bytes)} of {_mb(o.need_bytes)} cached)")
+                # one f-string, not a helper per number: this is every store restore's reason
+                have, need = o.cached_bytes / 1e6, o.need_bytes / 1e6
+                reasons.append(f"not in host cache ({have:.1f} MB of {need:.1f} MB cached)")
             else:
                 reasons.append("cache not allowed by the command")
             if _STORE in o.allow:
-                return TierChoice(_STORE, _join(reasons), checkpoint_id=ckpt)
+                return TierChoice(_STORE, _join(reasons), None, ckpt)
             reasons.append("store not allowed by the command")
         else:
             reasons.append(problem)
@@ -163,8 +165,4 @@ class NoTierError(SnapscaleError):
 
 
 def _join(reasons: list[str]) -> str:
-    return "; ".join(r for r in reasons if r)
-
-
-def _mb(n: int) -> str:
-    return f"{n / 1e6:.1f} MB"
+    return "; ".join([r for r in reasons if r])  # a list: join builds one from a generator anyway

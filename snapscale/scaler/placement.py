@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import NamedTuple
 
 from snapscale.shared.bus import (
@@ -22,6 +22,7 @@ from snapscale.shared.bus import (
 from snapscale.shared.core.quickinit import quick_init
 
 RANK = {"resume": 0, "cached": 1, "partial": 2, "any": 3}
+_WHY = tuple(RANK)  # by rank
 # enum members as module constants: on Python 3.11 `ReplicaState.SUSPENDED` is a slow class lookup
 _SUSPENDED, _SUSPEND, _STOP = ReplicaState.SUSPENDED, ReleaseMode.SUSPEND, ReleaseMode.STOP
 
@@ -61,14 +62,6 @@ class Reservations:
             self.cpu[host] -= 1
         self.resuming.discard(replica)
 
-    def copy(self) -> Reservations:
-        return Reservations(
-            {h: set(g) for h, g in self.gpus.items()},
-            dict(self.cpu),
-            set(self.resuming),
-            dict(self.suspend_bytes),
-        )
-
 
 def host_key(hb: HostHeartbeat, deployment: str) -> str:
     """The host's compatibility hash for this deployment (the key covers the spec and runtime,
@@ -80,15 +73,15 @@ def free_gpus(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -
     """Free GPUs of the model the deployment asks for, not promised to a command in flight."""
     held = reserved.gpus.get(hb.host, ())
     model = spec.gpu_model
+    # stable: sorting first orders them as filtering first would, and saves a list a call
+    gpus = sorted(hb.gpus, key=_INDEX)
     if held or model is not None:
-        free = [g for g in hb.gpus if g.free and g.uuid not in held and (model is None or g.model == model)]
-    else:  # nothing promised on the host, any model: the common case, one test a GPU
-        free = [g for g in hb.gpus if g.free]
-    free.sort(key=_INDEX)  # stable: filtering first orders them as sorting first would
-    return [g.uuid for g in free]
+        return [g.uuid for g in gpus if g.free and g.uuid not in held and (model is None or g.model == model)]
+    return [g.uuid for g in gpus if g.free]  # nothing promised on the host, any model: the common case
 
 
 _INDEX = attrgetter("index")
+_KEY = itemgetter(0)
 
 
 def free_cpu(hb: HostHeartbeat, reserved: Reservations) -> int:
@@ -112,35 +105,62 @@ class _Offer(NamedTuple):
     rank: int
     have: int
     room: int
-    gpus: list[str]
+    free: list[str]  # its free GPUs in index order (none for a CPU deployment): the first go next
     suspended: list[str]
     ckpt: str | None
-    why: str
+    cached: bool  # `ckpt` is whole in the host's cache
 
 
 def _offer(
     hb: HostHeartbeat, spec: DeploymentSpec, catalog: Mapping[str, str], res: Reservations
 ) -> _Offer | None:
-    fit = _fit(hb, spec, res)
-    if fit is None:
-        return None
-    room, gpus = fit
-    ckpt = catalog.get(host_key(hb, spec.name))
-    suspended = [
-        r.replica
-        for r in hb.replicas
-        if r.deployment == spec.name and r.state is _SUSPENDED and r.replica not in res.resuming
-    ]
-    have = hb.cached_bytes.get(ckpt, 0) if ckpt else 0
-    if suspended:
-        why = "resume"
-    elif ckpt and ckpt in hb.cached_checkpoints:
-        why = "cached"
-    elif have > 0:
-        why = "partial"
+    if spec.gpus > 0:  # _fit, keeping the whole free list for _after (and one call less an offer)
+        free = free_gpus(hb, spec, res)
+        room = len(free)
+        if room < spec.gpus:
+            return None
     else:
-        why = "any"
-    return _Offer(RANK[why], have, room, gpus, suspended, ckpt, why)
+        free = []
+        room = free_cpu(hb, res)
+        if room <= 0:
+            return None
+    ckpt = catalog.get(host_key(hb, spec.name))
+    suspended = (
+        [
+            r.replica
+            for r in hb.replicas
+            if r.deployment == spec.name and r.state is _SUSPENDED and r.replica not in res.resuming
+        ]
+        if hb.replicas  # most hosts offered run none of the deployment: no comprehension to call
+        else []
+    )
+    have = hb.cached_bytes.get(ckpt, 0) if ckpt else 0
+    cached = bool(ckpt) and ckpt in hb.cached_checkpoints
+    return _Offer(_rank(suspended, cached, have), have, room, free, suspended, ckpt, cached)
+
+
+def _rank(suspended: list[str], cached: bool, have: int) -> int:
+    """RANK of the offer's tier: resume, cached, partial, any."""
+    return 0 if suspended else 1 if cached else 2 if have > 0 else 3
+
+
+def _after(o: _Offer, p: Placement, here: bool, gpus: int) -> _Offer | None:
+    """`o` once `p` is reserved, as `_offer` would work it out again: on `p`'s host (`here`) its
+    GPUs (or one CPU slot) are no longer free, and no host offers the replica it resumes.
+    Derived from `o` so that `place` need not copy and re-read the reservations."""
+    free, room = o.free, o.room
+    if here:
+        if gpus > 0:
+            free = [g for g in free if g not in p.gpu_uuids]
+            room = len(free)
+            if room < gpus:
+                return None
+        else:
+            room -= 1
+            if room <= 0:
+                return None
+    suspended = [r for r in o.suspended if r != p.resume] if p.resume else o.suspended
+    return _Offer(_rank(suspended, o.cached, o.have), o.have, room, free, suspended, o.ckpt, o.cached)
 
 
 def place(
@@ -159,14 +179,13 @@ def place(
     just failed this deployment. `reserved` is not changed: the caller takes each placement
     once its command is on its way. Each host's offer is worked out once; a placement changes
     only its own host's (and, resuming, the hosts listing that replica), so n placements over
-    H hosts cost H + n offers, not n x H.
+    H hosts cost H offers and n updates of one, not n x H.
     """
-    res = reserved  # copied before the first placement is taken into it: the caller's stays
     spread = dict(replicas_on)
     out: list[Placement] = []
     offers: dict[str, _Offer] = {}
     for host, hb in hosts.items():
-        if host not in avoid and (o := _offer(hb, spec, catalog, res)) is not None:
+        if host not in avoid and (o := _offer(hb, spec, catalog, reserved)) is not None:
             offers[host] = o
     for _ in range(n):
         # tier first (seconds of latency), then spread, then the most cached bytes and room
@@ -179,20 +198,18 @@ def place(
             break
         host = best[-1]
         o = offers[host]
-        p = Placement(host, o.gpus, o.why, o.suspended[0] if o.suspended else None, o.ckpt)
+        resume = o.suspended[0] if o.suspended else None
+        p = Placement(host, o.free[: spec.gpus], _WHY[o.rank], resume, o.ckpt)
         out.append(p)
         if len(out) == n:
-            break  # no next placement reads the offers, the reservations or the spread
-        if res is reserved:
-            res = reserved.copy()
-        res.take(p)
+            break  # no next placement reads the offers or the spread
         spread[host] = spread.get(host, 0) + 1
-        changed = [h for h, x in offers.items() if p.resume in x.suspended] if p.resume else [host]
+        changed = [h for h, x in offers.items() if resume in x.suspended] if resume else [host]
         for h in changed:
-            if (o := _offer(hosts[h], spec, catalog, res)) is None:
+            if (x := _after(offers[h], p, h == host, spec.gpus)) is None:
                 del offers[h]
             else:
-                offers[h] = o
+                offers[h] = x
     return out
 
 
@@ -230,17 +247,35 @@ def choose_releases(
     A replica is suspended when `release_mode` allows it and its host has the RAM budget left,
     else stopped.
     """
+    out: list[Release] = []
+    if n <= 0 or not ready:
+        return out
     order = ready
-    if len(ready) > 1:
+    if len(ready) == 2 and n == 1:  # the common scale-down step, one of two to release
+        # their hosts hold as many of them either way (1 and 1, or 2 and 2): the newest goes
+        a, b = ready
+        order = [a if (-a.ts, a.replica) <= (-b.ts, b.replica) else b]
+    elif len(ready) > 1:
         per_host: dict[str, int] = {}
         for r in ready:
             per_host[r.host] = per_host.get(r.host, 0) + 1
-        order = sorted(ready, key=lambda r: (-per_host[r.host], -r.ts, r.replica))
-    budget_used = dict(reserved.suspend_bytes)
-    out: list[Release] = []
-    for r in order[: max(0, n)]:
+        keyed = [((-per_host[r.host], -r.ts, r.replica), r) for r in ready]
+        if n == 1:  # the common scale-down step: the least key is the sorted order's first
+            least = keyed[0]
+            for k in keyed:
+                if k[0] < least[0]:
+                    least = k
+            order = [least[1]]
+        else:
+            keyed.sort(key=_KEY)
+            order = [r for _k, r in keyed]
+    budget_used = reserved.suspend_bytes  # copied before the first suspend adds to it
+    suspending = spec.scaling.release_mode != "stop"
+    for r in order[:n]:
         hb = hosts.get(r.host)
-        if spec.scaling.release_mode != "stop" and hb is not None:
+        if hb is None:
+            out.append(Release(r.replica, r.host, _STOP, None, 0, False))
+        elif suspending:
             rss = 0
             for s in hb.replicas:  # a loop, not next() over a generator: this runs per release
                 if s.replica == r.replica:
@@ -249,11 +284,13 @@ def choose_releases(
             left = hb.suspend_budget_bytes - hb.suspend_used_bytes - budget_used.get(r.host, 0)
             if hb.suspend_budget_bytes > 0 and left >= max(rss, 1):
                 out.append(Release(r.replica, r.host, _SUSPEND, left, rss))
+                if budget_used is reserved.suspend_bytes:
+                    budget_used = dict(budget_used)
                 budget_used[r.host] = budget_used.get(r.host, 0) + rss
             else:
                 out.append(Release(r.replica, r.host, _STOP, left, rss))
         else:
-            out.append(Release(r.replica, r.host, _STOP, reporting=hb is not None))
+            out.append(Release(r.replica, r.host, _STOP))
     return out
 
 
