@@ -91,10 +91,11 @@ def free_cpu(hb: HostHeartbeat, reserved: Reservations) -> int:
 
 
 def _fit(hb: HostHeartbeat, spec: DeploymentSpec, reserved: Reservations) -> tuple[int, list[str]] | None:
-    """(free units left, the GPUs to use) if one replica fits on `hb`, else None."""
+    """(free units left, the free GPUs in index order: the first go next) if one replica fits
+    on `hb`, else None."""
     if spec.gpus > 0:
         free = free_gpus(hb, spec, reserved)
-        return (len(free), free[: spec.gpus]) if len(free) >= spec.gpus else None
+        return (len(free), free) if len(free) >= spec.gpus else None
     slots = free_cpu(hb, reserved)
     return (slots, []) if slots > 0 else None
 
@@ -114,16 +115,10 @@ class _Offer(NamedTuple):
 def _offer(
     hb: HostHeartbeat, spec: DeploymentSpec, catalog: Mapping[str, str], res: Reservations
 ) -> _Offer | None:
-    if spec.gpus > 0:  # _fit, keeping the whole free list for _after (and one call less an offer)
-        free = free_gpus(hb, spec, res)
-        room = len(free)
-        if room < spec.gpus:
-            return None
-    else:
-        free = []
-        room = free_cpu(hb, res)
-        if room <= 0:
-            return None
+    fit = _fit(hb, spec, res)
+    if fit is None:
+        return None
+    room, free = fit  # the whole free list: `_after` takes a placement's GPUs out of it
     ckpt = catalog.get(host_key(hb, spec.name))
     suspended = (
         [
@@ -251,21 +246,13 @@ def choose_releases(
     if n <= 0 or not ready:
         return out
     order = ready
-    if len(ready) == 2 and n == 1:  # the common scale-down step, one of two to release
-        # their hosts hold as many of them either way (1 and 1, or 2 and 2): the newest goes
-        a, b = ready
-        order = [a if (-a.ts, a.replica) <= (-b.ts, b.replica) else b]
-    elif len(ready) > 1:
+    if len(ready) > 1:
         per_host: dict[str, int] = {}
         for r in ready:
             per_host[r.host] = per_host.get(r.host, 0) + 1
         keyed = [((-per_host[r.host], -r.ts, r.replica), r) for r in ready]
         if n == 1:  # the common scale-down step: the least key is the sorted order's first
-            least = keyed[0]
-            for k in keyed:
-                if k[0] < least[0]:
-                    least = k
-            order = [least[1]]
+            order = [min(keyed, key=_KEY)[1]]
         else:
             keyed.sort(key=_KEY)
             order = [r for _k, r in keyed]
