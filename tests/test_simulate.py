@@ -176,7 +176,7 @@ def test_candidates_choose_what_the_whole_fleet_would() -> None:
         for h in fleet.hosts:
             busy = rnd.randrange(0, 5)
             if busy:
-                fleet.take(h.name, [g.uuid for g in h.gpus[:busy]])
+                fleet.mark(h, [g.uuid for g in h.gpus[:busy]], True)
             if rnd.random() < 0.3:
                 fleet.cache_put(h.name, "ck-d1", GIB)
             if rnd.random() < 0.2:

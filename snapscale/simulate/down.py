@@ -100,8 +100,7 @@ class Down:
         dep.n_ready -= 1
         if dep.n_ready == 0:
             dep.noready_since = t
-        if d in self.sampled:
-            self._series(d, t)
+        self._series(d, t)
         if r.mode is _SUSPEND:
             self.fleet.suspend(rep.host, r.replica, Suspended(dep.spec.name, t, dep.nbytes))
             host = self.fleet.by_name[rep.host]

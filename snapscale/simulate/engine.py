@@ -278,13 +278,13 @@ class Sim(Down):
     def _scale_up(self, d: int, n: int, t: float) -> None:
         dep, fleet = self.deps[d], self.fleet
         spec = dep.spec
-        if fleet.gpus_total - fleet.gpus_in_use < spec.gpus:  # `place` finds no host with room
+        if fleet.gpus_free < spec.gpus:  # `place` finds no host with room: skip asking
             self.res.unplaceable += n
             return
         on = self._replicas_on(dep) if dep.live else {}
         name, ckpt, beat = spec.name, dep.ckpt, fleet.heartbeat
         hosts = {h: beat(h, name, ckpt, t) for h in fleet.candidates(name, ckpt, on, n, spec.gpus)}
-        placed = place(spec, n, hosts, {COMPAT: ckpt} if ckpt else {}, on, NOTHING_RESERVED)
+        placed = place(spec, n, hosts, self._catalog(dep), on, NOTHING_RESERVED)
         if len(placed) < n:
             self.res.unplaceable += n - len(placed)
         for p in placed:
@@ -332,10 +332,8 @@ class Sim(Down):
         live[replica] = Rep(p.host, list(p.gpu_uuids), t, tier)
         if len(live) > dep.peak:
             dep.peak = len(live)
-        if d in self.sampled:
-            self._series(d, t)
-        self.seq += 1
-        heapq.heappush(self.heap, (t + lat, self.seq, READY, d, replica))  # push's, inlined
+        self._series(d, t)
+        self.push(t + lat, READY, d, replica)
 
     def _latency(self, tier: str, gib: float) -> float:
         """The profile's time for a restore of this tier and image size, worked out once."""

@@ -79,9 +79,6 @@ class Fleet:
         return self.gpus_total - self.gpus_in_use
 
     # --- GPUs ----------------------------------------------------------------------------
-    def take(self, host: str, uuids: list[str]) -> None:
-        self.mark(self.by_name[host], uuids, True)
-
     def mark(self, h: SimHost, uuids: list[str], taken: bool) -> None:
         """Each GPU's view as taken or free, the counts, and the host refiled by its free count."""
         before, index, view = h.free, self.gpu_index, h.view
