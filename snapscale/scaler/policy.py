@@ -61,15 +61,7 @@ def decide(w: Window, spec: ScalingSpec, current: int, now: float) -> ScaleDecis
     # fell into it, else the one before, so a second that has only just begun reads as no data
     # rather than as zero concurrency (which would flap a steady load down and up again).
     w.advance(now - BUCKET_S)
-    first = w.first_bucket  # Window.averages, inline: this runs per deployment per tick
-    if first is None:
-        stable_avg = panic_avg = 0.0
-    else:
-        seen = w.head - first + 1
-        n = w.n_stable
-        stable_avg = w.stable_sum / (n if n < seen else seen)
-        n = w.n_panic
-        panic_avg = w.panic_sum / (n if n < seen else seen)
+    stable_avg, panic_avg = w.averages()
     # inline arithmetic rather than helpers and min()/max(): this runs per deployment per tick
     per_replica = spec.target_concurrency * spec.utilization
     dspc = math.ceil(stable_avg / per_replica - 1e-9) if stable_avg > 0 else 0

@@ -169,15 +169,13 @@ class Window:
         return True
 
     def averages(self) -> tuple[float, float]:
-        """(stable, panic) mean concurrency; a window younger than its length averages what it saw.
-        policy.decide has this inline (it runs per deployment per tick): change both together."""
-        if self.first_bucket is None:
+        """(stable, panic) mean concurrency; a window younger than its length averages what it saw."""
+        first = self.first_bucket
+        if first is None:
             return 0.0, 0.0
-        seen = self.head - self.first_bucket + 1
-        return (
-            self.stable_sum / min(self.n_stable, seen),
-            self.panic_sum / min(self.n_panic, seen),
-        )
+        seen = self.head - first + 1
+        n, m = self.n_stable, self.n_panic  # conditionals, not min(): decide reads this every tick
+        return self.stable_sum / (n if n < seen else seen), self.panic_sum / (m if m < seen else seen)
 
     def hold(self, now: float, count: int, delay_s: float) -> int:
         """Record the count decided at `now`; return the highest decided within `delay_s`.
