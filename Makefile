@@ -2,10 +2,14 @@
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup test lint typecheck contracts pytest
+.PHONY: setup test lint typecheck contracts pytest native
 
 setup:
 	./scripts/setup
+
+# the fleet simulator's compiled modules, after an edit (setup builds them too)
+native:
+	$(BIN)/python -m snapscale.simulate.native build --if-stale
 
 lint:
 	$(BIN)/ruff check .

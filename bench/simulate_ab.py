@@ -29,6 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 
 def child(hours: float, policies: list[str]) -> None:
     """Run the policies over the first `hours` of the default trace; print {policy: [cpu s, digest]}."""
+    try:  # the compiled simulator where the tree has a current build (snapscale/simulate/native.py)
+        from snapscale.simulate import native
+
+        print(f"simulator: {native.activate()}", file=sys.stderr)
+    except ImportError:
+        pass
     from snapscale.scaler.config import ScalerConfig
     from snapscale.simulate.engine import Sim
     from snapscale.simulate.policies import POLICIES
@@ -99,9 +105,11 @@ def main() -> None:
                     args.policies,
                 ]
                 env = {**os.environ, "PYTHONPATH": str(root)}
-                got = json.loads(
-                    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
-                )
+                proc = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
+                got = json.loads(proc.stdout)
+                if n == 0:
+                    ran = [ln for ln in proc.stderr.splitlines() if ln.startswith("simulator: ")]
+                    print(f"{side}: {ran[0] if ran else 'simulator: interpreted (no native.py)'}")
                 digests[side] = {p: d for p, (_cpu, d) in got.items()}
                 for p, (cpu, _d) in got.items():
                     best[side][p] = min(cpu, best[side].get(p, cpu))

@@ -36,7 +36,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subcommand(
         sub, "simulate", "replay a day of traffic on a simulated GPU fleet under each scaling policy"
     )
-    p.epilog = "environment: none read (no SNAPSCALE_ variable applies: everything is an argument)"
+    p.epilog = (
+        "environment: SNAPSCALE_SIM_INTERPRETED=1 runs the interpreted simulator even where its "
+        "compiled build is current (python -m snapscale.simulate.native check)"
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--csv", type=Path, help="a trace: rows of timestamp,deployment,duration (seconds)")
     src.add_argument("--azure", type=Path, help="an Azure Functions 2019 invocations_per_function_md file")
@@ -83,6 +86,9 @@ def _check(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check(args)
+    from snapscale.simulate import native
+
+    simulator = native.activate()  # before the compiled modules' first import
     try:
         from snapscale.simulate import report, trace
         from snapscale.simulate.profile import load_profile
@@ -99,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         g = trace.GenSpec(args.deployments, args.requests, args.zipf, horizon_s=args.horizon, seed=args.seed)
         tr = trace.generate(g)
+    print(f"simulate: the simulator runs {simulator}", file=sys.stderr)
     t0 = time.perf_counter()
 
     def show(policy: str, done: float, total: float) -> None:
@@ -120,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     doc = report.document(c)
     events = sum(r.events + r.decisions for r in c.results)
     doc["wall_s"] = wall
+    doc["simulator"] = simulator
     doc["events_per_s"] = events / wall if wall > 0 else 0.0
     if args.out is not None:
         report.plots(doc, args.out)
