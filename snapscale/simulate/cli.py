@@ -34,11 +34,10 @@ def _bounded(kind: type[int] | type[float], lo: float, hi: float) -> argparse._A
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = subcommand(
-        sub, "simulate", "replay a day of traffic on a simulated GPU fleet under each scaling policy"
-    )
-    p.epilog = (
-        "environment: SNAPSCALE_SIM_INTERPRETED=1 runs the interpreted simulator even where its "
-        "compiled build is current (python -m snapscale.simulate.native check)"
+        sub,
+        "simulate",
+        "replay a day of traffic on a simulated GPU fleet under each scaling policy",
+        "simulate",
     )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--csv", type=Path, help="a trace: rows of timestamp,deployment,duration (seconds)")

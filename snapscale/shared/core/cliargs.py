@@ -21,7 +21,7 @@ class Env:
     name: str
     default: str
     what: str
-    group: str  # which subcommands it applies to: bus, store, host, restorer, gateway, telemetry
+    group: str  # which subcommands it applies to: bus, store, host, restorer, gateway, telemetry, simulate
 
 
 ENV: tuple[Env, ...] = (
@@ -125,6 +125,12 @@ ENV: tuple[Env, ...] = (
     Env("SNAPSCALE_METRICS_PORT", "none: no listener", "serve Prometheus /metrics on this port", "telemetry"),
     Env("SNAPSCALE_METRICS_HOST", "127.0.0.1", "the address /metrics listens on", "telemetry"),
     Env("SNAPSCALE_LOG_LEVEL", "INFO", "log level", "telemetry"),
+    Env(
+        "SNAPSCALE_SIM_INTERPRETED",
+        "unset: compiled where built",
+        "set: the interpreted simulator (python -m snapscale.simulate.native check)",
+        "simulate",
+    ),
 )
 
 
@@ -158,7 +164,7 @@ def subcommand(
     sub: argparse._SubParsersAction[argparse.ArgumentParser], name: str, help: str, *env: str
 ) -> argparse.ArgumentParser:
     """A subcommand whose --help shows each argument's default and the environment variables
-    of the groups `env` (bus, store, host, restorer, gateway, telemetry)."""
+    of the groups `env` (bus, store, host, restorer, gateway, telemetry, simulate)."""
     return sub.add_parser(
         name,
         help=help,
