@@ -137,8 +137,7 @@ class Sim(Down):
                 self.push(s.times[0], WAKE, d)
         tick = self.cfg.tick_s
         k, shown = 1, t0
-        tick_one, pop, heap, wakes = self._tick, heapq.heappop, self.heap, self.wakes
-        wake, ready, other = self._wake, self._ready, self._event
+        heap, wakes = self.heap, self.wakes
         resumes, deps, active, res = self.resumes, self.deps, self.active, self.res
         events = 0
         while (t := k * tick) <= horizon:
@@ -146,15 +145,15 @@ class Sim(Down):
                 first = heap if heap and (not wakes or heap[0] < wakes[0]) else wakes
                 if not first or first[0][0] > t:
                     break
-                at, _seq, kind, d, what = pop(first)
+                at, _seq, kind, d, what = heapq.heappop(first)
                 self.now = at
                 events += 1
                 if kind == READY:  # the kinds by how often they come
-                    ready(d, what, at)
+                    self._ready(d, what, at)
                 elif kind == WAKE:
-                    wake(d, at)
+                    self._wake(d, at)
                 else:
-                    other(at, kind, d, what)
+                    self._event(at, kind, d, what)
             self.now, self.k, self.t_next = t, k, (k + 1) * tick
             # the resumes due at this tick, after the other events due by it: a resume only puts
             # a resting deployment back on the tick list, which none of those events reads for
@@ -169,7 +168,7 @@ class Sim(Down):
             order = sorted(active)  # an order that does not depend on who skipped
             res.decisions += len(order)  # one decision each
             for d in order:
-                tick_one(d, t)
+                self._tick(d, t)
             if self.fleet.gpus_in_use > res.peak_gpus:
                 res.peak_gpus = self.fleet.gpus_in_use
             if progress is not None and k % 600 == 0 and (w := time.perf_counter()) - shown >= 5.0:
@@ -282,8 +281,8 @@ class Sim(Down):
             self.res.unplaceable += n
             return
         on = self._replicas_on(dep) if dep.live else {}
-        name, ckpt, beat = spec.name, dep.ckpt, fleet.heartbeat
-        hosts = {h: beat(h, name, ckpt, t) for h in fleet.candidates(name, ckpt, on, n, spec.gpus)}
+        name, ckpt = spec.name, dep.ckpt
+        hosts = {h: fleet.heartbeat(h, name, ckpt, t) for h in fleet.candidates(name, ckpt, on, n, spec.gpus)}
         placed = place(spec, n, hosts, self._catalog(dep), on, NOTHING_RESERVED)
         if len(placed) < n:
             self.res.unplaceable += n - len(placed)

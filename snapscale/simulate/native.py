@@ -22,8 +22,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import snapscale
-
 COMPILED = ("state", "fleet", "down", "engine")  # the modules `build` compiles
 PACKAGE = Path(__file__).resolve().parent
 NATIVE_DIR = PACKAGE / "_native"
@@ -35,7 +33,7 @@ INTERPRETED_ENV = "SNAPSCALE_SIM_INTERPRETED"  # set (to anything): never load t
 def stamp() -> dict[str, str]:
     """What a build is valid for: every source of the package (compiled modules read others'
     types and constants) and this interpreter."""
-    root = Path(snapscale.__file__).resolve().parent
+    root = PACKAGE.parent  # snapscale/
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
         h.update(str(f.relative_to(root)).encode() + b"\0")
@@ -65,11 +63,10 @@ def activate(where: Path = NATIVE_DIR) -> str:
     the modules in `COMPILED`."""
     if os.environ.get(INTERPRETED_ENV):
         return f"interpreted ({INTERPRETED_ENV} is set)"
-    loaded = [m for m in COMPILED if f"{__package__}.{m}" in sys.modules]
     path: list[str] = sys.modules[__package__].__path__  # type: ignore[assignment]
     if str(where) in path:
         return "compiled with mypyc"
-    if loaded:
+    if loaded := [m for m in COMPILED if f"{__package__}.{m}" in sys.modules]:
         return f"interpreted ({', '.join(loaded)} imported before the build could be loaded)"
     why = stale(where)
     if why is not None:
@@ -120,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--into", type=Path, default=NATIVE_DIR, help="where the build goes")
     args = p.parse_args(argv)
     why = stale(args.into)
-    if args.action == "check" or (args.if_stale and why is None):
+    if args.action == "check":
         print(why or f"current: {args.into}")
-        return 0 if why is None or args.action == "build" else 1
+        return 0 if why is None else 1
+    if args.if_stale and why is None:
+        print(f"current: {args.into}")
+        return 0
     build(args.into)
     print(f"built: {args.into}")
     return 0
